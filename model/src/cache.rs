@@ -1,0 +1,135 @@
+//! A preallocated key/value cache: one `[batch, heads, capacity, head_dim]` buffer per layer,
+//! written in place at the next free positions, never rebuilt.
+
+use burn::prelude::*;
+use burn::tensor::DType;
+
+use crate::error::ModelError;
+use crate::opt::CacheShape;
+
+/// Keys and values of one layer.
+#[derive(Debug, Clone)]
+pub struct LayerKvCache<B: Backend> {
+    /// `[batch, heads, capacity, head_dim]`; positions `0..len` are valid.
+    pub key: Tensor<B, 4>,
+    /// `[batch, heads, capacity, head_dim]`; positions `0..len` are valid.
+    pub value: Tensor<B, 4>,
+}
+
+impl<B: Backend> LayerKvCache<B> {
+    /// Writes keys and values `[batch, heads, n, head_dim]` at positions `start..start + n`
+    /// and returns views of positions `0..start + n`.
+    pub fn append(
+        &mut self,
+        start: usize,
+        key: Tensor<B, 4>,
+        value: Tensor<B, 4>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let [batch, heads, n, head_dim] = key.dims();
+        let end = start + n;
+        let ranges = [0..batch, 0..heads, start..end, 0..head_dim];
+        // `slice_assign` on a tensor we hold the only handle to writes in place; the views
+        // returned below are dropped before the next step, so the buffer stays unshared.
+        self.key = self.key.clone().slice_assign(ranges.clone(), key);
+        self.value = self.value.clone().slice_assign(ranges, value);
+        self.prefix(end)
+    }
+
+    /// Views of positions `0..len`.
+    pub fn prefix(&self, len: usize) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let [batch, heads, _, head_dim] = self.key.dims();
+        let ranges = [0..batch, 0..heads, 0..len, 0..head_dim];
+        (
+            self.key.clone().slice(ranges.clone()),
+            self.value.clone().slice(ranges),
+        )
+    }
+}
+
+/// The cache of every layer plus how many positions are filled.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    pub layers: Vec<LayerKvCache<B>>,
+    len: usize,
+    capacity: usize,
+    batch: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// Allocates room for `capacity` positions of `batch` sequences, in `dtype`.
+    pub fn with_shape(
+        shape: CacheShape,
+        batch: usize,
+        capacity: usize,
+        dtype: DType,
+        device: &B::Device,
+    ) -> Result<Self, ModelError> {
+        if capacity > shape.max_positions {
+            return Err(ModelError::ContextTooLong {
+                requested: capacity,
+                limit: shape.max_positions,
+            });
+        }
+        if batch == 0 || capacity == 0 {
+            return Err(ModelError::InvalidInput(
+                "KV cache needs a positive batch and capacity".into(),
+            ));
+        }
+        let dims = [batch, shape.heads, capacity, shape.head_dim];
+        let layers = (0..shape.layers)
+            .map(|_| LayerKvCache {
+                key: Tensor::zeros(dims, (device, dtype)),
+                value: Tensor::zeros(dims, (device, dtype)),
+            })
+            .collect();
+        Ok(Self {
+            layers,
+            len: 0,
+            capacity,
+            batch,
+        })
+    }
+
+    /// Number of positions already cached (the position of the next token).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// Forgets every cached position (the buffers are reused).
+    pub fn reset(&mut self) {
+        self.len = 0;
+    }
+
+    /// Checks that `n` more positions of `batch` sequences fit.
+    pub(crate) fn check_room(&self, batch: usize, n: usize) -> Result<(), ModelError> {
+        if batch != self.batch {
+            return Err(ModelError::InvalidInput(format!(
+                "batch of {batch} sequences does not match the KV cache's batch of {}",
+                self.batch
+            )));
+        }
+        if self.len + n > self.capacity {
+            return Err(ModelError::CacheFull {
+                requested: self.len + n,
+                capacity: self.capacity,
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
+}

@@ -1,0 +1,71 @@
+//! The seam through which a forward pass is observed and its blocks replaced.
+//!
+//! The dense model calls [`ForwardHooks`] at each point where later work needs to look
+//! (recording predictor training data) or to substitute a block (the sparse path, which
+//! swaps a layer's attention and MLP for gathered-kernel versions). Both are branches of
+//! the one OPT model here, not copies of it: a hook that overrides nothing is the dense
+//! model, and [`Dense`] is exactly that.
+
+use burn::prelude::*;
+use burn::tensor::activation::relu;
+
+use crate::attention::OptAttention;
+use crate::cache::LayerKvCache;
+use crate::mlp::OptMlp;
+
+/// An activation made visible to [`ForwardHooks::observe`]. Shapes are `[batch, n, width]`
+/// unless said otherwise; `n` is the number of new positions in this call.
+#[derive(Debug)]
+pub enum Activation<'a, B: Backend> {
+    /// Hugging Face's `hidden_states[index]`: 0 is the embeddings (after `project_in`, with
+    /// positions added), `i` the output of layer `i - 1`, the last one the decoder output
+    /// (after the final LayerNorm or `project_out`).
+    Hidden { index: usize, value: &'a Tensor<B, 3> },
+    /// The residual entering layer `layer` (the attention input, before its LayerNorm).
+    AttentionInput { layer: usize, value: &'a Tensor<B, 3> },
+    /// The residual entering layer `layer`'s MLP (before its LayerNorm).
+    MlpInput { layer: usize, value: &'a Tensor<B, 3> },
+    /// Each head's attention output before `out_proj`: `[batch, heads, n, head_dim]`.
+    HeadOutputs { layer: usize, value: &'a Tensor<B, 4> },
+    /// fc1's output before the ReLU: `[batch, n, ffn]`.
+    Fc1PreActivation { layer: usize, value: &'a Tensor<B, 3> },
+}
+
+/// Called by [`crate::Opt::forward_with`] layer by layer. Every method has the dense
+/// behaviour as its default.
+pub trait ForwardHooks<B: Backend> {
+    /// Sees an activation. The default ignores it.
+    fn observe(&mut self, _activation: Activation<'_, B>) {}
+
+    /// Runs layer `layer`'s attention on its normalized input `x` (`[batch, n, hidden]`),
+    /// reading and extending `cache` from position `start`. Returns the output of
+    /// `out_proj`.
+    fn attention(
+        &mut self,
+        layer: usize,
+        attention: &OptAttention<B>,
+        x: Tensor<B, 3>,
+        cache: &mut LayerKvCache<B>,
+        start: usize,
+    ) -> Tensor<B, 3> {
+        let heads = attention.head_outputs(x, cache, start);
+        self.observe(Activation::HeadOutputs {
+            layer,
+            value: &heads,
+        });
+        attention.project_out(heads)
+    }
+
+    /// Runs layer `layer`'s MLP on its normalized input `x` (`[batch, n, hidden]`).
+    fn mlp(&mut self, layer: usize, mlp: &OptMlp<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let pre = mlp.fc1.forward(x);
+        self.observe(Activation::Fc1PreActivation { layer, value: &pre });
+        mlp.fc2.forward(relu(pre))
+    }
+}
+
+/// The dense model: observes nothing, replaces nothing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Dense;
+
+impl<B: Backend> ForwardHooks<B> for Dense {}

@@ -1,0 +1,77 @@
+//! One OPT decoder layer: attention then MLP, each with a residual, LayerNorm before
+//! (pre-LN) or after (post-LN, OPT-350m).
+
+use burn::nn::{LayerNorm, LayerNormConfig};
+use burn::prelude::*;
+
+use crate::attention::OptAttention;
+use crate::cache::LayerKvCache;
+use crate::config::OptConfig;
+use crate::hooks::{Activation, ForwardHooks};
+use crate::mlp::OptMlp;
+
+#[derive(Module, Debug)]
+pub struct OptDecoderLayer<B: Backend> {
+    pub self_attn: OptAttention<B>,
+    pub self_attn_layer_norm: LayerNorm<B>,
+    pub mlp: OptMlp<B>,
+    pub final_layer_norm: LayerNorm<B>,
+    pub do_layer_norm_before: bool,
+}
+
+/// OPT's LayerNorm: eps 1e-5, always with a bias. Without `elementwise_affine` the
+/// checkpoint stores no weight or bias and the initial 1 and 0 stay.
+pub fn layer_norm<B: Backend>(width: usize, device: &B::Device) -> LayerNorm<B> {
+    LayerNormConfig::new(width).with_epsilon(1e-5).init(device)
+}
+
+impl<B: Backend> OptDecoderLayer<B> {
+    pub fn new(config: &OptConfig, device: &B::Device) -> Self {
+        let d = config.hidden_size;
+        Self {
+            self_attn: OptAttention::new(d, config.num_attention_heads, config.enable_bias, device),
+            self_attn_layer_norm: layer_norm(d, device),
+            mlp: OptMlp::new(d, config.ffn_dim, config.enable_bias, device),
+            final_layer_norm: layer_norm(d, device),
+            do_layer_norm_before: config.do_layer_norm_before,
+        }
+    }
+
+    /// `x`: the residual entering the layer, `[batch, n, hidden]`, for positions
+    /// `start..start + n`.
+    pub fn forward<H: ForwardHooks<B> + ?Sized>(
+        &self,
+        layer: usize,
+        x: Tensor<B, 3>,
+        cache: &mut LayerKvCache<B>,
+        start: usize,
+        hooks: &mut H,
+    ) -> Tensor<B, 3> {
+        let pre_ln = self.do_layer_norm_before;
+
+        hooks.observe(Activation::AttentionInput { layer, value: &x });
+        let h = if pre_ln {
+            self.self_attn_layer_norm.forward(x.clone())
+        } else {
+            x.clone()
+        };
+        let h = hooks.attention(layer, &self.self_attn, h, cache, start);
+        let mut x = x + h;
+        if !pre_ln {
+            x = self.self_attn_layer_norm.forward(x);
+        }
+
+        hooks.observe(Activation::MlpInput { layer, value: &x });
+        let h = if pre_ln {
+            self.final_layer_norm.forward(x.clone())
+        } else {
+            x.clone()
+        };
+        let h = hooks.mlp(layer, &self.mlp, h);
+        let mut x = x + h;
+        if !pre_ln {
+            x = self.final_layer_norm.forward(x);
+        }
+        x
+    }
+}

@@ -1,0 +1,27 @@
+//! OPT as backend-generic Burn modules: configuration from Hugging Face `config.json`,
+//! weights from safetensors or PyTorch checkpoints, a preallocated KV cache, generation
+//! and perplexity, and the [`ForwardHooks`] seam through which recording and the sparse
+//! path attach to the one model.
+
+pub mod attention;
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod hooks;
+pub mod layer;
+pub mod mlp;
+pub mod opt;
+pub mod perplexity;
+pub mod tokenizer;
+pub mod weights;
+
+pub use cache::{KvCache, LayerKvCache};
+pub use config::OptConfig;
+pub use error::ModelError;
+pub use generate::{generate, GenerateOptions, Generation, Sampler, Sampling};
+pub use hooks::{Activation, Dense, ForwardHooks};
+pub use opt::Opt;
+pub use perplexity::{perplexity, PerplexityMethod, PerplexityReport};
+pub use tokenizer::OptTokenizer;
+pub use weights::{load_config, load_model, WeightFiles};

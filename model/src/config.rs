@@ -79,10 +79,14 @@ impl OptConfig {
 
     /// Parses and validates a configuration from JSON text.
     pub fn from_json(text: &str) -> Result<Self, ModelError> {
-        let config: Self = serde_json::from_str(text).map_err(|e| ModelError::Config {
-            path: None,
-            message: e.to_string(),
-        })?;
+        // serde_path_to_error names the offending field, which serde_json alone does not
+        // for type errors.
+        let deserializer = &mut serde_json::Deserializer::from_str(text);
+        let config: Self =
+            serde_path_to_error::deserialize(deserializer).map_err(|e| ModelError::Config {
+                path: None,
+                message: format!("field {}: {}", e.path(), e.inner()),
+            })?;
         config.validate()?;
         Ok(config)
     }

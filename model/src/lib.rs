@@ -13,6 +13,7 @@ pub mod layer;
 pub mod mlp;
 pub mod opt;
 pub mod perplexity;
+pub mod runtime;
 pub mod tokenizer;
 pub mod weights;
 

@@ -171,7 +171,7 @@ mod tests {
 
     #[test]
     fn strided_windows_score_every_token_but_the_first_once() {
-        for (len, window, stride) in [(10, 4, 2), (1000, 1024, 512), (2500, 1024, 512), (7, 3, 3)] {
+        for (len, window, stride) in [(10, 4, 2), (1000, 1024, 512), (2500, 1024, 512), (7, 3, 2)] {
             let windows = PerplexityMethod::Strided { window, stride }.windows(len).unwrap();
             let mut scored = vec![0; len];
             for w in &windows {
@@ -183,6 +183,13 @@ mod tests {
             assert_eq!(scored[0], 0);
             assert!(scored[1..].iter().all(|&c| c == 1), "{len} {window} {stride}: {scored:?}");
         }
+    }
+
+    #[test]
+    fn stride_equal_to_window_leaves_window_starts_unscored_as_hugging_face_does() {
+        let windows = PerplexityMethod::Strided { window: 3, stride: 3 }.windows(7).unwrap();
+        let starts: Vec<_> = windows.iter().map(|w| (w.begin, w.score_from)).collect();
+        assert_eq!(starts, vec![(0, 1), (3, 1), (6, 1)]);
     }
 
     #[test]

@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Peer for `dejavu-bench dense`: Hugging Face transformers OPT, fp16, eager attention,
+batch-1 decode latency per token on CUDA, on the same shapes and prompt lengths.
+
+Published shapes get random weights built on the GPU from an OPTConfig (latency does not
+depend on weight values); `opt-mini` is loaded from the bundled folder. Each run prefills
+the prompt, then decodes one token at a time through the KV cache (greedy, `.item()` per
+step, as our loop reads each token back); the per-token time is the decode time of the
+last N-1 steps / (N-1). One warm-up run first; median over runs is taken by the caller.
+"""
+import argparse
+import json
+import time
+
+import torch
+import transformers
+from transformers import OPTConfig, OPTForCausalLM
+
+SHAPES = {  # hidden, layers, heads (ffn = 4 * hidden)
+    "opt-125m": (768, 12, 12),
+    "opt-1.3b": (2048, 24, 32),
+    "opt-2.7b": (2560, 32, 32),
+    "opt-6.7b": (4096, 32, 32),
+    "opt-13b": (5120, 40, 40),
+    "opt-30b": (7168, 48, 56),
+}
+
+
+def build(name, opt_mini):
+    if name == "opt-mini":
+        return OPTForCausalLM.from_pretrained(
+            opt_mini, torch_dtype=torch.float16, attn_implementation="eager"
+        ).cuda().eval()
+    d, layers, heads = SHAPES[name]
+    config = OPTConfig(
+        hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
+        ffn_dim=4 * d, word_embed_proj_dim=d, vocab_size=50272,
+        max_position_embeddings=2048, do_layer_norm_before=True,
+        torch_dtype="float16", attn_implementation="eager",
+    )
+    config._attn_implementation = "eager"
+    torch.set_default_dtype(torch.float16)
+    with torch.device("cuda"):
+        model = OPTForCausalLM(config)
+    torch.set_default_dtype(torch.float32)
+    return model.eval()
+
+
+@torch.inference_mode()
+def decode_ms_per_token(model, prompt, new_tokens):
+    out = model(prompt, use_cache=True)
+    past = out.past_key_values
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    token.item()
+    start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        out = model(token, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        token.item()
+    return (time.perf_counter() - start) * 1e3 / (new_tokens - 1)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--models", default="opt-mini,opt-1.3b,opt-6.7b")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--opt-mini", default="assets/opt-mini")
+    p.add_argument("--json", required=True)
+    a = p.parse_args()
+    runs_ms = {}
+    for name in a.models.split(","):
+        model = build(name, a.opt_mini)
+        vocab = model.config.vocab_size
+        prompt = torch.tensor(
+            [[3 + (i * 7919 + 17) % (vocab - 3) for i in range(a.prompt_len)]], device="cuda"
+        )
+        decode_ms_per_token(model, prompt, a.new_tokens)  # warm-up
+        runs_ms[name] = [decode_ms_per_token(model, prompt, a.new_tokens) for _ in range(a.runs)]
+        print(f"transformers {name}: {sorted(runs_ms[name])[len(runs_ms[name]) // 2]:.3f} ms/token", flush=True)
+        del model
+        torch.cuda.empty_cache()
+    env = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(0),
+        "attention": "eager",
+        "dtype": "float16",
+    }
+    with open(a.json, "w") as f:
+        json.dump({"runs_ms": runs_ms, "env": env}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

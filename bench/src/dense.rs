@@ -1,0 +1,283 @@
+//! `dejavu-bench dense`: batch-1 decode latency per token, ours against `transformers`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use burn::prelude::*;
+use burn::tensor::{DType, Distribution};
+use dejavu_model::config::POSITION_OFFSET;
+use dejavu_model::runtime::{dispatch, BackendKind, BackendTask, Precision};
+use dejavu_model::{generate, load_model, Dense, GenerateOptions, Opt, OptConfig, Sampling};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::report::{command_line, commit, device_name, median, now_utc};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct DenseArgs {
+    /// Models: `opt-mini` (the bundled trained model) or a published shape
+    /// (opt-125m, opt-1.3b, opt-6.7b, opt-13b, opt-30b) with random weights
+    #[arg(long, value_delimiter = ',', default_value = "opt-mini,opt-1.3b,opt-6.7b")]
+    models: Vec<String>,
+    #[arg(long, value_enum, default_value = "cuda")]
+    backend: BackendKind,
+    #[arg(long, value_enum, default_value = "f16")]
+    dtype: Precision,
+    /// Prompt length in tokens (prefilled, not timed)
+    #[arg(long, default_value_t = 128)]
+    prompt_len: usize,
+    /// New tokens per run; the per-token latency is the time of the last N − 1 steps / (N − 1)
+    #[arg(long, default_value_t = 128)]
+    new_tokens: usize,
+    /// Timed runs per model (after one untimed warm-up run)
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// The bundled trained model
+    #[arg(long, default_value = "assets/opt-mini")]
+    opt_mini: PathBuf,
+    /// Python that runs bench/peers/hf_decode.py (transformers, fp16, eager); empty to skip
+    #[arg(long, default_value = "python3")]
+    peer_python: String,
+    /// Where to write the JSON [default: bench/results/dense-<commit>.json]
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize, Clone)]
+struct Shape {
+    hidden: usize,
+    layers: usize,
+    heads: usize,
+    ffn: usize,
+    vocab: usize,
+}
+
+#[derive(Debug, Serialize, Clone)]
+struct Row {
+    model: String,
+    weights: &'static str,
+    shape: Shape,
+    parameters: usize,
+    /// Median over runs of the mean decode-step latency.
+    ours_ms_per_token: f64,
+    ours_runs_ms: Vec<f64>,
+    hf_ms_per_token: Option<f64>,
+    hf_runs_ms: Option<Vec<f64>>,
+    /// transformers time / ours (> 1: we are faster).
+    speedup_vs_hf: Option<f64>,
+    weight_bytes_per_token: f64,
+    kv_bytes_per_token: f64,
+    floor_ms: f64,
+    ours_over_floor: f64,
+}
+
+struct MeasureTask {
+    args: DenseArgs,
+}
+
+struct Measured {
+    copy_gbs: f64,
+    rows: Vec<(String, &'static str, OptConfig, Vec<f64>)>,
+}
+
+/// Bytes a decode step must read: every weight once, except the position table (one row)
+/// and the token embedding rows (the tied LM head reads the whole table anyway).
+fn weight_bytes(config: &OptConfig, bytes_per_value: f64) -> f64 {
+    let positions = (config.max_position_embeddings + POSITION_OFFSET) * config.hidden_size;
+    (config.num_parameters() - positions + config.hidden_size) as f64 * bytes_per_value
+}
+
+/// KV bytes read by an average step: keys and values of every layer over the mean context.
+fn kv_bytes(config: &OptConfig, mean_context: f64, bytes_per_value: f64) -> f64 {
+    2.0 * config.num_hidden_layers as f64 * mean_context * config.hidden_size as f64 * bytes_per_value
+}
+
+fn bytes_per_value(p: Precision) -> f64 {
+    match p {
+        Precision::F32 => 4.0,
+        Precision::F16 | Precision::Bf16 => 2.0,
+    }
+}
+
+/// Device copy bandwidth: read + write of a 1 GiB tensor, median of 10 after a warm-up.
+fn copy_bandwidth<B: Backend>(device: &B::Device, dtype: DType) -> anyhow::Result<f64> {
+    let values = (1usize << 30) / dtype.size();
+    let x = Tensor::<B, 1>::random([values], Distribution::Default, (device, dtype));
+    let mut times = Vec::new();
+    for i in 0..11 {
+        B::sync(device).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let t = Instant::now();
+        let y = x.clone().mul_scalar(1.0001);
+        B::sync(device).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+        drop(y);
+    }
+    Ok(2.0 * (1u64 << 30) as f64 / median(&mut times) / 1e9)
+}
+
+impl BackendTask for MeasureTask {
+    type Output = Measured;
+
+    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<Measured> {
+        let args = self.args;
+        let dtype = args.dtype.dtype();
+        let copy_gbs = copy_bandwidth::<B>(&device, dtype)?;
+        eprintln!("copy bandwidth {copy_gbs:.0} GB/s");
+        let mut rows = Vec::new();
+        for name in &args.models {
+            let (config, model, weights) = if name == "opt-mini" {
+                let (config, model) = load_model::<B>(&args.opt_mini, dtype, &device)
+                    .with_context(|| format!("loading {}", args.opt_mini.display()))?;
+                (config, model, "trained")
+            } else {
+                let Some(config) = OptConfig::named(name) else {
+                    bail!("unknown model {name:?}: use opt-mini or a published OPT size such as opt-6.7b");
+                };
+                // Random weights: decode latency does not depend on their values.
+                let model = Opt::<B>::new(&config, &device).cast(dtype);
+                (config, model, "random")
+            };
+            let prompt: Vec<u32> = (0..args.prompt_len)
+                .map(|i| 3 + ((i as u64 * 7919 + 17) % (config.vocab_size as u64 - 3)) as u32)
+                .collect();
+            let options = GenerateOptions {
+                max_new_tokens: args.new_tokens,
+                sampling: Sampling::Greedy,
+                eos_token: None,
+            };
+            // Warm-up: kernel compilation and autotune happen here, not in the timed runs.
+            let warm = Instant::now();
+            generate(&model, &mut Dense, &prompt, &options, |_| true)?;
+            eprintln!("{name}: warm-up {:.1} s", warm.elapsed().as_secs_f64());
+            let mut runs = Vec::new();
+            for _ in 0..args.runs {
+                let g = generate(&model, &mut Dense, &prompt, &options, |_| true)?;
+                let steps = (g.tokens.len() - 1).max(1) as f64;
+                runs.push(g.decode.as_secs_f64() * 1e3 / steps);
+            }
+            eprintln!("{name}: {:.3} ms/token (median of {})", median(&mut runs.clone()), runs.len());
+            rows.push((name.clone(), weights, config, runs));
+            drop(model);
+        }
+        Ok(Measured { copy_gbs, rows })
+    }
+}
+
+/// Runs the transformers peer; its JSON maps model name → per-run ms/token.
+fn run_peer(args: &DenseArgs) -> anyhow::Result<Option<(Value, Value)>> {
+    if args.peer_python.is_empty() {
+        return Ok(None);
+    }
+    let script = Path::new("bench/peers/hf_decode.py");
+    let out = std::env::temp_dir().join(format!("dejavu-hf-{}.json", std::process::id()));
+    let status = Command::new(&args.peer_python)
+        .arg(script)
+        .args(["--models", &args.models.join(",")])
+        .args(["--prompt-len", &args.prompt_len.to_string()])
+        .args(["--new-tokens", &args.new_tokens.to_string()])
+        .args(["--runs", &args.runs.to_string()])
+        .arg("--opt-mini")
+        .arg(&args.opt_mini)
+        .arg("--json")
+        .arg(&out)
+        .status()
+        .with_context(|| format!("running {} {}", args.peer_python, script.display()))?;
+    if !status.success() {
+        eprintln!("transformers peer failed ({status}); its rows are left empty");
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
+    let value: Value = serde_json::from_str(&text)?;
+    Ok(Some((value["runs_ms"].clone(), value["env"].clone())))
+}
+
+pub fn run(args: DenseArgs) -> anyhow::Result<()> {
+    let measured = dispatch(args.backend, args.dtype, MeasureTask { args: args.clone() })?;
+    let peer = run_peer(&args)?;
+    let bpv = bytes_per_value(args.dtype);
+    let mean_context = args.prompt_len as f64 + args.new_tokens as f64 / 2.0;
+
+    let mut rows = Vec::new();
+    for (name, weights, config, mut runs) in measured.rows {
+        let ours = median(&mut runs.clone());
+        let hf_runs: Option<Vec<f64>> = peer
+            .as_ref()
+            .and_then(|(r, _)| serde_json::from_value(r[&name].clone()).ok());
+        let hf = hf_runs.as_ref().map(|r| median(&mut r.clone()));
+        let wb = weight_bytes(&config, bpv);
+        let kb = kv_bytes(&config, mean_context, bpv);
+        let floor_ms = (wb + kb) / (measured.copy_gbs * 1e9) * 1e3;
+        runs.sort_by(f64::total_cmp);
+        rows.push(Row {
+            model: name,
+            weights,
+            shape: Shape {
+                hidden: config.hidden_size,
+                layers: config.num_hidden_layers,
+                heads: config.num_attention_heads,
+                ffn: config.ffn_dim,
+                vocab: config.vocab_size,
+            },
+            parameters: config.num_parameters(),
+            ours_ms_per_token: ours,
+            ours_runs_ms: runs,
+            hf_ms_per_token: hf,
+            hf_runs_ms: hf_runs,
+            speedup_vs_hf: hf.map(|h| h / ours),
+            weight_bytes_per_token: wb,
+            kv_bytes_per_token: kb,
+            floor_ms,
+            ours_over_floor: ours / floor_ms,
+        });
+    }
+
+    let device = device_name(&format!("{:?}", args.backend));
+    let commit = commit();
+    let json = serde_json::json!({
+        "benchmark": "dense-decode",
+        "device": device,
+        "commit": commit,
+        "command": command_line(),
+        "unix_time": now_utc(),
+        "backend": args.backend,
+        "dtype": args.dtype,
+        "batch": 1,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "runs": args.runs,
+        "note": "per-token latency = decode time of the last new_tokens-1 steps / (new_tokens-1), \
+                 median over runs after one warm-up run; random weights for published shapes \
+                 (latency does not depend on their values); floor = (weight + mean KV bytes) / \
+                 measured copy bandwidth",
+        "copy_bandwidth_gbs": measured.copy_gbs,
+        "peer": peer.as_ref().map(|(_, env)| env.clone()),
+        "rows": rows,
+    });
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("bench/results/dense-{commit}.json")));
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out, serde_json::to_string_pretty(&json)? + "\n")
+        .with_context(|| format!("writing {}", out.display()))?;
+
+    println!("dense decode, batch 1, prompt {} + {} new tokens, {:?} {:?}, {device}", args.prompt_len, args.new_tokens, args.backend, args.dtype);
+    println!("copy bandwidth {:.0} GB/s", measured.copy_gbs);
+    println!("| model | weights | ours ms/token | transformers ms/token | speedup vs HF | floor ms | ours / floor |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in &rows {
+        let opt = |v: Option<f64>, p: usize| v.map(|v| format!("{v:.p$}")).unwrap_or_else(|| "—".into());
+        println!(
+            "| {} | {} | {:.3} | {} | {} | {:.3} | {:.2} |",
+            r.model, r.weights, r.ours_ms_per_token, opt(r.hf_ms_per_token, 3), opt(r.speedup_vs_hf, 2), r.floor_ms, r.ours_over_floor
+        );
+    }
+    println!("wrote {}", out.display());
+    Ok(())
+}

@@ -1,0 +1,83 @@
+//! Picking a Burn backend and dtype at run time. Each backend is compiled in behind a
+//! cargo feature of this crate (`cpu`, `wgpu`, `cuda`); the generic work is monomorphized
+//! in the binary that calls [`dispatch`], once per enabled backend.
+
+use anyhow::{bail, Context};
+use burn::prelude::Backend;
+use burn::tensor::DType;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Burn's pure-Rust CPU backend (Flex).
+    Cpu,
+    /// wgpu (Vulkan, Metal, DX12; Mesa's lavapipe without a GPU).
+    Wgpu,
+    /// CUDA through CubeCL (kernels compiled at run time by NVRTC).
+    Cuda,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::F16 => DType::F16,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// Work to run on whichever backend was chosen.
+pub trait BackendTask {
+    type Output;
+    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<Self::Output>;
+}
+
+#[cfg_attr(not(any(feature = "cpu", feature = "wgpu", feature = "cuda")), allow(dead_code))]
+/// Sets `device`'s default float dtype (so every tensor the model creates matches its
+/// weights) and runs `task` there.
+fn run_on<B: Backend, T: BackendTask>(
+    task: T,
+    device: B::Device,
+    precision: Precision,
+    name: &str,
+) -> anyhow::Result<T::Output> {
+    if precision != Precision::F32 {
+        burn::tensor::set_default_dtypes::<B>(&device, precision.dtype(), DType::I32)
+            .map_err(|e| anyhow::anyhow!("{e:?}"))
+            .with_context(|| format!("the {name} backend cannot use {precision:?}"))?;
+    }
+    task.run::<B>(device)
+}
+
+#[cfg_attr(
+    not(any(feature = "cpu", feature = "wgpu", feature = "cuda")),
+    allow(unused_variables)
+)]
+pub fn dispatch<T: BackendTask>(
+    backend: BackendKind,
+    precision: Precision,
+    task: T,
+) -> anyhow::Result<T::Output> {
+    match backend {
+        #[cfg(feature = "cpu")]
+        BackendKind::Cpu => run_on::<burn::backend::Flex, T>(task, Default::default(), precision, "cpu"),
+        #[cfg(feature = "wgpu")]
+        BackendKind::Wgpu => run_on::<burn::backend::Wgpu, T>(task, Default::default(), precision, "wgpu"),
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => run_on::<burn::backend::Cuda, T>(task, Default::default(), precision, "cuda"),
+        #[allow(unreachable_patterns)]
+        other => bail!(
+            "this build of dejavu has no {other:?} backend; rebuild with `--features {}`",
+            format!("{other:?}").to_lowercase()
+        ),
+    }
+}

@@ -78,7 +78,8 @@ enum Command {
     /// advancing by --stride; each token is scored once, with up to window − stride tokens
     /// of context). With --non-overlapping: the OPT/GPTQ papers' convention, consecutive
     /// non-overlapping windows of --window tokens (2048 by default there), the tail
-    /// shorter than a window dropped. The text is encoded once with </s> prepended.
+    /// shorter than a window dropped. The text is read with line endings normalized to \n
+    /// (as Python reads it) and encoded once with </s> prepended.
     Perplexity {
         /// A UTF-8 text file, e.g. WikiText-2 test joined with blank lines
         file: PathBuf,
@@ -117,8 +118,15 @@ fn default_model_dir() -> PathBuf {
 }
 
 impl ModelArgs {
-    fn dir(&self) -> PathBuf {
-        self.model.clone().unwrap_or_else(default_model_dir)
+    fn dir(&self) -> anyhow::Result<PathBuf> {
+        let dir = self.model.clone().unwrap_or_else(default_model_dir);
+        if !dir.is_dir() {
+            bail!(
+                "model folder {} does not exist (expected a Hugging Face OPT folder with config.json)",
+                dir.display()
+            );
+        }
+        Ok(dir)
     }
 }
 
@@ -186,11 +194,7 @@ impl BackendTask for PerplexityTask {
     type Output = PerplexityReport;
 
     fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<PerplexityReport> {
-        let text = std::fs::read_to_string(&self.file)
-            .with_context(|| format!("reading {}", self.file.display()))?;
-        if text.trim().is_empty() {
-            bail!("{} is empty: there is no text to score", self.file.display());
-        }
+        let text = dejavu_model::text::read_text(&self.file)?;
         let tokenizer = OptTokenizer::from_dir(&self.dir)?;
         let (_, model) = load_model::<B>(&self.dir, self.precision.dtype(), &device)
             .with_context(|| format!("loading the model from {}", self.dir.display()))?;
@@ -244,7 +248,7 @@ fn main() -> anyhow::Result<()> {
                 Sampling::Greedy
             };
             let task = GenerateTask {
-                dir: model.dir(),
+                dir: model.dir()?,
                 precision: model.dtype,
                 prompt,
                 options: GenerateOptions {
@@ -276,7 +280,7 @@ fn main() -> anyhow::Result<()> {
             };
             let started = Instant::now();
             let task = PerplexityTask {
-                dir: model.dir(),
+                dir: model.dir()?,
                 precision: model.dtype,
                 file: file.clone(),
                 method,
@@ -297,7 +301,7 @@ fn main() -> anyhow::Result<()> {
             if let Some(path) = json {
                 let value = serde_json::json!({
                     "file": file,
-                    "model": model.dir(),
+                    "model": model.dir()?,
                     "backend": model.backend,
                     "dtype": model.dtype,
                     "seconds": seconds,

@@ -3,9 +3,9 @@
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
-use burn::tensor::{DType, TensorData};
+use burn::tensor::DType;
 
-use crate::cache::LayerKvCache;
+use crate::cache::{LayerKvCache, Step};
 
 #[derive(Module, Debug)]
 pub struct OptAttention<B: Backend> {
@@ -38,21 +38,21 @@ impl<B: Backend> OptAttention<B> {
     }
 
     /// Each head's attention output before `out_proj`, `[batch, heads, n, head_dim]`, for
-    /// the `n` positions of `x` that start at position `start`. Appends their keys and
-    /// values to `cache`.
+    /// the `n` new positions of `x` described by `step`. Appends their keys and values to
+    /// `cache`.
     pub fn head_outputs(
         &self,
         x: Tensor<B, 3>,
         cache: &mut LayerKvCache<B>,
-        start: usize,
+        step: &Step<B>,
     ) -> Tensor<B, 4> {
         // Hugging Face scales q after the bias: q = q_proj(x) · head_dim^-½.
         let scaling = (self.head_dim as f64).powf(-0.5);
         let q = self.split_heads(self.q_proj.forward(x.clone()).mul_scalar(scaling));
         let k = self.split_heads(self.k_proj.forward(x.clone()));
         let v = self.split_heads(self.v_proj.forward(x));
-        let (keys, values) = cache.append(start, k, v);
-        attend(q, keys, values, start)
+        let (keys, values) = cache.append(step.start, k, v);
+        attend(q, keys, values, step.mask.clone())
     }
 
     /// `[batch, heads, n, head_dim]` → `out_proj` output `[batch, n, hidden]`.
@@ -63,39 +63,23 @@ impl<B: Backend> OptAttention<B> {
     }
 }
 
-/// Softmax attention of queries at positions `start..start + n` over keys `0..start + n`.
-/// Scores and softmax run in f32 whatever the storage dtype, as Hugging Face upcasts them
-/// for half precision.
+/// Softmax attention of queries over the whole key/value buffers under an additive f32
+/// `mask` (`[1, 1, n, capacity]`, see [`Step::mask`]). Scores and softmax run in f32
+/// whatever the storage dtype, as Hugging Face upcasts them for half precision.
 pub fn attend<B: Backend>(
     q: Tensor<B, 4>,
     keys: Tensor<B, 4>,
     values: Tensor<B, 4>,
-    start: usize,
+    mask: Tensor<B, 4>,
 ) -> Tensor<B, 4> {
     let dtype = q.dtype();
-    let [_, _, n, _] = q.dims();
-    let total = keys.dims()[2];
     let mut scores = q.matmul(keys.swap_dims(2, 3));
     if dtype != DType::F32 {
         scores = scores.cast(DType::F32);
     }
-    if n > 1 {
-        scores = scores + causal_mask::<B>(n, start, total, &values.device()).unsqueeze();
-    }
-    let mut probs = softmax(scores, 3);
+    let mut probs = softmax(scores + mask, 3);
     if dtype != DType::F32 {
         probs = probs.cast(dtype);
     }
     probs.matmul(values)
-}
-
-/// Additive mask `[n, total]`: query `i` (position `start + i`) sees keys `0..=start + i`.
-fn causal_mask<B: Backend>(n: usize, start: usize, total: usize, device: &B::Device) -> Tensor<B, 2> {
-    let mut mask = vec![0f32; n * total];
-    for i in 0..n {
-        for j in (start + i + 1)..total {
-            mask[i * total + j] = f32::NEG_INFINITY;
-        }
-    }
-    Tensor::from_data(TensorData::new(mask, [n, total]), (device, DType::F32))
 }

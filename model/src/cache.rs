@@ -2,7 +2,7 @@
 //! written in place at the next free positions, never rebuilt.
 
 use burn::prelude::*;
-use burn::tensor::DType;
+use burn::tensor::{DType, TensorData};
 
 use crate::error::ModelError;
 use crate::opt::CacheShape;
@@ -18,7 +18,9 @@ pub struct LayerKvCache<B: Backend> {
 
 impl<B: Backend> LayerKvCache<B> {
     /// Writes keys and values `[batch, heads, n, head_dim]` at positions `start..start + n`
-    /// and returns views of positions `0..start + n`.
+    /// and returns the whole buffers. Attention reads all `capacity` positions under a mask
+    /// ([`Step::mask`]) rather than a growing prefix, so every decode step has the same
+    /// shapes: GPU kernels are compiled and autotuned once, not once per context length.
     pub fn append(
         &mut self,
         start: usize,
@@ -32,18 +34,20 @@ impl<B: Backend> LayerKvCache<B> {
         // returned below are dropped before the next step, so the buffer stays unshared.
         self.key = self.key.clone().slice_assign(ranges.clone(), key);
         self.value = self.value.clone().slice_assign(ranges, value);
-        self.prefix(end)
+        (self.key.clone(), self.value.clone())
     }
+}
 
-    /// Views of positions `0..len`.
-    pub fn prefix(&self, len: usize) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let [batch, heads, _, head_dim] = self.key.dims();
-        let ranges = [0..batch, 0..heads, 0..len, 0..head_dim];
-        (
-            self.key.clone().slice(ranges.clone()),
-            self.value.clone().slice(ranges),
-        )
-    }
+/// The positions one forward call covers, and the attention mask they share.
+#[derive(Debug, Clone)]
+pub struct Step<B: Backend> {
+    /// Position of the first new token (the number already cached).
+    pub start: usize,
+    /// Number of new tokens.
+    pub len: usize,
+    /// Additive f32 mask `[1, 1, len, capacity]`: 0 where new token `i` may attend to
+    /// cache position `j` (`j <= start + i`), −∞ elsewhere (the future and unused slots).
+    pub mask: Tensor<B, 4>,
 }
 
 /// The cache of every layer plus how many positions are filled.
@@ -127,6 +131,19 @@ impl<B: Backend> KvCache<B> {
             });
         }
         Ok(())
+    }
+
+    /// The [`Step`] for `n` new tokens after the cached ones.
+    pub fn step(&self, n: usize, device: &B::Device) -> Step<B> {
+        let (start, capacity) = (self.len, self.capacity);
+        let mut mask = vec![0f32; n * capacity];
+        for i in 0..n {
+            for j in (start + i + 1)..capacity {
+                mask[i * capacity + j] = f32::NEG_INFINITY;
+            }
+        }
+        let mask = Tensor::from_data(TensorData::new(mask, [1, 1, n, capacity]), (device, DType::F32));
+        Step { start, len: n, mask }
     }
 
     pub(crate) fn advance(&mut self, n: usize) {

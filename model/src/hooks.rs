@@ -10,7 +10,7 @@ use burn::prelude::*;
 use burn::tensor::activation::relu;
 
 use crate::attention::OptAttention;
-use crate::cache::LayerKvCache;
+use crate::cache::{LayerKvCache, Step};
 use crate::mlp::OptMlp;
 
 /// An activation made visible to [`ForwardHooks::observe`]. Shapes are `[batch, n, width]`
@@ -38,7 +38,7 @@ pub trait ForwardHooks<B: Backend> {
     fn observe(&mut self, _activation: Activation<'_, B>) {}
 
     /// Runs layer `layer`'s attention on its normalized input `x` (`[batch, n, hidden]`),
-    /// reading and extending `cache` from position `start`. Returns the output of
+    /// reading and extending `cache` at the positions of `step`. Returns the output of
     /// `out_proj`.
     fn attention(
         &mut self,
@@ -46,9 +46,9 @@ pub trait ForwardHooks<B: Backend> {
         attention: &OptAttention<B>,
         x: Tensor<B, 3>,
         cache: &mut LayerKvCache<B>,
-        start: usize,
+        step: &Step<B>,
     ) -> Tensor<B, 3> {
-        let heads = attention.head_outputs(x, cache, start);
+        let heads = attention.head_outputs(x, cache, step);
         self.observe(Activation::HeadOutputs {
             layer,
             value: &heads,

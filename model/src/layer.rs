@@ -5,7 +5,7 @@ use burn::nn::{LayerNorm, LayerNormConfig};
 use burn::prelude::*;
 
 use crate::attention::OptAttention;
-use crate::cache::LayerKvCache;
+use crate::cache::{LayerKvCache, Step};
 use crate::config::OptConfig;
 use crate::hooks::{Activation, ForwardHooks};
 use crate::mlp::OptMlp;
@@ -37,14 +37,14 @@ impl<B: Backend> OptDecoderLayer<B> {
         }
     }
 
-    /// `x`: the residual entering the layer, `[batch, n, hidden]`, for positions
-    /// `start..start + n`.
+    /// `x`: the residual entering the layer, `[batch, n, hidden]`, for the positions of
+    /// `step`.
     pub fn forward<H: ForwardHooks<B> + ?Sized>(
         &self,
         layer: usize,
         x: Tensor<B, 3>,
         cache: &mut LayerKvCache<B>,
-        start: usize,
+        step: &Step<B>,
         hooks: &mut H,
     ) -> Tensor<B, 3> {
         let pre_ln = self.do_layer_norm_before;
@@ -55,7 +55,7 @@ impl<B: Backend> OptDecoderLayer<B> {
         } else {
             x.clone()
         };
-        let h = hooks.attention(layer, &self.self_attn, h, cache, start);
+        let h = hooks.attention(layer, &self.self_attn, h, cache, step);
         let mut x = x + h;
         if !pre_ln {
             x = self.self_attn_layer_norm.forward(x);

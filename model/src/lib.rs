@@ -14,10 +14,11 @@ pub mod mlp;
 pub mod opt;
 pub mod perplexity;
 pub mod runtime;
+pub mod text;
 pub mod tokenizer;
 pub mod weights;
 
-pub use cache::{KvCache, LayerKvCache};
+pub use cache::{KvCache, LayerKvCache, Step};
 pub use config::OptConfig;
 pub use error::ModelError;
 pub use generate::{generate, GenerateOptions, Generation, Sampler, Sampling};

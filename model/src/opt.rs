@@ -124,8 +124,9 @@ impl<B: Backend> Opt<B> {
         hooks.observe(Activation::Hidden { index: 0, value: &x });
 
         let num_layers = decoder.layers.len();
+        let step = cache.step(n, &device);
         for (i, layer) in decoder.layers.iter().enumerate() {
-            x = layer.forward(i, x, &mut cache.layers[i], start, hooks);
+            x = layer.forward(i, x, &mut cache.layers[i], &step, hooks);
             if i + 1 < num_layers {
                 hooks.observe(Activation::Hidden {
                     index: i + 1,

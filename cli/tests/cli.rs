@@ -1,0 +1,104 @@
+//! The `dejavu` binary end to end on the bundled opt-mini (CPU backend): the README's
+//! main command, perplexity with its JSON, and clear errors for bad input.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn dejavu(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dejavu"))
+        .args(args)
+        .env_remove("DEJAVU_MODEL")
+        .output()
+        .expect("run dejavu")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn assets() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/opt-mini")
+}
+
+#[test]
+fn generate_with_the_bundled_model() {
+    let out = dejavu(&["generate", "The capital of France is", "--max-new-tokens", "4"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.starts_with("The capital of France is"), "{stdout}");
+    assert!(stdout.trim_end().len() > "The capital of France is".len(), "{stdout}");
+    assert!(stderr.contains("tokens/s") && stderr.contains("6 prompt tokens"), "{stderr}");
+}
+
+#[test]
+fn sampling_is_reproducible_with_a_seed() {
+    let args = [
+        "generate", "Once upon a time", "--max-new-tokens", "5", "--sample", "--temperature",
+        "0.9", "--top-k", "40", "--top-p", "0.95", "--seed", "7", "--ignore-eos",
+    ];
+    let (a, b) = (dejavu(&args), dejavu(&args));
+    assert!(a.status.success(), "{}", text(&a.stderr));
+    assert_eq!(text(&a.stdout), text(&b.stdout));
+}
+
+#[test]
+fn perplexity_of_a_small_text_writes_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("text.txt");
+    std::fs::write(
+        &file,
+        "The tower is 324 metres tall, about the same height as an 81-storey building. \
+         Its base is square, measuring 125 metres on each side.",
+    )
+    .unwrap();
+    let json = dir.path().join("ppl.json");
+    let out = dejavu(&[
+        "perplexity", file.to_str().unwrap(), "--window", "16", "--stride", "8", "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("perplexity"), "{}", text(&out.stdout));
+    let value: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    let ppl = value["report"]["perplexity"].as_f64().unwrap();
+    assert!(ppl.is_finite() && ppl > 1.0, "{value}");
+    let tokens = value["report"]["text_tokens"].as_u64().unwrap();
+    assert_eq!(value["report"]["tokens_scored"].as_u64().unwrap(), tokens - 1);
+}
+
+#[test]
+fn empty_text_file_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("empty.txt");
+    std::fs::write(&file, "\n  \n").unwrap();
+    let out = dejavu(&["perplexity", file.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("empty.txt is empty"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn prompt_longer_than_the_model_is_a_clear_error() {
+    let prompt = "word ".repeat(2100);
+    let out = dejavu(&["generate", &prompt, "--max-new-tokens", "1"]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("exceeds the model's limit of 2048"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn missing_model_folder_is_a_clear_error() {
+    let out = dejavu(&["generate", "hi", "--model", "/nonexistent/opt"]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("/nonexistent/opt does not exist"), "{stderr}");
+}
+
+#[test]
+fn help_explains_the_perplexity_conventions() {
+    let out = dejavu(&["perplexity", "--help"]);
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("Hugging Face perplexity guide") && stdout.contains("--non-overlapping"), "{stdout}");
+    assert!(assets().join("config.json").is_file());
+}

@@ -40,6 +40,12 @@ pub struct DenseArgs {
     /// Python that runs bench/peers/hf_decode.py (transformers, fp16, eager); empty to skip
     #[arg(long, default_value = "python3")]
     peer_python: String,
+    /// Also compute each model's perplexity on the first --check-tokens tokens of this text
+    /// (strided 1024/512), a sanity check that the timed configuration computes the right thing
+    #[arg(long, value_name = "FILE")]
+    check_text: Option<PathBuf>,
+    #[arg(long, default_value_t = 8192)]
+    check_tokens: usize,
     /// Where to write the JSON [default: bench/results/dense-<commit>.json]
     #[arg(long)]
     out: Option<PathBuf>,
@@ -67,6 +73,8 @@ struct Row {
     hf_runs_ms: Option<Vec<f64>>,
     /// transformers time / ours (> 1: we are faster).
     speedup_vs_hf: Option<f64>,
+    /// Perplexity of the first tokens of --check-text (opt-mini only: random weights say nothing).
+    check_perplexity: Option<f64>,
     weight_bytes_per_token: f64,
     kv_bytes_per_token: f64,
     floor_ms: f64,
@@ -79,7 +87,7 @@ struct MeasureTask {
 
 struct Measured {
     copy_gbs: f64,
-    rows: Vec<(String, &'static str, OptConfig, Vec<f64>)>,
+    rows: Vec<(String, &'static str, OptConfig, Vec<f64>, Option<f64>)>,
 }
 
 /// Bytes a decode step must read: every weight once, except the position table (one row)
@@ -160,7 +168,20 @@ impl BackendTask for MeasureTask {
                 runs.push(g.decode.as_secs_f64() * 1e3 / steps);
             }
             eprintln!("{name}: {:.3} ms/token (median of {})", median(&mut runs.clone()), runs.len());
-            rows.push((name.clone(), weights, config, runs));
+            let check = match (&args.check_text, weights) {
+                (Some(path), "trained") => {
+                    let text = dejavu_model::text::read_text(path)?;
+                    let tokenizer = dejavu_model::OptTokenizer::from_dir(&args.opt_mini)?;
+                    let mut ids = tokenizer.encode(&text)?;
+                    ids.truncate(args.check_tokens);
+                    let method = dejavu_model::PerplexityMethod::Strided { window: 1024, stride: 512 };
+                    let report = dejavu_model::perplexity(&model, &mut Dense, &ids, method, |_, _| {})?;
+                    eprintln!("{name}: perplexity {:.4} on {} tokens of {}", report.perplexity, ids.len(), path.display());
+                    Some(report.perplexity)
+                }
+                _ => None,
+            };
+            rows.push((name.clone(), weights, config, runs, check));
             drop(model);
         }
         Ok(Measured { copy_gbs, rows })
@@ -202,7 +223,7 @@ pub fn run(args: DenseArgs) -> anyhow::Result<()> {
     let mean_context = args.prompt_len as f64 + args.new_tokens as f64 / 2.0;
 
     let mut rows = Vec::new();
-    for (name, weights, config, mut runs) in measured.rows {
+    for (name, weights, config, mut runs, check_perplexity) in measured.rows {
         let ours = median(&mut runs.clone());
         let hf_runs: Option<Vec<f64>> = peer
             .as_ref()
@@ -228,6 +249,7 @@ pub fn run(args: DenseArgs) -> anyhow::Result<()> {
             hf_ms_per_token: hf,
             hf_runs_ms: hf_runs,
             speedup_vs_hf: hf.map(|h| h / ours),
+            check_perplexity,
             weight_bytes_per_token: wb,
             kv_bytes_per_token: kb,
             floor_ms,

@@ -13,8 +13,10 @@ pub enum BackendKind {
     Cpu,
     /// wgpu (Vulkan, Metal, DX12; Mesa's lavapipe without a GPU).
     Wgpu,
-    /// CUDA through CubeCL (kernels compiled at run time by NVRTC).
+    /// CUDA through CubeCL (kernels compiled at run time by NVRTC), with Burn's kernel fusion.
     Cuda,
+    /// CUDA through CubeCL without Burn's fusion layer (`CubeBackend` directly).
+    CudaUnfused,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -74,10 +76,12 @@ pub fn dispatch<T: BackendTask>(
         BackendKind::Wgpu => run_on::<burn::backend::Wgpu, T>(task, Default::default(), precision, "wgpu"),
         #[cfg(feature = "cuda")]
         BackendKind::Cuda => run_on::<burn::backend::Cuda, T>(task, Default::default(), precision, "cuda"),
+        #[cfg(feature = "cuda")]
+        BackendKind::CudaUnfused => run_on::<
+            burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>,
+            T,
+        >(task, Default::default(), precision, "cuda-unfused"),
         #[allow(unreachable_patterns)]
-        other => bail!(
-            "this build of dejavu has no {other:?} backend; rebuild with `--features {}`",
-            format!("{other:?}").to_lowercase()
-        ),
+        other => bail!("this build of dejavu has no {other:?} backend; rebuild with its cargo feature (cpu, wgpu or cuda)"),
     }
 }

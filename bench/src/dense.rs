@@ -37,6 +37,10 @@ pub struct DenseArgs {
     /// The bundled trained model
     #[arg(long, default_value = "assets/opt-mini")]
     opt_mini: PathBuf,
+    /// Read the transformers peer's results from this JSON (written by
+    /// bench/peers/hf_decode.py) instead of running it
+    #[arg(long, value_name = "FILE")]
+    peer_json: Option<PathBuf>,
     /// Python that runs bench/peers/hf_decode.py (transformers, fp16, eager); empty to skip
     #[arg(long, default_value = "python3")]
     peer_python: String,
@@ -83,12 +87,11 @@ struct Row {
 
 struct MeasureTask {
     args: DenseArgs,
+    peer: Option<(Value, Value)>,
 }
 
-struct Measured {
-    copy_gbs: f64,
-    rows: Vec<(String, &'static str, OptConfig, Vec<f64>, Option<f64>)>,
-}
+/// One model's measurement: name, weights, config, per-run ms/token, check perplexity.
+type Measured = (String, &'static str, OptConfig, Vec<f64>, Option<f64>);
 
 /// Bytes a decode step must read: every weight once, except the position table (one row)
 /// and the token embedding rows (the tied LM head reads the whole table anyway).
@@ -128,9 +131,9 @@ fn copy_bandwidth<B: Backend>(device: &B::Device, dtype: DType) -> anyhow::Resul
 }
 
 impl BackendTask for MeasureTask {
-    type Output = Measured;
+    type Output = ();
 
-    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<Measured> {
+    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
         let args = self.args;
         let dtype = args.dtype.dtype();
         let copy_gbs = copy_bandwidth::<B>(&device, dtype)?;
@@ -183,8 +186,10 @@ impl BackendTask for MeasureTask {
             };
             rows.push((name.clone(), weights, config, runs, check));
             drop(model);
+            // Written after every model, so a run cut short keeps what it measured.
+            write_report(&args, self.peer.as_ref(), copy_gbs, &rows, rows.len() == args.models.len())?;
         }
-        Ok(Measured { copy_gbs, rows })
+        Ok(())
     }
 }
 
@@ -217,21 +222,38 @@ fn run_peer(args: &DenseArgs) -> anyhow::Result<Option<(Value, Value)>> {
 }
 
 pub fn run(args: DenseArgs) -> anyhow::Result<()> {
-    let measured = dispatch(args.backend, args.dtype, MeasureTask { args: args.clone() })?;
-    let peer = run_peer(&args)?;
+    // The peer first: it is quick, and its numbers are then in every partial report.
+    let peer = match &args.peer_json {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let value: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+            Some((value["runs_ms"].clone(), value["env"].clone()))
+        }
+        None => run_peer(&args)?,
+    };
+    dispatch(args.backend, args.dtype, MeasureTask { args, peer })
+}
+
+fn write_report(
+    args: &DenseArgs,
+    peer: Option<&(Value, Value)>,
+    copy_gbs: f64,
+    measured: &[Measured],
+    print: bool,
+) -> anyhow::Result<()> {
     let bpv = bytes_per_value(args.dtype);
     let mean_context = args.prompt_len as f64 + args.new_tokens as f64 / 2.0;
 
     let mut rows = Vec::new();
-    for (name, weights, config, mut runs, check_perplexity) in measured.rows {
+    for (name, weights, config, runs, check_perplexity) in measured.iter().cloned() {
+        let mut runs = runs;
         let ours = median(&mut runs.clone());
         let hf_runs: Option<Vec<f64>> = peer
-            .as_ref()
             .and_then(|(r, _)| serde_json::from_value(r[&name].clone()).ok());
         let hf = hf_runs.as_ref().map(|r| median(&mut r.clone()));
         let wb = weight_bytes(&config, bpv);
         let kb = kv_bytes(&config, mean_context, bpv);
-        let floor_ms = (wb + kb) / (measured.copy_gbs * 1e9) * 1e3;
+        let floor_ms = (wb + kb) / (copy_gbs * 1e9) * 1e3;
         runs.sort_by(f64::total_cmp);
         rows.push(Row {
             model: name,
@@ -275,8 +297,9 @@ pub fn run(args: DenseArgs) -> anyhow::Result<()> {
                  median over runs after one warm-up run; random weights for published shapes \
                  (latency does not depend on their values); floor = (weight + mean KV bytes) / \
                  measured copy bandwidth",
-        "copy_bandwidth_gbs": measured.copy_gbs,
-        "peer": peer.as_ref().map(|(_, env)| env.clone()),
+        "copy_bandwidth_gbs": copy_gbs,
+        "autotune_level": std::env::var("CUBECL_AUTOTUNE_LEVEL").ok(),
+        "peer": peer.map(|(_, env)| env.clone()),
         "rows": rows,
     });
     let out = args
@@ -288,16 +311,20 @@ pub fn run(args: DenseArgs) -> anyhow::Result<()> {
     }
     std::fs::write(&out, serde_json::to_string_pretty(&json)? + "\n")
         .with_context(|| format!("writing {}", out.display()))?;
+    if !print {
+        return Ok(());
+    }
 
     println!("dense decode, batch 1, prompt {} + {} new tokens, {:?} {:?}, {device}", args.prompt_len, args.new_tokens, args.backend, args.dtype);
-    println!("copy bandwidth {:.0} GB/s", measured.copy_gbs);
-    println!("| model | weights | ours ms/token | transformers ms/token | speedup vs HF | floor ms | ours / floor |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("copy bandwidth {copy_gbs:.0} GB/s");
+    println!("| model | weights | ours ms/token | transformers ms/token | speedup vs HF | floor ms | ours / floor | check ppl |");
+    println!("|---|---|---|---|---|---|---|---|");
     for r in &rows {
         let opt = |v: Option<f64>, p: usize| v.map(|v| format!("{v:.p$}")).unwrap_or_else(|| "—".into());
         println!(
-            "| {} | {} | {:.3} | {} | {} | {:.3} | {:.2} |",
-            r.model, r.weights, r.ours_ms_per_token, opt(r.hf_ms_per_token, 3), opt(r.speedup_vs_hf, 2), r.floor_ms, r.ours_over_floor
+            "| {} | {} | {:.3} | {} | {} | {:.3} | {:.2} | {} |",
+            r.model, r.weights, r.ours_ms_per_token, opt(r.hf_ms_per_token, 3), opt(r.speedup_vs_hf, 2), r.floor_ms, r.ours_over_floor,
+            opt(r.check_perplexity, 3)
         );
     }
     println!("wrote {}", out.display());

@@ -3,6 +3,7 @@
 
 use burn::nn::{LayerNorm, LayerNormConfig};
 use burn::prelude::*;
+use burn::tensor::DType;
 
 use crate::attention::OptAttention;
 use crate::cache::{LayerKvCache, Step};
@@ -23,6 +24,18 @@ pub struct OptDecoderLayer<B: Backend> {
 /// checkpoint stores no weight or bias and the initial 1 and 0 stay.
 pub fn layer_norm<B: Backend>(width: usize, device: &B::Device) -> LayerNorm<B> {
     LayerNormConfig::new(width).with_epsilon(1e-5).init(device)
+}
+
+/// Applies a LayerNorm in f32 whatever the activations' dtype (its parameters are kept in
+/// f32, see [`crate::Opt::cast`]), as PyTorch does for half precision: a half-precision
+/// mean of squares overflows on OPT's large residuals.
+pub fn norm<B: Backend>(ln: &LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let dtype = x.dtype();
+    if dtype == DType::F32 {
+        ln.forward(x)
+    } else {
+        ln.forward(x.cast(DType::F32)).cast(dtype)
+    }
 }
 
 impl<B: Backend> OptDecoderLayer<B> {
@@ -51,26 +64,26 @@ impl<B: Backend> OptDecoderLayer<B> {
 
         hooks.observe(Activation::AttentionInput { layer, value: &x });
         let h = if pre_ln {
-            self.self_attn_layer_norm.forward(x.clone())
+            norm(&self.self_attn_layer_norm, x.clone())
         } else {
             x.clone()
         };
         let h = hooks.attention(layer, &self.self_attn, h, cache, step);
         let mut x = x + h;
         if !pre_ln {
-            x = self.self_attn_layer_norm.forward(x);
+            x = norm(&self.self_attn_layer_norm, x);
         }
 
         hooks.observe(Activation::MlpInput { layer, value: &x });
         let h = if pre_ln {
-            self.final_layer_norm.forward(x.clone())
+            norm(&self.final_layer_norm, x.clone())
         } else {
             x.clone()
         };
         let h = hooks.mlp(layer, &self.mlp, h);
         let mut x = x + h;
         if !pre_ln {
-            x = self.final_layer_norm.forward(x);
+            x = norm(&self.final_layer_norm, x);
         }
         x
     }

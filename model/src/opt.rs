@@ -9,7 +9,7 @@ use crate::cache::KvCache;
 use crate::config::{OptConfig, POSITION_OFFSET};
 use crate::error::ModelError;
 use crate::hooks::{Activation, Dense, ForwardHooks};
-use crate::layer::{layer_norm, OptDecoderLayer};
+use crate::layer::{layer_norm, norm, OptDecoderLayer};
 
 /// Field names follow Hugging Face's `model.decoder.*` so the checkpoint maps onto them
 /// with one small table ([`crate::weights::key_remapper`]).
@@ -73,9 +73,13 @@ impl<B: Backend> Opt<B> {
         self.decoder.embed_tokens.weight.val().device()
     }
 
-    /// Casts every weight to `dtype`.
+    /// Casts every weight to `dtype`, except LayerNorm parameters, which stay f32 (see
+    /// [`crate::layer::norm`]).
     pub fn cast(self, dtype: DType) -> Self {
-        self.map(&mut CastFloats { dtype })
+        self.map(&mut CastFloats {
+            dtype,
+            layer_norm_depth: 0,
+        })
     }
 
     /// Logits `[batch, n, vocab]` for `tokens` (`[batch, n]`), which continue the sequences
@@ -134,8 +138,8 @@ impl<B: Backend> Opt<B> {
                 });
             }
         }
-        if let Some(norm) = &decoder.final_layer_norm {
-            x = norm.forward(x);
+        if let Some(final_norm) = &decoder.final_layer_norm {
+            x = norm(final_norm, x);
         }
         if let Some(project_out) = &decoder.project_out {
             x = project_out.forward(x);
@@ -184,14 +188,33 @@ pub struct CacheShape {
     pub max_positions: usize,
 }
 
-/// Casts float parameters to one dtype.
+/// Casts float parameters to one dtype, LayerNorm parameters to f32.
 struct CastFloats {
     dtype: DType,
+    layer_norm_depth: usize,
 }
 
+const LAYER_NORM: &str = "Struct:LayerNorm";
+
 impl<B: Backend> ModuleMapper<B> for CastFloats {
+    fn enter_module(&mut self, _name: &str, container_type: &str) {
+        if container_type == LAYER_NORM {
+            self.layer_norm_depth += 1;
+        }
+    }
+
+    fn exit_module(&mut self, _name: &str, container_type: &str) {
+        if container_type == LAYER_NORM {
+            self.layer_norm_depth -= 1;
+        }
+    }
+
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let dtype = self.dtype;
+        let dtype = if self.layer_norm_depth > 0 {
+            DType::F32
+        } else {
+            self.dtype
+        };
         param.map(|t| if t.dtype() == dtype { t } else { t.cast(dtype) })
     }
 }

@@ -98,3 +98,26 @@ fn greedy_generation_matches_hugging_face() {
         }
     }
 }
+
+/// Half precision on the CPU: the next-token log-probabilities of the pre-LN fixture in
+/// f16 and bf16 stay close to Hugging Face's f32 values (weights and activations rounded to
+/// 11 or 8 significant bits; LayerNorm, softmax and logits in f32).
+#[test]
+fn half_precision_stays_close_to_hugging_face() {
+    use burn::tensor::DType;
+    let name = MODELS[0];
+    let golden = Golden::of(name);
+    let ids = golden.ids("wiki128.input_ids");
+    let (_, want) = golden.f32("wiki128.next_token_logprob");
+    for (dtype, tol) in [(DType::F16, 0.01), (DType::BF16, 0.1)] {
+        let device = Default::default();
+        let (_, model) = dejavu_model::load_model::<B>(&fixtures().join(name), dtype, &device).unwrap();
+        assert_eq!(model.dtype(), dtype);
+        let mut cache = model.new_cache(1, ids.len()).unwrap();
+        let logits = model.forward(token_tensor::<B>(&ids, &device), &mut cache).unwrap();
+        let got = target_log_probs(logits, &ids);
+        let err = max_abs_diff(&got, &want);
+        assert!(err < tol, "{dtype:?}: next-token log-prob max abs err {err}");
+        eprintln!("{dtype:?}: next-token log-prob max abs err {err}");
+    }
+}

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# (Run at commit 082d37f, when `--backend cuda` meant the fused backend, now `cuda-fused`.)
 # One device call: batch-1 dense decode, transformers (fp16, eager) first, then ours
 # (`dejavu-bench dense`, CUDA f16) on opt-mini, OPT-1.3B and OPT-6.7B shapes, with a
 # perplexity check of opt-mini on the first 4096 WikiText-2 tokens. Expects

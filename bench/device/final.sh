@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# (Run at commit 082d37f, when `--backend cuda` meant the fused backend, now `cuda-fused`.)
 # Device call: CUDA f16 correctness (perplexity of the first 4096 WikiText-2 tokens, to
 # compare with CPU f32) and the OPT-6.7B dense decode benchmark against transformers.
 set -uo pipefail

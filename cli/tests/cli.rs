@@ -102,3 +102,12 @@ fn help_explains_the_perplexity_conventions() {
     assert!(stdout.contains("Hugging Face perplexity guide") && stdout.contains("--non-overlapping"), "{stdout}");
     assert!(assets().join("config.json").is_file());
 }
+
+#[test]
+fn fused_cuda_refuses_half_precision() {
+    // Refused before any device is touched, so this runs without a GPU.
+    let out = dejavu(&["generate", "hi", "--backend", "cuda-fused", "--dtype", "f16"]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("cuda-fused computes wrong results") && stderr.contains("--backend cuda"), "{stderr}");
+}

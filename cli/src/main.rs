@@ -279,8 +279,9 @@ fn main() -> anyhow::Result<()> {
                 }
             };
             let started = Instant::now();
+            let dir = model.dir()?;
             let task = PerplexityTask {
-                dir: model.dir()?,
+                dir: dir.clone(),
                 precision: model.dtype,
                 file: file.clone(),
                 method,
@@ -301,7 +302,7 @@ fn main() -> anyhow::Result<()> {
             if let Some(path) = json {
                 let value = serde_json::json!({
                     "file": file,
-                    "model": model.dir()?,
+                    "model": dir,
                     "backend": model.backend,
                     "dtype": model.dtype,
                     "seconds": seconds,

@@ -43,9 +43,7 @@ impl<B: Backend> LayerKvCache<B> {
 pub struct Step<B: Backend> {
     /// Position of the first new token (the number already cached).
     pub start: usize,
-    /// Number of new tokens.
-    pub len: usize,
-    /// Additive f32 mask `[1, 1, len, capacity]`: 0 where new token `i` may attend to
+    /// Additive f32 mask `[1, 1, n, capacity]` for the `n` new tokens: 0 where new token `i` may attend to
     /// cache position `j` (`j <= start + i`), −∞ elsewhere (the future and unused slots).
     pub mask: Tensor<B, 4>,
 }
@@ -143,7 +141,7 @@ impl<B: Backend> KvCache<B> {
             }
         }
         let mask = Tensor::from_data(TensorData::new(mask, [1, 1, n, capacity]), (device, DType::F32));
-        Step { start, len: n, mask }
+        Step { start, mask }
     }
 
     pub(crate) fn advance(&mut self, n: usize) {

@@ -1,3 +1,294 @@
-//! CubeCL kernels for sparse decode (gathered fc1/fc2 rows, selected-head attention,
-//! fused selection). Empty so far: filled by the kernel issue. Depends on nothing of
-//! `model`, `train` or `bench`.
+//! Sparse GEMV kernels for Deja Vu decode, written in CubeCL, behind one Burn backend
+//! extension trait ([`SparseKernels`]).
+//!
+//! - [`gather_rows_gemv`]: `y = act(W[idx, :] · x + b[idx])` — the selected fc1 rows, with
+//!   bias and ReLU fused.
+//! - [`gather_rows_transposed_gemv`]: `y = Σ_j h_j · Wt[idx_j, :] + b` — the selected rows
+//!   of fc2 stored transposed (`[ffn, d]`, so each neuron is one contiguous row); split-K
+//!   with a deterministic two-pass reduction.
+//! - [`gemv`] / [`transposed_gemv`]: the same kernels over every row, our dense baseline.
+//! - [`select_above_threshold`]: predictor logits to a compact, padded index list on the
+//!   device, with no sort.
+//!
+//! Which backend runs what: `CubeBackend<R, ..>` (CUDA and wgpu without Burn's fusion
+//! layer) runs the CubeCL kernels. Every other backend — Flex on the CPU, and the fused
+//! `Fusion<CubeBackend>` — runs the reference implementation in Burn tensor ops
+//! ([`reference`]), which is exact but reads whole gathered copies. The sparse path is
+//! meant to run on `CubeBackend`: fusion computes wrong results in half precision on CUDA
+//! here (see the foundation's measurements), and a fused custom op would need the
+//! `CustomOpIr` plumbing for no gain on GEMV-bound decode.
+//!
+//! Empty slots: an index `>= rows` (or negative) selects nothing — it reads no weights,
+//! gathered fc1 writes 0 for it and fc2 skips it. Selection pads its list that way, so a
+//! launch's grid is fixed by the list's capacity, never by a count on the device.
+//!
+//! This crate depends on nothing of `model`, `train` or `bench`.
+
+pub mod checks;
+pub mod cube;
+pub mod host;
+pub mod reference;
+
+use burn::prelude::*;
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::TensorPrimitive;
+
+/// What [`gather_rows_gemv`] applies after the bias.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Identity,
+    Relu,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KernelError {
+    #[error("{op}: {what}")]
+    Shape { op: &'static str, what: String },
+    #[error("{op}: {what}")]
+    Dtype { op: &'static str, what: String },
+}
+
+fn shape_err(op: &'static str, what: String) -> KernelError {
+    KernelError::Shape { op, what }
+}
+
+/// The operations the sparse decode path needs, on primitives. Every method has a
+/// reference implementation in Burn tensor ops; `CubeBackend` overrides them with the
+/// CubeCL kernels. Call them through the checked functions of this crate.
+pub trait SparseKernels: Backend {
+    /// `out [B, K] = act(W[row_j, :] · x[b, :] + bias[row_j])`, `row_j = idx[j]` (or `j`
+    /// when `idx` is `None`, `K = rows`). `w [rows, d]`, `x [B, d]`, `bias [rows]`.
+    fn rows_gemv(
+        w: FloatTensor<Self>,
+        idx: Option<IntTensor<Self>>,
+        x: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        relu: bool,
+    ) -> FloatTensor<Self> {
+        reference::rows_gemv::<Self>(w, idx, x, bias, relu)
+    }
+
+    /// `out [B, d] = Σ_j h[b, j] · Wt[row_j, :] + bias`, `row_j = idx[j]` (or `j`).
+    /// `w_t [rows, d]`, `h [B, K]`, `bias [d]`.
+    fn rows_transposed_gemv(
+        w_t: FloatTensor<Self>,
+        idx: Option<IntTensor<Self>>,
+        h: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        reference::rows_transposed_gemv::<Self>(w_t, idx, h, bias)
+    }
+
+    /// Ascending indices `i` with `logits[b, i] > threshold` for some `b`, padded with `n`
+    /// up to `capacity`; and the number selected (`[1]`, may exceed `capacity`).
+    fn select_above_threshold(
+        logits: FloatTensor<Self>,
+        threshold: f32,
+        capacity: usize,
+    ) -> (IntTensor<Self>, IntTensor<Self>) {
+        reference::select_above_threshold::<Self>(logits, threshold, capacity)
+    }
+}
+
+impl SparseKernels for burn::backend::Flex {}
+
+impl<B: burn_fusion::FusionBackend> SparseKernels for burn_fusion::Fusion<B> {}
+
+impl<R, F, I, BT> SparseKernels for burn_cubecl::CubeBackend<R, F, I, BT>
+where
+    R: burn_cubecl::CubeRuntime,
+    F: burn_cubecl::FloatElement,
+    I: burn_cubecl::IntElement,
+    BT: burn_cubecl::BoolElement,
+{
+    fn rows_gemv(
+        w: FloatTensor<Self>,
+        idx: Option<IntTensor<Self>>,
+        x: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        relu: bool,
+    ) -> FloatTensor<Self> {
+        let int_dtype = idx.as_ref().map(|i| i.dtype).unwrap_or(I::dtype());
+        cube::rows_gemv(w, idx, x, bias, relu, int_dtype)
+    }
+
+    fn rows_transposed_gemv(
+        w_t: FloatTensor<Self>,
+        idx: Option<IntTensor<Self>>,
+        h: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        let int_dtype = idx.as_ref().map(|i| i.dtype).unwrap_or(I::dtype());
+        cube::rows_transposed_gemv(w_t, idx, h, bias, int_dtype)
+    }
+
+    fn select_above_threshold(
+        logits: FloatTensor<Self>,
+        threshold: f32,
+        capacity: usize,
+    ) -> (IntTensor<Self>, IntTensor<Self>) {
+        cube::select_above_threshold(logits, threshold, capacity, I::dtype())
+    }
+}
+
+fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
+fn wrap<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+fn check_float<B: Backend, const D: usize>(
+    op: &'static str,
+    name: &str,
+    t: &Tensor<B, D>,
+    dtype: burn::tensor::DType,
+) -> Result<(), KernelError> {
+    if t.dtype() != dtype {
+        return Err(KernelError::Dtype {
+            op,
+            what: format!("{name} is {:?} but the weights are {:?}", t.dtype(), dtype),
+        });
+    }
+    Ok(())
+}
+
+fn check_rows_gemv<B: Backend>(
+    op: &'static str,
+    w: &Tensor<B, 2>,
+    x: &Tensor<B, 2>,
+    bias: Option<&Tensor<B, 1>>,
+) -> Result<(), KernelError> {
+    let [rows, d] = w.dims();
+    let [_, xd] = x.dims();
+    if xd != d {
+        return Err(shape_err(op, format!("x has {xd} columns but the weight rows have {d}")));
+    }
+    check_float(op, "x", x, w.dtype())?;
+    if let Some(b) = bias {
+        if b.dims()[0] != rows {
+            return Err(shape_err(op, format!("bias has {} entries for {rows} rows", b.dims()[0])));
+        }
+        check_float(op, "bias", b, w.dtype())?;
+    }
+    Ok(())
+}
+
+/// Dense `out [B, rows] = act(x · Wᵀ + bias)` with `w [rows, d]` in PyTorch `Linear`
+/// layout (each output's weights one contiguous row): our own GEMV.
+pub fn gemv<B: SparseKernels>(
+    w: Tensor<B, 2>,
+    x: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    act: Activation,
+) -> Result<Tensor<B, 2>, KernelError> {
+    check_rows_gemv("gemv", &w, &x, bias.as_ref())?;
+    Ok(wrap(B::rows_gemv(prim(w), None, prim(x), bias.map(prim), act == Activation::Relu)))
+}
+
+/// `out [B, K] = act(x · W[idx, :]ᵀ + bias[idx])`: only the `K` selected rows of `w`
+/// are read. Empty slots (index `>= rows`) give 0.
+pub fn gather_rows_gemv<B: SparseKernels>(
+    w: Tensor<B, 2>,
+    idx: Tensor<B, 1, Int>,
+    x: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    act: Activation,
+) -> Result<Tensor<B, 2>, KernelError> {
+    check_rows_gemv("gather_rows_gemv", &w, &x, bias.as_ref())?;
+    Ok(wrap(B::rows_gemv(
+        prim(w),
+        Some(idx.into_primitive()),
+        prim(x),
+        bias.map(prim),
+        act == Activation::Relu,
+    )))
+}
+
+fn check_transposed<B: Backend>(
+    op: &'static str,
+    w_t: &Tensor<B, 2>,
+    h: &Tensor<B, 2>,
+    k: usize,
+    bias: Option<&Tensor<B, 1>>,
+) -> Result<(), KernelError> {
+    let [_, d] = w_t.dims();
+    let [_, hk] = h.dims();
+    if hk != k {
+        return Err(shape_err(op, format!("h has {hk} columns but {k} rows are selected")));
+    }
+    check_float(op, "h", h, w_t.dtype())?;
+    if let Some(b) = bias {
+        if b.dims()[0] != d {
+            return Err(shape_err(op, format!("bias has {} entries for {d} columns", b.dims()[0])));
+        }
+        check_float(op, "bias", b, w_t.dtype())?;
+    }
+    Ok(())
+}
+
+/// Dense `out [B, d] = h · Wt + bias` with `w_t [rows, d]` (fc2 stored transposed).
+pub fn transposed_gemv<B: SparseKernels>(
+    w_t: Tensor<B, 2>,
+    h: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+) -> Result<Tensor<B, 2>, KernelError> {
+    let rows = w_t.dims()[0];
+    check_transposed("transposed_gemv", &w_t, &h, rows, bias.as_ref())?;
+    Ok(wrap(B::rows_transposed_gemv(prim(w_t), None, prim(h), bias.map(prim))))
+}
+
+/// `out [B, d] = Σ_j h[:, j] · Wt[idx_j, :] + bias`: only the selected rows of the
+/// transposed fc2 are read (and not those whose `h` is 0). `h [B, K]` pairs with `idx [K]`.
+pub fn gather_rows_transposed_gemv<B: SparseKernels>(
+    w_t: Tensor<B, 2>,
+    idx: Tensor<B, 1, Int>,
+    h: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+) -> Result<Tensor<B, 2>, KernelError> {
+    let k = idx.dims()[0];
+    check_transposed("gather_rows_transposed_gemv", &w_t, &h, k, bias.as_ref())?;
+    Ok(wrap(B::rows_transposed_gemv(
+        prim(w_t),
+        Some(idx.into_primitive()),
+        prim(h),
+        bias.map(prim),
+    )))
+}
+
+/// A selection made on the device: `indices [capacity]` ascending and padded with the
+/// row count (an empty slot), and `count [1]`, how many were above the threshold.
+pub struct Selection<B: Backend> {
+    pub indices: Tensor<B, 1, Int>,
+    pub count: Tensor<B, 1, Int>,
+}
+
+/// Every index whose logit exceeds `threshold` in some batch row (the union a batch
+/// needs), without sorting. `logits [B, n]`.
+pub fn select_above_threshold<B: SparseKernels>(
+    logits: Tensor<B, 2>,
+    threshold: f32,
+    capacity: usize,
+) -> Result<Selection<B>, KernelError> {
+    if capacity == 0 {
+        return Err(shape_err("select_above_threshold", "capacity must be at least 1".into()));
+    }
+    let (indices, count) = B::select_above_threshold(prim(logits), threshold, capacity);
+    Ok(Selection { indices: Tensor::from_primitive(indices), count: Tensor::from_primitive(count) })
+}
+
+/// A sparse OPT MLP for the selected neurons: `fc2ᵀ[idx]ᵀ · relu(fc1[idx] · x + b1[idx]) + b2`.
+/// `w1 [ffn, d]` (fc1 in PyTorch layout), `w2_t [ffn, d]` (fc2 transposed). Two launches;
+/// the hidden values (`[B, K]`) make one round trip through memory.
+pub fn sparse_mlp<B: SparseKernels>(
+    x: Tensor<B, 2>,
+    w1: Tensor<B, 2>,
+    b1: Tensor<B, 1>,
+    w2_t: Tensor<B, 2>,
+    b2: Tensor<B, 1>,
+    idx: Tensor<B, 1, Int>,
+) -> Result<Tensor<B, 2>, KernelError> {
+    let h = gather_rows_gemv(w1, idx.clone(), x, Some(b1), Activation::Relu)?;
+    gather_rows_transposed_gemv(w2_t, idx, h, Some(b2))
+}

@@ -1,0 +1,348 @@
+//! Correctness checks of every kernel against the host loops of [`crate::host`], on fresh
+//! random inputs. The same code runs in the tests (tiny shapes; Flex, and wgpu on
+//! lavapipe) and in `dejavu-bench kernels --check` on the GPU at real shapes.
+//!
+//! On `CubeBackend` the outputs are poisoned with NaN before each launch (the `_into`
+//! launchers write into a tensor we fill first), so an element the kernel forgot to write
+//! shows up as a failure instead of passing by luck.
+
+use burn::prelude::*;
+use burn::tensor::{DType, TensorData, TensorPrimitive};
+use burn_cubecl::{CubeBackend, CubeRuntime};
+use rand::prelude::*;
+use rand::rngs::StdRng;
+
+use crate::{host, Activation, SparseKernels};
+
+/// One shape to check: `rows × d` weights, `k` selected rows (a few of them empty
+/// slots), `batch` input rows, in `dtype`.
+#[derive(Debug, Clone)]
+pub struct Case {
+    pub rows: usize,
+    pub d: usize,
+    pub k: usize,
+    pub batch: usize,
+    pub dtype: DType,
+    pub seed: u64,
+}
+
+impl std::fmt::Display for Case {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "rows {} d {} k {} batch {} {:?} seed {}",
+            self.rows, self.d, self.k, self.batch, self.dtype, self.seed
+        )
+    }
+}
+
+/// The result of one check: the worst error as a multiple of the tolerance (≤ 1 passes;
+/// infinite when an output was NaN, i.e. never written).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Outcome {
+    pub op: &'static str,
+    pub case: String,
+    pub worst_ratio: f32,
+    pub worst_index: usize,
+    pub passed: bool,
+}
+
+/// How a check calls the kernels: through the public API (any backend), or through the
+/// cube launchers with a poisoned output.
+pub trait Launcher<B: Backend> {
+    fn rows_gemv(
+        &self,
+        w: Tensor<B, 2>,
+        idx: Option<Tensor<B, 1, Int>>,
+        x: Tensor<B, 2>,
+        bias: Option<Tensor<B, 1>>,
+        relu: bool,
+    ) -> Tensor<B, 2>;
+    fn rows_transposed_gemv(
+        &self,
+        w_t: Tensor<B, 2>,
+        idx: Option<Tensor<B, 1, Int>>,
+        h: Tensor<B, 2>,
+        bias: Option<Tensor<B, 1>>,
+    ) -> Tensor<B, 2>;
+}
+
+/// Through the checked public functions.
+pub struct PublicApi;
+
+impl<B: SparseKernels> Launcher<B> for PublicApi {
+    fn rows_gemv(
+        &self,
+        w: Tensor<B, 2>,
+        idx: Option<Tensor<B, 1, Int>>,
+        x: Tensor<B, 2>,
+        bias: Option<Tensor<B, 1>>,
+        relu: bool,
+    ) -> Tensor<B, 2> {
+        let act = if relu { Activation::Relu } else { Activation::Identity };
+        match idx {
+            Some(idx) => crate::gather_rows_gemv(w, idx, x, bias, act),
+            None => crate::gemv(w, x, bias, act),
+        }
+        .expect("shapes were made consistent")
+    }
+
+    fn rows_transposed_gemv(
+        &self,
+        w_t: Tensor<B, 2>,
+        idx: Option<Tensor<B, 1, Int>>,
+        h: Tensor<B, 2>,
+        bias: Option<Tensor<B, 1>>,
+    ) -> Tensor<B, 2> {
+        match idx {
+            Some(idx) => crate::gather_rows_transposed_gemv(w_t, idx, h, bias),
+            None => crate::transposed_gemv(w_t, h, bias),
+        }
+        .expect("shapes were made consistent")
+    }
+}
+
+/// The backend the cube checks run on.
+pub type Cube<R> = CubeBackend<R, f32, i32, u32>;
+
+/// Through the cube launchers, into an output first filled with NaN.
+pub struct Poisoned;
+
+fn poison<B: Backend>(shape: [usize; 2], dtype: DType, device: &B::Device) -> Tensor<B, 2> {
+    Tensor::<B, 2>::full(shape, f32::NAN, device).cast(dtype)
+}
+
+fn float_prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> burn::tensor::ops::FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
+impl<R: CubeRuntime> Launcher<Cube<R>> for Poisoned {
+    fn rows_gemv(
+        &self,
+        w: Tensor<Cube<R>, 2>,
+        idx: Option<Tensor<Cube<R>, 1, Int>>,
+        x: Tensor<Cube<R>, 2>,
+        bias: Option<Tensor<Cube<R>, 1>>,
+        relu: bool,
+    ) -> Tensor<Cube<R>, 2> {
+        let k = idx.as_ref().map(|i| i.dims()[0]).unwrap_or(w.dims()[0]);
+        let out = poison::<Cube<R>>([x.dims()[0], k], x.dtype(), &x.device());
+        let out = crate::cube::rows_gemv_into(
+            float_prim(w),
+            idx.map(|i| i.into_primitive()),
+            float_prim(x),
+            bias.map(float_prim),
+            relu,
+            DType::I32,
+            float_prim(out),
+        );
+        Tensor::from_primitive(TensorPrimitive::Float(out))
+    }
+
+    fn rows_transposed_gemv(
+        &self,
+        w_t: Tensor<Cube<R>, 2>,
+        idx: Option<Tensor<Cube<R>, 1, Int>>,
+        h: Tensor<Cube<R>, 2>,
+        bias: Option<Tensor<Cube<R>, 1>>,
+    ) -> Tensor<Cube<R>, 2> {
+        let out = poison::<Cube<R>>([h.dims()[0], w_t.dims()[1]], h.dtype(), &h.device());
+        let out = crate::cube::rows_transposed_gemv_into(
+            float_prim(w_t),
+            idx.map(|i| i.into_primitive()),
+            float_prim(h),
+            bias.map(float_prim),
+            DType::I32,
+            float_prim(out),
+        );
+        Tensor::from_primitive(TensorPrimitive::Float(out))
+    }
+}
+
+/// (atol, rtol) for results stored in `dtype`: f32 sums of up to ~30k products of values
+/// in [-1, 1] (f32 accumulation, any order) and one rounding to the storage type.
+fn tolerance(dtype: DType) -> (f32, f32) {
+    match dtype {
+        DType::F16 => (2e-3, 2e-3),
+        DType::BF16 => (1.6e-2, 1.6e-2),
+        _ => (1e-4, 1e-4),
+    }
+}
+
+/// Rounds host values the way the device stores them, so the host loop sees the same
+/// inputs the kernel reads.
+fn stored(values: Vec<f32>, dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::F16 => values.into_iter().map(|v| half::f16::from_f32(v).to_f32()).collect(),
+        DType::BF16 => values.into_iter().map(|v| half::bf16::from_f32(v).to_f32()).collect(),
+        _ => values,
+    }
+}
+
+fn uniform(rng: &mut StdRng, n: usize, zero_fraction: f64) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            if zero_fraction > 0.0 && rng.random_bool(zero_fraction) {
+                0.0
+            } else {
+                rng.random_range(-1.0f32..1.0)
+            }
+        })
+        .collect()
+}
+
+/// `k` distinct rows in random order, with up to two empty slots (`rows` and `-1`).
+fn random_indices(rng: &mut StdRng, rows: usize, k: usize) -> Vec<i64> {
+    let mut all: Vec<i64> = (0..rows as i64).collect();
+    all.shuffle(rng);
+    let mut idx: Vec<i64> = all.into_iter().take(k).collect();
+    if k >= 8 {
+        let a = rng.random_range(0..k);
+        idx[a] = rows as i64;
+        let b = rng.random_range(0..k);
+        if b != a {
+            idx[b] = -1;
+        }
+    }
+    idx
+}
+
+fn to_device<B: Backend, const D: usize>(
+    values: &[f32],
+    shape: [usize; D],
+    dtype: DType,
+    device: &B::Device,
+) -> Tensor<B, D> {
+    Tensor::<B, D>::from_data(TensorData::new(values.to_vec(), shape), device).cast(dtype)
+}
+
+fn ints<B: Backend>(values: &[i64], device: &B::Device) -> Tensor<B, 1, Int> {
+    let values: Vec<i32> = values.iter().map(|&v| v as i32).collect();
+    Tensor::<B, 1, Int>::from_data(TensorData::new(values.clone(), [values.len()]), device)
+}
+
+fn read<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.cast(DType::F32).into_data().convert::<f32>().into_vec::<f32>().expect("f32 data")
+}
+
+fn read_ints<B: Backend>(t: Tensor<B, 1, Int>) -> Vec<i64> {
+    t.into_data().convert::<i64>().into_vec::<i64>().expect("int data")
+}
+
+fn outcome(op: &'static str, case: &Case, actual: &[f32], expected: &[f32]) -> Outcome {
+    let (atol, rtol) = tolerance(case.dtype);
+    let (worst_ratio, worst_index) = host::worst_ratio(actual, expected, atol, rtol);
+    Outcome { op, case: case.to_string(), worst_ratio, worst_index, passed: worst_ratio <= 1.0 }
+}
+
+/// Runs every GEMV check of one case: dense and gathered, with and without bias/ReLU,
+/// the transposed kernel (with zero `h` values to skip), and the two-launch sparse MLP.
+pub fn check_gemvs<B: SparseKernels, L: Launcher<B>>(
+    launcher: &L,
+    device: &B::Device,
+    case: &Case,
+) -> Vec<Outcome> {
+    let mut rng = StdRng::seed_from_u64(case.seed);
+    let (rows, d, k, batch, dtype) = (case.rows, case.d, case.k, case.batch, case.dtype);
+    let w = stored(uniform(&mut rng, rows * d, 0.0), dtype);
+    let x = stored(uniform(&mut rng, batch * d, 0.0), dtype);
+    let b1 = stored(uniform(&mut rng, rows, 0.0), dtype);
+    let b2 = stored(uniform(&mut rng, d, 0.0), dtype);
+    let idx = random_indices(&mut rng, rows, k);
+    let h = stored(uniform(&mut rng, batch * k, 0.3), dtype);
+    let h_dense = stored(uniform(&mut rng, batch * rows, 0.3), dtype);
+
+    let w_dev = to_device::<B, 2>(&w, [rows, d], dtype, device);
+    let x_dev = to_device::<B, 2>(&x, [batch, d], dtype, device);
+    let b1_dev = to_device::<B, 1>(&b1, [rows], dtype, device);
+    let b2_dev = to_device::<B, 1>(&b2, [d], dtype, device);
+    let idx_dev = ints::<B>(&idx, device);
+    let h_dev = to_device::<B, 2>(&h, [batch, k], dtype, device);
+    let h_dense_dev = to_device::<B, 2>(&h_dense, [batch, rows], dtype, device);
+
+    let mut out = Vec::new();
+
+    let got = read(launcher.rows_gemv(w_dev.clone(), None, x_dev.clone(), None, false));
+    let want = host::rows_gemv(&w, rows, d, None, &x, batch, None, false);
+    out.push(outcome("gemv", case, &got, &want));
+
+    let got = read(launcher.rows_gemv(
+        w_dev.clone(),
+        Some(idx_dev.clone()),
+        x_dev.clone(),
+        Some(b1_dev.clone()),
+        true,
+    ));
+    let want = host::rows_gemv(&w, rows, d, Some(&idx), &x, batch, Some(&b1), true);
+    out.push(outcome("gather_rows_gemv+bias+relu", case, &got, &want));
+
+    let got = read(launcher.rows_gemv(w_dev.clone(), Some(idx_dev.clone()), x_dev.clone(), None, false));
+    let want = host::rows_gemv(&w, rows, d, Some(&idx), &x, batch, None, false);
+    out.push(outcome("gather_rows_gemv", case, &got, &want));
+
+    let got = read(launcher.rows_transposed_gemv(
+        w_dev.clone(),
+        Some(idx_dev.clone()),
+        h_dev.clone(),
+        Some(b2_dev.clone()),
+    ));
+    let want = host::rows_transposed_gemv(&w, rows, d, Some(&idx), &h, batch, Some(&b2));
+    out.push(outcome("gather_rows_transposed_gemv+bias", case, &got, &want));
+
+    let got = read(launcher.rows_transposed_gemv(w_dev.clone(), None, h_dense_dev, None));
+    let want = host::rows_transposed_gemv(&w, rows, d, None, &h_dense, batch, None);
+    out.push(outcome("transposed_gemv", case, &got, &want));
+
+    // The sparse MLP: the hidden values are stored in `dtype` between the two launches,
+    // so the host rounds them the same way.
+    let hidden_dev = launcher.rows_gemv(w_dev.clone(), Some(idx_dev.clone()), x_dev, Some(b1_dev), true);
+    let got = read(launcher.rows_transposed_gemv(w_dev, Some(idx_dev), hidden_dev, Some(b2_dev)));
+    let hidden = stored(host::rows_gemv(&w, rows, d, Some(&idx), &x, batch, Some(&b1), true), dtype);
+    let want = host::rows_transposed_gemv(&w, rows, d, Some(&idx), &hidden, batch, Some(&b2));
+    out.push(outcome("sparse_mlp", case, &got, &want));
+    out
+}
+
+/// Selection: the union over the batch, full capacity and a truncating one; indices and
+/// count must equal the host's exactly.
+pub fn check_selection<B: SparseKernels>(device: &B::Device, n: usize, batch: usize, dtype: DType, seed: u64) -> Vec<Outcome> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let logits = stored((0..batch * n).map(|_| rng.random_range(-3.0f32..3.0)).collect(), dtype);
+    let threshold = 1.5f32;
+    let dev = to_device::<B, 2>(&logits, [batch, n], dtype, device);
+    let mut out = Vec::new();
+    let (_, total) = host::select_above_threshold(&logits, batch, n, threshold, n);
+    for capacity in [n, (total / 2).max(1), total + 3] {
+        let (want_idx, want_count) = host::select_above_threshold(&logits, batch, n, threshold, capacity);
+        let sel = crate::select_above_threshold(dev.clone(), threshold, capacity).expect("capacity ≥ 1");
+        let got_idx = read_ints(sel.indices);
+        let got_count = read_ints(sel.count)[0];
+        let mismatches = got_idx.iter().zip(&want_idx).filter(|(a, b)| a != b).count()
+            + usize::from(got_idx.len() != want_idx.len())
+            + usize::from(got_count as usize != want_count);
+        out.push(Outcome {
+            op: "select_above_threshold",
+            case: format!("n {n} batch {batch} capacity {capacity} {dtype:?} seed {seed}"),
+            worst_ratio: mismatches as f32,
+            worst_index: got_idx.iter().zip(&want_idx).position(|(a, b)| a != b).unwrap_or(0),
+            passed: mismatches == 0,
+        });
+    }
+    out
+}
+
+/// A seed that differs from run to run (tests print it, so a failure can be replayed).
+pub fn fresh_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Whether a CubeCL device can store `dtype` (lavapipe, for one, has no f16).
+pub fn cube_supports<R: CubeRuntime>(device: &R::Device, dtype: DType) -> bool {
+    use cubecl::prelude::{Runtime, StorageType};
+    let client = <R as Runtime>::client(device);
+    let storage: StorageType = dtype.into();
+    client.properties().supports_type(storage)
+}

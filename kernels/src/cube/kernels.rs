@@ -1,0 +1,295 @@
+//! The CubeCL kernels themselves. Launch code (shapes, vector widths, cube counts) lives in
+//! `launch.rs`; these functions only say what one cube computes.
+//!
+//! Conventions shared by all kernels:
+//! - weights are row-major with contiguous rows (`[rows, cols]`); a kernel reads each
+//!   selected row as `Vector<F, N>` loads (16 bytes for f16×8 or f32×4 on CUDA);
+//! - accumulation is always f32, whatever the storage type `F`;
+//! - an index `>= rows` (or a negative one) is an empty slot: it reads nothing and
+//!   contributes nothing (gathered fc1 writes 0 there). Selection pads its index list this
+//!   way, so the launch grid never depends on a count that lives on the device.
+
+use cubecl::prelude::*;
+
+/// Lanes of one row group reduce their partial sums: with plane (warp) shuffles where the
+/// group is exactly one plane, otherwise through shared memory.
+#[cube]
+fn group_sum(
+    value: f32,
+    scratch: &mut SharedMemory<f32>,
+    #[comptime] group: usize,
+    #[comptime] use_plane: bool,
+) -> f32 {
+    if use_plane {
+        plane_sum(value)
+    } else {
+        let lane = UNIT_POS_X as usize;
+        let base = UNIT_POS_Y as usize * group;
+        scratch[base + lane] = value;
+        sync_cube();
+        let mut total = 0.0f32;
+        if lane == 0 {
+            for i in 0..group {
+                total += scratch[base + i];
+            }
+        }
+        sync_cube();
+        total
+    }
+}
+
+/// `out[b, j] = act(W[row_j, :] · x[b, :] + bias[row_j])` with `row_j = idx[j]` when
+/// `gathered`, else `j`. One group of `CUBE_DIM_X` lanes per output row, `CUBE_DIM_Y` rows
+/// per cube. Each lane keeps four loads in flight per iteration: at batch 1 a 10%-dense
+/// fc1 has only ~1.6k rows, too few warps to hide HBM latency with one load each.
+#[cube(launch_unchecked)]
+pub(crate) fn rows_gemv_kernel<F: Float, N: Size, I: Int>(
+    w: &Tensor<Vector<F, N>>,
+    idx: &Tensor<I>,
+    x: &Tensor<Vector<F, N>>,
+    bias: &Tensor<F>,
+    out: &mut Tensor<F>,
+    #[comptime] gathered: bool,
+    #[comptime] has_bias: bool,
+    #[comptime] relu: bool,
+    #[comptime] group: usize,
+    #[comptime] rows_per_cube: usize,
+    #[comptime] use_plane: bool,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let mut scratch = SharedMemory::<f32>::new(group * rows_per_cube);
+    let lane = UNIT_POS_X as usize;
+    let j = CUBE_POS_X as usize * rows_per_cube + UNIT_POS_Y as usize;
+    let k = out.shape(1);
+    let batch = out.shape(0);
+    let rows = w.shape(0);
+    // Shapes and strides are in elements; vector tensors are indexed in vectors.
+    let vs = w.vector_size();
+    let width = w.shape(1) / vs;
+
+    let in_range = j < k;
+    let mut row = rows;
+    if in_range {
+        if gathered {
+            // A negative index wraps to a huge usize, so it is an empty slot too.
+            row = usize::cast_from(idx[j]);
+        } else {
+            row = j;
+        }
+    }
+    let live = row < rows;
+    let w_base = row * w.stride(0) / vs;
+
+    for b in 0..batch {
+        let x_base = b * x.stride(0) / vs;
+        let mut acc = Vector::<f32, N>::new(0.0f32);
+        if live {
+            let step = group;
+            let mut t = lane;
+            while t + 3 * step < width {
+                let w0 = Vector::<f32, N>::cast_from(w[w_base + t]);
+                let w1 = Vector::<f32, N>::cast_from(w[w_base + t + step]);
+                let w2 = Vector::<f32, N>::cast_from(w[w_base + t + 2 * step]);
+                let w3 = Vector::<f32, N>::cast_from(w[w_base + t + 3 * step]);
+                acc += w0 * Vector::<f32, N>::cast_from(x[x_base + t]);
+                acc += w1 * Vector::<f32, N>::cast_from(x[x_base + t + step]);
+                acc += w2 * Vector::<f32, N>::cast_from(x[x_base + t + 2 * step]);
+                acc += w3 * Vector::<f32, N>::cast_from(x[x_base + t + 3 * step]);
+                t += 4 * step;
+            }
+            while t < width {
+                acc += Vector::<f32, N>::cast_from(w[w_base + t])
+                    * Vector::<f32, N>::cast_from(x[x_base + t]);
+                t += step;
+            }
+        }
+        let mut partial = 0.0f32;
+        #[unroll]
+        for v in 0..N::value() {
+            partial += acc[v];
+        }
+        let total = group_sum(partial, &mut scratch, group, use_plane);
+        if lane == 0 && in_range {
+            let mut y = 0.0f32;
+            if live {
+                y = total;
+                if has_bias {
+                    y += f32::cast_from(bias[row]);
+                }
+                if relu {
+                    y = f32::max(y, 0.0f32);
+                }
+            }
+            out[b * out.stride(0) + j] = F::cast_from(y);
+        }
+    }
+}
+
+/// First pass of `out[b, :] = Σ_j h[b, j] · Wt[row_j, :] + bias`: cube `(c, s)` sums the
+/// rows of split `s` for the `CUBE_DIM_X` column vectors of block `c`, its `CUBE_DIM_Y`
+/// lanes along K reduce through shared memory, and the split's sum goes to
+/// `partial[s, b, :]` (f32). Rows whose `h` is exactly 0 are not read: after ReLU most of
+/// a dense fc2's rows are such rows, and the branch is uniform across the cube.
+#[cube(launch_unchecked)]
+pub(crate) fn rows_transposed_gemv_partial_kernel<F: Float, N: Size, I: Int>(
+    w: &Tensor<Vector<F, N>>,
+    idx: &Tensor<I>,
+    h: &Tensor<F>,
+    partial: &mut Tensor<Vector<f32, N>>,
+    chunk: usize,
+    #[comptime] gathered: bool,
+    #[comptime] cols_per_cube: usize,
+    #[comptime] lanes_k: usize,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let mut scratch = SharedMemory::<Vector<f32, N>>::new(cols_per_cube * lanes_k);
+    let cx = UNIT_POS_X as usize;
+    let ky = UNIT_POS_Y as usize;
+    let c = CUBE_POS_X as usize * cols_per_cube + cx;
+    let split = CUBE_POS_Y as usize;
+    let rows = w.shape(0);
+    let vs = w.vector_size();
+    let width = w.shape(1) / vs;
+    let k = h.shape(1);
+    let batch = h.shape(0);
+    let start = split * chunk;
+    let end = usize::min(start + chunk, k);
+    let col_live = c < width;
+
+    for b in 0..batch {
+        let h_base = b * h.stride(0);
+        let mut acc = Vector::<f32, N>::new(0.0f32);
+        if col_live {
+            let mut j = start + ky;
+            while j < end {
+                let mut row = j;
+                if gathered {
+                    row = usize::cast_from(idx[j]);
+                }
+                let hv = f32::cast_from(h[h_base + j]);
+                if row < rows && hv != 0.0f32 {
+                    acc += Vector::<f32, N>::cast_from(w[row * w.stride(0) / vs + c])
+                        * Vector::<f32, N>::new(hv);
+                }
+                j += lanes_k;
+            }
+        }
+        scratch[ky * cols_per_cube + cx] = acc;
+        sync_cube();
+        if ky == 0 && col_live {
+            let mut total = scratch[cx];
+            for i in 1..lanes_k {
+                total += scratch[i * cols_per_cube + cx];
+            }
+            partial[(split * partial.stride(0) + b * partial.stride(1)) / vs + c] = total;
+        }
+        sync_cube();
+    }
+}
+
+/// Second pass: `out[b, c] = Σ_s partial[s, b, c] + bias[c]`, in split order, so the result
+/// does not depend on scheduling (no atomics).
+#[cube(launch_unchecked)]
+pub(crate) fn sum_partials_kernel<F: Float, N: Size>(
+    partial: &Tensor<Vector<f32, N>>,
+    bias: &Tensor<Vector<F, N>>,
+    out: &mut Tensor<Vector<F, N>>,
+    #[comptime] has_bias: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let vs = out.vector_size();
+    let width = out.shape(1) / vs;
+    let batch = out.shape(0);
+    let pos = ABSOLUTE_POS;
+    if pos >= width * batch {
+        terminate!();
+    }
+    let b = pos / width;
+    let c = pos % width;
+    let splits = partial.shape(0);
+    let mut total = Vector::<f32, N>::new(0.0f32);
+    if has_bias {
+        total = Vector::<f32, N>::cast_from(bias[c]);
+    }
+    for s in 0..splits {
+        total += partial[(s * partial.stride(0) + b * partial.stride(1)) / vs + c];
+    }
+    out[b * out.stride(0) / vs + c] = Vector::<F, N>::cast_from(total);
+}
+
+/// Selection without a sort: one cube scans `logits [batch, n]` and writes, in ascending
+/// order, every index `i` with `logits[b, i] > threshold` for some `b` (the union a batch
+/// needs), then pads `idx` to its capacity with `n` (an empty slot for the gather
+/// kernels). `count[0]` gets the number selected, which may exceed the capacity (then the
+/// list holds the first `capacity` of them).
+#[cube(launch_unchecked)]
+pub(crate) fn select_above_threshold_kernel<F: Float, I: Int>(
+    logits: &Tensor<F>,
+    threshold: f32,
+    idx: &mut Tensor<I>,
+    count: &mut Tensor<I>,
+    #[comptime] threads: usize,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let mut scan = SharedMemory::<u32>::new(threads);
+    let t = UNIT_POS_X as usize;
+    let n = logits.shape(1);
+    let batch = logits.shape(0);
+    let capacity = idx.shape(0);
+    let chunk = (n + threads - 1) / threads;
+    let start = usize::min(t * chunk, n);
+    let end = usize::min(start + chunk, n);
+
+    let mut mine = 0u32;
+    for i in start..end {
+        let mut hit = false;
+        for b in 0..batch {
+            if f32::cast_from(logits[b * logits.stride(0) + i]) > threshold {
+                hit = true;
+            }
+        }
+        if hit {
+            mine += 1u32;
+        }
+    }
+
+    // Inclusive Hillis-Steele scan of the per-thread counts.
+    scan[t] = mine;
+    sync_cube();
+    let mut offset = 1usize;
+    while offset < threads {
+        let mut value = scan[t];
+        if t >= offset {
+            value += scan[t - offset];
+        }
+        sync_cube();
+        scan[t] = value;
+        sync_cube();
+        offset *= 2;
+    }
+    let total = usize::cast_from(scan[threads - 1]);
+    let mut pos = usize::cast_from(scan[t] - mine);
+
+    for i in start..end {
+        let mut hit = false;
+        for b in 0..batch {
+            if f32::cast_from(logits[b * logits.stride(0) + i]) > threshold {
+                hit = true;
+            }
+        }
+        if hit {
+            if pos < capacity {
+                idx[pos] = I::cast_from(i);
+            }
+            pos += 1;
+        }
+    }
+    let mut p = total + t;
+    while p < capacity {
+        idx[p] = I::cast_from(n);
+        p += threads;
+    }
+    if t == 0 {
+        count[0] = I::cast_from(total);
+    }
+}

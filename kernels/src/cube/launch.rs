@@ -1,0 +1,243 @@
+//! Launchers: check shapes, pick vector widths and grids, allocate outputs, launch.
+
+use burn::tensor::{DType, Shape};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::CubeRuntime;
+use cubecl::features::Plane;
+use cubecl::prelude::*;
+use cubecl::tensor_vector_size_parallel;
+
+use super::kernels::*;
+
+/// Rows handled by one cube of the row-GEMV kernels.
+const ROWS_PER_CUBE: usize = 8;
+/// Column vectors per cube and lanes along K in the transposed kernel.
+const COLS_PER_CUBE: usize = 64;
+const LANES_K: usize = 4;
+/// Rows of `Wt` each lane of the transposed kernel sums before its split ends. Fewer
+/// means more splits (more parallelism) and a larger f32 partial buffer to reduce.
+const ROWS_PER_LANE: usize = 8;
+const MAX_SPLITS: usize = 128;
+/// Threads of the single selection cube.
+const SELECT_THREADS: usize = 256;
+
+/// Widest vector (in elements) that divides the last dimension of every tensor given.
+fn vector_width<R: CubeRuntime>(tensors: &[&CubeTensor<R>]) -> usize {
+    tensors
+        .iter()
+        .map(|t| {
+            let rank = t.meta.num_dims();
+            tensor_vector_size_parallel(
+                t.client.io_optimized_vector_sizes(t.dtype.size()),
+                t.meta.shape(),
+                t.meta.strides(),
+                rank - 1,
+            )
+        })
+        .min()
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// Whether row groups can reduce with plane (warp) shuffles, and the group size: one
+/// plane where its size is fixed (CUDA: 32), else 32 lanes through shared memory
+/// (lavapipe and other wgpu devices whose subgroup size varies).
+fn reduction_group<R: CubeRuntime>(client: &ComputeClient<R>) -> (usize, bool) {
+    let props = client.properties();
+    let hw = &props.hardware;
+    let planes = props.features.plane.contains(Plane::Ops);
+    if planes && hw.plane_size_min == hw.plane_size_max && hw.plane_size_max >= 8 {
+        (hw.plane_size_max as usize, true)
+    } else {
+        (32, false)
+    }
+}
+
+fn dims<R: CubeRuntime>(t: &CubeTensor<R>) -> Vec<usize> {
+    t.meta.shape().iter().copied().collect()
+}
+
+fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Vec<usize>, dtype: DType) -> CubeTensor<R> {
+    empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), Shape::from(shape), dtype)
+}
+
+/// A placeholder index tensor for launches whose kernel does not read indices.
+fn no_indices<R: CubeRuntime>(like: &CubeTensor<R>, int_dtype: DType) -> CubeTensor<R> {
+    empty(like, vec![1], int_dtype)
+}
+
+/// `out [B, K] = act(W[rows] · x + bias[rows])`; see [`crate::SparseKernels::rows_gemv`].
+pub fn rows_gemv<R: CubeRuntime>(
+    w: CubeTensor<R>,
+    idx: Option<CubeTensor<R>>,
+    x: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    relu: bool,
+    int_dtype: DType,
+) -> CubeTensor<R> {
+    let rows = dims(&w)[0];
+    let batch = dims(&x)[0];
+    let k = idx.as_ref().map(|i| dims(i)[0]).unwrap_or(rows);
+    let out = empty(&x, vec![batch, k], x.dtype);
+    rows_gemv_into(w, idx, x, bias, relu, int_dtype, out)
+}
+
+/// [`rows_gemv`] into a given contiguous `out [B, K]` (tests poison it first, to see that
+/// every element gets written).
+pub fn rows_gemv_into<R: CubeRuntime>(
+    w: CubeTensor<R>,
+    idx: Option<CubeTensor<R>>,
+    x: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    relu: bool,
+    int_dtype: DType,
+    out: CubeTensor<R>,
+) -> CubeTensor<R> {
+    let (w, x) = (into_contiguous(w), into_contiguous(x));
+    let (rows, cols, batch) = (dims(&w)[0], dims(&w)[1], dims(&x)[0]);
+    let k = idx.as_ref().map(|i| dims(i)[0]).unwrap_or(rows);
+    assert_eq!(dims(&out), vec![batch, k], "rows_gemv: output shape");
+    if k == 0 || batch == 0 {
+        return out;
+    }
+    let gathered = idx.is_some();
+    let idx = idx.map(into_contiguous).unwrap_or_else(|| no_indices(&x, int_dtype));
+    let has_bias = bias.is_some();
+    let bias = bias.map(into_contiguous).unwrap_or_else(|| x.clone());
+    let vs = vector_width(&[&w, &x]);
+    let (group, use_plane) = reduction_group(&w.client);
+    let cubes = k.div_ceil(ROWS_PER_CUBE) as u32;
+    let (dtype, idx_dtype) = (w.dtype, idx.dtype);
+    debug_assert_eq!(cols % vs, 0);
+    unsafe {
+        rows_gemv_kernel::launch_unchecked::<R>(
+            &out.client,
+            CubeCount::Static(cubes, 1, 1),
+            CubeDim::new_2d(group as u32, ROWS_PER_CUBE as u32),
+            vs,
+            w.into_tensor_arg(),
+            idx.into_tensor_arg(),
+            x.into_tensor_arg(),
+            bias.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            gathered,
+            has_bias,
+            relu,
+            group,
+            ROWS_PER_CUBE,
+            use_plane,
+            [dtype.into(), idx_dtype.into()],
+        );
+    }
+    let _ = rows;
+    out
+}
+
+/// `out [B, D] = Σ_j h[b, j] · Wt[row_j, :] + bias`; see
+/// [`crate::SparseKernels::rows_transposed_gemv`].
+pub fn rows_transposed_gemv<R: CubeRuntime>(
+    w_t: CubeTensor<R>,
+    idx: Option<CubeTensor<R>>,
+    h: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    int_dtype: DType,
+) -> CubeTensor<R> {
+    let out = empty(&h, vec![dims(&h)[0], dims(&w_t)[1]], h.dtype);
+    rows_transposed_gemv_into(w_t, idx, h, bias, int_dtype, out)
+}
+
+/// [`rows_transposed_gemv`] into a given contiguous `out [B, d]`.
+pub fn rows_transposed_gemv_into<R: CubeRuntime>(
+    w_t: CubeTensor<R>,
+    idx: Option<CubeTensor<R>>,
+    h: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    int_dtype: DType,
+    out: CubeTensor<R>,
+) -> CubeTensor<R> {
+    let (w_t, h) = (into_contiguous(w_t), into_contiguous(h));
+    let (rows, cols) = (dims(&w_t)[0], dims(&w_t)[1]);
+    let (batch, k) = (dims(&h)[0], dims(&h)[1]);
+    assert_eq!(dims(&out), vec![batch, cols], "rows_transposed_gemv: output shape");
+    if batch == 0 || cols == 0 {
+        return out;
+    }
+    let gathered = idx.is_some();
+    let idx = idx.map(into_contiguous).unwrap_or_else(|| no_indices(&h, int_dtype));
+    let has_bias = bias.is_some();
+    let bias = bias.map(into_contiguous);
+
+    let vs = match &bias {
+        Some(b) => vector_width(&[&w_t, b]),
+        None => vector_width(&[&w_t]),
+    };
+    // Split K so every lane sums about ROWS_PER_LANE rows; at least one split.
+    let splits = k.div_ceil(LANES_K * ROWS_PER_LANE).clamp(1, MAX_SPLITS);
+    let chunk = k.div_ceil(splits).max(1);
+    let partial = empty(&h, vec![splits, batch, cols], DType::F32);
+    let col_blocks = (cols / vs).div_ceil(COLS_PER_CUBE) as u32;
+    let (dtype, idx_dtype) = (w_t.dtype, idx.dtype);
+    let _ = rows;
+    unsafe {
+        rows_transposed_gemv_partial_kernel::launch_unchecked::<R>(
+            &out.client,
+            CubeCount::Static(col_blocks, splits as u32, 1),
+            CubeDim::new_2d(COLS_PER_CUBE as u32, LANES_K as u32),
+            vs,
+            w_t.into_tensor_arg(),
+            idx.into_tensor_arg(),
+            h.into_tensor_arg(),
+            partial.clone().into_tensor_arg(),
+            chunk,
+            gathered,
+            COLS_PER_CUBE,
+            LANES_K,
+            [dtype.into(), idx_dtype.into()],
+        );
+        let units = batch * cols / vs;
+        let threads = 256usize;
+        sum_partials_kernel::launch_unchecked::<R>(
+            &out.client,
+            CubeCount::Static(units.div_ceil(threads) as u32, 1, 1),
+            CubeDim::new_1d(threads as u32),
+            vs,
+            partial.into_tensor_arg(),
+            bias.unwrap_or_else(|| out.clone()).into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            has_bias,
+            dtype.into(),
+        );
+    }
+    out
+}
+
+/// Indices (ascending) of the logits above `threshold` in any batch row, padded with `n`
+/// to `capacity`, and the number selected; see [`crate::SparseKernels::select_above_threshold`].
+pub fn select_above_threshold<R: CubeRuntime>(
+    logits: CubeTensor<R>,
+    threshold: f32,
+    capacity: usize,
+    int_dtype: DType,
+) -> (CubeTensor<R>, CubeTensor<R>) {
+    let logits = into_contiguous(logits);
+    let idx = empty(&logits, vec![capacity.max(1)], int_dtype);
+    let count = empty(&logits, vec![1], int_dtype);
+    let dtype = logits.dtype;
+    let client = logits.client.clone();
+    unsafe {
+        select_above_threshold_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(1, 1, 1),
+            CubeDim::new_1d(SELECT_THREADS as u32),
+            logits.into_tensor_arg(),
+            threshold,
+            idx.clone().into_tensor_arg(),
+            count.clone().into_tensor_arg(),
+            SELECT_THREADS,
+            [dtype.into(), int_dtype.into()],
+        );
+    }
+    (idx, count)
+}

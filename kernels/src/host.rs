@@ -1,0 +1,117 @@
+//! Plain host loops (f64 accumulation) that define what each kernel must compute. Tests
+//! and `dejavu-bench kernels --check` compare the device's results with these, never
+//! with Burn's own matmul (which runs in TF32 on CUDA).
+
+/// `out [batch, k] = act(W[row_j] · x[b] + bias[row_j])`, `w` row-major `[rows, d]`.
+/// `idx` `None` means every row; out-of-range entries give 0.
+pub fn rows_gemv(
+    w: &[f32],
+    rows: usize,
+    d: usize,
+    idx: Option<&[i64]>,
+    x: &[f32],
+    batch: usize,
+    bias: Option<&[f32]>,
+    relu: bool,
+) -> Vec<f32> {
+    let selected: Vec<i64> = match idx {
+        Some(i) => i.to_vec(),
+        None => (0..rows as i64).collect(),
+    };
+    let k = selected.len();
+    let mut out = vec![0f32; batch * k];
+    for b in 0..batch {
+        for (j, &row) in selected.iter().enumerate() {
+            if row < 0 || row as usize >= rows {
+                continue;
+            }
+            let row = row as usize;
+            let mut acc = 0f64;
+            for t in 0..d {
+                acc += w[row * d + t] as f64 * x[b * d + t] as f64;
+            }
+            if let Some(bias) = bias {
+                acc += bias[row] as f64;
+            }
+            if relu {
+                acc = acc.max(0.0);
+            }
+            out[b * k + j] = acc as f32;
+        }
+    }
+    out
+}
+
+/// `out [batch, d] = Σ_j h[b, j] · Wt[row_j] + bias`, `w_t` row-major `[rows, d]`.
+pub fn rows_transposed_gemv(
+    w_t: &[f32],
+    rows: usize,
+    d: usize,
+    idx: Option<&[i64]>,
+    h: &[f32],
+    batch: usize,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    let selected: Vec<i64> = match idx {
+        Some(i) => i.to_vec(),
+        None => (0..rows as i64).collect(),
+    };
+    let k = selected.len();
+    let mut out = vec![0f32; batch * d];
+    let mut acc = vec![0f64; d];
+    for b in 0..batch {
+        acc.iter_mut().for_each(|a| *a = 0.0);
+        for (j, &row) in selected.iter().enumerate() {
+            if row < 0 || row as usize >= rows {
+                continue;
+            }
+            let hv = h[b * k + j] as f64;
+            let base = row as usize * d;
+            for c in 0..d {
+                acc[c] += hv * w_t[base + c] as f64;
+            }
+        }
+        for c in 0..d {
+            out[b * d + c] = (acc[c] + bias.map(|b| b[c] as f64).unwrap_or(0.0)) as f32;
+        }
+    }
+    out
+}
+
+/// Ascending indices with `logits[b, i] > threshold` for some `b`, padded with `n` to
+/// `capacity`, and how many there were.
+pub fn select_above_threshold(
+    logits: &[f32],
+    batch: usize,
+    n: usize,
+    threshold: f32,
+    capacity: usize,
+) -> (Vec<i64>, usize) {
+    let hits: Vec<i64> = (0..n)
+        .filter(|&i| (0..batch).any(|b| logits[b * n + i] > threshold))
+        .map(|i| i as i64)
+        .collect();
+    let count = hits.len();
+    let mut indices: Vec<i64> = hits.into_iter().take(capacity).collect();
+    indices.resize(capacity, n as i64);
+    (indices, count)
+}
+
+/// Largest `|a - b| / (atol + rtol·|b|)` over all elements; ≤ 1 means within tolerance.
+/// Also the index where it happens. A NaN anywhere (a poisoned, unwritten output) gives
+/// infinity.
+pub fn worst_ratio(actual: &[f32], expected: &[f32], atol: f32, rtol: f32) -> (f32, usize) {
+    assert_eq!(actual.len(), expected.len(), "length mismatch");
+    let mut worst = (0f32, 0usize);
+    for (i, (&a, &e)) in actual.iter().zip(expected).enumerate() {
+        let r = if a.is_nan() || e.is_nan() {
+            f32::INFINITY
+        } else {
+            (a - e).abs() / (atol + rtol * e.abs())
+        };
+        if r > worst.0 {
+            worst = (r, i);
+        }
+    }
+    worst
+}

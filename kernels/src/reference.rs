@@ -1,0 +1,113 @@
+//! The reference implementation in Burn tensor ops, for backends without the CubeCL
+//! kernels (Flex on the CPU, fused backends). Exact, with f32 accumulation, but it
+//! materialises the gathered rows, so it saves no memory traffic.
+
+use burn::prelude::*;
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{DType, TensorData, TensorPrimitive};
+
+fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+/// The rows `idx` selects, with empty slots (out of range) read as row 0, and a mask of
+/// which slots are live.
+fn gather<B: Backend>(
+    w: Tensor<B, 2>,
+    idx: IntTensor<B>,
+) -> (Tensor<B, 2>, Tensor<B, 1, Bool>) {
+    let rows = w.dims()[0] as i64;
+    let idx: Tensor<B, 1, Int> = Tensor::from_primitive(idx);
+    let live = idx
+        .clone()
+        .lower_elem(rows)
+        .bool_and(idx.clone().greater_equal_elem(0));
+    let safe = idx.mask_fill(live.clone().bool_not(), 0);
+    (w.select(0, safe), live)
+}
+
+pub fn rows_gemv<B: Backend>(
+    w: FloatTensor<B>,
+    idx: Option<IntTensor<B>>,
+    x: FloatTensor<B>,
+    bias: Option<FloatTensor<B>>,
+    relu: bool,
+) -> FloatTensor<B> {
+    let w: Tensor<B, 2> = float(w);
+    let x: Tensor<B, 2> = float(x);
+    let dtype = x.dtype();
+    let bias: Option<Tensor<B, 1>> = bias.map(float);
+    let (rows, bias, live) = match idx {
+        Some(idx) => {
+            let (rows, live) = gather(w, idx.clone());
+            let bias = bias.map(|b| {
+                let (b, _) = gather(b.unsqueeze_dim::<2>(1), idx);
+                b.squeeze_dim::<1>(1)
+            });
+            (rows, bias, Some(live))
+        }
+        None => (w, bias, None),
+    };
+    let batch = x.dims()[0];
+    let mut y = x.cast(DType::F32).matmul(rows.cast(DType::F32).transpose());
+    if let Some(b) = bias {
+        y = y + b.cast(DType::F32).unsqueeze_dim(0);
+    }
+    if relu {
+        y = burn::tensor::activation::relu(y);
+    }
+    if let Some(live) = live {
+        let k = live.dims()[0];
+        let dead = live.bool_not().unsqueeze_dim::<2>(0).expand([batch, k]);
+        y = y.mask_fill(dead, 0.0);
+    }
+    y.cast(dtype).into_primitive().tensor()
+}
+
+pub fn rows_transposed_gemv<B: Backend>(
+    w_t: FloatTensor<B>,
+    idx: Option<IntTensor<B>>,
+    h: FloatTensor<B>,
+    bias: Option<FloatTensor<B>>,
+) -> FloatTensor<B> {
+    let w_t: Tensor<B, 2> = float(w_t);
+    let mut h: Tensor<B, 2> = float(h);
+    let dtype = h.dtype();
+    let rows = match idx {
+        Some(idx) => {
+            let (rows, live) = gather(w_t, idx);
+            let [batch, k] = h.dims();
+            let dead = live.bool_not().unsqueeze_dim::<2>(0).expand([batch, k]);
+            h = h.mask_fill(dead, 0.0);
+            rows
+        }
+        None => w_t,
+    };
+    let mut y = h.cast(DType::F32).matmul(rows.cast(DType::F32));
+    if let Some(b) = bias {
+        let b: Tensor<B, 1> = float(b);
+        y = y + b.cast(DType::F32).unsqueeze_dim(0);
+    }
+    y.cast(dtype).into_primitive().tensor()
+}
+
+/// Reads the logits back to the host: this reference is for correctness, not speed.
+pub fn select_above_threshold<B: Backend>(
+    logits: FloatTensor<B>,
+    threshold: f32,
+    capacity: usize,
+) -> (IntTensor<B>, IntTensor<B>) {
+    let logits: Tensor<B, 2> = float(logits);
+    let device = logits.device();
+    let [batch, n] = logits.dims();
+    let values: Vec<f32> = logits
+        .cast(DType::F32)
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .expect("f32 logits");
+    let (indices, count) = crate::host::select_above_threshold(&values, batch, n, threshold, capacity);
+    let indices = Tensor::<B, 1, Int>::from_data(TensorData::new(indices, [capacity]), &device);
+    let count = Tensor::<B, 1, Int>::from_data(TensorData::new(vec![count as i64], [1]), &device);
+    (indices.into_primitive(), count.into_primitive())
+}

@@ -1,0 +1,54 @@
+//! The reference implementation (Burn tensor ops, Flex on the CPU) against host loops,
+//! and the shape/dtype errors of the public functions.
+
+use burn::backend::Flex;
+use burn::prelude::*;
+use burn::tensor::DType;
+use dejavu_kernels::checks::{check_gemvs, check_selection, fresh_seed, Case, PublicApi};
+use dejavu_kernels::{gather_rows_gemv, select_above_threshold, Activation, KernelError};
+
+fn assert_all_passed(outcomes: Vec<dejavu_kernels::checks::Outcome>) {
+    assert!(!outcomes.is_empty());
+    for o in &outcomes {
+        assert!(o.passed, "{} failed on {}: worst error {}× the tolerance at {}", o.op, o.case, o.worst_ratio, o.worst_index);
+    }
+}
+
+#[test]
+fn reference_gemvs_match_host_loops() {
+    let device = Default::default();
+    let seed = fresh_seed();
+    for dtype in [DType::F32, DType::F16] {
+        for (rows, d, k, batch) in [(64, 96, 20, 1), (50, 37, 13, 3), (300, 256, 40, 2), (48, 1036, 12, 2)] {
+            let case = Case { rows, d, k, batch, dtype, seed };
+            assert_all_passed(check_gemvs::<Flex, _>(&PublicApi, &device, &case));
+        }
+    }
+}
+
+#[test]
+fn reference_selection_matches_host() {
+    let device = Default::default();
+    let seed = fresh_seed();
+    for (n, batch) in [(1000, 1), (777, 3)] {
+        assert_all_passed(check_selection::<Flex>(&device, n, batch, DType::F32, seed));
+    }
+}
+
+#[test]
+fn shape_and_dtype_errors_are_named() {
+    let device = Default::default();
+    let w = Tensor::<Flex, 2>::zeros([8, 4], &device);
+    let idx = Tensor::<Flex, 1, Int>::from_ints([0, 1], &device);
+    let x = Tensor::<Flex, 2>::zeros([1, 5], &device);
+    let err = gather_rows_gemv(w.clone(), idx.clone(), x, None, Activation::Relu).unwrap_err();
+    assert_eq!(
+        err,
+        KernelError::Shape { op: "gather_rows_gemv", what: "x has 5 columns but the weight rows have 4".into() }
+    );
+    let x = Tensor::<Flex, 2>::zeros([1, 4], &device).cast(DType::F16);
+    let err = gather_rows_gemv(w, idx, x, None, Activation::Relu).unwrap_err();
+    assert!(matches!(err, KernelError::Dtype { .. }), "{err}");
+    let logits = Tensor::<Flex, 2>::zeros([1, 4], &device);
+    assert!(select_above_threshold(logits, 0.0, 0).is_err());
+}

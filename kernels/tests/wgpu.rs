@@ -1,0 +1,43 @@
+//! The CubeCL kernels on wgpu (in CI: Mesa's lavapipe, a software Vulkan device) against
+//! host loops, with outputs poisoned before each launch. Everything is in one test so the
+//! process pays the shader compilation once; shapes are tiny because lavapipe takes about
+//! a millisecond per launch.
+//!
+//! Without a Vulkan device this test fails (CI installs `mesa-vulkan-drivers`); set
+//! `DEJAVU_SKIP_WGPU_TESTS=1` to skip it on a machine that cannot have one.
+
+use burn::tensor::DType;
+use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
+use dejavu_kernels::checks::{check_gemvs, check_selection, cube_supports, fresh_seed, Case, Cube, Poisoned};
+
+#[test]
+fn cube_kernels_on_wgpu_match_host_loops() {
+    if std::env::var_os("DEJAVU_SKIP_WGPU_TESTS").is_some() {
+        eprintln!("skipped: DEJAVU_SKIP_WGPU_TESTS is set");
+        return;
+    }
+    let device = WgpuDevice::default();
+    let seed = fresh_seed();
+    let mut dtypes = vec![DType::F32];
+    if cube_supports::<WgpuRuntime>(&device, DType::F16) {
+        dtypes.push(DType::F16);
+    } else {
+        eprintln!("this wgpu device has no f16: checking f32 only");
+    }
+    let mut outcomes = Vec::new();
+    for &dtype in &dtypes {
+        // 96 and 256 columns take vectorised loads; 1036 also the 4-deep unrolled loop
+        // (it needs more than 3 × 32 vectors per row) and its tail; 37 takes width-1
+        // vectors.
+        for (rows, d, k, batch) in [(64, 96, 20, 1), (50, 37, 13, 3), (300, 256, 40, 2), (48, 1036, 12, 2)] {
+            outcomes.extend(check_gemvs::<Cube<WgpuRuntime>, _>(&Poisoned, &device, &Case { rows, d, k, batch, dtype, seed }));
+        }
+        outcomes.extend(check_selection::<Cube<WgpuRuntime>>(&device, 1000, 1, dtype, seed));
+        outcomes.extend(check_selection::<Cube<WgpuRuntime>>(&device, 777, 3, dtype, seed));
+    }
+    let failed: Vec<_> = outcomes.iter().filter(|o| !o.passed).collect();
+    for o in &outcomes {
+        eprintln!("{:<34} {:<50} worst {:.3}", o.op, o.case, o.worst_ratio);
+    }
+    assert!(failed.is_empty(), "{} of {} checks failed: {failed:#?}", failed.len(), outcomes.len());
+}

@@ -1,8 +1,10 @@
 //! `dejavu-bench`: benchmarks. `dense` measures batch-1 decode latency of our dense OPT
 //! against Hugging Face `transformers` on the same shapes, in the same run, and against
-//! the bytes-moved floor.
+//! the bytes-moved floor. `kernels` measures the sparse GEMV kernels against dense GEMV
+//! and PyTorch peers across densities.
 
 mod dense;
+mod kernels;
 mod report;
 
 use clap::{Parser, Subcommand};
@@ -20,6 +22,11 @@ enum Command {
     /// published OPT shapes (made in-process from their configs) and the bundled opt-mini,
     /// against Hugging Face transformers (fp16, eager) run by bench/peers/hf_decode.py.
     Dense(dense::DenseArgs),
+    /// The sparse MLP kernels (gathered fc1, gathered transposed fc2, selection, our dense
+    /// GEMV) at OPT shapes across densities, against PyTorch (cuBLAS GEMV, index_select +
+    /// GEMV, a contiguous slice) run by bench/peers/torch_kernels.py; `--check` first
+    /// verifies every kernel against host loops at the same shapes.
+    Kernels(kernels::KernelArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -29,5 +36,6 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Dense(args) => dense::run(args),
+        Command::Kernels(args) => kernels::run(args),
     }
 }

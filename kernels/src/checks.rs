@@ -105,8 +105,9 @@ impl<B: SparseKernels> Launcher<B> for PublicApi {
 /// The backend the cube checks run on.
 pub type Cube<R> = CubeBackend<R, f32, i32, u32>;
 
-/// Through the cube launchers, into an output first filled with NaN.
-pub struct Poisoned;
+/// Through the cube launchers with the given grid shapes, into an output first filled
+/// with NaN.
+pub struct Poisoned(pub crate::cube::LaunchConfig);
 
 fn poison<B: Backend>(shape: [usize; 2], dtype: DType, device: &B::Device) -> Tensor<B, 2> {
     Tensor::<B, 2>::full(shape, f32::NAN, device).cast(dtype)
@@ -135,6 +136,7 @@ impl<R: CubeRuntime> Launcher<Cube<R>> for Poisoned {
             relu,
             DType::I32,
             float_prim(out),
+            &self.0,
         );
         Tensor::from_primitive(TensorPrimitive::Float(out))
     }
@@ -154,6 +156,7 @@ impl<R: CubeRuntime> Launcher<Cube<R>> for Poisoned {
             bias.map(float_prim),
             DType::I32,
             float_prim(out),
+            &self.0,
         );
         Tensor::from_primitive(TensorPrimitive::Float(out))
     }

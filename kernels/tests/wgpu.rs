@@ -9,6 +9,7 @@
 use burn::tensor::DType;
 use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
 use dejavu_kernels::checks::{check_gemvs, check_selection, cube_supports, fresh_seed, Case, Cube, Poisoned};
+use dejavu_kernels::cube::LaunchConfig;
 
 #[test]
 fn cube_kernels_on_wgpu_match_host_loops() {
@@ -30,7 +31,16 @@ fn cube_kernels_on_wgpu_match_host_loops() {
         // (it needs more than 3 × 32 vectors per row) and its tail; 37 takes width-1
         // vectors.
         for (rows, d, k, batch) in [(64, 96, 20, 1), (50, 37, 13, 3), (300, 256, 40, 2), (48, 1036, 12, 2)] {
-            outcomes.extend(check_gemvs::<Cube<WgpuRuntime>, _>(&Poisoned, &device, &Case { rows, d, k, batch, dtype, seed }));
+            let case = Case { rows, d, k, batch, dtype, seed };
+            outcomes.extend(check_gemvs::<Cube<WgpuRuntime>, _>(&Poisoned(LaunchConfig::default()), &device, &case));
+            // Odd grid shapes: partial cubes, many splits (the second pass's unrolled
+            // loop and its tail), one K lane.
+            for config in [
+                LaunchConfig { rows_per_cube: 3, cols_per_cube: 16, lanes_k: 4, rows_per_lane: 2, max_splits: 256 },
+                LaunchConfig { rows_per_cube: 1, cols_per_cube: 8, lanes_k: 1, rows_per_lane: 5, max_splits: 3 },
+            ] {
+                outcomes.extend(check_gemvs::<Cube<WgpuRuntime>, _>(&Poisoned(config), &device, &case));
+            }
         }
         outcomes.extend(check_selection::<Cube<WgpuRuntime>>(&device, 1000, 1, dtype, seed));
         outcomes.extend(check_selection::<Cube<WgpuRuntime>>(&device, 777, 3, dtype, seed));

@@ -11,17 +11,31 @@ use cubecl::tensor_vector_size_parallel;
 
 use super::kernels::*;
 
-/// Rows handled by one cube of the row-GEMV kernels.
-const ROWS_PER_CUBE: usize = 8;
-/// Column vectors per cube and lanes along K in the transposed kernel.
-const COLS_PER_CUBE: usize = 64;
-const LANES_K: usize = 4;
-/// Rows of `Wt` each lane of the transposed kernel sums before its split ends. Fewer
-/// means more splits (more parallelism) and a larger f32 partial buffer to reduce.
-const ROWS_PER_LANE: usize = 8;
-const MAX_SPLITS: usize = 128;
 /// Threads of the single selection cube.
 const SELECT_THREADS: usize = 256;
+
+/// Grid shapes of the GEMV kernels. The defaults were picked on an H100 (see
+/// `dejavu-bench kernels --tune`); any values work on any device whose cubes hold
+/// `cols_per_cube × lanes_k` and `32 × rows_per_cube` units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct LaunchConfig {
+    /// Rows per cube of the row GEMV (one 32-lane group per row).
+    pub rows_per_cube: usize,
+    /// Column vectors per cube of the transposed GEMV.
+    pub cols_per_cube: usize,
+    /// Lanes along K per cube of the transposed GEMV (reduced in shared memory).
+    pub lanes_k: usize,
+    /// Rows each K lane sums before its split ends: fewer means more splits (more
+    /// parallelism) and more f32 partials for the second pass to add.
+    pub rows_per_lane: usize,
+    pub max_splits: usize,
+}
+
+impl Default for LaunchConfig {
+    fn default() -> Self {
+        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256 }
+    }
+}
 
 /// Widest vector (in elements) that divides the last dimension of every tensor given.
 fn vector_width<R: CubeRuntime>(tensors: &[&CubeTensor<R>]) -> usize {
@@ -77,11 +91,24 @@ pub fn rows_gemv<R: CubeRuntime>(
     relu: bool,
     int_dtype: DType,
 ) -> CubeTensor<R> {
+    rows_gemv_with(w, idx, x, bias, relu, int_dtype, &LaunchConfig::default())
+}
+
+/// [`rows_gemv`] with the given grid shapes.
+pub fn rows_gemv_with<R: CubeRuntime>(
+    w: CubeTensor<R>,
+    idx: Option<CubeTensor<R>>,
+    x: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    relu: bool,
+    int_dtype: DType,
+    config: &LaunchConfig,
+) -> CubeTensor<R> {
     let rows = dims(&w)[0];
     let batch = dims(&x)[0];
     let k = idx.as_ref().map(|i| dims(i)[0]).unwrap_or(rows);
     let out = empty(&x, vec![batch, k], x.dtype);
-    rows_gemv_into(w, idx, x, bias, relu, int_dtype, out)
+    rows_gemv_into(w, idx, x, bias, relu, int_dtype, out, config)
 }
 
 /// [`rows_gemv`] into a given contiguous `out [B, K]` (tests poison it first, to see that
@@ -94,6 +121,7 @@ pub fn rows_gemv_into<R: CubeRuntime>(
     relu: bool,
     int_dtype: DType,
     out: CubeTensor<R>,
+    config: &LaunchConfig,
 ) -> CubeTensor<R> {
     let (w, x) = (into_contiguous(w), into_contiguous(x));
     let (rows, cols, batch) = (dims(&w)[0], dims(&w)[1], dims(&x)[0]);
@@ -108,14 +136,14 @@ pub fn rows_gemv_into<R: CubeRuntime>(
     let bias = bias.map(into_contiguous).unwrap_or_else(|| x.clone());
     let vs = vector_width(&[&w, &x]);
     let (group, use_plane) = reduction_group(&w.client);
-    let cubes = k.div_ceil(ROWS_PER_CUBE) as u32;
+    let cubes = k.div_ceil(config.rows_per_cube) as u32;
     let (dtype, idx_dtype) = (w.dtype, idx.dtype);
     debug_assert_eq!(cols % vs, 0);
     unsafe {
         rows_gemv_kernel::launch_unchecked::<R>(
             &out.client,
             CubeCount::Static(cubes, 1, 1),
-            CubeDim::new_2d(group as u32, ROWS_PER_CUBE as u32),
+            CubeDim::new_2d(group as u32, config.rows_per_cube as u32),
             vs,
             w.into_tensor_arg(),
             idx.into_tensor_arg(),
@@ -126,7 +154,7 @@ pub fn rows_gemv_into<R: CubeRuntime>(
             has_bias,
             relu,
             group,
-            ROWS_PER_CUBE,
+            config.rows_per_cube,
             use_plane,
             [dtype.into(), idx_dtype.into()],
         );
@@ -144,8 +172,20 @@ pub fn rows_transposed_gemv<R: CubeRuntime>(
     bias: Option<CubeTensor<R>>,
     int_dtype: DType,
 ) -> CubeTensor<R> {
+    rows_transposed_gemv_with(w_t, idx, h, bias, int_dtype, &LaunchConfig::default())
+}
+
+/// [`rows_transposed_gemv`] with the given grid shapes.
+pub fn rows_transposed_gemv_with<R: CubeRuntime>(
+    w_t: CubeTensor<R>,
+    idx: Option<CubeTensor<R>>,
+    h: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    int_dtype: DType,
+    config: &LaunchConfig,
+) -> CubeTensor<R> {
     let out = empty(&h, vec![dims(&h)[0], dims(&w_t)[1]], h.dtype);
-    rows_transposed_gemv_into(w_t, idx, h, bias, int_dtype, out)
+    rows_transposed_gemv_into(w_t, idx, h, bias, int_dtype, out, config)
 }
 
 /// [`rows_transposed_gemv`] into a given contiguous `out [B, d]`.
@@ -156,6 +196,7 @@ pub fn rows_transposed_gemv_into<R: CubeRuntime>(
     bias: Option<CubeTensor<R>>,
     int_dtype: DType,
     out: CubeTensor<R>,
+    config: &LaunchConfig,
 ) -> CubeTensor<R> {
     let (w_t, h) = (into_contiguous(w_t), into_contiguous(h));
     let (rows, cols) = (dims(&w_t)[0], dims(&w_t)[1]);
@@ -173,18 +214,18 @@ pub fn rows_transposed_gemv_into<R: CubeRuntime>(
         Some(b) => vector_width(&[&w_t, b]),
         None => vector_width(&[&w_t]),
     };
-    // Split K so every lane sums about ROWS_PER_LANE rows; at least one split.
-    let splits = k.div_ceil(LANES_K * ROWS_PER_LANE).clamp(1, MAX_SPLITS);
+    // Split K so every lane sums about `rows_per_lane` rows; at least one split.
+    let splits = k.div_ceil(config.lanes_k * config.rows_per_lane).clamp(1, config.max_splits);
     let chunk = k.div_ceil(splits).max(1);
     let partial = empty(&h, vec![splits, batch, cols], DType::F32);
-    let col_blocks = (cols / vs).div_ceil(COLS_PER_CUBE) as u32;
+    let col_blocks = (cols / vs).div_ceil(config.cols_per_cube) as u32;
     let (dtype, idx_dtype) = (w_t.dtype, idx.dtype);
     let _ = rows;
     unsafe {
         rows_transposed_gemv_partial_kernel::launch_unchecked::<R>(
             &out.client,
             CubeCount::Static(col_blocks, splits as u32, 1),
-            CubeDim::new_2d(COLS_PER_CUBE as u32, LANES_K as u32),
+            CubeDim::new_2d(config.cols_per_cube as u32, config.lanes_k as u32),
             vs,
             w_t.into_tensor_arg(),
             idx.into_tensor_arg(),
@@ -192,8 +233,8 @@ pub fn rows_transposed_gemv_into<R: CubeRuntime>(
             partial.clone().into_tensor_arg(),
             chunk,
             gathered,
-            COLS_PER_CUBE,
-            LANES_K,
+            config.cols_per_cube,
+            config.lanes_k,
             [dtype.into(), idx_dtype.into()],
         );
         let units = batch * cols / vs;

@@ -4,6 +4,8 @@ mod kernels;
 mod launch;
 
 pub use launch::{
-    rows_gemv, rows_gemv_into, rows_transposed_gemv, rows_transposed_gemv_into,
+    LaunchConfig,
+    rows_gemv, rows_gemv_into, rows_gemv_with, rows_transposed_gemv, rows_transposed_gemv_into,
+    rows_transposed_gemv_with,
     select_above_threshold,
 };

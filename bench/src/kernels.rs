@@ -1,0 +1,616 @@
+//! `dejavu-bench kernels`: the sparse GEMV kernels against dense GEMV and against PyTorch
+//! (cuBLAS GEMV, `index_select` + GEMV, a contiguous slice of the same rows), at the MLP
+//! shapes of published OPT models, across densities.
+//!
+//! Two times per operation, both medians over samples of `--calls` back-to-back calls:
+//! - `gpu_us`: device time per call without launch gaps. The GPU is first given a long
+//!   job (the primer); while it runs, the host enqueues the calls, which then execute back
+//!   to back. `(t(primer + calls) − t(primer)) / calls`. CubeCL's CUDA runtime has no
+//!   device timers (it profiles by synchronising), hence this difference. The PyTorch
+//!   peer measures the same thing with CUDA events after `torch.cuda._sleep`.
+//! - `stream_us`: wall time per call of the same loop without a primer: what a decode
+//!   loop without CUDA graphs pays when the host's launch cost exceeds the kernel's.
+//!
+//! Weights are rotated over enough copies that one cycle touches `--rotate-mb` of
+//! distinct bytes, so the 50 MB L2 of an H100 cannot serve repeats.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use burn::prelude::*;
+use burn::tensor::{DType, Distribution, TensorData};
+use burn_cubecl::CubeRuntime;
+use dejavu_kernels::checks::{check_gemvs, check_selection, fresh_seed, Case, Cube, Outcome, Poisoned};
+use dejavu_kernels::cube::LaunchConfig;
+use dejavu_kernels::{
+    gather_rows_gemv, gather_rows_transposed_gemv, gemv, select_above_threshold, sparse_mlp, transposed_gemv,
+    Activation,
+};
+use dejavu_model::OptConfig;
+use rand::prelude::*;
+use rand::rngs::StdRng;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::report::{command_line, commit, device_name, median, now_utc};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CubeKind {
+    /// CUDA through CubeCL (`CubeBackend<CudaRuntime>`, no fusion)
+    Cuda,
+    /// wgpu through CubeCL (Vulkan; lavapipe without a GPU: a smoke test, not a benchmark)
+    Wgpu,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct KernelArgs {
+    #[arg(long, value_enum, default_value = "cuda")]
+    backend: CubeKind,
+    /// Model shapes (hidden d, ffn 4d): opt-1.3b, opt-6.7b, opt-13b, opt-30b, ...
+    #[arg(long, value_delimiter = ',', default_value = "opt-6.7b,opt-13b,opt-30b")]
+    models: Vec<String>,
+    /// Fractions of the ffn neurons selected
+    #[arg(long, value_delimiter = ',', default_value = "0.05,0.1,0.25,0.5,0.8,1.0")]
+    densities: Vec<f64>,
+    /// Storage type (accumulation is always f32)
+    #[arg(long, value_enum, default_value = "f16")]
+    dtype: StorageKind,
+    /// Predictor ranks for the predictor + selection timing
+    #[arg(long, value_delimiter = ',', default_value = "128,256,1000")]
+    ranks: Vec<usize>,
+    /// Back-to-back calls per timed sample
+    #[arg(long, default_value_t = 100)]
+    calls: usize,
+    /// Timed samples per operation (after a warm-up sample)
+    #[arg(long, default_value_t = 11)]
+    samples: usize,
+    /// Distinct weight bytes one rotation cycle touches (MB), to defeat the L2 cache
+    #[arg(long, default_value_t = 256)]
+    rotate_mb: usize,
+    /// Size of the primer tensor (MB, f32) whose passes keep the GPU busy while calls are
+    /// enqueued; it also gives the copy bandwidth
+    #[arg(long, default_value_t = 1024)]
+    primer_mb: usize,
+    /// Also time grid-shape variants of the gathered kernels (at the first model, density
+    /// 0.1), each checked first when --check is given
+    #[arg(long)]
+    tune: bool,
+    /// First check every kernel against host loops at these shapes (outputs poisoned)
+    #[arg(long)]
+    check: bool,
+    /// Read the PyTorch peer's results from this JSON (bench/peers/torch_kernels.py)
+    /// instead of running it
+    #[arg(long, value_name = "FILE")]
+    peer_json: Option<PathBuf>,
+    /// Python that runs bench/peers/torch_kernels.py; empty to skip the peer
+    #[arg(long, default_value = "python3")]
+    peer_python: String,
+    /// Where to write the JSON [default: bench/results/kernels-<commit>.json]
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    F16,
+    F32,
+}
+
+impl StorageKind {
+    fn dtype(self) -> DType {
+        match self {
+            StorageKind::F16 => DType::F16,
+            StorageKind::F32 => DType::F32,
+        }
+    }
+}
+
+/// One timed operation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Timed {
+    pub model: String,
+    pub op: String,
+    pub density: Option<f64>,
+    pub k: Option<usize>,
+    /// Weight bytes the operation must read (selected rows only).
+    pub weight_bytes: f64,
+    pub gpu_us: f64,
+    pub gpu_samples_us: Vec<f64>,
+    pub stream_us: f64,
+    pub gpu_gbs: f64,
+}
+
+struct Timer<B: Backend> {
+    device: B::Device,
+    primer: Tensor<B, 1>,
+    calls: usize,
+    samples: usize,
+}
+
+impl<B: Backend> Timer<B> {
+    fn sync(&self) -> anyhow::Result<()> {
+        B::sync(&self.device).map_err(|e| anyhow::anyhow!("device sync failed: {e:?}"))
+    }
+
+    /// Enqueues `n` passes over the primer (read and written once each).
+    fn prime(&self, n: usize) {
+        for _ in 0..n {
+            let _ = self.primer.clone().mul_scalar(1.000_001);
+        }
+    }
+
+    fn wall<F: FnMut(usize)>(&self, f: &mut F, prime: usize) -> anyhow::Result<f64> {
+        self.sync()?;
+        let t = Instant::now();
+        self.prime(prime);
+        for i in 0..self.calls {
+            f(i);
+        }
+        self.sync()?;
+        Ok(t.elapsed().as_secs_f64())
+    }
+
+    /// (gpu µs per call: median and samples, stream µs per call).
+    fn time<F: FnMut(usize)>(&self, mut f: F) -> anyhow::Result<(f64, Vec<f64>, f64)> {
+        // Warm-up: compilation of any new kernel variant happens here.
+        self.wall(&mut f, 0)?;
+        let mut stream = Vec::new();
+        for _ in 0..self.samples.min(5) {
+            stream.push(self.wall(&mut f, 0)?);
+        }
+        let stream_s = median(&mut stream);
+        // One primer pass, timed, sizes the primer: it must outlast the host's enqueueing.
+        let mut one = Vec::new();
+        for _ in 0..3 {
+            self.sync()?;
+            let t = Instant::now();
+            self.prime(1);
+            self.sync()?;
+            one.push(t.elapsed().as_secs_f64());
+        }
+        let passes = ((2.0 * stream_s / median(&mut one)).ceil() as usize + 2).min(400);
+        let mut gpu = Vec::new();
+        for _ in 0..self.samples {
+            self.sync()?;
+            let t = Instant::now();
+            self.prime(passes);
+            self.sync()?;
+            let primer_only = t.elapsed().as_secs_f64();
+            let both = self.wall(&mut f, passes)?;
+            gpu.push((both - primer_only).max(0.0) / self.calls as f64 * 1e6);
+        }
+        let gpu_median = median(&mut gpu.clone());
+        Ok((gpu_median, gpu, stream_s / self.calls as f64 * 1e6))
+    }
+}
+
+fn sorted_indices(rng: &mut StdRng, n: usize, k: usize) -> Vec<i32> {
+    let mut all: Vec<i32> = (0..n as i32).collect();
+    all.shuffle(rng);
+    let mut idx: Vec<i32> = all.into_iter().take(k).collect();
+    idx.sort_unstable();
+    idx
+}
+
+fn bytes_per_value(dtype: DType) -> f64 {
+    dtype.size() as f64
+}
+
+struct MlpWeights<B: Backend> {
+    /// fc1 in PyTorch layout `[ffn, d]`.
+    w1: Tensor<B, 2>,
+    b1: Tensor<B, 1>,
+    /// fc2 transposed `[ffn, d]` (each neuron one contiguous row).
+    w2_t: Tensor<B, 2>,
+    /// fc2 in PyTorch layout `[d, ffn]`, for our dense GEMV baseline.
+    w2: Tensor<B, 2>,
+    b2: Tensor<B, 1>,
+}
+
+fn random<B: Backend, const D: usize>(shape: [usize; D], dtype: DType, device: &B::Device) -> Tensor<B, D> {
+    Tensor::<B, D>::random(shape, Distribution::Uniform(-0.05, 0.05), device).cast(dtype)
+}
+
+fn measure_model<R: CubeRuntime>(
+    args: &KernelArgs,
+    timer: &Timer<Cube<R>>,
+    name: &str,
+    config: &OptConfig,
+    out: &mut Vec<Timed>,
+) -> anyhow::Result<()> {
+    type B<R> = Cube<R>;
+    let device = &timer.device;
+    let dtype = args.dtype.dtype();
+    let bpv = bytes_per_value(dtype);
+    let (d, ffn) = (config.hidden_size, config.ffn_dim);
+    let matrix_bytes = (d * ffn) as f64 * bpv;
+    let min_density = args.densities.iter().cloned().fold(1.0, f64::min).max(1e-3);
+    // Enough copies that a rotation cycle of the sparsest MLP touches --rotate-mb.
+    let copies = ((args.rotate_mb as f64 * 1e6) / (2.0 * matrix_bytes * min_density)).ceil().clamp(2.0, 64.0) as usize;
+    eprintln!("{name}: d {d} ffn {ffn}, {copies} weight copies of {:.0} MB each", 3.0 * matrix_bytes / 1e6);
+    let weights: Vec<MlpWeights<B<R>>> = (0..copies)
+        .map(|_| MlpWeights {
+            w1: random([ffn, d], dtype, device),
+            b1: random([ffn], dtype, device),
+            w2_t: random([ffn, d], dtype, device),
+            w2: random([d, ffn], dtype, device),
+            b2: random([d], dtype, device),
+        })
+        .collect();
+    let x = random::<B<R>, 2>([1, d], dtype, device);
+    let h_full = Tensor::<B<R>, 2>::random([1, ffn], Distribution::Uniform(0.1, 1.0), device).cast(dtype);
+    let mut rng = StdRng::seed_from_u64(7);
+
+    let mut push = |op: &str, density: Option<f64>, k: Option<usize>, bytes: f64, t: (f64, Vec<f64>, f64)| {
+        eprintln!("  {op:<22} {:>6} gpu {:>8.2} µs ({:>6.0} GB/s)  stream {:>8.2} µs", density.map(|p| format!("{p}")).unwrap_or_default(), t.0, bytes / t.0 / 1e3, t.2);
+        out.push(Timed {
+            model: name.to_string(),
+            op: op.to_string(),
+            density,
+            k,
+            weight_bytes: bytes,
+            gpu_us: t.0,
+            gpu_samples_us: t.1,
+            stream_us: t.2,
+            gpu_gbs: bytes / t.0 / 1e3,
+        });
+    };
+
+    // Dense baselines: our own GEMV over every row.
+    let t = timer.time(|i| {
+        let w = &weights[i % copies];
+        let _ = gemv(w.w1.clone(), x.clone(), Some(w.b1.clone()), Activation::Relu).unwrap();
+    })?;
+    push("ours_dense_fc1", None, None, matrix_bytes, t);
+    let t = timer.time(|i| {
+        let w = &weights[i % copies];
+        let _ = gemv(w.w2.clone(), h_full.clone(), Some(w.b2.clone()), Activation::Identity).unwrap();
+    })?;
+    push("ours_dense_fc2", None, None, matrix_bytes, t);
+    let t = timer.time(|i| {
+        let w = &weights[i % copies];
+        let h = gemv(w.w1.clone(), x.clone(), Some(w.b1.clone()), Activation::Relu).unwrap();
+        let _ = gemv(w.w2.clone(), h, Some(w.b2.clone()), Activation::Identity).unwrap();
+    })?;
+    push("ours_dense_mlp", None, None, 2.0 * matrix_bytes, t);
+
+    for &density in &args.densities {
+        let k = ((density * ffn as f64).round() as usize).clamp(1, ffn);
+        let idx_host = sorted_indices(&mut rng, ffn, k);
+        let idx = Tensor::<B<R>, 1, Int>::from_data(TensorData::new(idx_host, [k]), device);
+        let h = Tensor::<B<R>, 2>::random([1, k], Distribution::Uniform(0.1, 1.0), device).cast(dtype);
+        let rows_bytes = (k * d) as f64 * bpv;
+        let t = timer.time(|i| {
+            let w = &weights[i % copies];
+            let _ = gather_rows_gemv(w.w1.clone(), idx.clone(), x.clone(), Some(w.b1.clone()), Activation::Relu).unwrap();
+        })?;
+        push("ours_fc1_gather", Some(density), Some(k), rows_bytes, t);
+        let t = timer.time(|i| {
+            let w = &weights[i % copies];
+            let _ = gather_rows_transposed_gemv(w.w2_t.clone(), idx.clone(), h.clone(), Some(w.b2.clone())).unwrap();
+        })?;
+        push("ours_fc2t_gather", Some(density), Some(k), rows_bytes, t);
+        let t = timer.time(|i| {
+            let w = &weights[i % copies];
+            let _ = sparse_mlp(x.clone(), w.w1.clone(), w.b1.clone(), w.w2_t.clone(), w.b2.clone(), idx.clone()).unwrap();
+        })?;
+        push("ours_sparse_mlp", Some(density), Some(k), 2.0 * rows_bytes, t);
+    }
+
+    // Predictor (two low-rank GEMVs) + selection of ~10% by threshold, per layer.
+    let logits = random::<B<R>, 2>([1, ffn], DType::F32, device).cast(dtype);
+    let mut values: Vec<f32> = logits.clone().cast(DType::F32).into_data().convert::<f32>().into_vec().unwrap();
+    values.sort_by(f32::total_cmp);
+    let threshold = values[(0.9 * ffn as f64) as usize];
+    let t = timer.time(|_| {
+        let _ = select_above_threshold(logits.clone(), threshold, ffn).unwrap();
+    })?;
+    push("ours_select", Some(0.1), None, 0.0, t);
+    for &rank in &args.ranks {
+        let pcopies = copies.max(4);
+        let preds: Vec<(Tensor<B<R>, 2>, Tensor<B<R>, 2>)> = (0..pcopies)
+            // The second factor stored `[rank, ffn]`: the transposed kernel then reads
+            // long contiguous rows, where a `[ffn, rank]` GEMV would give each output a
+            // row of only `rank` values.
+            .map(|_| (random([rank, d], dtype, device), random([rank, ffn], dtype, device)))
+            .collect();
+        let bytes = ((rank * d) + (ffn * rank)) as f64 * bpv;
+        let t = timer.time(|i| {
+            let (a, b) = &preds[i % pcopies];
+            let z = gemv(a.clone(), x.clone(), None, Activation::Identity).unwrap();
+            let logits = transposed_gemv(b.clone(), z, None).unwrap();
+            let _ = select_above_threshold(logits, 0.0, ffn).unwrap();
+        })?;
+        push(&format!("ours_predictor_select_r{rank}"), None, None, bytes, t);
+    }
+    Ok(())
+}
+
+/// Grid-shape variants of the two gathered kernels at one shape and density.
+fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec<Timed>) -> anyhow::Result<Vec<Outcome>> {
+    let name = &args.models[0];
+    let config = named(name)?;
+    let device = &timer.device;
+    let dtype = args.dtype.dtype();
+    let (d, ffn) = (config.hidden_size, config.ffn_dim);
+    let density = 0.1;
+    let k = (density * ffn as f64).round() as usize;
+    let matrix_bytes = (d * ffn) as f64 * bytes_per_value(dtype);
+    let copies = ((args.rotate_mb as f64 * 1e6) / (matrix_bytes * density)).ceil().clamp(2.0, 64.0) as usize;
+    let ws: Vec<Tensor<Cube<R>, 2>> = (0..copies).map(|_| random([ffn, d], dtype, device)).collect();
+    let bias1 = random::<Cube<R>, 1>([ffn], dtype, device);
+    let bias2 = random::<Cube<R>, 1>([d], dtype, device);
+    let x = random::<Cube<R>, 2>([1, d], dtype, device);
+    let h = Tensor::<Cube<R>, 2>::random([1, k], Distribution::Uniform(0.1, 1.0), device).cast(dtype);
+    let mut rng = StdRng::seed_from_u64(11);
+    let idx = Tensor::<Cube<R>, 1, Int>::from_data(TensorData::new(sorted_indices(&mut rng, ffn, k), [k]), device);
+    let prim = |t: Tensor<Cube<R>, 2>| t.into_primitive().tensor();
+    let base = LaunchConfig::default();
+    let mut variants = Vec::new();
+    for rows_per_cube in [2, 4, 8, 16] {
+        variants.push(("fc1", LaunchConfig { rows_per_cube, ..base }));
+    }
+    for (cols_per_cube, lanes_k, rows_per_lane) in
+        [(64, 4, 8), (32, 8, 8), (32, 8, 4), (32, 8, 16), (32, 16, 8), (16, 16, 8), (32, 4, 16), (16, 8, 4)]
+    {
+        variants.push(("fc2", LaunchConfig { cols_per_cube, lanes_k, rows_per_lane, ..base }));
+    }
+    let mut outcomes = Vec::new();
+    for (kernel, cfg) in variants {
+        if args.check {
+            let case = Case { rows: ffn, d, k, batch: 1, dtype, seed: fresh_seed() };
+            outcomes.extend(check_gemvs::<Cube<R>, _>(&Poisoned(cfg), device, &case));
+        }
+        let t = if kernel == "fc1" {
+            timer.time(|i| {
+                let _ = dejavu_kernels::cube::rows_gemv_with(
+                    prim(ws[i % copies].clone()), Some(idx.clone().into_primitive()), prim(x.clone()),
+                    Some(bias1.clone().into_primitive().tensor()), true, DType::I32, &cfg,
+                );
+            })?
+        } else {
+            timer.time(|i| {
+                let _ = dejavu_kernels::cube::rows_transposed_gemv_with(
+                    prim(ws[i % copies].clone()), Some(idx.clone().into_primitive()), prim(h.clone()),
+                    Some(bias2.clone().into_primitive().tensor()), DType::I32, &cfg,
+                );
+            })?
+        };
+        let op = if kernel == "fc1" {
+            format!("tune_fc1_rows{}", cfg.rows_per_cube)
+        } else {
+            format!("tune_fc2t_cols{}_lanes{}_rpl{}", cfg.cols_per_cube, cfg.lanes_k, cfg.rows_per_lane)
+        };
+        let bytes = k as f64 * d as f64 * bytes_per_value(dtype);
+        eprintln!("  {op:<34} gpu {:>8.2} µs ({:>6.0} GB/s)  stream {:>8.2} µs", t.0, bytes / t.0 / 1e3, t.2);
+        out.push(Timed { model: name.clone(), op, density: Some(density), k: Some(k), weight_bytes: bytes, gpu_us: t.0, gpu_samples_us: t.1, stream_us: t.2, gpu_gbs: bytes / t.0 / 1e3 });
+    }
+    Ok(outcomes)
+}
+
+fn run_checks<R: CubeRuntime>(args: &KernelArgs, device: &R::Device) -> anyhow::Result<Vec<Outcome>> {
+    let mut outcomes = Vec::new();
+    let seed = fresh_seed();
+    for name in &args.models {
+        let config = named(name)?;
+        let (d, ffn) = (config.hidden_size, config.ffn_dim);
+        for batch in [1, 4] {
+            let case = Case { rows: ffn, d, k: ffn / 10, batch, dtype: args.dtype.dtype(), seed };
+            let t = Instant::now();
+            let got = check_gemvs::<Cube<R>, _>(&Poisoned(LaunchConfig::default()), device, &case);
+            eprintln!("check {case}: {:.1} s", t.elapsed().as_secs_f64());
+            outcomes.extend(got);
+        }
+        outcomes.extend(check_selection::<Cube<R>>(device, ffn, 1, args.dtype.dtype(), seed));
+    }
+    for o in &outcomes {
+        println!("check {:<34} {:<60} worst/tol {:.3} {}", o.op, o.case, o.worst_ratio, if o.passed { "ok" } else { "FAILED" });
+    }
+    Ok(outcomes)
+}
+
+fn named(name: &str) -> anyhow::Result<OptConfig> {
+    OptConfig::named(name).with_context(|| format!("unknown model shape {name:?}: use a published OPT size such as opt-6.7b"))
+}
+
+fn run_on<R: CubeRuntime>(args: KernelArgs, device: R::Device, peer: Option<Value>) -> anyhow::Result<()> {
+    let checks = if args.check { Some(run_checks::<R>(&args, &device)?) } else { None };
+    let primer_values = args.primer_mb * (1 << 20) / 4;
+    let primer = Tensor::<Cube<R>, 1>::random([primer_values], Distribution::Default, &device);
+    let timer = Timer { device: device.clone(), primer, calls: args.calls, samples: args.samples };
+    let copy_gbs = {
+        let mut times = Vec::new();
+        for _ in 0..6 {
+            timer.sync()?;
+            let t = Instant::now();
+            timer.prime(4);
+            timer.sync()?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        4.0 * 2.0 * (primer_values * 4) as f64 / median(&mut times) / 1e9
+    };
+    eprintln!("copy bandwidth (read + write of {} MiB, f32 scale) {copy_gbs:.0} GB/s", args.primer_mb);
+    let mut rows = Vec::new();
+    let mut checks = checks;
+    if args.tune {
+        let tuned = tune::<R>(&args, &timer, &mut rows)?;
+        for o in &tuned {
+            println!("check {:<34} {:<60} worst/tol {:.3} {}", o.op, o.case, o.worst_ratio, if o.passed { "ok" } else { "FAILED" });
+        }
+        if let Some(c) = checks.as_mut() {
+            c.extend(tuned);
+        }
+    }
+    for name in &args.models {
+        let config = named(name)?;
+        measure_model::<R>(&args, &timer, name, &config, &mut rows)?;
+        write_report(&args, &rows, checks.as_deref(), peer.as_ref(), copy_gbs, false)?;
+    }
+    write_report(&args, &rows, checks.as_deref(), peer.as_ref(), copy_gbs, true)?;
+    if let Some(c) = &checks {
+        let failed = c.iter().filter(|o| !o.passed).count();
+        if failed > 0 {
+            bail!("{failed} kernel checks failed (see above)");
+        }
+    }
+    Ok(())
+}
+
+fn run_peer(args: &KernelArgs) -> anyhow::Result<Option<Value>> {
+    if let Some(path) = &args.peer_json {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        return Ok(Some(serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?));
+    }
+    if args.peer_python.is_empty() {
+        return Ok(None);
+    }
+    let script = Path::new("bench/peers/torch_kernels.py");
+    let out = std::env::temp_dir().join(format!("dejavu-torch-kernels-{}.json", std::process::id()));
+    let join = |v: &[f64]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
+    let status = Command::new(&args.peer_python)
+        .arg(script)
+        .args(["--models", &args.models.join(",")])
+        .args(["--densities", &join(&args.densities)])
+        .args(["--ranks", &args.ranks.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",")])
+        .args(["--calls", &args.calls.to_string(), "--samples", &args.samples.to_string()])
+        .args(["--rotate-mb", &args.rotate_mb.to_string()])
+        .args(["--dtype", if args.dtype == StorageKind::F16 { "float16" } else { "float32" }])
+        .arg("--json")
+        .arg(&out)
+        .status()
+        .with_context(|| format!("running {} {}", args.peer_python, script.display()))?;
+    if !status.success() {
+        eprintln!("PyTorch peer failed ({status}); its columns are left empty");
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
+    Ok(Some(serde_json::from_str(&text)?))
+}
+
+pub fn run(args: KernelArgs) -> anyhow::Result<()> {
+    let peer = run_peer(&args)?;
+    match args.backend {
+        #[cfg(feature = "cuda")]
+        CubeKind::Cuda => run_on::<cubecl::cuda::CudaRuntime>(args, Default::default(), peer),
+        #[cfg(feature = "wgpu")]
+        CubeKind::Wgpu => run_on::<cubecl::wgpu::WgpuRuntime>(args, Default::default(), peer),
+        #[allow(unreachable_patterns)]
+        other => bail!("this dejavu-bench was built without the {other:?} backend"),
+    }
+}
+
+/// The PyTorch peer's median GPU µs for (model, op, density).
+fn peer_us(peer: Option<&Value>, model: &str, op: &str, density: Option<f64>) -> Option<f64> {
+    peer?["rows"].as_array()?.iter().find_map(|r| {
+        let same_density = match (density, r["density"].as_f64()) {
+            (None, None) => true,
+            (Some(a), Some(b)) => (a - b).abs() < 1e-9,
+            _ => false,
+        };
+        (r["model"] == model && r["op"] == op && same_density).then(|| r["gpu_us"].as_f64()).flatten()
+    })
+}
+
+fn write_report(
+    args: &KernelArgs,
+    rows: &[Timed],
+    checks: Option<&[Outcome]>,
+    peer: Option<&Value>,
+    copy_gbs: f64,
+    print: bool,
+) -> anyhow::Result<()> {
+    let find = |model: &str, op: &str, density: Option<f64>| {
+        rows.iter()
+            .find(|r| r.model == model && r.op == op && r.density.map(|a| density.map(|b| (a - b).abs() < 1e-9).unwrap_or(false)).unwrap_or(density.is_none()))
+            .map(|r| r.gpu_us)
+    };
+    let mut summary = Vec::new();
+    for model in &args.models {
+        let dense_mlp_torch = peer_us(peer, model, "torch_dense_mlp", None);
+        let ours_dense_fc1 = find(model, "ours_dense_fc1", None);
+        let torch_dense_fc1 = peer_us(peer, model, "torch_dense_fc1", None);
+        for &p in &args.densities {
+            let ours_mlp = find(model, "ours_sparse_mlp", Some(p));
+            let ours_fc1 = find(model, "ours_fc1_gather", Some(p));
+            let slice_fc1 = peer_us(peer, model, "torch_slice_fc1", Some(p));
+            let slice_mlp = peer_us(peer, model, "torch_slice_mlp", Some(p));
+            let index_mlp = peer_us(peer, model, "torch_index_select_mlp", Some(p));
+            let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
+            summary.push(serde_json::json!({
+                "model": model,
+                "density": p,
+                "ours_sparse_mlp_us": ours_mlp,
+                "torch_dense_mlp_us": dense_mlp_torch,
+                "speedup_vs_torch_dense_mlp": ratio(dense_mlp_torch, ours_mlp),
+                "torch_index_select_mlp_us": index_mlp,
+                "speedup_vs_torch_index_select_mlp": ratio(index_mlp, ours_mlp),
+                "torch_slice_mlp_us": slice_mlp,
+                "ours_fc1_gather_us": ours_fc1,
+                "torch_slice_fc1_us": slice_fc1,
+                "fc1_fraction_of_slice_bandwidth": ratio(slice_fc1, ours_fc1),
+                "ours_dense_fc1_us": ours_dense_fc1,
+                "torch_dense_fc1_us": torch_dense_fc1,
+                "dense_gemv_fraction_of_cublas": ratio(torch_dense_fc1, ours_dense_fc1),
+            }));
+        }
+    }
+    let commit = commit();
+    let device = device_name(&format!("{:?}", args.backend));
+    let json = serde_json::json!({
+        "benchmark": "kernels",
+        "device": device,
+        "commit": commit,
+        "command": command_line(),
+        "unix_time": now_utc(),
+        "backend": args.backend,
+        "dtype": args.dtype,
+        "batch": 1,
+        "calls_per_sample": args.calls,
+        "samples": args.samples,
+        "rotate_mb": args.rotate_mb,
+        "copy_bandwidth_gbs": copy_gbs,
+        "note": "gpu_us: median over samples of (time(primer + calls) - time(primer)) / calls, the primer \
+                 being passes over a --primer-mb tensor long enough for the host to enqueue every call first, so \
+                 calls run back to back without launch gaps; stream_us: wall time per call of the same \
+                 loop without a primer. Weights rotate over copies so L2 cannot serve repeats. Shapes: \
+                 fc1 [ffn, d], fc2 transposed [ffn, d], x [1, d]; f32 accumulation.",
+        "checks": checks,
+        "peer": peer,
+        "summary": summary,
+        "rows": rows,
+    });
+    let out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("bench/results/kernels-{commit}.json")));
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out, serde_json::to_string_pretty(&json)? + "\n").with_context(|| format!("writing {}", out.display()))?;
+    if !print {
+        return Ok(());
+    }
+    println!("sparse MLP kernels, batch 1, {:?}, {device}; copy bandwidth {copy_gbs:.0} GB/s; GPU µs per call (launch gaps excluded)", args.dtype);
+    println!("| model | density | ours sparse MLP | torch dense MLP | speedup | torch index_select MLP | ours fc1 gather | torch slice fc1 | of slice BW | ours dense fc1 | cuBLAS fc1 | of cuBLAS |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let f = |v: &Value, p: usize| v.as_f64().map(|v| format!("{v:.p$}")).unwrap_or_else(|| "—".into());
+    for s in &summary {
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            s["model"].as_str().unwrap_or(""), s["density"], f(&s["ours_sparse_mlp_us"], 1), f(&s["torch_dense_mlp_us"], 1),
+            f(&s["speedup_vs_torch_dense_mlp"], 2), f(&s["torch_index_select_mlp_us"], 1), f(&s["ours_fc1_gather_us"], 1),
+            f(&s["torch_slice_fc1_us"], 1), f(&s["fc1_fraction_of_slice_bandwidth"], 2), f(&s["ours_dense_fc1_us"], 1),
+            f(&s["torch_dense_fc1_us"], 1), f(&s["dense_gemv_fraction_of_cublas"], 2)
+        );
+    }
+    println!("| model | op | ours gpu µs | ours stream µs | torch gpu µs |");
+    println!("|---|---|---|---|---|");
+    for r in rows.iter().filter(|r| r.op.starts_with("ours_predictor") || r.op == "ours_select" || r.op.starts_with("tune_")) {
+        let torch_op = r.op.replace("ours_", "torch_");
+        let torch = peer_us(peer, &r.model, &torch_op, r.density).map(|v| format!("{v:.1}")).unwrap_or_else(|| "—".into());
+        println!("| {} | {} | {:.1} | {:.1} | {} |", r.model, r.op, r.gpu_us, r.stream_us, torch);
+    }
+    println!("wrote {}", out.display());
+    Ok(())
+}

@@ -27,8 +27,8 @@ fn cube_kernels_on_wgpu_match_host_loops() {
     }
     let mut outcomes = Vec::new();
     for &dtype in &dtypes {
-        // 96 and 256 columns take vectorised loads; 1036 also the 4-deep unrolled loop
-        // (it needs more than 3 × 32 vectors per row) and its tail; 37 takes width-1
+        // 96 and 256 columns take vectorised loads; 1036 also the 8-deep unrolled loop
+        // (it needs more than 7 × 32 vectors per row) and its tail; 37 takes width-1
         // vectors.
         for (rows, d, k, batch) in [(64, 96, 20, 1), (50, 37, 13, 3), (300, 256, 40, 2), (48, 1036, 12, 2)] {
             let case = Case { rows, d, k, batch, dtype, seed };
@@ -42,8 +42,10 @@ fn cube_kernels_on_wgpu_match_host_loops() {
                 outcomes.extend(check_gemvs::<Cube<WgpuRuntime>, _>(&Poisoned(config), &device, &case));
             }
         }
+        // 1000 and 777 (odd: width-1 vectors) take one round; 40000 several.
         outcomes.extend(check_selection::<Cube<WgpuRuntime>>(&device, 1000, 1, dtype, seed));
         outcomes.extend(check_selection::<Cube<WgpuRuntime>>(&device, 777, 3, dtype, seed));
+        outcomes.extend(check_selection::<Cube<WgpuRuntime>>(&device, 40000, 2, dtype, seed));
     }
     let failed: Vec<_> = outcomes.iter().filter(|o| !o.passed).collect();
     for o in &outcomes {

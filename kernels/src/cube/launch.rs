@@ -11,8 +11,8 @@ use cubecl::tensor_vector_size_parallel;
 
 use super::kernels::*;
 
-/// Threads of the single selection cube.
-const SELECT_THREADS: usize = 256;
+/// Most threads of the single selection cube.
+const SELECT_MAX_THREADS: usize = 1024;
 
 /// Grid shapes of the GEMV kernels. The defaults were picked on an H100 (see
 /// `dejavu-bench kernels --tune`); any values work on any device whose cubes hold
@@ -263,20 +263,29 @@ pub fn select_above_threshold<R: CubeRuntime>(
     int_dtype: DType,
 ) -> (CubeTensor<R>, CubeTensor<R>) {
     let logits = into_contiguous(logits);
+    let n = dims(&logits)[1];
     let idx = empty(&logits, vec![capacity.max(1)], int_dtype);
     let count = empty(&logits, vec![1], int_dtype);
+    // Each thread owns 32 logits: as many threads as that takes, 32 to 1024 (larger
+    // inputs take several rounds).
+    let max_units = logits.client.properties().hardware.max_units_per_cube as usize;
+    let threads = n.div_ceil(32).next_power_of_two().clamp(32, SELECT_MAX_THREADS.min(max_units));
+    // Vectors must tile a thread's 32 logits.
+    let vs = vector_width(&[&logits]).min(32);
     let dtype = logits.dtype;
     let client = logits.client.clone();
     unsafe {
         select_above_threshold_kernel::launch_unchecked::<R>(
             &client,
             CubeCount::Static(1, 1, 1),
-            CubeDim::new_1d(SELECT_THREADS as u32),
+            CubeDim::new_1d(threads as u32),
+            vs,
             logits.into_tensor_arg(),
             threshold,
             idx.clone().into_tensor_arg(),
             count.clone().into_tensor_arg(),
-            SELECT_THREADS,
+            threads,
+            vs,
             [dtype.into(), int_dtype.into()],
         );
     }

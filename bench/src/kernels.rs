@@ -235,7 +235,10 @@ fn measure_model<R: CubeRuntime>(
     let weights: Vec<MlpWeights<B<R>>> = (0..copies)
         .map(|_| MlpWeights {
             w1: random([ffn, d], dtype, device),
-            b1: random([ffn], dtype, device),
+            // Positive fc1 biases: every selected neuron stays active after ReLU, so the
+            // sparse MLP reads all of its K fc2 rows (the kernel skips rows whose hidden
+            // value is 0, which would flatter it by an amount random weights decide).
+            b1: Tensor::<B<R>, 1>::random([ffn], Distribution::Uniform(0.5, 1.0), device).cast(dtype),
             w2_t: random([ffn, d], dtype, device),
             w2: random([d, ffn], dtype, device),
             b2: random([d], dtype, device),
@@ -577,7 +580,8 @@ fn write_report(
                  being passes over a --primer-mb tensor long enough for the host to enqueue every call first, so \
                  calls run back to back without launch gaps; stream_us: wall time per call of the same \
                  loop without a primer. Weights rotate over copies so L2 cannot serve repeats. Shapes: \
-                 fc1 [ffn, d], fc2 transposed [ffn, d], x [1, d]; f32 accumulation.",
+                 fc1 [ffn, d], fc2 transposed [ffn, d], x [1, d]; f32 accumulation. fc1 biases are positive, so \
+                 every selected neuron is active and the sparse MLP reads all K rows of fc2.",
         "checks": checks,
         "peer": peer,
         "summary": summary,

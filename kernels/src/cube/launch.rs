@@ -237,17 +237,20 @@ pub fn rows_transposed_gemv_into<R: CubeRuntime>(
             config.lanes_k,
             [dtype.into(), idx_dtype.into()],
         );
-        let units = batch * cols / vs;
-        let threads = 256usize;
+        // Lanes along the splits: enough that each adds a handful.
+        let lanes_s = splits.div_ceil(4).next_power_of_two().clamp(1, 32);
+        let sum_cols = (256 / lanes_s).max(1);
         sum_partials_kernel::launch_unchecked::<R>(
             &out.client,
-            CubeCount::Static(units.div_ceil(threads) as u32, 1, 1),
-            CubeDim::new_1d(threads as u32),
+            CubeCount::Static((cols / vs).div_ceil(sum_cols) as u32, batch as u32, 1),
+            CubeDim::new_2d(sum_cols as u32, lanes_s as u32),
             vs,
             partial.into_tensor_arg(),
             bias.unwrap_or_else(|| out.clone()).into_tensor_arg(),
             out.clone().into_tensor_arg(),
             has_bias,
+            sum_cols,
+            lanes_s,
             dtype.into(),
         );
     }

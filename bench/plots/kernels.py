@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """PNG of `dejavu-bench kernels` JSON: GPU time per call against density, one panel per
 model shape: our sparse MLP, PyTorch's dense MLP (cuBLAS), index_select + GEMV, and the
-contiguous slice of the same rows (the ceiling a gather can reach).
+contiguous slice of the same rows (the ceiling a gather can reach). With an Nsight
+Compute summary (bench/device/ncu_summary.py), also our kernels' own device time.
 
-    python3 bench/plots/kernels.py bench/results/kernels-<commit>.json [out.png]
+    python3 bench/plots/kernels.py kernels-<commit>.json [kernels-ncu-<commit>.json] out.png
 """
 import json
 import sys
@@ -16,7 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def main():
     src = sys.argv[1]
-    dst = sys.argv[2] if len(sys.argv) > 2 else src.replace(".json", ".png")
+    ncu = json.load(open(sys.argv[2]))["rows"] if len(sys.argv) > 3 else []
+    dst = sys.argv[-1] if len(sys.argv) > 2 else src.replace(".json", ".png")
     data = json.load(open(src))
     rows = data["rows"]
     peer = (data.get("peer") or {}).get("rows", [])
@@ -24,12 +26,14 @@ def main():
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
         def series(source, op):
-            pts = sorted((r["density"], r["gpu_us"]) for r in source
+            key = "kernel_us" if source is ncu else "gpu_us"
+            pts = sorted((r["density"], r[key]) for r in source
                          if r["model"] == model and r["op"] == op and r.get("density") is not None)
             return [p for p, _ in pts], [t for _, t in pts]
 
         for source, op, label, style in [
-            (rows, "ours_sparse_mlp", "ours: sparse MLP (gathered fc1 + fc2ᵀ)", "o-"),
+            (ncu, "ours_sparse_mlp", "ours: sparse MLP, kernel time (ncu)", "o-"),
+            (rows, "ours_sparse_mlp", "ours: sparse MLP as launched (host costs included)", "o:"),
             (peer, "torch_slice_mlp", "torch: contiguous slice (ceiling)", "s--"),
             (peer, "torch_index_select_mlp", "torch: index_select + GEMV", "^:"),
         ]:

@@ -371,14 +371,14 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
         let t = if kernel == "fc1" {
             timer.time(|i| {
                 let _ = dejavu_kernels::cube::rows_gemv_with(
-                    prim(ws[i % copies].clone()), Some(idx.clone().into_primitive()), prim(x.clone()),
+                    prim(ws[i % copies].clone()), Some(idx.clone().into_primitive()), 1, prim(x.clone()),
                     Some(bias1.clone().into_primitive().tensor()), true, DType::I32, &cfg,
                 );
             })?
         } else {
             timer.time(|i| {
                 let _ = dejavu_kernels::cube::rows_transposed_gemv_with(
-                    prim(ws[i % copies].clone()), Some(idx.clone().into_primitive()), prim(h.clone()),
+                    prim(ws[i % copies].clone()), Some(idx.clone().into_primitive()), 1, prim(h.clone()),
                     Some(bias2.clone().into_primitive().tensor()), DType::I32, &cfg,
                 );
             })?

@@ -50,10 +50,11 @@ pub struct Outcome {
 /// How a check calls the kernels: through the public API (any backend), or through the
 /// cube launchers with a poisoned output.
 pub trait Launcher<B: Backend> {
+    /// `block` as in [`SparseKernels::rows_gemv`].
     fn rows_gemv(
         &self,
         w: Tensor<B, 2>,
-        idx: Option<Tensor<B, 1, Int>>,
+        idx: Option<(Tensor<B, 1, Int>, usize)>,
         x: Tensor<B, 2>,
         bias: Option<Tensor<B, 1>>,
         relu: bool,
@@ -61,7 +62,7 @@ pub trait Launcher<B: Backend> {
     fn rows_transposed_gemv(
         &self,
         w_t: Tensor<B, 2>,
-        idx: Option<Tensor<B, 1, Int>>,
+        idx: Option<(Tensor<B, 1, Int>, usize)>,
         h: Tensor<B, 2>,
         bias: Option<Tensor<B, 1>>,
     ) -> Tensor<B, 2>;
@@ -74,14 +75,14 @@ impl<B: SparseKernels> Launcher<B> for PublicApi {
     fn rows_gemv(
         &self,
         w: Tensor<B, 2>,
-        idx: Option<Tensor<B, 1, Int>>,
+        idx: Option<(Tensor<B, 1, Int>, usize)>,
         x: Tensor<B, 2>,
         bias: Option<Tensor<B, 1>>,
         relu: bool,
     ) -> Tensor<B, 2> {
         let act = if relu { Activation::Relu } else { Activation::Identity };
         match idx {
-            Some(idx) => crate::gather_rows_gemv(w, idx, x, bias, act),
+            Some((idx, block)) => crate::gather_blocks_gemv(w, idx, block, x, bias, act),
             None => crate::gemv(w, x, bias, act),
         }
         .expect("shapes were made consistent")
@@ -90,12 +91,12 @@ impl<B: SparseKernels> Launcher<B> for PublicApi {
     fn rows_transposed_gemv(
         &self,
         w_t: Tensor<B, 2>,
-        idx: Option<Tensor<B, 1, Int>>,
+        idx: Option<(Tensor<B, 1, Int>, usize)>,
         h: Tensor<B, 2>,
         bias: Option<Tensor<B, 1>>,
     ) -> Tensor<B, 2> {
         match idx {
-            Some(idx) => crate::gather_rows_transposed_gemv(w_t, idx, h, bias),
+            Some((idx, block)) => crate::gather_blocks_transposed_gemv(w_t, idx, block, h, bias),
             None => crate::transposed_gemv(w_t, h, bias),
         }
         .expect("shapes were made consistent")
@@ -121,16 +122,18 @@ impl<R: CubeRuntime> Launcher<Cube<R>> for Poisoned {
     fn rows_gemv(
         &self,
         w: Tensor<Cube<R>, 2>,
-        idx: Option<Tensor<Cube<R>, 1, Int>>,
+        idx: Option<(Tensor<Cube<R>, 1, Int>, usize)>,
         x: Tensor<Cube<R>, 2>,
         bias: Option<Tensor<Cube<R>, 1>>,
         relu: bool,
     ) -> Tensor<Cube<R>, 2> {
-        let k = idx.as_ref().map(|i| i.dims()[0]).unwrap_or(w.dims()[0]);
+        let k = idx.as_ref().map(|(i, b)| i.dims()[0] * b).unwrap_or(w.dims()[0]);
+        let block = idx.as_ref().map(|(_, b)| *b).unwrap_or(1);
         let out = poison::<Cube<R>>([x.dims()[0], k], x.dtype(), &x.device());
         let out = crate::cube::rows_gemv_into(
             float_prim(w),
-            idx.map(|i| i.into_primitive()),
+            idx.map(|(i, _)| i.into_primitive()),
+            block,
             float_prim(x),
             bias.map(float_prim),
             relu,
@@ -144,14 +147,16 @@ impl<R: CubeRuntime> Launcher<Cube<R>> for Poisoned {
     fn rows_transposed_gemv(
         &self,
         w_t: Tensor<Cube<R>, 2>,
-        idx: Option<Tensor<Cube<R>, 1, Int>>,
+        idx: Option<(Tensor<Cube<R>, 1, Int>, usize)>,
         h: Tensor<Cube<R>, 2>,
         bias: Option<Tensor<Cube<R>, 1>>,
     ) -> Tensor<Cube<R>, 2> {
+        let block = idx.as_ref().map(|(_, b)| *b).unwrap_or(1);
         let out = poison::<Cube<R>>([h.dims()[0], w_t.dims()[1]], h.dtype(), &h.device());
         let out = crate::cube::rows_transposed_gemv_into(
             float_prim(w_t),
-            idx.map(|i| i.into_primitive()),
+            idx.map(|(i, _)| i.into_primitive()),
+            block,
             float_prim(h),
             bias.map(float_prim),
             DType::I32,
@@ -271,7 +276,7 @@ pub fn check_gemvs<B: SparseKernels, L: Launcher<B>>(
 
     let got = read(launcher.rows_gemv(
         w_dev.clone(),
-        Some(idx_dev.clone()),
+        Some((idx_dev.clone(), 1)),
         x_dev.clone(),
         Some(b1_dev.clone()),
         true,
@@ -279,13 +284,13 @@ pub fn check_gemvs<B: SparseKernels, L: Launcher<B>>(
     let want = host::rows_gemv(&w, rows, d, Some(&idx), &x, batch, Some(&b1), true);
     out.push(outcome("gather_rows_gemv+bias+relu", case, &got, &want));
 
-    let got = read(launcher.rows_gemv(w_dev.clone(), Some(idx_dev.clone()), x_dev.clone(), None, false));
+    let got = read(launcher.rows_gemv(w_dev.clone(), Some((idx_dev.clone(), 1)), x_dev.clone(), None, false));
     let want = host::rows_gemv(&w, rows, d, Some(&idx), &x, batch, None, false);
     out.push(outcome("gather_rows_gemv", case, &got, &want));
 
     let got = read(launcher.rows_transposed_gemv(
         w_dev.clone(),
-        Some(idx_dev.clone()),
+        Some((idx_dev.clone(), 1)),
         h_dev.clone(),
         Some(b2_dev.clone()),
     ));
@@ -296,10 +301,11 @@ pub fn check_gemvs<B: SparseKernels, L: Launcher<B>>(
     let want = host::rows_transposed_gemv(&w, rows, d, None, &h_dense, batch, None);
     out.push(outcome("transposed_gemv", case, &got, &want));
 
+    let (x_dev2, b1_dev2, b2_dev2) = (x_dev.clone(), b1_dev.clone(), b2_dev.clone());
     // The sparse MLP: the hidden values are stored in `dtype` between the two launches,
     // so the host rounds them the same way.
-    let hidden_dev = launcher.rows_gemv(w_dev.clone(), Some(idx_dev.clone()), x_dev, Some(b1_dev), true);
-    let got = read(launcher.rows_transposed_gemv(w_dev, Some(idx_dev), hidden_dev, Some(b2_dev)));
+    let hidden_dev = launcher.rows_gemv(w_dev.clone(), Some((idx_dev.clone(), 1)), x_dev, Some(b1_dev), true);
+    let got = read(launcher.rows_transposed_gemv(w_dev.clone(), Some((idx_dev, 1)), hidden_dev, Some(b2_dev)));
     let hidden = stored(host::rows_gemv(&w, rows, d, Some(&idx), &x, batch, Some(&b1), true), dtype);
     let want = host::rows_transposed_gemv(&w, rows, d, Some(&idx), &hidden, batch, Some(&b2));
     // The device and the host may round a hidden value to opposite sides of a storage
@@ -327,6 +333,25 @@ pub fn check_gemvs<B: SparseKernels, L: Launcher<B>>(
         worst_index: worst.1,
         passed: worst.0 <= 1.0,
     });
+
+    // Whole blocks of rows (attention heads): block ids in random order, one empty slot.
+    let block = [8usize, 4, 2].into_iter().find(|b| rows % b == 0 && rows / b >= 3).unwrap_or(1);
+    let blocks = rows / block;
+    let mut ids = random_indices(&mut rng, blocks, (blocks / 2).max(2));
+    ids[0] = blocks as i64;
+    let rows_idx: Vec<i64> = ids
+        .iter()
+        .flat_map(|&b| (0..block as i64).map(move |r| if b < 0 || b as usize >= blocks { rows as i64 } else { b * block as i64 + r }))
+        .collect();
+    let ids_dev = ints::<B>(&ids, device);
+    let got = read(launcher.rows_gemv(w_dev.clone(), Some((ids_dev.clone(), block)), x_dev2.clone(), Some(b1_dev2.clone()), false));
+    let want = host::rows_gemv(&w, rows, d, Some(&rows_idx), &x, batch, Some(&b1), false);
+    out.push(outcome("gather_blocks_gemv+bias", case, &got, &want));
+    let hb = stored(uniform(&mut rng, batch * rows_idx.len(), 0.0), dtype);
+    let hb_dev = to_device::<B, 2>(&hb, [batch, rows_idx.len()], dtype, device);
+    let got = read(launcher.rows_transposed_gemv(w_dev, Some((ids_dev, block)), hb_dev, Some(b2_dev2)));
+    let want = host::rows_transposed_gemv(&w, rows, d, Some(&rows_idx), &hb, batch, Some(&b2));
+    out.push(outcome("gather_blocks_transposed_gemv+bias", case, &got, &want));
     out
 }
 

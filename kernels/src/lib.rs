@@ -58,25 +58,31 @@ fn shape_err(op: &'static str, what: String) -> KernelError {
 pub trait SparseKernels: Backend {
     /// `out [B, K] = act(W[row_j, :] · x[b, :] + bias[row_j])`, `row_j = idx[j]` (or `j`
     /// when `idx` is `None`, `K = rows`). `w [rows, d]`, `x [B, d]`, `bias [rows]`.
+    ///
+    /// With `block > 1`, `idx` lists blocks of `block` consecutive rows (whole attention
+    /// heads): output `j` is row `j % block` of block `idx[j / block]`, `K = len × block`.
     fn rows_gemv(
         w: FloatTensor<Self>,
         idx: Option<IntTensor<Self>>,
+        block: usize,
         x: FloatTensor<Self>,
         bias: Option<FloatTensor<Self>>,
         relu: bool,
     ) -> FloatTensor<Self> {
-        reference::rows_gemv::<Self>(w, idx, x, bias, relu)
+        reference::rows_gemv::<Self>(w, idx, block, x, bias, relu)
     }
 
     /// `out [B, d] = Σ_j h[b, j] · Wt[row_j, :] + bias`, `row_j = idx[j]` (or `j`).
     /// `w_t [rows, d]`, `h [B, K]`, `bias [d]`.
+    /// `block` as in [`SparseKernels::rows_gemv`]; `h [B, len × block]`.
     fn rows_transposed_gemv(
         w_t: FloatTensor<Self>,
         idx: Option<IntTensor<Self>>,
+        block: usize,
         h: FloatTensor<Self>,
         bias: Option<FloatTensor<Self>>,
     ) -> FloatTensor<Self> {
-        reference::rows_transposed_gemv::<Self>(w_t, idx, h, bias)
+        reference::rows_transposed_gemv::<Self>(w_t, idx, block, h, bias)
     }
 
     /// Ascending indices `i` with `logits[b, i] > threshold` for some `b`, padded with `n`
@@ -104,22 +110,24 @@ where
     fn rows_gemv(
         w: FloatTensor<Self>,
         idx: Option<IntTensor<Self>>,
+        block: usize,
         x: FloatTensor<Self>,
         bias: Option<FloatTensor<Self>>,
         relu: bool,
     ) -> FloatTensor<Self> {
         let int_dtype = idx.as_ref().map(|i| i.dtype).unwrap_or(I::dtype());
-        cube::rows_gemv(w, idx, x, bias, relu, int_dtype)
+        cube::rows_gemv(w, idx, block, x, bias, relu, int_dtype)
     }
 
     fn rows_transposed_gemv(
         w_t: FloatTensor<Self>,
         idx: Option<IntTensor<Self>>,
+        block: usize,
         h: FloatTensor<Self>,
         bias: Option<FloatTensor<Self>>,
     ) -> FloatTensor<Self> {
         let int_dtype = idx.as_ref().map(|i| i.dtype).unwrap_or(I::dtype());
-        cube::rows_transposed_gemv(w_t, idx, h, bias, int_dtype)
+        cube::rows_transposed_gemv(w_t, idx, block, h, bias, int_dtype)
     }
 
     fn select_above_threshold(
@@ -184,7 +192,7 @@ pub fn gemv<B: SparseKernels>(
     act: Activation,
 ) -> Result<Tensor<B, 2>, KernelError> {
     check_rows_gemv("gemv", &w, &x, bias.as_ref())?;
-    Ok(wrap(B::rows_gemv(prim(w), None, prim(x), bias.map(prim), act == Activation::Relu)))
+    Ok(wrap(B::rows_gemv(prim(w), None, 1, prim(x), bias.map(prim), act == Activation::Relu)))
 }
 
 /// `out [B, K] = act(x · W[idx, :]ᵀ + bias[idx])`: only the `K` selected rows of `w`
@@ -196,14 +204,38 @@ pub fn gather_rows_gemv<B: SparseKernels>(
     bias: Option<Tensor<B, 1>>,
     act: Activation,
 ) -> Result<Tensor<B, 2>, KernelError> {
+    gather_blocks_gemv(w, idx, 1, x, bias, act)
+}
+
+/// [`gather_rows_gemv`] over blocks of `block` consecutive rows — whole attention heads
+/// (`block` = head dim) of a `[heads·hd, d]` projection: `out [B, len·block]`, output `j`
+/// from row `j % block` of block `idx[j / block]`. This is the selected-head QKV
+/// projection.
+pub fn gather_blocks_gemv<B: SparseKernels>(
+    w: Tensor<B, 2>,
+    idx: Tensor<B, 1, Int>,
+    block: usize,
+    x: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    act: Activation,
+) -> Result<Tensor<B, 2>, KernelError> {
     check_rows_gemv("gather_rows_gemv", &w, &x, bias.as_ref())?;
+    check_block("gather_rows_gemv", w.dims()[0], block)?;
     Ok(wrap(B::rows_gemv(
         prim(w),
         Some(idx.into_primitive()),
+        block,
         prim(x),
         bias.map(prim),
         act == Activation::Relu,
     )))
+}
+
+fn check_block(op: &'static str, rows: usize, block: usize) -> Result<(), KernelError> {
+    if block == 0 || rows % block != 0 {
+        return Err(shape_err(op, format!("block size {block} does not divide the {rows} rows")));
+    }
+    Ok(())
 }
 
 fn check_transposed<B: Backend>(
@@ -236,7 +268,7 @@ pub fn transposed_gemv<B: SparseKernels>(
 ) -> Result<Tensor<B, 2>, KernelError> {
     let rows = w_t.dims()[0];
     check_transposed("transposed_gemv", &w_t, &h, rows, bias.as_ref())?;
-    Ok(wrap(B::rows_transposed_gemv(prim(w_t), None, prim(h), bias.map(prim))))
+    Ok(wrap(B::rows_transposed_gemv(prim(w_t), None, 1, prim(h), bias.map(prim))))
 }
 
 /// `out [B, d] = Σ_j h[:, j] · Wt[idx_j, :] + bias`: only the selected rows of the
@@ -247,11 +279,26 @@ pub fn gather_rows_transposed_gemv<B: SparseKernels>(
     h: Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
 ) -> Result<Tensor<B, 2>, KernelError> {
-    let k = idx.dims()[0];
+    gather_blocks_transposed_gemv(w_t, idx, 1, h, bias)
+}
+
+/// [`gather_rows_transposed_gemv`] over blocks of `block` rows: with `w_t` the transposed
+/// `out_proj` (`[heads·hd, d]`, input dims as rows) and `h [B, len·hd]` the selected
+/// heads' attention outputs, this is `out_proj` over the selected heads' columns.
+pub fn gather_blocks_transposed_gemv<B: SparseKernels>(
+    w_t: Tensor<B, 2>,
+    idx: Tensor<B, 1, Int>,
+    block: usize,
+    h: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+) -> Result<Tensor<B, 2>, KernelError> {
+    let k = idx.dims()[0] * block;
+    check_block("gather_rows_transposed_gemv", w_t.dims()[0], block)?;
     check_transposed("gather_rows_transposed_gemv", &w_t, &h, k, bias.as_ref())?;
     Ok(wrap(B::rows_transposed_gemv(
         prim(w_t),
         Some(idx.into_primitive()),
+        block,
         prim(h),
         bias.map(prim),
     )))

@@ -26,14 +26,35 @@ fn gather<B: Backend>(
     (w.select(0, safe), live)
 }
 
+/// Block ids to row ids: block `b` → rows `b·block .. (b+1)·block`; an empty slot stays
+/// empty (`rows`) for each of its rows.
+fn expand_blocks<B: Backend>(idx: IntTensor<B>, block: usize, rows: usize) -> IntTensor<B> {
+    if block <= 1 {
+        return idx;
+    }
+    let idx: Tensor<B, 1, Int> = Tensor::from_primitive(idx);
+    let device = idx.device();
+    let n = idx.dims()[0];
+    let live = idx
+        .clone()
+        .lower_elem((rows / block) as i64)
+        .bool_and(idx.clone().greater_equal_elem(0));
+    let base = idx.mul_scalar(block as i64).unsqueeze_dim::<2>(1);
+    let offsets = Tensor::<B, 1, Int>::arange(0..block as i64, &device).unsqueeze_dim::<2>(0);
+    let dead = live.bool_not().unsqueeze_dim::<2>(1).expand([n, block]);
+    (base + offsets).mask_fill(dead, rows as i64).reshape([n * block]).into_primitive()
+}
+
 pub fn rows_gemv<B: Backend>(
     w: FloatTensor<B>,
     idx: Option<IntTensor<B>>,
+    block: usize,
     x: FloatTensor<B>,
     bias: Option<FloatTensor<B>>,
     relu: bool,
 ) -> FloatTensor<B> {
     let w: Tensor<B, 2> = float(w);
+    let idx = idx.map(|i| expand_blocks::<B>(i, block, w.dims()[0]));
     let x: Tensor<B, 2> = float(x);
     let dtype = x.dtype();
     let bias: Option<Tensor<B, 1>> = bias.map(float);
@@ -67,10 +88,12 @@ pub fn rows_gemv<B: Backend>(
 pub fn rows_transposed_gemv<B: Backend>(
     w_t: FloatTensor<B>,
     idx: Option<IntTensor<B>>,
+    block: usize,
     h: FloatTensor<B>,
     bias: Option<FloatTensor<B>>,
 ) -> FloatTensor<B> {
     let w_t: Tensor<B, 2> = float(w_t);
+    let idx = idx.map(|i| expand_blocks::<B>(i, block, w_t.dims()[0]));
     let mut h: Tensor<B, 2> = float(h);
     let dtype = h.dtype();
     let rows = match idx {

@@ -50,6 +50,7 @@ pub(crate) fn rows_gemv_kernel<F: Float, N: Size, I: Int>(
     x: &Tensor<Vector<F, N>>,
     bias: &Tensor<F>,
     out: &mut Tensor<F>,
+    block: usize,
     #[comptime] gathered: bool,
     #[comptime] has_bias: bool,
     #[comptime] relu: bool,
@@ -71,12 +72,7 @@ pub(crate) fn rows_gemv_kernel<F: Float, N: Size, I: Int>(
     let in_range = j < k;
     let mut row = rows;
     if in_range {
-        if gathered {
-            // A negative index wraps to a huge usize, so it is an empty slot too.
-            row = usize::cast_from(idx[j]);
-        } else {
-            row = j;
-        }
+        row = row_of(idx, j, block, rows, gathered);
     }
     let live = row < rows;
     let w_base = row * w.stride(0) / vs;
@@ -134,11 +130,20 @@ pub(crate) fn rows_gemv_kernel<F: Float, N: Size, I: Int>(
     }
 }
 
+/// The weight row of output `j`: `j` itself, or with an index list, row `j % block` of
+/// block `idx[j / block]` (`block` 1: plain rows; `block` = head dim: whole heads). An
+/// empty slot (block id out of range, negative ones included: they wrap to huge values)
+/// gives `rows`, which no caller reads.
 #[cube]
-fn row_of<I: Int>(idx: &Tensor<I>, j: usize, #[comptime] gathered: bool) -> usize {
+fn row_of<I: Int>(idx: &Tensor<I>, j: usize, block: usize, rows: usize, #[comptime] gathered: bool) -> usize {
     let mut row = j;
     if gathered {
-        row = usize::cast_from(idx[j]);
+        let id = usize::cast_from(idx[j / block]);
+        if id < rows / block {
+            row = id * block + j % block;
+        } else {
+            row = rows;
+        }
     }
     row
 }
@@ -175,6 +180,7 @@ pub(crate) fn rows_transposed_gemv_partial_kernel<F: Float, N: Size, I: Int>(
     h: &Tensor<F>,
     partial: &mut Tensor<Vector<f32, N>>,
     chunk: usize,
+    block: usize,
     #[comptime] gathered: bool,
     #[comptime] cols_per_cube: usize,
     #[comptime] lanes_k: usize,
@@ -201,10 +207,10 @@ pub(crate) fn rows_transposed_gemv_partial_kernel<F: Float, N: Size, I: Int>(
         if col_live {
             let mut j = start + ky;
             while j + 3 * lanes_k < end {
-                let r0 = row_of(idx, j, gathered);
-                let r1 = row_of(idx, j + lanes_k, gathered);
-                let r2 = row_of(idx, j + 2 * lanes_k, gathered);
-                let r3 = row_of(idx, j + 3 * lanes_k, gathered);
+                let r0 = row_of(idx, j, block, rows, gathered);
+                let r1 = row_of(idx, j + lanes_k, block, rows, gathered);
+                let r2 = row_of(idx, j + 2 * lanes_k, block, rows, gathered);
+                let r3 = row_of(idx, j + 3 * lanes_k, block, rows, gathered);
                 let h0 = f32::cast_from(h[h_base + j]);
                 let h1 = f32::cast_from(h[h_base + j + lanes_k]);
                 let h2 = f32::cast_from(h[h_base + j + 2 * lanes_k]);
@@ -220,7 +226,7 @@ pub(crate) fn rows_transposed_gemv_partial_kernel<F: Float, N: Size, I: Int>(
                 j += 4 * lanes_k;
             }
             while j < end {
-                let r = row_of(idx, j, gathered);
+                let r = row_of(idx, j, block, rows, gathered);
                 let hv = f32::cast_from(h[h_base + j]);
                 acc += load_row(w, r, hv, c, rows, row_stride) * Vector::<f32, N>::new(hv);
                 j += lanes_k;

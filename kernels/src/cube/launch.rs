@@ -86,18 +86,20 @@ fn no_indices<R: CubeRuntime>(like: &CubeTensor<R>, int_dtype: DType) -> CubeTen
 pub fn rows_gemv<R: CubeRuntime>(
     w: CubeTensor<R>,
     idx: Option<CubeTensor<R>>,
+    block: usize,
     x: CubeTensor<R>,
     bias: Option<CubeTensor<R>>,
     relu: bool,
     int_dtype: DType,
 ) -> CubeTensor<R> {
-    rows_gemv_with(w, idx, x, bias, relu, int_dtype, &LaunchConfig::default())
+    rows_gemv_with(w, idx, block, x, bias, relu, int_dtype, &LaunchConfig::default())
 }
 
 /// [`rows_gemv`] with the given grid shapes.
 pub fn rows_gemv_with<R: CubeRuntime>(
     w: CubeTensor<R>,
     idx: Option<CubeTensor<R>>,
+    block: usize,
     x: CubeTensor<R>,
     bias: Option<CubeTensor<R>>,
     relu: bool,
@@ -106,9 +108,9 @@ pub fn rows_gemv_with<R: CubeRuntime>(
 ) -> CubeTensor<R> {
     let rows = dims(&w)[0];
     let batch = dims(&x)[0];
-    let k = idx.as_ref().map(|i| dims(i)[0]).unwrap_or(rows);
+    let k = idx.as_ref().map(|i| dims(i)[0] * block).unwrap_or(rows);
     let out = empty(&x, vec![batch, k], x.dtype);
-    rows_gemv_into(w, idx, x, bias, relu, int_dtype, out, config)
+    rows_gemv_into(w, idx, block, x, bias, relu, int_dtype, out, config)
 }
 
 /// [`rows_gemv`] into a given contiguous `out [B, K]` (tests poison it first, to see that
@@ -116,6 +118,7 @@ pub fn rows_gemv_with<R: CubeRuntime>(
 pub fn rows_gemv_into<R: CubeRuntime>(
     w: CubeTensor<R>,
     idx: Option<CubeTensor<R>>,
+    block: usize,
     x: CubeTensor<R>,
     bias: Option<CubeTensor<R>>,
     relu: bool,
@@ -125,7 +128,8 @@ pub fn rows_gemv_into<R: CubeRuntime>(
 ) -> CubeTensor<R> {
     let (w, x) = (into_contiguous(w), into_contiguous(x));
     let (rows, cols, batch) = (dims(&w)[0], dims(&w)[1], dims(&x)[0]);
-    let k = idx.as_ref().map(|i| dims(i)[0]).unwrap_or(rows);
+    let block = block.max(1);
+    let k = idx.as_ref().map(|i| dims(i)[0] * block).unwrap_or(rows);
     assert_eq!(dims(&out), vec![batch, k], "rows_gemv: output shape");
     if k == 0 || batch == 0 {
         return out;
@@ -150,6 +154,7 @@ pub fn rows_gemv_into<R: CubeRuntime>(
             x.into_tensor_arg(),
             bias.into_tensor_arg(),
             out.clone().into_tensor_arg(),
+            block,
             gathered,
             has_bias,
             relu,
@@ -168,30 +173,33 @@ pub fn rows_gemv_into<R: CubeRuntime>(
 pub fn rows_transposed_gemv<R: CubeRuntime>(
     w_t: CubeTensor<R>,
     idx: Option<CubeTensor<R>>,
+    block: usize,
     h: CubeTensor<R>,
     bias: Option<CubeTensor<R>>,
     int_dtype: DType,
 ) -> CubeTensor<R> {
-    rows_transposed_gemv_with(w_t, idx, h, bias, int_dtype, &LaunchConfig::default())
+    rows_transposed_gemv_with(w_t, idx, block, h, bias, int_dtype, &LaunchConfig::default())
 }
 
 /// [`rows_transposed_gemv`] with the given grid shapes.
 pub fn rows_transposed_gemv_with<R: CubeRuntime>(
     w_t: CubeTensor<R>,
     idx: Option<CubeTensor<R>>,
+    block: usize,
     h: CubeTensor<R>,
     bias: Option<CubeTensor<R>>,
     int_dtype: DType,
     config: &LaunchConfig,
 ) -> CubeTensor<R> {
     let out = empty(&h, vec![dims(&h)[0], dims(&w_t)[1]], h.dtype);
-    rows_transposed_gemv_into(w_t, idx, h, bias, int_dtype, out, config)
+    rows_transposed_gemv_into(w_t, idx, block, h, bias, int_dtype, out, config)
 }
 
 /// [`rows_transposed_gemv`] into a given contiguous `out [B, d]`.
 pub fn rows_transposed_gemv_into<R: CubeRuntime>(
     w_t: CubeTensor<R>,
     idx: Option<CubeTensor<R>>,
+    block: usize,
     h: CubeTensor<R>,
     bias: Option<CubeTensor<R>>,
     int_dtype: DType,
@@ -232,6 +240,7 @@ pub fn rows_transposed_gemv_into<R: CubeRuntime>(
             h.into_tensor_arg(),
             partial.clone().into_tensor_arg(),
             chunk,
+            block.max(1),
             gathered,
             config.cols_per_cube,
             config.lanes_k,

@@ -383,6 +383,42 @@ pub fn check_selection<B: SparseKernels>(device: &B::Device, n: usize, batch: us
     out
 }
 
+/// Decode attention over selected heads (some repeated order, one empty slot) against the
+/// host loop, on random caches of `[batch, heads, cap, hd]` with `len` valid positions.
+pub fn check_attention<B: SparseKernels>(
+    device: &B::Device,
+    dims: [usize; 4],
+    len: usize,
+    dtype: DType,
+    seed: u64,
+) -> Vec<Outcome> {
+    let [batch, n_heads, cap, hd] = dims;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut heads = random_indices(&mut rng, n_heads, (n_heads / 2).max(2));
+    heads[0] = n_heads as i64;
+    let slots = heads.len();
+    let k = stored(uniform(&mut rng, batch * n_heads * cap * hd, 0.0), dtype);
+    let v = stored(uniform(&mut rng, batch * n_heads * cap * hd, 0.0), dtype);
+    let q = stored(uniform(&mut rng, batch * slots * hd, 0.0).into_iter().map(|x| 2.0 * x).collect(), dtype);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let got = read(
+        crate::selected_heads_attention(
+            to_device::<B, 2>(&q, [batch, slots * hd], dtype, device),
+            ints::<B>(&heads, device),
+            to_device::<B, 4>(&k, dims, dtype, device),
+            to_device::<B, 4>(&v, dims, dtype, device),
+            len,
+            scale,
+        )
+        .expect("consistent shapes"),
+    );
+    let want = host::selected_heads_attention(&q, &heads, &k, &v, dims, len, scale);
+    let case = Case { rows: n_heads, d: hd, k: slots, batch, dtype, seed };
+    let mut o = outcome("selected_heads_attention", &case, &got, &want);
+    o.case = format!("batch {batch} heads {n_heads} cap {cap} hd {hd} len {len} slots {slots} {dtype:?} seed {seed}");
+    vec![o]
+}
+
 /// A seed that differs from run to run (tests print it, so a failure can be replayed).
 pub fn fresh_seed() -> u64 {
     std::time::SystemTime::now()

@@ -97,6 +97,46 @@ pub fn select_above_threshold(
     (indices, count)
 }
 
+/// Decode attention over the selected heads: `q [batch, slots·hd]`, caches
+/// `[batch, heads, cap, hd]` row-major, positions `0..len`; empty slots give zeros.
+#[allow(clippy::too_many_arguments)]
+pub fn selected_heads_attention(
+    q: &[f32],
+    heads: &[i64],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    dims: [usize; 4],
+    len: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let [batch, n_heads, cap, hd] = dims;
+    let slots = heads.len();
+    let mut out = vec![0f32; batch * slots * hd];
+    for b in 0..batch {
+        for (j, &h) in heads.iter().enumerate() {
+            if h < 0 || h as usize >= n_heads {
+                continue;
+            }
+            let base = (b * n_heads + h as usize) * cap * hd;
+            let qv = &q[(b * slots + j) * hd..(b * slots + j + 1) * hd];
+            let scores: Vec<f64> = (0..len)
+                .map(|t| {
+                    let k = &k_cache[base + t * hd..base + (t + 1) * hd];
+                    qv.iter().zip(k).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * scale as f64
+                })
+                .collect();
+            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let total: f64 = e.iter().sum();
+            for c in 0..hd {
+                let acc: f64 = (0..len).map(|t| e[t] * v_cache[base + t * hd + c] as f64).sum();
+                out[(b * slots + j) * hd + c] = (acc / total) as f32;
+            }
+        }
+    }
+    out
+}
+
 /// Largest `|a - b| / (atol + rtol·|b|)` over all elements; ≤ 1 means within tolerance.
 /// Also the index where it happens. A NaN anywhere (a poisoned, unwritten output) gives
 /// infinity.

@@ -94,6 +94,20 @@ pub trait SparseKernels: Backend {
     ) -> (IntTensor<Self>, IntTensor<Self>) {
         reference::select_above_threshold::<Self>(logits, threshold, capacity)
     }
+
+    /// Decode attention over the selected heads only: `q [B, S·hd]` (the selected heads'
+    /// queries, slot order), `heads [S]`, caches `[B, H, cap, hd]`, positions `0..len`;
+    /// `out [B, S·hd]`. Empty slots give zeros.
+    fn selected_heads_attention(
+        q: FloatTensor<Self>,
+        heads: IntTensor<Self>,
+        k_cache: FloatTensor<Self>,
+        v_cache: FloatTensor<Self>,
+        len: usize,
+        scale: f32,
+    ) -> FloatTensor<Self> {
+        reference::selected_heads_attention::<Self>(q, heads, k_cache, v_cache, len, scale)
+    }
 }
 
 impl SparseKernels for burn::backend::Flex {}
@@ -136,6 +150,17 @@ where
         capacity: usize,
     ) -> (IntTensor<Self>, IntTensor<Self>) {
         cube::select_above_threshold(logits, threshold, capacity, I::dtype())
+    }
+
+    fn selected_heads_attention(
+        q: FloatTensor<Self>,
+        heads: IntTensor<Self>,
+        k_cache: FloatTensor<Self>,
+        v_cache: FloatTensor<Self>,
+        len: usize,
+        scale: f32,
+    ) -> FloatTensor<Self> {
+        cube::selected_heads_attention(q, heads, k_cache, v_cache, len, scale)
     }
 }
 
@@ -323,6 +348,44 @@ pub fn select_above_threshold<B: SparseKernels>(
     }
     let (indices, count) = B::select_above_threshold(prim(logits), threshold, capacity);
     Ok(Selection { indices: Tensor::from_primitive(indices), count: Tensor::from_primitive(count) })
+}
+
+/// Decode attention (one new query per batch row) over the selected heads only, reading
+/// only their keys and values: `q [B, S·hd]` holds the selected heads' queries in slot
+/// order (what [`gather_blocks_gemv`] of `q_proj` gives), `heads [S]` the head ids (an
+/// out-of-range id is an empty slot: zeros), caches `[B, H, cap, hd]` with valid positions
+/// `0..len`. Returns `[B, S·hd]`, ready for [`gather_blocks_transposed_gemv`] over the
+/// transposed `out_proj`. Scores and softmax in f32.
+pub fn selected_heads_attention<B: SparseKernels>(
+    q: Tensor<B, 2>,
+    heads: Tensor<B, 1, Int>,
+    k_cache: Tensor<B, 4>,
+    v_cache: Tensor<B, 4>,
+    len: usize,
+    scale: f32,
+) -> Result<Tensor<B, 2>, KernelError> {
+    let op = "selected_heads_attention";
+    let [batch, _, cap, hd] = k_cache.dims();
+    if v_cache.dims() != k_cache.dims() {
+        return Err(shape_err(op, format!("key cache {:?} and value cache {:?} differ", k_cache.dims(), v_cache.dims())));
+    }
+    let slots = heads.dims()[0];
+    if q.dims() != [batch, slots * hd] {
+        return Err(shape_err(op, format!("q is {:?}, expected [{batch}, {}] for {slots} heads of {hd}", q.dims(), slots * hd)));
+    }
+    if len == 0 || len > cap {
+        return Err(shape_err(op, format!("length {len} outside 1..={cap} (the cache capacity)")));
+    }
+    check_float(op, "the key cache", &k_cache, q.dtype())?;
+    check_float(op, "the value cache", &v_cache, q.dtype())?;
+    Ok(wrap(B::selected_heads_attention(
+        prim(q),
+        heads.into_primitive(),
+        prim(k_cache),
+        prim(v_cache),
+        len,
+        scale,
+    )))
 }
 
 /// A sparse OPT MLP for the selected neurons: `fc2ᵀ[idx]ᵀ · relu(fc1[idx] · x + b1[idx]) + b2`.

@@ -134,3 +134,36 @@ pub fn select_above_threshold<B: Backend>(
     let count = Tensor::<B, 1, Int>::from_data(TensorData::new(vec![count as i64], [1]), &device);
     (indices.into_primitive(), count.into_primitive())
 }
+
+pub fn selected_heads_attention<B: Backend>(
+    q: FloatTensor<B>,
+    heads: IntTensor<B>,
+    k_cache: FloatTensor<B>,
+    v_cache: FloatTensor<B>,
+    len: usize,
+    scale: f32,
+) -> FloatTensor<B> {
+    let q: Tensor<B, 2> = float(q);
+    let k: Tensor<B, 4> = float(k_cache);
+    let v: Tensor<B, 4> = float(v_cache);
+    let dtype = q.dtype();
+    let [batch, n_heads, _, hd] = k.dims();
+    let heads: Tensor<B, 1, Int> = Tensor::from_primitive(heads);
+    let slots = heads.dims()[0];
+    let live = heads
+        .clone()
+        .lower_elem(n_heads as i64)
+        .bool_and(heads.clone().greater_equal_elem(0));
+    let safe = heads.mask_fill(live.clone().bool_not(), 0);
+    let keys = k.select(1, safe.clone()).slice([0..batch, 0..slots, 0..len, 0..hd]).cast(DType::F32);
+    let values = v.select(1, safe).slice([0..batch, 0..slots, 0..len, 0..hd]).cast(DType::F32);
+    let q = q.cast(DType::F32).reshape([batch, slots, 1, hd]);
+    let p = burn::tensor::activation::softmax(q.matmul(keys.swap_dims(2, 3)).mul_scalar(scale), 3);
+    let dead = live.bool_not().reshape([1, slots, 1, 1]).expand([batch, slots, 1, hd]);
+    p.matmul(values)
+        .mask_fill(dead, 0.0)
+        .reshape([batch, slots * hd])
+        .cast(dtype)
+        .into_primitive()
+        .tensor()
+}

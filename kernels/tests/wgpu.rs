@@ -8,7 +8,9 @@
 
 use burn::tensor::DType;
 use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
-use dejavu_kernels::checks::{check_gemvs, check_selection, cube_supports, fresh_seed, Case, Cube, Poisoned};
+use dejavu_kernels::checks::{
+    check_attention, check_gemvs, check_selection, cube_supports, fresh_seed, Case, Cube, Poisoned,
+};
 use dejavu_kernels::cube::LaunchConfig;
 
 #[test]
@@ -46,6 +48,9 @@ fn cube_kernels_on_wgpu_match_host_loops() {
         outcomes.extend(check_selection::<Cube<WgpuRuntime>>(&device, 1000, 1, dtype, seed));
         outcomes.extend(check_selection::<Cube<WgpuRuntime>>(&device, 777, 3, dtype, seed));
         outcomes.extend(check_selection::<Cube<WgpuRuntime>>(&device, 40000, 2, dtype, seed));
+        // Head dims of 16 (vectors of 4 or 8) and 12; lengths below and at the capacity.
+        outcomes.extend(check_attention::<Cube<WgpuRuntime>>(&device, [2, 6, 40, 16], 33, dtype, seed));
+        outcomes.extend(check_attention::<Cube<WgpuRuntime>>(&device, [1, 5, 300, 12], 300, dtype, seed));
     }
     let failed: Vec<_> = outcomes.iter().filter(|o| !o.passed).collect();
     for o in &outcomes {

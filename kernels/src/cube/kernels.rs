@@ -389,3 +389,124 @@ pub(crate) fn select_above_threshold_kernel<F: Float, N: Size, I: Int>(
         count[0] = I::cast_from(written);
     }
 }
+
+/// Decode attention over the selected heads only: cube `(j, b)` takes head
+/// `heads[j]`, its query `q[b, j·hd ..]`, and reads that head's keys and values for
+/// positions `0..len` — no other head's cache is touched. Scores go to shared memory
+/// (f32), softmax in f32, then `CUBE_DIM_X / (hd/N)` position lanes accumulate `p·V` for
+/// each column vector and reduce in shared memory. An empty slot writes zeros.
+#[cube(launch_unchecked)]
+pub(crate) fn selected_heads_attention_kernel<F: Float, N: Size, I: Int>(
+    q: &Tensor<Vector<F, N>>,
+    heads: &Tensor<I>,
+    k_cache: &Tensor<Vector<F, N>>,
+    v_cache: &Tensor<Vector<F, N>>,
+    out: &mut Tensor<Vector<F, N>>,
+    len: usize,
+    scale: f32,
+    #[comptime] threads: usize,
+    #[comptime] max_len: usize,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let mut scores = SharedMemory::<f32>::new(max_len);
+    let mut red = SharedMemory::<f32>::new(threads);
+    let mut acc_smem = SharedMemory::<Vector<f32, N>>::new(threads);
+    let tid = UNIT_POS_X as usize;
+    let j = CUBE_POS_X as usize;
+    let b = CUBE_POS_Y as usize;
+    let vs = q.vector_size();
+    let n_heads = k_cache.shape(1);
+    let hd_vectors = k_cache.shape(3) / vs;
+    let head = usize::cast_from(heads[j]);
+    let live = head < n_heads;
+    let q_base = (b * q.stride(0)) / vs + j * hd_vectors;
+    let out_base = (b * out.stride(0)) / vs + j * hd_vectors;
+    let kv_base = (b * k_cache.stride(0) + head * k_cache.stride(1)) / vs;
+    let pos_stride = k_cache.stride(2) / vs;
+
+    // Scores and their max.
+    let mut local_max = f32::new(-3.0e38);
+    if live {
+        let mut t = tid;
+        while t < len {
+            let mut dot = Vector::<f32, N>::new(0.0f32);
+            let row = kv_base + t * pos_stride;
+            for v in 0..hd_vectors {
+                dot += Vector::<f32, N>::cast_from(q[q_base + v]) * Vector::<f32, N>::cast_from(k_cache[row + v]);
+            }
+            let mut s = 0.0f32;
+            #[unroll]
+            for l in 0..N::value() {
+                s += dot[l];
+            }
+            s *= scale;
+            scores[t] = s;
+            local_max = f32::max(local_max, s);
+            t += threads;
+        }
+    }
+    red[tid] = local_max;
+    sync_cube();
+    // (A runtime variable: a comptime one cannot be updated in the loop.)
+    let mut stride = 0usize;
+    stride += threads / 2;
+    while stride > 0 {
+        if tid < stride {
+            red[tid] = f32::max(red[tid], red[tid + stride]);
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    let max = red[0];
+    sync_cube();
+
+    // Exponentials and their sum.
+    let mut local_sum = 0.0f32;
+    if live {
+        let mut t = tid;
+        while t < len {
+            let e = f32::exp(scores[t] - max);
+            scores[t] = e;
+            local_sum += e;
+            t += threads;
+        }
+    }
+    red[tid] = local_sum;
+    sync_cube();
+    // (A runtime variable: a comptime one cannot be updated in the loop.)
+    let mut stride = 0usize;
+    stride += threads / 2;
+    while stride > 0 {
+        if tid < stride {
+            red[tid] += red[tid + stride];
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    let total = red[0];
+
+    // p·V: lane (cv, tl) sums positions tl, tl + lanes, ... for column vector cv.
+    let lanes = threads / hd_vectors;
+    let cv = tid % hd_vectors;
+    let tl = tid / hd_vectors;
+    let mut acc = Vector::<f32, N>::new(0.0f32);
+    if live && tl < lanes {
+        let mut t = tl;
+        while t < len {
+            acc += Vector::<f32, N>::cast_from(v_cache[kv_base + t * pos_stride + cv]) * Vector::<f32, N>::new(scores[t]);
+            t += lanes;
+        }
+    }
+    acc_smem[tid] = acc;
+    sync_cube();
+    if tid < hd_vectors {
+        let mut sum = Vector::<f32, N>::new(0.0f32);
+        if live {
+            for l in 0..lanes {
+                sum += acc_smem[l * hd_vectors + tid];
+            }
+            sum = sum / Vector::<f32, N>::new(total);
+        }
+        out[out_base + tid] = Vector::<F, N>::cast_from(sum);
+    }
+}

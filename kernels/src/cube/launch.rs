@@ -303,3 +303,48 @@ pub fn select_above_threshold<R: CubeRuntime>(
     }
     (idx, count)
 }
+
+/// Decode attention over the selected heads; see
+/// [`crate::SparseKernels::selected_heads_attention`].
+pub fn selected_heads_attention<R: CubeRuntime>(
+    q: CubeTensor<R>,
+    heads: CubeTensor<R>,
+    k_cache: CubeTensor<R>,
+    v_cache: CubeTensor<R>,
+    len: usize,
+    scale: f32,
+) -> CubeTensor<R> {
+    let (q, heads) = (into_contiguous(q), into_contiguous(heads));
+    let (k_cache, v_cache) = (into_contiguous(k_cache), into_contiguous(v_cache));
+    let [batch, _, cap, hd] = [dims(&k_cache)[0], dims(&k_cache)[1], dims(&k_cache)[2], dims(&k_cache)[3]];
+    let slots = dims(&heads)[0];
+    let out = empty(&q, vec![batch, slots * hd], q.dtype);
+    if slots == 0 || batch == 0 {
+        return out;
+    }
+    let vs = vector_width(&[&q, &k_cache, &v_cache]);
+    let threads = 128usize.max((hd / vs).next_power_of_two());
+    // Scores live in shared memory: room for the whole cache.
+    let max_len = cap.max(1);
+    let (dtype, idx_dtype) = (q.dtype, heads.dtype);
+    let client = q.client.clone();
+    unsafe {
+        selected_heads_attention_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(slots as u32, batch as u32, 1),
+            CubeDim::new_1d(threads as u32),
+            vs,
+            q.into_tensor_arg(),
+            heads.into_tensor_arg(),
+            k_cache.into_tensor_arg(),
+            v_cache.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            len.min(cap),
+            scale,
+            threads,
+            max_len,
+            [dtype.into(), idx_dtype.into()],
+        );
+    }
+    out
+}

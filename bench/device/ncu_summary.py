@@ -10,7 +10,10 @@ every timed operation is called 9 times with --calls 3 --samples 1 (3 warm-up, 3
 (rank 128: GEMV, partial, sum, selection). Kernel names are checked against that
 schedule. A call's time is the sum of its kernels; median over calls.
 
-    python3 ncu_summary.py ncu.csv MODEL D FFN DENSITIES RANKS out.json
+    python3 ncu_summary.py ncu.csv MODEL D FFN DENSITIES RANKS out.json [CONTEXTS HEAD_DENSITIES]
+
+Then, per context length and head density, the selected-head attention: QKV (GEMV),
+attention, out_proj (partial + sum), and the three together.
 """
 import csv
 import json
@@ -18,7 +21,7 @@ import statistics
 import sys
 
 CALLS = 9
-G, P, S, SEL = "rows_gemv", "rows_transposed_gemv_partial", "sum_partials", "select_above_threshold"
+G, P, S, SEL, A = "rows_gemv", "rows_transposed_gemv_partial", "sum_partials", "select_above_threshold", "selected_heads_attention"
 
 
 def main():
@@ -35,6 +38,11 @@ def main():
         schedule += [("fc1_gather", p, [G]), ("fc2t_gather", p, [P, S]), ("sparse_mlp", p, [G, P, S])]
     schedule += [("select", 0.1, [SEL])]
     schedule += [(f"predictor_select_r{r}", None, [G, P, S, SEL]) for r in ranks]
+    if len(sys.argv) > 9:
+        for ctx in [int(c) for c in sys.argv[8].split(",")]:
+            for p in [float(x) for x in sys.argv[9].split(",")]:
+                schedule += [(f"attn_qkv_ctx{ctx}", p, [G]), (f"attn_core_ctx{ctx}", p, [A]),
+                             (f"attn_out_ctx{ctx}", p, [P, S]), (f"attention_ctx{ctx}", p, [G, A, P, S])]
     result, i = [], 0
     for op, p, kernels in schedule:
         if i + CALLS * len(kernels) > len(launches):

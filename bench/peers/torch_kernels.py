@@ -9,7 +9,10 @@ Rows (GPU microseconds per call, batch 1):
 - torch_slice_fc1 / _mlp: a contiguous slice of the same number of rows (fc1[:K],
   fc2ᵀ[:K]): the ceiling a gather kernel can reach at those bytes;
 - torch_select: torch.topk of 10% of one row of ffn logits;
-- torch_predictor_select_r{rank}: the two low-rank GEMVs + topk(10%).
+- torch_predictor_select_r{rank}: the two low-rank GEMVs + topk(10%);
+- torch_attention_dense_ctx{len}: one decode step's attention block over every head
+  (QKV F.linear, scaled_dot_product_attention over a KV cache of len positions,
+  out_proj F.linear): the dense baseline for our selected-head attention.
 
 Timing: for each sample the GPU first sleeps (torch.cuda._sleep) while the host enqueues
 the calls; CUDA events around the calls then give device time without launch gaps (the
@@ -25,6 +28,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
+HEADS = {"opt-125m": 12, "opt-1.3b": 32, "opt-2.7b": 32, "opt-6.7b": 32, "opt-13b": 40, "opt-30b": 56, "opt-66b": 72}
 SHAPES = {"opt-125m": 768, "opt-1.3b": 2048, "opt-2.7b": 2560, "opt-6.7b": 4096,
           "opt-13b": 5120, "opt-30b": 7168, "opt-66b": 9216}
 
@@ -71,6 +75,7 @@ def main():
     p.add_argument("--samples", type=int, default=11)
     p.add_argument("--rotate-mb", type=int, default=256)
     p.add_argument("--dtype", default="float16")
+    p.add_argument("--contexts", default="128,512,1024")
     p.add_argument("--sleep-cycles", type=int, default=20_000_000)
     p.add_argument("--json", required=True)
     args = p.parse_args()
@@ -155,7 +160,28 @@ def main():
                 torch.topk(F.linear(F.linear(x, a), b), k10, sorted=False)
 
             push(model, f"torch_predictor_select_r{r}", None, None, (r * d + ffn * r) * esize, t(pred))
-        del W
+        del W, P
+        torch.cuda.empty_cache()
+        H = HEADS[model]
+        hd = d // H
+        acopies = int(min(16, max(2, math.ceil(args.rotate_mb * 1e6 / (4 * d * d * esize)))))
+        A = [dict(wqkv=mk(3 * d, d), bqkv=mk(3 * d), wo=mk(d, d), bo=mk(d)) for _ in range(acopies)]
+        for length in [int(c) for c in args.contexts.split(",") if c]:
+            kvc = int(min(32, max(2, math.ceil(args.rotate_mb * 1e6 / (2 * H * length * hd * esize)))))
+            C = [(mk(1, H, length, hd), mk(1, H, length, hd)) for _ in range(kvc)]
+
+            def attention(i):
+                a = A[i % acopies]
+                k, v = C[i % kvc]
+                qkv = F.linear(x, a["wqkv"], a["bqkv"])
+                q = qkv[:, :d].view(1, H, 1, hd)
+                o = F.scaled_dot_product_attention(q, k, v)
+                F.linear(o.reshape(1, d), a["wo"], a["bo"])
+
+            push(model, f"torch_attention_dense_ctx{length}", None, H,
+                 (4 * d * d + 2 * H * length * hd) * esize, t(attention))
+            del C
+        del A
         torch.cuda.empty_cache()
 
     env = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": torch.cuda.get_device_name(),

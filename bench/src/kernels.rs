@@ -22,7 +22,7 @@ use anyhow::{bail, Context};
 use burn::prelude::*;
 use burn::tensor::{DType, Distribution, TensorData};
 use burn_cubecl::CubeRuntime;
-use dejavu_kernels::checks::{check_gemvs, check_selection, fresh_seed, Case, Cube, Outcome, Poisoned};
+use dejavu_kernels::checks::{check_attention, check_gemvs, check_selection, fresh_seed, Case, Cube, Outcome, Poisoned};
 use dejavu_kernels::cube::LaunchConfig;
 use dejavu_kernels::{
     gather_rows_gemv, gather_rows_transposed_gemv, gemv, select_above_threshold, sparse_mlp, transposed_gemv,
@@ -61,6 +61,12 @@ pub struct KernelArgs {
     /// Predictor ranks for the predictor + selection timing
     #[arg(long, value_delimiter = ',', default_value = "128,256,1000")]
     ranks: Vec<usize>,
+    /// Context lengths for the selected-head attention timing (empty: skip attention)
+    #[arg(long, value_delimiter = ',', default_value = "128,512,1024")]
+    contexts: Vec<usize>,
+    /// Fractions of the heads selected, for the attention timing
+    #[arg(long, value_delimiter = ',', default_value = "0.5,1.0")]
+    head_densities: Vec<f64>,
     /// Back-to-back calls per timed sample
     #[arg(long, default_value_t = 100)]
     calls: usize,
@@ -395,6 +401,85 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
     Ok(outcomes)
 }
 
+/// The attention block of one decode step over the selected heads: QKV projection of
+/// their rows, attention over their KV cache, `out_proj` over their columns.
+fn measure_attention<R: CubeRuntime>(
+    args: &KernelArgs,
+    timer: &Timer<Cube<R>>,
+    name: &str,
+    config: &OptConfig,
+    out: &mut Vec<Timed>,
+) -> anyhow::Result<()> {
+    use dejavu_kernels::{gather_blocks_gemv, gather_blocks_transposed_gemv, selected_heads_attention};
+    type B<R> = Cube<R>;
+    let device = &timer.device;
+    let dtype = args.dtype.dtype();
+    let bpv = bytes_per_value(dtype);
+    let (d, n_heads) = (config.hidden_size, config.num_attention_heads);
+    let hd = d / n_heads;
+    let weight_bytes = (4 * d * d) as f64 * bpv;
+    let copies = ((args.rotate_mb as f64 * 1e6) / (weight_bytes * 0.5)).ceil().clamp(2.0, 16.0) as usize;
+    // Wqkv: q, k and v projections stacked ([3d, d], PyTorch layout); Wo transposed
+    // ([d_in, d_out]: each head's input dims are rows).
+    let w: Vec<(Tensor<B<R>, 2>, Tensor<B<R>, 1>, Tensor<B<R>, 2>, Tensor<B<R>, 1>)> = (0..copies)
+        .map(|_| (random([3 * d, d], dtype, device), random([3 * d], dtype, device), random([d, d], dtype, device), random([d], dtype, device)))
+        .collect();
+    let x = random::<B<R>, 2>([1, d], dtype, device);
+    let mut rng = StdRng::seed_from_u64(5);
+    for &len in &args.contexts {
+        let kv_bytes = (2 * n_heads * len * hd) as f64 * bpv;
+        let kv_copies = ((args.rotate_mb as f64 * 1e6) / (kv_bytes * 0.5)).ceil().clamp(2.0, 32.0) as usize;
+        let caches: Vec<(Tensor<B<R>, 4>, Tensor<B<R>, 4>)> = (0..kv_copies)
+            .map(|_| (random([1, n_heads, len, hd], dtype, device), random([1, n_heads, len, hd], dtype, device)))
+            .collect();
+        for &p in &args.head_densities {
+            let s = ((p * n_heads as f64).round() as usize).clamp(1, n_heads);
+            let mut ids: Vec<i32> = (0..n_heads as i32).collect();
+            ids.shuffle(&mut rng);
+            ids.truncate(s);
+            ids.sort_unstable();
+            let qkv_ids: Vec<i32> = (0..3).flat_map(|part| ids.iter().map(move |h| part * n_heads as i32 + h)).collect();
+            let heads = Tensor::<B<R>, 1, Int>::from_data(TensorData::new(ids.clone(), [s]), device);
+            let qkv_heads = Tensor::<B<R>, 1, Int>::from_data(TensorData::new(qkv_ids, [3 * s]), device);
+            let q = random::<B<R>, 2>([1, s * hd], dtype, device);
+            let attn = random::<B<R>, 2>([1, s * hd], dtype, device);
+            let scale = 1.0 / (hd as f32).sqrt();
+            let sel_w = (4 * s * hd * d) as f64 * bpv;
+            let sel_kv = (2 * s * len * hd) as f64 * bpv;
+            let t = timer.time(|i| {
+                let (wqkv, bqkv, _, _) = &w[i % copies];
+                let _ = gather_blocks_gemv(wqkv.clone(), qkv_heads.clone(), hd, x.clone(), Some(bqkv.clone()), Activation::Identity).unwrap();
+            })?;
+            push_timed(out, name, &format!("ours_attn_qkv_ctx{len}"), Some(p), Some(s), sel_w * 0.75, t);
+            let t = timer.time(|i| {
+                let (k, v) = &caches[i % kv_copies];
+                let _ = selected_heads_attention(q.clone(), heads.clone(), k.clone(), v.clone(), len, scale).unwrap();
+            })?;
+            push_timed(out, name, &format!("ours_attn_core_ctx{len}"), Some(p), Some(s), sel_kv, t);
+            let t = timer.time(|i| {
+                let (_, _, wo_t, bo) = &w[i % copies];
+                let _ = gather_blocks_transposed_gemv(wo_t.clone(), heads.clone(), hd, attn.clone(), Some(bo.clone())).unwrap();
+            })?;
+            push_timed(out, name, &format!("ours_attn_out_ctx{len}"), Some(p), Some(s), sel_w * 0.25, t);
+            let t = timer.time(|i| {
+                let (wqkv, bqkv, wo_t, bo) = &w[i % copies];
+                let (k, v) = &caches[i % kv_copies];
+                let qkv = gather_blocks_gemv(wqkv.clone(), qkv_heads.clone(), hd, x.clone(), Some(bqkv.clone()), Activation::Identity).unwrap();
+                let q = qkv.slice([0..1, 0..s * hd]);
+                let o = selected_heads_attention(q, heads.clone(), k.clone(), v.clone(), len, scale).unwrap();
+                let _ = gather_blocks_transposed_gemv(wo_t.clone(), heads.clone(), hd, o, Some(bo.clone())).unwrap();
+            })?;
+            push_timed(out, name, &format!("ours_attention_ctx{len}"), Some(p), Some(s), sel_w + sel_kv, t);
+        }
+    }
+    Ok(())
+}
+
+fn push_timed(out: &mut Vec<Timed>, model: &str, op: &str, density: Option<f64>, k: Option<usize>, bytes: f64, t: (f64, Vec<f64>, f64)) {
+    eprintln!("  {op:<26} {:>6} gpu {:>8.2} µs ({:>6.0} GB/s)  stream {:>8.2} µs", density.map(|p| format!("{p}")).unwrap_or_default(), t.0, bytes / t.0 / 1e3, t.2);
+    out.push(Timed { model: model.to_string(), op: op.to_string(), density, k, weight_bytes: bytes, gpu_us: t.0, gpu_samples_us: t.1, stream_us: t.2, gpu_gbs: bytes / t.0 / 1e3 });
+}
+
 fn run_checks<R: CubeRuntime>(args: &KernelArgs, device: &R::Device) -> anyhow::Result<Vec<Outcome>> {
     let mut outcomes = Vec::new();
     let seed = fresh_seed();
@@ -409,6 +494,8 @@ fn run_checks<R: CubeRuntime>(args: &KernelArgs, device: &R::Device) -> anyhow::
             outcomes.extend(got);
         }
         outcomes.extend(check_selection::<Cube<R>>(device, ffn, 1, args.dtype.dtype(), seed));
+        let hd = d / config.num_attention_heads;
+        outcomes.extend(check_attention::<Cube<R>>(device, [1, config.num_attention_heads, 1024, hd], 1000, args.dtype.dtype(), seed));
     }
     for o in &outcomes {
         println!("check {:<34} {:<60} worst/tol {:.3} {}", o.op, o.case, o.worst_ratio, if o.passed { "ok" } else { "FAILED" });
@@ -451,6 +538,9 @@ fn run_on<R: CubeRuntime>(args: KernelArgs, device: R::Device, peer: Option<Valu
     for name in &args.models {
         let config = named(name)?;
         measure_model::<R>(&args, &timer, name, &config, &mut rows)?;
+        if !args.contexts.is_empty() {
+            measure_attention::<R>(&args, &timer, name, &config, &mut rows)?;
+        }
         write_report(&args, &rows, checks.as_deref(), peer.as_ref(), copy_gbs, false)?;
     }
     write_report(&args, &rows, checks.as_deref(), peer.as_ref(), copy_gbs, true)?;
@@ -481,6 +571,7 @@ fn run_peer(args: &KernelArgs) -> anyhow::Result<Option<Value>> {
         .args(["--ranks", &args.ranks.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",")])
         .args(["--calls", &args.calls.to_string(), "--samples", &args.samples.to_string()])
         .args(["--rotate-mb", &args.rotate_mb.to_string()])
+        .args(["--contexts", &args.contexts.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",")])
         .args(["--dtype", if args.dtype == StorageKind::F16 { "float16" } else { "float32" }])
         .arg("--json")
         .arg(&out)
@@ -608,12 +699,18 @@ fn write_report(
             f(&s["torch_dense_fc1_us"], 1), f(&s["dense_gemv_fraction_of_cublas"], 2)
         );
     }
-    println!("| model | op | ours gpu µs | ours stream µs | torch gpu µs |");
-    println!("|---|---|---|---|---|");
-    for r in rows.iter().filter(|r| r.op.starts_with("ours_predictor") || r.op == "ours_select" || r.op.starts_with("tune_")) {
-        let torch_op = r.op.replace("ours_", "torch_");
-        let torch = peer_us(peer, &r.model, &torch_op, r.density).map(|v| format!("{v:.1}")).unwrap_or_else(|| "—".into());
-        println!("| {} | {} | {:.1} | {:.1} | {} |", r.model, r.op, r.gpu_us, r.stream_us, torch);
+    println!("| model | op | density | ours gpu µs | ours stream µs | torch gpu µs (attention: dense, all heads) |");
+    println!("|---|---|---|---|---|---|");
+    for r in rows.iter().filter(|r| r.op.starts_with("ours_predictor") || r.op == "ours_select" || r.op.starts_with("tune_") || r.op.starts_with("ours_attention")) {
+        let torch = if r.op.starts_with("ours_attention") {
+            // The peer's attention is dense (every head): the baseline to beat.
+            peer_us(peer, &r.model, &r.op.replace("ours_attention", "torch_attention_dense"), None)
+        } else {
+            peer_us(peer, &r.model, &r.op.replace("ours_", "torch_"), r.density)
+        };
+        let torch = torch.map(|v| format!("{v:.1}")).unwrap_or_else(|| "—".into());
+        let density = r.density.map(|p| p.to_string()).unwrap_or_default();
+        println!("| {} | {} | {} | {:.1} | {:.1} | {} |", r.model, r.op, density, r.gpu_us, r.stream_us, torch);
     }
     println!("wrote {}", out.display());
     Ok(())

@@ -9,6 +9,11 @@
 //! - [`gemv`] / [`transposed_gemv`]: the same kernels over every row, our dense baseline.
 //! - [`select_above_threshold`]: predictor logits to a compact, padded index list on the
 //!   device, with no sort.
+//! - [`gather_blocks_gemv`] / [`gather_blocks_transposed_gemv`]: the same two kernels over
+//!   whole blocks of rows — attention heads: the selected heads' QKV projection and
+//!   `out_proj` over their columns.
+//! - [`selected_heads_attention`]: decode attention that reads only the selected heads'
+//!   keys and values.
 //!
 //! Which backend runs what: `CubeBackend<R, ..>` (CUDA and wgpu without Burn's fusion
 //! layer) runs the CubeCL kernels. Every other backend — Flex on the CPU, and the fused

@@ -51,6 +51,8 @@ fn cube_kernels_on_wgpu_match_host_loops() {
         // Head dims of 16 (vectors of 4 or 8) and 12; lengths below and at the capacity.
         outcomes.extend(check_attention::<Cube<WgpuRuntime>>(&device, [2, 6, 40, 16], 33, dtype, seed));
         outcomes.extend(check_attention::<Cube<WgpuRuntime>>(&device, [1, 5, 300, 12], 300, dtype, seed));
+        // Long enough for the value pass's 4-deep unrolled loop.
+        outcomes.extend(check_attention::<Cube<WgpuRuntime>>(&device, [1, 3, 2048, 16], 2000, dtype, seed));
     }
     let failed: Vec<_> = outcomes.iter().filter(|o| !o.passed).collect();
     for o in &outcomes {

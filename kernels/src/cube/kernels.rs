@@ -406,6 +406,7 @@ pub(crate) fn selected_heads_attention_kernel<F: Float, N: Size, I: Int>(
     scale: f32,
     #[comptime] threads: usize,
     #[comptime] max_len: usize,
+    #[comptime] hd_vectors: usize,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let mut scores = SharedMemory::<f32>::new(max_len);
@@ -416,7 +417,6 @@ pub(crate) fn selected_heads_attention_kernel<F: Float, N: Size, I: Int>(
     let b = CUBE_POS_Y as usize;
     let vs = q.vector_size();
     let n_heads = k_cache.shape(1);
-    let hd_vectors = k_cache.shape(3) / vs;
     let head = usize::cast_from(heads[j]);
     let live = head < n_heads;
     let q_base = (b * q.stride(0)) / vs + j * hd_vectors;
@@ -431,6 +431,8 @@ pub(crate) fn selected_heads_attention_kernel<F: Float, N: Size, I: Int>(
         while t < len {
             let mut dot = Vector::<f32, N>::new(0.0f32);
             let row = kv_base + t * pos_stride;
+            // Unrolled: the whole key row's loads are in flight together.
+            #[unroll]
             for v in 0..hd_vectors {
                 dot += Vector::<f32, N>::cast_from(q[q_base + v]) * Vector::<f32, N>::cast_from(k_cache[row + v]);
             }
@@ -492,6 +494,18 @@ pub(crate) fn selected_heads_attention_kernel<F: Float, N: Size, I: Int>(
     let mut acc = Vector::<f32, N>::new(0.0f32);
     if live && tl < lanes {
         let mut t = tl;
+        // Four positions' values in flight per iteration.
+        while t + 3 * lanes < len {
+            let v0 = v_cache[kv_base + t * pos_stride + cv];
+            let v1 = v_cache[kv_base + (t + lanes) * pos_stride + cv];
+            let v2 = v_cache[kv_base + (t + 2 * lanes) * pos_stride + cv];
+            let v3 = v_cache[kv_base + (t + 3 * lanes) * pos_stride + cv];
+            acc += Vector::<f32, N>::cast_from(v0) * Vector::<f32, N>::new(scores[t]);
+            acc += Vector::<f32, N>::cast_from(v1) * Vector::<f32, N>::new(scores[t + lanes]);
+            acc += Vector::<f32, N>::cast_from(v2) * Vector::<f32, N>::new(scores[t + 2 * lanes]);
+            acc += Vector::<f32, N>::cast_from(v3) * Vector::<f32, N>::new(scores[t + 3 * lanes]);
+            t += 4 * lanes;
+        }
         while t < len {
             acc += Vector::<f32, N>::cast_from(v_cache[kv_base + t * pos_stride + cv]) * Vector::<f32, N>::new(scores[t]);
             t += lanes;

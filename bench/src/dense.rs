@@ -13,7 +13,7 @@ use dejavu_model::{generate, load_model, Dense, GenerateOptions, Opt, OptConfig,
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::report::{command_line, commit, device_name, median, now_utc};
+use crate::report::{command_line, commit, device_name, median, now_utc, write_json};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct DenseArgs {
@@ -306,11 +306,7 @@ fn write_report(
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("bench/results/dense-{commit}.json")));
-    if let Some(dir) = out.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&out, serde_json::to_string_pretty(&json)? + "\n")
-        .with_context(|| format!("writing {}", out.display()))?;
+    write_json(&out, &json)?;
     if !print {
         return Ok(());
     }

@@ -34,7 +34,7 @@ use rand::rngs::StdRng;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::report::{command_line, commit, device_name, median, now_utc};
+use crate::report::{command_line, commit, device_name, median, now_utc, write_json};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -679,10 +679,7 @@ fn write_report(
         "rows": rows,
     });
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("bench/results/kernels-{commit}.json")));
-    if let Some(dir) = out.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&out, serde_json::to_string_pretty(&json)? + "\n").with_context(|| format!("writing {}", out.display()))?;
+    write_json(&out, &json)?;
     if !print {
         return Ok(());
     }

@@ -51,3 +51,12 @@ pub fn median(values: &mut [f64]) -> f64 {
         (values[n / 2 - 1] + values[n / 2]) / 2.0
     }
 }
+
+/// Writes `json` pretty-printed to `path`, creating its folder.
+pub fn write_json(path: &std::path::Path, json: &serde_json::Value) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(json)? + "\n").with_context(|| format!("writing {}", path.display()))
+}

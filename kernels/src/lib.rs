@@ -135,7 +135,7 @@ where
         relu: bool,
     ) -> FloatTensor<Self> {
         let int_dtype = idx.as_ref().map(|i| i.dtype).unwrap_or(I::dtype());
-        cube::rows_gemv(w, idx, block, x, bias, relu, int_dtype)
+        cube::rows_gemv_with(w, idx, block, x, bias, relu, int_dtype, &cube::LaunchConfig::default())
     }
 
     fn rows_transposed_gemv(
@@ -146,7 +146,7 @@ where
         bias: Option<FloatTensor<Self>>,
     ) -> FloatTensor<Self> {
         let int_dtype = idx.as_ref().map(|i| i.dtype).unwrap_or(I::dtype());
-        cube::rows_transposed_gemv(w_t, idx, block, h, bias, int_dtype)
+        cube::rows_transposed_gemv_with(w_t, idx, block, h, bias, int_dtype, &cube::LaunchConfig::default())
     }
 
     fn select_above_threshold(
@@ -204,11 +204,23 @@ fn check_rows_gemv<B: Backend>(
         return Err(shape_err(op, format!("x has {xd} columns but the weight rows have {d}")));
     }
     check_float(op, "x", x, w.dtype())?;
+    check_bias(op, bias, rows, "rows", w.dtype())
+}
+
+/// A bias, if any, has one entry per output (`len` of them, `what` they are) and the
+/// weights' dtype.
+fn check_bias<B: Backend>(
+    op: &'static str,
+    bias: Option<&Tensor<B, 1>>,
+    len: usize,
+    what: &str,
+    dtype: burn::tensor::DType,
+) -> Result<(), KernelError> {
     if let Some(b) = bias {
-        if b.dims()[0] != rows {
-            return Err(shape_err(op, format!("bias has {} entries for {rows} rows", b.dims()[0])));
+        if b.dims()[0] != len {
+            return Err(shape_err(op, format!("bias has {} entries for {len} {what}", b.dims()[0])));
         }
-        check_float(op, "bias", b, w.dtype())?;
+        check_float(op, "bias", b, dtype)?;
     }
     Ok(())
 }
@@ -281,13 +293,7 @@ fn check_transposed<B: Backend>(
         return Err(shape_err(op, format!("h has {hk} columns but {k} rows are selected")));
     }
     check_float(op, "h", h, w_t.dtype())?;
-    if let Some(b) = bias {
-        if b.dims()[0] != d {
-            return Err(shape_err(op, format!("bias has {} entries for {d} columns", b.dims()[0])));
-        }
-        check_float(op, "bias", b, w_t.dtype())?;
-    }
-    Ok(())
+    check_bias(op, bias, d, "columns", w_t.dtype())
 }
 
 /// Dense `out [B, d] = h · Wt + bias` with `w_t [rows, d]` (fc2 stored transposed).

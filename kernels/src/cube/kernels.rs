@@ -390,6 +390,31 @@ pub(crate) fn select_above_threshold_kernel<F: Float, N: Size, I: Int>(
     }
 }
 
+/// The max (`max`) or the sum of one value per unit of the cube, by a shared-memory tree
+/// (`threads` a power of two), returned to every unit.
+#[cube]
+fn cube_reduce(red: &mut SharedMemory<f32>, value: f32, tid: usize, #[comptime] threads: usize, #[comptime] max: bool) -> f32 {
+    red[tid] = value;
+    sync_cube();
+    // (A runtime variable: a comptime one cannot be updated in the loop.)
+    let mut stride = 0usize;
+    stride += threads / 2;
+    while stride > 0 {
+        if tid < stride {
+            if max {
+                red[tid] = f32::max(red[tid], red[tid + stride]);
+            } else {
+                red[tid] += red[tid + stride];
+            }
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    let result = red[0];
+    sync_cube();
+    result
+}
+
 /// Decode attention over the selected heads only: cube `(j, b)` takes head
 /// `heads[j]`, its query `q[b, j·hd ..]`, and reads that head's keys and values for
 /// positions `0..len` — no other head's cache is touched. Scores go to shared memory
@@ -447,20 +472,7 @@ pub(crate) fn selected_heads_attention_kernel<F: Float, N: Size, I: Int>(
             t += threads;
         }
     }
-    red[tid] = local_max;
-    sync_cube();
-    // (A runtime variable: a comptime one cannot be updated in the loop.)
-    let mut stride = 0usize;
-    stride += threads / 2;
-    while stride > 0 {
-        if tid < stride {
-            red[tid] = f32::max(red[tid], red[tid + stride]);
-        }
-        sync_cube();
-        stride /= 2;
-    }
-    let max = red[0];
-    sync_cube();
+    let max = cube_reduce(&mut red, local_max, tid, threads, true);
 
     // Exponentials and their sum.
     let mut local_sum = 0.0f32;
@@ -473,19 +485,7 @@ pub(crate) fn selected_heads_attention_kernel<F: Float, N: Size, I: Int>(
             t += threads;
         }
     }
-    red[tid] = local_sum;
-    sync_cube();
-    // (A runtime variable: a comptime one cannot be updated in the loop.)
-    let mut stride = 0usize;
-    stride += threads / 2;
-    while stride > 0 {
-        if tid < stride {
-            red[tid] += red[tid + stride];
-        }
-        sync_cube();
-        stride /= 2;
-    }
-    let total = red[0];
+    let total = cube_reduce(&mut red, local_sum, tid, threads, false);
 
     // p·V: lane (cv, tl) sums positions tl, tl + lanes, ... for column vector cv.
     let lanes = threads / hd_vectors;

@@ -86,20 +86,8 @@ fn no_indices<R: CubeRuntime>(like: &CubeTensor<R>, int_dtype: DType) -> CubeTen
     empty(like, vec![1], int_dtype)
 }
 
-/// `out [B, K] = act(W[rows] · x + bias[rows])`; see [`crate::SparseKernels::rows_gemv`].
-pub fn rows_gemv<R: CubeRuntime>(
-    w: CubeTensor<R>,
-    idx: Option<CubeTensor<R>>,
-    block: usize,
-    x: CubeTensor<R>,
-    bias: Option<CubeTensor<R>>,
-    relu: bool,
-    int_dtype: DType,
-) -> CubeTensor<R> {
-    rows_gemv_with(w, idx, block, x, bias, relu, int_dtype, &LaunchConfig::default())
-}
-
-/// [`rows_gemv`] with the given grid shapes.
+/// `out [B, K] = act(W[rows] · x + bias[rows])` with the given grid shapes; see
+/// [`crate::SparseKernels::rows_gemv`].
 pub fn rows_gemv_with<R: CubeRuntime>(
     w: CubeTensor<R>,
     idx: Option<CubeTensor<R>>,
@@ -117,7 +105,7 @@ pub fn rows_gemv_with<R: CubeRuntime>(
     rows_gemv_into(w, idx, block, x, bias, relu, int_dtype, out, config)
 }
 
-/// [`rows_gemv`] into a given contiguous `out [B, K]` (tests poison it first, to see that
+/// [`rows_gemv_with`] into a given contiguous `out [B, K]` (tests poison it first, to see that
 /// every element gets written).
 pub fn rows_gemv_into<R: CubeRuntime>(
     w: CubeTensor<R>,
@@ -172,20 +160,8 @@ pub fn rows_gemv_into<R: CubeRuntime>(
     out
 }
 
-/// `out [B, D] = Σ_j h[b, j] · Wt[row_j, :] + bias`; see
+/// `out [B, D] = Σ_j h[b, j] · Wt[row_j, :] + bias` with the given grid shapes; see
 /// [`crate::SparseKernels::rows_transposed_gemv`].
-pub fn rows_transposed_gemv<R: CubeRuntime>(
-    w_t: CubeTensor<R>,
-    idx: Option<CubeTensor<R>>,
-    block: usize,
-    h: CubeTensor<R>,
-    bias: Option<CubeTensor<R>>,
-    int_dtype: DType,
-) -> CubeTensor<R> {
-    rows_transposed_gemv_with(w_t, idx, block, h, bias, int_dtype, &LaunchConfig::default())
-}
-
-/// [`rows_transposed_gemv`] with the given grid shapes.
 pub fn rows_transposed_gemv_with<R: CubeRuntime>(
     w_t: CubeTensor<R>,
     idx: Option<CubeTensor<R>>,
@@ -199,7 +175,7 @@ pub fn rows_transposed_gemv_with<R: CubeRuntime>(
     rows_transposed_gemv_into(w_t, idx, block, h, bias, int_dtype, out, config)
 }
 
-/// [`rows_transposed_gemv`] into a given contiguous `out [B, d]`.
+/// [`rows_transposed_gemv_with`] into a given contiguous `out [B, d]`.
 pub fn rows_transposed_gemv_into<R: CubeRuntime>(
     w_t: CubeTensor<R>,
     idx: Option<CubeTensor<R>>,

@@ -5,7 +5,6 @@ mod launch;
 
 pub use launch::{
     LaunchConfig,
-    rows_gemv, rows_gemv_into, rows_gemv_with, rows_transposed_gemv, rows_transposed_gemv_into,
-    rows_transposed_gemv_with,
+    rows_gemv_into, rows_gemv_with, rows_transposed_gemv_into, rows_transposed_gemv_with,
     select_above_threshold, selected_heads_attention,
 };

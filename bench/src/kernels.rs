@@ -206,6 +206,11 @@ fn bytes_per_value(dtype: DType) -> f64 {
     dtype.size() as f64
 }
 
+/// Two tensors of one shape: predictor factors, or a key and a value cache.
+type Pair<B, const D: usize> = (Tensor<B, D>, Tensor<B, D>);
+/// Stacked QKV weight `[3d, d]` and bias, transposed `out_proj` `[d, d]` and bias.
+type AttentionWeights<B> = (Tensor<B, 2>, Tensor<B, 1>, Tensor<B, 2>, Tensor<B, 1>);
+
 struct MlpWeights<B: Backend> {
     /// fc1 in PyTorch layout `[ffn, d]`.
     w1: Tensor<B, 2>,
@@ -321,7 +326,7 @@ fn measure_model<R: CubeRuntime>(
     push("ours_select", Some(0.1), None, 0.0, t);
     for &rank in &args.ranks {
         let pcopies = copies.max(4);
-        let preds: Vec<(Tensor<B<R>, 2>, Tensor<B<R>, 2>)> = (0..pcopies)
+        let preds: Vec<Pair<B<R>, 2>> = (0..pcopies)
             // The second factor stored `[rank, ffn]`: the transposed kernel then reads
             // long contiguous rows, where a `[ffn, rank]` GEMV would give each output a
             // row of only `rank` values.
@@ -421,7 +426,7 @@ fn measure_attention<R: CubeRuntime>(
     let copies = ((args.rotate_mb as f64 * 1e6) / (weight_bytes * 0.5)).ceil().clamp(2.0, 16.0) as usize;
     // Wqkv: q, k and v projections stacked ([3d, d], PyTorch layout); Wo transposed
     // ([d_in, d_out]: each head's input dims are rows).
-    let w: Vec<(Tensor<B<R>, 2>, Tensor<B<R>, 1>, Tensor<B<R>, 2>, Tensor<B<R>, 1>)> = (0..copies)
+    let w: Vec<AttentionWeights<B<R>>> = (0..copies)
         .map(|_| (random([3 * d, d], dtype, device), random([3 * d], dtype, device), random([d, d], dtype, device), random([d], dtype, device)))
         .collect();
     let x = random::<B<R>, 2>([1, d], dtype, device);
@@ -429,7 +434,7 @@ fn measure_attention<R: CubeRuntime>(
     for &len in &args.contexts {
         let kv_bytes = (2 * n_heads * len * hd) as f64 * bpv;
         let kv_copies = ((args.rotate_mb as f64 * 1e6) / (kv_bytes * 0.5)).ceil().clamp(2.0, 32.0) as usize;
-        let caches: Vec<(Tensor<B<R>, 4>, Tensor<B<R>, 4>)> = (0..kv_copies)
+        let caches: Vec<Pair<B<R>, 4>> = (0..kv_copies)
             .map(|_| (random([1, n_heads, len, hd], dtype, device), random([1, n_heads, len, hd], dtype, device)))
             .collect();
         for &p in &args.head_densities {

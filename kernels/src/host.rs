@@ -4,6 +4,7 @@
 
 /// `out [batch, k] = act(W[row_j] · x[b] + bias[row_j])`, `w` row-major `[rows, d]`.
 /// `idx` `None` means every row; out-of-range entries give 0.
+#[allow(clippy::too_many_arguments)]
 pub fn rows_gemv(
     w: &[f32],
     rows: usize,

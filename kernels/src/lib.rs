@@ -274,7 +274,7 @@ pub fn gather_blocks_gemv<B: SparseKernels>(
 }
 
 fn check_block(op: &'static str, rows: usize, block: usize) -> Result<(), KernelError> {
-    if block == 0 || rows % block != 0 {
+    if block == 0 || !rows.is_multiple_of(block) {
         return Err(shape_err(op, format!("block size {block} does not divide the {rows} rows")));
     }
     Ok(())

@@ -327,6 +327,7 @@ pub(crate) fn select_above_threshold_kernel<F: Float, N: Size, I: Int>(
     let batch = logits.shape(0);
     let capacity = idx.shape(0);
     let per_round = 32 * threads;
+    #[allow(clippy::manual_div_ceil)] // div_ceil is not a cube operation
     let rounds = (n + per_round - 1) / per_round;
     let mut written = 0usize;
 
@@ -519,7 +520,7 @@ pub(crate) fn selected_heads_attention_kernel<F: Float, N: Size, I: Int>(
             for l in 0..lanes {
                 sum += acc_smem[l * hd_vectors + tid];
             }
-            sum = sum / Vector::<f32, N>::new(total);
+            sum /= Vector::<f32, N>::new(total);
         }
         out[out_base + tid] = Vector::<F, N>::cast_from(sum);
     }

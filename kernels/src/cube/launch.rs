@@ -88,6 +88,7 @@ fn no_indices<R: CubeRuntime>(like: &CubeTensor<R>, int_dtype: DType) -> CubeTen
 
 /// `out [B, K] = act(W[rows] · x + bias[rows])` with the given grid shapes; see
 /// [`crate::SparseKernels::rows_gemv`].
+#[allow(clippy::too_many_arguments)] // the kernel's inputs, as the trait method has them
 pub fn rows_gemv_with<R: CubeRuntime>(
     w: CubeTensor<R>,
     idx: Option<CubeTensor<R>>,
@@ -107,6 +108,7 @@ pub fn rows_gemv_with<R: CubeRuntime>(
 
 /// [`rows_gemv_with`] into a given contiguous `out [B, K]` (tests poison it first, to see that
 /// every element gets written).
+#[allow(clippy::too_many_arguments)] // the kernel's inputs, as the trait method has them
 pub fn rows_gemv_into<R: CubeRuntime>(
     w: CubeTensor<R>,
     idx: Option<CubeTensor<R>>,
@@ -176,6 +178,7 @@ pub fn rows_transposed_gemv_with<R: CubeRuntime>(
 }
 
 /// [`rows_transposed_gemv_with`] into a given contiguous `out [B, d]`.
+#[allow(clippy::too_many_arguments)] // the kernel's inputs, as the trait method has them
 pub fn rows_transposed_gemv_into<R: CubeRuntime>(
     w_t: CubeTensor<R>,
     idx: Option<CubeTensor<R>>,

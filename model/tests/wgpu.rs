@@ -1,0 +1,39 @@
+//! The model on the GPU code path that a machine without a GPU can run: Burn's wgpu
+//! backend (what `--backend wgpu` uses) on Mesa's lavapipe, a software Vulkan device (CI
+//! installs it). One prompt of the pre-LN fixture, f32: every position's logits within
+//! 1e-3 of Hugging Face's (lavapipe's f32 arithmetic, other summation orders) and the
+//! same argmax. Set `DEJAVU_SKIP_WGPU_TESTS=1` on a machine that cannot have Vulkan.
+
+mod common;
+
+use burn::tensor::DType;
+use common::{fixtures, max_abs_diff, Golden};
+use dejavu_model::generate::token_tensor;
+use dejavu_model::{load_model, Dense};
+
+type W = burn::backend::Wgpu;
+
+#[test]
+fn wgpu_forward_matches_hugging_face() {
+    if std::env::var_os("DEJAVU_SKIP_WGPU_TESTS").is_some() {
+        eprintln!("skipped: DEJAVU_SKIP_WGPU_TESTS is set");
+        return;
+    }
+    let name = "opt-tiny-preln";
+    let device = Default::default();
+    let (config, model) = load_model::<W>(&fixtures().join(name), DType::F32, &device).unwrap();
+    let golden = Golden::of(name);
+    let ids = golden.ids("short.input_ids");
+    let mut cache = model.new_cache(1, ids.len()).unwrap();
+    let hidden = model.forward_with(token_tensor::<W>(&ids, &device), &mut cache, &mut Dense).unwrap();
+    let logits: Vec<f32> = model.logits(hidden).into_data().convert::<f32>().into_vec::<f32>().unwrap();
+    let (_, want) = golden.f32("short.logits");
+    let err = max_abs_diff(&logits, &want);
+    assert!(err < 1e-3, "wgpu logits: max abs err {err}");
+    let argmax = |v: &[f32]| -> Vec<usize> {
+        v.chunks_exact(config.vocab_size)
+            .map(|row| (0..row.len()).fold(0, |best, i| if row[i] > row[best] { i } else { best }))
+            .collect()
+    };
+    assert_eq!(argmax(&logits), argmax(&want), "greedy tokens differ");
+}

@@ -1,7 +1,6 @@
 //! `dejavu-bench dense`: batch-1 decode latency per token, ours against `transformers`.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -13,7 +12,7 @@ use dejavu_model::{generate, load_model, Dense, GenerateOptions, Opt, OptConfig,
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::report::{command_line, commit, device_name, median, now_utc, write_json};
+use crate::report::{command_line, commit, device_name, median, now_utc, run_peer_script, write_json};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct DenseArgs {
@@ -198,27 +197,13 @@ fn run_peer(args: &DenseArgs) -> anyhow::Result<Option<(Value, Value)>> {
     if args.peer_python.is_empty() {
         return Ok(None);
     }
-    let script = Path::new("bench/peers/hf_decode.py");
-    let out = std::env::temp_dir().join(format!("dejavu-hf-{}.json", std::process::id()));
-    let status = Command::new(&args.peer_python)
-        .arg(script)
-        .args(["--models", &args.models.join(",")])
-        .args(["--prompt-len", &args.prompt_len.to_string()])
-        .args(["--new-tokens", &args.new_tokens.to_string()])
-        .args(["--runs", &args.runs.to_string()])
-        .arg("--opt-mini")
-        .arg(&args.opt_mini)
-        .arg("--json")
-        .arg(&out)
-        .status()
-        .with_context(|| format!("running {} {}", args.peer_python, script.display()))?;
-    if !status.success() {
-        eprintln!("transformers peer failed ({status}); its rows are left empty");
-        return Ok(None);
+    let mut peer_args: Vec<String> = vec!["--models".into(), args.models.join(",")];
+    for (flag, value) in [("--prompt-len", args.prompt_len), ("--new-tokens", args.new_tokens), ("--runs", args.runs)] {
+        peer_args.extend([flag.to_string(), value.to_string()]);
     }
-    let text = std::fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
-    let value: Value = serde_json::from_str(&text)?;
-    Ok(Some((value["runs_ms"].clone(), value["env"].clone())))
+    peer_args.extend(["--opt-mini".to_string(), args.opt_mini.display().to_string()]);
+    let value = run_peer_script(&args.peer_python, Path::new("bench/peers/hf_decode.py"), &peer_args, "transformers")?;
+    Ok(value.map(|v| (v["runs_ms"].clone(), v["env"].clone())))
 }
 
 pub fn run(args: DenseArgs) -> anyhow::Result<()> {

@@ -15,7 +15,6 @@
 //! distinct bytes, so the 50 MB L2 of an H100 cannot serve repeats.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -34,7 +33,7 @@ use rand::rngs::StdRng;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::report::{command_line, commit, device_name, median, now_utc, write_json};
+use crate::report::{command_line, commit, device_name, median, now_utc, run_peer_script, write_json};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -566,28 +565,26 @@ fn run_peer(args: &KernelArgs) -> anyhow::Result<Option<Value>> {
     if args.peer_python.is_empty() {
         return Ok(None);
     }
-    let script = Path::new("bench/peers/torch_kernels.py");
-    let out = std::env::temp_dir().join(format!("dejavu-torch-kernels-{}.json", std::process::id()));
-    let join = |v: &[f64]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
-    let status = Command::new(&args.peer_python)
-        .arg(script)
-        .args(["--models", &args.models.join(",")])
-        .args(["--densities", &join(&args.densities)])
-        .args(["--ranks", &args.ranks.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",")])
-        .args(["--calls", &args.calls.to_string(), "--samples", &args.samples.to_string()])
-        .args(["--rotate-mb", &args.rotate_mb.to_string()])
-        .args(["--contexts", &args.contexts.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",")])
-        .args(["--dtype", if args.dtype == StorageKind::F16 { "float16" } else { "float32" }])
-        .arg("--json")
-        .arg(&out)
-        .status()
-        .with_context(|| format!("running {} {}", args.peer_python, script.display()))?;
-    if !status.success() {
-        eprintln!("PyTorch peer failed ({status}); its columns are left empty");
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
-    Ok(Some(serde_json::from_str(&text)?))
+    let join = |v: Vec<String>| v.join(",");
+    let peer_args: Vec<String> = vec![
+        "--models".into(),
+        args.models.join(","),
+        "--densities".into(),
+        join(args.densities.iter().map(|x| x.to_string()).collect()),
+        "--ranks".into(),
+        join(args.ranks.iter().map(|r| r.to_string()).collect()),
+        "--calls".into(),
+        args.calls.to_string(),
+        "--samples".into(),
+        args.samples.to_string(),
+        "--rotate-mb".into(),
+        args.rotate_mb.to_string(),
+        "--contexts".into(),
+        join(args.contexts.iter().map(|c| c.to_string()).collect()),
+        "--dtype".into(),
+        if args.dtype == StorageKind::F16 { "float16" } else { "float32" }.into(),
+    ];
+    run_peer_script(&args.peer_python, Path::new("bench/peers/torch_kernels.py"), &peer_args, "PyTorch")
 }
 
 pub fn run(args: KernelArgs) -> anyhow::Result<()> {

@@ -60,3 +60,24 @@ pub fn write_json(path: &std::path::Path, json: &serde_json::Value) -> anyhow::R
     }
     std::fs::write(path, serde_json::to_string_pretty(json)? + "\n").with_context(|| format!("writing {}", path.display()))
 }
+
+/// Runs a peer script (`python script args... --json <tmp>`) and returns the JSON it
+/// wrote, or `None` (with a message) when it failed: a missing peer leaves its columns
+/// empty rather than losing our measurements.
+pub fn run_peer_script(python: &str, script: &std::path::Path, args: &[String], what: &str) -> anyhow::Result<Option<serde_json::Value>> {
+    use anyhow::Context;
+    let out = std::env::temp_dir().join(format!("dejavu-peer-{}-{}.json", what.replace(' ', "-"), std::process::id()));
+    let status = Command::new(python)
+        .arg(script)
+        .args(args)
+        .arg("--json")
+        .arg(&out)
+        .status()
+        .with_context(|| format!("running {python} {}", script.display()))?;
+    if !status.success() {
+        eprintln!("{what} peer failed ({status}); its columns are left empty");
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
+    Ok(Some(serde_json::from_str(&text).with_context(|| format!("parsing {}", out.display()))?))
+}

@@ -287,8 +287,12 @@ pub fn select_above_threshold<R: CubeRuntime>(
     (idx, count)
 }
 
+/// Positions one attention cube covers when a head's context is split across cubes.
+const ATTENTION_CHUNK: usize = 128;
+
 /// Decode attention over the selected heads; see
-/// [`crate::SparseKernels::selected_heads_attention`].
+/// [`crate::SparseKernels::selected_heads_attention`]. Contexts longer than one chunk are
+/// split across cubes and merged by a second kernel.
 pub fn selected_heads_attention<R: CubeRuntime>(
     q: CubeTensor<R>,
     heads: CubeTensor<R>,
@@ -305,19 +309,25 @@ pub fn selected_heads_attention<R: CubeRuntime>(
     if slots == 0 || batch == 0 {
         return out;
     }
+    let len = len.min(cap);
     let vs = vector_width(&[&q, &k_cache, &v_cache]);
-    // 512 threads: one cube per selected head has to keep many loads in flight (128
-    // threads measured ~94 µs at 1024 positions on the H100, latency-bound).
+    let hd_vectors = hd / vs;
+    let splits = len.div_ceil(ATTENTION_CHUNK).max(1);
+    let split = splits > 1;
+    // One split: the whole context in one cube (512 threads keep its loads in flight).
+    // Several: a chunk per cube, 128 threads.
     let max_units = client_units(&q);
-    let threads = 512usize.min(max_units).max((hd / vs).next_power_of_two());
-    // Scores live in shared memory: room for the whole cache.
-    let max_len = cap.max(1);
+    let threads = if split { 128 } else { 512 }.min(max_units).max(hd_vectors.next_power_of_two());
+    let chunk = if split { ATTENTION_CHUNK } else { len.max(1) };
+    let max_chunk = if split { ATTENTION_CHUNK } else { cap.max(1) };
+    let ws_o = empty(&q, vec![batch, slots, splits, hd], DType::F32);
+    let ws_ml = empty(&q, vec![batch, slots, splits, 2], DType::F32);
     let (dtype, idx_dtype) = (q.dtype, heads.dtype);
     let client = q.client.clone();
     unsafe {
         selected_heads_attention_kernel::launch_unchecked::<R>(
             &client,
-            CubeCount::Static(slots as u32, batch as u32, 1),
+            CubeCount::Static(slots as u32, splits as u32, batch as u32),
             CubeDim::new_1d(threads as u32),
             vs,
             q.into_tensor_arg(),
@@ -325,13 +335,31 @@ pub fn selected_heads_attention<R: CubeRuntime>(
             k_cache.into_tensor_arg(),
             v_cache.into_tensor_arg(),
             out.clone().into_tensor_arg(),
-            len.min(cap),
+            ws_o.clone().into_tensor_arg(),
+            ws_ml.clone().into_tensor_arg(),
+            len,
+            chunk,
             scale,
             threads,
-            max_len,
-            hd / vs,
+            max_chunk,
+            hd_vectors,
+            split,
             [dtype.into(), idx_dtype.into()],
         );
+        if split {
+            combine_attention_splits_kernel::launch_unchecked::<R>(
+                &client,
+                CubeCount::Static(slots as u32, batch as u32, 1),
+                CubeDim::new_1d(hd_vectors as u32),
+                vs,
+                ws_o.into_tensor_arg(),
+                ws_ml.into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                splits,
+                hd_vectors,
+                dtype.into(),
+            );
+        }
     }
     out
 }

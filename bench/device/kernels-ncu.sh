@@ -8,7 +8,7 @@ export LD_LIBRARY_PATH=/usr/local/cuda/targets/x86_64-linux/lib:${LD_LIBRARY_PAT
 DENS=${DENS:-0.05,0.1,0.25,0.5,0.8,1.0}
 for spec in opt-6.7b:4096 opt-13b:5120 opt-30b:7168; do
     m=${spec%%:*}; d=${spec##*:}
-    timeout 150 /usr/local/cuda/bin/ncu --kernel-name "regex:(?i)(rows|sum_partials|select)" --launch-count 900 \
+    timeout 150 /usr/local/cuda/bin/ncu --kernel-name "regex:(?i)(rows|sum_partials|select|combine)" --launch-count 1000 \
         --metrics gpu__time_duration.sum,dram__bytes_read.sum,launch__grid_size --csv --page raw \
         /tmp/bin/dejavu-bench kernels --models $m --densities $DENS --ranks 128 --calls 3 --samples 1 \
         --rotate-mb 64 --primer-mb 64 --contexts 128,512,1024 --head-densities 0.5,1.0 --peer-python "" --out $OUT/ncu-run-$m.json > $OUT/ncu-$m.csv 2> $OUT/ncu-$m.err

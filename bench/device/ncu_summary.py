@@ -21,7 +21,9 @@ import statistics
 import sys
 
 CALLS = 9
-G, P, S, SEL, A = "rows_gemv", "rows_transposed_gemv_partial", "sum_partials", "select_above_threshold", "selected_heads_attention"
+G, P, S, SEL, A, C = ("rows_gemv", "rows_transposed_gemv_partial", "sum_partials", "select_above_threshold",
+                      "selected_heads_attention", "combine_attention_splits")
+ATTENTION_CHUNK = 128  # kernels/src/cube/launch.rs: longer contexts add the combine kernel
 
 
 def main():
@@ -40,9 +42,10 @@ def main():
     schedule += [(f"predictor_select_r{r}", None, [G, P, S, SEL]) for r in ranks]
     if len(sys.argv) > 9:
         for ctx in [int(c) for c in sys.argv[8].split(",")]:
+            core = [A, C] if ctx > ATTENTION_CHUNK else [A]
             for p in [float(x) for x in sys.argv[9].split(",")]:
-                schedule += [(f"attn_qkv_ctx{ctx}", p, [G]), (f"attn_core_ctx{ctx}", p, [A]),
-                             (f"attn_out_ctx{ctx}", p, [P, S]), (f"attention_ctx{ctx}", p, [G, A, P, S])]
+                schedule += [(f"attn_qkv_ctx{ctx}", p, [G]), (f"attn_core_ctx{ctx}", p, core),
+                             (f"attn_out_ctx{ctx}", p, [P, S]), (f"attention_ctx{ctx}", p, [G, *core, P, S])]
     result, i = [], 0
     for op, p, kernels in schedule:
         if i + CALLS * len(kernels) > len(launches):

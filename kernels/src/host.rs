@@ -138,17 +138,18 @@ pub fn selected_heads_attention(
     out
 }
 
-/// Largest `|a - b| / (atol + rtol·|b|)` over all elements; ≤ 1 means within tolerance.
-/// Also the index where it happens. A NaN anywhere (a poisoned, unwritten output) gives
-/// infinity.
-pub fn worst_ratio(actual: &[f32], expected: &[f32], atol: f32, rtol: f32) -> (f32, usize) {
+/// Largest `|a - b| / (atol + rtol·|b| + slack)` over all elements; ≤ 1 means within
+/// tolerance. `slack` is an extra per-element allowance (empty: none). Also the index
+/// where it happens. A NaN anywhere (a poisoned, unwritten output) gives infinity.
+pub fn worst_ratio(actual: &[f32], expected: &[f32], atol: f32, rtol: f32, slack: &[f32]) -> (f32, usize) {
     assert_eq!(actual.len(), expected.len(), "length mismatch");
+    assert!(slack.is_empty() || slack.len() == actual.len(), "slack length mismatch");
     let mut worst = (0f32, 0usize);
     for (i, (&a, &e)) in actual.iter().zip(expected).enumerate() {
         let r = if a.is_nan() || e.is_nan() {
             f32::INFINITY
         } else {
-            (a - e).abs() / (atol + rtol * e.abs())
+            (a - e).abs() / (atol + rtol * e.abs() + slack.get(i).copied().unwrap_or(0.0))
         };
         if r > worst.0 {
             worst = (r, i);

@@ -186,7 +186,7 @@ fn check_float<B: Backend, const D: usize>(
     if t.dtype() != dtype {
         return Err(KernelError::Dtype {
             op,
-            what: format!("{name} is {:?} but the weights are {:?}", t.dtype(), dtype),
+            what: format!("{name} is {:?}, expected {:?} like the other inputs", t.dtype(), dtype),
         });
     }
     Ok(())

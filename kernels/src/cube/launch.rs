@@ -158,7 +158,6 @@ pub fn rows_gemv_into<R: CubeRuntime>(
             [dtype.into(), idx_dtype.into()],
         );
     }
-    let _ = rows;
     out
 }
 
@@ -190,7 +189,7 @@ pub fn rows_transposed_gemv_into<R: CubeRuntime>(
     config: &LaunchConfig,
 ) -> CubeTensor<R> {
     let (w_t, h) = (into_contiguous(w_t), into_contiguous(h));
-    let (rows, cols) = (dims(&w_t)[0], dims(&w_t)[1]);
+    let cols = dims(&w_t)[1];
     let (batch, k) = (dims(&h)[0], dims(&h)[1]);
     assert_eq!(dims(&out), vec![batch, cols], "rows_transposed_gemv: output shape");
     if batch == 0 || cols == 0 {
@@ -211,7 +210,6 @@ pub fn rows_transposed_gemv_into<R: CubeRuntime>(
     let partial = empty(&h, vec![splits, batch, cols], DType::F32);
     let col_blocks = (cols / vs).div_ceil(config.cols_per_cube) as u32;
     let (dtype, idx_dtype) = (w_t.dtype, idx.dtype);
-    let _ = rows;
     unsafe {
         rows_transposed_gemv_partial_kernel::launch_unchecked::<R>(
             &out.client,
@@ -263,8 +261,7 @@ pub fn select_above_threshold<R: CubeRuntime>(
     let count = empty(&logits, vec![1], int_dtype);
     // Each thread owns 32 logits: as many threads as that takes, 32 to 1024 (larger
     // inputs take several rounds).
-    let max_units = logits.client.properties().hardware.max_units_per_cube as usize;
-    let threads = n.div_ceil(32).next_power_of_two().clamp(32, SELECT_MAX_THREADS.min(max_units));
+    let threads = n.div_ceil(32).next_power_of_two().clamp(32, SELECT_MAX_THREADS.min(client_units(&logits)));
     // Vectors must tile a thread's 32 logits.
     let vs = vector_width(&[&logits]).min(32);
     let dtype = logits.dtype;

@@ -12,7 +12,7 @@ use dejavu_model::{generate, load_model, Dense, GenerateOptions, Opt, OptConfig,
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::report::{command_line, commit, device_name, median, now_utc, run_peer_script, write_json};
+use crate::report::{benchmark_json, commit, device_name, median, read_json, run_peer_script, write_json};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct DenseArgs {
@@ -210,8 +210,7 @@ pub fn run(args: DenseArgs) -> anyhow::Result<()> {
     // The peer first: it is quick, and its numbers are then in every partial report.
     let peer = match &args.peer_json {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            let value: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+            let value = read_json(path)?;
             Some((value["runs_ms"].clone(), value["env"].clone()))
         }
         None => run_peer(&args)?,
@@ -266,12 +265,7 @@ fn write_report(
 
     let device = device_name(&format!("{:?}", args.backend));
     let commit = commit();
-    let json = serde_json::json!({
-        "benchmark": "dense-decode",
-        "device": device,
-        "commit": commit,
-        "command": command_line(),
-        "unix_time": now_utc(),
+    let fields = serde_json::json!({
         "backend": args.backend,
         "dtype": args.dtype,
         "batch": 1,
@@ -287,6 +281,7 @@ fn write_report(
         "peer": peer.map(|(_, env)| env.clone()),
         "rows": rows,
     });
+    let json = benchmark_json("dense-decode", &device, &commit, fields);
     let out = args
         .out
         .clone()

@@ -33,7 +33,7 @@ use rand::rngs::StdRng;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::report::{command_line, commit, device_name, median, now_utc, run_peer_script, write_json};
+use crate::report::{benchmark_json, commit, device_name, median, read_json, run_peer_script, write_json};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -201,6 +201,12 @@ fn sorted_indices(rng: &mut StdRng, n: usize, k: usize) -> Vec<i32> {
     idx
 }
 
+/// How many copies of a buffer set to rotate over so that one cycle reads `--rotate-mb`
+/// of distinct bytes, when a call reads `bytes_per_call` (at least 2, at most `max`).
+fn rotation_copies(args: &KernelArgs, bytes_per_call: f64, max: usize) -> usize {
+    ((args.rotate_mb as f64 * 1e6) / bytes_per_call).ceil().clamp(2.0, max as f64) as usize
+}
+
 fn bytes_per_value(dtype: DType) -> f64 {
     dtype.size() as f64
 }
@@ -240,7 +246,7 @@ fn measure_model<R: CubeRuntime>(
     let matrix_bytes = (d * ffn) as f64 * bpv;
     let min_density = args.densities.iter().cloned().fold(1.0, f64::min).max(1e-3);
     // Enough copies that a rotation cycle of the sparsest MLP touches --rotate-mb.
-    let copies = ((args.rotate_mb as f64 * 1e6) / (2.0 * matrix_bytes * min_density)).ceil().clamp(2.0, 64.0) as usize;
+    let copies = rotation_copies(args, 2.0 * matrix_bytes * min_density, 64);
     eprintln!("{name}: d {d} ffn {ffn}, {copies} weight copies of {:.0} MB each", 3.0 * matrix_bytes / 1e6);
     let weights: Vec<MlpWeights<B<R>>> = (0..copies)
         .map(|_| MlpWeights {
@@ -258,38 +264,23 @@ fn measure_model<R: CubeRuntime>(
     let h_full = Tensor::<B<R>, 2>::random([1, ffn], Distribution::Uniform(0.1, 1.0), device).cast(dtype);
     let mut rng = StdRng::seed_from_u64(7);
 
-    let mut push = |op: &str, density: Option<f64>, k: Option<usize>, bytes: f64, t: (f64, Vec<f64>, f64)| {
-        eprintln!("  {op:<22} {:>6} gpu {:>8.2} µs ({:>6.0} GB/s)  stream {:>8.2} µs", density.map(|p| format!("{p}")).unwrap_or_default(), t.0, bytes / t.0 / 1e3, t.2);
-        out.push(Timed {
-            model: name.to_string(),
-            op: op.to_string(),
-            density,
-            k,
-            weight_bytes: bytes,
-            gpu_us: t.0,
-            gpu_samples_us: t.1,
-            stream_us: t.2,
-            gpu_gbs: bytes / t.0 / 1e3,
-        });
-    };
-
     // Dense baselines: our own GEMV over every row.
     let t = timer.time(|i| {
         let w = &weights[i % copies];
         let _ = gemv(w.w1.clone(), x.clone(), Some(w.b1.clone()), Activation::Relu).unwrap();
     })?;
-    push("ours_dense_fc1", None, None, matrix_bytes, t);
+    push_timed(out, name, "ours_dense_fc1", None, None, matrix_bytes, t);
     let t = timer.time(|i| {
         let w = &weights[i % copies];
         let _ = gemv(w.w2.clone(), h_full.clone(), Some(w.b2.clone()), Activation::Identity).unwrap();
     })?;
-    push("ours_dense_fc2", None, None, matrix_bytes, t);
+    push_timed(out, name, "ours_dense_fc2", None, None, matrix_bytes, t);
     let t = timer.time(|i| {
         let w = &weights[i % copies];
         let h = gemv(w.w1.clone(), x.clone(), Some(w.b1.clone()), Activation::Relu).unwrap();
         let _ = gemv(w.w2.clone(), h, Some(w.b2.clone()), Activation::Identity).unwrap();
     })?;
-    push("ours_dense_mlp", None, None, 2.0 * matrix_bytes, t);
+    push_timed(out, name, "ours_dense_mlp", None, None, 2.0 * matrix_bytes, t);
 
     for &density in &args.densities {
         let k = ((density * ffn as f64).round() as usize).clamp(1, ffn);
@@ -301,17 +292,17 @@ fn measure_model<R: CubeRuntime>(
             let w = &weights[i % copies];
             let _ = gather_rows_gemv(w.w1.clone(), idx.clone(), x.clone(), Some(w.b1.clone()), Activation::Relu).unwrap();
         })?;
-        push("ours_fc1_gather", Some(density), Some(k), rows_bytes, t);
+        push_timed(out, name, "ours_fc1_gather", Some(density), Some(k), rows_bytes, t);
         let t = timer.time(|i| {
             let w = &weights[i % copies];
             let _ = gather_rows_transposed_gemv(w.w2_t.clone(), idx.clone(), h.clone(), Some(w.b2.clone())).unwrap();
         })?;
-        push("ours_fc2t_gather", Some(density), Some(k), rows_bytes, t);
+        push_timed(out, name, "ours_fc2t_gather", Some(density), Some(k), rows_bytes, t);
         let t = timer.time(|i| {
             let w = &weights[i % copies];
             let _ = sparse_mlp(x.clone(), w.w1.clone(), w.b1.clone(), w.w2_t.clone(), w.b2.clone(), idx.clone()).unwrap();
         })?;
-        push("ours_sparse_mlp", Some(density), Some(k), 2.0 * rows_bytes, t);
+        push_timed(out, name, "ours_sparse_mlp", Some(density), Some(k), 2.0 * rows_bytes, t);
     }
 
     // Predictor (two low-rank GEMVs) + selection of ~10% by threshold, per layer.
@@ -322,7 +313,7 @@ fn measure_model<R: CubeRuntime>(
     let t = timer.time(|_| {
         let _ = select_above_threshold(logits.clone(), threshold, ffn).unwrap();
     })?;
-    push("ours_select", Some(0.1), None, 0.0, t);
+    push_timed(out, name, "ours_select", Some(0.1), None, 0.0, t);
     for &rank in &args.ranks {
         let pcopies = copies.max(4);
         let preds: Vec<Pair<B<R>, 2>> = (0..pcopies)
@@ -338,7 +329,7 @@ fn measure_model<R: CubeRuntime>(
             let logits = transposed_gemv(b.clone(), z, None).unwrap();
             let _ = select_above_threshold(logits, 0.0, ffn).unwrap();
         })?;
-        push(&format!("ours_predictor_select_r{rank}"), None, None, bytes, t);
+        push_timed(out, name, &format!("ours_predictor_select_r{rank}"), None, None, bytes, t);
     }
     Ok(())
 }
@@ -353,7 +344,7 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
     let density = 0.1;
     let k = (density * ffn as f64).round() as usize;
     let matrix_bytes = (d * ffn) as f64 * bytes_per_value(dtype);
-    let copies = ((args.rotate_mb as f64 * 1e6) / (matrix_bytes * density)).ceil().clamp(2.0, 64.0) as usize;
+    let copies = rotation_copies(args, matrix_bytes * density, 64);
     let ws: Vec<Tensor<Cube<R>, 2>> = (0..copies).map(|_| random([ffn, d], dtype, device)).collect();
     let bias1 = random::<Cube<R>, 1>([ffn], dtype, device);
     let bias2 = random::<Cube<R>, 1>([d], dtype, device);
@@ -399,8 +390,7 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
             format!("tune_fc2t_cols{}_lanes{}_rpl{}", cfg.cols_per_cube, cfg.lanes_k, cfg.rows_per_lane)
         };
         let bytes = k as f64 * d as f64 * bytes_per_value(dtype);
-        eprintln!("  {op:<34} gpu {:>8.2} µs ({:>6.0} GB/s)  stream {:>8.2} µs", t.0, bytes / t.0 / 1e3, t.2);
-        out.push(Timed { model: name.clone(), op, density: Some(density), k: Some(k), weight_bytes: bytes, gpu_us: t.0, gpu_samples_us: t.1, stream_us: t.2, gpu_gbs: bytes / t.0 / 1e3 });
+        push_timed(out, name, &op, Some(density), Some(k), bytes, t);
     }
     Ok(outcomes)
 }
@@ -422,7 +412,7 @@ fn measure_attention<R: CubeRuntime>(
     let (d, n_heads) = (config.hidden_size, config.num_attention_heads);
     let hd = d / n_heads;
     let weight_bytes = (4 * d * d) as f64 * bpv;
-    let copies = ((args.rotate_mb as f64 * 1e6) / (weight_bytes * 0.5)).ceil().clamp(2.0, 16.0) as usize;
+    let copies = rotation_copies(args, weight_bytes * 0.5, 16);
     // Wqkv: q, k and v projections stacked ([3d, d], PyTorch layout); Wo transposed
     // ([d_in, d_out]: each head's input dims are rows).
     let w: Vec<AttentionWeights<B<R>>> = (0..copies)
@@ -432,7 +422,7 @@ fn measure_attention<R: CubeRuntime>(
     let mut rng = StdRng::seed_from_u64(5);
     for &len in &args.contexts {
         let kv_bytes = (2 * n_heads * len * hd) as f64 * bpv;
-        let kv_copies = ((args.rotate_mb as f64 * 1e6) / (kv_bytes * 0.5)).ceil().clamp(2.0, 32.0) as usize;
+        let kv_copies = rotation_copies(args, kv_bytes * 0.5, 32);
         let caches: Vec<Pair<B<R>, 4>> = (0..kv_copies)
             .map(|_| (random([1, n_heads, len, hd], dtype, device), random([1, n_heads, len, hd], dtype, device)))
             .collect();
@@ -480,7 +470,7 @@ fn measure_attention<R: CubeRuntime>(
 }
 
 fn push_timed(out: &mut Vec<Timed>, model: &str, op: &str, density: Option<f64>, k: Option<usize>, bytes: f64, t: (f64, Vec<f64>, f64)) {
-    eprintln!("  {op:<26} {:>6} gpu {:>8.2} µs ({:>6.0} GB/s)  stream {:>8.2} µs", density.map(|p| format!("{p}")).unwrap_or_default(), t.0, bytes / t.0 / 1e3, t.2);
+    eprintln!("  {op:<34} {:>6} gpu {:>8.2} µs ({:>6.0} GB/s)  stream {:>8.2} µs", density.map(|p| format!("{p}")).unwrap_or_default(), t.0, bytes / t.0 / 1e3, t.2);
     out.push(Timed { model: model.to_string(), op: op.to_string(), density, k, weight_bytes: bytes, gpu_us: t.0, gpu_samples_us: t.1, stream_us: t.2, gpu_gbs: bytes / t.0 / 1e3 });
 }
 
@@ -501,10 +491,14 @@ fn run_checks<R: CubeRuntime>(args: &KernelArgs, device: &R::Device) -> anyhow::
         let hd = d / config.num_attention_heads;
         outcomes.extend(check_attention::<Cube<R>>(device, [1, config.num_attention_heads, 1024, hd], 1000, args.dtype.dtype(), seed));
     }
-    for o in &outcomes {
+    print_outcomes(&outcomes);
+    Ok(outcomes)
+}
+
+fn print_outcomes(outcomes: &[Outcome]) {
+    for o in outcomes {
         println!("check {:<34} {:<60} worst/tol {:.3} {}", o.op, o.case, o.worst_ratio, if o.passed { "ok" } else { "FAILED" });
     }
-    Ok(outcomes)
 }
 
 fn named(name: &str) -> anyhow::Result<OptConfig> {
@@ -512,7 +506,7 @@ fn named(name: &str) -> anyhow::Result<OptConfig> {
 }
 
 fn run_on<R: CubeRuntime>(args: KernelArgs, device: R::Device, peer: Option<Value>) -> anyhow::Result<()> {
-    let checks = if args.check { Some(run_checks::<R>(&args, &device)?) } else { None };
+    let mut checks = if args.check { Some(run_checks::<R>(&args, &device)?) } else { None };
     let primer_values = args.primer_mb * (1 << 20) / 4;
     let primer = Tensor::<Cube<R>, 1>::random([primer_values], Distribution::Default, &device);
     let timer = Timer { device: device.clone(), primer, calls: args.calls, samples: args.samples };
@@ -529,7 +523,6 @@ fn run_on<R: CubeRuntime>(args: KernelArgs, device: R::Device, peer: Option<Valu
     };
     eprintln!("copy bandwidth (read + write of {} MiB, f32 scale) {copy_gbs:.0} GB/s", args.primer_mb);
     let mut rows = Vec::new();
-    let mut checks = checks;
     if args.tune {
         let tuned = tune::<R>(&args, &timer, &mut rows)?;
         for o in &tuned {
@@ -559,8 +552,7 @@ fn run_on<R: CubeRuntime>(args: KernelArgs, device: R::Device, peer: Option<Valu
 
 fn run_peer(args: &KernelArgs) -> anyhow::Result<Option<Value>> {
     if let Some(path) = &args.peer_json {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        return Ok(Some(serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?));
+        return Ok(Some(read_json(path)?));
     }
     if args.peer_python.is_empty() {
         return Ok(None);
@@ -656,12 +648,7 @@ fn write_report(
     }
     let commit = commit();
     let device = device_name(&format!("{:?}", args.backend));
-    let json = serde_json::json!({
-        "benchmark": "kernels",
-        "device": device,
-        "commit": commit,
-        "command": command_line(),
-        "unix_time": now_utc(),
+    let fields = serde_json::json!({
         "backend": args.backend,
         "dtype": args.dtype,
         "batch": 1,
@@ -680,6 +667,7 @@ fn write_report(
         "summary": summary,
         "rows": rows,
     });
+    let json = benchmark_json("kernels", &device, &commit, fields);
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("bench/results/kernels-{commit}.json")));
     write_json(&out, &json)?;
     if !print {

@@ -81,3 +81,25 @@ pub fn run_peer_script(python: &str, script: &std::path::Path, args: &[String], 
     let text = std::fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
     Ok(Some(serde_json::from_str(&text).with_context(|| format!("parsing {}", out.display()))?))
 }
+
+/// Reads a JSON file (a peer's results saved by an earlier run).
+pub fn read_json(path: &std::path::Path) -> anyhow::Result<serde_json::Value> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// A benchmark JSON: which benchmark, the device, the commit, the command line and the
+/// time, then the benchmark's own `fields` (an object).
+pub fn benchmark_json(benchmark: &str, device: &str, commit: &str, fields: serde_json::Value) -> serde_json::Value {
+    let mut map = serde_json::Map::new();
+    map.insert("benchmark".into(), benchmark.into());
+    map.insert("device".into(), device.into());
+    map.insert("commit".into(), commit.into());
+    map.insert("command".into(), command_line().into());
+    map.insert("unix_time".into(), now_utc().into());
+    if let serde_json::Value::Object(fields) = fields {
+        map.extend(fields);
+    }
+    serde_json::Value::Object(map)
+}

@@ -3,9 +3,7 @@
 # transformers (fp16, eager) first, with a perplexity check of opt-mini on the first 4096
 # WikiText-2 tokens. Expects dist/dejavu-bench.xz and dist/wt-check.txt. Writes under $OUT.
 set -uo pipefail
-mkdir -p /tmp/bin && xz -dc dist/dejavu-bench.xz > /tmp/bin/dejavu-bench && chmod +x /tmp/bin/dejavu-bench
-export PATH=/tmp/bin:$PATH PYTHONUNBUFFERED=1
-export LD_LIBRARY_PATH=/usr/local/cuda/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
+source bench/device/setup.sh
 exec > >(tee -a "$OUT/dense.log") 2>&1
 models=${MODELS:-opt-mini,opt-1.3b,opt-6.7b}
 time timeout 170 python3 bench/peers/hf_decode.py --models "$models" --runs "${RUNS:-5}" --json "$OUT/hf.json"

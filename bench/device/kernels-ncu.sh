@@ -3,8 +3,7 @@
 # densities (bench/device/ncu_summary.py attributes kernels to operations). Expects
 # dist/dejavu-bench.xz. Writes $OUT/ncu-<model>.csv and $OUT/ncu-kernels.json.
 set -uo pipefail
-mkdir -p /tmp/bin && xz -dc dist/dejavu-bench.xz > /tmp/bin/dejavu-bench && chmod +x /tmp/bin/dejavu-bench
-export LD_LIBRARY_PATH=/usr/local/cuda/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
+source bench/device/setup.sh
 DENS=${DENS:-0.05,0.1,0.25,0.5,0.8,1.0}
 for spec in opt-6.7b:4096 opt-13b:5120 opt-30b:7168; do
     m=${spec%%:*}; d=${spec##*:}

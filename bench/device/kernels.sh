@@ -4,9 +4,7 @@
 # ours and the PyTorch peers (bench/peers/torch_kernels.py, run by the bench) across
 # densities. Expects dist/dejavu-bench.xz (carried). Writes under $OUT.
 set -uo pipefail
-mkdir -p /tmp/bin && xz -dc dist/dejavu-bench.xz > /tmp/bin/dejavu-bench && chmod +x /tmp/bin/dejavu-bench
-export PATH=/tmp/bin:$PATH PYTHONUNBUFFERED=1
-export LD_LIBRARY_PATH=/usr/local/cuda/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
+source bench/device/setup.sh
 exec > >(tee -a "$OUT/kernels.log") 2>&1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 time timeout "${LIMIT:-540}" dejavu-bench kernels --check --tune ${EXTRA:-} --out "$OUT/kernels.json"

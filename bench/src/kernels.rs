@@ -60,8 +60,9 @@ pub struct KernelArgs {
     /// Predictor ranks for the predictor + selection timing
     #[arg(long, value_delimiter = ',', default_value = "128,256,1000")]
     ranks: Vec<usize>,
-    /// Context lengths for the selected-head attention timing (empty: skip attention)
-    #[arg(long, value_delimiter = ',', default_value = "128,512,1024")]
+    /// Context lengths for the selected-head attention timing (`--contexts` with no value:
+    /// skip attention)
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "128,512,1024")]
     contexts: Vec<usize>,
     /// Fractions of the heads selected, for the attention timing
     #[arg(long, value_delimiter = ',', default_value = "0.5,1.0")]

@@ -300,6 +300,35 @@ fn validate(
     Ok(())
 }
 
+/// A content hash of a model folder: SHA-256 over `config.json` and every weight file
+/// (each preceded by its name and length), as `sha256:<hex>`. Predictors and recordings
+/// carry it so that they are never applied to a model they were not made from.
+pub fn content_hash(dir: &Path) -> Result<String, ModelError> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut files = vec![dir.join("config.json")];
+    files.extend(WeightFiles::find(dir)?.files);
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for path in files {
+        let io = |source| ModelError::Io { path: path.clone(), source };
+        let mut file = std::fs::File::open(&path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        hasher.update(name.as_bytes());
+        hasher.update(len.to_le_bytes());
+        loop {
+            let n = file.read(&mut buf).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+    }
+    let digest = hasher.finalize();
+    Ok(format!("sha256:{}", digest.iter().map(|b| format!("{b:02x}")).collect::<String>()))
+}
+
 /// Reads `config.json` from a model folder.
 pub fn load_config(dir: &Path) -> Result<OptConfig, ModelError> {
     let path = dir.join("config.json");

@@ -35,9 +35,17 @@ pub struct OutputEntry {
     pub k: Option<usize>,
     /// Logit threshold reaching the target recall.
     pub threshold: Option<f32>,
-    /// Recall and predicted density measured on validation rows.
+    /// Recall and density (K / outputs) of top-K selection, measured on validation rows.
     pub recall: Option<f64>,
     pub density: Option<f64>,
+    /// Recall and mean density of selecting by `logit ≥ threshold` instead.
+    #[serde(default)]
+    pub threshold_recall: Option<f64>,
+    #[serde(default)]
+    pub threshold_density: Option<f64>,
+    /// The true density (fraction of positive labels) on the validation rows.
+    #[serde(default)]
+    pub true_density: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

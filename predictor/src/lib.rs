@@ -3,11 +3,13 @@
 //! ([`AttentionPredictor`]), and the saved artifact (`predictors.json` + safetensors) that
 //! training writes and sparse inference loads.
 //!
-//! Still to come (issues 3 and 5): training (in `train/`), calibration of K and the logit
-//! threshold, and the `SparsityPlan`. Depends on nothing of `model`, `train` or `bench`.
+//! Calibration of K and the logit threshold for a target recall is here ([`calibrate`]);
+//! training is in `train/`. Still to come (issue 5): the `SparsityPlan`. Depends on nothing of `model`, `train` or `bench`.
 
 mod artifact;
+pub mod calibration;
 mod classifier;
 
 pub use artifact::{ArtifactError, LayerEntry, Manifest, OutputEntry, PredictorSet, MANIFEST_FILE, WEIGHTS_FILE};
+pub use calibration::{calibrate, Calibration};
 pub use classifier::{AttentionPredictor, LowRankClassifier, LowRankClassifierConfig, MlpPredictor};

@@ -7,7 +7,7 @@ use dejavu_predictor::{ArtifactError, LayerEntry, Manifest, OutputEntry, Predict
 type B = Flex;
 
 fn entry(rank: usize) -> Option<OutputEntry> {
-    Some(OutputEntry { rank, k: Some(3), threshold: Some(-0.5), recall: Some(0.99), density: Some(0.2) })
+    Some(OutputEntry { rank, k: Some(3), threshold: Some(-0.5), recall: Some(0.99), density: Some(0.2), threshold_recall: Some(0.991), threshold_density: Some(0.15), true_density: Some(0.1) })
 }
 
 fn manifest() -> Manifest {

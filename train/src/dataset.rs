@@ -1,0 +1,154 @@
+//! One predictor's training data, read from a recording: the input rows (F16 residuals)
+//! and the packed labels, held in memory, batched by row index.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use burn::data::dataloader::batcher::Batcher;
+use burn::data::dataset::Dataset;
+use burn::prelude::*;
+use burn::tensor::TensorData;
+use half::f16;
+
+use crate::bits::{count_ones, pack_row, packed_len, unpack_row_f32};
+use crate::error::TrainError;
+use crate::recording::{Pair, RecordingManifest, Split};
+
+/// Which predictor a [`Pair`] trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PredictorKind {
+    Mlp,
+    Attention,
+}
+
+impl PredictorKind {
+    pub fn of(pair: &Pair) -> Self {
+        if pair.predictor == "mlp" {
+            PredictorKind::Mlp
+        } else {
+            PredictorKind::Attention
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PredictorKind::Mlp => "mlp",
+            PredictorKind::Attention => "attention",
+        }
+    }
+}
+
+/// Rows of one split for one pair.
+#[derive(Debug)]
+pub struct PairRows {
+    pub rows: usize,
+    pub inputs_width: usize,
+    pub outputs: usize,
+    /// `rows × inputs_width`.
+    pub inputs: Vec<f16>,
+    /// `rows × packed_len(outputs)`.
+    pub labels: Vec<u8>,
+}
+
+impl PairRows {
+    pub fn positive_rate(&self) -> f64 {
+        count_ones(&self.labels) as f64 / (self.rows * self.outputs).max(1) as f64
+    }
+
+    pub fn label(&self, row: usize, j: usize) -> bool {
+        let w = packed_len(self.outputs);
+        crate::bits::get(&self.labels[row * w..(row + 1) * w], j)
+    }
+}
+
+/// Heads labelled positive per token: the top `fraction` of heads by output norm (at least
+/// one), as the reference's `int(k · heads)` with k = 0.3.
+pub fn top_heads(heads: usize, fraction: f64) -> usize {
+    ((fraction * heads as f64).floor() as usize).clamp(1, heads)
+}
+
+/// Reads `pair` from every shard of `split`. Attention labels are made here from the head
+/// norms: per row, the `top_heads(heads, head_fraction)` largest norms (ties to the lower
+/// head index).
+pub fn load_pair(dir: &Path, manifest: &RecordingManifest, split: Split, pair: &Pair, head_fraction: f64) -> Result<PairRows, TrainError> {
+    let dims = manifest.plan.dims;
+    let kind = PredictorKind::of(pair);
+    let outputs = match kind {
+        PredictorKind::Mlp => dims.ffn_dim,
+        PredictorKind::Attention => dims.num_heads,
+    };
+    let mut inputs = Vec::new();
+    let mut labels = Vec::new();
+    let mut rows = 0;
+    let top = top_heads(dims.num_heads, head_fraction);
+    let mut order: Vec<usize> = Vec::with_capacity(dims.num_heads);
+    let mut chosen = vec![false; dims.num_heads];
+    for shard in manifest.open_shards(dir, split)? {
+        let x = shard.bytes(&pair.input)?;
+        inputs.extend(x.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])));
+        let y = shard.bytes(&pair.label)?;
+        match kind {
+            PredictorKind::Mlp => labels.extend_from_slice(y),
+            PredictorKind::Attention => {
+                for row in y.chunks_exact(dims.num_heads * 2) {
+                    let norms: Vec<f32> = row.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
+                    order.clear();
+                    order.extend(0..dims.num_heads);
+                    order.sort_by(|&a, &b| norms[b].total_cmp(&norms[a]).then(a.cmp(&b)));
+                    chosen.iter_mut().for_each(|c| *c = false);
+                    for &h in &order[..top] {
+                        chosen[h] = true;
+                    }
+                    pack_row(&chosen, &mut labels);
+                }
+            }
+        }
+        rows += shard.meta.rows;
+    }
+    Ok(PairRows { rows, inputs_width: dims.hidden_size, outputs, inputs, labels })
+}
+
+/// Row indices `0..len` (the batcher looks the rows up).
+pub struct RowIndices(pub usize);
+
+impl Dataset<usize> for RowIndices {
+    fn get(&self, index: usize) -> Option<usize> {
+        (index < self.0).then_some(index)
+    }
+
+    fn len(&self) -> usize {
+        self.0
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RowBatch<B: Backend> {
+    /// `[batch, hidden]`.
+    pub inputs: Tensor<B, 2>,
+    /// `[batch, outputs]`, 0.0 / 1.0.
+    pub targets: Tensor<B, 2>,
+}
+
+#[derive(Clone)]
+pub struct RowBatcher {
+    pub rows: Arc<PairRows>,
+}
+
+impl<B: Backend> Batcher<B, usize, RowBatch<B>> for RowBatcher {
+    fn batch(&self, items: Vec<usize>, device: &B::Device) -> RowBatch<B> {
+        let r = &self.rows;
+        let (d, n, w) = (r.inputs_width, r.outputs, packed_len(r.outputs));
+        let mut x = Vec::with_capacity(items.len() * d);
+        let mut y = vec![0.0f32; items.len() * n];
+        for (i, &row) in items.iter().enumerate() {
+            x.extend(r.inputs[row * d..(row + 1) * d].iter().map(|v| v.to_f32()));
+            unpack_row_f32(&r.labels[row * w..(row + 1) * w], &mut y[i * n..(i + 1) * n]);
+        }
+        let b = items.len();
+        RowBatch {
+            inputs: Tensor::from_data(TensorData::new(x, [b, d]), device),
+            targets: Tensor::from_data(TensorData::new(y, [b, n]), device),
+        }
+    }
+}

@@ -273,15 +273,16 @@ fn train_one<B: AutodiffBackend>(
     }
 
     let epochs = epoch_metrics(work, options.epochs)?;
-    // The earliest epoch with the highest validation recall (what the checkpointing
-    // strategy kept).
-    let best = epochs
+    // The checkpointing strategy keeps the last epoch and the one with the best
+    // validation recall; of the checkpoints on disk, take the best (the earliest on ties).
+    let kept: Vec<&EpochMetrics> = epochs.iter().filter(|e| work.join("checkpoint").join(format!("model-{}.mpk", e.epoch)).is_file()).collect();
+    let best = kept
         .iter()
         .fold(None::<&EpochMetrics>, |best, e| match best {
             Some(b) if b.recall >= e.recall => Some(b),
             _ => Some(e),
         })
-        .ok_or_else(|| TrainError::recording(work, "training logged no validation epoch"))?
+        .ok_or_else(|| TrainError::recording(work.join("checkpoint"), "training left no model checkpoint"))?
         .epoch;
     let path = work.join("checkpoint").join(format!("model-{best}.mpk"));
     let inner = PredictorTraining::<B::InnerBackend> {

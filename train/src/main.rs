@@ -205,8 +205,14 @@ impl BackendTask for FitTask {
 }
 
 fn main() -> anyhow::Result<()> {
+    // CubeCL's default autotuning times every candidate kernel for each new matmul shape:
+    // 10–40 s per shape on the H100 (measured), longer than training a predictor. The
+    // minimal level keeps it to a few candidates; set CUBECL_AUTOTUNE_LEVEL to override.
+    if std::env::var_os("CUBECL_AUTOTUNE_LEVEL").is_none() {
+        std::env::set_var("CUBECL_AUTOTUNE_LEVEL", "minimal");
+    }
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,burn_train=warn".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,burn_train=warn,cubecl_runtime=warn".into()))
         .with_writer(std::io::stderr)
         .init();
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());

@@ -23,6 +23,11 @@ use crate::corpus::open_documents;
 use crate::error::TrainError;
 use crate::recording::*;
 
+/// Documents run at lengths rounded up to a multiple of this (see `record`).
+const LENGTH_BUCKET: usize = 256;
+/// OPT's `<pad>`.
+const PAD_TOKEN: u32 = 1;
+
 /// What to record.
 #[derive(Debug, Clone)]
 pub struct RecordOptions {
@@ -97,8 +102,9 @@ impl ShardBuffer {
 
 /// Forward hooks that copy a document's activations to the host.
 struct Capture {
-    /// Rows kept: positions `first..` of the forward pass.
+    /// Rows kept: positions `first..last` of the forward pass.
     first: usize,
+    last: usize,
     attention_input: Vec<Vec<u8>>,
     mlp_input: Vec<Vec<u8>>,
     mlp_active: Vec<Vec<u8>>,
@@ -115,10 +121,10 @@ fn host_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
 
 impl<B: Backend> ForwardHooks<B> for Capture {
     fn observe(&mut self, activation: Activation<'_, B>) {
-        let first = self.first;
+        let (first, n) = (self.first, self.last);
         match activation {
             Activation::AttentionInput { layer, value } | Activation::MlpInput { layer, value } => {
-                let [_, n, d] = value.dims();
+                let [_, _, d] = value.dims();
                 let rows = host_f32(value.clone().slice([0..1, first..n, 0..d]));
                 let target = match activation {
                     Activation::AttentionInput { .. } => &mut self.attention_input[layer],
@@ -128,13 +134,13 @@ impl<B: Backend> ForwardHooks<B> for Capture {
             }
             Activation::HeadOutputs { layer, value } => {
                 // [1, heads, n, head_dim] → per (position, head) L2 norm, in f32.
-                let [_, h, n, hd] = value.dims();
+                let [_, h, _, hd] = value.dims();
                 let v = value.clone().slice([0..1, 0..h, first..n, 0..hd]).cast(DType::F32);
                 let norms = v.powi_scalar(2).sum_dim(3).sqrt().reshape([h, n - first]).swap_dims(0, 1);
                 self.head_norms[layer] = f16_bytes(&host_f32(norms));
             }
             Activation::Fc1PreActivation { layer, value } => {
-                let [_, n, ffn] = value.dims();
+                let [_, _, ffn] = value.dims();
                 let active = value.clone().slice([0..1, first..n, 0..ffn]).greater_elem(0.0);
                 let active: Vec<bool> = active.into_data().convert::<bool>().into_vec::<bool>().expect("bool data");
                 let mut packed = Vec::with_capacity((n - first) * packed_len(ffn));
@@ -312,6 +318,11 @@ impl ShardWriter<'_> {
         }
         cursor.document = next.0;
         cursor.position = next.1;
+        tracing::info!(
+            "wrote {file}: {rows} rows; {} validation and {} training rows so far",
+            cursor.valid_rows,
+            cursor.train_rows
+        );
         shards.push(ShardEntry { file, meta });
         self.written_now += 1;
         Ok(self.stop_after.is_some_and(|n| self.written_now >= n))
@@ -396,17 +407,25 @@ pub fn record<B: Backend>(options: &RecordOptions, device: &B::Device) -> Result
             continue;
         }
         tokens.truncate(end);
+        // Run at a length rounded up to a multiple of 256 (within the token limit), padded
+        // with OPT's pad token after the text: causal attention keeps the kept rows
+        // independent of the padding, and GPU backends then see a handful of shapes instead
+        // of one per document (each new matmul shape costs seconds of autotuning).
+        let run_len = end.div_ceil(LENGTH_BUCKET).saturating_mul(LENGTH_BUCKET).min(plan.max_document_tokens).max(end);
+        tokens.resize(run_len, PAD_TOKEN);
 
         let mut capture = Capture {
             first: skip,
+            last: end,
             attention_input: vec![Vec::new(); dims.num_layers],
             mlp_input: vec![Vec::new(); dims.num_layers],
             mlp_active: vec![Vec::new(); dims.num_layers],
             head_norms: vec![Vec::new(); dims.num_layers],
         };
         let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-        let input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, end]), device);
-        let mut cache = model.new_cache(1, end)?;
+        let input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, run_len]), device);
+        let mut cache = model.new_cache(1, run_len)?;
+        capture.last = end;
         model.forward_with(input, &mut cache, &mut capture)?;
         computed_tokens += end;
         for l in 0..dims.num_layers {

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Device call: record opt-mini's activations and train its predictors on the H100
+# (`--backend cuda`: CubeBackend without fusion, Autodiff over it for training), timing
+# each step. Expects dist/dejavu-train.xz and dist/corpus-head.txt.xz (the first 1643
+# documents of the shared corpus-train.txt.xz). Writes under $OUT: logs, recording.json,
+# the predictor folder's predictors.json, fit-report.json and fit-report.png.
+set -uo pipefail
+source bench/device/setup.sh
+exec > >(tee -a "$OUT/train.log") 2>&1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+rec=/tmp/rec
+pred=$OUT/predictors
+time timeout "${RECORD_LIMIT:-240}" dejavu-train record --backend cuda --dtype "${DTYPE:-f32}" \
+    --text dist/corpus-head.txt.xz --out "$rec" --rows "${ROWS:-400000}" --valid-rows "${VALID_ROWS:-20000}"
+cp "$rec/recording.json" "$OUT/" 2>/dev/null
+time timeout "${FIT_LIMIT:-300}" dejavu-train fit --backend cuda --recording "$rec" --out "$pred" \
+    --ranks "${RANKS:-128}" --epochs "${EPOCHS:-20}" --workers "${WORKERS:-4}" ${FIT_ARGS:-}
+rm -rf "$pred/training" "$pred/predictors.safetensors"
+ls -la "$OUT" "$pred"

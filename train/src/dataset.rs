@@ -122,33 +122,40 @@ impl Dataset<usize> for RowIndices {
     }
 }
 
+/// A batch for a run over several layers: the same token rows, each layer's input and
+/// labels.
 #[derive(Debug, Clone)]
 pub struct RowBatch<B: Backend> {
-    /// `[batch, hidden]`.
-    pub inputs: Tensor<B, 2>,
-    /// `[batch, outputs]`, 0.0 / 1.0.
-    pub targets: Tensor<B, 2>,
+    /// `[layers, batch, hidden]`.
+    pub inputs: Tensor<B, 3>,
+    /// `[layers, batch, outputs]`, 0.0 / 1.0.
+    pub targets: Tensor<B, 3>,
 }
 
+/// Builds [`RowBatch`]es from the rows of several layers (all recorded for the same
+/// tokens, so row `i` of each is the same token).
 #[derive(Clone)]
 pub struct RowBatcher {
-    pub rows: Arc<PairRows>,
+    pub layers: Vec<Arc<PairRows>>,
 }
 
 impl<B: Backend> Batcher<B, usize, RowBatch<B>> for RowBatcher {
     fn batch(&self, items: Vec<usize>, device: &B::Device) -> RowBatch<B> {
-        let r = &self.rows;
-        let (d, n, w) = (r.inputs_width, r.outputs, packed_len(r.outputs));
-        let mut x = Vec::with_capacity(items.len() * d);
-        let mut y = vec![0.0f32; items.len() * n];
-        for (i, &row) in items.iter().enumerate() {
-            x.extend(r.inputs[row * d..(row + 1) * d].iter().map(|v| v.to_f32()));
-            unpack_row_f32(&r.labels[row * w..(row + 1) * w], &mut y[i * n..(i + 1) * n]);
+        let first = &self.layers[0];
+        let (d, n, w) = (first.inputs_width, first.outputs, packed_len(first.outputs));
+        let (l, b) = (self.layers.len(), items.len());
+        let mut x = Vec::with_capacity(l * b * d);
+        let mut y = vec![0.0f32; l * b * n];
+        for (li, r) in self.layers.iter().enumerate() {
+            for (i, &row) in items.iter().enumerate() {
+                x.extend(r.inputs[row * d..(row + 1) * d].iter().map(|v| v.to_f32()));
+                let at = (li * b + i) * n;
+                unpack_row_f32(&r.labels[row * w..(row + 1) * w], &mut y[at..at + n]);
+            }
         }
-        let b = items.len();
         RowBatch {
-            inputs: Tensor::from_data(TensorData::new(x, [b, d]), device),
-            targets: Tensor::from_data(TensorData::new(y, [b, n]), device),
+            inputs: Tensor::from_data(TensorData::new(x, [l, b, d]), device),
+            targets: Tensor::from_data(TensorData::new(y, [l, b, n]), device),
         }
     }
 }

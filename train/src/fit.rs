@@ -15,7 +15,9 @@ use burn::optim::AdamWConfig;
 use burn::prelude::*;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
 use burn::tensor::backend::AutodiffBackend;
-use burn::train::checkpoint::{ComposedCheckpointingStrategy, KeepLastNCheckpoints, MetricCheckpointingStrategy};
+use burn::module::Param;
+use burn::tensor::{Distribution, TensorData};
+use burn::train::checkpoint::KeepLastNCheckpoints;
 use burn::train::metric::store::{Aggregate, Direction, Split as MetricSplit};
 use burn::train::{InferenceStep, Learner, LearnerSummary, MetricEarlyStoppingStrategy, StoppingCondition, SupervisedTraining, TrainOutput, TrainStep};
 use dejavu_predictor::{calibrate, Calibration, LayerEntry, LowRankClassifier, LowRankClassifierConfig, Manifest, OutputEntry, PredictorSet};
@@ -85,6 +87,7 @@ pub struct TrainedPredictor {
     /// The epoch kept (highest validation recall).
     pub best_epoch: usize,
     pub calibration: Calibration,
+    /// Wall time of the run that trained it (all layers of its kind and rank together).
     pub seconds: f64,
 }
 
@@ -103,39 +106,69 @@ pub struct FitReport {
 
 pub const REPORT_FILE: &str = "fit-report.json";
 
-/// The training module: the classifier and its loss weighting.
+/// The predictors of several layers (one kind, one rank) trained together: layer `i`'s
+/// classifier is `down[i]` (`[hidden, rank]`) then `up[i]` (`[rank, outputs]`), the
+/// layout of Burn's `Linear` weights, so a batched matmul runs all layers in one launch.
 #[derive(Module, Debug)]
-pub struct PredictorTraining<B: Backend> {
-    pub classifier: LowRankClassifier<B>,
-    /// Weight of a negative element in the loss (`w`).
-    pub negative_weight: f64,
+pub struct LayerPredictors<B: Backend> {
+    pub down: Param<Tensor<B, 3>>,
+    pub up: Param<Tensor<B, 3>>,
+    /// Per layer, the weight of a negative element in the loss (`w`).
+    pub negative_weights: Vec<f64>,
 }
 
-/// `softplus(z) = max(z, 0) + ln(1 + e^{−|z|})`, without overflow.
-fn softplus<B: Backend>(z: Tensor<B, 2>) -> Tensor<B, 2> {
-    z.clone().clamp_min(0.0) + z.abs().neg().exp().log1p()
-}
+impl<B: Backend> LayerPredictors<B> {
+    /// Burn's `Linear` initialisation (uniform in ±1/√fan_in) for each layer.
+    pub fn init(layers: usize, hidden: usize, rank: usize, outputs: usize, negative_weights: Vec<f64>, device: &B::Device) -> Self {
+        let uniform = |fan_in: usize| Distribution::Uniform(-1.0 / (fan_in as f64).sqrt(), 1.0 / (fan_in as f64).sqrt());
+        Self {
+            down: Param::from_tensor(Tensor::random([layers, hidden, rank], uniform(hidden), device)),
+            up: Param::from_tensor(Tensor::random([layers, rank, outputs], uniform(rank), device)),
+            negative_weights,
+        }
+    }
 
-impl<B: Backend> PredictorTraining<B> {
+    /// Logits `[layers, rows, outputs]` for inputs `[layers, rows, hidden]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        x.matmul(self.down.val()).matmul(self.up.val())
+    }
+
+    /// Layer `i` of the run as a standalone classifier.
+    pub fn classifier(&self, i: usize) -> LowRankClassifier<B> {
+        let [_, hidden, rank] = self.down.val().dims();
+        let [_, _, outputs] = self.up.val().dims();
+        let mut c = LowRankClassifierConfig::new(hidden, rank, outputs).init::<B>(&self.down.val().device());
+        c.down.weight = Param::from_tensor(self.down.val().slice([i..i + 1, 0..hidden, 0..rank]).reshape([hidden, rank]));
+        c.up.weight = Param::from_tensor(self.up.val().slice([i..i + 1, 0..rank, 0..outputs]).reshape([rank, outputs]));
+        c
+    }
+
     fn forward_step(&self, batch: RowBatch<B>) -> (Tensor<B, 1>, PredictorOutput<B>) {
-        let z = self.classifier.forward(batch.inputs);
+        let z = self.forward(batch.inputs);
         let y = batch.targets;
-        let [rows, outputs] = z.dims();
+        let [layers, rows, outputs] = z.dims();
+        let device = z.device();
+        let w = Tensor::<B, 1>::from_data(TensorData::new(self.negative_weights.iter().map(|&v| v as f32).collect::<Vec<_>>(), [layers]), &device)
+            .reshape([layers, 1, 1]);
         let sp = softplus(z.clone());
-        // softplus(−z) = softplus(z) − z.
-        let per_element = y.clone() * (sp.clone() - z.clone()) + (y.clone().neg() + 1.0) * sp * self.negative_weight;
-        let loss = per_element.mean();
+        // softplus(−z) = softplus(z) − z. The loss is summed over layers (each layer's
+        // mean), so every layer learns as it would alone.
+        let per_element = y.clone() * (sp.clone() - z.clone()) + (y.clone().neg() + 1.0) * sp * w;
+        let loss = per_element.mean().mul_scalar(layers as f64);
         let predicted = z.greater_elem(0.0).float();
-        let counts = Tensor::cat(
-            vec![(predicted.clone() * y.clone()).sum(), predicted.sum(), y.sum()],
-            0,
-        );
+        let per_layer = |t: Tensor<B, 3>| t.sum_dim(2).sum_dim(1).reshape([layers, 1]);
+        let counts = Tensor::cat(vec![per_layer(predicted.clone() * y.clone()), per_layer(predicted), per_layer(y)], 1);
         let output = PredictorOutput { loss: loss.clone().detach(), counts, rows, elements: rows * outputs };
         (loss, output)
     }
 }
 
-impl<B: AutodiffBackend> TrainStep for PredictorTraining<B> {
+/// `softplus(z) = max(z, 0) + ln(1 + e^{−|z|})`, without overflow.
+fn softplus<B: Backend, const D: usize>(z: Tensor<B, D>) -> Tensor<B, D> {
+    z.clone().clamp_min(0.0) + z.abs().neg().exp().log1p()
+}
+
+impl<B: AutodiffBackend> TrainStep for LayerPredictors<B> {
     type Input = RowBatch<B>;
     type Output = PredictorOutput<B>;
 
@@ -145,7 +178,7 @@ impl<B: AutodiffBackend> TrainStep for PredictorTraining<B> {
     }
 }
 
-impl<B: Backend> InferenceStep for PredictorTraining<B> {
+impl<B: Backend> InferenceStep for LayerPredictors<B> {
     type Input = RowBatch<B>;
     type Output = PredictorOutput<B>;
 
@@ -168,83 +201,81 @@ fn last_checkpoint(dir: &Path) -> Option<usize> {
         .max()
 }
 
-/// Reads the per-epoch metrics Burn logged under `dir`.
-fn epoch_metrics(dir: &Path, epochs: usize) -> Result<Vec<EpochMetrics>, TrainError> {
-    let names: Vec<&str> = Quantity::ALL.iter().map(|q| q.name()).collect();
-    let summary = LearnerSummary::new(dir, &names).map_err(|e| TrainError::recording(dir, format!("cannot read the training logs: {e}")))?;
+/// Reads the per-epoch metrics Burn logged under `dir` for model layer `layer`.
+fn epoch_metrics(summary: &LearnerSummary, layer: usize) -> Vec<EpochMetrics> {
     let value = |list: &[burn::train::MetricSummary], name: &str, epoch: usize| {
         list.iter().find(|m| m.name == name).and_then(|m| m.entries.iter().find(|e| e.step == epoch)).map(|e| e.value)
     };
-    Ok((1..=epochs.max(summary.epochs))
+    let valid = &summary.metrics.valid;
+    (1..=summary.epochs)
         .map(|epoch| EpochMetrics {
             epoch,
             train_loss: value(&summary.metrics.train, "Loss", epoch),
-            valid_loss: value(&summary.metrics.valid, "Loss", epoch),
-            recall: value(&summary.metrics.valid, "Recall", epoch),
-            precision: value(&summary.metrics.valid, "Precision", epoch),
-            predicted_density: value(&summary.metrics.valid, "Predicted density", epoch),
-            true_density: value(&summary.metrics.valid, "True density", epoch),
+            valid_loss: value(valid, "Loss", epoch),
+            recall: value(valid, &Quantity::Recall.layer_name(layer), epoch),
+            precision: value(valid, &Quantity::Precision.layer_name(layer), epoch),
+            predicted_density: value(valid, &Quantity::PredictedDensity.layer_name(layer), epoch),
+            true_density: value(valid, &Quantity::TrueDensity.layer_name(layer), epoch),
         })
         .filter(|m| m.recall.is_some())
-        .collect())
+        .collect()
 }
 
 /// Logits `[rows, outputs]` of `model` on every row of `rows`, on the host.
 fn all_logits<B: Backend>(model: &LowRankClassifier<B>, rows: &Arc<PairRows>, device: &B::Device) -> Vec<f32> {
-    let batcher = RowBatcher { rows: rows.clone() };
+    let batcher = RowBatcher { layers: vec![rows.clone()] };
     let mut out = Vec::with_capacity(rows.rows * rows.outputs);
     let step = 4096;
     for start in (0..rows.rows).step_by(step) {
         let items: Vec<usize> = (start..(start + step).min(rows.rows)).collect();
         let batch: RowBatch<B> = burn::data::dataloader::batcher::Batcher::batch(&batcher, items, device);
-        let logits = model.forward(batch.inputs);
+        let [_, b, d] = batch.inputs.dims();
+        let logits = model.forward(batch.inputs.reshape([b, d]));
         out.extend(logits.into_data().convert::<f32>().into_vec::<f32>().expect("f32"));
     }
     out
 }
 
-#[allow(clippy::too_many_arguments)]
-fn train_one<B: AutodiffBackend>(
-    options: &FitOptions,
-    work: &Path,
-    label: String,
+/// One run: the predictors of `layers` (model layer numbers) for one kind and rank.
+struct Run<'a> {
     kind: PredictorKind,
     rank: usize,
-    negative_weight: f64,
-    train: &Arc<PairRows>,
-    valid: &Arc<PairRows>,
-    device: &B::Device,
-) -> Result<(LowRankClassifier<B::InnerBackend>, Vec<EpochMetrics>, usize), TrainError> {
+    layers: Vec<usize>,
+    pairs: Vec<&'a crate::recording::Pair>,
+    train: Vec<Arc<PairRows>>,
+    valid: Vec<Arc<PairRows>>,
+}
+
+/// Trains one run with the Learner and returns, per layer, the classifier of its best
+/// epoch (highest validation recall of that layer) and its epoch metrics.
+fn train_run<B: AutodiffBackend>(options: &FitOptions, work: &Path, run: &Run, negative_weights: Vec<f64>, device: &B::Device) -> Result<Vec<(LowRankClassifier<B::InnerBackend>, Vec<EpochMetrics>, usize)>, TrainError> {
     let resume_epoch = if options.resume { last_checkpoint(work) } else { None };
     if resume_epoch.is_none() && work.exists() {
         std::fs::remove_dir_all(work).map_err(|source| TrainError::Io { path: work.to_path_buf(), source })?;
     }
     std::fs::create_dir_all(work).map_err(|source| TrainError::Io { path: work.to_path_buf(), source })?;
     B::seed(device, options.seed);
-    let model = PredictorTraining::<B> {
-        classifier: LowRankClassifierConfig::new(train.inputs_width, rank, train.outputs).init(device),
-        negative_weight,
-    };
-    let dl_train = DataLoaderBuilder::new(RowBatcher { rows: train.clone() })
+    let (hidden, outputs) = (run.train[0].inputs_width, run.train[0].outputs);
+    let model = LayerPredictors::<B>::init(run.layers.len(), hidden, run.rank, outputs, negative_weights.clone(), device);
+    let rows = run.train[0].rows;
+    let dl_train = DataLoaderBuilder::new(RowBatcher { layers: run.train.clone() })
         .batch_size(options.batch_size)
         .shuffle(options.seed)
         .num_workers(options.workers)
         .set_device(device.clone())
-        .build(RowIndices(train.rows));
-    let dl_valid = DataLoaderBuilder::<B::InnerBackend, _, _>::new(RowBatcher { rows: valid.clone() })
-        .batch_size(options.batch_size * 4)
+        // Whole batches only (at most batch − 1 rows unused): one batch shape, one set of
+        // kernels to compile and autotune on a GPU.
+        .build(RowIndices(((rows / options.batch_size).max(1) * options.batch_size).min(rows)));
+    let dl_valid = DataLoaderBuilder::<B::InnerBackend, _, _>::new(RowBatcher { layers: run.valid.clone() })
+        .batch_size(options.batch_size)
         .num_workers(options.workers)
         .set_device(device.clone())
-        .build(RowIndices(valid.rows));
+        .build(RowIndices(run.valid[0].rows));
     let recall = CountMetric::new(Quantity::Recall);
     let mut training = SupervisedTraining::new(work, dl_train, dl_valid)
         .with_file_checkpointer(Recorder::new())
-        .with_checkpointing_strategy(
-            ComposedCheckpointingStrategy::builder()
-                .add(KeepLastNCheckpoints::new(1))
-                .add(MetricCheckpointingStrategy::new(&recall, Aggregate::Mean, Direction::Highest, MetricSplit::Valid))
-                .build(),
-        )
+        // Every epoch is kept: each layer takes its own best epoch afterwards.
+        .with_checkpointing_strategy(KeepLastNCheckpoints::new(options.epochs.max(1)))
         .early_stopping(MetricEarlyStoppingStrategy::new(
             &recall,
             Aggregate::Mean,
@@ -253,17 +284,22 @@ fn train_one<B: AutodiffBackend>(
             StoppingCondition::NoImprovementSince { n_epochs: options.patience },
         ))
         .num_epochs(options.epochs)
-        .renderer(BarRenderer::new(label, options.progress))
+        .renderer(BarRenderer::new(format!("{} rank {} ({} layers)", run.kind.name(), run.rank, run.layers.len()), options.progress))
         .with_application_logger(None);
     for q in Quantity::ALL {
         training = training.metric_train_numeric(CountMetric::new(q)).metric_valid_numeric(CountMetric::new(q));
+    }
+    for (i, &layer) in run.layers.iter().enumerate() {
+        for q in [Quantity::Recall, Quantity::Precision, Quantity::PredictedDensity, Quantity::TrueDensity] {
+            training = training.metric_valid_numeric(CountMetric::for_layer(q, i, layer));
+        }
     }
     if let Some(epoch) = resume_epoch {
         if epoch < options.epochs {
             training = training.checkpoint(epoch);
         }
     }
-    let lr = match kind {
+    let lr = match run.kind {
         PredictorKind::Mlp => options.mlp_learning_rate,
         PredictorKind::Attention => options.attention_learning_rate,
     };
@@ -272,27 +308,37 @@ fn train_one<B: AutodiffBackend>(
         let _ = training.launch(Learner::new(model, optimizer, lr));
     }
 
-    let epochs = epoch_metrics(work, options.epochs)?;
-    // The checkpointing strategy keeps the last epoch and the one with the best
-    // validation recall; of the checkpoints on disk, take the best (the earliest on ties).
-    let kept: Vec<&EpochMetrics> = epochs.iter().filter(|e| work.join("checkpoint").join(format!("model-{}.mpk", e.epoch)).is_file()).collect();
-    let best = kept
-        .iter()
-        .fold(None::<&EpochMetrics>, |best, e| match best {
-            Some(b) if b.recall >= e.recall => Some(b),
-            _ => Some(e),
-        })
-        .ok_or_else(|| TrainError::recording(work.join("checkpoint"), "training left no model checkpoint"))?
-        .epoch;
-    let path = work.join("checkpoint").join(format!("model-{best}.mpk"));
-    let inner = PredictorTraining::<B::InnerBackend> {
-        classifier: LowRankClassifierConfig::new(train.inputs_width, rank, train.outputs).init(device),
-        negative_weight,
-    };
-    let inner = inner
-        .load_file(&path, &Recorder::new(), device)
-        .map_err(|e| TrainError::recording(&path, format!("cannot load the best checkpoint: {e}")))?;
-    Ok((inner.classifier, epochs, best))
+    let mut names: Vec<String> = Quantity::ALL.iter().map(|q| q.name().to_string()).collect();
+    for &layer in &run.layers {
+        for q in [Quantity::Recall, Quantity::Precision, Quantity::PredictedDensity, Quantity::TrueDensity] {
+            names.push(q.layer_name(layer));
+        }
+    }
+    let summary = LearnerSummary::new(work, &names).map_err(|e| TrainError::recording(work, format!("cannot read the training logs: {e}")))?;
+    let mut loaded: std::collections::BTreeMap<usize, LayerPredictors<B::InnerBackend>> = Default::default();
+    let mut out = Vec::new();
+    for (i, &layer) in run.layers.iter().enumerate() {
+        let epochs = epoch_metrics(&summary, layer);
+        // Of the epochs with a checkpoint on disk, the one with this layer's best
+        // validation recall (the earliest on ties).
+        let best = epochs
+            .iter()
+            .filter(|e| work.join("checkpoint").join(format!("model-{}.mpk", e.epoch)).is_file())
+            .fold(None::<&EpochMetrics>, |best, e| match best {
+                Some(b) if b.recall >= e.recall => Some(b),
+                _ => Some(e),
+            })
+            .ok_or_else(|| TrainError::recording(work.join("checkpoint"), "training left no model checkpoint"))?
+            .epoch;
+        if let std::collections::btree_map::Entry::Vacant(slot) = loaded.entry(best) {
+            let path = work.join("checkpoint").join(format!("model-{best}.mpk"));
+            let skeleton = LayerPredictors::<B::InnerBackend>::init(run.layers.len(), hidden, run.rank, outputs, negative_weights.clone(), device);
+            let model = skeleton.load_file(&path, &Recorder::new(), device).map_err(|e| TrainError::recording(&path, format!("cannot load the checkpoint: {e}")))?;
+            slot.insert(model);
+        }
+        out.push((loaded[&best].classifier(i), epochs, best));
+    }
+    Ok(out)
 }
 
 /// Trains, calibrates and writes the predictor folder; returns the report.
@@ -321,86 +367,93 @@ pub fn fit<B: AutodiffBackend>(options: &FitOptions, device: &B::Device) -> Resu
     let work_root = options.out.join("training");
     let mut trained: Vec<TrainedPredictor> = Vec::new();
 
-    for pair in &manifest.pairs {
-        if options.layers.as_ref().is_some_and(|l| !l.contains(&pair.layer)) {
+    for kind in [PredictorKind::Mlp, PredictorKind::Attention] {
+        let pairs: Vec<&crate::recording::Pair> = manifest
+            .pairs
+            .iter()
+            .filter(|p| PredictorKind::of(p) == kind && options.layers.as_ref().is_none_or(|l| l.contains(&p.layer)))
+            .collect();
+        if pairs.is_empty() {
             continue;
         }
-        let kind = PredictorKind::of(pair);
         let ranks = match kind {
             PredictorKind::Mlp => &options.mlp_ranks,
             PredictorKind::Attention => &options.attention_ranks,
         };
-        let mut data: Option<(Arc<PairRows>, Arc<PairRows>)> = None;
+        let mut data: Option<(Vec<Arc<PairRows>>, Vec<Arc<PairRows>>)> = None;
         for &rank in ranks {
-            let work = work_root.join(format!("{}-{:03}-r{rank}", kind.name(), pair.layer));
+            let work = work_root.join(format!("{}-r{rank}", kind.name()));
             let result_path = work.join("result.json");
             if options.resume && result_path.is_file() {
-                let done: TrainedPredictor = read_json(&result_path)?;
-                tracing::info!("{} layer {} rank {rank}: already trained", kind.name(), pair.layer);
-                trained.push(done);
+                let done: Vec<TrainedPredictor> = read_json(&result_path)?;
+                tracing::info!("{} rank {rank}: already trained", kind.name());
+                trained.extend(done);
                 continue;
             }
-            let (train, valid) = match &data {
-                Some(d) => d.clone(),
-                None => {
-                    let train = Arc::new(load_pair(&options.recording, &manifest, Split::Train, pair, options.head_fraction)?);
-                    let valid = Arc::new(load_pair(&options.recording, &manifest, Split::Valid, pair, options.head_fraction)?);
-                    data = Some((train.clone(), valid.clone()));
-                    (train, valid)
-                }
-            };
+            if data.is_none() {
+                let load = |split| pairs.iter().map(|p| load_pair(&options.recording, &manifest, split, p, options.head_fraction).map(Arc::new)).collect::<Result<Vec<_>, _>>();
+                data = Some((load(Split::Train)?, load(Split::Valid)?));
+            }
+            let (train, valid) = data.clone().expect("loaded above");
             let t0 = std::time::Instant::now();
             let offset = match kind {
                 PredictorKind::Mlp => 0.005,
                 PredictorKind::Attention => 0.0,
             };
-            let negative_weight = (train.positive_rate() + offset).min(1.0);
-            let label = format!("{} layer {:>2} rank {rank}", kind.name(), pair.layer);
-            let (classifier, epochs, best_epoch) = train_one::<B>(options, &work, label, kind, rank, negative_weight, &train, &valid, device)?;
-            let logits = all_logits(&classifier, &valid, device);
-            let labels: Vec<bool> = (0..valid.rows).flat_map(|r| (0..valid.outputs).map(move |j| (r, j))).map(|(r, j)| valid.label(r, j)).collect();
+            let negative_weights: Vec<f64> = train.iter().map(|t| (t.positive_rate() + offset).min(1.0)).collect();
+            let run = Run { kind, rank, layers: pairs.iter().map(|p| p.layer).collect(), pairs: pairs.clone(), train: train.clone(), valid: valid.clone() };
+            let per_layer = train_run::<B>(options, &work, &run, negative_weights.clone(), device)?;
+            let train_seconds = t0.elapsed().as_secs_f64();
             let target = match kind {
                 PredictorKind::Mlp => options.mlp_target_recall,
                 PredictorKind::Attention => options.attention_target_recall,
             };
-            let calibration = calibrate(&logits, &labels, valid.outputs, target)
-                .ok_or_else(|| TrainError::recording(&options.recording, format!("{} has no positive label in the validation rows", pair.label)))?;
-            let result = TrainedPredictor {
-                kind,
-                layer: pair.layer,
-                rank,
-                input: pair.input.clone(),
-                label: pair.label.clone(),
-                train_rows: train.rows,
-                valid_rows: valid.rows,
-                negative_weight,
-                epochs,
-                best_epoch,
-                calibration,
-                seconds: t0.elapsed().as_secs_f64(),
-            };
-            // The chosen weights beside the result, so a resumed run need not retrain.
-            let weights = work.join("best");
-            PredictorTraining { classifier, negative_weight }
-                .save_file(&weights, &Recorder::new())
-                .map_err(|e| TrainError::recording(&weights, e.to_string()))?;
-            write_json(&result_path, &result)?;
-            tracing::info!(
-                "{} layer {} rank {rank}: recall@thr {:.4} density {:.4} (true {:.4}), K {} recall@K {:.4}",
-                kind.name(),
-                pair.layer,
-                result.calibration.recall_at_threshold,
-                result.calibration.density_at_threshold,
-                result.calibration.true_density,
-                result.calibration.k,
-                result.calibration.recall_at_k
-            );
-            trained.push(result);
+            let mut results = Vec::new();
+            for (i, (classifier, epochs, best_epoch)) in per_layer.into_iter().enumerate() {
+                let (pair, valid) = (run.pairs[i], &valid[i]);
+                let logits = all_logits(&classifier, valid, device);
+                let labels: Vec<bool> = (0..valid.rows).flat_map(|r| (0..valid.outputs).map(move |j| (r, j))).map(|(r, j)| valid.label(r, j)).collect();
+                let calibration = calibrate(&logits, &labels, valid.outputs, target)
+                    .ok_or_else(|| TrainError::recording(&options.recording, format!("{} has no positive label in the validation rows", pair.label)))?;
+                // The chosen weights beside the result, so a resumed run need not retrain.
+                let weights = work.join(format!("best-{}", pair.layer));
+                classifier.save_file(&weights, &Recorder::new()).map_err(|e| TrainError::recording(&weights, e.to_string()))?;
+                let result = TrainedPredictor {
+                    kind,
+                    layer: pair.layer,
+                    rank,
+                    input: pair.input.clone(),
+                    label: pair.label.clone(),
+                    train_rows: train[i].rows,
+                    valid_rows: valid.rows,
+                    negative_weight: negative_weights[i],
+                    epochs,
+                    best_epoch,
+                    calibration,
+                    seconds: train_seconds,
+                };
+                let c = &result.calibration;
+                tracing::info!(
+                    "{} layer {} rank {rank}: recall {:.4} at density {:.4} by threshold (true density {:.4}); K {} recall {:.4}; best epoch {}",
+                    kind.name(),
+                    pair.layer,
+                    c.recall_at_threshold,
+                    c.density_at_threshold,
+                    c.true_density,
+                    c.k,
+                    c.recall_at_k,
+                    best_epoch
+                );
+                results.push(result);
+            }
+            write_json(&result_path, &results)?;
+            trained.extend(results);
         }
     }
 
     let chosen = choose_ranks(&trained);
     let mut layers: Vec<LayerEntry> = (0..dims.num_layers).map(|layer| LayerEntry { layer, mlp: None, attention: None }).collect();
+    let mut set_modules: Vec<(PredictorKind, usize, LowRankClassifier<B::InnerBackend>)> = Vec::new();
     for &(kind, layer, rank) in &chosen {
         let t = trained.iter().find(|t| t.kind == kind && t.layer == layer && t.rank == rank).expect("chosen from trained");
         let c = &t.calibration;
@@ -414,6 +467,16 @@ pub fn fit<B: AutodiffBackend>(options: &FitOptions, device: &B::Device) -> Resu
             threshold_density: Some(c.density_at_threshold),
             true_density: Some(c.true_density),
         });
+        let outputs = match kind {
+            PredictorKind::Mlp => dims.ffn_dim,
+            PredictorKind::Attention => dims.num_heads,
+        };
+        let weights = work_root.join(format!("{}-r{rank}", kind.name())).join(format!("best-{layer}"));
+        let module = LowRankClassifierConfig::new(dims.hidden_size, rank, outputs)
+            .init::<B::InnerBackend>(device)
+            .load_file(&weights, &Recorder::new(), device)
+            .map_err(|e| TrainError::recording(&weights, format!("cannot load trained weights: {e}")))?;
+        set_modules.push((kind, layer, module));
         match kind {
             PredictorKind::Mlp => layers[layer].mlp = entry,
             PredictorKind::Attention => layers[layer].attention = entry,
@@ -430,22 +493,10 @@ pub fn fit<B: AutodiffBackend>(options: &FitOptions, device: &B::Device) -> Resu
         layers,
     };
     let mut set = PredictorSet::<B::InnerBackend>::init(predictor_manifest, device)?;
-    for &(kind, layer, rank) in &chosen {
-        let weights = work_root.join(format!("{}-{:03}-r{rank}", kind.name(), layer)).join("best");
-        let t = trained.iter().find(|t| t.kind == kind && t.layer == layer && t.rank == rank).expect("chosen");
-        let outputs = match kind {
-            PredictorKind::Mlp => dims.ffn_dim,
-            PredictorKind::Attention => dims.num_heads,
-        };
-        let module = PredictorTraining::<B::InnerBackend> {
-            classifier: LowRankClassifierConfig::new(dims.hidden_size, rank, outputs).init(device),
-            negative_weight: t.negative_weight,
-        }
-        .load_file(&weights, &Recorder::new(), device)
-        .map_err(|e| TrainError::recording(&weights, format!("cannot load trained weights: {e}")))?;
+    for (kind, layer, module) in set_modules {
         match kind {
-            PredictorKind::Mlp => set.modules.mlp[layer] = Some(module.classifier),
-            PredictorKind::Attention => set.modules.attention[layer] = Some(module.classifier),
+            PredictorKind::Mlp => set.modules.mlp[layer] = Some(module),
+            PredictorKind::Attention => set.modules.attention[layer] = Some(module),
         }
     }
     set.save(&options.out)?;

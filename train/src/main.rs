@@ -100,6 +100,11 @@ enum Command {
         /// Documents are cut to this many tokens (</s> included)
         #[arg(long, default_value_t = 2048)]
         max_document_tokens: usize,
+        /// Run documents at lengths rounded up to a multiple of this (padding is not
+        /// recorded): fewer distinct shapes, less GPU autotuning; use the token limit on a
+        /// GPU for a single shape
+        #[arg(long, default_value_t = 256)]
+        length_bucket: usize,
         /// Approximate shard size in MB
         #[arg(long, default_value_t = 256)]
         shard_mb: usize,
@@ -217,7 +222,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     match Cli::parse().command {
-        Command::Record { model, text, out, rows, valid_rows, max_document_tokens, shard_mb, lookahead, backend, dtype, stop_after_shards } => {
+        Command::Record { model, text, out, rows, valid_rows, max_document_tokens, length_bucket, shard_mb, lookahead, backend, dtype, stop_after_shards } => {
             let text = text.unwrap_or_else(|| assets_dir().join("text/corpus-train.txt.xz"));
             if !text.is_file() {
                 bail!("calibration text {} does not exist (pass --text or set DEJAVU_ASSETS)", text.display());
@@ -229,6 +234,7 @@ fn main() -> anyhow::Result<()> {
                 train_rows: rows,
                 valid_rows,
                 max_document_tokens,
+                length_bucket,
                 shard_bytes: shard_mb.max(1) << 20,
                 lookahead: lookahead as usize,
                 dtype: dtype.dtype(),

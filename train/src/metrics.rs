@@ -1,10 +1,11 @@
-//! What a predictor's training step reports, and the Learner metrics computed from it.
+//! What a training step reports, and the Learner metrics computed from it.
 //!
-//! A step reduces its batch on the device to five numbers (loss, true positives, predicted
-//! positives, positives, elements), so syncing an iteration copies 6 floats, not the
-//! `[batch, outputs]` probabilities a `MultiLabelClassificationOutput` would. Each metric
-//! weights its per-batch value by its own denominator, so the epoch's mean is the exact
-//! micro-averaged value (Σ TP / Σ positives for recall), as the reference reports it.
+//! One run trains a predictor for every layer at once (see [`crate::fit`]). A step reduces
+//! its batch on the device to a few numbers per layer (true positives, predicted
+//! positives, positives) plus the loss, so syncing an iteration copies `3 · layers + 1`
+//! floats, not `[layers, batch, outputs]` probabilities. Each metric weights its per-batch
+//! value by its own denominator, so an epoch's mean is the exact micro-averaged value
+//! (Σ TP / Σ positives for recall), as the reference reports it.
 
 use std::sync::Arc;
 
@@ -17,9 +18,10 @@ use burn::train::metric::{Adaptor, ItemLazy, Metric, MetricAttributes, MetricMet
 pub struct PredictorOutput<B: Backend> {
     /// `[1]`.
     pub loss: Tensor<B, 1>,
-    /// `[3]`: true positives, predicted positives, positives.
-    pub counts: Tensor<B, 1>,
+    /// `[layers, 3]`: true positives, predicted positives, positives.
+    pub counts: Tensor<B, 2>,
     pub rows: usize,
+    /// Elements per layer (rows × outputs).
     pub elements: usize,
 }
 
@@ -28,10 +30,9 @@ pub struct PredictorOutput<B: Backend> {
 pub struct BatchCounts {
     pub loss: f64,
     pub rows: usize,
-    pub true_positives: f64,
-    pub predicted: f64,
-    pub positives: f64,
     pub elements: f64,
+    /// Per layer of the run: [true positives, predicted, positives].
+    pub layers: Vec<[f64; 3]>,
 }
 
 impl<B: Backend> ItemLazy for PredictorOutput<B> {
@@ -46,7 +47,7 @@ impl<B: Backend> ItemLazy for PredictorOutput<B> {
             .expect("two tensors registered");
         let loss = loss.convert::<f64>().into_vec::<f64>().expect("f64")[0];
         let c = counts.convert::<f64>().into_vec::<f64>().expect("f64");
-        BatchCounts { loss, rows: self.rows, true_positives: c[0], predicted: c[1], positives: c[2], elements: self.elements as f64 }
+        BatchCounts { loss, rows: self.rows, elements: self.elements as f64, layers: c.chunks(3).map(|x| [x[0], x[1], x[2]]).collect() }
     }
 }
 
@@ -68,7 +69,7 @@ pub enum Quantity {
 impl Quantity {
     pub const ALL: [Quantity; 5] = [Quantity::Loss, Quantity::Recall, Quantity::Precision, Quantity::PredictedDensity, Quantity::TrueDensity];
 
-    /// The metric's name in Burn's logs and summary.
+    /// The metric's name in Burn's logs and summary, over all layers of the run.
     pub fn name(self) -> &'static str {
         match self {
             Quantity::Loss => "Loss",
@@ -79,30 +80,46 @@ impl Quantity {
         }
     }
 
-    /// (value, weight) of a batch: the weight is the value's denominator.
-    fn of(self, c: &BatchCounts) -> (f64, f64) {
+    /// The name of this quantity for the run's `index`-th layer (model layer `layer`).
+    pub fn layer_name(self, layer: usize) -> String {
+        format!("{} L{layer}", self.name())
+    }
+
+    /// (value, weight) over `layers` (indices into the run's layers); the weight is the
+    /// value's denominator.
+    fn of(self, c: &BatchCounts, layers: &[usize]) -> (f64, f64) {
+        let sum = |k: usize| layers.iter().map(|&i| c.layers[i][k]).sum::<f64>();
+        let elements = c.elements * layers.len() as f64;
         let ratio = |num: f64, den: f64| if den > 0.0 { (num / den, den) } else { (0.0, 0.0) };
         match self {
             Quantity::Loss => (c.loss, c.rows as f64),
-            Quantity::Recall => ratio(c.true_positives, c.positives),
-            Quantity::Precision => ratio(c.true_positives, c.predicted),
-            Quantity::PredictedDensity => ratio(c.predicted, c.elements),
-            Quantity::TrueDensity => ratio(c.positives, c.elements),
+            Quantity::Recall => ratio(sum(0), sum(2)),
+            Quantity::Precision => ratio(sum(0), sum(1)),
+            Quantity::PredictedDensity => ratio(sum(1), elements),
+            Quantity::TrueDensity => ratio(sum(2), elements),
         }
     }
 }
 
-/// One of [`Quantity`] as a Burn metric (threshold: logit > 0, i.e. sigmoid > 0.5).
+/// One of [`Quantity`] as a Burn metric (threshold: logit > 0, i.e. sigmoid > 0.5), over
+/// all layers of the run or over one.
 #[derive(Clone)]
 pub struct CountMetric {
     quantity: Quantity,
+    /// `None`: all layers; `Some(i)`: the run's `i`-th layer.
+    layer: Option<usize>,
     name: MetricName,
     state: NumericMetricState,
 }
 
 impl CountMetric {
     pub fn new(quantity: Quantity) -> Self {
-        Self { quantity, name: Arc::new(quantity.name().to_string()), state: NumericMetricState::new() }
+        Self { quantity, layer: None, name: Arc::new(quantity.name().to_string()), state: NumericMetricState::new() }
+    }
+
+    /// The quantity for the run's `index`-th layer, which is model layer `layer`.
+    pub fn for_layer(quantity: Quantity, index: usize, layer: usize) -> Self {
+        Self { quantity, layer: Some(index), name: Arc::new(quantity.layer_name(layer)), state: NumericMetricState::new() }
     }
 }
 
@@ -114,9 +131,16 @@ impl Metric for CountMetric {
     }
 
     fn update(&mut self, item: &BatchCounts, _metadata: &MetricMetadata) -> SerializedEntry {
-        let (value, weight) = self.quantity.of(item);
-        // NumericMetricState weights by an integer count; the denominators are counts
-        // (rounded only for the loss's row count, which is exact).
+        let all: Vec<usize>;
+        let layers: &[usize] = match &self.layer {
+            Some(i) => std::slice::from_ref(i),
+            None => {
+                all = (0..item.layers.len()).collect();
+                &all
+            }
+        };
+        let (value, weight) = self.quantity.of(item, layers);
+        // NumericMetricState weights by an integer count; the denominators are counts.
         self.state.update(value, weight.round() as usize, FormatOptions::new(self.name()).precision(4))
     }
 

@@ -23,8 +23,6 @@ use crate::corpus::open_documents;
 use crate::error::TrainError;
 use crate::recording::*;
 
-/// Documents run at lengths rounded up to a multiple of this (see `record`).
-const LENGTH_BUCKET: usize = 256;
 /// OPT's `<pad>`.
 const PAD_TOKEN: u32 = 1;
 
@@ -37,6 +35,9 @@ pub struct RecordOptions {
     pub train_rows: usize,
     pub valid_rows: usize,
     pub max_document_tokens: usize,
+    /// Documents run at lengths rounded up to a multiple of this (capped at
+    /// `max_document_tokens`), see [`record`].
+    pub length_bucket: usize,
     /// Shards are cut at about this many bytes (at least one row).
     pub shard_bytes: usize,
     pub lookahead: usize,
@@ -231,6 +232,9 @@ fn plan_for(options: &RecordOptions) -> Result<RecordingPlan, TrainError> {
             options.max_document_tokens, config.max_position_embeddings
         )));
     }
+    if options.length_bucket == 0 {
+        return Err(TrainError::Other("--length-bucket must be positive".into()));
+    }
     if options.train_rows == 0 {
         return Err(TrainError::Other("--rows must be positive".into()));
     }
@@ -245,6 +249,7 @@ fn plan_for(options: &RecordOptions) -> Result<RecordingPlan, TrainError> {
         text: options.text.display().to_string(),
         text_bytes,
         max_document_tokens: options.max_document_tokens,
+        length_bucket: options.length_bucket,
         train_rows: options.train_rows,
         valid_rows: options.valid_rows,
         shard_rows: (options.shard_bytes / dims.row_bytes()).max(1),
@@ -407,11 +412,12 @@ pub fn record<B: Backend>(options: &RecordOptions, device: &B::Device) -> Result
             continue;
         }
         tokens.truncate(end);
-        // Run at a length rounded up to a multiple of 256 (within the token limit), padded
-        // with OPT's pad token after the text: causal attention keeps the kept rows
+        // Run at a length rounded up to a multiple of the bucket (within the token limit),
+        // padded with OPT's pad token after the text: causal attention keeps the kept rows
         // independent of the padding, and GPU backends then see a handful of shapes instead
         // of one per document (each new matmul shape costs seconds of autotuning).
-        let run_len = end.div_ceil(LENGTH_BUCKET).saturating_mul(LENGTH_BUCKET).min(plan.max_document_tokens).max(end);
+        let bucket = plan.length_bucket;
+        let run_len = end.div_ceil(bucket).saturating_mul(bucket).min(plan.max_document_tokens).max(end);
         tokens.resize(run_len, PAD_TOKEN);
 
         let mut capture = Capture {

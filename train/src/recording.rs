@@ -79,6 +79,9 @@ pub struct RecordingPlan {
     pub text_bytes: u64,
     /// Documents are cut to this many tokens (`</s>` included).
     pub max_document_tokens: usize,
+    /// Documents run at lengths rounded up to a multiple of this (padding after the text,
+    /// not recorded).
+    pub length_bucket: usize,
     pub train_rows: usize,
     pub valid_rows: usize,
     pub shard_rows: usize,

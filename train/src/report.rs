@@ -14,7 +14,7 @@ pub fn table(report: &FitReport) -> String {
     let mut out = String::new();
     out.push_str(&format!(
         "{:<9} {:>5} {:>5} {:>7} {:>8} {:>9} {:>9} {:>9} {:>6} {:>9} {:>6} {:>7}\n",
-        "predictor", "layer", "rank", "epochs", "true", "thr dens", "thr rec", "dens/true", "K", "recall@K", "K/n", "seconds"
+        "predictor", "layer", "rank", "epochs", "true", "thr dens", "thr rec", "dens/true", "K", "recall@K", "K/n", "run s"
     ));
     let mut rows: Vec<&TrainedPredictor> = report.trained.iter().collect();
     rows.sort_by_key(|t| (t.kind, t.layer, t.rank));

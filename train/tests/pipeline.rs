@@ -63,6 +63,7 @@ fn options(model: &Path, text: &Path, out: &Path) -> RecordOptions {
         train_rows: 900,
         valid_rows: 300,
         max_document_tokens: 64,
+        length_bucket: 16,
         // ~100 rows per shard for this model: several shards per split, cut mid-document.
         shard_bytes: 100 * 600,
         lookahead: 1,
@@ -162,10 +163,10 @@ fn record_then_fit_writes_calibrated_predictors() {
     assert_eq!(set.manifest.layers[1].attention.as_ref().unwrap().rank, 8);
 
     // A resumed fit keeps what is finished and writes the same folder.
-    let before = std::fs::read(out.join("predictors.json")).unwrap();
+    let before = std::fs::read_to_string(out.join("predictors.json")).unwrap();
     let again = fit::<Autodiff<Flex>>(&FitOptions { resume: true, ..fit_options.clone() }, &device).unwrap();
     assert_eq!(again.chosen, report.chosen);
-    assert_eq!(std::fs::read(out.join("predictors.json")).unwrap(), before);
+    assert_eq!(std::fs::read_to_string(out.join("predictors.json")).unwrap(), before);
 
     // A truncated shard is named in the error.
     let victim = rec.join(&manifest.shards[manifest.shards.len() - 1].file);

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataset::Dataset;
 use burn::prelude::*;
-use burn::tensor::TensorData;
+use burn::tensor::{ElementConversion, TensorData};
 use half::f16;
 
-use crate::bits::{count_ones, pack_row, packed_len, unpack_row_f32};
+use crate::bits::{count_ones, pack_row, packed_len};
 use crate::error::TrainError;
 use crate::recording::{Pair, RecordingManifest, Split};
 
@@ -145,17 +145,19 @@ impl<B: Backend> Batcher<B, usize, RowBatch<B>> for RowBatcher {
         let (d, n, w) = (first.inputs_width, first.outputs, packed_len(first.outputs));
         let (l, b) = (self.layers.len(), items.len());
         let mut x = Vec::with_capacity(l * b * d);
-        let mut y = vec![0.0f32; l * b * n];
-        for (li, r) in self.layers.iter().enumerate() {
-            for (i, &row) in items.iter().enumerate() {
+        let mut packed: Vec<i32> = Vec::with_capacity(l * b * w);
+        for r in &self.layers {
+            for &row in &items {
                 x.extend(r.inputs[row * d..(row + 1) * d].iter().map(|v| v.to_f32()));
-                let at = (li * b + i) * n;
-                unpack_row_f32(&r.labels[row * w..(row + 1) * w], &mut y[at..at + n]);
+                packed.extend(r.labels[row * w..(row + 1) * w].iter().map(|&v| v as i32));
             }
         }
-        RowBatch {
-            inputs: Tensor::from_data(TensorData::new(x, [l, b, d]), device),
-            targets: Tensor::from_data(TensorData::new(y, [l, b, n]), device),
-        }
+        // The labels travel packed (8 per byte) and are unpacked on the device: a batch of
+        // MLP labels is 1/8 of the bytes (and host work) it would be as floats.
+        let packed = Tensor::<B, 3, Int>::from_data(TensorData::new(packed, [l, b, w]), device);
+        let shifts = Tensor::<B, 1, Int>::arange(0..8, device).reshape([1, 1, 1, 8]).repeat(&[l, b, w, 1]);
+        let bits = packed.reshape([l, b, w, 1]).repeat_dim(3, 8).bitwise_right_shift(shifts).bitwise_and_scalar(1.elem());
+        let targets = bits.reshape([l, b, w * 8]).slice([0..l, 0..b, 0..n]).float();
+        RowBatch { inputs: Tensor::from_data(TensorData::new(x, [l, b, d]), device), targets }
     }
 }

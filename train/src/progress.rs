@@ -10,6 +10,9 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 pub struct BarRenderer {
     bar: ProgressBar,
     label: String,
+    /// The epoch last shown, to log one line per epoch (the bar is hidden in logs).
+    epoch: usize,
+    start: std::time::Instant,
 }
 
 impl BarRenderer {
@@ -19,7 +22,7 @@ impl BarRenderer {
             ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}").expect("valid template"),
         );
         bar.set_prefix(label.clone());
-        Self { bar, label }
+        Self { bar, label, epoch: 0, start: std::time::Instant::now() }
     }
 
     fn show(&mut self, item: &TrainingProgress, phase: &str) {
@@ -28,6 +31,10 @@ impl BarRenderer {
             self.bar.set_position(p.items_processed as u64);
         }
         let g = &item.global_progress;
+        if g.items_processed != self.epoch {
+            self.epoch = g.items_processed;
+            tracing::info!("{}: epoch {}/{} ({:.1} s)", self.label, g.items_processed, g.items_total, self.start.elapsed().as_secs_f64());
+        }
         self.bar.set_message(format!("epoch {}/{} {phase}", g.items_processed, g.items_total));
     }
 }

@@ -15,7 +15,7 @@ time timeout "${RECORD_LIMIT:-240}" dejavu-train record --backend cuda --dtype "
     --length-bucket "${LENGTH_BUCKET:-2048}"
 cp "$rec/recording.json" "$OUT/" 2>/dev/null
 time timeout "${FIT_LIMIT:-300}" dejavu-train fit --backend cuda --recording "$rec" --out "$pred" \
-    --ranks "${RANKS:-128}" --epochs "${EPOCHS:-20}" --workers "${WORKERS:-2}" ${FIT_ARGS:-}
+    --ranks "${RANKS:-128}" --epochs "${EPOCHS:-20}" --workers "${WORKERS:-0}" ${FIT_ARGS:-}
 for f in "$pred"/training/*/result.json; do d=$(dirname "$f"); cp "$f" "$OUT/result-$(basename "$d").json"; done
 rm -rf "$pred/training" "$pred/predictors.safetensors"
 # CubeCL's autotune results (kept in target/autotune of the working directory): carry them

@@ -15,7 +15,7 @@ use crate::error::TrainError;
 use crate::recording::{Pair, RecordingManifest, Split};
 
 /// Which predictor a [`Pair`] trains.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum PredictorKind {
     Mlp,

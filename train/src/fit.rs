@@ -52,6 +52,8 @@ pub struct FitOptions {
     pub attention_target_recall: f64,
     /// Train only these layers' predictors (all when `None`).
     pub layers: Option<Vec<usize>>,
+    /// Train only these kinds of predictor (both when empty).
+    pub kinds: Vec<PredictorKind>,
     pub seed: u64,
     pub workers: usize,
     /// Continue an interrupted run from its checkpoints instead of starting over.
@@ -368,6 +370,9 @@ pub fn fit<B: AutodiffBackend>(options: &FitOptions, device: &B::Device) -> Resu
     let mut trained: Vec<TrainedPredictor> = Vec::new();
 
     for kind in [PredictorKind::Mlp, PredictorKind::Attention] {
+        if !options.kinds.is_empty() && !options.kinds.contains(&kind) {
+            continue;
+        }
         let pairs: Vec<&crate::recording::Pair> = manifest
             .pairs
             .iter()

@@ -174,10 +174,16 @@ enum Command {
         /// Train only these layers (comma-separated)
         #[arg(long, value_delimiter = ',')]
         layers: Option<Vec<usize>>,
+        /// Train only these kinds of predictor (comma-separated) [default: both]
+        #[arg(long, value_enum, value_delimiter = ',')]
+        kinds: Vec<dejavu_train::dataset::PredictorKind>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Data-loading threads
-        #[arg(long, default_value_t = 2)]
+        /// Data-loading threads. 0 builds batches on the training thread; keep 0 with
+        /// --backend cuda: with loader threads GPU memory grew until allocation failed on
+        /// the H100 (tensors made on another thread's CubeCL stream were apparently not
+        /// reused)
+        #[arg(long, default_value_t = 0)]
         workers: usize,
         /// Continue an interrupted fit from its checkpoints (finished predictors are kept)
         #[arg(long)]
@@ -278,6 +284,7 @@ fn main() -> anyhow::Result<()> {
             target_recall,
             attention_target_recall,
             layers,
+            kinds,
             seed,
             workers,
             resume,
@@ -303,6 +310,7 @@ fn main() -> anyhow::Result<()> {
                 mlp_target_recall: target_recall,
                 attention_target_recall,
                 layers,
+                kinds,
                 seed,
                 workers,
                 resume,

@@ -134,6 +134,7 @@ fn record_then_fit_writes_calibrated_predictors() {
         mlp_target_recall: 0.9,
         attention_target_recall: 0.9,
         layers: None,
+        kinds: vec![],
         seed: 1,
         workers: 1,
         resume: false,

@@ -1,7 +1,7 @@
 //! `dejavu`: OPT inference — text generation and perplexity — on the CPU, wgpu or CUDA.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -9,6 +9,7 @@ use burn::prelude::Backend;
 use clap::{Args, Parser, Subcommand};
 use dejavu_model::runtime::{dispatch, BackendKind, BackendTask, Precision};
 use dejavu_model::{
+    default_model_dir,
     generate, load_model, perplexity, Dense, GenerateOptions, OptTokenizer, PerplexityMethod,
     PerplexityReport, Sampling,
 };
@@ -101,20 +102,6 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
     },
-}
-
-/// The bundled model: next to the sources when built from this checkout, else relative to
-/// the working directory (a copied checkout).
-fn default_model_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("DEJAVU_MODEL") {
-        return dir.into();
-    }
-    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/opt-mini");
-    if built.is_dir() {
-        built
-    } else {
-        PathBuf::from("assets/opt-mini")
-    }
 }
 
 impl ModelArgs {

@@ -26,4 +26,4 @@ pub use hooks::{Activation, Dense, ForwardHooks};
 pub use opt::Opt;
 pub use perplexity::{perplexity, PerplexityMethod, PerplexityReport};
 pub use tokenizer::OptTokenizer;
-pub use weights::{content_hash, load_config, load_model, WeightFiles};
+pub use weights::{content_hash, default_model_dir, load_config, load_model, WeightFiles};

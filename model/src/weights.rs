@@ -329,6 +329,21 @@ pub fn content_hash(dir: &Path) -> Result<String, ModelError> {
     Ok(format!("sha256:{}", digest.iter().map(|b| format!("{b:02x}")).collect::<String>()))
 }
 
+/// The bundled model folder, `assets/opt-mini`: `DEJAVU_MODEL` if set, else next to the
+/// sources when built from this checkout, else relative to the working directory (a
+/// copied checkout).
+pub fn default_model_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("DEJAVU_MODEL") {
+        return dir.into();
+    }
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/opt-mini");
+    if built.is_dir() {
+        built
+    } else {
+        PathBuf::from("assets/opt-mini")
+    }
+}
+
 /// Reads `config.json` from a model folder.
 pub fn load_config(dir: &Path) -> Result<OptConfig, ModelError> {
     let path = dir.join("config.json");

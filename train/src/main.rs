@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 use burn::backend::Autodiff;
 use burn::prelude::Backend;
 use clap::{Args, Parser, Subcommand};
+use dejavu_model::default_model_dir;
 use dejavu_model::runtime::{dispatch, BackendKind, BackendTask, Precision};
 use dejavu_train::{fit, record, report, FitOptions, RecordOptions, RecordOutcome};
 
@@ -39,19 +40,6 @@ fn assets_dir() -> PathBuf {
     std::env::var_os("DEJAVU_ASSETS")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"))
-}
-
-/// The bundled model (as `dejavu` uses it).
-fn default_model_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("DEJAVU_MODEL") {
-        return dir.into();
-    }
-    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/opt-mini");
-    if built.is_dir() {
-        built
-    } else {
-        PathBuf::from("assets/opt-mini")
-    }
 }
 
 #[derive(Args, Debug, Clone)]

@@ -61,6 +61,27 @@ fn register_font() -> Result<(), TrainError> {
     plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).map_err(|_| TrainError::Other(format!("{} is not a usable TrueType font", path.display())))
 }
 
+type Chart<'a, 'b> = ChartContext<'a, BitMapBackend<'b>, Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>>;
+type Line<'a> = (&'a str, RGBColor, Box<dyn Fn(&TrainedPredictor) -> f64>);
+
+/// Draws one labelled line per entry of `lines` (points per layer from `series`), with
+/// markers if asked, and the legend.
+fn draw_lines<'a>(chart: &mut Chart<'a, 'a>, lines: &[Line<'_>], series: &dyn Fn(&dyn Fn(&TrainedPredictor) -> f64) -> Vec<(f64, f64)>, markers: bool) -> Result<(), String> {
+    for (name, color, f) in lines.iter() {
+        let color = *color;
+        let points = series(f.as_ref());
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+            .map_err(|e| e.to_string())?
+            .label(*name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+        if markers {
+            chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(|e| e.to_string())?;
+        }
+    }
+    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).label_font(("sans-serif", 14)).draw().map_err(|e| e.to_string())
+}
+
 /// Draws the chosen predictors' recall and density per layer into `path` (PNG).
 pub fn plot(report: &FitReport, path: &Path) -> Result<(), TrainError> {
     register_font()?;
@@ -91,22 +112,12 @@ pub fn plot(report: &FitReport, path: &Path) -> Result<(), TrainError> {
             .build_cartesian_2d(first..last, 0.0..max_density.max(1e-3))
             .map_err(|e| draw_error(e.to_string()))?;
         chart.configure_mesh().x_labels(chosen.len() + 2).x_label_formatter(&|x| format!("{x:.0}")).x_desc("layer").y_desc("fraction of outputs").label_style(("sans-serif", 14)).draw().map_err(|e| draw_error(e.to_string()))?;
-        let lines: [(&str, RGBColor, Box<dyn Fn(&TrainedPredictor) -> f64>); 3] = [
+        let lines: [Line<'_>; 3] = [
             ("true density", BLACK, Box::new(|t| t.calibration.true_density)),
             ("predicted, logit ≥ threshold", BLUE, Box::new(|t| t.calibration.density_at_threshold)),
             ("predicted, top-K", RED, Box::new(|t| t.calibration.density_at_k)),
         ];
-        for (name, color, f) in lines.iter() {
-            let color = *color;
-            let points = series(f.as_ref());
-            chart
-                .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
-                .map_err(|e| draw_error(e.to_string()))?
-                .label(*name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
-            chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(|e| draw_error(e.to_string()))?;
-        }
-        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).label_font(("sans-serif", 14)).draw().map_err(|e| draw_error(e.to_string()))?;
+        draw_lines(&mut chart, &lines, &series, true).map_err(draw_error)?;
 
         let low = chosen.iter().map(|t| t.calibration.recall_at_threshold.min(t.calibration.recall_at_k)).fold(1.0, f64::min);
         let mut chart = ChartBuilder::on(&panels[2 + col])
@@ -117,20 +128,11 @@ pub fn plot(report: &FitReport, path: &Path) -> Result<(), TrainError> {
             .build_cartesian_2d(first..last, (low - 0.01).min(0.95)..1.0005)
             .map_err(|e| draw_error(e.to_string()))?;
         chart.configure_mesh().x_labels(chosen.len() + 2).x_label_formatter(&|x| format!("{x:.0}")).x_desc("layer").y_desc("recall").label_style(("sans-serif", 14)).draw().map_err(|e| draw_error(e.to_string()))?;
-        let lines: [(&str, RGBColor, Box<dyn Fn(&TrainedPredictor) -> f64>); 2] = [
+        let lines: [Line<'_>; 2] = [
             ("logit ≥ threshold", BLUE, Box::new(|t| t.calibration.recall_at_threshold)),
             ("top-K", RED, Box::new(|t| t.calibration.recall_at_k)),
         ];
-        for (name, color, f) in lines.iter() {
-            let color = *color;
-            let points = series(f.as_ref());
-            chart
-                .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
-                .map_err(|e| draw_error(e.to_string()))?
-                .label(*name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
-        }
-        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).label_font(("sans-serif", 14)).draw().map_err(|e| draw_error(e.to_string()))?;
+        draw_lines(&mut chart, &lines, &series, false).map_err(draw_error)?;
     }
     root.present().map_err(|e| draw_error(e.to_string()))?;
     Ok(())

@@ -119,70 +119,73 @@ enum Command {
     /// --target-recall on the validation rows are calibrated. With several --ranks, each is
     /// trained and the folder keeps, per layer, the smallest rank whose selected density is
     /// within 5% of the best rank's.
-    Fit {
-        /// A folder made by `dejavu-train record`
-        #[arg(long, value_name = "DIR")]
-        recording: PathBuf,
-        #[command(flatten)]
-        model: ModelArg,
-        /// Predictor folder to write (training state goes to DIR/training)
-        #[arg(long, value_name = "DIR")]
-        out: PathBuf,
-        /// Ranks of the MLP predictors to train (comma-separated)
-        #[arg(long, value_delimiter = ',', default_value = "128")]
-        ranks: Vec<usize>,
-        /// Ranks of the attention predictors [default: the --ranks]
-        #[arg(long, value_delimiter = ',')]
-        attention_ranks: Option<Vec<usize>>,
-        /// Most epochs per predictor
-        #[arg(long, default_value_t = 20)]
-        epochs: usize,
-        /// Stop after this many epochs without a better validation recall
-        #[arg(long, default_value_t = 5)]
-        patience: usize,
-        #[arg(long, default_value_t = 1024)]
-        batch_size: usize,
-        /// AdamW learning rate of the MLP predictors
-        #[arg(long, default_value_t = 1e-3)]
-        lr: f64,
-        /// AdamW learning rate of the attention predictors
-        #[arg(long, default_value_t = 1e-3)]
-        attention_lr: f64,
-        #[arg(long, default_value_t = 0.01)]
-        weight_decay: f64,
-        /// Attention label: this fraction of heads, by output norm, per token (at least one)
-        #[arg(long, default_value_t = 0.3)]
-        head_fraction: f64,
-        /// Recall the MLP calibration must reach on validation rows
-        #[arg(long, default_value_t = 0.99)]
-        target_recall: f64,
-        /// Recall the attention calibration must reach
-        #[arg(long, default_value_t = 0.99)]
-        attention_target_recall: f64,
-        /// Train only these layers (comma-separated)
-        #[arg(long, value_delimiter = ',')]
-        layers: Option<Vec<usize>>,
-        /// Train only these kinds of predictor (comma-separated) [default: both]
-        #[arg(long, value_enum, value_delimiter = ',')]
-        kinds: Vec<dejavu_train::dataset::PredictorKind>,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Data-loading threads. 0 builds batches on the training thread; keep 0 with
-        /// --backend cuda: with loader threads GPU memory grew until allocation failed on
-        /// the H100 (tensors made on another thread's CubeCL stream were apparently not
-        /// reused)
-        #[arg(long, default_value_t = 0)]
-        workers: usize,
-        /// Continue an interrupted fit from its checkpoints (finished predictors are kept)
-        #[arg(long)]
-        resume: bool,
-        /// Where to train: cpu (Flex) or cuda (CubeBackend without fusion) or wgpu
-        #[arg(long, value_enum, default_value = "cpu")]
-        backend: BackendKind,
-        /// The report plot [default: OUT/fit-report.png]
-        #[arg(long, value_name = "FILE")]
-        plot: Option<PathBuf>,
-    },
+    Fit(FitArgs),
+}
+
+#[derive(Args, Debug)]
+struct FitArgs {
+    /// A folder made by `dejavu-train record`
+    #[arg(long, value_name = "DIR")]
+    recording: PathBuf,
+    #[command(flatten)]
+    model: ModelArg,
+    /// Predictor folder to write (training state goes to DIR/training)
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Ranks of the MLP predictors to train (comma-separated)
+    #[arg(long, value_delimiter = ',', default_value = "128")]
+    ranks: Vec<usize>,
+    /// Ranks of the attention predictors [default: the --ranks]
+    #[arg(long, value_delimiter = ',')]
+    attention_ranks: Option<Vec<usize>>,
+    /// Most epochs per predictor
+    #[arg(long, default_value_t = 20)]
+    epochs: usize,
+    /// Stop after this many epochs without a better validation recall
+    #[arg(long, default_value_t = 5)]
+    patience: usize,
+    #[arg(long, default_value_t = 1024)]
+    batch_size: usize,
+    /// AdamW learning rate of the MLP predictors
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// AdamW learning rate of the attention predictors
+    #[arg(long, default_value_t = 1e-3)]
+    attention_lr: f64,
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    /// Attention label: this fraction of heads, by output norm, per token (at least one)
+    #[arg(long, default_value_t = 0.3)]
+    head_fraction: f64,
+    /// Recall the MLP calibration must reach on validation rows
+    #[arg(long, default_value_t = 0.99)]
+    target_recall: f64,
+    /// Recall the attention calibration must reach
+    #[arg(long, default_value_t = 0.99)]
+    attention_target_recall: f64,
+    /// Train only these layers (comma-separated)
+    #[arg(long, value_delimiter = ',')]
+    layers: Option<Vec<usize>>,
+    /// Train only these kinds of predictor (comma-separated) [default: both]
+    #[arg(long, value_enum, value_delimiter = ',')]
+    kinds: Vec<dejavu_train::dataset::PredictorKind>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Data-loading threads. 0 builds batches on the training thread; keep 0 with
+    /// --backend cuda: with loader threads GPU memory grew until allocation failed on
+    /// the H100 (tensors made on another thread's CubeCL stream were apparently not
+    /// reused)
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+    /// Continue an interrupted fit from its checkpoints (finished predictors are kept)
+    #[arg(long)]
+    resume: bool,
+    /// Where to train: cpu (Flex) or cuda (CubeBackend without fusion) or wgpu
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendKind,
+    /// The report plot [default: OUT/fit-report.png]
+    #[arg(long, value_name = "FILE")]
+    plot: Option<PathBuf>,
 }
 
 struct RecordTask(RecordOptions);
@@ -256,52 +259,31 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Fit {
-            recording,
-            model,
-            out,
-            ranks,
-            attention_ranks,
-            epochs,
-            patience,
-            batch_size,
-            lr,
-            attention_lr,
-            weight_decay,
-            head_fraction,
-            target_recall,
-            attention_target_recall,
-            layers,
-            kinds,
-            seed,
-            workers,
-            resume,
-            backend,
-            plot,
-        } => {
-            if !(0.0..=1.0).contains(&head_fraction) || !(0.0..=1.0).contains(&target_recall) || !(0.0..=1.0).contains(&attention_target_recall) {
+        Command::Fit(args) => {
+            if !(0.0..=1.0).contains(&args.head_fraction) || !(0.0..=1.0).contains(&args.target_recall) || !(0.0..=1.0).contains(&args.attention_target_recall) {
                 bail!("--head-fraction and the target recalls must be between 0 and 1");
             }
+            let (out, backend, plot) = (args.out.clone(), args.backend, args.plot.clone());
             let options = FitOptions {
-                recording,
-                model: model.dir()?,
-                out: out.clone(),
-                attention_ranks: attention_ranks.unwrap_or_else(|| ranks.clone()),
-                mlp_ranks: ranks,
-                epochs,
-                patience,
-                batch_size,
-                mlp_learning_rate: lr,
-                attention_learning_rate: attention_lr,
-                weight_decay,
-                head_fraction,
-                mlp_target_recall: target_recall,
-                attention_target_recall,
-                layers,
-                kinds,
-                seed,
-                workers,
-                resume,
+                recording: args.recording,
+                model: args.model.dir()?,
+                out: args.out,
+                attention_ranks: args.attention_ranks.unwrap_or_else(|| args.ranks.clone()),
+                mlp_ranks: args.ranks,
+                epochs: args.epochs,
+                patience: args.patience,
+                batch_size: args.batch_size,
+                mlp_learning_rate: args.lr,
+                attention_learning_rate: args.attention_lr,
+                weight_decay: args.weight_decay,
+                head_fraction: args.head_fraction,
+                mlp_target_recall: args.target_recall,
+                attention_target_recall: args.attention_target_recall,
+                layers: args.layers,
+                kinds: args.kinds,
+                seed: args.seed,
+                workers: args.workers,
+                resume: args.resume,
                 progress,
             };
             let report = dispatch(backend, Precision::F32, FitTask(options)).context("training the predictors")?;

@@ -4,12 +4,11 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use burn::prelude::Backend;
 use clap::{Args, Parser, Subcommand};
-use dejavu_model::runtime::{dispatch, BackendKind, BackendTask, Precision};
+use dejavu_model::runtime::{dispatch, model_dir, BackendKind, BackendTask, Precision};
 use dejavu_model::{
-    default_model_dir,
     generate, load_model, perplexity, Dense, GenerateOptions, OptTokenizer, PerplexityMethod,
     PerplexityReport, Sampling,
 };
@@ -106,14 +105,7 @@ enum Command {
 
 impl ModelArgs {
     fn dir(&self) -> anyhow::Result<PathBuf> {
-        let dir = self.model.clone().unwrap_or_else(default_model_dir);
-        if !dir.is_dir() {
-            bail!(
-                "model folder {} does not exist (expected a Hugging Face OPT folder with config.json)",
-                dir.display()
-            );
-        }
-        Ok(dir)
+        model_dir(self.model.as_deref())
     }
 }
 

@@ -6,6 +6,19 @@ use anyhow::{bail, Context};
 use burn::prelude::Backend;
 use burn::tensor::DType;
 
+/// The model folder a command-line `--model` names, or the bundled one
+/// ([`crate::default_model_dir`]); an error when the folder does not exist.
+pub fn model_dir(arg: Option<&std::path::Path>) -> anyhow::Result<std::path::PathBuf> {
+    let dir = arg.map(std::path::Path::to_path_buf).unwrap_or_else(crate::default_model_dir);
+    if !dir.is_dir() {
+        bail!(
+            "model folder {} does not exist (expected a Hugging Face OPT folder with config.json)",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {

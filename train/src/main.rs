@@ -8,8 +8,7 @@ use anyhow::{bail, Context};
 use burn::backend::Autodiff;
 use burn::prelude::Backend;
 use clap::{Args, Parser, Subcommand};
-use dejavu_model::default_model_dir;
-use dejavu_model::runtime::{dispatch, BackendKind, BackendTask, Precision};
+use dejavu_model::runtime::{dispatch, model_dir, BackendKind, BackendTask, Precision};
 use dejavu_train::{fit, record, report, FitOptions, RecordOptions, RecordOutcome};
 
 #[derive(Parser, Debug)]
@@ -51,11 +50,7 @@ struct ModelArg {
 
 impl ModelArg {
     fn dir(&self) -> anyhow::Result<PathBuf> {
-        let dir = self.model.clone().unwrap_or_else(default_model_dir);
-        if !dir.is_dir() {
-            bail!("model folder {} does not exist (expected a Hugging Face OPT folder with config.json)", dir.display());
-        }
-        Ok(dir)
+        model_dir(self.model.as_deref())
     }
 }
 

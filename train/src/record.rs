@@ -155,26 +155,21 @@ impl<B: Backend> ForwardHooks<B> for Capture {
     }
 }
 
-/// Where recording continues: the rows each split already has, and the next document and
-/// position.
+/// Where recording stands: per split (indexed by [`Split::slot`]) the rows written, the
+/// next shard index and the documents the rows came from; and the document and position
+/// the next rows start at.
 #[derive(Debug, Default, Clone)]
 struct Cursor {
-    valid_rows: usize,
-    train_rows: usize,
+    rows: [usize; 2],
     next_index: [usize; 2],
+    documents: [std::collections::BTreeSet<u32>; 2],
     document: usize,
     position: usize,
 }
 
-fn split_slot(split: Split) -> usize {
-    match split {
-        Split::Valid => 0,
-        Split::Train => 1,
-    }
-}
-
-/// Checks the complete shards already in `out` and returns them with the cursor after the
-/// last one. Leftover temporary files of an interrupted write are removed.
+/// Checks the complete shards already in `out` (each opened once) and returns them with
+/// the cursor after the last one. Leftover temporary files of an interrupted write are
+/// removed.
 fn scan_existing(out: &Path, plan: &RecordingPlan) -> Result<(Vec<ShardEntry>, Cursor), TrainError> {
     let mut entries = Vec::new();
     let mut cursor = Cursor::default();
@@ -196,18 +191,18 @@ fn scan_existing(out: &Path, plan: &RecordingPlan) -> Result<(Vec<ShardEntry>, C
             if shard.meta.split != split || shard.meta.index != index {
                 return Err(TrainError::recording(&path, "its metadata names another split or index"));
             }
-            match split {
-                Split::Valid => cursor.valid_rows += shard.meta.rows,
-                Split::Train => cursor.train_rows += shard.meta.rows,
+            cursor.rows[split.slot()] += shard.meta.rows;
+            for chunk in shard.bytes("document")?.chunks(4) {
+                cursor.documents[split.slot()].insert(u32::from_le_bytes(chunk.try_into().expect("4 bytes")));
             }
             cursor.document = shard.meta.next_document;
             cursor.position = shard.meta.next_position;
             entries.push(ShardEntry { file, meta: shard.meta });
             index += 1;
         }
-        cursor.next_index[split_slot(split)] = index;
+        cursor.next_index[split.slot()] = index;
     }
-    if cursor.next_index[1] > 0 && cursor.valid_rows < plan.valid_rows && cursor.next_index[0] > 0 {
+    if cursor.next_index[1] > 0 && cursor.rows[0] < plan.valid_rows && cursor.next_index[0] > 0 {
         // Training shards exist although validation is short: only possible when the
         // text ran out during validation, which the manifest would have recorded.
         return Err(TrainError::recording(out, "training shards exist but the validation split is incomplete"));
@@ -311,22 +306,19 @@ impl ShardWriter<'_> {
         cursor: &mut Cursor,
         shards: &mut Vec<ShardEntry>,
     ) -> Result<bool, TrainError> {
-        let slot = split_slot(split);
+        let slot = split.slot();
         let meta = ShardMeta { split, index: cursor.next_index[slot], rows, next_document: next.0, next_position: next.1 };
         let file = shard_file(split, meta.index);
         let bytes = serialize_shard(&meta, buffer.take(rows))?;
         write_atomically(&self.out.join(&file), &bytes)?;
         cursor.next_index[slot] += 1;
-        match split {
-            Split::Valid => cursor.valid_rows += rows,
-            Split::Train => cursor.train_rows += rows,
-        }
+        cursor.rows[slot] += rows;
         cursor.document = next.0;
         cursor.position = next.1;
         tracing::info!(
             "wrote {file}: {rows} rows; {} validation and {} training rows so far",
-            cursor.valid_rows,
-            cursor.train_rows
+            cursor.rows[0],
+            cursor.rows[1]
         );
         shards.push(ShardEntry { file, meta });
         self.written_now += 1;
@@ -354,7 +346,7 @@ pub fn record<B: Backend>(options: &RecordOptions, device: &B::Device) -> Result
     let (mut shards, mut cursor) = scan_existing(out, &plan)?;
     let dims = plan.dims;
     let total_rows = plan.train_rows + plan.valid_rows;
-    let done_rows = cursor.train_rows + cursor.valid_rows;
+    let done_rows = cursor.rows[0] + cursor.rows[1];
     let bytes_needed = ((total_rows - done_rows.min(total_rows)) as u64 + plan.shard_rows as u64) * dims.row_bytes() as u64;
     check_disk(out, bytes_needed)?;
     if done_rows > 0 {
@@ -373,27 +365,15 @@ pub fn record<B: Backend>(options: &RecordOptions, device: &B::Device) -> Result
     bar.set_position(done_rows as u64);
 
     let mut buffer = ShardBuffer::new(dims);
-    let mut documents_per_split = [std::collections::BTreeSet::new(), std::collections::BTreeSet::new()];
-    for s in &shards {
-        // Document counts of already-written shards come from their `document` tensors.
-        let shard = Shard::open(&out.join(&s.file), &dims)?;
-        for chunk in shard.bytes("document")?.chunks(4) {
-            documents_per_split[split_slot(s.meta.split)].insert(u32::from_le_bytes(chunk.try_into().expect("4 bytes")));
-        }
-    }
     let start = Instant::now();
     let mut computed_tokens = 0usize;
 
-    let target = |split: Split| match split {
-        Split::Valid => plan.valid_rows,
-        Split::Train => plan.train_rows,
-    };
-    let mut split = if cursor.valid_rows >= plan.valid_rows { Split::Train } else { Split::Valid };
+    let mut split = if cursor.rows[0] >= plan.valid_rows { Split::Train } else { Split::Valid };
 
     let mut writer = ShardWriter { out, written_now: 0, stop_after: options.stop_after_shards };
     let documents = open_documents(&options.text)?;
     'documents: for (index, document) in documents.enumerate().skip(cursor.document) {
-        if split == Split::Train && cursor.train_rows >= plan.train_rows {
+        if split == Split::Train && cursor.rows[1] >= plan.train_rows {
             break;
         }
         let text = document?;
@@ -403,11 +383,8 @@ pub fn record<B: Backend>(options: &RecordOptions, device: &B::Device) -> Result
         let cut = text.char_indices().nth(options.max_document_tokens * 64).map_or(text.len(), |(i, _)| i);
         let mut tokens = tokenizer.encode(&text[..cut])?;
         tokens.truncate(plan.max_document_tokens);
-        let done = match split {
-            Split::Valid => cursor.valid_rows,
-            Split::Train => cursor.train_rows,
-        } + buffer.rows();
-        let end = tokens.len().min(skip + (target(split) - done));
+        let done = cursor.rows[split.slot()] + buffer.rows();
+        let end = tokens.len().min(skip + (plan.rows(split) - done));
         if end <= skip {
             continue;
         }
@@ -431,7 +408,6 @@ pub fn record<B: Backend>(options: &RecordOptions, device: &B::Device) -> Result
         let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
         let input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, run_len]), device);
         let mut cache = model.new_cache(1, run_len)?;
-        capture.last = end;
         model.forward_with(input, &mut cache, &mut capture)?;
         computed_tokens += end;
         for l in 0..dims.num_layers {
@@ -441,11 +417,11 @@ pub fn record<B: Backend>(options: &RecordOptions, device: &B::Device) -> Result
             buffer.head_norms[l].append(&mut capture.head_norms[l]);
         }
         buffer.origin.extend((skip..end).map(|p| (index as u32, p as u32)));
-        documents_per_split[split_slot(split)].insert(index as u32);
+        cursor.documents[split.slot()].insert(index as u32);
         bar.inc((end - skip) as u64);
         bar.set_message(format!("{:.0} tokens/s computed", computed_tokens as f64 / start.elapsed().as_secs_f64()));
 
-        let split_done = done + (end - skip) >= target(split);
+        let split_done = done + (end - skip) >= plan.rows(split);
         while buffer.rows() >= plan.shard_rows {
             let rows = plan.shard_rows;
             let next = if buffer.rows() > rows {
@@ -482,24 +458,24 @@ pub fn record<B: Backend>(options: &RecordOptions, device: &B::Device) -> Result
         writer.flush(&mut buffer, split, rows, next, &mut cursor, &mut shards)?;
     }
     bar.finish();
-    if cursor.valid_rows < plan.valid_rows || cursor.train_rows < plan.train_rows {
+    if cursor.rows[0] < plan.valid_rows || cursor.rows[1] < plan.train_rows {
         tracing::warn!(
             "{} ran out of documents: {} validation and {} training rows recorded of {} and {} planned",
             options.text.display(),
-            cursor.valid_rows,
-            cursor.train_rows,
+            cursor.rows[0],
+            cursor.rows[1],
             plan.valid_rows,
             plan.train_rows
         );
     }
-    if cursor.train_rows == 0 {
+    if cursor.rows[1] == 0 {
         return Err(TrainError::Input { path: options.text.clone(), what: "no training rows: the text has too few documents".into() });
     }
     let manifest = RecordingManifest {
-        train_rows: cursor.train_rows,
-        valid_rows: cursor.valid_rows,
-        train_documents: documents_per_split[1].len(),
-        valid_documents: documents_per_split[0].len(),
+        train_rows: cursor.rows[1],
+        valid_rows: cursor.rows[0],
+        train_documents: cursor.documents[1].len(),
+        valid_documents: cursor.documents[0].len(),
         pairs: pairs(&dims, plan.lookahead),
         shards,
         plan,

@@ -41,6 +41,14 @@ pub enum Split {
 }
 
 impl Split {
+    /// Index of the split in per-split arrays: validation 0, training 1.
+    pub fn slot(self) -> usize {
+        match self {
+            Split::Valid => 0,
+            Split::Train => 1,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Split::Valid => "valid",
@@ -89,6 +97,16 @@ pub struct RecordingPlan {
     pub lookahead: usize,
     /// dtype the model ran in (recorded values are stored as F16 whatever it is).
     pub compute_dtype: String,
+}
+
+impl RecordingPlan {
+    /// Rows planned for `split`.
+    pub fn rows(&self, split: Split) -> usize {
+        match split {
+            Split::Valid => self.valid_rows,
+            Split::Train => self.train_rows,
+        }
+    }
 }
 
 /// One input/label pairing that training uses (see [`pairs`]).

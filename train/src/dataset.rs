@@ -12,7 +12,7 @@ use half::f16;
 
 use crate::bits::{count_ones, pack_row, packed_len};
 use crate::error::TrainError;
-use crate::recording::{Pair, RecordingManifest, Split};
+use crate::recording::{Dims, Pair, RecordingManifest, Split};
 
 /// Which predictor a [`Pair`] trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
@@ -35,6 +35,14 @@ impl PredictorKind {
         match self {
             PredictorKind::Mlp => "mlp",
             PredictorKind::Attention => "attention",
+        }
+    }
+
+    /// Outputs a predictor of this kind scores: the ffn neurons or the heads.
+    pub fn outputs(self, dims: &Dims) -> usize {
+        match self {
+            PredictorKind::Mlp => dims.ffn_dim,
+            PredictorKind::Attention => dims.num_heads,
         }
     }
 }
@@ -74,10 +82,7 @@ pub fn top_heads(heads: usize, fraction: f64) -> usize {
 pub fn load_pair(dir: &Path, manifest: &RecordingManifest, split: Split, pair: &Pair, head_fraction: f64) -> Result<PairRows, TrainError> {
     let dims = manifest.plan.dims;
     let kind = PredictorKind::of(pair);
-    let outputs = match kind {
-        PredictorKind::Mlp => dims.ffn_dim,
-        PredictorKind::Attention => dims.num_heads,
-    };
+    let outputs = kind.outputs(&dims);
     let mut inputs = Vec::new();
     let mut labels = Vec::new();
     let mut rows = 0;

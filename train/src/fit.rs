@@ -61,6 +61,29 @@ pub struct FitOptions {
     pub progress: bool,
 }
 
+impl FitOptions {
+    fn ranks(&self, kind: PredictorKind) -> &[usize] {
+        match kind {
+            PredictorKind::Mlp => &self.mlp_ranks,
+            PredictorKind::Attention => &self.attention_ranks,
+        }
+    }
+
+    fn learning_rate(&self, kind: PredictorKind) -> f64 {
+        match kind {
+            PredictorKind::Mlp => self.mlp_learning_rate,
+            PredictorKind::Attention => self.attention_learning_rate,
+        }
+    }
+
+    fn target_recall(&self, kind: PredictorKind) -> f64 {
+        match kind {
+            PredictorKind::Mlp => self.mlp_target_recall,
+            PredictorKind::Attention => self.attention_target_recall,
+        }
+    }
+}
+
 /// One epoch's validation (and training) metrics.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EpochMetrics {
@@ -238,11 +261,10 @@ fn all_logits<B: Backend>(model: &LowRankClassifier<B>, rows: &Arc<PairRows>, de
     out
 }
 
-/// One run: the predictors of `layers` (model layer numbers) for one kind and rank.
+/// One run: the predictors of the layers of `pairs` for one kind and rank.
 struct Run<'a> {
     kind: PredictorKind,
     rank: usize,
-    layers: Vec<usize>,
     pairs: Vec<&'a crate::recording::Pair>,
     train: Vec<Arc<PairRows>>,
     valid: Vec<Arc<PairRows>>,
@@ -258,7 +280,7 @@ fn train_run<B: AutodiffBackend>(options: &FitOptions, work: &Path, run: &Run, n
     std::fs::create_dir_all(work).map_err(|source| TrainError::Io { path: work.to_path_buf(), source })?;
     B::seed(device, options.seed);
     let (hidden, outputs) = (run.train[0].inputs_width, run.train[0].outputs);
-    let model = LayerPredictors::<B>::init(run.layers.len(), hidden, run.rank, outputs, negative_weights.clone(), device);
+    let model = LayerPredictors::<B>::init(run.pairs.len(), hidden, run.rank, outputs, negative_weights.clone(), device);
     let rows = run.train[0].rows;
     let dl_train = DataLoaderBuilder::new(RowBatcher { layers: run.train.clone() })
         .batch_size(options.batch_size)
@@ -286,14 +308,14 @@ fn train_run<B: AutodiffBackend>(options: &FitOptions, work: &Path, run: &Run, n
             StoppingCondition::NoImprovementSince { n_epochs: options.patience },
         ))
         .num_epochs(options.epochs)
-        .renderer(BarRenderer::new(format!("{} rank {} ({} layers)", run.kind.name(), run.rank, run.layers.len()), options.progress))
+        .renderer(BarRenderer::new(format!("{} rank {} ({} layers)", run.kind.name(), run.rank, run.pairs.len()), options.progress))
         .with_application_logger(None);
     for q in Quantity::ALL {
         training = training.metric_train_numeric(CountMetric::new(q)).metric_valid_numeric(CountMetric::new(q));
     }
-    for (i, &layer) in run.layers.iter().enumerate() {
-        for q in [Quantity::Recall, Quantity::Precision, Quantity::PredictedDensity, Quantity::TrueDensity] {
-            training = training.metric_valid_numeric(CountMetric::for_layer(q, i, layer));
+    for (i, pair) in run.pairs.iter().enumerate() {
+        for q in Quantity::PER_LAYER {
+            training = training.metric_valid_numeric(CountMetric::for_layer(q, i, pair.layer));
         }
     }
     if let Some(epoch) = resume_epoch {
@@ -301,26 +323,23 @@ fn train_run<B: AutodiffBackend>(options: &FitOptions, work: &Path, run: &Run, n
             training = training.checkpoint(epoch);
         }
     }
-    let lr = match run.kind {
-        PredictorKind::Mlp => options.mlp_learning_rate,
-        PredictorKind::Attention => options.attention_learning_rate,
-    };
+    let lr = options.learning_rate(run.kind);
     let optimizer = AdamWConfig::new().with_weight_decay(options.weight_decay as f32).init();
     if resume_epoch.is_none_or(|e| e < options.epochs) {
         let _ = training.launch(Learner::new(model, optimizer, lr));
     }
 
     let mut names: Vec<String> = Quantity::ALL.iter().map(|q| q.name().to_string()).collect();
-    for &layer in &run.layers {
-        for q in [Quantity::Recall, Quantity::Precision, Quantity::PredictedDensity, Quantity::TrueDensity] {
-            names.push(q.layer_name(layer));
+    for pair in &run.pairs {
+        for q in Quantity::PER_LAYER {
+            names.push(q.layer_name(pair.layer));
         }
     }
     let summary = LearnerSummary::new(work, &names).map_err(|e| TrainError::recording(work, format!("cannot read the training logs: {e}")))?;
     let mut loaded: std::collections::BTreeMap<usize, LayerPredictors<B::InnerBackend>> = Default::default();
     let mut out = Vec::new();
-    for (i, &layer) in run.layers.iter().enumerate() {
-        let epochs = epoch_metrics(&summary, layer);
+    for (i, pair) in run.pairs.iter().enumerate() {
+        let epochs = epoch_metrics(&summary, pair.layer);
         // Of the epochs with a checkpoint on disk, the one with this layer's best
         // validation recall (the earliest on ties).
         let best = epochs
@@ -334,7 +353,7 @@ fn train_run<B: AutodiffBackend>(options: &FitOptions, work: &Path, run: &Run, n
             .epoch;
         if let std::collections::btree_map::Entry::Vacant(slot) = loaded.entry(best) {
             let path = work.join("checkpoint").join(format!("model-{best}.mpk"));
-            let skeleton = LayerPredictors::<B::InnerBackend>::init(run.layers.len(), hidden, run.rank, outputs, negative_weights.clone(), device);
+            let skeleton = LayerPredictors::<B::InnerBackend>::init(run.pairs.len(), hidden, run.rank, outputs, negative_weights.clone(), device);
             let model = skeleton.load_file(&path, &Recorder::new(), device).map_err(|e| TrainError::recording(&path, format!("cannot load the checkpoint: {e}")))?;
             slot.insert(model);
         }
@@ -381,12 +400,8 @@ pub fn fit<B: AutodiffBackend>(options: &FitOptions, device: &B::Device) -> Resu
         if pairs.is_empty() {
             continue;
         }
-        let ranks = match kind {
-            PredictorKind::Mlp => &options.mlp_ranks,
-            PredictorKind::Attention => &options.attention_ranks,
-        };
         let mut data: Option<(Vec<Arc<PairRows>>, Vec<Arc<PairRows>>)> = None;
-        for &rank in ranks {
+        for &rank in options.ranks(kind) {
             let work = work_root.join(format!("{}-r{rank}", kind.name()));
             let result_path = work.join("result.json");
             if options.resume && result_path.is_file() {
@@ -406,13 +421,10 @@ pub fn fit<B: AutodiffBackend>(options: &FitOptions, device: &B::Device) -> Resu
                 PredictorKind::Attention => 0.0,
             };
             let negative_weights: Vec<f64> = train.iter().map(|t| (t.positive_rate() + offset).min(1.0)).collect();
-            let run = Run { kind, rank, layers: pairs.iter().map(|p| p.layer).collect(), pairs: pairs.clone(), train: train.clone(), valid: valid.clone() };
+            let run = Run { kind, rank, pairs: pairs.clone(), train: train.clone(), valid: valid.clone() };
             let per_layer = train_run::<B>(options, &work, &run, negative_weights.clone(), device)?;
             let train_seconds = t0.elapsed().as_secs_f64();
-            let target = match kind {
-                PredictorKind::Mlp => options.mlp_target_recall,
-                PredictorKind::Attention => options.attention_target_recall,
-            };
+            let target = options.target_recall(kind);
             let mut results = Vec::new();
             for (i, (classifier, epochs, best_epoch)) in per_layer.into_iter().enumerate() {
                 let (pair, valid) = (run.pairs[i], &valid[i]);
@@ -472,10 +484,7 @@ pub fn fit<B: AutodiffBackend>(options: &FitOptions, device: &B::Device) -> Resu
             threshold_density: Some(c.density_at_threshold),
             true_density: Some(c.true_density),
         });
-        let outputs = match kind {
-            PredictorKind::Mlp => dims.ffn_dim,
-            PredictorKind::Attention => dims.num_heads,
-        };
+        let outputs = kind.outputs(&dims);
         let weights = work_root.join(format!("{}-r{rank}", kind.name())).join(format!("best-{layer}"));
         let module = LowRankClassifierConfig::new(dims.hidden_size, rank, outputs)
             .init::<B::InnerBackend>(device)

@@ -68,6 +68,8 @@ pub enum Quantity {
 
 impl Quantity {
     pub const ALL: [Quantity; 5] = [Quantity::Loss, Quantity::Recall, Quantity::Precision, Quantity::PredictedDensity, Quantity::TrueDensity];
+    /// The quantities also reported per layer (on validation rows).
+    pub const PER_LAYER: [Quantity; 4] = [Quantity::Recall, Quantity::Precision, Quantity::PredictedDensity, Quantity::TrueDensity];
 
     /// The metric's name in Burn's logs and summary, over all layers of the run.
     pub fn name(self) -> &'static str {

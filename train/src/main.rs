@@ -203,7 +203,7 @@ impl BackendTask for FitTask {
 
 fn main() -> anyhow::Result<()> {
     // CubeCL's default autotuning times every candidate kernel for each new matmul shape:
-    // 10–40 s per shape on the H100 (measured), longer than training a predictor. The
+    // up to ~40 s per new shape on the H100 (measured), longer than training a predictor. The
     // minimal level keeps it to a few candidates; set CUBECL_AUTOTUNE_LEVEL to override.
     if std::env::var_os("CUBECL_AUTOTUNE_LEVEL").is_none() {
         std::env::set_var("CUBECL_AUTOTUNE_LEVEL", "minimal");

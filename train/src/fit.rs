@@ -384,6 +384,9 @@ pub fn fit<B: AutodiffBackend>(options: &FitOptions, device: &B::Device) -> Resu
     if options.mlp_ranks.is_empty() || options.attention_ranks.is_empty() || options.mlp_ranks.contains(&0) || options.attention_ranks.contains(&0) {
         return Err(TrainError::Other("ranks must be positive and at least one per predictor kind".into()));
     }
+    if options.batch_size == 0 || options.epochs == 0 {
+        return Err(TrainError::Other("--batch-size and --epochs must be positive".into()));
+    }
     let dims = manifest.plan.dims;
     let work_root = options.out.join("training");
     let mut trained: Vec<TrainedPredictor> = Vec::new();

@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use burn::prelude::*;
 use burn::tensor::{DType, Distribution};
 use dejavu_model::config::POSITION_OFFSET;
-use dejavu_model::runtime::{dispatch, BackendKind, BackendTask, Precision};
+use dejavu_model::runtime::{dispatch, SparseKernels, BackendKind, BackendTask, Precision};
 use dejavu_model::{generate, load_model, Dense, GenerateOptions, Opt, OptConfig, Sampling};
 use serde::Serialize;
 use serde_json::Value;
@@ -132,7 +132,7 @@ fn copy_bandwidth<B: Backend>(device: &B::Device, dtype: DType) -> anyhow::Resul
 impl BackendTask for MeasureTask {
     type Output = ();
 
-    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
+    fn run<B: SparseKernels>(self, device: B::Device) -> anyhow::Result<()> {
         let args = self.args;
         let dtype = args.dtype.dtype();
         let copy_gbs = copy_bandwidth::<B>(&device, dtype)?;

@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::Context;
 use burn::prelude::Backend;
 use clap::{Args, Parser, Subcommand};
-use dejavu_model::runtime::{dispatch, model_dir, BackendKind, BackendTask, Precision};
+use dejavu_model::runtime::{dispatch, SparseKernels, model_dir, BackendKind, BackendTask, Precision};
 use dejavu_model::{
     generate, load_model, perplexity, Dense, GenerateOptions, OptTokenizer, PerplexityMethod,
     PerplexityReport, Sampling,
@@ -119,7 +119,7 @@ struct GenerateTask {
 impl BackendTask for GenerateTask {
     type Output = ();
 
-    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
+    fn run<B: SparseKernels>(self, device: B::Device) -> anyhow::Result<()> {
         let tokenizer = OptTokenizer::from_dir(&self.dir)?;
         let (_, model) = load_model::<B>(&self.dir, self.precision.dtype(), &device)
             .with_context(|| format!("loading the model from {}", self.dir.display()))?;
@@ -172,7 +172,7 @@ struct PerplexityTask {
 impl BackendTask for PerplexityTask {
     type Output = PerplexityReport;
 
-    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<PerplexityReport> {
+    fn run<B: SparseKernels>(self, device: B::Device) -> anyhow::Result<PerplexityReport> {
         let text = dejavu_model::text::read_text(&self.file)?;
         let tokenizer = OptTokenizer::from_dir(&self.dir)?;
         let (_, model) = load_model::<B>(&self.dir, self.precision.dtype(), &device)

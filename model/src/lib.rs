@@ -1,7 +1,7 @@
 //! OPT as backend-generic Burn modules: configuration from Hugging Face `config.json`,
 //! weights from safetensors or PyTorch checkpoints, a preallocated KV cache, generation
 //! and perplexity, and the [`ForwardHooks`] seam through which recording and the sparse
-//! path attach to the one model.
+//! path ([`sparse`]) attach to the one model.
 
 pub mod attention;
 pub mod cache;
@@ -14,6 +14,7 @@ pub mod mlp;
 pub mod opt;
 pub mod perplexity;
 pub mod runtime;
+pub mod sparse;
 pub mod text;
 pub mod tokenizer;
 pub mod weights;
@@ -24,6 +25,7 @@ pub use error::ModelError;
 pub use generate::{generate, GenerateOptions, Generation, Sampler, Sampling};
 pub use hooks::{Activation, Dense, ForwardHooks};
 pub use opt::Opt;
+pub use sparse::{SparseHooks, SparseModel, SparseOptions, SparsityStats};
 pub use perplexity::{perplexity, PerplexityMethod, PerplexityReport};
 pub use tokenizer::OptTokenizer;
 pub use weights::{content_hash, default_model_dir, load_config, load_model, WeightFiles};

@@ -3,8 +3,8 @@
 //! in the binary that calls [`dispatch`], once per enabled backend.
 
 use anyhow::{bail, Context};
-use burn::prelude::Backend;
 use burn::tensor::DType;
+pub use dejavu_kernels::SparseKernels;
 
 /// The model folder a command-line `--model` names, or the bundled one
 /// ([`crate::default_model_dir`]); an error when the folder does not exist.
@@ -52,16 +52,18 @@ impl Precision {
     }
 }
 
-/// Work to run on whichever backend was chosen.
+/// Work to run on whichever backend was chosen. Every backend [`dispatch`] picks has the
+/// sparse kernels ([`SparseKernels`]: the CubeCL ones on `CubeBackend`, the tensor-op
+/// reference elsewhere), so a task may run the sparse path.
 pub trait BackendTask {
     type Output;
-    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<Self::Output>;
+    fn run<B: SparseKernels>(self, device: B::Device) -> anyhow::Result<Self::Output>;
 }
 
 #[cfg_attr(not(any(feature = "cpu", feature = "wgpu", feature = "cuda")), allow(dead_code))]
 /// Sets `device`'s default float dtype (so every tensor the model creates matches its
 /// weights) and runs `task` there.
-fn run_on<B: Backend, T: BackendTask>(
+fn run_on<B: SparseKernels, T: BackendTask>(
     task: T,
     device: B::Device,
     precision: Precision,

@@ -12,7 +12,7 @@ pub mod calibration;
 mod classifier;
 mod plan;
 
-pub use artifact::{ArtifactError, LayerEntry, Manifest, OutputEntry, PredictorSet, MANIFEST_FILE, WEIGHTS_FILE};
+pub use artifact::{ArtifactError, LayerEntry, Manifest, OutputEntry, PredictorModules, PredictorSet, MANIFEST_FILE, WEIGHTS_FILE};
 pub use calibration::{calibrate, Calibration};
 pub use classifier::{AttentionPredictor, LowRankClassifier, LowRankClassifierConfig, MlpPredictor};
 pub use plan::{DenseLayers, LayerPlan, ModelDims, OperatingPoint, PlanError, Selection, SparsityPlan};

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use burn::backend::Autodiff;
 use burn::prelude::Backend;
 use clap::{Args, Parser, Subcommand};
-use dejavu_model::runtime::{dispatch, model_dir, BackendKind, BackendTask, Precision};
+use dejavu_model::runtime::{dispatch, SparseKernels, model_dir, BackendKind, BackendTask, Precision};
 use dejavu_train::{fit, record, report, FitOptions, RecordOptions, RecordOutcome};
 
 #[derive(Parser, Debug)]
@@ -187,7 +187,7 @@ struct RecordTask(RecordOptions);
 
 impl BackendTask for RecordTask {
     type Output = RecordOutcome;
-    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<RecordOutcome> {
+    fn run<B: SparseKernels>(self, device: B::Device) -> anyhow::Result<RecordOutcome> {
         Ok(record::<B>(&self.0, &device)?)
     }
 }
@@ -196,7 +196,7 @@ struct FitTask(FitOptions);
 
 impl BackendTask for FitTask {
     type Output = dejavu_train::FitReport;
-    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<dejavu_train::FitReport> {
+    fn run<B: SparseKernels>(self, device: B::Device) -> anyhow::Result<dejavu_train::FitReport> {
         Ok(fit::<Autodiff<B>>(&self.0, &device)?)
     }
 }

@@ -1,0 +1,264 @@
+//! The sparse path (`SparseModel` / `SparseHooks`) on the CPU, against the dense model:
+//! full width equals dense, an oracle MLP equals dense, the masked every-token forward
+//! equals the gathered kernels run token by token, skipped heads' keys and values stay
+//! exact, and predictors of another model are refused.
+
+mod common;
+
+use burn::prelude::*;
+use common::*;
+use dejavu_model::generate::token_tensor;
+use dejavu_model::layer::norm;
+use dejavu_model::{content_hash, Activation, ForwardHooks, LayerKvCache, Opt, OptConfig, SparseModel, SparseOptions, Step};
+use dejavu_predictor::{
+    DenseLayers, LayerEntry, Manifest, OperatingPoint, OutputEntry, PredictorModules, PredictorSet, Selection,
+    SparsityPlan,
+};
+
+const MODEL: &str = "opt-tiny-preln";
+
+fn ids() -> Vec<u32> {
+    Golden::of(MODEL).ids("wiki128.input_ids")[..24].to_vec()
+}
+
+/// Random predictors of rank 8 for every layer from `lookahead` on, and their manifest.
+fn predictors(config: &OptConfig, lookahead: usize, hash: &str) -> (Manifest, PredictorModules<B>) {
+    let entry = |outputs: usize| OutputEntry {
+        rank: 8,
+        k: Some(outputs / 2),
+        threshold: Some(0.0),
+        recall: None,
+        density: None,
+        threshold_recall: None,
+        threshold_density: None,
+        true_density: None,
+    };
+    let manifest = Manifest {
+        format: 1,
+        model_hash: hash.to_string(),
+        hidden_size: config.hidden_size,
+        ffn_dim: config.ffn_dim,
+        num_heads: config.num_attention_heads,
+        num_layers: config.num_hidden_layers,
+        lookahead,
+        layers: (0..config.num_hidden_layers)
+            .map(|layer| {
+                let sparse = layer >= lookahead;
+                LayerEntry {
+                    layer,
+                    mlp: sparse.then(|| entry(config.ffn_dim)),
+                    attention: sparse.then(|| entry(config.num_attention_heads)),
+                }
+            })
+            .collect(),
+    };
+    let set = PredictorSet::<B>::init(manifest.clone(), &Default::default()).unwrap();
+    // Burn initialises parameters lazily and a clone of an uninitialised one draws its own
+    // values: materialise them so that clones are the same predictors.
+    for p in set.modules.mlp.iter().chain(&set.modules.attention).flatten() {
+        let _ = (p.down.weight.val(), p.up.weight.val());
+    }
+    (manifest, set.modules)
+}
+
+/// A plan with the given selections in every layer that has a predictor.
+fn plan(manifest: &Manifest, mlp: Selection, attention: Selection) -> SparsityPlan {
+    let mut plan = SparsityPlan::new(manifest, &OperatingPoint::Calibrated, &DenseLayers::default()).unwrap();
+    for (l, layer) in plan.layers.iter_mut().enumerate() {
+        if l >= manifest.lookahead {
+            layer.mlp = mlp;
+            layer.attention = attention;
+        }
+    }
+    plan
+}
+
+fn sparse(
+    model: &Opt<B>,
+    lookahead: usize,
+    mlp: Selection,
+    attention: Selection,
+    options: SparseOptions,
+) -> SparseModel<B> {
+    let (hash, manifest, modules) = setup(lookahead);
+    SparseModel::new(model, &hash, plan(&manifest, mlp, attention), modules, options).unwrap()
+}
+
+/// The fixture's content hash, and random predictors for it.
+fn setup(lookahead: usize) -> (String, Manifest, PredictorModules<B>) {
+    let (config, _) = load(MODEL);
+    let hash = content_hash(&fixtures().join(MODEL)).unwrap();
+    let (manifest, modules) = predictors(&config, lookahead, &hash);
+    (hash, manifest, modules)
+}
+
+fn dense_logits(model: &Opt<B>, ids: &[u32]) -> Vec<f32> {
+    let mut cache = model.new_cache(1, ids.len()).unwrap();
+    to_vec(model.forward(token_tensor::<B>(ids, &Default::default()), &mut cache).unwrap())
+}
+
+/// Logits of every position, one token per call: each call is a decode step, so the
+/// sparse blocks run through the gathered kernels.
+fn stepped_logits<H: ForwardHooks<B>>(model: &Opt<B>, hooks: &mut H, ids: &[u32]) -> Vec<f32> {
+    let mut cache = model.new_cache(1, ids.len()).unwrap();
+    let mut out = Vec::new();
+    for t in 0..ids.len() {
+        let hidden = model.forward_with(token_tensor::<B>(&ids[t..t + 1], &Default::default()), &mut cache, hooks).unwrap();
+        out.extend(to_vec(model.logits(hidden)));
+    }
+    out
+}
+
+/// Logits of every position from one forward over the whole sequence.
+fn whole_logits<H: ForwardHooks<B>>(model: &Opt<B>, hooks: &mut H, ids: &[u32]) -> Vec<f32> {
+    let mut cache = model.new_cache(1, ids.len()).unwrap();
+    let hidden = model.forward_with(token_tensor::<B>(ids, &Default::default()), &mut cache, hooks).unwrap();
+    to_vec(model.logits(hidden))
+}
+
+#[test]
+fn every_neuron_and_head_selected_is_the_dense_model() {
+    let (config, model) = load(MODEL);
+    let ids = ids();
+    let dense = dense_logits(&model, &ids);
+    let all = (Selection::TopK { k: config.ffn_dim }, Selection::TopK { k: config.num_attention_heads });
+    let kernels = sparse(&model, 1, all.0, all.1, SparseOptions::default());
+    let mut hooks = kernels.hooks();
+    let err = max_abs_diff(&dense, &stepped_logits(&model, &mut hooks, &ids));
+    assert!(err < 1e-4, "full-width kernels vs dense: {err}");
+    let stats = hooks.stats();
+    assert_eq!(stats.mlp[0], None, "layer 0 has no predictor under lookahead 1 and runs dense");
+    assert_eq!(stats.mlp[1], Some(1.0));
+
+    let masked = sparse(&model, 1, all.0, all.1, SparseOptions { every_token: true, ..Default::default() });
+    let err = max_abs_diff(&dense, &whole_logits(&model, &mut masked.hooks(), &ids));
+    assert!(err < 1e-4, "full-width masked vs dense: {err}");
+}
+
+#[test]
+fn an_oracle_mlp_keeping_the_active_neurons_equals_the_dense_model() {
+    let (_, model) = load(MODEL);
+    let ids = ids();
+    let dense = dense_logits(&model, &ids);
+    let options = SparseOptions { oracle_mlp: true, ..Default::default() };
+    // Lookahead 0, so layer 0's MLP is sparse too; attention stays dense.
+    let oracle = sparse(&model, 0, Selection::Threshold { threshold: 0.0 }, Selection::Dense, options);
+    let mut hooks = oracle.hooks();
+    let err = max_abs_diff(&dense, &stepped_logits(&model, &mut hooks, &ids));
+    // Only the summation order differs: ReLU zeros contribute nothing.
+    assert!(err < 1e-5, "oracle MLP through the kernels vs dense: {err}");
+    let stats = hooks.stats();
+    let density = stats.mlp[0].unwrap();
+    assert!(density > 0.05 && density < 0.95, "the oracle keeps the active neurons only: {density}");
+}
+
+#[test]
+fn masked_every_token_forward_equals_the_kernels_token_by_token() {
+    let (config, model) = load(MODEL);
+    let ids = ids();
+    let dense = dense_logits(&model, &ids);
+    let cases = [
+        (Selection::TopK { k: config.ffn_dim / 4 }, Selection::TopK { k: config.num_attention_heads / 2 }),
+        (Selection::Threshold { threshold: 0.0 }, Selection::Threshold { threshold: 0.0 }),
+    ];
+    for lookahead in [0, 1] {
+        for (mlp, attention) in cases {
+            let (hash, manifest, modules) = setup(lookahead);
+            let plan = plan(&manifest, mlp, attention);
+            let kernels = SparseModel::new(&model, &hash, plan.clone(), modules.clone(), SparseOptions::default()).unwrap();
+            let mut hooks = kernels.hooks();
+            let stepped = stepped_logits(&model, &mut hooks, &ids);
+            let every_token = SparseOptions { every_token: true, ..Default::default() };
+            let masked = SparseModel::new(&model, &hash, plan, modules, every_token).unwrap();
+            let mut masked_hooks = masked.hooks();
+            let whole = whole_logits(&model, &mut masked_hooks, &ids);
+            let err = max_abs_diff(&stepped, &whole);
+            assert!(err < 1e-4, "lookahead {lookahead}, {mlp:?}/{attention:?}: kernels vs masked {err}");
+            assert_eq!(hooks.stats(), masked_hooks.stats());
+            // And the sparsity is real: the logits move away from the dense model's.
+            assert!(max_abs_diff(&dense, &whole) > 1e-3, "{mlp:?}/{attention:?} changed nothing");
+        }
+    }
+}
+
+/// Records each layer's attention input while passing everything to the sparse hooks.
+struct Tap<'a, H> {
+    inner: &'a mut H,
+    inputs: Vec<Vec<Tensor<B, 3>>>,
+}
+
+impl<H: ForwardHooks<B>> ForwardHooks<B> for Tap<'_, H> {
+    fn observe(&mut self, activation: Activation<'_, B>) {
+        if let Activation::AttentionInput { layer, value } = &activation {
+            if self.inputs.len() <= *layer {
+                self.inputs.resize(*layer + 1, Vec::new());
+            }
+            self.inputs[*layer].push((*value).clone());
+        }
+        self.inner.observe(activation);
+    }
+
+    fn attention(
+        &mut self,
+        layer: usize,
+        attention: &dejavu_model::attention::OptAttention<B>,
+        x: Tensor<B, 3>,
+        cache: &mut LayerKvCache<B>,
+        step: &Step<B>,
+    ) -> Tensor<B, 3> {
+        self.inner.attention(layer, attention, x, cache, step)
+    }
+
+    fn mlp(&mut self, layer: usize, mlp: &dejavu_model::mlp::OptMlp<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.inner.mlp(layer, mlp, x)
+    }
+}
+
+#[test]
+fn heads_skipped_while_decoding_keep_exact_keys_and_values() {
+    let (_, model) = load(MODEL);
+    let ids: Vec<u32> = Golden::of(MODEL).ids("wiki128.input_ids")[..64].to_vec();
+    // One head of four per token: most heads are skipped at most steps.
+    let one_head = sparse(&model, 1, Selection::Dense, Selection::TopK { k: 1 }, SparseOptions::default());
+    let mut hooks = one_head.hooks();
+    let mut tap = Tap { inner: &mut hooks, inputs: Vec::new() };
+    let mut cache = model.new_cache(1, ids.len()).unwrap();
+    for t in 0..ids.len() {
+        model.forward_with(token_tensor::<B>(&ids[t..t + 1], &Default::default()), &mut cache, &mut tap).unwrap();
+    }
+    let n = ids.len();
+    for (l, layer) in model.decoder.layers.iter().enumerate() {
+        // Keys and values recomputed densely from the attention inputs the sparse run saw.
+        let x = Tensor::cat(tap.inputs[l].clone(), 1);
+        let h = norm(&layer.self_attn_layer_norm, x);
+        let attention = &layer.self_attn;
+        let keys = attention.split_heads(attention.k_proj.forward(h.clone()));
+        let values = attention.split_heads(attention.v_proj.forward(h));
+        let [b, heads, _, hd] = cache.layers[l].key.dims();
+        let cached_k = cache.layers[l].key.clone().slice([0..b, 0..heads, 0..n, 0..hd]);
+        let cached_v = cache.layers[l].value.clone().slice([0..b, 0..heads, 0..n, 0..hd]);
+        let err_k = max_abs_diff(&to_vec(keys), &to_vec(cached_k));
+        let err_v = max_abs_diff(&to_vec(values), &to_vec(cached_v));
+        assert!(err_k < 1e-5 && err_v < 1e-5, "layer {l}: keys {err_k}, values {err_v} after {n} sparse steps");
+    }
+}
+
+#[test]
+fn predictors_of_another_model_are_refused() {
+    let (config, model) = load(MODEL);
+    let (manifest, modules) = predictors(&config, 1, "sha256:not-this-model");
+    let hash = content_hash(&fixtures().join(MODEL)).unwrap();
+    let plan = SparsityPlan::new(&manifest, &OperatingPoint::Calibrated, &DenseLayers::default()).unwrap();
+    let err = SparseModel::new(&model, &hash, plan, modules, SparseOptions::default()).unwrap_err().to_string();
+    assert!(err.contains("sha256:not-this-model") && err.contains(&hash), "{err}");
+
+    // A plan for this model on the other fixture: its widths or its hash differ.
+    let other = "opt-tiny-postln-proj";
+    let (_, other_model) = load(other);
+    let other_hash = content_hash(&fixtures().join(other)).unwrap();
+    let (manifest, modules) = predictors(&config, 1, &hash);
+    let plan = SparsityPlan::new(&manifest, &OperatingPoint::Calibrated, &DenseLayers::default()).unwrap();
+    let err = SparseModel::new(&other_model, &other_hash, plan, modules, SparseOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("trained for another model"), "{err}");
+}
+

@@ -1,10 +1,12 @@
 //! `dejavu-bench`: benchmarks. `dense` measures batch-1 decode latency of our dense OPT
 //! against Hugging Face `transformers` on the same shapes, in the same run, and against
 //! the bytes-moved floor. `kernels` measures the sparse GEMV kernels against dense GEMV
-//! and PyTorch peers across densities.
+//! and PyTorch peers across densities. `quality` measures perplexity and zero-shot accuracy
+//! against sparsity on a model with trained predictors.
 
 mod dense;
 mod kernels;
+mod quality;
 mod report;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +29,11 @@ enum Command {
     /// GEMV, a contiguous slice) run by bench/peers/torch_kernels.py; `--check` first
     /// verifies every kernel against host loops at the same shapes.
     Kernels(kernels::KernelArgs),
+    /// Quality against sparsity on one model with its predictors: perplexity of WikiText-2
+    /// and the corpus valid split, dense and across MLP / attention densities and named
+    /// operating points (every token sparse), and zero-shot accuracy dense against one
+    /// operating point.
+    Quality(quality::QualityArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,5 +44,6 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Dense(args) => dense::run(args),
         Command::Kernels(args) => kernels::run(args),
+        Command::Quality(args) => quality::run(args),
     }
 }

@@ -1,28 +1,34 @@
-//! `dejavu`: OPT inference — text generation and perplexity — on the CPU, wgpu or CUDA.
+//! `dejavu`: OPT inference — text generation, perplexity and zero-shot evaluation, dense or
+//! through the Deja Vu sparse path — on the CPU, wgpu or CUDA.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use burn::prelude::Backend;
 use clap::{Args, Parser, Subcommand};
 use dejavu_model::runtime::{dispatch, SparseKernels, model_dir, BackendKind, BackendTask, Precision};
+use dejavu_model::zeroshot::{self, Task, TaskReport};
 use dejavu_model::{
-    generate, load_model, perplexity, Dense, GenerateOptions, OptTokenizer, PerplexityMethod,
-    PerplexityReport, Sampling,
+    generate, load_model, perplexity, Dense, ForwardHooks, GenerateOptions, Opt, OptTokenizer, PerplexityMethod,
+    PerplexityReport, Sampling, SparseModel, SparseOptions, SparsityStats,
 };
+use dejavu_predictor::{DenseLayers, OperatingPoint};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "dejavu",
     version,
-    about = "OPT inference: generate text and measure perplexity, on the CPU, wgpu or CUDA",
-    long_about = "OPT inference: generate text and measure perplexity, on the CPU, wgpu or CUDA.\n\n\
+    about = "OPT inference, dense or Deja Vu sparse: generate text, measure perplexity, zero-shot tasks",
+    long_about = "OPT inference, dense or Deja Vu sparse: generate text, measure perplexity, score \
+        zero-shot tasks, on the CPU, wgpu or CUDA.\n\n\
         Models are Hugging Face OPT folders (config.json, model.safetensors or \
         pytorch_model.bin, possibly sharded, and tokenizer.json or vocab.json + merges.txt). \
-        Without --model the bundled assets/opt-mini is used; nothing is downloaded."
+        Without --model the bundled assets/opt-mini is used; nothing is downloaded.\n\n\
+        With --predictors (a folder from `dejavu-train fit`; bare --predictors means the \
+        bundled assets/opt-mini-predictors) each layer's predictors pick the MLP neurons \
+        and attention heads to compute; --operating-point says how many."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -40,6 +46,82 @@ struct ModelArgs {
     /// Precision of weights and activations (softmax, log-softmax and logits stay f32)
     #[arg(long, value_enum, default_value = "f32")]
     dtype: Precision,
+}
+
+#[derive(Args, Debug, Clone)]
+struct SparseArgs {
+    /// Run the Deja Vu sparse path with these predictors (a `dejavu-train fit` folder);
+    /// bare --predictors: the bundled assets/opt-mini-predictors [default: dense]
+    #[arg(long, value_name = "DIR", num_args = 0..=1)]
+    predictors: Option<Option<PathBuf>>,
+    /// How many neurons and heads each layer keeps: `calibrated` (each layer's K for recall
+    /// 0.99 on validation rows), `threshold` (each layer's calibrated logit threshold),
+    /// `scale=F` (each layer's calibrated K times F), or fixed densities such as
+    /// `mlp=0.1,attention=0.5` (a kind left out keeps its calibrated K)
+    #[arg(long, value_name = "POINT", default_value = "calibrated", requires = "predictors")]
+    operating_point: OperatingPoint,
+    /// Layers whose MLP stays dense (comma-separated), besides those without a predictor
+    #[arg(long, value_name = "LAYERS", value_delimiter = ',', requires = "predictors")]
+    dense_mlp_layers: Vec<usize>,
+    /// Layers whose attention stays dense (comma-separated)
+    #[arg(long, value_name = "LAYERS", value_delimiter = ',', requires = "predictors")]
+    dense_attention_layers: Vec<usize>,
+    /// Pick MLP neurons by their true fc1 pre-activation instead of the predictor (an
+    /// upper bound on predictor quality; no faster than dense)
+    #[arg(long, requires = "predictors")]
+    oracle_mlp: bool,
+}
+
+/// The sparse path's settings once the command line is read.
+#[derive(Debug, Clone)]
+struct SparseChoice {
+    predictors: PathBuf,
+    point: OperatingPoint,
+    dense: DenseLayers,
+    oracle_mlp: bool,
+}
+
+impl SparseArgs {
+    fn choice(&self) -> Option<SparseChoice> {
+        let predictors = self.predictors.as_ref()?.clone().unwrap_or_else(dejavu_model::default_predictors_dir);
+        Some(SparseChoice {
+            predictors,
+            point: self.operating_point.clone(),
+            dense: DenseLayers { mlp: self.dense_mlp_layers.clone(), attention: self.dense_attention_layers.clone() },
+            oracle_mlp: self.oracle_mlp,
+        })
+    }
+}
+
+impl SparseChoice {
+    fn load<B: SparseKernels>(&self, model: &Opt<B>, dir: &std::path::Path, every_token: bool) -> anyhow::Result<SparseModel<B>> {
+        let options = SparseOptions { every_token, oracle_mlp: self.oracle_mlp };
+        let sparse = SparseModel::load(model, dir, &self.predictors, &self.point, &self.dense, options)?;
+        let plan = sparse.plan();
+        let density = |d: Option<f64>| d.map_or("varies per token".to_string(), |d| format!("{:.1}%", d * 100.0));
+        eprintln!(
+            "sparse: {} from {} — MLP density {}, attention density {} (means over all layers, dense layers counting 100%)",
+            plan.operating_point,
+            self.predictors.display(),
+            density(plan.mlp_density()),
+            density(plan.attention_density()),
+        );
+        Ok(sparse)
+    }
+}
+
+/// Prints what the sparse path kept.
+fn report_stats(stats: &SparsityStats) {
+    let list = |v: &[Option<f64>]| {
+        v.iter().map(|d| d.map_or("dense".to_string(), |d| format!("{:.3}", d))).collect::<Vec<_>>().join(" ")
+    };
+    eprintln!(
+        "kept per token: MLP {:.1}% of neurons, attention {:.1}% of heads (all layers; per layer MLP [{}], heads [{}])",
+        stats.mean_mlp_density() * 100.0,
+        stats.mean_attention_density() * 100.0,
+        list(&stats.mlp),
+        list(&stats.attention)
+    );
 }
 
 #[derive(Subcommand, Debug)]
@@ -71,6 +153,15 @@ enum Command {
         /// Keep going after the end-of-sequence token </s>
         #[arg(long)]
         ignore_eos: bool,
+        #[command(flatten)]
+        sparse: SparseArgs,
+        /// With --predictors: make the prompt sparse too (by default it runs dense, as in
+        /// the reference, and only decoded tokens are sparse)
+        #[arg(long, requires = "predictors")]
+        sparse_prompt: bool,
+        /// Also write the prompt and new token ids, the text and timings as JSON here
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
     },
     /// Perplexity of a text file.
     ///
@@ -100,6 +191,40 @@ enum Command {
         /// Also write the result as JSON here
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
+        /// With --predictors every token is scored through the sparse path (masked: each
+        /// token keeps its own neurons and heads, equal to the gathered kernels run token
+        /// by token)
+        #[command(flatten)]
+        sparse: SparseArgs,
+    },
+    /// Zero-shot accuracy on multiple-choice tasks, by log-likelihood (lm-evaluation-harness
+    /// style).
+    ///
+    /// Prompts, per task: COPA the premise with its connective, choices " {choice}"; PIQA
+    /// "Question: {goal}\nAnswer:", " {solution}"; OpenBookQA the question stem, " {choice}";
+    /// WinoGrande each filled-in sentence start, scoring the shared rest (partial scoring);
+    /// LAMBADA the passage, accuracy = the last word is the greedy continuation; CB
+    /// "{premise}\nQuestion: {hypothesis}. True, False, or Neither?\nAnswer:", " True" /
+    /// " False" / " Neither"; RTE "{premise}\nQuestion: {hypothesis} True or False?\nAnswer:",
+    /// " True" / " False". acc_norm divides log-likelihoods by the choice's length in
+    /// characters. With --predictors every token is sparse.
+    Eval {
+        /// Tasks to run (comma-separated) [default: all]
+        #[arg(long, value_enum, value_delimiter = ',')]
+        task: Vec<Task>,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        sparse: SparseArgs,
+        /// Folder of the task files [default: $DEJAVU_ASSETS/tasks, DEJAVU_ASSETS defaulting to ../shared]
+        #[arg(long, value_name = "DIR")]
+        tasks_dir: Option<PathBuf>,
+        /// Only the first N examples of each task
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+        /// Also write the results as JSON here
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
     },
 }
 
@@ -114,6 +239,10 @@ struct GenerateTask {
     precision: Precision,
     prompt: String,
     options: GenerateOptions,
+    sparse: Option<SparseChoice>,
+    sparse_prompt: bool,
+    json: Option<PathBuf>,
+    backend: BackendKind,
 }
 
 impl BackendTask for GenerateTask {
@@ -124,6 +253,12 @@ impl BackendTask for GenerateTask {
         let (_, model) = load_model::<B>(&self.dir, self.precision.dtype(), &device)
             .with_context(|| format!("loading the model from {}", self.dir.display()))?;
         let prompt = tokenizer.encode(&self.prompt)?;
+        let sparse = self.sparse.as_ref().map(|s| s.load(&model, &self.dir, self.sparse_prompt)).transpose()?;
+        let mut sparse_hooks = sparse.as_ref().map(|s| s.hooks());
+        let hooks: &mut dyn ForwardHooks<B> = match sparse_hooks.as_mut() {
+            Some(h) => h,
+            None => &mut Dense,
+        };
 
         let mut stdout = std::io::stdout().lock();
         write!(stdout, "{}", self.prompt)?;
@@ -133,7 +268,7 @@ impl BackendTask for GenerateTask {
         let mut tokens = Vec::new();
         let mut printed = 0;
         let mut failure = None;
-        let result = generate(&model, &mut Dense, &prompt, &self.options, |token| {
+        let result = generate(&model, hooks, &prompt, &self.options, |token| {
             tokens.push(token);
             match tokenizer.decode(&tokens) {
                 Ok(text) if !text.ends_with('\u{FFFD}') => {
@@ -157,6 +292,31 @@ impl BackendTask for GenerateTask {
             result.prefill.as_secs_f64() * 1e3,
             result.decode_tokens_per_second()
         );
+        let stats = sparse_hooks.as_ref().map(|h| h.stats());
+        if let Some(stats) = &stats {
+            report_stats(stats);
+        }
+        if let Some(path) = &self.json {
+            let value = serde_json::json!({
+                "model": self.dir,
+                "backend": self.backend,
+                "dtype": self.precision,
+                "prompt": self.prompt,
+                "prompt_tokens": prompt,
+                "new_tokens": result.tokens,
+                "text": tokenizer.decode(&result.tokens)?,
+                "prefill_ms": result.prefill.as_secs_f64() * 1e3,
+                "decode_tokens_per_second": result.decode_tokens_per_second(),
+                "sparse": self.sparse.as_ref().map(|c| serde_json::json!({
+                    "predictors": c.predictors,
+                    "operating_point": c.point.to_string(),
+                    "sparse_prompt": self.sparse_prompt,
+                    "kept": stats,
+                })),
+            });
+            std::fs::write(path, serde_json::to_string_pretty(&value)? + "\n")
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
         Ok(())
     }
 }
@@ -167,12 +327,13 @@ struct PerplexityTask {
     file: PathBuf,
     method: PerplexityMethod,
     max_tokens: Option<usize>,
+    sparse: Option<SparseChoice>,
 }
 
 impl BackendTask for PerplexityTask {
-    type Output = PerplexityReport;
+    type Output = (PerplexityReport, Option<SparsityStats>);
 
-    fn run<B: SparseKernels>(self, device: B::Device) -> anyhow::Result<PerplexityReport> {
+    fn run<B: SparseKernels>(self, device: B::Device) -> anyhow::Result<Self::Output> {
         let text = dejavu_model::text::read_text(&self.file)?;
         let tokenizer = OptTokenizer::from_dir(&self.dir)?;
         let (_, model) = load_model::<B>(&self.dir, self.precision.dtype(), &device)
@@ -189,12 +350,54 @@ impl BackendTask for PerplexityTask {
             .expect("valid template")
             .progress_chars("=> "),
         );
-        let report = perplexity(&model, &mut Dense, &ids, self.method, |done, _| {
-            bar.set_position(done as u64)
-        })
-        .with_context(|| format!("scoring {}", self.file.display()))?;
+        let sparse = self.sparse.as_ref().map(|s| s.load(&model, &self.dir, true)).transpose()?;
+        let mut sparse_hooks = sparse.as_ref().map(|s| s.hooks());
+        let hooks: &mut dyn ForwardHooks<B> = match sparse_hooks.as_mut() {
+            Some(h) => h,
+            None => &mut Dense,
+        };
+        let report = perplexity(&model, hooks, &ids, self.method, |done, _| bar.set_position(done as u64))
+            .with_context(|| format!("scoring {}", self.file.display()))?;
         bar.finish_and_clear();
-        Ok(report)
+        Ok((report, sparse_hooks.map(|h| h.stats())))
+    }
+}
+
+struct EvalTask {
+    dir: PathBuf,
+    precision: Precision,
+    tasks: Vec<(Task, Vec<zeroshot::Example>)>,
+    sparse: Option<SparseChoice>,
+}
+
+impl BackendTask for EvalTask {
+    type Output = (Vec<TaskReport>, Option<SparsityStats>);
+
+    fn run<B: SparseKernels>(self, device: B::Device) -> anyhow::Result<Self::Output> {
+        let tokenizer = OptTokenizer::from_dir(&self.dir)?;
+        let (_, model) = load_model::<B>(&self.dir, self.precision.dtype(), &device)
+            .with_context(|| format!("loading the model from {}", self.dir.display()))?;
+        let sparse = self.sparse.as_ref().map(|s| s.load(&model, &self.dir, true)).transpose()?;
+        let mut sparse_hooks = sparse.as_ref().map(|s| s.hooks());
+        let hooks: &mut dyn ForwardHooks<B> = match sparse_hooks.as_mut() {
+            Some(h) => h,
+            None => &mut Dense,
+        };
+        let mut reports = Vec::new();
+        for (task, examples) in &self.tasks {
+            let bar = ProgressBar::new(examples.len() as u64).with_style(
+                ProgressStyle::with_template("{spinner} {msg:10} [{bar:30}] {pos}/{len} examples, {per_sec}, eta {eta}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            bar.set_message(task.name());
+            let report = zeroshot::evaluate(&model, hooks, &tokenizer, *task, examples, |done| bar.set_position(done as u64))
+                .with_context(|| format!("evaluating {}", task.name()))?;
+            bar.finish_and_clear();
+            eprintln!("{}: accuracy {:.4} ± {:.4} over {} examples", task.name(), report.accuracy, report.accuracy_stderr, report.examples);
+            reports.push(report);
+        }
+        Ok((reports, sparse_hooks.map(|h| h.stats())))
     }
 }
 
@@ -215,6 +418,9 @@ fn main() -> anyhow::Result<()> {
             top_p,
             seed,
             ignore_eos,
+            sparse,
+            sparse_prompt,
+            json,
         } => {
             let sampling = if sample {
                 Sampling::Random {
@@ -235,6 +441,10 @@ fn main() -> anyhow::Result<()> {
                     sampling,
                     eos_token: (!ignore_eos).then_some(dejavu_model::tokenizer::OPT_BOS),
                 },
+                sparse: sparse.choice(),
+                sparse_prompt,
+                json,
+                backend: model.backend,
             };
             dispatch(model.backend, model.dtype, task)
         }
@@ -246,6 +456,7 @@ fn main() -> anyhow::Result<()> {
             non_overlapping,
             max_tokens,
             json,
+            sparse,
         } => {
             let method = if non_overlapping {
                 PerplexityMethod::NonOverlapping {
@@ -265,8 +476,9 @@ fn main() -> anyhow::Result<()> {
                 file: file.clone(),
                 method,
                 max_tokens,
+                sparse: sparse.choice(),
             };
-            let report = dispatch(model.backend, model.dtype, task)?;
+            let (report, stats) = dispatch(model.backend, model.dtype, task)?;
             let seconds = started.elapsed().as_secs_f64();
             println!(
                 "perplexity {:.4} over {} tokens ({} windows) of {} [{:?}, {:?}, {:.1} s]",
@@ -278,6 +490,9 @@ fn main() -> anyhow::Result<()> {
                 model.dtype,
                 seconds
             );
+            if let Some(stats) = &stats {
+                report_stats(stats);
+            }
             if let Some(path) = json {
                 let value = serde_json::json!({
                     "file": file,
@@ -286,6 +501,65 @@ fn main() -> anyhow::Result<()> {
                     "dtype": model.dtype,
                     "seconds": seconds,
                     "report": report,
+                    "sparse": sparse.choice().map(|c| serde_json::json!({
+                        "predictors": c.predictors,
+                        "operating_point": c.point.to_string(),
+                        "dense_mlp_layers": c.dense.mlp,
+                        "dense_attention_layers": c.dense.attention,
+                        "oracle_mlp": c.oracle_mlp,
+                        "kept": stats,
+                    })),
+                });
+                std::fs::write(&path, serde_json::to_string_pretty(&value)? + "\n")
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            Ok(())
+        }
+        Command::Eval { task, model, sparse, tasks_dir, limit, json } => {
+            let tasks_dir = tasks_dir.unwrap_or_else(|| dejavu_model::shared_assets_dir().join("tasks"));
+            let names = if task.is_empty() { Task::ALL.to_vec() } else { task };
+            let mut tasks = Vec::new();
+            for t in names {
+                let mut examples = t.load(&tasks_dir.join(t.file_name()))?;
+                if let Some(n) = limit {
+                    examples.truncate(n);
+                }
+                tasks.push((t, examples));
+            }
+            let started = Instant::now();
+            let dir = model.dir()?;
+            let task = EvalTask { dir: dir.clone(), precision: model.dtype, tasks, sparse: sparse.choice() };
+            let (reports, stats) = dispatch(model.backend, model.dtype, task)?;
+            let seconds = started.elapsed().as_secs_f64();
+            println!("{:<11} {:>8} {:>9} {:>8} {:>9} {:>10}", "task", "examples", "accuracy", "stderr", "acc_norm", "perplexity");
+            for r in &reports {
+                let opt = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}", prec = p));
+                println!(
+                    "{:<11} {:>8} {:>9.4} {:>8.4} {:>9} {:>10}",
+                    r.task.name(),
+                    r.examples,
+                    r.accuracy,
+                    r.accuracy_stderr,
+                    opt(r.accuracy_norm, 4),
+                    opt(r.perplexity, 2)
+                );
+            }
+            if let Some(stats) = &stats {
+                report_stats(stats);
+            }
+            if let Some(path) = json {
+                let value = serde_json::json!({
+                    "model": dir,
+                    "backend": model.backend,
+                    "dtype": model.dtype,
+                    "seconds": seconds,
+                    "limit": limit,
+                    "tasks": reports,
+                    "sparse": sparse.choice().map(|c| serde_json::json!({
+                        "predictors": c.predictors,
+                        "operating_point": c.point.to_string(),
+                        "kept": stats,
+                    })),
                 });
                 std::fs::write(&path, serde_json::to_string_pretty(&value)? + "\n")
                     .with_context(|| format!("writing {}", path.display()))?;

@@ -111,3 +111,65 @@ fn fused_cuda_refuses_half_precision() {
     let stderr = text(&out.stderr);
     assert!(stderr.contains("cuda-fused computes wrong results") && stderr.contains("--backend cuda"), "{stderr}");
 }
+
+fn bundled_predictors() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/opt-mini-predictors")
+}
+
+#[test]
+fn sparse_generation_with_the_bundled_predictors() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("gen.json");
+    let out = dejavu(&[
+        "generate", "The capital of France is", "--max-new-tokens", "4", "--predictors", "--json",
+        json.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.starts_with("The capital of France is"), "{stdout}");
+    assert!(stderr.contains("sparse: calibrated") && stderr.contains("kept per token"), "{stderr}");
+    let value: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    assert_eq!(value["new_tokens"].as_array().unwrap().len(), 4, "{value}");
+    // Layer 0 has no predictor (lookahead 1) and stays dense; the others keep their K.
+    let kept = &value["sparse"]["kept"]["mlp"];
+    assert!(kept[0].is_null() && kept[1].as_f64().unwrap() < 1.0, "{value}");
+}
+
+#[test]
+fn sparse_zero_shot_eval_writes_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("eval.json");
+    let out = dejavu(&[
+        "eval", "--task", "copa,winogrande", "--limit", "3", "--predictors", "--operating-point",
+        "mlp=0.1,attention=0.5", "--json", json.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let value: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    let tasks = value["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 2);
+    assert_eq!(tasks[0]["examples"], 3);
+    // Every token sparse: 10% of the neurons in every layer with a predictor.
+    let kept = value["sparse"]["kept"]["mlp"][1].as_f64().unwrap();
+    assert!((kept - 103.0 / 1024.0).abs() < 1e-9, "{value}");
+}
+
+#[test]
+fn predictors_of_another_model_are_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["predictors.json", "predictors.safetensors"] {
+        std::fs::copy(bundled_predictors().join(f), dir.path().join(f)).unwrap();
+    }
+    let manifest = dir.path().join("predictors.json");
+    let text_ = std::fs::read_to_string(&manifest).unwrap();
+    let mut value: serde_json::Value = serde_json::from_str(&text_).unwrap();
+    value["model_hash"] = "sha256:0000".into();
+    std::fs::write(&manifest, value.to_string()).unwrap();
+    let out = dejavu(&["generate", "hi", "--max-new-tokens", "1", "--predictors", dir.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("trained for another model") && stderr.contains("sha256:0000"), "{stderr}");
+
+    let out = dejavu(&["generate", "hi", "--predictors", "--operating-point", "fastest"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("expected calibrated, threshold"), "{}", text(&out.stderr));
+}

@@ -56,6 +56,9 @@ pub enum ModelError {
     #[error("{0}")]
     InvalidInput(String),
 
+    #[error("predictors {dir}: {message}")]
+    Predictors { dir: PathBuf, message: String },
+
     #[error("dtype {dtype} is not supported by the {backend} backend")]
     UnsupportedDtype { dtype: String, backend: String },
 }

@@ -18,6 +18,7 @@ pub mod sparse;
 pub mod text;
 pub mod tokenizer;
 pub mod weights;
+pub mod zeroshot;
 
 pub use cache::{KvCache, LayerKvCache, Step};
 pub use config::OptConfig;
@@ -28,4 +29,4 @@ pub use opt::Opt;
 pub use sparse::{SparseHooks, SparseModel, SparseOptions, SparsityStats};
 pub use perplexity::{perplexity, PerplexityMethod, PerplexityReport};
 pub use tokenizer::OptTokenizer;
-pub use weights::{content_hash, default_model_dir, load_config, load_model, WeightFiles};
+pub use weights::{content_hash, default_model_dir, default_predictors_dir, shared_assets_dir, load_config, load_model, WeightFiles};

@@ -33,7 +33,9 @@ use burn::prelude::*;
 use burn::tensor::activation::relu;
 use burn::tensor::{DType, IndexingUpdateOp};
 use dejavu_kernels::{Activation as Act, SparseKernels};
-use dejavu_predictor::{LowRankClassifier, ModelDims, PredictorModules, Selection, SparsityPlan};
+use dejavu_predictor::{
+    DenseLayers, LowRankClassifier, ModelDims, OperatingPoint, PredictorModules, PredictorSet, Selection, SparsityPlan,
+};
 
 use crate::attention::OptAttention;
 use crate::cache::{LayerKvCache, Step};
@@ -125,6 +127,27 @@ impl<B: SparseKernels> SparseModel<B> {
             })
             .collect();
         Ok(Self { plan, predictors, weights, options })
+    }
+
+    /// Loads the predictor folder `predictors_dir` for the model loaded from `model_dir`
+    /// and follows `point`: the folder must have been trained for this very model (same
+    /// content hash and widths).
+    pub fn load(
+        model: &Opt<B>,
+        model_dir: &std::path::Path,
+        predictors_dir: &std::path::Path,
+        point: &OperatingPoint,
+        dense: &DenseLayers,
+        options: SparseOptions,
+    ) -> Result<Self, ModelError> {
+        let err = |message: String| ModelError::Predictors { dir: predictors_dir.to_path_buf(), message };
+        let set = PredictorSet::<B>::load(predictors_dir, &model.device()).map_err(|e| err(e.to_string()))?;
+        let plan = SparsityPlan::new(&set.manifest, point, dense).map_err(|e| err(e.to_string()))?;
+        let hash = crate::content_hash(model_dir)?;
+        Self::new(model, &hash, plan, set.modules, options).map_err(|e| match e {
+            ModelError::InvalidInput(message) => err(format!("{message} (model folder {})", model_dir.display())),
+            other => other,
+        })
     }
 
     pub fn plan(&self) -> &SparsityPlan {

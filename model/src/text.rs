@@ -7,13 +7,24 @@ use crate::error::ModelError;
 /// Reads a UTF-8 text file with line endings normalized to `\n` (`\r\n` and lone `\r`),
 /// as Python's text mode reads it: evaluation text is the same string whichever platform
 /// wrote the file (the WikiText-2 copy in the shared assets has CRLF endings; read raw it
-/// tokenizes to 303,607 tokens instead of the reference 287,645). An empty or
-/// whitespace-only file is an error.
+/// tokenizes to 303,607 tokens instead of the reference 287,645). A name ending in `.xz`
+/// is decompressed (the shared corpus splits are xz). An empty or whitespace-only file is
+/// an error.
 pub fn read_text(path: &Path) -> Result<String, ModelError> {
-    let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+    let io = |source| ModelError::Io {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    let bytes = if path.extension().is_some_and(|e| e == "xz") {
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        liblzma::read::XzDecoder::new(std::fs::File::open(path).map_err(io)?)
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
+        bytes
+    } else {
+        std::fs::read(path).map_err(io)?
+    };
     let text = String::from_utf8(bytes).map_err(|e| {
         ModelError::InvalidInput(format!("{} is not UTF-8 text: {e}", path.display()))
     })?;

@@ -336,11 +336,36 @@ pub fn default_model_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("DEJAVU_MODEL") {
         return dir.into();
     }
-    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/opt-mini");
+    bundled("opt-mini")
+}
+
+/// A folder bundled in `assets/` of this checkout: next to the sources when built from it,
+/// else relative to the working directory (a copied checkout, such as the device machine's).
+fn bundled(name: &str) -> PathBuf {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets").join(name);
     if built.is_dir() {
         built
     } else {
-        PathBuf::from("assets/opt-mini")
+        Path::new("assets").join(name)
+    }
+}
+
+/// The predictors trained for the bundled model, `assets/opt-mini-predictors`.
+pub fn default_predictors_dir() -> PathBuf {
+    bundled("opt-mini-predictors")
+}
+
+/// The shared assets (evaluation text, tasks, calibration corpus): `DEJAVU_ASSETS` if set,
+/// else `../shared` beside this checkout, else `../shared` from the working directory.
+pub fn shared_assets_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("DEJAVU_ASSETS") {
+        return dir.into();
+    }
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared");
+    if built.is_dir() {
+        built
+    } else {
+        PathBuf::from("../shared")
     }
 }
 

@@ -63,6 +63,9 @@ pub enum OperatingPoint {
     /// Top-K with `K = ceil(fraction × width)` in every sparse layer; a kind left out keeps
     /// its calibrated K.
     Density { mlp: Option<f64>, attention: Option<f64> },
+    /// Top-K with each layer's calibrated K times `factor` (rounded up): the calibrated
+    /// per-layer shape, made sparser or denser.
+    Scaled { factor: f64 },
 }
 
 impl fmt::Display for OperatingPoint {
@@ -70,6 +73,7 @@ impl fmt::Display for OperatingPoint {
         match self {
             OperatingPoint::Calibrated => write!(f, "calibrated"),
             OperatingPoint::Threshold => write!(f, "threshold"),
+            OperatingPoint::Scaled { factor } => write!(f, "scale={factor}"),
             OperatingPoint::Density { mlp, attention } => {
                 let parts: Vec<String> = [("mlp", mlp), ("attention", attention)]
                     .iter()
@@ -84,19 +88,25 @@ impl fmt::Display for OperatingPoint {
 impl FromStr for OperatingPoint {
     type Err = PlanError;
 
-    /// `calibrated`, `threshold`, or densities such as `mlp=0.1,attention=0.5`.
+    /// `calibrated`, `threshold`, `scale=F`, or densities such as `mlp=0.1,attention=0.5`.
     fn from_str(s: &str) -> Result<Self, PlanError> {
         match s.trim() {
             "calibrated" => return Ok(OperatingPoint::Calibrated),
             "threshold" => return Ok(OperatingPoint::Threshold),
             _ => {}
         }
+        if let Some(factor) = s.trim().strip_prefix("scale=") {
+            return match factor.trim().parse::<f64>() {
+                Ok(factor) if factor > 0.0 && factor.is_finite() => Ok(OperatingPoint::Scaled { factor }),
+                _ => Err(PlanError::Invalid(format!("operating point {s:?}: the scale must be a positive number"))),
+            };
+        }
         let (mut mlp, mut attention) = (None, None);
         for part in s.split(',') {
             let bad = || {
                 PlanError::Invalid(format!(
-                    "operating point {s:?}: expected calibrated, threshold or densities like \
-                     mlp=0.1,attention=0.5"
+                    "operating point {s:?}: expected calibrated, threshold, scale=F or densities \
+                     like mlp=0.1,attention=0.5"
                 ))
             };
             let (key, value) = part.trim().split_once('=').ok_or_else(bad)?;
@@ -162,6 +172,9 @@ fn select(
     let calibrated_k = || entry.k.ok_or_else(|| missing("K"));
     let selection = match point {
         OperatingPoint::Calibrated => Selection::TopK { k: calibrated_k()? },
+        OperatingPoint::Scaled { factor } => {
+            Selection::TopK { k: ((calibrated_k()? as f64 * factor).ceil() as usize).clamp(1, width) }
+        }
         OperatingPoint::Threshold => Selection::Threshold { threshold: entry.threshold.ok_or_else(|| missing("threshold"))? },
         OperatingPoint::Density { .. } => match density {
             Some(d) => Selection::TopK { k: ((d * width as f64).ceil() as usize).clamp(1, width) },
@@ -302,7 +315,8 @@ mod tests {
         let p: OperatingPoint = "mlp=0.1, attention=0.5".parse().unwrap();
         assert_eq!(p, OperatingPoint::Density { mlp: Some(0.1), attention: Some(0.5) });
         assert_eq!(p.to_string(), "mlp=0.1,attention=0.5");
-        for bad in ["mlp=0", "mlp=1.5", "neurons=0.1", "fast", "mlp=x"] {
+        assert_eq!("scale=0.5".parse::<OperatingPoint>().unwrap(), OperatingPoint::Scaled { factor: 0.5 });
+        for bad in ["mlp=0", "mlp=1.5", "neurons=0.1", "fast", "mlp=x", "scale=-1", "scale=x"] {
             assert!(bad.parse::<OperatingPoint>().is_err(), "{bad}");
         }
     }
@@ -325,6 +339,9 @@ mod tests {
         assert_eq!(plan.layers[1].mlp, Selection::TopK { k: 8 });
         assert_eq!(plan.layers[1].attention, Selection::TopK { k: 3 }, "attention keeps its calibrated K");
         assert_eq!(plan.layers[2].mlp, Selection::Dense);
+        let plan = SparsityPlan::new(&manifest(), &OperatingPoint::Scaled { factor: 0.5 }, &DenseLayers::default()).unwrap();
+        assert_eq!(plan.layers[1].mlp, Selection::TopK { k: 3 }, "ceil(5 × 0.5)");
+        assert_eq!(plan.layers[2].attention, Selection::TopK { k: 2 });
         let plan = SparsityPlan::new(&manifest(), &OperatingPoint::Threshold, &DenseLayers::default()).unwrap();
         assert_eq!(plan.layers[1].mlp, Selection::Threshold { threshold: -1.5 });
         assert_eq!(plan.mlp_density(), None);

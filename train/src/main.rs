@@ -1,12 +1,11 @@
 //! `dejavu-train`: records per-layer hidden states from calibration text and trains the
 //! Deja Vu sparsity predictors on them.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use burn::backend::Autodiff;
-use burn::prelude::Backend;
 use clap::{Args, Parser, Subcommand};
 use dejavu_model::runtime::{dispatch, SparseKernels, model_dir, BackendKind, BackendTask, Precision};
 use dejavu_train::{fit, record, report, FitOptions, RecordOptions, RecordOutcome};
@@ -34,12 +33,6 @@ struct Cli {
     command: Command,
 }
 
-/// The shared assets folder: `DEJAVU_ASSETS`, else `../shared` beside this checkout.
-fn assets_dir() -> PathBuf {
-    std::env::var_os("DEJAVU_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"))
-}
 
 #[derive(Args, Debug, Clone)]
 struct ModelArg {
@@ -215,7 +208,7 @@ fn main() -> anyhow::Result<()> {
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     match Cli::parse().command {
         Command::Record { model, text, out, rows, valid_rows, max_document_tokens, length_bucket, shard_mb, lookahead, backend, dtype, stop_after_shards } => {
-            let text = text.unwrap_or_else(|| assets_dir().join("text/corpus-train.txt.xz"));
+            let text = text.unwrap_or_else(|| dejavu_model::shared_assets_dir().join("text/corpus-train.txt.xz"));
             if !text.is_file() {
                 bail!("calibration text {} does not exist (pass --text or set DEJAVU_ASSETS)", text.display());
             }

@@ -44,9 +44,13 @@ pub struct QualityArgs {
     /// Also the oracle MLP (true top-K pre-activations) at each MLP density
     #[arg(long)]
     oracle: bool,
-    /// The operating point whose zero-shot accuracy is compared with dense ("none": skip)
-    #[arg(long, default_value = "calibrated")]
-    zero_shot_point: String,
+    /// Operating points whose zero-shot accuracy is compared with dense, separated by `;`
+    /// ("none": no zero-shot)
+    #[arg(long, value_delimiter = ';', default_value = "calibrated")]
+    zero_shot_points: Vec<String>,
+    /// Skip the perplexity sweep (zero-shot only)
+    #[arg(long)]
+    skip_perplexity: bool,
     /// Zero-shot tasks (comma-separated) [default: all]
     #[arg(long, value_enum, value_delimiter = ',')]
     tasks: Vec<Task>,
@@ -92,6 +96,7 @@ struct Row {
 
 #[derive(Debug, Serialize)]
 struct ZeroShotRow {
+    point: String,
     task: Task,
     examples: usize,
     dense: TaskReport,
@@ -107,7 +112,9 @@ struct QualityTask {
     predictors: PathBuf,
     texts: Vec<(PathBuf, Vec<u32>)>,
     tasks: Vec<(Task, Vec<zeroshot::Example>)>,
-    zero_shot_point: Option<OperatingPoint>,
+    zero_shot_points: Vec<OperatingPoint>,
+    /// Rows so far are written here after each one, so a run cut short keeps them.
+    partial: PathBuf,
 }
 
 struct Config {
@@ -169,7 +176,8 @@ impl BackendTask for QualityTask {
             Ok(Some(SparseModel::load(model, &self.model_dir, &self.predictors, point, &dense, options)?))
         };
         let mut rows: Vec<Row> = Vec::new();
-        for c in self.configs() {
+        let configs = if self.args.skip_perplexity { Vec::new() } else { self.configs() };
+        for c in configs {
             let started = Instant::now();
             let sparse = sparse_model(&c, &model)?;
             let mut hooks = sparse.as_ref().map(|s| s.hooks());
@@ -208,22 +216,27 @@ impl BackendTask for QualityTask {
                 row.seconds
             );
             rows.push(row);
+            write_json(&self.partial, &json!({ "rows": rows }))?;
         }
 
         let mut zero_shot = Vec::new();
-        if let Some(point) = &self.zero_shot_point {
-            let tokenizer = OptTokenizer::from_dir(&self.model_dir)?;
+        let tokenizer = OptTokenizer::from_dir(&self.model_dir)?;
+        let mut dense_reports: Vec<TaskReport> = Vec::new();
+        for point in &self.zero_shot_points {
             let c = Config::new(point.to_string(), "point", Some(point.clone()));
             let sparse = sparse_model(&c, &model)?.expect("a point");
-            for (task, examples) in &self.tasks {
+            for (i, (task, examples)) in self.tasks.iter().enumerate() {
                 let started = Instant::now();
-                let dense = zeroshot::evaluate(&model, &mut Dense, &tokenizer, *task, examples, |_| {})?;
+                if dense_reports.len() <= i {
+                    dense_reports.push(zeroshot::evaluate(&model, &mut Dense, &tokenizer, *task, examples, |_| {})?);
+                }
+                let dense = dense_reports[i].clone();
                 let mut hooks = sparse.hooks();
                 let sparse = zeroshot::evaluate(&model, &mut hooks, &tokenizer, *task, examples, |_| {})?;
                 let difference = sparse.accuracy - dense.accuracy;
                 let noise = 2.0 * (dense.accuracy_stderr.powi(2) + sparse.accuracy_stderr.powi(2)).sqrt();
                 eprintln!(
-                    "{:<11} dense {:.4} ± {:.4}  sparse {:.4} ± {:.4}  ({:.1} s)",
+                    "{:<11} dense {:.4} ± {:.4}  {point} {:.4} ± {:.4}  ({:.1} s)",
                     task.name(),
                     dense.accuracy,
                     dense.accuracy_stderr,
@@ -232,6 +245,7 @@ impl BackendTask for QualityTask {
                     started.elapsed().as_secs_f64()
                 );
                 zero_shot.push(ZeroShotRow {
+                    point: point.to_string(),
                     task: *task,
                     examples: examples.len(),
                     within_noise: difference.abs() <= noise,
@@ -264,12 +278,14 @@ pub fn run(args: QualityArgs) -> anyhow::Result<()> {
         }
         texts.push((path, ids));
     }
-    let zero_shot_point = match args.zero_shot_point.as_str() {
-        "none" => None,
-        p => Some(p.parse::<OperatingPoint>()?),
-    };
+    let zero_shot_points = args
+        .zero_shot_points
+        .iter()
+        .filter(|p| p.as_str() != "none")
+        .map(|p| p.parse::<OperatingPoint>())
+        .collect::<Result<Vec<_>, _>>()?;
     let mut tasks = Vec::new();
-    if zero_shot_point.is_some() {
+    if !zero_shot_points.is_empty() {
         let names = if args.tasks.is_empty() { Task::ALL.to_vec() } else { args.tasks.clone() };
         for t in names {
             let mut examples = t.load(&shared.join("tasks").join(t.file_name()))?;
@@ -281,7 +297,20 @@ pub fn run(args: QualityArgs) -> anyhow::Result<()> {
     }
     let text_names: Vec<String> = texts.iter().map(|(p, ids)| format!("{} ({} tokens)", p.display(), ids.len())).collect();
     let started = Instant::now();
-    let task = QualityTask { args: args.clone(), model_dir: model_dir.clone(), predictors: predictors.clone(), texts, tasks, zero_shot_point };
+    let commit = commit();
+    let backend = format!("{:?}", args.backend).to_lowercase();
+    let model_name = model_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("bench/results/quality-{model_name}-{backend}-{commit}.json")));
+    let partial = out.with_extension("partial.json");
+    let task = QualityTask {
+        args: args.clone(),
+        model_dir: model_dir.clone(),
+        predictors: predictors.clone(),
+        texts,
+        tasks,
+        zero_shot_points,
+        partial: partial.clone(),
+    };
     let (rows, zero_shot) = dispatch(args.backend, args.dtype, task)?;
 
     println!("\nperplexity (every token sparse; strided {}/{}): {}", args.window, args.stride, text_names.join(", "));
@@ -300,11 +329,12 @@ pub fn run(args: QualityArgs) -> anyhow::Result<()> {
         );
     }
     if !zero_shot.is_empty() {
-        println!("\nzero-shot, dense vs {} (noise: 2·sqrt(se_dense² + se_sparse²))", args.zero_shot_point);
-        println!("{:<11} {:>8} {:>15} {:>15} {:>8} {:>7}", "task", "examples", "dense", "sparse", "Δ", "noise?");
+        println!("\nzero-shot, dense vs sparse operating points (noise: 2·sqrt(se_dense² + se_sparse²))");
+        println!("{:<28} {:<11} {:>8} {:>15} {:>15} {:>8} {:>7}", "point", "task", "examples", "dense", "sparse", "Δ", "noise?");
         for z in &zero_shot {
             println!(
-                "{:<11} {:>8} {:>8.4}±{:.4} {:>8.4}±{:.4} {:>+8.4} {:>7}",
+                "{:<28} {:<11} {:>8} {:>8.4}±{:.4} {:>8.4}±{:.4} {:>+8.4} {:>7}",
+                z.point,
                 z.task.name(),
                 z.examples,
                 z.dense.accuracy,
@@ -317,11 +347,7 @@ pub fn run(args: QualityArgs) -> anyhow::Result<()> {
         }
     }
 
-    let commit = commit();
-    let backend = format!("{:?}", args.backend).to_lowercase();
     let device = if args.backend == BackendKind::Cpu { "CPU (the development machine)".to_string() } else { device_name("unknown GPU") };
-    let model_name = model_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("bench/results/quality-{model_name}-{backend}-{commit}.json")));
     let value = benchmark_json(
         "quality",
         &device,
@@ -336,11 +362,12 @@ pub fn run(args: QualityArgs) -> anyhow::Result<()> {
             "method": format!("strided, window {}, stride {}; every token sparse (masked path)", args.window, args.stride),
             "seconds": started.elapsed().as_secs_f64(),
             "rows": rows,
-            "zero_shot_point": args.zero_shot_point,
+            "zero_shot_points": args.zero_shot_points,
             "zero_shot": zero_shot,
         }),
     );
     write_json(&out, &value)?;
+    let _ = std::fs::remove_file(&partial);
     println!("\nwrote {}", out.display());
     Ok(())
 }

@@ -1,24 +1,27 @@
 #!/usr/bin/env python3
-"""Compares sparse greedy generations of the same prompts on two backends: the token ids
-of `dejavu generate --json` files, pairwise. Exit status 1 if any differ.
+"""Compares the greedy generations two `dejavu-bench quality --prompts` runs recorded (for
+example CPU and CUDA): the dense and the sparse token ids of every prompt. Exit status 1
+if any differ.
 
-    python3 bench/device/compare_generate.py cpu-1.json,cpu-2.json,... cuda-1.json,cuda-2.json,...
+    python3 bench/device/compare_generate.py quality-cpu.json quality-cuda.json
 """
 import json
 import sys
 
 
 def main():
-    left, right = (s.split(",") for s in sys.argv[1:3])
+    a, b = (json.load(open(p)) for p in sys.argv[1:3])
     same = True
-    for a, b in zip(left, right):
-        x, y = json.load(open(a)), json.load(open(b))
-        assert x["prompt"] == y["prompt"], (a, b)
-        n = min(len(x["new_tokens"]), len(y["new_tokens"]))
-        first = next((i for i in range(n) if x["new_tokens"][i] != y["new_tokens"][i]), None)
-        status = "identical" if first is None and n == 32 else f"first difference at token {first}"
-        same &= first is None and n == 32
-        print(f"{x['prompt']!r}: {n} tokens, {x['backend']} vs {y['backend']}: {status}")
+    print(f"{a['backend']} ({a['device']}) vs {b['backend']} ({b['device']}), sparse point {a['generate_point']}")
+    for x, y in zip(a["generations"], b["generations"]):
+        assert x["prompt"] == y["prompt"]
+        for kind in ("dense", "sparse"):
+            s, t = x[f"{kind}_tokens"], y[f"{kind}_tokens"]
+            first = next((i for i in range(min(len(s), len(t))) if s[i] != t[i]), None)
+            ok = first is None and len(s) == len(t)
+            same &= ok
+            status = "identical" if ok else f"first difference at token {first}"
+            print(f"  {x['prompt']!r:45} {kind:6} {len(s)} tokens: {status}")
     sys.exit(0 if same else 1)
 
 

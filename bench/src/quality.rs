@@ -12,7 +12,8 @@ use anyhow::Context;
 use dejavu_model::runtime::{dispatch, BackendKind, BackendTask, Precision, SparseKernels};
 use dejavu_model::zeroshot::{self, Task, TaskReport};
 use dejavu_model::{
-    load_model, perplexity, Dense, ForwardHooks, Opt, OptTokenizer, PerplexityMethod, SparseModel, SparseOptions,
+    generate, load_model, perplexity, Dense, ForwardHooks, GenerateOptions, Opt, OptTokenizer, PerplexityMethod,
+    Sampling, SparseModel, SparseOptions,
 };
 use dejavu_predictor::{DenseLayers, OperatingPoint};
 use serde::Serialize;
@@ -51,6 +52,16 @@ pub struct QualityArgs {
     /// Skip the perplexity sweep (zero-shot only)
     #[arg(long)]
     skip_perplexity: bool,
+    /// Also generate greedily from each line of this file, dense and through the sparse
+    /// path at --generate-point (prompt dense, decode through the gathered kernels), and
+    /// record the tokens: the cross-backend check compares them
+    #[arg(long, value_name = "FILE")]
+    prompts: Option<PathBuf>,
+    #[arg(long, default_value = "calibrated")]
+    generate_point: OperatingPoint,
+    /// New tokens per prompt (</s> does not stop them)
+    #[arg(long, default_value_t = 32)]
+    new_tokens: usize,
     /// Zero-shot tasks (comma-separated) [default: all]
     #[arg(long, value_enum, value_delimiter = ',')]
     tasks: Vec<Task>,
@@ -95,6 +106,16 @@ struct Row {
 }
 
 #[derive(Debug, Serialize)]
+struct GenerationRow {
+    prompt: String,
+    prompt_tokens: Vec<u32>,
+    dense_tokens: Vec<u32>,
+    sparse_tokens: Vec<u32>,
+    dense_text: String,
+    sparse_text: String,
+}
+
+#[derive(Debug, Serialize)]
 struct ZeroShotRow {
     point: String,
     task: Task,
@@ -115,6 +136,7 @@ struct QualityTask {
     zero_shot_points: Vec<OperatingPoint>,
     /// Rows so far are written here after each one, so a run cut short keeps them.
     partial: PathBuf,
+    prompts: Vec<String>,
 }
 
 struct Config {
@@ -161,7 +183,7 @@ impl QualityTask {
 }
 
 impl BackendTask for QualityTask {
-    type Output = (Vec<Row>, Vec<ZeroShotRow>);
+    type Output = (Vec<Row>, Vec<ZeroShotRow>, Vec<GenerationRow>);
 
     fn run<B: SparseKernels>(self, device: B::Device) -> anyhow::Result<Self::Output> {
         let (config, model) = load_model::<B>(&self.model_dir, self.args.dtype.dtype(), &device)
@@ -219,8 +241,36 @@ impl BackendTask for QualityTask {
             write_json(&self.partial, &json!({ "rows": rows }))?;
         }
 
-        let mut zero_shot = Vec::new();
         let tokenizer = OptTokenizer::from_dir(&self.model_dir)?;
+        let mut generations = Vec::new();
+        if !self.prompts.is_empty() {
+            // Prompt dense, decode sparse through the kernels: the latency path.
+            let decode_sparse = SparseModel::load(
+                &model,
+                &self.model_dir,
+                &self.predictors,
+                &self.args.generate_point,
+                &DenseLayers::default(),
+                SparseOptions::default(),
+            )?;
+            let options = GenerateOptions { max_new_tokens: self.args.new_tokens, sampling: Sampling::Greedy, eos_token: None };
+            for prompt in &self.prompts {
+                let ids = tokenizer.encode(prompt)?;
+                let dense = generate(&model, &mut Dense, &ids, &options, |_| true)?.tokens;
+                let sparse = generate(&model, &mut decode_sparse.hooks(), &ids, &options, |_| true)?.tokens;
+                eprintln!("{prompt:?}: sparse {:?}", tokenizer.decode(&sparse)?);
+                generations.push(GenerationRow {
+                    prompt: prompt.clone(),
+                    prompt_tokens: ids,
+                    dense_text: tokenizer.decode(&dense)?,
+                    sparse_text: tokenizer.decode(&sparse)?,
+                    dense_tokens: dense,
+                    sparse_tokens: sparse,
+                });
+            }
+        }
+
+        let mut zero_shot = Vec::new();
         let mut dense_reports: Vec<TaskReport> = Vec::new();
         for point in &self.zero_shot_points {
             let c = Config::new(point.to_string(), "point", Some(point.clone()));
@@ -255,7 +305,7 @@ impl BackendTask for QualityTask {
                 });
             }
         }
-        Ok((rows, zero_shot))
+        Ok((rows, zero_shot, generations))
     }
 }
 
@@ -310,8 +360,17 @@ pub fn run(args: QualityArgs) -> anyhow::Result<()> {
         tasks,
         zero_shot_points,
         partial: partial.clone(),
+        prompts: match &args.prompts {
+            Some(p) => std::fs::read_to_string(p)
+                .with_context(|| format!("reading {}", p.display()))?
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(str::to_string)
+                .collect(),
+            None => Vec::new(),
+        },
     };
-    let (rows, zero_shot) = dispatch(args.backend, args.dtype, task)?;
+    let (rows, zero_shot, generations) = dispatch(args.backend, args.dtype, task)?;
 
     println!("\nperplexity (every token sparse; strided {}/{}): {}", args.window, args.stride, text_names.join(", "));
     println!("{:<28} {:>8} {:>8} {:>11} {:>11} {:>9} {:>9}", "configuration", "MLP kept", "heads", "ppl text 1", "ppl text 2", "Δ text 1", "Δ text 2");
@@ -364,6 +423,8 @@ pub fn run(args: QualityArgs) -> anyhow::Result<()> {
             "rows": rows,
             "zero_shot_points": args.zero_shot_points,
             "zero_shot": zero_shot,
+            "generate_point": args.generate_point.to_string(),
+            "generations": generations,
         }),
     );
     write_json(&out, &value)?;

@@ -162,21 +162,25 @@ fn mean_sparse(v: &[Option<f64>]) -> Option<f64> {
 
 impl QualityTask {
     fn configs(&self) -> Vec<Config> {
+        // The most telling rows first: a run cut short keeps them.
         let mut configs = vec![Config::new("dense".into(), "dense", None)];
+        for p in &self.args.points {
+            configs.push(Config::new(p.to_string(), "point", Some(p.clone())));
+        }
         for &d in &self.args.mlp_densities {
             let point = OperatingPoint::Density { mlp: Some(d), attention: None };
-            configs.push(Config { dense_attention: true, ..Config::new(format!("mlp={d}"), "mlp", Some(point.clone())) });
-            if self.args.oracle {
-                let name = format!("oracle mlp={d}");
-                configs.push(Config { dense_attention: true, oracle: true, ..Config::new(name, "oracle", Some(point)) });
-            }
+            configs.push(Config { dense_attention: true, ..Config::new(format!("mlp={d}"), "mlp", Some(point)) });
         }
         for &d in &self.args.attention_densities {
             let point = OperatingPoint::Density { mlp: None, attention: Some(d) };
             configs.push(Config { dense_mlp: true, ..Config::new(format!("attention={d}"), "attention", Some(point)) });
         }
-        for p in &self.args.points {
-            configs.push(Config::new(p.to_string(), "point", Some(p.clone())));
+        if self.args.oracle {
+            for &d in &self.args.mlp_densities {
+                let point = OperatingPoint::Density { mlp: Some(d), attention: None };
+                let name = format!("oracle mlp={d}");
+                configs.push(Config { dense_attention: true, oracle: true, ..Config::new(name, "oracle", Some(point)) });
+            }
         }
         configs
     }

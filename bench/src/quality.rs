@@ -314,6 +314,12 @@ impl BackendTask for QualityTask {
 }
 
 pub fn run(args: QualityArgs) -> anyhow::Result<()> {
+    // CubeCL's default autotuning times every candidate for each new matmul shape (up to
+    // ~40 s each on the H100), and perplexity's last window of each text is a new shape:
+    // keep it minimal unless told otherwise. Quality does not depend on it.
+    if std::env::var_os("CUBECL_AUTOTUNE_LEVEL").is_none() {
+        std::env::set_var("CUBECL_AUTOTUNE_LEVEL", "minimal");
+    }
     let model_dir = dejavu_model::runtime::model_dir(args.model.as_deref())?;
     let predictors = args.predictors.clone().unwrap_or_else(dejavu_model::default_predictors_dir);
     let shared = dejavu_model::shared_assets_dir();

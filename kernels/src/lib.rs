@@ -33,6 +33,7 @@ pub mod checks;
 pub mod cube;
 pub mod host;
 pub mod reference;
+pub mod topk;
 
 use burn::prelude::*;
 use burn::tensor::ops::{FloatTensor, IntTensor};
@@ -100,6 +101,13 @@ pub trait SparseKernels: Backend {
         reference::select_above_threshold::<Self>(logits, threshold, capacity)
     }
 
+    /// `[rows, width]` 0/1: each row's `k` largest logits. The reference sorts (on the host
+    /// for backends without a device sort); `CubeBackend` counts instead
+    /// ([`topk::topk_mask_multisection`]).
+    fn topk_mask(logits: FloatTensor<Self>, k: usize) -> FloatTensor<Self> {
+        prim(topk::topk_mask_sorted::<Self>(wrap(logits), k))
+    }
+
     /// Decode attention over the selected heads only: `q [B, S·hd]` (the selected heads'
     /// queries, slot order), `heads [S]`, caches `[B, H, cap, hd]`, positions `0..len`;
     /// `out [B, S·hd]`. Empty slots give zeros.
@@ -155,6 +163,10 @@ where
         capacity: usize,
     ) -> (IntTensor<Self>, IntTensor<Self>) {
         cube::select_above_threshold(logits, threshold, capacity, I::dtype())
+    }
+
+    fn topk_mask(logits: FloatTensor<Self>, k: usize) -> FloatTensor<Self> {
+        prim(topk::topk_mask_multisection::<Self>(wrap(logits), k))
     }
 
     fn selected_heads_attention(
@@ -359,6 +371,17 @@ pub fn select_above_threshold<B: SparseKernels>(
     }
     let (indices, count) = B::select_above_threshold(prim(logits), threshold, capacity);
     Ok(Selection { indices: Tensor::from_primitive(indices), count: Tensor::from_primitive(count) })
+}
+
+/// `[rows, width]` 0/1 mask of each row's `k` largest logits (`1 ≤ k < width`), made on
+/// the device without a sort on `CubeBackend`. A row with values tied at its `k`-th largest
+/// may keep them all there.
+pub fn topk_mask<B: SparseKernels>(logits: Tensor<B, 2>, k: usize) -> Result<Tensor<B, 2>, KernelError> {
+    let width = logits.dims()[1];
+    if k == 0 || k >= width {
+        return Err(shape_err("topk_mask", format!("k {k} outside 1..{width} (the row width)")));
+    }
+    Ok(wrap(B::topk_mask(prim(logits), k)))
 }
 
 /// Decode attention (one new query per batch row) over the selected heads only, reading

@@ -31,7 +31,7 @@
 
 use burn::prelude::*;
 use burn::tensor::activation::relu;
-use burn::tensor::{DType, IndexingUpdateOp};
+use burn::tensor::DType;
 use dejavu_kernels::{Activation as Act, SparseKernels};
 use dejavu_predictor::{
     DenseLayers, LowRankClassifier, ModelDims, OperatingPoint, PredictorModules, PredictorSet, Selection, SparsityPlan,
@@ -115,6 +115,15 @@ impl<B: SparseKernels> SparseModel<B> {
                 needs(&layer.mlp, predictors.mlp.get(l).is_some_and(Option::is_some), "MLP")?;
             }
             needs(&layer.attention, predictors.attention.get(l).is_some_and(Option::is_some), "attention")?;
+            for (selection, width, kind) in [(layer.mlp, dims.ffn_dim, "MLP"), (layer.attention, dims.num_heads, "attention")] {
+                if let Selection::TopK { k } = selection {
+                    if k == 0 || k > width {
+                        return Err(ModelError::InvalidInput(format!(
+                            "layer {l}'s {kind} keeps K = {k} of {width}: K must be in 1..={width}"
+                        )));
+                    }
+                }
+            }
         }
         let weights = model
             .decoder
@@ -265,21 +274,14 @@ fn predict<B: Backend>(predictor: &LowRankClassifier<B>, x: &Tensor<B, 3>) -> Te
     predictor.forward(x)
 }
 
-/// 0/1 mask `[rows, width]` of what `selection` keeps for each row of `logits`.
-fn selection_mask<B: Backend>(logits: Tensor<B, 2>, selection: Selection) -> Tensor<B, 2> {
+/// 0/1 mask `[rows, width]` of what `selection` keeps for each row of `logits`: top-K
+/// without a sort on `CubeBackend` ([`dejavu_kernels::topk_mask`]).
+fn selection_mask<B: SparseKernels>(logits: Tensor<B, 2>, selection: Selection) -> Tensor<B, 2> {
     let [rows, width] = logits.dims();
     match selection {
         Selection::Dense => Tensor::ones([rows, width], &logits.device()),
-        Selection::TopK { k } => {
-            let (_, idx) = logits.clone().topk_with_indices(k, 1);
-            let device = logits.device();
-            Tensor::<B, 2>::zeros([rows, width], &device).scatter(
-                1,
-                idx,
-                Tensor::ones([rows, k], &device),
-                IndexingUpdateOp::Add,
-            )
-        }
+        Selection::TopK { k } if k >= width => Tensor::ones([rows, width], &logits.device()),
+        Selection::TopK { k } => dejavu_kernels::topk_mask(logits, k).expect(KERNEL_SHAPES),
         Selection::Threshold { threshold } => logits.greater_elem(threshold).float(),
     }
 }
@@ -305,8 +307,8 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
     fn indices(&mut self, logits: Tensor<B, 2>, selection: Selection) -> Tensor<B, 1, Int> {
         let [rows, width] = logits.dims();
         match selection {
-            Selection::TopK { k } if rows == 1 => logits.topk_with_indices(k, 1).1.reshape([k]),
             Selection::TopK { k } => {
+                // Each row's top-K as a mask, their union, then the compact list.
                 let union = selection_mask(logits, selection).sum_dim(0);
                 dejavu_kernels::select_above_threshold(union, 0.5, (rows * k).min(width))
                     .expect(KERNEL_SHAPES)

@@ -262,7 +262,7 @@ impl BackendTask for QualityTask {
                 let ids = tokenizer.encode(prompt)?;
                 let dense = generate(&model, &mut Dense, &ids, &options, |_| true)?.tokens;
                 let sparse = generate(&model, &mut decode_sparse.hooks(), &ids, &options, |_| true)?.tokens;
-                eprintln!("{prompt:?}: sparse {:?}", tokenizer.decode(&sparse)?);
+                eprintln!("{prompt:?}: sparse {:?} {sparse:?}", tokenizer.decode(&sparse)?);
                 generations.push(GenerationRow {
                     prompt: prompt.clone(),
                     prompt_tokens: ids,
@@ -271,6 +271,7 @@ impl BackendTask for QualityTask {
                     dense_tokens: dense,
                     sparse_tokens: sparse,
                 });
+                write_json(&self.partial, &json!({ "rows": rows, "generations": generations }))?;
             }
         }
 
@@ -307,6 +308,7 @@ impl BackendTask for QualityTask {
                     dense,
                     sparse,
                 });
+                write_json(&self.partial, &json!({ "rows": rows, "generations": generations, "zero_shot": zero_shot }))?;
             }
         }
         Ok((rows, zero_shot, generations))

@@ -54,9 +54,35 @@ fn cube_kernels_on_wgpu_match_host_loops() {
         // Long enough for the value pass's 4-deep unrolled loop.
         outcomes.extend(check_attention::<Cube<WgpuRuntime>>(&device, [1, 3, 2048, 16], 2000, dtype, seed));
     }
+    check_topk_mask(&device, seed);
     let failed: Vec<_> = outcomes.iter().filter(|o| !o.passed).collect();
     for o in &outcomes {
         eprintln!("{:<34} {:<50} worst {:.3}", o.op, o.case, o.worst_ratio);
     }
     assert!(failed.is_empty(), "{} of {} checks failed: {failed:#?}", failed.len(), outcomes.len());
+}
+
+/// The sort-free top-K mask (multisection on `CubeBackend`) against a host sort.
+fn check_topk_mask(device: &WgpuDevice, seed: u64) {
+    use burn::prelude::*;
+    use burn::tensor::TensorData;
+    use rand::{Rng, SeedableRng};
+    type Wb = burn_cubecl::CubeBackend<WgpuRuntime, f32, i32, u32>;
+    let (rows, width) = (3, 1000);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let values: Vec<f32> = (0..rows * width).map(|_| rng.random_range(-8.0f32..8.0)).collect();
+    for k in [1, 97, 999] {
+        let logits = Tensor::<Wb, 2>::from_data(TensorData::new(values.clone(), [rows, width]), device);
+        let mask: Vec<f32> = dejavu_kernels::topk_mask(logits, k).unwrap().into_data().to_vec().unwrap();
+        for r in 0..rows {
+            let row = &values[r * width..(r + 1) * width];
+            let mut order: Vec<usize> = (0..width).collect();
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+            let mut expected = vec![0.0f32; width];
+            for &i in &order[..k] {
+                expected[i] = 1.0;
+            }
+            assert_eq!(&mask[r * width..(r + 1) * width], &expected[..], "top-{k} mask, row {r}, seed {seed}");
+        }
+    }
 }

@@ -139,15 +139,30 @@ fn sparse_generation_with_the_bundled_predictors() {
 fn sparse_zero_shot_eval_writes_json() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("eval.json");
+    // Task files of our own (the shared ones are read by model/tests/zeroshot.rs).
+    std::fs::write(
+        dir.path().join("copa.jsonl"),
+        "{\"query\": \"The man turned on the faucet, therefore\", \"gold\": 1, \"choices\": [\"the toilet filled with water.\", \"water flowed from the spout.\"]}\n\
+         {\"query\": \"The woman retired, therefore\", \"gold\": 0, \"choices\": [\"she received her pension.\", \"she paid off her mortgage.\"]}\n\
+         {\"query\": \"The hamburger meat browned, because\", \"gold\": 1, \"choices\": [\"the cook froze it.\", \"the cook grilled it.\"]}\n\
+         {\"query\": \"I wanted to conserve energy, therefore\", \"gold\": 1, \"choices\": [\"i swept the floor.\", \"i shut off the light.\"]}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("winogrande.jsonl"),
+        "{\"context_options\": [\"Sarah was a better surgeon than Maria so Sarah\", \"Sarah was a better surgeon than Maria so Maria\"], \"continuation\": \"got the harder cases.\", \"gold\": 0}\n",
+    )
+    .unwrap();
     let out = dejavu(&[
         "eval", "--task", "copa,winogrande", "--limit", "3", "--predictors", "--operating-point",
-        "mlp=0.1,attention=0.5", "--json", json.to_str().unwrap(),
+        "mlp=0.1,attention=0.5", "--tasks-dir", dir.path().to_str().unwrap(), "--json", json.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let value: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
     let tasks = value["tasks"].as_array().unwrap();
     assert_eq!(tasks.len(), 2);
-    assert_eq!(tasks[0]["examples"], 3);
+    assert_eq!(tasks[0]["examples"], 3, "--limit 3 of 4");
+    assert_eq!(tasks[1]["examples"], 1);
     // Every token sparse: 10% of the neurons in every layer with a predictor.
     let kept = value["sparse"]["kept"]["mlp"][1].as_f64().unwrap();
     assert!((kept - 103.0 / 1024.0).abs() < 1e-9, "{value}");

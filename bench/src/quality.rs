@@ -12,7 +12,7 @@ use anyhow::Context;
 use dejavu_model::runtime::{dispatch, BackendKind, BackendTask, Precision, SparseKernels};
 use dejavu_model::zeroshot::{self, Task, TaskReport};
 use dejavu_model::{
-    generate, load_model, perplexity, Dense, ForwardHooks, GenerateOptions, Opt, OptTokenizer, PerplexityMethod,
+    generate, load_model, perplexity, Dense, GenerateOptions, Opt, OptTokenizer, PerplexityMethod,
     Sampling, SparseModel, SparseOptions,
 };
 use dejavu_predictor::{DenseLayers, OperatingPoint};
@@ -206,14 +206,11 @@ impl BackendTask for QualityTask {
         for c in configs {
             let started = Instant::now();
             let sparse = sparse_model(&c, &model)?;
+            // None: dense.
             let mut hooks = sparse.as_ref().map(|s| s.hooks());
             let mut perplexities = Vec::new();
             for (path, ids) in &self.texts {
-                let h: &mut dyn ForwardHooks<B> = match hooks.as_mut() {
-                    Some(h) => h,
-                    None => &mut Dense,
-                };
-                let report = perplexity(&model, h, ids, method, |_, _| {})
+                let report = perplexity(&model, &mut hooks, ids, method, |_, _| {})
                     .with_context(|| format!("{}: scoring {}", c.name, path.display()))?;
                 perplexities.push(report.perplexity);
             }

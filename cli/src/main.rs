@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use dejavu_model::runtime::{dispatch, SparseKernels, model_dir, BackendKind, BackendTask, Precision};
 use dejavu_model::zeroshot::{self, Task, TaskReport};
 use dejavu_model::{
-    generate, load_model, perplexity, Dense, ForwardHooks, GenerateOptions, Opt, OptTokenizer, PerplexityMethod,
+    generate, load_model, perplexity, GenerateOptions, Opt, OptTokenizer, PerplexityMethod,
     PerplexityReport, Sampling, SparseModel, SparseOptions, SparsityStats,
 };
 use dejavu_predictor::{DenseLayers, OperatingPoint};
@@ -94,6 +94,18 @@ impl SparseArgs {
 }
 
 impl SparseChoice {
+    /// What a JSON result says of the sparse run: its settings and what it kept.
+    fn json(&self, kept: Option<&SparsityStats>) -> serde_json::Value {
+        serde_json::json!({
+            "predictors": self.predictors,
+            "operating_point": self.point.to_string(),
+            "dense_mlp_layers": self.dense.mlp,
+            "dense_attention_layers": self.dense.attention,
+            "oracle_mlp": self.oracle_mlp,
+            "kept": kept,
+        })
+    }
+
     fn load<B: SparseKernels>(&self, model: &Opt<B>, dir: &std::path::Path, every_token: bool) -> anyhow::Result<SparseModel<B>> {
         let options = SparseOptions { every_token, oracle_mlp: self.oracle_mlp };
         let sparse = SparseModel::load(model, dir, &self.predictors, &self.point, &self.dense, options)?;
@@ -108,6 +120,11 @@ impl SparseChoice {
         );
         Ok(sparse)
     }
+}
+
+/// Writes a JSON result, pretty-printed.
+fn write_json(path: &std::path::Path, value: &serde_json::Value) -> anyhow::Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(value)? + "\n").with_context(|| format!("writing {}", path.display()))
 }
 
 /// Prints what the sparse path kept.
@@ -254,11 +271,8 @@ impl BackendTask for GenerateTask {
             .with_context(|| format!("loading the model from {}", self.dir.display()))?;
         let prompt = tokenizer.encode(&self.prompt)?;
         let sparse = self.sparse.as_ref().map(|s| s.load(&model, &self.dir, self.sparse_prompt)).transpose()?;
+        // None: dense.
         let mut sparse_hooks = sparse.as_ref().map(|s| s.hooks());
-        let hooks: &mut dyn ForwardHooks<B> = match sparse_hooks.as_mut() {
-            Some(h) => h,
-            None => &mut Dense,
-        };
 
         let mut stdout = std::io::stdout().lock();
         write!(stdout, "{}", self.prompt)?;
@@ -268,7 +282,7 @@ impl BackendTask for GenerateTask {
         let mut tokens = Vec::new();
         let mut printed = 0;
         let mut failure = None;
-        let result = generate(&model, hooks, &prompt, &self.options, |token| {
+        let result = generate(&model, &mut sparse_hooks, &prompt, &self.options, |token| {
             tokens.push(token);
             match tokenizer.decode(&tokens) {
                 Ok(text) if !text.ends_with('\u{FFFD}') => {
@@ -307,15 +321,10 @@ impl BackendTask for GenerateTask {
                 "text": tokenizer.decode(&result.tokens)?,
                 "prefill_ms": result.prefill.as_secs_f64() * 1e3,
                 "decode_tokens_per_second": result.decode_tokens_per_second(),
-                "sparse": self.sparse.as_ref().map(|c| serde_json::json!({
-                    "predictors": c.predictors,
-                    "operating_point": c.point.to_string(),
-                    "sparse_prompt": self.sparse_prompt,
-                    "kept": stats,
-                })),
+                "sparse": self.sparse.as_ref().map(|c| c.json(stats.as_ref())),
+                "sparse_prompt": self.sparse.is_some() && self.sparse_prompt,
             });
-            std::fs::write(path, serde_json::to_string_pretty(&value)? + "\n")
-                .with_context(|| format!("writing {}", path.display()))?;
+            write_json(path, &value)?;
         }
         Ok(())
     }
@@ -351,12 +360,9 @@ impl BackendTask for PerplexityTask {
             .progress_chars("=> "),
         );
         let sparse = self.sparse.as_ref().map(|s| s.load(&model, &self.dir, true)).transpose()?;
+        // None: dense.
         let mut sparse_hooks = sparse.as_ref().map(|s| s.hooks());
-        let hooks: &mut dyn ForwardHooks<B> = match sparse_hooks.as_mut() {
-            Some(h) => h,
-            None => &mut Dense,
-        };
-        let report = perplexity(&model, hooks, &ids, self.method, |done, _| bar.set_position(done as u64))
+        let report = perplexity(&model, &mut sparse_hooks, &ids, self.method, |done, _| bar.set_position(done as u64))
             .with_context(|| format!("scoring {}", self.file.display()))?;
         bar.finish_and_clear();
         Ok((report, sparse_hooks.map(|h| h.stats())))
@@ -378,11 +384,8 @@ impl BackendTask for EvalTask {
         let (_, model) = load_model::<B>(&self.dir, self.precision.dtype(), &device)
             .with_context(|| format!("loading the model from {}", self.dir.display()))?;
         let sparse = self.sparse.as_ref().map(|s| s.load(&model, &self.dir, true)).transpose()?;
+        // None: dense.
         let mut sparse_hooks = sparse.as_ref().map(|s| s.hooks());
-        let hooks: &mut dyn ForwardHooks<B> = match sparse_hooks.as_mut() {
-            Some(h) => h,
-            None => &mut Dense,
-        };
         let mut reports = Vec::new();
         for (task, examples) in &self.tasks {
             let bar = ProgressBar::new(examples.len() as u64).with_style(
@@ -391,7 +394,7 @@ impl BackendTask for EvalTask {
                     .progress_chars("=> "),
             );
             bar.set_message(task.name());
-            let report = zeroshot::evaluate(&model, hooks, &tokenizer, *task, examples, |done| bar.set_position(done as u64))
+            let report = zeroshot::evaluate(&model, &mut sparse_hooks, &tokenizer, *task, examples, |done| bar.set_position(done as u64))
                 .with_context(|| format!("evaluating {}", task.name()))?;
             bar.finish_and_clear();
             eprintln!("{}: accuracy {:.4} ± {:.4} over {} examples", task.name(), report.accuracy, report.accuracy_stderr, report.examples);
@@ -501,17 +504,9 @@ fn main() -> anyhow::Result<()> {
                     "dtype": model.dtype,
                     "seconds": seconds,
                     "report": report,
-                    "sparse": sparse.choice().map(|c| serde_json::json!({
-                        "predictors": c.predictors,
-                        "operating_point": c.point.to_string(),
-                        "dense_mlp_layers": c.dense.mlp,
-                        "dense_attention_layers": c.dense.attention,
-                        "oracle_mlp": c.oracle_mlp,
-                        "kept": stats,
-                    })),
+                    "sparse": sparse.choice().map(|c| c.json(stats.as_ref())),
                 });
-                std::fs::write(&path, serde_json::to_string_pretty(&value)? + "\n")
-                    .with_context(|| format!("writing {}", path.display()))?;
+                write_json(&path, &value)?;
             }
             Ok(())
         }
@@ -555,14 +550,9 @@ fn main() -> anyhow::Result<()> {
                     "seconds": seconds,
                     "limit": limit,
                     "tasks": reports,
-                    "sparse": sparse.choice().map(|c| serde_json::json!({
-                        "predictors": c.predictors,
-                        "operating_point": c.point.to_string(),
-                        "kept": stats,
-                    })),
+                    "sparse": sparse.choice().map(|c| c.json(stats.as_ref())),
                 });
-                std::fs::write(&path, serde_json::to_string_pretty(&value)? + "\n")
-                    .with_context(|| format!("writing {}", path.display()))?;
+                write_json(&path, &value)?;
             }
             Ok(())
         }

@@ -69,3 +69,34 @@ pub trait ForwardHooks<B: Backend> {
 pub struct Dense;
 
 impl<B: Backend> ForwardHooks<B> for Dense {}
+
+/// Optional hooks: `None` is the dense model, `Some(h)` runs `h`. Lets a caller that may
+/// or may not run the sparse path pass one value either way.
+impl<B: Backend, H: ForwardHooks<B>> ForwardHooks<B> for Option<H> {
+    fn observe(&mut self, activation: Activation<'_, B>) {
+        if let Some(h) = self {
+            h.observe(activation);
+        }
+    }
+
+    fn attention(
+        &mut self,
+        layer: usize,
+        attention: &OptAttention<B>,
+        x: Tensor<B, 3>,
+        cache: &mut LayerKvCache<B>,
+        step: &Step<B>,
+    ) -> Tensor<B, 3> {
+        match self {
+            Some(h) => h.attention(layer, attention, x, cache, step),
+            None => Dense.attention(layer, attention, x, cache, step),
+        }
+    }
+
+    fn mlp(&mut self, layer: usize, mlp: &OptMlp<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match self {
+            Some(h) => h.mlp(layer, mlp, x),
+            None => Dense.mlp(layer, mlp, x),
+        }
+    }
+}

@@ -131,8 +131,8 @@ impl<B: SparseKernels> SparseModel<B> {
             .iter()
             .zip(&plan.layers)
             .map(|(layer, p)| GatherWeights {
-                fc1_rows: (!p.mlp.is_dense()).then(|| layer.mlp.fc1.weight.val().transpose().contiguous()),
-                q_rows: (!p.attention.is_dense()).then(|| layer.self_attn.q_proj.weight.val().transpose().contiguous()),
+                fc1_rows: (!p.mlp.is_dense()).then(|| row_major(layer.mlp.fc1.weight.val().transpose())),
+                q_rows: (!p.attention.is_dense()).then(|| row_major(layer.self_attn.q_proj.weight.val().transpose())),
             })
             .collect();
         Ok(Self { plan, predictors, weights, options })
@@ -163,10 +163,6 @@ impl<B: SparseKernels> SparseModel<B> {
         &self.plan
     }
 
-    pub fn options(&self) -> SparseOptions {
-        self.options
-    }
-
     /// Hooks for [`Opt::forward_with`] (and so for generation and perplexity). Keep one
     /// per sequence of calls to accumulate [`SparsityStats`].
     pub fn hooks(&self) -> SparseHooks<'_, B> {
@@ -181,17 +177,11 @@ impl<B: SparseKernels> SparseModel<B> {
     }
 }
 
-trait TensorContiguous {
-    fn contiguous(self) -> Self;
-}
-
-impl<B: Backend> TensorContiguous for Tensor<B, 2> {
-    /// A row-major copy: a transpose is only a view, and the kernels would otherwise make
-    /// the copy at every launch. Flattening a strided tensor materialises it.
-    fn contiguous(self) -> Self {
-        let [r, c] = self.dims();
-        self.reshape([r * c]).reshape([r, c])
-    }
+/// A row-major copy of `t`: a transpose is only a view, and the kernels would otherwise
+/// make the copy at every launch. Flattening a strided tensor materialises it.
+fn row_major<B: Backend>(t: Tensor<B, 2>) -> Tensor<B, 2> {
+    let [r, c] = t.dims();
+    t.reshape([r * c]).reshape([r, c])
 }
 
 /// Per-token counts of what was kept, summed on the device (no sync per layer).
@@ -286,6 +276,12 @@ fn selection_mask<B: SparseKernels>(logits: Tensor<B, 2>, selection: Selection) 
     }
 }
 
+/// The number of ones in a 0/1 mask, summed in f32 whatever the default dtype: a half
+/// precision sum would lose counts past 2048 and overflow past 65504.
+fn count<B: Backend>(mask: Tensor<B, 2>) -> Tensor<B, 1> {
+    mask.cast(DType::F32).sum()
+}
+
 const KERNEL_SHAPES: &str = "the sparse model checked these shapes when it was built";
 
 impl<B: SparseKernels> SparseHooks<'_, B> {
@@ -302,20 +298,23 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
         n == 1 || self.model.options.every_token
     }
 
-    /// The index list `[slots]` the kernels read for `logits [batch, width]`: the union of
-    /// every row's selection, empty slots padded with `width`.
-    fn indices(&mut self, logits: Tensor<B, 2>, selection: Selection) -> Tensor<B, 1, Int> {
+    /// The index list `[slots]` the kernels read for `logits [batch, width]` (the union of
+    /// every row's selection, empty slots padded with `width`), recording what was kept.
+    fn indices(kept: &mut Kept<B>, logits: Tensor<B, 2>, selection: Selection) -> Tensor<B, 1, Int> {
         let [rows, width] = logits.dims();
         match selection {
+            Selection::Threshold { threshold } => {
+                // One row: the selection's own count is what the token kept.
+                let per_token = (rows > 1).then(|| count(logits.clone().greater_elem(threshold).float()));
+                let selected = dejavu_kernels::select_above_threshold(logits, threshold, width).expect(KERNEL_SHAPES);
+                kept.add_device(per_token.unwrap_or_else(|| selected.count.float().cast(DType::F32)), rows);
+                selected.indices
+            }
             Selection::TopK { k } => {
                 // Each row's top-K as a mask, their union, then the compact list.
+                kept.add_host((k * rows) as f64, rows);
                 let union = selection_mask(logits, selection).sum_dim(0);
                 dejavu_kernels::select_above_threshold(union, 0.5, (rows * k).min(width))
-                    .expect(KERNEL_SHAPES)
-                    .indices
-            }
-            Selection::Threshold { threshold } => {
-                dejavu_kernels::select_above_threshold(logits, threshold, width)
                     .expect(KERNEL_SHAPES)
                     .indices
             }
@@ -323,15 +322,15 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
         }
     }
 
-    fn count(kept: &mut Kept<B>, logits: &Tensor<B, 2>, selection: Selection) {
+    /// The per-token 0/1 mask of `selection` (`[rows, width]`), recording what was kept.
+    fn mask(kept: &mut Kept<B>, logits: Tensor<B, 2>, selection: Selection) -> Tensor<B, 2> {
         let rows = logits.dims()[0];
+        let mask = selection_mask(logits, selection);
         match selection {
             Selection::TopK { k } => kept.add_host((k * rows) as f64, rows),
-            Selection::Threshold { threshold } => {
-                kept.add_device(logits.clone().greater_elem(threshold).float().sum(), rows)
-            }
-            Selection::Dense => {}
+            _ => kept.add_device(count(mask.clone()), rows),
         }
+        mask
     }
 }
 
@@ -374,12 +373,12 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
             Some(l) if self.sparse_call(n) && !selection.is_dense() => l,
             _ => return attention.project_out(attention.head_outputs(x, cache, step)),
         };
-        Self::count(&mut self.attention_kept[layer], &logits, selection);
-        let dtype = x.dtype();
+        let kept = &mut self.attention_kept[layer];
         if n > 1 {
             // Masked: each token keeps its own heads.
+            let dtype = x.dtype();
             let heads = attention.head_outputs(x, cache, step);
-            let mask = selection_mask(logits, selection)
+            let mask = Self::mask(kept, logits, selection)
                 .cast(dtype)
                 .reshape([batch, n, attention.num_heads])
                 .swap_dims(1, 2)
@@ -390,7 +389,7 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
         let k = attention.split_heads(attention.k_proj.forward(x.clone()));
         let v = attention.split_heads(attention.v_proj.forward(x.clone()));
         let (keys, values) = cache.append(step.start, k, v);
-        let heads = self.indices(logits, selection);
+        let heads = Self::indices(kept, logits, selection);
         let hd = attention.head_dim;
         let x = x.reshape([batch, d]);
         let q_rows = self.model.weights[layer].q_rows.clone().expect("q rows are made for sparse layers");
@@ -413,24 +412,30 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
     fn mlp(&mut self, layer: usize, mlp: &OptMlp<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let selection = self.model.plan.layers[layer].mlp;
         let [batch, n, d] = x.dims();
-        let predicted = if self.model.options.oracle_mlp && self.sparse_call(n) {
-            let pre = mlp.fc1.forward(x.clone()).reshape([batch * n, self.model.plan.dims.ffn_dim]);
-            Some(if pre.dtype() == DType::F32 { pre } else { pre.cast(DType::F32) })
-        } else {
-            self.mlp_logits[layer].take()
+        if !self.sparse_call(n) || selection.is_dense() {
+            return mlp.forward(x);
+        }
+        // The oracle scores neurons by fc1's own pre-activation, kept for the masked path.
+        let oracle = self.model.options.oracle_mlp.then(|| mlp.fc1.forward(x.clone()));
+        let logits = match &oracle {
+            Some(pre) => {
+                let pre = pre.clone().reshape([batch * n, self.model.plan.dims.ffn_dim]);
+                if pre.dtype() == DType::F32 { pre } else { pre.cast(DType::F32) }
+            }
+            None => match self.mlp_logits[layer].take() {
+                Some(l) => l,
+                None => return mlp.forward(x),
+            },
         };
-        let logits = match predicted {
-            Some(l) if self.sparse_call(n) && !selection.is_dense() => l,
-            _ => return mlp.forward(x),
-        };
-        Self::count(&mut self.mlp_kept[layer], &logits, selection);
+        let kept = &mut self.mlp_kept[layer];
         if n > 1 {
             // Masked: each token keeps its own neurons.
             let [_, width] = logits.dims();
-            let mask = selection_mask(logits, selection).cast(x.dtype()).reshape([batch, n, width]);
-            return mlp.fc2.forward(relu(mlp.fc1.forward(x)) * mask);
+            let mask = Self::mask(kept, logits, selection).cast(x.dtype()).reshape([batch, n, width]);
+            let pre = oracle.unwrap_or_else(|| mlp.fc1.forward(x));
+            return mlp.fc2.forward(relu(pre) * mask);
         }
-        let idx = self.indices(logits, selection);
+        let idx = Self::indices(kept, logits, selection);
         let fc1_rows = self.model.weights[layer].fc1_rows.clone().expect("fc1 rows are made for sparse layers");
         let x = x.reshape([batch, d]);
         let h = dejavu_kernels::gather_rows_gemv(fc1_rows, idx.clone(), x, mlp.fc1.bias.as_ref().map(|b| b.val()), Act::Relu)

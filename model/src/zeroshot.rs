@@ -21,13 +21,13 @@
 use std::path::Path;
 
 use burn::prelude::*;
-use burn::tensor::activation::log_softmax;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
 use crate::generate::token_tensor;
 use crate::hooks::ForwardHooks;
 use crate::opt::Opt;
+use crate::perplexity::target_log_probs;
 use crate::tokenizer::OptTokenizer;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, Serialize, Deserialize)]
@@ -231,17 +231,19 @@ pub fn score_choice<B: Backend, H: ForwardHooks<B> + ?Sized>(
     let logits = model.logits(hidden);
     let vocab = logits.dims()[2];
     // Positions split-1 .. n-1 predict the continuation tokens split .. n.
-    let logits = logits.slice([0..1, split - 1..n - 1, 0..vocab]);
-    let log_probs = log_softmax(logits, 2);
-    let best: Vec<i64> = log_probs.clone().argmax(2).into_data().convert::<i64>().into_vec().expect("int data");
-    let targets: Vec<i32> = ids[split..].iter().map(|&t| t as i32).collect();
-    let m = targets.len();
-    let targets = Tensor::<B, 3, Int>::from_data(burn::tensor::TensorData::new(targets, [1, m, 1]), &device);
-    let picked: Vec<f32> = log_probs.gather(2, targets).into_data().convert::<f32>().into_vec().expect("f32 data");
+    let logits = logits.slice([0..1, split - 1..n, 0..vocab]);
+    let log_probs = target_log_probs(logits.clone(), &ids[split - 1..]);
+    let best: Vec<i64> = logits
+        .slice([0..1, 0..n - split, 0..vocab])
+        .argmax(2)
+        .into_data()
+        .convert::<i64>()
+        .into_vec()
+        .expect("int data");
     Ok(ChoiceScore {
-        log_prob: picked.iter().map(|&p| p as f64).sum(),
+        log_prob: log_probs.iter().map(|&p| p as f64).sum(),
         greedy: best.iter().zip(&ids[split..]).all(|(&b, &t)| b == t as i64),
-        tokens: m,
+        tokens: log_probs.len(),
     })
 }
 

@@ -405,6 +405,30 @@ pub fn check_attention<B: SparseKernels>(
     vec![outcome("selected_heads_attention", case, dtype, &got, &want, &[])]
 }
 
+/// Row-wise LayerNorm against the host loop: rows with a large common offset (as OPT's
+/// residuals have), so a one-pass `E[x²] − E[x]²` would fail the check.
+pub fn check_layer_norm<B: SparseKernels>(device: &B::Device, rows: usize, d: usize, dtype: DType, seed: u64) -> Vec<Outcome> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let x: Vec<f32> = (0..rows * d)
+        .map(|i| 40.0 * ((i / d) as f32 - 1.0) + 4.0 * rng.random_range(-1.0f32..1.0))
+        .collect();
+    let x = stored(x, dtype);
+    let gamma = uniform(&mut rng, d, 0.0);
+    let beta = uniform(&mut rng, d, 0.0);
+    let eps = 1e-5;
+    let got = read(
+        crate::layer_norm(
+            to_device::<B, 2>(&x, [rows, d], dtype, device),
+            to_device::<B, 1>(&gamma, [d], DType::F32, device),
+            to_device::<B, 1>(&beta, [d], DType::F32, device),
+            eps,
+        )
+        .expect("consistent shapes"),
+    );
+    let want = host::layer_norm(&x, rows, d, &gamma, &beta, eps);
+    vec![outcome("layer_norm", format!("rows {rows} d {d} {dtype:?} seed {seed}"), dtype, &got, &want, &[])]
+}
+
 /// A seed that differs from run to run (tests print it, so a failure can be replayed).
 pub fn fresh_seed() -> u64 {
     std::time::SystemTime::now()

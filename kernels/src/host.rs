@@ -157,3 +157,18 @@ pub fn worst_ratio(actual: &[f32], expected: &[f32], atol: f32, rtol: f32, slack
     }
     worst
 }
+
+/// Row-wise LayerNorm of `x [rows, d]` (f64 statistics, biased variance).
+pub fn layer_norm(x: &[f32], rows: usize, d: usize, gamma: &[f32], beta: &[f32], eps: f32) -> Vec<f32> {
+    let mut out = vec![0f32; rows * d];
+    for r in 0..rows {
+        let row = &x[r * d..(r + 1) * d];
+        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+        let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+        let inv = 1.0 / (var + eps as f64).sqrt();
+        for c in 0..d {
+            out[r * d + c] = ((row[c] as f64 - mean) * inv * gamma[c] as f64 + beta[c] as f64) as f32;
+        }
+    }
+    out
+}

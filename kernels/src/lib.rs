@@ -14,6 +14,8 @@
 //!   `out_proj` over their columns.
 //! - [`selected_heads_attention`]: decode attention that reads only the selected heads'
 //!   keys and values.
+//! - [`layer_norm`]: a row-wise LayerNorm in one launch (f32 statistics), so that a decode
+//!   step's norms are not a chain of small tensor ops.
 //!
 //! Which backend runs what: `CubeBackend<R, ..>` (CUDA and wgpu without Burn's fusion
 //! layer) runs the CubeCL kernels. Every other backend — Flex on the CPU, and the fused
@@ -121,6 +123,12 @@ pub trait SparseKernels: Backend {
     ) -> FloatTensor<Self> {
         reference::selected_heads_attention::<Self>(q, heads, k_cache, v_cache, len, scale)
     }
+
+    /// Row-wise LayerNorm of `x [rows, d]` (any float dtype) with f32 `gamma`, `beta`
+    /// `[d]`; statistics in f32, output in `x`'s dtype.
+    fn layer_norm_rows(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
+        reference::layer_norm::<Self>(x, gamma, beta, eps)
+    }
 }
 
 impl SparseKernels for burn::backend::Flex {}
@@ -178,6 +186,10 @@ where
         scale: f32,
     ) -> FloatTensor<Self> {
         cube::selected_heads_attention(q, heads, k_cache, v_cache, len, scale)
+    }
+
+    fn layer_norm_rows(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
+        cube::layer_norm(x, gamma, beta, eps)
     }
 }
 
@@ -420,6 +432,26 @@ pub fn selected_heads_attention<B: SparseKernels>(
         len,
         scale,
     )))
+}
+
+/// LayerNorm of each row of `x [rows, d]`: `(x − mean) / sqrt(var + eps) · gamma + beta`
+/// (biased variance, as PyTorch and Burn), statistics in f32 whatever `x`'s dtype;
+/// `gamma` and `beta` are f32 `[d]` (OPT keeps its LayerNorm parameters in f32).
+pub fn layer_norm<B: SparseKernels>(
+    x: Tensor<B, 2>,
+    gamma: Tensor<B, 1>,
+    beta: Tensor<B, 1>,
+    eps: f32,
+) -> Result<Tensor<B, 2>, KernelError> {
+    let op = "layer_norm";
+    let d = x.dims()[1];
+    for (name, t) in [("gamma", &gamma), ("beta", &beta)] {
+        if t.dims()[0] != d {
+            return Err(shape_err(op, format!("{name} has {} entries for rows of {d}", t.dims()[0])));
+        }
+        check_float(op, name, t, burn::tensor::DType::F32)?;
+    }
+    Ok(wrap(B::layer_norm_rows(prim(x), prim(gamma), prim(beta), eps)))
 }
 
 /// A sparse OPT MLP for the selected neurons: `fc2ᵀ[idx]ᵀ · relu(fc1[idx] · x + b1[idx]) + b2`.

@@ -167,3 +167,22 @@ pub fn selected_heads_attention<B: Backend>(
         .into_primitive()
         .tensor()
 }
+
+pub fn layer_norm<B: Backend>(
+    x: FloatTensor<B>,
+    gamma: FloatTensor<B>,
+    beta: FloatTensor<B>,
+    eps: f32,
+) -> FloatTensor<B> {
+    let x: Tensor<B, 2> = float(x);
+    let dtype = x.dtype();
+    let x = x.cast(DType::F32);
+    let (var, mean) = x.clone().var_mean_bias(1);
+    let gamma: Tensor<B, 1> = float(gamma);
+    let beta: Tensor<B, 1> = float(beta);
+    let y = x.sub(mean).div(var.add_scalar(eps).sqrt());
+    (y * gamma.cast(DType::F32).unsqueeze_dim(0) + beta.cast(DType::F32).unsqueeze_dim(0))
+        .cast(dtype)
+        .into_primitive()
+        .tensor()
+}

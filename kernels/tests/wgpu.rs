@@ -9,7 +9,7 @@
 use burn::tensor::DType;
 use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
 use dejavu_kernels::checks::{
-    check_attention, check_gemvs, check_selection, cube_supports, fresh_seed, Case, Cube, Poisoned,
+    check_attention, check_gemvs, check_layer_norm, check_selection, cube_supports, fresh_seed, Case, Cube, Poisoned,
 };
 use dejavu_kernels::cube::LaunchConfig;
 
@@ -53,6 +53,10 @@ fn cube_kernels_on_wgpu_match_host_loops() {
         outcomes.extend(check_attention::<Cube<WgpuRuntime>>(&device, [1, 5, 300, 12], 300, dtype, seed));
         // Long enough for the value pass's 4-deep unrolled loop.
         outcomes.extend(check_attention::<Cube<WgpuRuntime>>(&device, [1, 3, 2048, 16], 2000, dtype, seed));
+        // Widths below one cube's threads, several vectors per thread, and odd (width-1 vectors).
+        for (rows, d) in [(3, 64), (2, 2304), (1, 37)] {
+            outcomes.extend(check_layer_norm::<Cube<WgpuRuntime>>(&device, rows, d, dtype, seed));
+        }
     }
     check_topk_mask(&device, seed);
     let failed: Vec<_> = outcomes.iter().filter(|o| !o.passed).collect();

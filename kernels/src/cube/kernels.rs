@@ -585,3 +585,59 @@ pub(crate) fn combine_attention_splits_kernel<F: Float, N: Size>(
     }
     out[(b * out.stride(0)) / vs + j * hd_vectors + cv] = Vector::<F, N>::cast_from(o);
 }
+
+/// LayerNorm of each row of `x [rows, d]`: `(x − mean) / sqrt(var + eps) · gamma + beta`
+/// with the biased variance, statistics in f32 (two passes over the row, which the second
+/// reads from cache), `gamma` and `beta` f32 as OPT keeps them. One cube per row; a decode
+/// step's LayerNorm is one launch instead of the eight or so of composed tensor ops.
+#[cube(launch_unchecked)]
+pub(crate) fn layer_norm_kernel<F: Float, N: Size>(
+    x: &Tensor<Vector<F, N>>,
+    gamma: &Tensor<Vector<f32, N>>,
+    beta: &Tensor<Vector<f32, N>>,
+    out: &mut Tensor<Vector<F, N>>,
+    inv_width: f32,
+    eps: f32,
+    #[comptime] threads: usize,
+    #[define(F)] _dtype: StorageType,
+) {
+    let mut red = SharedMemory::<f32>::new(threads);
+    let tid = UNIT_POS_X as usize;
+    let r = CUBE_POS_X as usize;
+    let vs = x.vector_size();
+    let width = x.shape(1) / vs;
+    let x_base = r * x.stride(0) / vs;
+    let o_base = r * out.stride(0) / vs;
+
+    let mut sum = 0.0f32;
+    let mut c = tid;
+    while c < width {
+        let v = Vector::<f32, N>::cast_from(x[x_base + c]);
+        #[unroll]
+        for l in 0..N::value() {
+            sum += v[l];
+        }
+        c += threads;
+    }
+    let mean = cube_reduce(&mut red, sum, tid, threads, false) * inv_width;
+
+    let mut squares = 0.0f32;
+    c = tid;
+    while c < width {
+        let v = Vector::<f32, N>::cast_from(x[x_base + c]) - Vector::<f32, N>::new(mean);
+        #[unroll]
+        for l in 0..N::value() {
+            squares += v[l] * v[l];
+        }
+        c += threads;
+    }
+    let var = cube_reduce(&mut red, squares, tid, threads, false) * inv_width;
+    let inv_std = 1.0f32 / f32::sqrt(var + eps);
+
+    c = tid;
+    while c < width {
+        let v = (Vector::<f32, N>::cast_from(x[x_base + c]) - Vector::<f32, N>::new(mean)) * Vector::<f32, N>::new(inv_std);
+        out[o_base + c] = Vector::<F, N>::cast_from(v * gamma[c] + beta[c]);
+        c += threads;
+    }
+}

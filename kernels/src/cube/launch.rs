@@ -360,3 +360,41 @@ pub fn selected_heads_attention<R: CubeRuntime>(
     }
     out
 }
+
+/// LayerNorm of each row of `x [rows, d]` with f32 `gamma`, `beta` `[d]`; see
+/// [`crate::SparseKernels::layer_norm`].
+pub fn layer_norm<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    gamma: CubeTensor<R>,
+    beta: CubeTensor<R>,
+    eps: f32,
+) -> CubeTensor<R> {
+    let (x, gamma, beta) = (into_contiguous(x), into_contiguous(gamma), into_contiguous(beta));
+    let [rows, d] = [dims(&x)[0], dims(&x)[1]];
+    let out = empty(&x, vec![rows, d], x.dtype);
+    if rows == 0 || d == 0 {
+        return out;
+    }
+    let vs = vector_width(&[&x, &gamma, &beta]);
+    // A power of two (the reduction's tree), at most 256, no more than the row's vectors.
+    let threads = (d / vs).next_power_of_two().clamp(32, 256).min(client_units(&x));
+    let dtype = x.dtype;
+    let client = x.client.clone();
+    unsafe {
+        layer_norm_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(rows as u32, 1, 1),
+            CubeDim::new_1d(threads as u32),
+            vs,
+            x.into_tensor_arg(),
+            gamma.into_tensor_arg(),
+            beta.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            1.0 / d as f32,
+            eps,
+            threads,
+            dtype.into(),
+        );
+    }
+    out
+}

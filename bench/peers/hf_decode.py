@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Peer for `dejavu-bench dense`: Hugging Face transformers OPT, fp16, eager attention,
+"""Peer for `dejavu-bench dense` and `dejavu-bench e2e`: Hugging Face transformers OPT, fp16, eager attention,
 batch-1 decode latency per token on CUDA, on the same shapes and prompt lengths.
 
 Published shapes get random weights built on the GPU from an OPTConfig (latency does not
@@ -65,21 +65,26 @@ def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--models", default="opt-mini,opt-1.3b,opt-6.7b")
     p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--prompt-lens", default=None,
+                   help="comma-separated prompt lengths; results are then keyed model@length")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--opt-mini", default="assets/opt-mini")
     p.add_argument("--json", required=True)
     a = p.parse_args()
     runs_ms = {}
+    lens = [int(x) for x in a.prompt_lens.split(",")] if a.prompt_lens else [a.prompt_len]
     for name in a.models.split(","):
         model = build(name, a.opt_mini)
         vocab = model.config.vocab_size
-        prompt = torch.tensor(
-            [[3 + (i * 7919 + 17) % (vocab - 3) for i in range(a.prompt_len)]], device="cuda"
-        )
-        decode_ms_per_token(model, prompt, a.new_tokens)  # warm-up
-        runs_ms[name] = [decode_ms_per_token(model, prompt, a.new_tokens) for _ in range(a.runs)]
-        print(f"transformers {name}: {sorted(runs_ms[name])[len(runs_ms[name]) // 2]:.3f} ms/token", flush=True)
+        for length in lens:
+            key = f"{name}@{length}" if a.prompt_lens else name
+            prompt = torch.tensor(
+                [[3 + (i * 7919 + 17) % (vocab - 3) for i in range(length)]], device="cuda"
+            )
+            decode_ms_per_token(model, prompt, a.new_tokens)  # warm-up
+            runs_ms[key] = [decode_ms_per_token(model, prompt, a.new_tokens) for _ in range(a.runs)]
+            print(f"transformers {key}: {sorted(runs_ms[key])[len(runs_ms[key]) // 2]:.3f} ms/token", flush=True)
         del model
         torch.cuda.empty_cache()
     env = {

@@ -8,7 +8,7 @@ use burn::prelude::*;
 use burn::tensor::{DType, Distribution};
 use dejavu_model::config::POSITION_OFFSET;
 use dejavu_model::runtime::{dispatch, SparseKernels, BackendKind, BackendTask, Precision};
-use dejavu_model::{generate, load_model, Dense, GenerateOptions, Opt, OptConfig, Sampling};
+use dejavu_model::{generate, load_model, use_row_major_weights, DecodeWeights, Dense, ForwardHooks, GenerateOptions, KernelDecode, Opt, OptConfig, Sampling};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -151,6 +151,17 @@ impl BackendTask for MeasureTask {
                 let model = Opt::<B>::new(&config, &device).cast(dtype);
                 (config, model, "random")
             };
+            // Decode steps through our kernels where the backend has them.
+            let mut model = model;
+            if B::has_kernels() {
+                use_row_major_weights(&mut model);
+            }
+            let decode = B::has_kernels().then(|| DecodeWeights::new(&model));
+            let mut kernel_hooks = decode.as_ref().map(KernelDecode::new);
+            let hooks: &mut dyn ForwardHooks<B> = match &mut kernel_hooks {
+                Some(k) => k,
+                None => &mut Dense,
+            };
             let prompt: Vec<u32> = (0..args.prompt_len)
                 .map(|i| 3 + ((i as u64 * 7919 + 17) % (config.vocab_size as u64 - 3)) as u32)
                 .collect();
@@ -161,11 +172,11 @@ impl BackendTask for MeasureTask {
             };
             // Warm-up: kernel compilation and autotune happen here, not in the timed runs.
             let warm = Instant::now();
-            generate(&model, &mut Dense, &prompt, &options, |_| true)?;
+            generate(&model, hooks, &prompt, &options, |_| true)?;
             eprintln!("{name}: warm-up {:.1} s", warm.elapsed().as_secs_f64());
             let mut runs = Vec::new();
             for _ in 0..args.runs {
-                let g = generate(&model, &mut Dense, &prompt, &options, |_| true)?;
+                let g = generate(&model, hooks, &prompt, &options, |_| true)?;
                 let steps = (g.tokens.len() - 1).max(1) as f64;
                 runs.push(g.decode.as_secs_f64() * 1e3 / steps);
             }
@@ -177,7 +188,7 @@ impl BackendTask for MeasureTask {
                     let mut ids = tokenizer.encode(&text)?;
                     ids.truncate(args.check_tokens);
                     let method = dejavu_model::PerplexityMethod::Strided { window: 1024, stride: 512 };
-                    let report = dejavu_model::perplexity(&model, &mut Dense, &ids, method, |_, _| {})?;
+                    let report = dejavu_model::perplexity(&model, hooks, &ids, method, |_, _| {})?;
                     eprintln!("{name}: perplexity {:.4} on {} tokens of {}", report.perplexity, ids.len(), path.display());
                     Some(report.perplexity)
                 }
@@ -272,6 +283,7 @@ fn write_report(
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "runs": args.runs,
+        "decode": if matches!(args.backend, BackendKind::Cuda) { "kernels (KernelDecode)" } else { "tensor ops" },
         "note": "per-token latency = decode time of the last new_tokens-1 steps / (new_tokens-1), \
                  median over runs after one warm-up run; random weights for published shapes \
                  (latency does not depend on their values); floor = (weight + mean KV bytes) / \

@@ -5,6 +5,7 @@
 //! against sparsity on a model with trained predictors.
 
 mod dense;
+mod e2e;
 mod kernels;
 mod quality;
 mod report;
@@ -34,6 +35,12 @@ enum Command {
     /// operating points (every token sparse), and zero-shot accuracy dense against one
     /// operating point.
     Quality(quality::QualityArgs),
+    /// End-to-end batch-1 decode latency per token: our dense model, our sparse model at
+    /// the paper's latency setting (synthetic OPT shapes, random weights and predictors) and
+    /// at opt-mini's operating points (trained predictors), Hugging Face transformers
+    /// (bench/peers/hf_decode.py), against each configuration's bytes floor; host cost per
+    /// launch; a one-layer breakdown.
+    E2e(e2e::E2eArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,5 +52,6 @@ fn main() -> anyhow::Result<()> {
         Command::Dense(args) => dense::run(args),
         Command::Kernels(args) => kernels::run(args),
         Command::Quality(args) => quality::run(args),
+        Command::E2e(args) => e2e::run(args),
     }
 }

@@ -64,6 +64,12 @@ fn shape_err(op: &'static str, what: String) -> KernelError {
 /// reference implementation in Burn tensor ops; `CubeBackend` overrides them with the
 /// CubeCL kernels. Call them through the checked functions of this crate.
 pub trait SparseKernels: Backend {
+    /// Whether this backend runs the CubeCL kernels (else the tensor-op reference, which
+    /// is exact but no faster than Burn's own ops).
+    fn has_kernels() -> bool {
+        false
+    }
+
     /// `out [B, K] = act(W[row_j, :] · x[b, :] + bias[row_j])`, `row_j = idx[j]` (or `j`
     /// when `idx` is `None`, `K = rows`). `w [rows, d]`, `x [B, d]`, `bias [rows]`.
     ///
@@ -142,6 +148,10 @@ where
     I: burn_cubecl::IntElement,
     BT: burn_cubecl::BoolElement,
 {
+    fn has_kernels() -> bool {
+        true
+    }
+
     fn rows_gemv(
         w: FloatTensor<Self>,
         idx: Option<IntTensor<Self>>,

@@ -6,6 +6,7 @@
 //! the one OPT model here, not copies of it: a hook that overrides nothing is the dense
 //! model, and [`Dense`] is exactly that.
 
+use burn::nn::LayerNorm;
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 
@@ -62,6 +63,11 @@ pub trait ForwardHooks<B: Backend> {
         self.observe(Activation::Fc1PreActivation { layer, value: &pre });
         mlp.fc2.forward(relu(pre))
     }
+
+    /// Applies one of the model's LayerNorms (in f32, see [`crate::layer::norm`]).
+    fn norm(&mut self, ln: &LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        crate::layer::norm(ln, x)
+    }
 }
 
 /// The dense model: observes nothing, replaces nothing.
@@ -97,6 +103,13 @@ impl<B: Backend, H: ForwardHooks<B>> ForwardHooks<B> for Option<H> {
         match self {
             Some(h) => h.mlp(layer, mlp, x),
             None => Dense.mlp(layer, mlp, x),
+        }
+    }
+
+    fn norm(&mut self, ln: &LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match self {
+            Some(h) => h.norm(ln, x),
+            None => Dense.norm(ln, x),
         }
     }
 }

@@ -20,10 +20,13 @@ pub struct OptDecoderLayer<B: Backend> {
     pub do_layer_norm_before: bool,
 }
 
+/// OPT's LayerNorm epsilon (every released checkpoint uses PyTorch's default).
+pub const LAYER_NORM_EPS: f64 = 1e-5;
+
 /// OPT's LayerNorm: eps 1e-5, always with a bias. Without `elementwise_affine` the
 /// checkpoint stores no weight or bias and the initial 1 and 0 stay.
 pub fn layer_norm<B: Backend>(width: usize, device: &B::Device) -> LayerNorm<B> {
-    LayerNormConfig::new(width).with_epsilon(1e-5).init(device)
+    LayerNormConfig::new(width).with_epsilon(LAYER_NORM_EPS).init(device)
 }
 
 /// Applies a LayerNorm in f32 whatever the activations' dtype (its parameters are kept in
@@ -64,26 +67,26 @@ impl<B: Backend> OptDecoderLayer<B> {
 
         hooks.observe(Activation::AttentionInput { layer, value: &x });
         let h = if pre_ln {
-            norm(&self.self_attn_layer_norm, x.clone())
+            hooks.norm(&self.self_attn_layer_norm, x.clone())
         } else {
             x.clone()
         };
         let h = hooks.attention(layer, &self.self_attn, h, cache, step);
         let mut x = x + h;
         if !pre_ln {
-            x = norm(&self.self_attn_layer_norm, x);
+            x = hooks.norm(&self.self_attn_layer_norm, x);
         }
 
         hooks.observe(Activation::MlpInput { layer, value: &x });
         let h = if pre_ln {
-            norm(&self.final_layer_norm, x.clone())
+            hooks.norm(&self.final_layer_norm, x.clone())
         } else {
             x.clone()
         };
         let h = hooks.mlp(layer, &self.mlp, h);
         let mut x = x + h;
         if !pre_ln {
-            x = norm(&self.final_layer_norm, x);
+            x = hooks.norm(&self.final_layer_norm, x);
         }
         x
     }

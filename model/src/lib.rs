@@ -6,6 +6,7 @@
 pub mod attention;
 pub mod cache;
 pub mod config;
+pub mod decode;
 pub mod error;
 pub mod generate;
 pub mod hooks;
@@ -22,6 +23,7 @@ pub mod zeroshot;
 
 pub use cache::{KvCache, LayerKvCache, Step};
 pub use config::OptConfig;
+pub use decode::{use_row_major_weights, DecodeWeights, KernelDecode};
 pub use error::ModelError;
 pub use generate::{generate, GenerateOptions, Generation, Sampler, Sampling};
 pub use hooks::{Activation, Dense, ForwardHooks};

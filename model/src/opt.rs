@@ -9,7 +9,7 @@ use crate::cache::KvCache;
 use crate::config::{OptConfig, POSITION_OFFSET};
 use crate::error::ModelError;
 use crate::hooks::{Activation, Dense, ForwardHooks};
-use crate::layer::{layer_norm, norm, OptDecoderLayer};
+use crate::layer::{layer_norm, OptDecoderLayer};
 
 /// Field names follow Hugging Face's `model.decoder.*` so the checkpoint maps onto them
 /// with one small table ([`crate::weights::key_remapper`]).
@@ -139,7 +139,7 @@ impl<B: Backend> Opt<B> {
             }
         }
         if let Some(final_norm) = &decoder.final_layer_norm {
-            x = norm(final_norm, x);
+            x = hooks.norm(final_norm, x);
         }
         if let Some(project_out) = &decoder.project_out {
             x = project_out.forward(x);

@@ -37,8 +37,11 @@ use dejavu_predictor::{
     DenseLayers, LowRankClassifier, ModelDims, OperatingPoint, PredictorModules, PredictorSet, Selection, SparsityPlan,
 };
 
+use burn::nn::LayerNorm;
+
 use crate::attention::OptAttention;
 use crate::cache::{LayerKvCache, Step};
+use crate::decode::{dense_attention, dense_mlp, kernel_norm, write_kv, DecodeWeights};
 use crate::error::ModelError;
 use crate::hooks::{Activation, ForwardHooks};
 use crate::mlp::OptMlp;
@@ -57,22 +60,12 @@ pub struct SparseOptions {
     pub oracle_mlp: bool,
 }
 
-/// fc1 and q_proj in the `[out, in]` layout the gathered kernels read (Burn keeps `Linear`
-/// weights as `[in, out]`), made once. fc2 and out_proj are already `[in, out]` — one
-/// contiguous row per neuron or per head dimension — which is the transposed layout the
-/// second kernels read, so they are used as they are.
-#[derive(Debug)]
-struct GatherWeights<B: Backend> {
-    fc1_rows: Option<Tensor<B, 2>>,
-    q_rows: Option<Tensor<B, 2>>,
-}
-
 /// Predictors, plan and kernel-ready weights for one model.
 #[derive(Debug)]
 pub struct SparseModel<B: Backend> {
     plan: SparsityPlan,
     predictors: PredictorModules<B>,
-    weights: Vec<GatherWeights<B>>,
+    weights: DecodeWeights<B>,
     options: SparseOptions,
 }
 
@@ -125,16 +118,8 @@ impl<B: SparseKernels> SparseModel<B> {
                 }
             }
         }
-        let weights = model
-            .decoder
-            .layers
-            .iter()
-            .zip(&plan.layers)
-            .map(|(layer, p)| GatherWeights {
-                fc1_rows: (!p.mlp.is_dense()).then(|| row_major(layer.mlp.fc1.weight.val().transpose())),
-                q_rows: (!p.attention.is_dense()).then(|| row_major(layer.self_attn.q_proj.weight.val().transpose())),
-            })
-            .collect();
+        // Views of the model's buffers after `use_row_major_weights`, else copies.
+        let weights = DecodeWeights::new(model);
         Ok(Self { plan, predictors, weights, options })
     }
 
@@ -175,13 +160,6 @@ impl<B: SparseKernels> SparseModel<B> {
             attention_kept: vec![Kept::default(); n],
         }
     }
-}
-
-/// A row-major copy of `t`: a transpose is only a view, and the kernels would otherwise
-/// make the copy at every launch. Flattening a strided tensor materialises it.
-fn row_major<B: Backend>(t: Tensor<B, 2>) -> Tensor<B, 2> {
-    let [r, c] = t.dims();
-    t.reshape([r * c]).reshape([r, c])
 }
 
 /// Per-token counts of what was kept, summed on the device (no sync per layer).
@@ -369,8 +347,10 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
     ) -> Tensor<B, 3> {
         let selection = self.model.plan.layers[layer].attention;
         let [batch, n, d] = x.dims();
+        let weights = &self.model.weights;
         let logits = match self.attention_logits[layer].take() {
             Some(l) if self.sparse_call(n) && !selection.is_dense() => l,
+            _ if n == 1 => return dense_attention(attention, &weights.layers[layer], &weights.all_heads, x, cache, step),
             _ => return attention.project_out(attention.head_outputs(x, cache, step)),
         };
         let kept = &mut self.attention_kept[layer];
@@ -386,13 +366,11 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
             return attention.project_out(heads * mask);
         }
         // Kernels. Every head's key and value are written (see the module comment).
-        let k = attention.split_heads(attention.k_proj.forward(x.clone()));
-        let v = attention.split_heads(attention.v_proj.forward(x.clone()));
-        let (keys, values) = cache.append(step.start, k, v);
+        let x = x.reshape([batch, d]);
+        let (keys, values) = write_kv(attention, &weights.layers[layer], x.clone(), cache, step);
         let heads = Self::indices(kept, logits, selection);
         let hd = attention.head_dim;
-        let x = x.reshape([batch, d]);
-        let q_rows = self.model.weights[layer].q_rows.clone().expect("q rows are made for sparse layers");
+        let q_rows = weights.layers[layer].q_rows.clone();
         let q = dejavu_kernels::gather_blocks_gemv(q_rows, heads.clone(), hd, x, attention.q_proj.bias.as_ref().map(|b| b.val()), Act::Identity)
             .expect(KERNEL_SHAPES);
         let scale = (hd as f32).powf(-0.5);
@@ -412,8 +390,9 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
     fn mlp(&mut self, layer: usize, mlp: &OptMlp<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let selection = self.model.plan.layers[layer].mlp;
         let [batch, n, d] = x.dims();
+        let weights = &self.model.weights.layers[layer];
         if !self.sparse_call(n) || selection.is_dense() {
-            return mlp.forward(x);
+            return if n == 1 { dense_mlp(mlp, weights, x) } else { mlp.forward(x) };
         }
         // The oracle scores neurons by fc1's own pre-activation, kept for the masked path.
         let oracle = self.model.options.oracle_mlp.then(|| mlp.fc1.forward(x.clone()));
@@ -424,6 +403,7 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
             }
             None => match self.mlp_logits[layer].take() {
                 Some(l) => l,
+                None if n == 1 => return dense_mlp(mlp, weights, x),
                 None => return mlp.forward(x),
             },
         };
@@ -436,12 +416,16 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
             return mlp.fc2.forward(relu(pre) * mask);
         }
         let idx = Self::indices(kept, logits, selection);
-        let fc1_rows = self.model.weights[layer].fc1_rows.clone().expect("fc1 rows are made for sparse layers");
+        let fc1_rows = weights.fc1_rows.clone();
         let x = x.reshape([batch, d]);
         let h = dejavu_kernels::gather_rows_gemv(fc1_rows, idx.clone(), x, mlp.fc1.bias.as_ref().map(|b| b.val()), Act::Relu)
             .expect(KERNEL_SHAPES);
         dejavu_kernels::gather_rows_transposed_gemv(mlp.fc2.weight.val(), idx, h, mlp.fc2.bias.as_ref().map(|b| b.val()))
             .expect(KERNEL_SHAPES)
             .reshape([batch, 1, d])
+    }
+
+    fn norm(&mut self, ln: &LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        kernel_norm(ln, x)
     }
 }

@@ -37,3 +37,38 @@ fn wgpu_forward_matches_hugging_face() {
     };
     assert_eq!(argmax(&logits), argmax(&want), "greedy tokens differ");
 }
+
+/// Dense decode through the CubeCL kernels (`KernelDecode` on `CubeBackend`, which runs
+/// them; the fused `Wgpu` backend would run the tensor-op reference): every position of the
+/// short prompt as a one-token step, within 1e-3 of Hugging Face's logits, same argmax.
+#[test]
+fn wgpu_kernel_decode_matches_hugging_face() {
+    if std::env::var_os("DEJAVU_SKIP_WGPU_TESTS").is_some() {
+        eprintln!("skipped: DEJAVU_SKIP_WGPU_TESTS is set");
+        return;
+    }
+    type C = burn_cubecl::CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u32>;
+    let name = "opt-tiny-preln";
+    let device = Default::default();
+    let (config, mut model) = load_model::<C>(&fixtures().join(name), DType::F32, &device).unwrap();
+    dejavu_model::use_row_major_weights(&mut model);
+    let weights = dejavu_model::DecodeWeights::new(&model);
+    let golden = Golden::of(name);
+    let ids = golden.ids("short.input_ids");
+    let mut cache = model.new_cache(1, ids.len()).unwrap();
+    let mut logits = Vec::new();
+    for t in 0..ids.len() {
+        let mut hooks = dejavu_model::KernelDecode::new(&weights);
+        let hidden = model.forward_with(token_tensor::<C>(&ids[t..t + 1], &device), &mut cache, &mut hooks).unwrap();
+        logits.extend(model.logits(hidden).into_data().convert::<f32>().into_vec::<f32>().unwrap());
+    }
+    let (_, want) = golden.f32("short.logits");
+    let err = max_abs_diff(&logits, &want);
+    assert!(err < 1e-3, "wgpu kernel decode logits: max abs err {err}");
+    let argmax = |v: &[f32]| -> Vec<usize> {
+        v.chunks_exact(config.vocab_size)
+            .map(|row| (0..row.len()).fold(0, |best, i| if row[i] > row[best] { i } else { best }))
+            .collect()
+    };
+    assert_eq!(argmax(&logits), argmax(&want), "greedy tokens differ");
+}

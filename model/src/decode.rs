@@ -1,0 +1,208 @@
+//! Decode through the kernels of `dejavu-kernels`, dense: [`KernelDecode`] is a
+//! [`ForwardHooks`] that runs one-token steps with a handful of launches per layer instead
+//! of Burn's composed tensor ops.
+//!
+//! At batch 1 a decode step is bound by the host's cost per launch (CubeCL spends about
+//! 15–20 µs of host time on each), not by the GPU: Burn's LayerNorm alone is eight small
+//! kernels plus two casts, a `Linear` is a matmul and a bias add, and the attention over the
+//! cache is two matmuls, a softmax of four kernels and the copies between them. Here a
+//! layer is: LayerNorm (1 launch), q, k and v (1 GEMV each, bias fused), the two cache
+//! writes, attention over every head (`selected_heads_attention` with all heads: 1–2
+//! launches), `out_proj` (transposed GEMV, 2), the residual add, LayerNorm, fc1 (1, bias and
+//! ReLU fused), fc2 (2) and the residual add. Prompts (several tokens at once) still run
+//! through the tensor ops, where a matmul is the right tool; LayerNorm uses the kernel
+//! everywhere.
+//!
+//! The GEMV kernels read each output's weights as one contiguous row (PyTorch's `[out, in]`
+//! layout) while Burn's `Linear` keeps `[in, out]`. [`use_row_major_weights`] re-lays q, k,
+//! v and fc1 in place — the module keeps a transposed view of the row-major buffer, so its
+//! own forward is unchanged — and [`DecodeWeights`] then takes views of those buffers
+//! instead of a copy of a third of the model. fc2 and `out_proj` are read as they are: their
+//! `[in, out]` rows are the transposed GEMV's layout.
+
+use burn::module::Param;
+use burn::nn::LayerNorm;
+use burn::prelude::*;
+use burn::tensor::DType;
+use dejavu_kernels::{Activation as Act, SparseKernels};
+
+use crate::attention::OptAttention;
+use crate::cache::{LayerKvCache, Step};
+use crate::hooks::{Dense, ForwardHooks};
+use crate::layer::LAYER_NORM_EPS;
+use crate::mlp::OptMlp;
+use crate::opt::Opt;
+
+/// The weights one layer's decode kernels read, each output one contiguous row.
+#[derive(Debug, Clone)]
+pub struct DecodeLayer<B: Backend> {
+    /// `q_proj`, `[d, d]`.
+    pub q_rows: Tensor<B, 2>,
+    /// `k_proj`, `[d, d]`.
+    pub k_rows: Tensor<B, 2>,
+    /// `v_proj`, `[d, d]`.
+    pub v_rows: Tensor<B, 2>,
+    /// `fc1`, `[ffn, d]`.
+    pub fc1_rows: Tensor<B, 2>,
+}
+
+/// [`DecodeLayer`] for every layer, and the list of every head id (what the selected-head
+/// attention kernel reads for a dense step).
+#[derive(Debug, Clone)]
+pub struct DecodeWeights<B: Backend> {
+    pub layers: Vec<DecodeLayer<B>>,
+    pub all_heads: Tensor<B, 1, Int>,
+}
+
+/// A row-major `[out, in]` tensor for a `Linear` weight stored `[in, out]`: a view when the
+/// weight is already a transposed view of a row-major buffer ([`use_row_major_weights`]),
+/// else a copy (flattening a strided tensor materialises it).
+pub(crate) fn rows_of<B: Backend>(weight: Tensor<B, 2>) -> Tensor<B, 2> {
+    let t = weight.transpose();
+    let [r, c] = t.dims();
+    t.reshape([r * c]).reshape([r, c])
+}
+
+/// Re-lays `q_proj`, `k_proj`, `v_proj` and `fc1` of every layer of `model` row-major,
+/// in place, keeping each module's weight as a transposed view (its forward is unchanged).
+/// After this, [`DecodeWeights::new`] and the sparse path take views instead of copies.
+pub fn use_row_major_weights<B: Backend>(model: &mut Opt<B>) {
+    let relay = |param: &mut Param<Tensor<B, 2>>| {
+        let rows = rows_of(param.val());
+        *param = Param::from_tensor(rows.transpose());
+    };
+    for layer in model.decoder.layers.iter_mut() {
+        relay(&mut layer.self_attn.q_proj.weight);
+        relay(&mut layer.self_attn.k_proj.weight);
+        relay(&mut layer.self_attn.v_proj.weight);
+        relay(&mut layer.mlp.fc1.weight);
+    }
+}
+
+impl<B: Backend> DecodeWeights<B> {
+    pub fn new(model: &Opt<B>) -> Self {
+        let layers = model
+            .decoder
+            .layers
+            .iter()
+            .map(|layer| DecodeLayer {
+                q_rows: rows_of(layer.self_attn.q_proj.weight.val()),
+                k_rows: rows_of(layer.self_attn.k_proj.weight.val()),
+                v_rows: rows_of(layer.self_attn.v_proj.weight.val()),
+                fc1_rows: rows_of(layer.mlp.fc1.weight.val()),
+            })
+            .collect();
+        let heads = model.decoder.layers[0].self_attn.num_heads;
+        Self { layers, all_heads: Tensor::arange(0..heads as i64, &model.device()) }
+    }
+}
+
+const SHAPES: &str = "decode weights are made from this very model";
+
+/// LayerNorm through the one-launch kernel, statistics in f32 (as [`crate::layer::norm`]).
+pub fn kernel_norm<B: SparseKernels>(ln: &LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [batch, n, d] = x.dims();
+    let gamma = ln.gamma.val();
+    let beta = match &ln.beta {
+        Some(b) => b.val(),
+        None => Tensor::zeros([d], (&gamma.device(), DType::F32)),
+    };
+    let gamma = if gamma.dtype() == DType::F32 { gamma } else { gamma.cast(DType::F32) };
+    let beta = if beta.dtype() == DType::F32 { beta } else { beta.cast(DType::F32) };
+    dejavu_kernels::layer_norm(x.reshape([batch * n, d]), gamma, beta, LAYER_NORM_EPS as f32)
+        .expect(SHAPES)
+        .reshape([batch, n, d])
+}
+
+fn bias<B: Backend>(linear: &burn::nn::Linear<B>) -> Option<Tensor<B, 1>> {
+    linear.bias.as_ref().map(|b| b.val())
+}
+
+/// Writes one step's keys and values (`x [batch, d]`, every head) into `cache` and returns
+/// the whole buffers.
+pub(crate) fn write_kv<B: SparseKernels>(
+    attention: &OptAttention<B>,
+    weights: &DecodeLayer<B>,
+    x: Tensor<B, 2>,
+    cache: &mut LayerKvCache<B>,
+    step: &Step<B>,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let [batch, d] = x.dims();
+    let project = |rows: &Tensor<B, 2>, linear| {
+        let y = dejavu_kernels::gemv(rows.clone(), x.clone(), bias(linear), Act::Identity).expect(SHAPES);
+        attention.split_heads(y.reshape([batch, 1, d]))
+    };
+    let k = project(&weights.k_rows, &attention.k_proj);
+    let v = project(&weights.v_rows, &attention.v_proj);
+    cache.append(step.start, k, v)
+}
+
+/// One decode step of attention over every head (`x [batch, 1, d]`, normalized).
+pub(crate) fn dense_attention<B: SparseKernels>(
+    attention: &OptAttention<B>,
+    weights: &DecodeLayer<B>,
+    all_heads: &Tensor<B, 1, Int>,
+    x: Tensor<B, 3>,
+    cache: &mut LayerKvCache<B>,
+    step: &Step<B>,
+) -> Tensor<B, 3> {
+    let [batch, _, d] = x.dims();
+    let x = x.reshape([batch, d]);
+    let q = dejavu_kernels::gemv(weights.q_rows.clone(), x.clone(), bias(&attention.q_proj), Act::Identity).expect(SHAPES);
+    let (keys, values) = write_kv(attention, weights, x, cache, step);
+    let scale = (attention.head_dim as f32).powf(-0.5);
+    let heads = dejavu_kernels::selected_heads_attention(q, all_heads.clone(), keys, values, step.start + 1, scale)
+        .expect(SHAPES);
+    dejavu_kernels::transposed_gemv(attention.out_proj.weight.val(), heads, bias(&attention.out_proj))
+        .expect(SHAPES)
+        .reshape([batch, 1, d])
+}
+
+/// One decode step of the dense MLP (`x [batch, 1, d]`): fc1 with bias and ReLU fused,
+/// then fc2 by the transposed GEMV, which skips the rows whose input the ReLU zeroed.
+pub(crate) fn dense_mlp<B: SparseKernels>(mlp: &OptMlp<B>, weights: &DecodeLayer<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [batch, _, d] = x.dims();
+    let h = dejavu_kernels::gemv(weights.fc1_rows.clone(), x.reshape([batch, d]), bias(&mlp.fc1), Act::Relu).expect(SHAPES);
+    dejavu_kernels::transposed_gemv(mlp.fc2.weight.val(), h, bias(&mlp.fc2))
+        .expect(SHAPES)
+        .reshape([batch, 1, d])
+}
+
+/// The dense model, with one-token steps through the kernels (see the module comment).
+/// Equal in value to [`Dense`] up to rounding: same operations, other summation orders.
+pub struct KernelDecode<'a, B: Backend> {
+    weights: &'a DecodeWeights<B>,
+}
+
+impl<'a, B: Backend> KernelDecode<'a, B> {
+    pub fn new(weights: &'a DecodeWeights<B>) -> Self {
+        Self { weights }
+    }
+}
+
+impl<B: SparseKernels> ForwardHooks<B> for KernelDecode<'_, B> {
+    fn attention(
+        &mut self,
+        layer: usize,
+        attention: &OptAttention<B>,
+        x: Tensor<B, 3>,
+        cache: &mut LayerKvCache<B>,
+        step: &Step<B>,
+    ) -> Tensor<B, 3> {
+        if x.dims()[1] != 1 {
+            return Dense.attention(layer, attention, x, cache, step);
+        }
+        dense_attention(attention, &self.weights.layers[layer], &self.weights.all_heads, x, cache, step)
+    }
+
+    fn mlp(&mut self, layer: usize, mlp: &OptMlp<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        if x.dims()[1] != 1 {
+            return Dense.mlp(layer, mlp, x);
+        }
+        dense_mlp(mlp, &self.weights.layers[layer], x)
+    }
+
+    fn norm(&mut self, ln: &LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        kernel_norm(ln, x)
+    }
+}

@@ -16,7 +16,7 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use dejavu_model::runtime::{dispatch, BackendKind, BackendTask, Precision, SparseKernels};
 use dejavu_model::{
-    content_hash, generate, load_model, use_row_major_weights, Activation, DecodeWeights, ForwardHooks, GenerateOptions,
+    content_hash, generate, load_model, use_row_major_weights, Activation, DecodeWeights, Dense, ForwardHooks, GenerateOptions,
     KernelDecode, LayerKvCache, Opt, OptConfig, Sampling, SparseModel, SparseOptions, SparsityStats, Step,
 };
 use dejavu_predictor::{DenseLayers, LayerEntry, Manifest, OperatingPoint, OutputEntry, PredictorSet, Selection, SparsityPlan};
@@ -459,8 +459,9 @@ impl BackendTask for E2eTask {
         let launch_us = launch_overhead_us::<B>(&device)?;
         eprintln!("copy bandwidth {copy_gbs:.0} GB/s, launch overhead {launch_us:.1} µs");
         let mut rows: Vec<Row> = Vec::new();
-        let report = |rows: &[Row], breakdown: Option<&Value>, done: bool| -> anyhow::Result<()> {
-            write_report(args, self.peer.as_ref(), copy_gbs, launch_us, rows, breakdown, done)
+        let mut checks: Vec<Value> = Vec::new();
+        let report = |rows: &[Row], checks: &[Value], breakdown: Option<&Value>, done: bool| -> anyhow::Result<()> {
+            write_report(args, self.peer.as_ref(), copy_gbs, launch_us, rows, checks, breakdown, done)
         };
         for name in &args.models {
             let trained = name == "opt-mini";
@@ -503,6 +504,23 @@ impl BackendTask for E2eTask {
                         over_floor: ms / floor_ms,
                     });
                 };
+                if trained && checks.is_empty() {
+                    // The kernels against Burn's tensor ops on this device: greedy tokens of
+                    // the trained model (a check that the timed path computes the model).
+                    let options = GenerateOptions { max_new_tokens: 32, sampling: Sampling::Greedy, eos_token: None };
+                    let reference = generate(&model, &mut Dense, &prompt, &options, |_| true)?.tokens;
+                    let kernels = generate(&model, &mut KernelDecode::new(&weights), &prompt, &options, |_| true)?.tokens;
+                    let same = reference.iter().zip(&kernels).take_while(|(a, b)| a == b).count();
+                    eprintln!("{name}: kernel decode = tensor-op decode for the first {same} of {} greedy tokens", reference.len());
+                    checks.push(json!({
+                        "model": name,
+                        "prompt_len": prompt_len,
+                        "tokens": reference.len(),
+                        "kernel_decode_equal_prefix": same,
+                        "tensor_ops": reference,
+                        "kernels": kernels,
+                    }));
+                }
                 let dense = time_decode(&model, &mut || Box::new(KernelDecode::new(&weights)), &prompt, args)?;
                 push(&mut rows, "dense".into(), dense, 0.0);
                 if trained {
@@ -525,14 +543,14 @@ impl BackendTask for E2eTask {
                     let label = format!("sparse paper (mlp {}, attention {})", args.mlp_density, args.attention_density);
                     push(&mut rows, label, t, predictor_bytes);
                 }
-                report(&rows, None, false)?;
+                report(&rows, &checks, None, false)?;
             }
         }
         let breakdown = match OptConfig::named(&args.breakdown) {
             Some(config) if !args.breakdown.is_empty() => Some(breakdown::<B>(&config, args, &device)?),
             _ => None,
         };
-        report(&rows, breakdown.as_ref(), true)
+        report(&rows, &checks, breakdown.as_ref(), true)
     }
 }
 
@@ -570,12 +588,14 @@ pub fn run(args: E2eArgs) -> anyhow::Result<()> {
     dispatch(backend, dtype, E2eTask { args, peer })
 }
 
+#[allow(clippy::too_many_arguments)] // one report, written from several places
 fn write_report(
     args: &E2eArgs,
     peer: Option<&(Value, Value)>,
     copy_gbs: f64,
     launch_us: f64,
     rows: &[Row],
+    checks: &[Value],
     breakdown: Option<&Value>,
     print: bool,
 ) -> anyhow::Result<()> {
@@ -637,6 +657,7 @@ fn write_report(
         "peer_runs_ms": peer.map(|(r, _)| r.clone()),
         "rows": rows,
         "summary": summary,
+        "checks": checks,
         "breakdown": breakdown,
     });
     let json = benchmark_json("e2e-decode", &device, &commit, fields);

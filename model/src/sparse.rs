@@ -167,12 +167,15 @@ impl<B: SparseKernels> SparseModel<B> {
 struct Kept<B: Backend> {
     host: f64,
     device: Option<Tensor<B, 1>>,
+    /// Selection counts, summed as integers: one launch per step instead of a conversion,
+    /// a cast and an add (a decode step is bound by its number of launches).
+    device_int: Option<Tensor<B, 1, Int>>,
     tokens: u64,
 }
 
 impl<B: Backend> Default for Kept<B> {
     fn default() -> Self {
-        Self { host: 0.0, device: None, tokens: 0 }
+        Self { host: 0.0, device: None, device_int: None, tokens: 0 }
     }
 }
 
@@ -190,13 +193,22 @@ impl<B: Backend> Kept<B> {
         self.tokens += tokens as u64;
     }
 
+    fn add_device_int(&mut self, kept: Tensor<B, 1, Int>, tokens: usize) {
+        self.device_int = Some(match self.device_int.take() {
+            Some(sum) => sum + kept,
+            None => kept,
+        });
+        self.tokens += tokens as u64;
+    }
+
     /// Mean fraction of `width` kept per sparse token; `None` when no token was sparse.
     fn density(&self, width: usize) -> Option<f64> {
         if self.tokens == 0 {
             return None;
         }
         let device = self.device.as_ref().map_or(0.0, |t| t.clone().into_scalar().elem::<f64>());
-        Some((self.host + device) / (self.tokens as f64 * width as f64))
+        let device_int = self.device_int.as_ref().map_or(0.0, |t| t.clone().into_scalar().elem::<f64>());
+        Some((self.host + device + device_int) / (self.tokens as f64 * width as f64))
     }
 }
 
@@ -285,7 +297,10 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
                 // One row: the selection's own count is what the token kept.
                 let per_token = (rows > 1).then(|| count(logits.clone().greater_elem(threshold).float()));
                 let selected = dejavu_kernels::select_above_threshold(logits, threshold, width).expect(KERNEL_SHAPES);
-                kept.add_device(per_token.unwrap_or_else(|| selected.count.float().cast(DType::F32)), rows);
+                match per_token {
+                    Some(c) => kept.add_device(c, rows),
+                    None => kept.add_device_int(selected.count, rows),
+                }
                 selected.indices
             }
             Selection::TopK { k } => {

@@ -429,6 +429,53 @@ pub fn check_layer_norm<B: SparseKernels>(device: &B::Device, rows: usize, d: us
     vec![outcome("layer_norm", format!("rows {rows} d {d} {dtype:?} seed {seed}"), dtype, &got, &want, &[])]
 }
 
+/// `kv_append` against the host GEMV: the new position holds the keys and values, every
+/// other position keeps its poison.
+pub fn check_kv_append<B: SparseKernels>(device: &B::Device, dims: [usize; 4], d: usize, pos: usize, dtype: DType, seed: u64) -> Vec<Outcome> {
+    let [batch, heads, cap, hd] = dims;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let rows = 2 * heads * hd;
+    let w = stored(uniform(&mut rng, rows * d, 0.0), dtype);
+    let x = stored(uniform(&mut rng, batch * d, 0.0), dtype);
+    let bias = stored(uniform(&mut rng, rows, 0.0), dtype);
+    let poison = -777.0f32;
+    let cache = || Tensor::<B, 4>::full(dims, poison, (device, dtype));
+    let (k, v) = crate::kv_append(
+        to_device::<B, 2>(&w, [rows, d], dtype, device),
+        to_device::<B, 2>(&x, [batch, d], dtype, device),
+        Some(to_device::<B, 1>(&bias, [rows], dtype, device)),
+        cache(),
+        cache(),
+        pos,
+    )
+    .expect("consistent shapes");
+    let (k, v) = (read(k), read(v));
+    let y = host::rows_gemv(&w, rows, d, None, &x, batch, Some(&bias), false);
+    let half = heads * hd;
+    let mut got = Vec::new();
+    let mut want = Vec::new();
+    for b in 0..batch {
+        for h in 0..heads {
+            for p in 0..cap {
+                for c in 0..hd {
+                    let at = ((b * heads + h) * cap + p) * hd + c;
+                    got.push(k[at]);
+                    got.push(v[at]);
+                    if p == pos {
+                        want.push(y[b * rows + h * hd + c]);
+                        want.push(y[b * rows + half + h * hd + c]);
+                    } else {
+                        want.push(poison);
+                        want.push(poison);
+                    }
+                }
+            }
+        }
+    }
+    let case = format!("batch {batch} heads {heads} cap {cap} hd {hd} d {d} pos {pos} {dtype:?} seed {seed}");
+    vec![outcome("kv_append", case, dtype, &got, &want, &[])]
+}
+
 /// A seed that differs from run to run (tests print it, so a failure can be replayed).
 pub fn fresh_seed() -> u64 {
     std::time::SystemTime::now()

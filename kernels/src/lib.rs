@@ -14,6 +14,8 @@
 //!   `out_proj` over their columns.
 //! - [`selected_heads_attention`]: decode attention that reads only the selected heads'
 //!   keys and values.
+//! - [`kv_append`]: a decode step's keys and values, projected and written straight into
+//!   the caches in one launch.
 //! - [`layer_norm`]: a row-wise LayerNorm in one launch (f32 statistics), so that a decode
 //!   step's norms are not a chain of small tensor ops.
 //!
@@ -135,6 +137,19 @@ pub trait SparseKernels: Backend {
     fn layer_norm_rows(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
         reference::layer_norm::<Self>(x, gamma, beta, eps)
     }
+
+    /// `kv [2·H·hd, d]` (k rows then v rows) times `x [B, d]` plus `bias [2·H·hd]`, written
+    /// at position `pos` of `k_cache` / `v_cache` (`[B, H, cap, hd]`); returns the caches.
+    fn kv_append(
+        kv: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        k_cache: FloatTensor<Self>,
+        v_cache: FloatTensor<Self>,
+        pos: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference::kv_append::<Self>(kv, x, bias, k_cache, v_cache, pos)
+    }
 }
 
 impl SparseKernels for burn::backend::Flex {}
@@ -200,6 +215,17 @@ where
 
     fn layer_norm_rows(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
         cube::layer_norm(x, gamma, beta, eps)
+    }
+
+    fn kv_append(
+        kv: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        k_cache: FloatTensor<Self>,
+        v_cache: FloatTensor<Self>,
+        pos: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        cube::kv_append(kv, x, bias, k_cache, v_cache, pos)
     }
 }
 
@@ -462,6 +488,40 @@ pub fn layer_norm<B: SparseKernels>(
         check_float(op, name, t, burn::tensor::DType::F32)?;
     }
     Ok(wrap(B::layer_norm_rows(prim(x), prim(gamma), prim(beta), eps)))
+}
+
+/// A decode step's keys and values, projected and written into the caches in one launch:
+/// row `j` of `kv [2·H·hd, d]` (k_proj's rows, then v_proj's, each output one contiguous
+/// row) dotted with `x [B, d]`, plus `bias[j]`, lands at position `pos` of `k_cache`
+/// (first half) or `v_cache` (second half), both `[B, H, cap, hd]`. Returns the caches;
+/// on `CubeBackend` they are written in place, so the caller must hold their only handles.
+pub fn kv_append<B: SparseKernels>(
+    kv: Tensor<B, 2>,
+    x: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    k_cache: Tensor<B, 4>,
+    v_cache: Tensor<B, 4>,
+    pos: usize,
+) -> Result<(Tensor<B, 4>, Tensor<B, 4>), KernelError> {
+    let op = "kv_append";
+    let [batch, heads, cap, hd] = k_cache.dims();
+    if v_cache.dims() != k_cache.dims() {
+        return Err(shape_err(op, format!("key cache {:?} and value cache {:?} differ", k_cache.dims(), v_cache.dims())));
+    }
+    if kv.dims()[0] != 2 * heads * hd {
+        return Err(shape_err(op, format!("kv has {} rows, expected 2 × {heads} heads × {hd}", kv.dims()[0])));
+    }
+    if x.dims()[0] != batch {
+        return Err(shape_err(op, format!("x has {} rows for a cache of batch {batch}", x.dims()[0])));
+    }
+    if pos >= cap {
+        return Err(shape_err(op, format!("position {pos} outside the cache's {cap}")));
+    }
+    check_rows_gemv(op, &kv, &x, bias.as_ref())?;
+    check_float(op, "the key cache", &k_cache, kv.dtype())?;
+    check_float(op, "the value cache", &v_cache, kv.dtype())?;
+    let (k, v) = B::kv_append(prim(kv), prim(x), bias.map(prim), prim(k_cache), prim(v_cache), pos);
+    Ok((wrap(k), wrap(v)))
 }
 
 /// A sparse OPT MLP for the selected neurons: `fc2ᵀ[idx]ᵀ · relu(fc1[idx] · x + b1[idx]) + b2`.

@@ -186,3 +186,26 @@ pub fn layer_norm<B: Backend>(
         .into_primitive()
         .tensor()
 }
+
+pub fn kv_append<B: Backend>(
+    kv: FloatTensor<B>,
+    x: FloatTensor<B>,
+    bias: Option<FloatTensor<B>>,
+    k_cache: FloatTensor<B>,
+    v_cache: FloatTensor<B>,
+    pos: usize,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let k_cache: Tensor<B, 4> = float(k_cache);
+    let v_cache: Tensor<B, 4> = float(v_cache);
+    let [batch, heads, _, hd] = k_cache.dims();
+    let y: Tensor<B, 2> = float(rows_gemv::<B>(kv, None, 1, x, bias, false));
+    let half = heads * hd;
+    let split = |t: Tensor<B, 2>| t.reshape([batch, heads, 1, hd]);
+    let k = split(y.clone().slice([0..batch, 0..half]));
+    let v = split(y.slice([0..batch, half..2 * half]));
+    let ranges = [0..batch, 0..heads, pos..pos + 1, 0..hd];
+    (
+        k_cache.slice_assign(ranges.clone(), k).into_primitive().tensor(),
+        v_cache.slice_assign(ranges, v).into_primitive().tensor(),
+    )
+}

@@ -9,7 +9,7 @@
 use burn::tensor::DType;
 use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
 use dejavu_kernels::checks::{
-    check_attention, check_gemvs, check_layer_norm, check_selection, cube_supports, fresh_seed, Case, Cube, Poisoned,
+    check_attention, check_gemvs, check_kv_append, check_layer_norm, check_selection, cube_supports, fresh_seed, Case, Cube, Poisoned,
 };
 use dejavu_kernels::cube::LaunchConfig;
 
@@ -57,6 +57,9 @@ fn cube_kernels_on_wgpu_match_host_loops() {
         for (rows, d) in [(3, 64), (2, 2304), (1, 37)] {
             outcomes.extend(check_layer_norm::<Cube<WgpuRuntime>>(&device, rows, d, dtype, seed));
         }
+        // Head dims 8 and 12 (odd d: width-1 vectors), the first and the last position.
+        outcomes.extend(check_kv_append::<Cube<WgpuRuntime>>(&device, [2, 3, 5, 8], 40, 4, dtype, seed));
+        outcomes.extend(check_kv_append::<Cube<WgpuRuntime>>(&device, [1, 4, 7, 12], 37, 0, dtype, seed));
     }
     check_topk_mask(&device, seed);
     let failed: Vec<_> = outcomes.iter().filter(|o| !o.passed).collect();

@@ -38,6 +38,52 @@ fn group_sum(
     }
 }
 
+/// One lane's share of `W[w_base ..] · x[x_base ..]` over `width` vectors (every `group`-th
+/// vector from `lane`), in f32.
+#[cube]
+fn lane_dot<F: Float, N: Size>(
+    w: &Tensor<Vector<F, N>>,
+    w_base: usize,
+    x: &Tensor<Vector<F, N>>,
+    x_base: usize,
+    lane: usize,
+    group: usize,
+    width: usize,
+) -> f32 {
+    let mut acc = Vector::<f32, N>::new(0.0f32);
+    let step = group;
+    let mut t = lane;
+    while t + 7 * step < width {
+        let w0 = w[w_base + t];
+        let w1 = w[w_base + t + step];
+        let w2 = w[w_base + t + 2 * step];
+        let w3 = w[w_base + t + 3 * step];
+        let w4 = w[w_base + t + 4 * step];
+        let w5 = w[w_base + t + 5 * step];
+        let w6 = w[w_base + t + 6 * step];
+        let w7 = w[w_base + t + 7 * step];
+        acc += Vector::<f32, N>::cast_from(w0) * Vector::<f32, N>::cast_from(x[x_base + t]);
+        acc += Vector::<f32, N>::cast_from(w1) * Vector::<f32, N>::cast_from(x[x_base + t + step]);
+        acc += Vector::<f32, N>::cast_from(w2) * Vector::<f32, N>::cast_from(x[x_base + t + 2 * step]);
+        acc += Vector::<f32, N>::cast_from(w3) * Vector::<f32, N>::cast_from(x[x_base + t + 3 * step]);
+        acc += Vector::<f32, N>::cast_from(w4) * Vector::<f32, N>::cast_from(x[x_base + t + 4 * step]);
+        acc += Vector::<f32, N>::cast_from(w5) * Vector::<f32, N>::cast_from(x[x_base + t + 5 * step]);
+        acc += Vector::<f32, N>::cast_from(w6) * Vector::<f32, N>::cast_from(x[x_base + t + 6 * step]);
+        acc += Vector::<f32, N>::cast_from(w7) * Vector::<f32, N>::cast_from(x[x_base + t + 7 * step]);
+        t += 8 * step;
+    }
+    while t < width {
+        acc += Vector::<f32, N>::cast_from(w[w_base + t]) * Vector::<f32, N>::cast_from(x[x_base + t]);
+        t += step;
+    }
+    let mut partial = 0.0f32;
+    #[unroll]
+    for v in 0..N::value() {
+        partial += acc[v];
+    }
+    partial
+}
+
 /// `out[b, j] = act(W[row_j, :] · x[b, :] + bias[row_j])` with `row_j = idx[j]` when
 /// `gathered`, else `j`. One group of `CUBE_DIM_X` lanes per output row, `CUBE_DIM_Y` rows
 /// per cube. Each lane keeps eight loads in flight per iteration: at batch 1 a 10%-dense
@@ -79,39 +125,9 @@ pub(crate) fn rows_gemv_kernel<F: Float, N: Size, I: Int>(
 
     for b in 0..batch {
         let x_base = b * x.stride(0) / vs;
-        let mut acc = Vector::<f32, N>::new(0.0f32);
-        if live {
-            let step = group;
-            let mut t = lane;
-            while t + 7 * step < width {
-                let w0 = w[w_base + t];
-                let w1 = w[w_base + t + step];
-                let w2 = w[w_base + t + 2 * step];
-                let w3 = w[w_base + t + 3 * step];
-                let w4 = w[w_base + t + 4 * step];
-                let w5 = w[w_base + t + 5 * step];
-                let w6 = w[w_base + t + 6 * step];
-                let w7 = w[w_base + t + 7 * step];
-                acc += Vector::<f32, N>::cast_from(w0) * Vector::<f32, N>::cast_from(x[x_base + t]);
-                acc += Vector::<f32, N>::cast_from(w1) * Vector::<f32, N>::cast_from(x[x_base + t + step]);
-                acc += Vector::<f32, N>::cast_from(w2) * Vector::<f32, N>::cast_from(x[x_base + t + 2 * step]);
-                acc += Vector::<f32, N>::cast_from(w3) * Vector::<f32, N>::cast_from(x[x_base + t + 3 * step]);
-                acc += Vector::<f32, N>::cast_from(w4) * Vector::<f32, N>::cast_from(x[x_base + t + 4 * step]);
-                acc += Vector::<f32, N>::cast_from(w5) * Vector::<f32, N>::cast_from(x[x_base + t + 5 * step]);
-                acc += Vector::<f32, N>::cast_from(w6) * Vector::<f32, N>::cast_from(x[x_base + t + 6 * step]);
-                acc += Vector::<f32, N>::cast_from(w7) * Vector::<f32, N>::cast_from(x[x_base + t + 7 * step]);
-                t += 8 * step;
-            }
-            while t < width {
-                acc += Vector::<f32, N>::cast_from(w[w_base + t])
-                    * Vector::<f32, N>::cast_from(x[x_base + t]);
-                t += step;
-            }
-        }
         let mut partial = 0.0f32;
-        #[unroll]
-        for v in 0..N::value() {
-            partial += acc[v];
+        if live {
+            partial = lane_dot(w, w_base, x, x_base, lane, group, width);
         }
         let total = group_sum(partial, &mut scratch, group, use_plane);
         if lane == 0 && in_range {
@@ -639,5 +655,60 @@ pub(crate) fn layer_norm_kernel<F: Float, N: Size>(
         let v = (Vector::<f32, N>::cast_from(x[x_base + c]) - Vector::<f32, N>::new(mean)) * Vector::<f32, N>::new(inv_std);
         out[o_base + c] = Vector::<F, N>::cast_from(v * gamma[c] + beta[c]);
         c += threads;
+    }
+}
+
+/// The keys and values of one new position, written straight into the caches: row `j` of
+/// `kv [2·H·hd, d]` (k_proj's rows, then v_proj's) dotted with `x[b, :]` plus `bias[j]`
+/// goes to `k_cache[b, h, pos, c]` (`j < H·hd`) or `v_cache[b, h, pos, c]`, with
+/// `h·hd + c = j mod H·hd`. One launch instead of two GEMVs and two cache writes; the
+/// same lane layout as `rows_gemv_kernel`.
+#[cube(launch_unchecked)]
+pub(crate) fn kv_append_kernel<F: Float, N: Size>(
+    kv: &Tensor<Vector<F, N>>,
+    x: &Tensor<Vector<F, N>>,
+    bias: &Tensor<F>,
+    k_cache: &mut Tensor<F>,
+    v_cache: &mut Tensor<F>,
+    pos: usize,
+    #[comptime] has_bias: bool,
+    #[comptime] group: usize,
+    #[comptime] rows_per_cube: usize,
+    #[comptime] use_plane: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let mut scratch = SharedMemory::<f32>::new(group * rows_per_cube);
+    let lane = UNIT_POS_X as usize;
+    let j = CUBE_POS_X as usize * rows_per_cube + UNIT_POS_Y as usize;
+    let rows = kv.shape(0);
+    let half = rows / 2;
+    let batch = x.shape(0);
+    let vs = kv.vector_size();
+    let width = kv.shape(1) / vs;
+    let hd = k_cache.shape(3);
+    let in_range = j < rows;
+    let w_base = j * kv.stride(0) / vs;
+    let jj = j % half;
+    let h = jj / hd;
+    let c = jj % hd;
+    for b in 0..batch {
+        let x_base = b * x.stride(0) / vs;
+        let mut partial = 0.0f32;
+        if in_range {
+            partial = lane_dot(kv, w_base, x, x_base, lane, group, width);
+        }
+        let total = group_sum(partial, &mut scratch, group, use_plane);
+        if lane == 0 && in_range {
+            let mut y = total;
+            if has_bias {
+                y += f32::cast_from(bias[j]);
+            }
+            let offset = b * k_cache.stride(0) + h * k_cache.stride(1) + pos * k_cache.stride(2) + c * k_cache.stride(3);
+            if j < half {
+                k_cache[offset] = F::cast_from(y);
+            } else {
+                v_cache[offset] = F::cast_from(y);
+            }
+        }
     }
 }

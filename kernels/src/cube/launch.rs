@@ -398,3 +398,45 @@ pub fn layer_norm<R: CubeRuntime>(
     }
     out
 }
+
+/// Keys and values of one new position into the caches; see
+/// [`crate::SparseKernels::kv_append`]. Writes `k_cache` and `v_cache` in place (the
+/// caller holds their only handles) and returns them.
+pub fn kv_append<R: CubeRuntime>(
+    kv: CubeTensor<R>,
+    x: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    k_cache: CubeTensor<R>,
+    v_cache: CubeTensor<R>,
+    pos: usize,
+) -> (CubeTensor<R>, CubeTensor<R>) {
+    let (kv, x) = (into_contiguous(kv), into_contiguous(x));
+    let rows = dims(&kv)[0];
+    let has_bias = bias.is_some();
+    let bias = bias.map(into_contiguous).unwrap_or_else(|| x.clone());
+    let vs = vector_width(&[&kv, &x]);
+    let (group, use_plane) = reduction_group(&kv.client);
+    let rows_per_cube = LaunchConfig::default().rows_per_cube;
+    let dtype = kv.dtype;
+    let client = kv.client.clone();
+    unsafe {
+        kv_append_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(rows.div_ceil(rows_per_cube) as u32, 1, 1),
+            CubeDim::new_2d(group as u32, rows_per_cube as u32),
+            vs,
+            kv.into_tensor_arg(),
+            x.into_tensor_arg(),
+            bias.into_tensor_arg(),
+            k_cache.clone().into_tensor_arg(),
+            v_cache.clone().into_tensor_arg(),
+            pos,
+            has_bias,
+            group,
+            rows_per_cube,
+            use_plane,
+            dtype.into(),
+        );
+    }
+    (k_cache, v_cache)
+}

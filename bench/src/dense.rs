@@ -8,7 +8,7 @@ use burn::prelude::*;
 use burn::tensor::{DType, Distribution};
 use dejavu_model::config::POSITION_OFFSET;
 use dejavu_model::runtime::{dispatch, SparseKernels, BackendKind, BackendTask, Precision};
-use dejavu_model::{generate, load_model, use_row_major_weights, DecodeWeights, Dense, ForwardHooks, GenerateOptions, KernelDecode, Opt, OptConfig, Sampling};
+use dejavu_model::{generate, load_model, use_row_major_weights, Dense, ForwardHooks, GenerateOptions, KernelDecode, Opt, OptConfig, Sampling};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -153,10 +153,7 @@ impl BackendTask for MeasureTask {
             };
             // Decode steps through our kernels where the backend has them.
             let mut model = model;
-            if B::has_kernels() {
-                use_row_major_weights(&mut model);
-            }
-            let decode = B::has_kernels().then(|| DecodeWeights::new(&model));
+            let decode = B::has_kernels().then(|| use_row_major_weights(&mut model));
             let mut kernel_hooks = decode.as_ref().map(KernelDecode::new);
             let hooks: &mut dyn ForwardHooks<B> = match &mut kernel_hooks {
                 Some(k) => k,

@@ -282,7 +282,7 @@ fn synthetic_sparse<B: SparseKernels>(
             plan.layers[target].attention = Selection::Threshold { threshold: t };
         }
     }
-    let sparse = SparseModel::new(model, "synthetic", plan, modules, SparseOptions::default())?;
+    let sparse = SparseModel::with_weights(model, "synthetic", plan, modules, SparseOptions::default(), weights.clone())?;
     Ok((sparse, predictor_bytes))
 }
 
@@ -299,8 +299,10 @@ fn time_decode<'h, B: SparseKernels>(
     args: &E2eArgs,
 ) -> anyhow::Result<Timing> {
     let options = GenerateOptions { max_new_tokens: args.new_tokens, sampling: Sampling::Greedy, eos_token: None };
+    let warm = Instant::now();
     let mut h = hooks();
     generate(model, h.as_hooks(), prompt, &options, |_| true)?;
+    eprintln!("  warm-up run {:.1} s", warm.elapsed().as_secs_f64());
     let mut runs_ms = Vec::new();
     let mut stats = None;
     for _ in 0..args.runs {
@@ -464,6 +466,7 @@ impl BackendTask for E2eTask {
             write_report(args, self.peer.as_ref(), copy_gbs, launch_us, rows, checks, breakdown, done)
         };
         for name in &args.models {
+            let started = Instant::now();
             let trained = name == "opt-mini";
             let (config, mut model) = if trained {
                 load_model::<B>(&args.opt_mini, dtype, &device).with_context(|| format!("loading {}", args.opt_mini.display()))?
@@ -474,8 +477,8 @@ impl BackendTask for E2eTask {
                 let model = Opt::<B>::new(&config, &device).cast(dtype);
                 (config, model)
             };
-            use_row_major_weights(&mut model);
-            let weights = DecodeWeights::new(&model);
+            let weights = use_row_major_weights(&mut model);
+            eprintln!("{name}: model ready after {:.1} s", started.elapsed().as_secs_f64());
             for &prompt_len in &args.prompt_lens {
                 if prompt_len + args.new_tokens > config.max_position_embeddings {
                     eprintln!("{name}: prompt {prompt_len} + {} new tokens exceed 2048 positions; skipped", args.new_tokens);
@@ -533,12 +536,15 @@ impl BackendTask for E2eTask {
                     }
                     for point in &args.opt_mini_points {
                         let plan = SparsityPlan::new(&set.manifest, point, &DenseLayers::default())?;
-                        let sparse = SparseModel::new(&model, &hash, plan, set.modules.clone(), SparseOptions::default())?;
+                        let sparse =
+                            SparseModel::with_weights(&model, &hash, plan, set.modules.clone(), SparseOptions::default(), weights.clone())?;
                         let t = time_decode(&model, &mut || Box::new(sparse.hooks()), &prompt, args)?;
                         push(&mut rows, format!("sparse {point}"), t, predictor_bytes);
                     }
                 } else {
+                    let setup = Instant::now();
                     let (sparse, predictor_bytes) = synthetic_sparse(&model, &config, &weights, &prompt, args)?;
+                    eprintln!("  synthetic predictors and thresholds {:.1} s", setup.elapsed().as_secs_f64());
                     let t = time_decode(&model, &mut || Box::new(sparse.hooks()), &prompt, args)?;
                     let label = format!("sparse paper (mlp {}, attention {})", args.mlp_density, args.attention_density);
                     push(&mut rows, label, t, predictor_bytes);

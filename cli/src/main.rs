@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use dejavu_model::runtime::{dispatch, SparseKernels, model_dir, BackendKind, BackendTask, Precision};
 use dejavu_model::zeroshot::{self, Task, TaskReport};
 use dejavu_model::{
-    generate, load_model, perplexity, use_row_major_weights, DecodeWeights, Dense, ForwardHooks, KernelDecode, GenerateOptions, Opt, OptTokenizer, PerplexityMethod,
+    generate, load_model, perplexity, use_row_major_weights, Dense, ForwardHooks, KernelDecode, GenerateOptions, Opt, OptTokenizer, PerplexityMethod,
     PerplexityReport, Sampling, SparseModel, SparseOptions, SparsityStats,
 };
 use dejavu_predictor::{DenseLayers, OperatingPoint};
@@ -269,16 +269,13 @@ impl BackendTask for GenerateTask {
         let tokenizer = OptTokenizer::from_dir(&self.dir)?;
         let (_, mut model) = load_model::<B>(&self.dir, self.precision.dtype(), &device)
             .with_context(|| format!("loading the model from {}", self.dir.display()))?;
-        if B::has_kernels() {
-            // The layout the decode kernels read, in place (no copy of the weights).
-            use_row_major_weights(&mut model);
-        }
+        // The layout the decode kernels read, made in place (no copy of the weights).
+        let decode = B::has_kernels().then(|| use_row_major_weights(&mut model));
         let prompt = tokenizer.encode(&self.prompt)?;
         let sparse = self.sparse.as_ref().map(|s| s.load(&model, &self.dir, self.sparse_prompt)).transpose()?;
         let mut sparse_hooks = sparse.as_ref().map(|s| s.hooks());
         // Dense: decode steps through the kernels where the backend has them.
-        let decode = (sparse.is_none() && B::has_kernels()).then(|| DecodeWeights::new(&model));
-        let mut kernel_hooks = decode.as_ref().map(KernelDecode::new);
+        let mut kernel_hooks = decode.as_ref().filter(|_| sparse.is_none()).map(KernelDecode::new);
         let hooks: &mut dyn ForwardHooks<B> = match (&mut sparse_hooks, &mut kernel_hooks) {
             (Some(h), _) => h,
             (None, Some(k)) => k,

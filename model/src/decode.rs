@@ -6,18 +6,19 @@
 //! 15–20 µs of host time on each), not by the GPU: Burn's LayerNorm alone is eight small
 //! kernels plus two casts, a `Linear` is a matmul and a bias add, and the attention over the
 //! cache is two matmuls, a softmax of four kernels and the copies between them. Here a
-//! layer is: LayerNorm (1 launch), q, k and v (1 GEMV each, bias fused), the two cache
-//! writes, attention over every head (`selected_heads_attention` with all heads: 1–2
-//! launches), `out_proj` (transposed GEMV, 2), the residual add, LayerNorm, fc1 (1, bias and
-//! ReLU fused), fc2 (2) and the residual add. Prompts (several tokens at once) still run
+//! layer is: LayerNorm (1 launch), q (1 GEMV, bias fused), k and v projected straight into
+//! the caches (`kv_append`, 1), attention over every head (`selected_heads_attention` with
+//! all heads: 1–2 launches), `out_proj` (transposed GEMV, 2), the residual add, LayerNorm,
+//! fc1 (1, bias and ReLU fused), fc2 (2) and the residual add: 12–13 launches. Prompts (several tokens at once) still run
 //! through the tensor ops, where a matmul is the right tool; LayerNorm uses the kernel
 //! everywhere.
 //!
 //! The GEMV kernels read each output's weights as one contiguous row (PyTorch's `[out, in]`
 //! layout) while Burn's `Linear` keeps `[in, out]`. [`use_row_major_weights`] re-lays q, k,
-//! v and fc1 in place — the module keeps a transposed view of the row-major buffer, so its
-//! own forward is unchanged — and [`DecodeWeights`] then takes views of those buffers
-//! instead of a copy of a third of the model. fc2 and `out_proj` are read as they are: their
+//! v and fc1 in place — k and v as the two halves of one `[2d, d]` buffer — and each module
+//! keeps a transposed view of its rows, so its own forward is unchanged; the
+//! [`DecodeWeights`] it returns share those buffers. [`DecodeWeights::new`] instead copies
+//! what is not already laid out so (always k and v). fc2 and `out_proj` are read as they are: their
 //! `[in, out]` rows are the transposed GEMV's layout.
 
 use burn::module::Param;
@@ -38,10 +39,9 @@ use crate::opt::Opt;
 pub struct DecodeLayer<B: Backend> {
     /// `q_proj`, `[d, d]`.
     pub q_rows: Tensor<B, 2>,
-    /// `k_proj`, `[d, d]`.
-    pub k_rows: Tensor<B, 2>,
-    /// `v_proj`, `[d, d]`.
-    pub v_rows: Tensor<B, 2>,
+    /// `k_proj`'s rows then `v_proj`'s, `[2d, d]`, and their biases, `[2d]`.
+    pub kv_rows: Tensor<B, 2>,
+    pub kv_bias: Option<Tensor<B, 1>>,
     /// `fc1`, `[ffn, d]`.
     pub fc1_rows: Tensor<B, 2>,
 }
@@ -57,41 +57,61 @@ pub struct DecodeWeights<B: Backend> {
 /// A row-major `[out, in]` tensor for a `Linear` weight stored `[in, out]`: a view when the
 /// weight is already a transposed view of a row-major buffer ([`use_row_major_weights`]),
 /// else a copy (flattening a strided tensor materialises it).
-pub(crate) fn rows_of<B: Backend>(weight: Tensor<B, 2>) -> Tensor<B, 2> {
+pub fn rows_of<B: Backend>(weight: Tensor<B, 2>) -> Tensor<B, 2> {
     let t = weight.transpose();
     let [r, c] = t.dims();
     t.reshape([r * c]).reshape([r, c])
 }
 
-/// Re-lays `q_proj`, `k_proj`, `v_proj` and `fc1` of every layer of `model` row-major,
-/// in place, keeping each module's weight as a transposed view (its forward is unchanged).
-/// After this, [`DecodeWeights::new`] and the sparse path take views instead of copies.
-pub fn use_row_major_weights<B: Backend>(model: &mut Opt<B>) {
-    let relay = |param: &mut Param<Tensor<B, 2>>| {
-        let rows = rows_of(param.val());
-        *param = Param::from_tensor(rows.transpose());
-    };
-    for layer in model.decoder.layers.iter_mut() {
-        relay(&mut layer.self_attn.q_proj.weight);
-        relay(&mut layer.self_attn.k_proj.weight);
-        relay(&mut layer.self_attn.v_proj.weight);
-        relay(&mut layer.mlp.fc1.weight);
+fn kv_bias<B: Backend>(attention: &OptAttention<B>) -> Option<Tensor<B, 1>> {
+    match (&attention.k_proj.bias, &attention.v_proj.bias) {
+        (Some(k), Some(v)) => Some(Tensor::cat(vec![k.val(), v.val()], 0)),
+        _ => None,
     }
 }
 
+/// Re-lays `q_proj`, `k_proj`, `v_proj` and `fc1` of every layer of `model` row-major, in
+/// place (k and v as one `[2d, d]` buffer), keeping each module's weight as a transposed
+/// view so its forward is unchanged, and returns the [`DecodeWeights`] that share them.
+pub fn use_row_major_weights<B: Backend>(model: &mut Opt<B>) -> DecodeWeights<B> {
+    let mut layers = Vec::new();
+    for layer in model.decoder.layers.iter_mut() {
+        let attention = &mut layer.self_attn;
+        let q_rows = rows_of(attention.q_proj.weight.val());
+        attention.q_proj.weight = Param::from_tensor(q_rows.clone().transpose());
+        let kv_rows = Tensor::cat(vec![rows_of(attention.k_proj.weight.val()), rows_of(attention.v_proj.weight.val())], 0);
+        let [two_d, d] = kv_rows.dims();
+        attention.k_proj.weight = Param::from_tensor(kv_rows.clone().slice([0..two_d / 2, 0..d]).transpose());
+        attention.v_proj.weight = Param::from_tensor(kv_rows.clone().slice([two_d / 2..two_d, 0..d]).transpose());
+        let fc1_rows = rows_of(layer.mlp.fc1.weight.val());
+        layer.mlp.fc1.weight = Param::from_tensor(fc1_rows.clone().transpose());
+        layers.push(DecodeLayer { q_rows, kv_bias: kv_bias(&layer.self_attn), kv_rows, fc1_rows });
+    }
+    DecodeWeights::with_layers(model, layers)
+}
+
 impl<B: Backend> DecodeWeights<B> {
+    /// The decode layout of `model`'s weights: views where [`use_row_major_weights`] laid
+    /// them out so, copies otherwise.
     pub fn new(model: &Opt<B>) -> Self {
         let layers = model
             .decoder
             .layers
             .iter()
-            .map(|layer| DecodeLayer {
-                q_rows: rows_of(layer.self_attn.q_proj.weight.val()),
-                k_rows: rows_of(layer.self_attn.k_proj.weight.val()),
-                v_rows: rows_of(layer.self_attn.v_proj.weight.val()),
-                fc1_rows: rows_of(layer.mlp.fc1.weight.val()),
+            .map(|layer| {
+                let attention = &layer.self_attn;
+                DecodeLayer {
+                    q_rows: rows_of(attention.q_proj.weight.val()),
+                    kv_rows: Tensor::cat(vec![rows_of(attention.k_proj.weight.val()), rows_of(attention.v_proj.weight.val())], 0),
+                    kv_bias: kv_bias(attention),
+                    fc1_rows: rows_of(layer.mlp.fc1.weight.val()),
+                }
             })
             .collect();
+        Self::with_layers(model, layers)
+    }
+
+    fn with_layers(model: &Opt<B>, layers: Vec<DecodeLayer<B>>) -> Self {
         let heads = model.decoder.layers[0].self_attn.num_heads;
         Self { layers, all_heads: Tensor::arange(0..heads as i64, &model.device()) }
     }
@@ -118,23 +138,26 @@ fn bias<B: Backend>(linear: &burn::nn::Linear<B>) -> Option<Tensor<B, 1>> {
     linear.bias.as_ref().map(|b| b.val())
 }
 
-/// Writes one step's keys and values (`x [batch, d]`, every head) into `cache` and returns
-/// the whole buffers.
+/// Writes one step's keys and values (`x [batch, d]`, every head) into `cache` with one
+/// launch and returns the whole buffers.
 pub(crate) fn write_kv<B: SparseKernels>(
-    attention: &OptAttention<B>,
     weights: &DecodeLayer<B>,
     x: Tensor<B, 2>,
     cache: &mut LayerKvCache<B>,
     step: &Step<B>,
 ) -> (Tensor<B, 4>, Tensor<B, 4>) {
-    let [batch, d] = x.dims();
-    let project = |rows: &Tensor<B, 2>, linear| {
-        let y = dejavu_kernels::gemv(rows.clone(), x.clone(), bias(linear), Act::Identity).expect(SHAPES);
-        attention.split_heads(y.reshape([batch, 1, d]))
-    };
-    let k = project(&weights.k_rows, &attention.k_proj);
-    let v = project(&weights.v_rows, &attention.v_proj);
-    cache.append(step.start, k, v)
+    let (keys, values) = dejavu_kernels::kv_append(
+        weights.kv_rows.clone(),
+        x,
+        weights.kv_bias.clone(),
+        cache.key.clone(),
+        cache.value.clone(),
+        step.start,
+    )
+    .expect(SHAPES);
+    cache.key = keys.clone();
+    cache.value = values.clone();
+    (keys, values)
 }
 
 /// One decode step of attention over every head (`x [batch, 1, d]`, normalized).
@@ -149,7 +172,7 @@ pub(crate) fn dense_attention<B: SparseKernels>(
     let [batch, _, d] = x.dims();
     let x = x.reshape([batch, d]);
     let q = dejavu_kernels::gemv(weights.q_rows.clone(), x.clone(), bias(&attention.q_proj), Act::Identity).expect(SHAPES);
-    let (keys, values) = write_kv(attention, weights, x, cache, step);
+    let (keys, values) = write_kv(weights, x, cache, step);
     let scale = (attention.head_dim as f32).powf(-0.5);
     let heads = dejavu_kernels::selected_heads_attention(q, all_heads.clone(), keys, values, step.start + 1, scale)
         .expect(SHAPES);

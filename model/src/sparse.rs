@@ -41,7 +41,7 @@ use burn::nn::LayerNorm;
 
 use crate::attention::OptAttention;
 use crate::cache::{LayerKvCache, Step};
-use crate::decode::{dense_attention, dense_mlp, kernel_norm, write_kv, DecodeWeights};
+use crate::decode::{dense_attention, dense_mlp, kernel_norm, rows_of, write_kv, DecodeWeights};
 use crate::error::ModelError;
 use crate::hooks::{Activation, ForwardHooks};
 use crate::mlp::OptMlp;
@@ -65,8 +65,33 @@ pub struct SparseOptions {
 pub struct SparseModel<B: Backend> {
     plan: SparsityPlan,
     predictors: PredictorModules<B>,
+    /// The predictors as the decode step runs them: our GEMV kernels in the model's dtype
+    /// (two launches, half the bytes of f32 in f16), per layer, MLP then attention.
+    decode_predictors: [Vec<Option<DecodePredictor<B>>>; 2],
     weights: DecodeWeights<B>,
     options: SparseOptions,
+}
+
+/// A low-rank predictor with both factors row-major (`down [r, d]`, `up [outputs, r]`) in
+/// the model's dtype.
+#[derive(Debug)]
+struct DecodePredictor<B: Backend> {
+    down_rows: Tensor<B, 2>,
+    up_rows: Tensor<B, 2>,
+}
+
+impl<B: SparseKernels> DecodePredictor<B> {
+    fn new(p: &LowRankClassifier<B>, dtype: DType) -> Self {
+        let cast = |t: Tensor<B, 2>| if t.dtype() == dtype { t } else { t.cast(dtype) };
+        Self { down_rows: cast(rows_of(p.down.weight.val())), up_rows: cast(rows_of(p.up.weight.val())) }
+    }
+
+    /// Logits `[batch, outputs]` for one new token per sequence, `x [batch, 1, d]`.
+    fn logits(&self, x: &Tensor<B, 3>) -> Tensor<B, 2> {
+        let [batch, _, d] = x.dims();
+        let h = dejavu_kernels::gemv(self.down_rows.clone(), x.clone().reshape([batch, d]), None, Act::Identity).expect(KERNEL_SHAPES);
+        dejavu_kernels::gemv(self.up_rows.clone(), h, None, Act::Identity).expect(KERNEL_SHAPES)
+    }
 }
 
 fn model_dims<B: Backend>(model: &Opt<B>) -> ModelDims {
@@ -89,6 +114,20 @@ impl<B: SparseKernels> SparseModel<B> {
         plan: SparsityPlan,
         predictors: PredictorModules<B>,
         options: SparseOptions,
+    ) -> Result<Self, ModelError> {
+        // Views of the model's buffers after `use_row_major_weights`, else copies.
+        Self::with_weights(model, model_hash, plan, predictors, options, DecodeWeights::new(model))
+    }
+
+    /// [`SparseModel::new`] with the decode layout already made (what
+    /// [`crate::use_row_major_weights`] returns), so that nothing is copied.
+    pub fn with_weights(
+        model: &Opt<B>,
+        model_hash: &str,
+        plan: SparsityPlan,
+        predictors: PredictorModules<B>,
+        options: SparseOptions,
+        weights: DecodeWeights<B>,
     ) -> Result<Self, ModelError> {
         let dims = model_dims(model);
         plan.check_model(model_hash, &dims).map_err(|e| ModelError::InvalidInput(e.to_string()))?;
@@ -118,9 +157,10 @@ impl<B: SparseKernels> SparseModel<B> {
                 }
             }
         }
-        // Views of the model's buffers after `use_row_major_weights`, else copies.
-        let weights = DecodeWeights::new(model);
-        Ok(Self { plan, predictors, weights, options })
+        let dtype = model.dtype();
+        let decode = |v: &Vec<Option<LowRankClassifier<B>>>| v.iter().map(|p| p.as_ref().map(|p| DecodePredictor::new(p, dtype))).collect();
+        let decode_predictors = [decode(&predictors.mlp), decode(&predictors.attention)];
+        Ok(Self { plan, predictors, decode_predictors, weights, options })
     }
 
     /// Loads the predictor folder `predictors_dir` for the model loaded from `model_dir`
@@ -341,13 +381,22 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
         // Layer `target`'s predictor reads layer `target - lookahead`'s input.
         let target = layer + model.plan.lookahead;
         let Some(plan) = model.plan.layers.get(target) else { return };
+        // A decode step (one new token) runs the kernels' copy of the predictor.
+        let step = value.dims()[1] == 1;
+        let logits = |modules: &Vec<Option<LowRankClassifier<B>>>, decode: &Vec<Option<DecodePredictor<B>>>| {
+            if step {
+                decode.get(target).and_then(Option::as_ref).map(|p| p.logits(value))
+            } else {
+                modules.get(target).and_then(Option::as_ref).map(|p| predict(p, value))
+            }
+        };
         if is_attention && !plan.attention.is_dense() {
-            if let Some(Some(p)) = model.predictors.attention.get(target) {
-                self.attention_logits[target] = Some(predict(p, value));
+            if let Some(l) = logits(&model.predictors.attention, &model.decode_predictors[1]) {
+                self.attention_logits[target] = Some(l);
             }
         } else if !is_attention && !plan.mlp.is_dense() && !model.options.oracle_mlp {
-            if let Some(Some(p)) = model.predictors.mlp.get(target) {
-                self.mlp_logits[target] = Some(predict(p, value));
+            if let Some(l) = logits(&model.predictors.mlp, &model.decode_predictors[0]) {
+                self.mlp_logits[target] = Some(l);
             }
         }
     }
@@ -382,7 +431,7 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
         }
         // Kernels. Every head's key and value are written (see the module comment).
         let x = x.reshape([batch, d]);
-        let (keys, values) = write_kv(attention, &weights.layers[layer], x.clone(), cache, step);
+        let (keys, values) = write_kv(&weights.layers[layer], x.clone(), cache, step);
         let heads = Self::indices(kept, logits, selection);
         let hd = attention.head_dim;
         let q_rows = weights.layers[layer].q_rows.clone();

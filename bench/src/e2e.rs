@@ -15,9 +15,10 @@ use anyhow::{bail, Context};
 use burn::prelude::*;
 use burn::tensor::DType;
 use dejavu_model::runtime::{dispatch, BackendKind, BackendTask, Precision, SparseKernels};
+use dejavu_model::generate::token_tensor;
 use dejavu_model::{
     content_hash, generate, load_model, use_row_major_weights, Activation, DecodeWeights, Dense, ForwardHooks, GenerateOptions,
-    KernelDecode, LayerKvCache, Opt, OptConfig, Sampling, SparseModel, SparseOptions, SparsityStats, Step,
+    KernelDecode, KvCache, LayerKvCache, Opt, OptConfig, Sampling, SparseModel, SparseOptions, SparsityStats, Step,
 };
 use dejavu_predictor::{DenseLayers, LayerEntry, Manifest, OperatingPoint, OutputEntry, PredictorSet, Selection, SparsityPlan};
 use serde::Serialize;
@@ -219,6 +220,7 @@ fn synthetic_sparse<B: SparseKernels>(
     model: &Opt<B>,
     config: &OptConfig,
     weights: &DecodeWeights<B>,
+    cache: &mut KvCache<B>,
     prompt: &[u32],
     args: &E2eArgs,
 ) -> anyhow::Result<(SparseModel<B>, f64)> {
@@ -260,11 +262,8 @@ fn synthetic_sparse<B: SparseKernels>(
     }
 
     // One decode step after the prompt, recording every layer's inputs.
-    let mut cache = model.new_cache(1, prompt.len() + 1)?;
     let mut record = RecordInputs { inner: KernelDecode::new(weights), attention: vec![None; layers], mlp: vec![None; layers] };
-    let tokens = |ids: &[u32]| dejavu_model::generate::token_tensor::<B>(ids, &device);
-    model.forward_with(tokens(&prompt[..prompt.len() - 1]), &mut cache, &mut record)?;
-    model.forward_with(tokens(&prompt[prompt.len() - 1..]), &mut cache, &mut record)?;
+    decode_run(model, cache, &mut record, prompt, 2)?;
 
     let mut plan = SparsityPlan::new(&manifest, &OperatingPoint::Threshold, &DenseLayers::default())?;
     let logits = |p: &dejavu_predictor::LowRankClassifier<B>, x: &Option<Tensor<B, 3>>| -> anyhow::Result<Tensor<B, 2>> {
@@ -291,25 +290,55 @@ struct Timing {
     stats: Option<SparsityStats>,
 }
 
+/// Prompt positions per prefill call: every prompt length then runs the same shapes, so
+/// the GPU kernels are compiled and autotuned once, not once per length.
+const PREFILL_CHUNK: usize = 128;
+
+/// One greedy run with the library's loop spelled out (as `generate` does it, token read
+/// back each step) over a cache made once for every prompt length: prefill in chunks, then
+/// `new_tokens` steps; returns ms per decode step over the last `new_tokens − 1`.
+fn decode_run<B: SparseKernels>(
+    model: &Opt<B>,
+    cache: &mut KvCache<B>,
+    hooks: &mut dyn ForwardHooks<B>,
+    prompt: &[u32],
+    new_tokens: usize,
+) -> anyhow::Result<f64> {
+    let device = model.device();
+    cache.reset();
+    let mut hidden = None;
+    for chunk in prompt.chunks(PREFILL_CHUNK) {
+        hidden = Some(model.forward_with(token_tensor::<B>(chunk, &device), cache, hooks)?);
+    }
+    let hidden = hidden.context("an empty prompt")?;
+    let [_, n, width] = hidden.dims();
+    let next = |h: Tensor<B, 3>| -> u32 { model.logits(h).argmax(2).into_scalar().elem::<i64>() as u32 };
+    let mut token = next(hidden.slice([0..1, n - 1..n, 0..width]));
+    let started = Instant::now();
+    for _ in 1..new_tokens {
+        let h = model.forward_with(token_tensor::<B>(&[token], &device), cache, hooks)?;
+        token = next(h);
+    }
+    Ok(started.elapsed().as_secs_f64() * 1e3 / (new_tokens - 1).max(1) as f64)
+}
+
 /// Warm-up run, then `runs` timed runs: ms per decode step.
 fn time_decode<'h, B: SparseKernels>(
     model: &Opt<B>,
+    cache: &mut KvCache<B>,
     hooks: &mut dyn FnMut() -> Box<dyn ForwardHooksWithStats<B> + 'h>,
     prompt: &[u32],
     args: &E2eArgs,
 ) -> anyhow::Result<Timing> {
-    let options = GenerateOptions { max_new_tokens: args.new_tokens, sampling: Sampling::Greedy, eos_token: None };
     let warm = Instant::now();
     let mut h = hooks();
-    generate(model, h.as_hooks(), prompt, &options, |_| true)?;
+    decode_run(model, cache, h.as_hooks(), prompt, args.new_tokens)?;
     eprintln!("  warm-up run {:.1} s", warm.elapsed().as_secs_f64());
     let mut runs_ms = Vec::new();
     let mut stats = None;
     for _ in 0..args.runs {
         let mut h = hooks();
-        let g = generate(model, h.as_hooks(), prompt, &options, |_| true)?;
-        let steps = (g.tokens.len() - 1).max(1) as f64;
-        runs_ms.push(g.decode.as_secs_f64() * 1e3 / steps);
+        runs_ms.push(decode_run(model, cache, h.as_hooks(), prompt, args.new_tokens)?);
         stats = h.stats();
     }
     Ok(Timing { runs_ms, stats })
@@ -478,6 +507,8 @@ impl BackendTask for E2eTask {
                 (config, model)
             };
             let weights = use_row_major_weights(&mut model);
+            let longest = args.prompt_lens.iter().copied().filter(|l| l + args.new_tokens <= config.max_position_embeddings).max().unwrap_or(1);
+            let mut cache = model.new_cache(1, longest + args.new_tokens)?;
             eprintln!("{name}: model ready after {:.1} s", started.elapsed().as_secs_f64());
             for &prompt_len in &args.prompt_lens {
                 if prompt_len + args.new_tokens > config.max_position_embeddings {
@@ -524,7 +555,7 @@ impl BackendTask for E2eTask {
                         "kernels": kernels,
                     }));
                 }
-                let dense = time_decode(&model, &mut || Box::new(KernelDecode::new(&weights)), &prompt, args)?;
+                let dense = time_decode(&model, &mut cache, &mut || Box::new(KernelDecode::new(&weights)), &prompt, args)?;
                 push(&mut rows, "dense".into(), dense, 0.0);
                 if trained {
                     let hash = content_hash(&args.opt_mini)?;
@@ -538,14 +569,14 @@ impl BackendTask for E2eTask {
                         let plan = SparsityPlan::new(&set.manifest, point, &DenseLayers::default())?;
                         let sparse =
                             SparseModel::with_weights(&model, &hash, plan, set.modules.clone(), SparseOptions::default(), weights.clone())?;
-                        let t = time_decode(&model, &mut || Box::new(sparse.hooks()), &prompt, args)?;
+                        let t = time_decode(&model, &mut cache, &mut || Box::new(sparse.hooks()), &prompt, args)?;
                         push(&mut rows, format!("sparse {point}"), t, predictor_bytes);
                     }
                 } else {
                     let setup = Instant::now();
-                    let (sparse, predictor_bytes) = synthetic_sparse(&model, &config, &weights, &prompt, args)?;
+                    let (sparse, predictor_bytes) = synthetic_sparse(&model, &config, &weights, &mut cache, &prompt, args)?;
                     eprintln!("  synthetic predictors and thresholds {:.1} s", setup.elapsed().as_secs_f64());
-                    let t = time_decode(&model, &mut || Box::new(sparse.hooks()), &prompt, args)?;
+                    let t = time_decode(&model, &mut cache, &mut || Box::new(sparse.hooks()), &prompt, args)?;
                     let label = format!("sparse paper (mlp {}, attention {})", args.mlp_density, args.attention_density);
                     push(&mut rows, label, t, predictor_bytes);
                 }

@@ -326,20 +326,21 @@ fn decode_run<B: SparseKernels>(
 fn time_decode<'h, B: SparseKernels>(
     model: &Opt<B>,
     cache: &mut KvCache<B>,
-    hooks: &mut dyn FnMut() -> Box<dyn ForwardHooksWithStats<B> + 'h>,
+    hooks: &mut dyn FnMut(bool) -> Box<dyn ForwardHooksWithStats<B> + 'h>,
     prompt: &[u32],
     args: &E2eArgs,
 ) -> anyhow::Result<Timing> {
+    // The warm-up run counts what each step keeps; the timed runs (the same greedy tokens,
+    // so the same selections) do not pay for counting.
     let warm = Instant::now();
-    let mut h = hooks();
+    let mut h = hooks(true);
     decode_run(model, cache, h.as_hooks(), prompt, args.new_tokens)?;
+    let stats = h.stats();
     eprintln!("  warm-up run {:.1} s", warm.elapsed().as_secs_f64());
     let mut runs_ms = Vec::new();
-    let mut stats = None;
     for _ in 0..args.runs {
-        let mut h = hooks();
+        let mut h = hooks(false);
         runs_ms.push(decode_run(model, cache, h.as_hooks(), prompt, args.new_tokens)?);
-        stats = h.stats();
     }
     Ok(Timing { runs_ms, stats })
 }
@@ -387,12 +388,10 @@ fn breakdown<B: SparseKernels>(config: &OptConfig, args: &E2eArgs, device: &B::D
     let down = Tensor::<B, 2>::random([d, args.rank], burn::tensor::Distribution::Uniform(-0.05, 0.05), (device, DType::F32));
     let up = Tensor::<B, 2>::random([args.rank, ffn], burn::tensor::Distribution::Uniform(-0.05, 0.05), (device, DType::F32));
     let up_h = Tensor::<B, 2>::random([args.rank, heads], burn::tensor::Distribution::Uniform(-0.05, 0.05), (device, DType::F32));
-    let k_mlp = (args.mlp_density * ffn as f64).round() as i64;
     let k_heads = (args.attention_density * heads as f64).round() as i64;
-    let idx = Tensor::<B, 1, Int>::arange_step(0..k_mlp * 10, 10, device);
     let head_idx = Tensor::<B, 1, Int>::arange_step(0..k_heads * 2, 2, device);
     let logits = Tensor::<B, 2>::random([1, ffn], burn::tensor::Distribution::Normal(0.0, 1.0), (device, DType::F32));
-    let threshold = 1.2816f32; // N(0,1) upper 10% point
+    let threshold = 1.2816f32; // N(0,1)'s upper 10% point: the gate keeps ~10% of the rows
 
     let time = |f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<f64> {
         for _ in 0..20 {
@@ -410,35 +409,42 @@ fn breakdown<B: SparseKernels>(config: &OptConfig, args: &E2eArgs, device: &B::D
         }
         Ok(median(&mut per))
     };
-    let xf = x.clone().cast(DType::F32);
+    let down_rows = down.clone().transpose().reshape([d * args.rank]).reshape([args.rank, d]);
+    let up_rows = up.clone().transpose().reshape([ffn * args.rank]).reshape([ffn, args.rank]);
+    let up_h_rows = up_h.clone().transpose().reshape([heads * args.rank]).reshape([heads, args.rank]);
     let predictor = time(&mut || {
-        let h = xf.clone().matmul(down.clone());
-        let _ = h.clone().matmul(up.clone());
-        let _ = h.matmul(up_h.clone());
+        for up in [&up_rows, &up_h_rows] {
+            let h = dejavu_kernels::gemv(down_rows.clone(), x.clone().cast(DType::F32), None, Act::Identity)?;
+            let _ = dejavu_kernels::gemv(up.clone(), h, None, Act::Identity)?;
+        }
         Ok(())
     })?;
+    let head_logits = Tensor::<B, 2>::random([1, heads], burn::tensor::Distribution::Normal(0.0, 1.0), (device, DType::F32));
     let selection = time(&mut || {
-        let _ = dejavu_kernels::select_above_threshold(logits.clone(), threshold, ffn)?;
+        let _ = dejavu_kernels::select_above_threshold(head_logits.clone(), 0.0, heads)?;
         Ok(())
     })?;
+    let kv = Tensor::cat(vec![k.clone(), v.clone()], 0);
+    let b_2d = Tensor::cat(vec![b_d.clone(), b_d.clone()], 0);
+    let (k_cache, v_cache) = (cache.clone(), cache.clone() + 0.0);
     let sparse_attention = time(&mut || {
-        let _ = dejavu_kernels::gemv(k.clone(), x.clone(), Some(b_d.clone()), Act::Identity)?;
-        let _ = dejavu_kernels::gemv(v.clone(), x.clone(), Some(b_d.clone()), Act::Identity)?;
+        let (kc, vc) = dejavu_kernels::kv_append(kv.clone(), x.clone(), Some(b_2d.clone()), k_cache.clone(), v_cache.clone(), ctx)?;
         let qs = dejavu_kernels::gather_blocks_gemv(q.clone(), head_idx.clone(), hd, x.clone(), None, Act::Identity)?;
-        let a = dejavu_kernels::selected_heads_attention(qs, head_idx.clone(), cache.clone(), cache.clone(), ctx, 0.088)?;
+        let a = dejavu_kernels::selected_heads_attention(qs, head_idx.clone(), kc, vc, ctx + 1, 0.088)?;
         let _ = dejavu_kernels::gather_blocks_transposed_gemv(o.clone(), head_idx.clone(), hd, a, Some(b_d.clone()))?;
         Ok(())
     })?;
+    let gate = logits.clone().reshape([ffn]);
     let sparse_mlp = time(&mut || {
-        let _ = dejavu_kernels::sparse_mlp(x.clone(), fc1.clone(), b_ffn.clone(), fc2.clone(), b_d.clone(), idx.clone())?;
+        let h = dejavu_kernels::gated_rows_gemv(fc1.clone(), x.clone(), Some(b_ffn.clone()), Act::Relu, gate.clone(), threshold)?;
+        let _ = dejavu_kernels::transposed_gemv(fc2.clone(), h, Some(b_d.clone()))?;
         Ok(())
     })?;
     let all_heads = Tensor::<B, 1, Int>::arange(0..heads as i64, device);
     let dense_attention = time(&mut || {
         let qd = dejavu_kernels::gemv(q.clone(), x.clone(), Some(b_d.clone()), Act::Identity)?;
-        let _ = dejavu_kernels::gemv(k.clone(), x.clone(), Some(b_d.clone()), Act::Identity)?;
-        let _ = dejavu_kernels::gemv(v.clone(), x.clone(), Some(b_d.clone()), Act::Identity)?;
-        let a = dejavu_kernels::selected_heads_attention(qd, all_heads.clone(), cache.clone(), cache.clone(), ctx, 0.088)?;
+        let (kc, vc) = dejavu_kernels::kv_append(kv.clone(), x.clone(), Some(b_2d.clone()), k_cache.clone(), v_cache.clone(), ctx)?;
+        let a = dejavu_kernels::selected_heads_attention(qd, all_heads.clone(), kc, vc, ctx + 1, 0.088)?;
         let _ = dejavu_kernels::transposed_gemv(o.clone(), a, Some(b_d.clone()))?;
         Ok(())
     })?;
@@ -460,8 +466,11 @@ fn breakdown<B: SparseKernels>(config: &OptConfig, args: &E2eArgs, device: &B::D
         "mlp_density": args.mlp_density,
         "attention_density": args.attention_density,
         "rank": args.rank,
-        "note": "µs per call of 500 back-to-back calls (host launch cost included), median of 3; \
-                 the cache is written by neither attention row; rest = 2 LayerNorms + 2 residual adds",
+        "note": "µs per call of 500 back-to-back calls (host launch cost included), median of 3, the code paths \
+                 of a decode step: predictor = both layers' predictors (cast + 2 GEMVs each, f32); selection = \
+                 the heads' threshold selection (the MLP's is fused into its gated fc1); attention = kv_append + \
+                 q (gathered or dense) + attention + out_proj; MLP = gated fc1 (10% of rows above the threshold) \
+                 or dense fc1, then fc2ᵀ; rest = 2 LayerNorms + 2 residual adds",
         "us": {
             "predictor_mlp_and_attention": predictor,
             "selection": selection,
@@ -555,7 +564,7 @@ impl BackendTask for E2eTask {
                         "kernels": kernels,
                     }));
                 }
-                let dense = time_decode(&model, &mut cache, &mut || Box::new(KernelDecode::new(&weights)), &prompt, args)?;
+                let dense = time_decode(&model, &mut cache, &mut |_| Box::new(KernelDecode::new(&weights)), &prompt, args)?;
                 push(&mut rows, "dense".into(), dense, 0.0);
                 if trained {
                     let hash = content_hash(&args.opt_mini)?;
@@ -569,14 +578,14 @@ impl BackendTask for E2eTask {
                         let plan = SparsityPlan::new(&set.manifest, point, &DenseLayers::default())?;
                         let sparse =
                             SparseModel::with_weights(&model, &hash, plan, set.modules.clone(), SparseOptions::default(), weights.clone())?;
-                        let t = time_decode(&model, &mut cache, &mut || Box::new(sparse.hooks()), &prompt, args)?;
+                        let t = time_decode(&model, &mut cache, &mut |count| Box::new(if count { sparse.hooks() } else { sparse.hooks().without_counts() }), &prompt, args)?;
                         push(&mut rows, format!("sparse {point}"), t, predictor_bytes);
                     }
                 } else {
                     let setup = Instant::now();
                     let (sparse, predictor_bytes) = synthetic_sparse(&model, &config, &weights, &mut cache, &prompt, args)?;
                     eprintln!("  synthetic predictors and thresholds {:.1} s", setup.elapsed().as_secs_f64());
-                    let t = time_decode(&model, &mut cache, &mut || Box::new(sparse.hooks()), &prompt, args)?;
+                    let t = time_decode(&model, &mut cache, &mut |count| Box::new(if count { sparse.hooks() } else { sparse.hooks().without_counts() }), &prompt, args)?;
                     let label = format!("sparse paper (mlp {}, attention {})", args.mlp_density, args.attention_density);
                     push(&mut rows, label, t, predictor_bytes);
                 }
@@ -675,7 +684,8 @@ fn write_report(
         "new_tokens": args.new_tokens,
         "runs": args.runs,
         "note": "per-token latency = decode time of the last new_tokens-1 steps / (new_tokens-1), median over runs \
-                 after one warm-up run. Published shapes: random weights and random predictors (latency does not \
+                 after one warm-up run; prompts prefilled in 128-token chunks into one cache per model. kept_* come \
+                 from the warm-up run (the timed runs repeat its greedy tokens without counting). Published shapes: random weights and random predictors (latency does not \
                  depend on weight values), selection by per-layer logit thresholds set from one decode step so \
                  each layer keeps about the target fraction (kept_* are measured over the timed tokens, means over \
                  all layers with dense layers counting 1). Dense decode runs through our kernels (KernelDecode); \

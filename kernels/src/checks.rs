@@ -476,6 +476,35 @@ pub fn check_kv_append<B: SparseKernels>(device: &B::Device, dims: [usize; 4], d
     vec![outcome("kv_append", case, dtype, &got, &want, &[])]
 }
 
+/// The gated GEMV against the host GEMV with the gated-off rows zeroed (about a quarter of
+/// the rows kept).
+pub fn check_gated_rows_gemv<B: SparseKernels>(device: &B::Device, rows: usize, d: usize, dtype: DType, seed: u64) -> Vec<Outcome> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let w = stored(uniform(&mut rng, rows * d, 0.0), dtype);
+    let x = stored(uniform(&mut rng, d, 0.0), dtype);
+    let bias = stored(uniform(&mut rng, rows, 0.0), dtype);
+    let gate: Vec<f32> = (0..rows).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let threshold = 0.5;
+    let got = read(
+        crate::gated_rows_gemv(
+            to_device::<B, 2>(&w, [rows, d], dtype, device),
+            to_device::<B, 2>(&x, [1, d], dtype, device),
+            Some(to_device::<B, 1>(&bias, [rows], dtype, device)),
+            crate::Activation::Relu,
+            to_device::<B, 1>(&gate, [rows], DType::F32, device),
+            threshold,
+        )
+        .expect("consistent shapes"),
+    );
+    let mut want = host::rows_gemv(&w, rows, d, None, &x, 1, Some(&bias), true);
+    for (j, g) in gate.iter().enumerate() {
+        if *g <= threshold {
+            want[j] = 0.0;
+        }
+    }
+    vec![outcome("gated_rows_gemv", format!("rows {rows} d {d} {dtype:?} seed {seed}"), dtype, &got, &want, &[])]
+}
+
 /// A seed that differs from run to run (tests print it, so a failure can be replayed).
 pub fn fresh_seed() -> u64 {
     std::time::SystemTime::now()

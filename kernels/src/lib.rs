@@ -138,6 +138,19 @@ pub trait SparseKernels: Backend {
         reference::layer_norm::<Self>(x, gamma, beta, eps)
     }
 
+    /// `out [1, rows] = act(W · x + bias)` for the rows with `gate[row] > threshold` (f32
+    /// logits `[rows]`), 0 elsewhere; `x [1, d]`.
+    fn gated_rows_gemv(
+        w: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        relu: bool,
+        gate: FloatTensor<Self>,
+        threshold: f32,
+    ) -> FloatTensor<Self> {
+        reference::gated_rows_gemv::<Self>(w, x, bias, relu, gate, threshold)
+    }
+
     /// `kv [2·H·hd, d]` (k rows then v rows) times `x [B, d]` plus `bias [2·H·hd]`, written
     /// at position `pos` of `k_cache` / `v_cache` (`[B, H, cap, hd]`); returns the caches.
     fn kv_append(
@@ -226,6 +239,17 @@ where
         pos: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         cube::kv_append(kv, x, bias, k_cache, v_cache, pos)
+    }
+
+    fn gated_rows_gemv(
+        w: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        relu: bool,
+        gate: FloatTensor<Self>,
+        threshold: f32,
+    ) -> FloatTensor<Self> {
+        cube::gated_rows_gemv(w, x, bias, relu, gate, threshold)
     }
 }
 
@@ -488,6 +512,30 @@ pub fn layer_norm<B: SparseKernels>(
         check_float(op, name, t, burn::tensor::DType::F32)?;
     }
     Ok(wrap(B::layer_norm_rows(prim(x), prim(gamma), prim(beta), eps)))
+}
+
+/// `out [1, rows] = act(W · x + bias)` over the rows whose predictor logit is above
+/// `threshold` (`gate`: f32 `[rows]`), 0 for the others, which read nothing: threshold
+/// selection fused into fc1, so a decode step needs no index list and no selection launch
+/// (fc2's transposed GEMV then skips the zero rows). Batch 1: `x [1, d]`.
+pub fn gated_rows_gemv<B: SparseKernels>(
+    w: Tensor<B, 2>,
+    x: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    act: Activation,
+    gate: Tensor<B, 1>,
+    threshold: f32,
+) -> Result<Tensor<B, 2>, KernelError> {
+    let op = "gated_rows_gemv";
+    check_rows_gemv(op, &w, &x, bias.as_ref())?;
+    if x.dims()[0] != 1 {
+        return Err(shape_err(op, format!("x has {} rows; the gated GEMV is for batch 1", x.dims()[0])));
+    }
+    if gate.dims()[0] != w.dims()[0] {
+        return Err(shape_err(op, format!("gate has {} logits for {} rows", gate.dims()[0], w.dims()[0])));
+    }
+    check_float(op, "gate", &gate, burn::tensor::DType::F32)?;
+    Ok(wrap(B::gated_rows_gemv(prim(w), prim(x), bias.map(prim), act == Activation::Relu, prim(gate), threshold)))
 }
 
 /// A decode step's keys and values, projected and written into the caches in one launch:

@@ -209,3 +209,17 @@ pub fn kv_append<B: Backend>(
         v_cache.slice_assign(ranges, v).into_primitive().tensor(),
     )
 }
+
+pub fn gated_rows_gemv<B: Backend>(
+    w: FloatTensor<B>,
+    x: FloatTensor<B>,
+    bias: Option<FloatTensor<B>>,
+    relu: bool,
+    gate: FloatTensor<B>,
+    threshold: f32,
+) -> FloatTensor<B> {
+    let y: Tensor<B, 2> = float(rows_gemv::<B>(w, None, 1, x, bias, relu));
+    let gate: Tensor<B, 1> = float(gate);
+    let off = gate.lower_equal_elem(threshold).unsqueeze_dim::<2>(0);
+    y.mask_fill(off, 0.0).into_primitive().tensor()
+}

@@ -65,15 +65,16 @@ pub struct SparseOptions {
 pub struct SparseModel<B: Backend> {
     plan: SparsityPlan,
     predictors: PredictorModules<B>,
-    /// The predictors as the decode step runs them: our GEMV kernels in the model's dtype
-    /// (two launches, half the bytes of f32 in f16), per layer, MLP then attention.
+    /// The predictors as the decode step runs them: two of our GEMV kernels (f32, as
+    /// trained: in f16 the low-rank sums of a large residual overflow), per layer, MLP then
+    /// attention.
     decode_predictors: [Vec<Option<DecodePredictor<B>>>; 2],
     weights: DecodeWeights<B>,
     options: SparseOptions,
 }
 
-/// A low-rank predictor with both factors row-major (`down [r, d]`, `up [outputs, r]`) in
-/// the model's dtype.
+/// A low-rank predictor with both factors row-major (`down [r, d]`, `up [outputs, r]`),
+/// f32.
 #[derive(Debug)]
 struct DecodePredictor<B: Backend> {
     down_rows: Tensor<B, 2>,
@@ -81,15 +82,17 @@ struct DecodePredictor<B: Backend> {
 }
 
 impl<B: SparseKernels> DecodePredictor<B> {
-    fn new(p: &LowRankClassifier<B>, dtype: DType) -> Self {
-        let cast = |t: Tensor<B, 2>| if t.dtype() == dtype { t } else { t.cast(dtype) };
-        Self { down_rows: cast(rows_of(p.down.weight.val())), up_rows: cast(rows_of(p.up.weight.val())) }
+    fn new(p: &LowRankClassifier<B>) -> Self {
+        let f32 = |t: Tensor<B, 2>| if t.dtype() == DType::F32 { t } else { t.cast(DType::F32) };
+        Self { down_rows: f32(rows_of(p.down.weight.val())), up_rows: f32(rows_of(p.up.weight.val())) }
     }
 
-    /// Logits `[batch, outputs]` for one new token per sequence, `x [batch, 1, d]`.
+    /// Logits `[batch, outputs]` (f32) for one new token per sequence, `x [batch, 1, d]`.
     fn logits(&self, x: &Tensor<B, 3>) -> Tensor<B, 2> {
         let [batch, _, d] = x.dims();
-        let h = dejavu_kernels::gemv(self.down_rows.clone(), x.clone().reshape([batch, d]), None, Act::Identity).expect(KERNEL_SHAPES);
+        let x = x.clone().reshape([batch, d]);
+        let x = if x.dtype() == DType::F32 { x } else { x.cast(DType::F32) };
+        let h = dejavu_kernels::gemv(self.down_rows.clone(), x, None, Act::Identity).expect(KERNEL_SHAPES);
         dejavu_kernels::gemv(self.up_rows.clone(), h, None, Act::Identity).expect(KERNEL_SHAPES)
     }
 }
@@ -157,8 +160,7 @@ impl<B: SparseKernels> SparseModel<B> {
                 }
             }
         }
-        let dtype = model.dtype();
-        let decode = |v: &Vec<Option<LowRankClassifier<B>>>| v.iter().map(|p| p.as_ref().map(|p| DecodePredictor::new(p, dtype))).collect();
+        let decode = |v: &Vec<Option<LowRankClassifier<B>>>| v.iter().map(|p| p.as_ref().map(DecodePredictor::new)).collect();
         let decode_predictors = [decode(&predictors.mlp), decode(&predictors.attention)];
         Ok(Self { plan, predictors, decode_predictors, weights, options })
     }
@@ -198,6 +200,7 @@ impl<B: SparseKernels> SparseModel<B> {
             attention_logits: vec![None; n],
             mlp_kept: vec![Kept::default(); n],
             attention_kept: vec![Kept::default(); n],
+            count_kept: true,
         }
     }
 }
@@ -283,6 +286,7 @@ pub struct SparseHooks<'a, B: Backend> {
     attention_logits: Vec<Option<Tensor<B, 2>>>,
     mlp_kept: Vec<Kept<B>>,
     attention_kept: Vec<Kept<B>>,
+    count_kept: bool,
 }
 
 /// Logits `[rows, outputs]` of `predictor` for residuals `x [batch, n, d]`, in f32 (the
@@ -315,6 +319,14 @@ fn count<B: Backend>(mask: Tensor<B, 2>) -> Tensor<B, 1> {
 const KERNEL_SHAPES: &str = "the sparse model checked these shapes when it was built";
 
 impl<B: SparseKernels> SparseHooks<'_, B> {
+    /// Hooks that do not count what decode steps keep ([`SparseHooks::stats`] then covers
+    /// only what was counted): counting costs a launch per selection, which a latency
+    /// benchmark's timed runs leave out.
+    pub fn without_counts(mut self) -> Self {
+        self.count_kept = false;
+        self
+    }
+
     /// Mean fraction kept per sparse token, per layer (reads the device once).
     pub fn stats(&self) -> SparsityStats {
         let dims = &self.model.plan.dims;
@@ -330,7 +342,7 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
 
     /// The index list `[slots]` the kernels read for `logits [batch, width]` (the union of
     /// every row's selection, empty slots padded with `width`), recording what was kept.
-    fn indices(kept: &mut Kept<B>, logits: Tensor<B, 2>, selection: Selection) -> Tensor<B, 1, Int> {
+    fn indices(kept: &mut Kept<B>, logits: Tensor<B, 2>, selection: Selection, count_kept: bool) -> Tensor<B, 1, Int> {
         let [rows, width] = logits.dims();
         match selection {
             Selection::Threshold { threshold } => {
@@ -339,13 +351,16 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
                 let selected = dejavu_kernels::select_above_threshold(logits, threshold, width).expect(KERNEL_SHAPES);
                 match per_token {
                     Some(c) => kept.add_device(c, rows),
-                    None => kept.add_device_int(selected.count, rows),
+                    None if count_kept => kept.add_device_int(selected.count, rows),
+                    None => {}
                 }
                 selected.indices
             }
             Selection::TopK { k } => {
                 // Each row's top-K as a mask, their union, then the compact list.
-                kept.add_host((k * rows) as f64, rows);
+                if count_kept {
+                    kept.add_host((k * rows) as f64, rows);
+                }
                 let union = selection_mask(logits, selection).sum_dim(0);
                 dejavu_kernels::select_above_threshold(union, 0.5, (rows * k).min(width))
                     .expect(KERNEL_SHAPES)
@@ -432,7 +447,7 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
         // Kernels. Every head's key and value are written (see the module comment).
         let x = x.reshape([batch, d]);
         let (keys, values) = write_kv(&weights.layers[layer], x.clone(), cache, step);
-        let heads = Self::indices(kept, logits, selection);
+        let heads = Self::indices(kept, logits, selection, self.count_kept);
         let hd = attention.head_dim;
         let q_rows = weights.layers[layer].q_rows.clone();
         let q = dejavu_kernels::gather_blocks_gemv(q_rows, heads.clone(), hd, x, attention.q_proj.bias.as_ref().map(|b| b.val()), Act::Identity)
@@ -479,9 +494,30 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
             let pre = oracle.unwrap_or_else(|| mlp.fc1.forward(x));
             return mlp.fc2.forward(relu(pre) * mask);
         }
-        let idx = Self::indices(kept, logits, selection);
-        let fc1_rows = weights.fc1_rows.clone();
         let x = x.reshape([batch, d]);
+        let count_kept = self.count_kept;
+        if let (Selection::Threshold { threshold }, 1) = (selection, batch) {
+            // Selection fused into fc1: the rows below the threshold give 0 and read
+            // nothing, and fc2's transposed GEMV skips the zeros. No index list.
+            let [_, width] = logits.dims();
+            if count_kept {
+                kept.add_device_int(logits.clone().greater_elem(threshold).int().sum(), 1);
+            }
+            let h = dejavu_kernels::gated_rows_gemv(
+                weights.fc1_rows.clone(),
+                x,
+                mlp.fc1.bias.as_ref().map(|b| b.val()),
+                Act::Relu,
+                logits.reshape([width]),
+                threshold,
+            )
+            .expect(KERNEL_SHAPES);
+            return dejavu_kernels::transposed_gemv(mlp.fc2.weight.val(), h, mlp.fc2.bias.as_ref().map(|b| b.val()))
+                .expect(KERNEL_SHAPES)
+                .reshape([batch, 1, d]);
+        }
+        let idx = Self::indices(kept, logits, selection, count_kept);
+        let fc1_rows = weights.fc1_rows.clone();
         let h = dejavu_kernels::gather_rows_gemv(fc1_rows, idx.clone(), x, mlp.fc1.bias.as_ref().map(|b| b.val()), Act::Relu)
             .expect(KERNEL_SHAPES);
         dejavu_kernels::gather_rows_transposed_gemv(mlp.fc2.weight.val(), idx, h, mlp.fc2.bias.as_ref().map(|b| b.val()))

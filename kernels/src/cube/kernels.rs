@@ -712,3 +712,53 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size>(
         }
     }
 }
+
+/// `out[b, j] = act(W[j, :] · x[b, :] + bias[j])` for the rows whose predictor logit
+/// `gate[j]` is above `threshold`, 0 for the others (which read nothing). Selection fused
+/// into fc1: no index list, no selection launch; fc2 then skips the zero rows. Batch 1
+/// (one gate row). The lane layout of `rows_gemv_kernel`.
+#[cube(launch_unchecked)]
+pub(crate) fn gated_rows_gemv_kernel<F: Float, N: Size>(
+    w: &Tensor<Vector<F, N>>,
+    gate: &Tensor<f32>,
+    x: &Tensor<Vector<F, N>>,
+    bias: &Tensor<F>,
+    out: &mut Tensor<F>,
+    threshold: f32,
+    #[comptime] has_bias: bool,
+    #[comptime] relu: bool,
+    #[comptime] group: usize,
+    #[comptime] rows_per_cube: usize,
+    #[comptime] use_plane: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let mut scratch = SharedMemory::<f32>::new(group * rows_per_cube);
+    let lane = UNIT_POS_X as usize;
+    let j = CUBE_POS_X as usize * rows_per_cube + UNIT_POS_Y as usize;
+    let rows = w.shape(0);
+    let vs = w.vector_size();
+    let width = w.shape(1) / vs;
+    let in_range = j < rows;
+    let mut live = false;
+    if in_range {
+        live = gate[j] > threshold;
+    }
+    let mut partial = 0.0f32;
+    if live {
+        partial = lane_dot(w, j * w.stride(0) / vs, x, 0, lane, group, width);
+    }
+    let total = group_sum(partial, &mut scratch, group, use_plane);
+    if lane == 0 && in_range {
+        let mut y = 0.0f32;
+        if live {
+            y = total;
+            if has_bias {
+                y += f32::cast_from(bias[j]);
+            }
+            if relu {
+                y = f32::max(y, 0.0f32);
+            }
+        }
+        out[j] = F::cast_from(y);
+    }
+}

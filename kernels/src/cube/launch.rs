@@ -440,3 +440,46 @@ pub fn kv_append<R: CubeRuntime>(
     }
     (k_cache, v_cache)
 }
+
+/// `out [1, rows] = act(W · x + bias)` on the rows whose `gate` logit is above `threshold`,
+/// 0 elsewhere; see [`crate::SparseKernels::gated_rows_gemv`].
+pub fn gated_rows_gemv<R: CubeRuntime>(
+    w: CubeTensor<R>,
+    x: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    relu: bool,
+    gate: CubeTensor<R>,
+    threshold: f32,
+) -> CubeTensor<R> {
+    let (w, x, gate) = (into_contiguous(w), into_contiguous(x), into_contiguous(gate));
+    let rows = dims(&w)[0];
+    let out = empty(&x, vec![1, rows], x.dtype);
+    let has_bias = bias.is_some();
+    let bias = bias.map(into_contiguous).unwrap_or_else(|| x.clone());
+    let vs = vector_width(&[&w, &x]);
+    let (group, use_plane) = reduction_group(&w.client);
+    let rows_per_cube = LaunchConfig::default().rows_per_cube;
+    let dtype = w.dtype;
+    let client = w.client.clone();
+    unsafe {
+        gated_rows_gemv_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(rows.div_ceil(rows_per_cube) as u32, 1, 1),
+            CubeDim::new_2d(group as u32, rows_per_cube as u32),
+            vs,
+            w.into_tensor_arg(),
+            gate.into_tensor_arg(),
+            x.into_tensor_arg(),
+            bias.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            threshold,
+            has_bias,
+            relu,
+            group,
+            rows_per_cube,
+            use_plane,
+            dtype.into(),
+        );
+    }
+    out
+}

@@ -307,7 +307,8 @@ fn decode_run<B: SparseKernels>(
     let device = model.device();
     cache.reset();
     let mut hidden = None;
-    for chunk in prompt.chunks(PREFILL_CHUNK) {
+    for (i, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
+        tracing::debug!("prefill chunk {i} ({} tokens)", chunk.len());
         hidden = Some(model.forward_with(token_tensor::<B>(chunk, &device), cache, hooks)?);
     }
     let hidden = hidden.context("an empty prompt")?;
@@ -315,9 +316,12 @@ fn decode_run<B: SparseKernels>(
     let next = |h: Tensor<B, 3>| -> u32 { model.logits(h).argmax(2).into_scalar().elem::<i64>() as u32 };
     let mut token = next(hidden.slice([0..1, n - 1..n, 0..width]));
     let started = Instant::now();
-    for _ in 1..new_tokens {
+    for step in 1..new_tokens {
         let h = model.forward_with(token_tensor::<B>(&[token], &device), cache, hooks)?;
         token = next(h);
+        if step % 32 == 0 {
+            tracing::debug!("decode step {step}");
+        }
     }
     Ok(started.elapsed().as_secs_f64() * 1e3 / (new_tokens - 1).max(1) as f64)
 }

@@ -254,7 +254,7 @@ fn synthetic_sparse<B: SparseKernels>(
     };
     let device = model.device();
     let set = PredictorSet::<B>::init(manifest.clone(), &device)?;
-    let modules = set.modules;
+    let modules = set.modules.into_f32();
     let mut predictor_bytes = 0.0;
     for p in modules.mlp.iter().chain(&modules.attention).flatten() {
         let (d, r, o) = p.dims();

@@ -160,6 +160,7 @@ impl<B: SparseKernels> SparseModel<B> {
                 }
             }
         }
+        let predictors = predictors.into_f32();
         let decode = |v: &Vec<Option<LowRankClassifier<B>>>| v.iter().map(|p| p.as_ref().map(DecodePredictor::new)).collect();
         let decode_predictors = [decode(&predictors.mlp), decode(&predictors.attention)];
         Ok(Self { plan, predictors, decode_predictors, weights, options })

@@ -262,3 +262,35 @@ fn predictors_of_another_model_are_refused() {
     assert!(err.to_string().contains("trained for another model"), "{err}");
 }
 
+
+/// A half-precision model whose predictors came out in f16 (as they do when the device's
+/// default float dtype is f16): the predictors still run in f32 and the sparse path gives
+/// the f32 model's sparse logits up to f16 rounding, token by token and masked.
+#[test]
+fn half_precision_model_with_f16_predictors_runs_sparse() {
+    use burn::module::Param;
+    use burn::tensor::DType;
+    let (_, model) = load(MODEL);
+    let ids = ids();
+    let (hash, manifest, modules) = setup(1);
+    let plan = plan(&manifest, Selection::TopK { k: 16 }, Selection::TopK { k: 2 });
+    let reference = SparseModel::new(&model, &hash, plan.clone(), modules.clone(), SparseOptions::default()).unwrap();
+    let want = stepped_logits(&model, &mut reference.hooks(), &ids);
+
+    let half = model.clone().cast(DType::F16);
+    let mut f16_modules = modules;
+    for p in f16_modules.mlp.iter_mut().chain(f16_modules.attention.iter_mut()).flatten() {
+        for w in [&mut p.down.weight, &mut p.up.weight] {
+            *w = Param::from_tensor(w.val().cast(DType::F16));
+        }
+    }
+    let kernels = SparseModel::new(&half, &hash, plan.clone(), f16_modules.clone(), SparseOptions::default()).unwrap();
+    let got = stepped_logits(&half, &mut kernels.hooks(), &ids);
+    let err = max_abs_diff(&want, &got);
+    assert!(err < 0.1, "f16 sparse decode vs f32: {err}");
+    let every_token = SparseOptions { every_token: true, ..Default::default() };
+    let masked = SparseModel::new(&half, &hash, plan, f16_modules, every_token).unwrap();
+    let got = whole_logits(&half, &mut masked.hooks(), &ids);
+    let err = max_abs_diff(&want, &got);
+    assert!(err < 0.1, "f16 sparse masked forward vs f32: {err}");
+}

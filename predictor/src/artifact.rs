@@ -111,6 +111,23 @@ pub struct PredictorModules<B: Backend> {
     pub attention: Vec<Option<LowRankClassifier<B>>>,
 }
 
+impl<B: Backend> PredictorModules<B> {
+    /// The same predictors with f32 weights. Predictors are trained and stored in f32, but
+    /// parameters made (or loaded) while a device's default float dtype is f16 come out in
+    /// f16; their logits are computed in f32.
+    pub fn into_f32(mut self) -> Self {
+        for p in self.mlp.iter_mut().chain(self.attention.iter_mut()).flatten() {
+            for w in [&mut p.down.weight, &mut p.up.weight] {
+                let t = w.val();
+                if t.dtype() != burn::tensor::DType::F32 {
+                    *w = burn::module::Param::from_tensor(t.cast(burn::tensor::DType::F32));
+                }
+            }
+        }
+        self
+    }
+}
+
 /// A loaded (or freshly made) predictor folder.
 #[derive(Debug)]
 pub struct PredictorSet<B: Backend> {

@@ -3,7 +3,10 @@
 model and configuration — ours dense, ours sparse, transformers, and each configuration's
 bytes floor; (right) ms per token against prompt length.
 
-    python3 bench/plots/e2e.py out.png e2e.json
+    python3 bench/plots/e2e.py out.png e2e-a.json [e2e-b.json ...]
+
+Rows of several files (separate device calls, each with its own transformers run) are
+merged; each model's numbers come from one file.
 """
 import json
 import sys
@@ -15,9 +18,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def main():
-    dst, src = sys.argv[1], sys.argv[2]
-    j = json.load(open(src))
-    rows, summary = j["rows"], j["summary"]
+    dst, sources = sys.argv[1], sys.argv[2:]
+    files = [json.load(open(src)) for src in sources]
+    j = files[0]
+    rows = [r for f in files for r in f["rows"]]
+    summary = [s for f in files for s in f["summary"]]
     models = list(dict.fromkeys(r["model"] for r in rows))
     lens = sorted({r["prompt_len"] for r in rows})
     first = lens[0]

@@ -104,7 +104,7 @@ fn kv_bytes(config: &OptConfig, mean_context: f64, bytes_per_value: f64) -> f64 
     2.0 * config.num_hidden_layers as f64 * mean_context * config.hidden_size as f64 * bytes_per_value
 }
 
-fn bytes_per_value(p: Precision) -> f64 {
+pub(crate) fn bytes_per_value(p: Precision) -> f64 {
     match p {
         Precision::F32 => 4.0,
         Precision::F16 | Precision::Bf16 => 2.0,
@@ -112,7 +112,7 @@ fn bytes_per_value(p: Precision) -> f64 {
 }
 
 /// Device copy bandwidth: read + write of a 1 GiB tensor, median of 10 after a warm-up.
-fn copy_bandwidth<B: Backend>(device: &B::Device, dtype: DType) -> anyhow::Result<f64> {
+pub(crate) fn copy_bandwidth<B: Backend>(device: &B::Device, dtype: DType) -> anyhow::Result<f64> {
     let values = (1usize << 30) / dtype.size();
     let x = Tensor::<B, 1>::random([values], Distribution::Default, (device, dtype));
     let mut times = Vec::new();

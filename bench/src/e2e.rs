@@ -24,6 +24,7 @@ use dejavu_predictor::{DenseLayers, LayerEntry, Manifest, OperatingPoint, Output
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::dense::{bytes_per_value, copy_bandwidth};
 use crate::report::{benchmark_json, commit, device_name, median, read_json, run_peer_script, write_json};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -98,13 +99,6 @@ struct Row {
     over_floor: f64,
 }
 
-fn bytes_per_value(p: Precision) -> f64 {
-    match p {
-        Precision::F32 => 4.0,
-        Precision::F16 | Precision::Bf16 => 2.0,
-    }
-}
-
 /// Bytes a decode step must read with the given per-layer kept fractions (`None`: dense).
 /// Per layer: q and `out_proj` rows of the kept heads, every head's k and v (written each
 /// step), fc1 and fc2 rows of the kept neurons, the kept heads' KV over the mean context,
@@ -122,24 +116,6 @@ fn bytes_per_token(config: &OptConfig, stats: Option<&SparsityStats>, predictor_
         total += 2.0 * a * mean_context * d * bpv;
     }
     total + predictor_bytes
-}
-
-/// Device copy bandwidth: read + write of a 1 GiB tensor, median of 10 after a warm-up.
-fn copy_bandwidth<B: Backend>(device: &B::Device, dtype: DType) -> anyhow::Result<f64> {
-    let values = (1usize << 30) / dtype.size();
-    let x = Tensor::<B, 1>::ones([values], (device, dtype));
-    let mut times = Vec::new();
-    for i in 0..11 {
-        B::sync(device).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        let t = Instant::now();
-        let y = x.clone().mul_scalar(1.0001);
-        B::sync(device).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        if i > 0 {
-            times.push(t.elapsed().as_secs_f64());
-        }
-        drop(y);
-    }
-    Ok(2.0 * (1u64 << 30) as f64 / median(&mut times) / 1e9)
 }
 
 /// Host cost of one launch: the time per launch of 2,000 back-to-back launches of a kernel

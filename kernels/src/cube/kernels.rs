@@ -131,19 +131,26 @@ pub(crate) fn rows_gemv_kernel<F: Float, N: Size, I: Int>(
         }
         let total = group_sum(partial, &mut scratch, group, use_plane);
         if lane == 0 && in_range {
-            let mut y = 0.0f32;
-            if live {
-                y = total;
-                if has_bias {
-                    y += f32::cast_from(bias[row]);
-                }
-                if relu {
-                    y = f32::max(y, 0.0f32);
-                }
-            }
-            out[b * out.stride(0) + j] = F::cast_from(y);
+            out[b * out.stride(0) + j] = F::cast_from(finish_row(total, bias, row, live, has_bias, relu));
         }
     }
+}
+
+/// A GEMV row's output: its dot product plus bias, through ReLU if asked; 0 for a row that
+/// was not read (an empty slot, or gated off).
+#[cube]
+fn finish_row<F: Float>(total: f32, bias: &Tensor<F>, row: usize, live: bool, #[comptime] has_bias: bool, #[comptime] relu: bool) -> f32 {
+    let mut y = 0.0f32;
+    if live {
+        y = total;
+        if has_bias {
+            y += f32::cast_from(bias[row]);
+        }
+        if relu {
+            y = f32::max(y, 0.0f32);
+        }
+    }
+    y
 }
 
 /// The weight row of output `j`: `j` itself, or with an index list, row `j % block` of
@@ -749,16 +756,6 @@ pub(crate) fn gated_rows_gemv_kernel<F: Float, N: Size>(
     }
     let total = group_sum(partial, &mut scratch, group, use_plane);
     if lane == 0 && in_range {
-        let mut y = 0.0f32;
-        if live {
-            y = total;
-            if has_bias {
-                y += f32::cast_from(bias[j]);
-            }
-            if relu {
-                y = f32::max(y, 0.0f32);
-            }
-        }
-        out[j] = F::cast_from(y);
+        out[j] = F::cast_from(finish_row(total, bias, j, live, has_bias, relu));
     }
 }

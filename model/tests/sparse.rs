@@ -264,8 +264,10 @@ fn predictors_of_another_model_are_refused() {
 
 
 /// A half-precision model whose predictors came out in f16 (as they do when the device's
-/// default float dtype is f16): the predictors still run in f32 and the sparse path gives
-/// the f32 model's sparse logits up to f16 rounding, token by token and masked.
+/// default float dtype is f16): the predictors still run in f32, so the sparse path gives
+/// exactly what the same model gives with those predictors handed over in f32, token by
+/// token and masked. (Comparing with the f32 model instead is not stable: random
+/// predictors' near-ties at the K-th logit flip between f16 and f32 activations.)
 #[test]
 fn half_precision_model_with_f16_predictors_runs_sparse() {
     use burn::module::Param;
@@ -274,23 +276,27 @@ fn half_precision_model_with_f16_predictors_runs_sparse() {
     let ids = ids();
     let (hash, manifest, modules) = setup(1);
     let plan = plan(&manifest, Selection::TopK { k: 16 }, Selection::TopK { k: 2 });
-    let reference = SparseModel::new(&model, &hash, plan.clone(), modules.clone(), SparseOptions::default()).unwrap();
-    let want = stepped_logits(&model, &mut reference.hooks(), &ids);
-
-    let half = model.clone().cast(DType::F16);
-    let mut f16_modules = modules;
-    for p in f16_modules.mlp.iter_mut().chain(f16_modules.attention.iter_mut()).flatten() {
-        for w in [&mut p.down.weight, &mut p.up.weight] {
-            *w = Param::from_tensor(w.val().cast(DType::F16));
+    let half = model.cast(DType::F16);
+    let with_dtype = |dtype: DType| {
+        let mut m = modules.clone();
+        for p in m.mlp.iter_mut().chain(m.attention.iter_mut()).flatten() {
+            for w in [&mut p.down.weight, &mut p.up.weight] {
+                // Through f16 either way: the same values, stored in `dtype`.
+                *w = Param::from_tensor(w.val().cast(DType::F16).cast(dtype));
+            }
         }
+        m
+    };
+    for options in [SparseOptions::default(), SparseOptions { every_token: true, ..Default::default() }] {
+        let run = |dtype: DType| {
+            let sparse = SparseModel::new(&half, &hash, plan.clone(), with_dtype(dtype), options).unwrap();
+            if options.every_token {
+                whole_logits(&half, &mut sparse.hooks(), &ids)
+            } else {
+                stepped_logits(&half, &mut sparse.hooks(), &ids)
+            }
+        };
+        let err = max_abs_diff(&run(DType::F32), &run(DType::F16));
+        assert!(err < 1e-5, "{options:?}: f16 predictors vs the same predictors in f32: {err}");
     }
-    let kernels = SparseModel::new(&half, &hash, plan.clone(), f16_modules.clone(), SparseOptions::default()).unwrap();
-    let got = stepped_logits(&half, &mut kernels.hooks(), &ids);
-    let err = max_abs_diff(&want, &got);
-    assert!(err < 0.1, "f16 sparse decode vs f32: {err}");
-    let every_token = SparseOptions { every_token: true, ..Default::default() };
-    let masked = SparseModel::new(&half, &hash, plan, f16_modules, every_token).unwrap();
-    let got = whole_logits(&half, &mut masked.hooks(), &ids);
-    let err = max_abs_diff(&want, &got);
-    assert!(err < 0.1, "f16 sparse masked forward vs f32: {err}");
 }

@@ -20,7 +20,9 @@ use dejavu_model::{
     content_hash, generate, load_model, use_row_major_weights, Activation, DecodeWeights, Dense, ForwardHooks, GenerateOptions,
     KernelDecode, KvCache, LayerKvCache, Opt, OptConfig, Sampling, SparseModel, SparseOptions, SparsityStats, Step,
 };
-use dejavu_predictor::{DenseLayers, LayerEntry, Manifest, OperatingPoint, OutputEntry, PredictorSet, Selection, SparsityPlan};
+use dejavu_predictor::{
+    DenseLayers, LayerEntry, Manifest, OperatingPoint, OutputEntry, PredictorModules, PredictorSet, Selection, SparsityPlan,
+};
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -116,6 +118,16 @@ fn bytes_per_token(config: &OptConfig, stats: Option<&SparsityStats>, predictor_
         total += 2.0 * a * mean_context * d * bpv;
     }
     total + predictor_bytes
+}
+
+/// Bytes the predictors read per token (every layer's two factors, f32).
+fn predictor_bytes<B: Backend>(modules: &PredictorModules<B>) -> f64 {
+    let mut bytes = 0.0;
+    for p in modules.mlp.iter().chain(&modules.attention).flatten() {
+        let (d, r, o) = p.dims();
+        bytes += ((d * r + r * o) * 4) as f64;
+    }
+    bytes
 }
 
 /// Host cost of one launch: the time per launch of 2,000 back-to-back launches of a kernel
@@ -231,11 +243,7 @@ fn synthetic_sparse<B: SparseKernels>(
     let device = model.device();
     let set = PredictorSet::<B>::init(manifest.clone(), &device)?;
     let modules = set.modules.into_f32();
-    let mut predictor_bytes = 0.0;
-    for p in modules.mlp.iter().chain(&modules.attention).flatten() {
-        let (d, r, o) = p.dims();
-        predictor_bytes += ((d * r + r * o) * 4) as f64;
-    }
+    let predictor_bytes = predictor_bytes(&modules);
 
     // One decode step after the prompt, recording every layer's inputs.
     let mut record = RecordInputs { inner: KernelDecode::new(weights), attention: vec![None; layers], mlp: vec![None; layers] };
@@ -549,11 +557,7 @@ impl BackendTask for E2eTask {
                 if trained {
                     let hash = content_hash(&args.opt_mini)?;
                     let set = PredictorSet::<B>::load(&args.opt_mini_predictors, &device)?;
-                    let mut predictor_bytes = 0.0;
-                    for p in set.modules.mlp.iter().chain(&set.modules.attention).flatten() {
-                        let (d, r, o) = p.dims();
-                        predictor_bytes += ((d * r + r * o) * 4) as f64;
-                    }
+                    let predictor_bytes = predictor_bytes(&set.modules);
                     for point in &args.opt_mini_points {
                         let plan = SparsityPlan::new(&set.manifest, point, &DenseLayers::default())?;
                         let sparse =

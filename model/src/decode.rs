@@ -30,6 +30,7 @@ use dejavu_kernels::{Activation as Act, SparseKernels};
 use crate::attention::OptAttention;
 use crate::cache::{LayerKvCache, Step};
 use crate::hooks::{Dense, ForwardHooks};
+use crate::layer::OptDecoderLayer;
 use crate::layer::LAYER_NORM_EPS;
 use crate::mlp::OptMlp;
 use crate::opt::Opt;
@@ -70,22 +71,35 @@ fn kv_bias<B: Backend>(attention: &OptAttention<B>) -> Option<Tensor<B, 1>> {
     }
 }
 
+impl<B: Backend> DecodeLayer<B> {
+    /// The decode layout of one layer's weights: views of buffers already laid out so,
+    /// copies otherwise (always for k and v, which it concatenates).
+    fn of(layer: &OptDecoderLayer<B>) -> Self {
+        let attention = &layer.self_attn;
+        Self {
+            q_rows: rows_of(attention.q_proj.weight.val()),
+            kv_rows: Tensor::cat(vec![rows_of(attention.k_proj.weight.val()), rows_of(attention.v_proj.weight.val())], 0),
+            kv_bias: kv_bias(attention),
+            fc1_rows: rows_of(layer.mlp.fc1.weight.val()),
+        }
+    }
+}
+
 /// Re-lays `q_proj`, `k_proj`, `v_proj` and `fc1` of every layer of `model` row-major, in
 /// place (k and v as one `[2d, d]` buffer), keeping each module's weight as a transposed
 /// view so its forward is unchanged, and returns the [`DecodeWeights`] that share them.
+/// Layer by layer, so the old layout of one layer is freed before the next is copied.
 pub fn use_row_major_weights<B: Backend>(model: &mut Opt<B>) -> DecodeWeights<B> {
     let mut layers = Vec::new();
     for layer in model.decoder.layers.iter_mut() {
+        let rows = DecodeLayer::of(layer);
+        let [two_d, d] = rows.kv_rows.dims();
         let attention = &mut layer.self_attn;
-        let q_rows = rows_of(attention.q_proj.weight.val());
-        attention.q_proj.weight = Param::from_tensor(q_rows.clone().transpose());
-        let kv_rows = Tensor::cat(vec![rows_of(attention.k_proj.weight.val()), rows_of(attention.v_proj.weight.val())], 0);
-        let [two_d, d] = kv_rows.dims();
-        attention.k_proj.weight = Param::from_tensor(kv_rows.clone().slice([0..two_d / 2, 0..d]).transpose());
-        attention.v_proj.weight = Param::from_tensor(kv_rows.clone().slice([two_d / 2..two_d, 0..d]).transpose());
-        let fc1_rows = rows_of(layer.mlp.fc1.weight.val());
-        layer.mlp.fc1.weight = Param::from_tensor(fc1_rows.clone().transpose());
-        layers.push(DecodeLayer { q_rows, kv_bias: kv_bias(&layer.self_attn), kv_rows, fc1_rows });
+        attention.q_proj.weight = Param::from_tensor(rows.q_rows.clone().transpose());
+        attention.k_proj.weight = Param::from_tensor(rows.kv_rows.clone().slice([0..two_d / 2, 0..d]).transpose());
+        attention.v_proj.weight = Param::from_tensor(rows.kv_rows.clone().slice([two_d / 2..two_d, 0..d]).transpose());
+        layer.mlp.fc1.weight = Param::from_tensor(rows.fc1_rows.clone().transpose());
+        layers.push(rows);
     }
     DecodeWeights::with_layers(model, layers)
 }
@@ -94,21 +108,7 @@ impl<B: Backend> DecodeWeights<B> {
     /// The decode layout of `model`'s weights: views where [`use_row_major_weights`] laid
     /// them out so, copies otherwise.
     pub fn new(model: &Opt<B>) -> Self {
-        let layers = model
-            .decoder
-            .layers
-            .iter()
-            .map(|layer| {
-                let attention = &layer.self_attn;
-                DecodeLayer {
-                    q_rows: rows_of(attention.q_proj.weight.val()),
-                    kv_rows: Tensor::cat(vec![rows_of(attention.k_proj.weight.val()), rows_of(attention.v_proj.weight.val())], 0),
-                    kv_bias: kv_bias(attention),
-                    fc1_rows: rows_of(layer.mlp.fc1.weight.val()),
-                }
-            })
-            .collect();
-        Self::with_layers(model, layers)
+        Self::with_layers(model, model.decoder.layers.iter().map(DecodeLayer::of).collect())
     }
 
     fn with_layers(model: &Opt<B>, layers: Vec<DecodeLayer<B>>) -> Self {
@@ -134,7 +134,7 @@ pub fn kernel_norm<B: SparseKernels>(ln: &LayerNorm<B>, x: Tensor<B, 3>) -> Tens
         .reshape([batch, n, d])
 }
 
-fn bias<B: Backend>(linear: &burn::nn::Linear<B>) -> Option<Tensor<B, 1>> {
+pub(crate) fn bias<B: Backend>(linear: &burn::nn::Linear<B>) -> Option<Tensor<B, 1>> {
     linear.bias.as_ref().map(|b| b.val())
 }
 
@@ -186,9 +186,16 @@ pub(crate) fn dense_attention<B: SparseKernels>(
 pub(crate) fn dense_mlp<B: SparseKernels>(mlp: &OptMlp<B>, weights: &DecodeLayer<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     let [batch, _, d] = x.dims();
     let h = dejavu_kernels::gemv(weights.fc1_rows.clone(), x.reshape([batch, d]), bias(&mlp.fc1), Act::Relu).expect(SHAPES);
-    dejavu_kernels::transposed_gemv(mlp.fc2.weight.val(), h, bias(&mlp.fc2))
-        .expect(SHAPES)
-        .reshape([batch, 1, d])
+    fc2(mlp, h)
+}
+
+/// fc2 of one step's fc1 outputs `h [batch, ffn]` (zeros where the ReLU, or a gate, left
+/// nothing: the transposed GEMV skips those rows), as `[batch, 1, d]`.
+pub(crate) fn fc2<B: SparseKernels>(mlp: &OptMlp<B>, h: Tensor<B, 2>) -> Tensor<B, 3> {
+    let batch = h.dims()[0];
+    let y = dejavu_kernels::transposed_gemv(mlp.fc2.weight.val(), h, bias(&mlp.fc2)).expect(SHAPES);
+    let d = y.dims()[1];
+    y.reshape([batch, 1, d])
 }
 
 /// The dense model, with one-token steps through the kernels (see the module comment).

@@ -41,7 +41,7 @@ use burn::nn::LayerNorm;
 
 use crate::attention::OptAttention;
 use crate::cache::{LayerKvCache, Step};
-use crate::decode::{dense_attention, dense_mlp, kernel_norm, rows_of, write_kv, DecodeWeights};
+use crate::decode::{bias, dense_attention, dense_mlp, fc2, kernel_norm, rows_of, write_kv, DecodeWeights};
 use crate::error::ModelError;
 use crate::hooks::{Activation, ForwardHooks};
 use crate::mlp::OptMlp;
@@ -64,36 +64,39 @@ pub struct SparseOptions {
 #[derive(Debug)]
 pub struct SparseModel<B: Backend> {
     plan: SparsityPlan,
-    predictors: PredictorModules<B>,
-    /// The predictors as the decode step runs them: two of our GEMV kernels (f32, as
-    /// trained: in f16 the low-rank sums of a large residual overflow), per layer, MLP then
-    /// attention.
-    decode_predictors: [Vec<Option<DecodePredictor<B>>>; 2],
+    /// Per layer, the MLP predictor and the attention predictor (if any).
+    predictors: Vec<[Option<RowPredictor<B>>; 2]>,
     weights: DecodeWeights<B>,
     options: SparseOptions,
 }
 
-/// A low-rank predictor with both factors row-major (`down [r, d]`, `up [outputs, r]`),
-/// f32.
+/// A low-rank predictor in f32 (as trained: in f16 the low-rank sums of a large residual
+/// overflow), both factors row-major (`down [r, d]`, `up [outputs, r]`): a decode step
+/// reads them with two of our GEMV kernels, several tokens at once through matmuls of
+/// their transposed views.
 #[derive(Debug)]
-struct DecodePredictor<B: Backend> {
+struct RowPredictor<B: Backend> {
     down_rows: Tensor<B, 2>,
     up_rows: Tensor<B, 2>,
 }
 
-impl<B: SparseKernels> DecodePredictor<B> {
+impl<B: SparseKernels> RowPredictor<B> {
     fn new(p: &LowRankClassifier<B>) -> Self {
         let f32 = |t: Tensor<B, 2>| if t.dtype() == DType::F32 { t } else { t.cast(DType::F32) };
         Self { down_rows: f32(rows_of(p.down.weight.val())), up_rows: f32(rows_of(p.up.weight.val())) }
     }
 
-    /// Logits `[batch, outputs]` (f32) for one new token per sequence, `x [batch, 1, d]`.
+    /// Logits `[batch · n, outputs]` (f32) for residuals `x [batch, n, d]`.
     fn logits(&self, x: &Tensor<B, 3>) -> Tensor<B, 2> {
-        let [batch, _, d] = x.dims();
-        let x = x.clone().reshape([batch, d]);
+        let [batch, n, d] = x.dims();
+        let x = x.clone().reshape([batch * n, d]);
         let x = if x.dtype() == DType::F32 { x } else { x.cast(DType::F32) };
-        let h = dejavu_kernels::gemv(self.down_rows.clone(), x, None, Act::Identity).expect(KERNEL_SHAPES);
-        dejavu_kernels::gemv(self.up_rows.clone(), h, None, Act::Identity).expect(KERNEL_SHAPES)
+        if n == 1 {
+            let h = dejavu_kernels::gemv(self.down_rows.clone(), x, None, Act::Identity).expect(KERNEL_SHAPES);
+            dejavu_kernels::gemv(self.up_rows.clone(), h, None, Act::Identity).expect(KERNEL_SHAPES)
+        } else {
+            x.matmul(self.down_rows.clone().transpose()).matmul(self.up_rows.clone().transpose())
+        }
     }
 }
 
@@ -160,10 +163,9 @@ impl<B: SparseKernels> SparseModel<B> {
                 }
             }
         }
-        let predictors = predictors.into_f32();
-        let decode = |v: &Vec<Option<LowRankClassifier<B>>>| v.iter().map(|p| p.as_ref().map(DecodePredictor::new)).collect();
-        let decode_predictors = [decode(&predictors.mlp), decode(&predictors.attention)];
-        Ok(Self { plan, predictors, decode_predictors, weights, options })
+        let at = |v: &Vec<Option<LowRankClassifier<B>>>, l: usize| v.get(l).and_then(Option::as_ref).map(RowPredictor::new);
+        let predictors = (0..dims.num_layers).map(|l| [at(&predictors.mlp, l), at(&predictors.attention, l)]).collect();
+        Ok(Self { plan, predictors, weights, options })
     }
 
     /// Loads the predictor folder `predictors_dir` for the model loaded from `model_dir`
@@ -290,15 +292,6 @@ pub struct SparseHooks<'a, B: Backend> {
     count_kept: bool,
 }
 
-/// Logits `[rows, outputs]` of `predictor` for residuals `x [batch, n, d]`, in f32 (the
-/// predictors are trained and stored in f32; the reference's accuracy path upcasts too).
-fn predict<B: Backend>(predictor: &LowRankClassifier<B>, x: &Tensor<B, 3>) -> Tensor<B, 2> {
-    let [batch, n, d] = x.dims();
-    let x = x.clone().reshape([batch * n, d]);
-    let x = if x.dtype() == DType::F32 { x } else { x.cast(DType::F32) };
-    predictor.forward(x)
-}
-
 /// 0/1 mask `[rows, width]` of what `selection` keeps for each row of `logits`: top-K
 /// without a sort on `CubeBackend` ([`dejavu_kernels::topk_mask`]).
 fn selection_mask<B: SparseKernels>(logits: Tensor<B, 2>, selection: Selection) -> Tensor<B, 2> {
@@ -397,22 +390,14 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
         // Layer `target`'s predictor reads layer `target - lookahead`'s input.
         let target = layer + model.plan.lookahead;
         let Some(plan) = model.plan.layers.get(target) else { return };
-        // A decode step (one new token) runs the kernels' copy of the predictor.
-        let step = value.dims()[1] == 1;
-        let logits = |modules: &Vec<Option<LowRankClassifier<B>>>, decode: &Vec<Option<DecodePredictor<B>>>| {
-            if step {
-                decode.get(target).and_then(Option::as_ref).map(|p| p.logits(value))
-            } else {
-                modules.get(target).and_then(Option::as_ref).map(|p| predict(p, value))
-            }
-        };
+        let [mlp, attention] = &model.predictors[target];
         if is_attention && !plan.attention.is_dense() {
-            if let Some(l) = logits(&model.predictors.attention, &model.decode_predictors[1]) {
-                self.attention_logits[target] = Some(l);
+            if let Some(p) = attention {
+                self.attention_logits[target] = Some(p.logits(value));
             }
         } else if !is_attention && !plan.mlp.is_dense() && !model.options.oracle_mlp {
-            if let Some(l) = logits(&model.predictors.mlp, &model.decode_predictors[0]) {
-                self.mlp_logits[target] = Some(l);
+            if let Some(p) = mlp {
+                self.mlp_logits[target] = Some(p.logits(value));
             }
         }
     }
@@ -504,24 +489,14 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
             if count_kept {
                 kept.add_device_int(logits.clone().greater_elem(threshold).int().sum(), 1);
             }
-            let h = dejavu_kernels::gated_rows_gemv(
-                weights.fc1_rows.clone(),
-                x,
-                mlp.fc1.bias.as_ref().map(|b| b.val()),
-                Act::Relu,
-                logits.reshape([width]),
-                threshold,
-            )
-            .expect(KERNEL_SHAPES);
-            return dejavu_kernels::transposed_gemv(mlp.fc2.weight.val(), h, mlp.fc2.bias.as_ref().map(|b| b.val()))
-                .expect(KERNEL_SHAPES)
-                .reshape([batch, 1, d]);
+            let h = dejavu_kernels::gated_rows_gemv(weights.fc1_rows.clone(), x, bias(&mlp.fc1), Act::Relu, logits.reshape([width]), threshold)
+                .expect(KERNEL_SHAPES);
+            return fc2(mlp, h);
         }
         let idx = Self::indices(kept, logits, selection, count_kept);
         let fc1_rows = weights.fc1_rows.clone();
-        let h = dejavu_kernels::gather_rows_gemv(fc1_rows, idx.clone(), x, mlp.fc1.bias.as_ref().map(|b| b.val()), Act::Relu)
-            .expect(KERNEL_SHAPES);
-        dejavu_kernels::gather_rows_transposed_gemv(mlp.fc2.weight.val(), idx, h, mlp.fc2.bias.as_ref().map(|b| b.val()))
+        let h = dejavu_kernels::gather_rows_gemv(fc1_rows, idx.clone(), x, bias(&mlp.fc1), Act::Relu).expect(KERNEL_SHAPES);
+        dejavu_kernels::gather_rows_transposed_gemv(mlp.fc2.weight.val(), idx, h, bias(&mlp.fc2))
             .expect(KERNEL_SHAPES)
             .reshape([batch, 1, d])
     }

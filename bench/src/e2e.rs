@@ -74,6 +74,11 @@ pub struct E2eArgs {
     /// (empty: none)
     #[arg(long, default_value = "opt-6.7b")]
     breakdown: String,
+    /// Profile each row after its timed runs: µs per decode step inside each hook (the
+    /// predictors, attention, MLP, norms), host-only and with the device synced around
+    /// each hook (two extra runs of 33 tokens)
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    profile: bool,
     /// Read the transformers peer's results from this JSON instead of running it
     #[arg(long, value_name = "FILE")]
     peer_json: Option<PathBuf>,
@@ -99,6 +104,8 @@ struct Row {
     bytes_per_token: f64,
     floor_ms: f64,
     over_floor: f64,
+    /// µs per decode step by hook (see `ProfiledHooks`), when profiled.
+    profile: Option<Value>,
 }
 
 /// Bytes a decode step must read with the given per-layer kept fractions (`None`: dense).
@@ -272,6 +279,7 @@ fn synthetic_sparse<B: SparseKernels>(
 struct Timing {
     runs_ms: Vec<f64>,
     stats: Option<SparsityStats>,
+    profile: Option<Value>,
 }
 
 /// Prompt positions per prefill call: every prompt length then runs the same shapes, so
@@ -330,7 +338,106 @@ fn time_decode<'h, B: SparseKernels>(
         let mut h = hooks(false);
         runs_ms.push(decode_run(model, cache, h.as_hooks(), prompt, args.new_tokens)?);
     }
-    Ok(Timing { runs_ms, stats })
+    let profile = if args.profile { Some(profile_decode(model, cache, hooks, prompt)?) } else { None };
+    Ok(Timing { runs_ms, stats, profile })
+}
+
+/// Where a decode step's time goes, hook by hook (decode steps only: calls with one new
+/// position). `synced` false: the host's time inside each hook, i.e. enqueueing its
+/// launches, what a host-bound step costs. `synced` true: the device is synced before and
+/// after each hook, so each hook's time includes its GPU work, run alone.
+struct ProfiledHooks<'h, B: Backend> {
+    inner: Box<dyn ForwardHooksWithStats<B> + 'h>,
+    device: B::Device,
+    synced: bool,
+    /// µs summed over decode steps: observe (the predictors), attention, MLP, norms.
+    us: [f64; 4],
+}
+
+impl<B: SparseKernels> ProfiledHooks<'_, B> {
+    fn timed<T>(&mut self, slot: usize, decode: bool, f: impl FnOnce(&mut dyn ForwardHooks<B>) -> T) -> T {
+        if !decode {
+            return f(self.inner.as_hooks());
+        }
+        if self.synced {
+            B::sync(&self.device).expect("device sync");
+        }
+        let t = Instant::now();
+        let out = f(self.inner.as_hooks());
+        if self.synced {
+            B::sync(&self.device).expect("device sync");
+        }
+        self.us[slot] += t.elapsed().as_secs_f64() * 1e6;
+        out
+    }
+}
+
+impl<B: SparseKernels> ForwardHooks<B> for ProfiledHooks<'_, B> {
+    fn observe(&mut self, activation: Activation<'_, B>) {
+        let decode = match &activation {
+            Activation::AttentionInput { value, .. } | Activation::MlpInput { value, .. } => value.dims()[1] == 1,
+            _ => false,
+        };
+        self.timed(0, decode, |h| h.observe(activation))
+    }
+
+    fn attention(
+        &mut self,
+        layer: usize,
+        attention: &dejavu_model::attention::OptAttention<B>,
+        x: Tensor<B, 3>,
+        cache: &mut LayerKvCache<B>,
+        step: &Step<B>,
+    ) -> Tensor<B, 3> {
+        let decode = x.dims()[1] == 1;
+        self.timed(1, decode, |h| h.attention(layer, attention, x, cache, step))
+    }
+
+    fn mlp(&mut self, layer: usize, mlp: &dejavu_model::mlp::OptMlp<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let decode = x.dims()[1] == 1;
+        self.timed(2, decode, |h| h.mlp(layer, mlp, x))
+    }
+
+    fn norm(&mut self, ln: &burn::nn::LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let decode = x.dims()[1] == 1;
+        self.timed(3, decode, |h| h.norm(ln, x))
+    }
+}
+
+/// Steps of a profiling run (after a warm-up): enough for a stable mean, short because
+/// the synced run drains the device four times a layer.
+const PROFILE_TOKENS: usize = 33;
+
+/// µs per decode step inside each hook, host-only and synced (see [`ProfiledHooks`]), with
+/// the step's total in each mode; the difference between a step and its hooks is the
+/// model's own work (embedding, residual adds, LM head, reading the token back).
+fn profile_decode<'h, B: SparseKernels>(
+    model: &Opt<B>,
+    cache: &mut KvCache<B>,
+    hooks: &mut dyn FnMut(bool) -> Box<dyn ForwardHooksWithStats<B> + 'h>,
+    prompt: &[u32],
+) -> anyhow::Result<Value> {
+    let mut modes = serde_json::Map::new();
+    for synced in [false, true] {
+        let mut h = ProfiledHooks { inner: hooks(false), device: model.device(), synced, us: [0.0; 4] };
+        let step_ms = decode_run(model, cache, &mut h, prompt, PROFILE_TOKENS)?;
+        // decode_run times the PROFILE_TOKENS − 1 one-token forwards after the prefill; the
+        // hooks count exactly those calls.
+        let steps = (PROFILE_TOKENS - 1) as f64;
+        let [observe, attention, mlp, norm] = h.us.map(|us| us / steps);
+        modes.insert(
+            if synced { "synced_us" } else { "host_us" }.into(),
+            json!({
+                "step": step_ms * 1e3,
+                "predictors": observe,
+                "attention": attention,
+                "mlp": mlp,
+                "norms": norm,
+                "outside_hooks": step_ms * 1e3 - (observe + attention + mlp + norm),
+            }),
+        );
+    }
+    Ok(Value::Object(modes))
 }
 
 /// Hooks whose kept fractions can be read after a run.
@@ -378,8 +485,6 @@ fn breakdown<B: SparseKernels>(config: &OptConfig, args: &E2eArgs, device: &B::D
     let up_h = Tensor::<B, 2>::random([args.rank, heads], burn::tensor::Distribution::Uniform(-0.05, 0.05), (device, DType::F32));
     let k_heads = (args.attention_density * heads as f64).round() as i64;
     let head_idx = Tensor::<B, 1, Int>::arange_step(0..k_heads * 2, 2, device);
-    let logits = Tensor::<B, 2>::random([1, ffn], burn::tensor::Distribution::Normal(0.0, 1.0), (device, DType::F32));
-    let threshold = 1.2816f32; // N(0,1)'s upper 10% point: the gate keeps ~10% of the rows
 
     let time = |f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<f64> {
         for _ in 0..20 {
@@ -400,16 +505,17 @@ fn breakdown<B: SparseKernels>(config: &OptConfig, args: &E2eArgs, device: &B::D
     let down_rows = down.clone().transpose().reshape([d * args.rank]).reshape([args.rank, d]);
     let up_rows = up.clone().transpose().reshape([ffn * args.rank]).reshape([ffn, args.rank]);
     let up_h_rows = up_h.clone().transpose().reshape([heads * args.rank]).reshape([heads, args.rank]);
+    // A decode step's predictors: each layer input's first factor (one GEMV reading the
+    // f16 residual); the second factors run inside head selection and the gated fc1.
     let predictor = time(&mut || {
-        for up in [&up_rows, &up_h_rows] {
-            let h = dejavu_kernels::gemv(down_rows.clone(), x.clone().cast(DType::F32), None, Act::Identity)?;
-            let _ = dejavu_kernels::gemv(up.clone(), h, None, Act::Identity)?;
+        for _ in 0..2 {
+            let _ = dejavu_kernels::gemv(down_rows.clone(), x.clone(), None, Act::Identity)?;
         }
         Ok(())
     })?;
-    let head_logits = Tensor::<B, 2>::random([1, heads], burn::tensor::Distribution::Normal(0.0, 1.0), (device, DType::F32));
+    let first = dejavu_kernels::gemv(down_rows.clone(), x.clone(), None, Act::Identity)?;
     let selection = time(&mut || {
-        let _ = dejavu_kernels::select_above_threshold(head_logits.clone(), 0.0, heads)?;
+        let _ = dejavu_kernels::predict_select(up_h_rows.clone(), first.clone(), 0.0, heads)?;
         Ok(())
     })?;
     let kv = Tensor::cat(vec![k.clone(), v.clone()], 0);
@@ -422,9 +528,18 @@ fn breakdown<B: SparseKernels>(config: &OptConfig, args: &E2eArgs, device: &B::D
         let _ = dejavu_kernels::gather_blocks_transposed_gemv(o.clone(), head_idx.clone(), hd, a, Some(b_d.clone()))?;
         Ok(())
     })?;
-    let gate = logits.clone().reshape([ffn]);
+    // The gate at the upper 10% point of this first factor's logits.
+    let mlp_threshold = quantile_threshold(dejavu_kernels::gemv(up_rows.clone(), first.clone(), None, Act::Identity)?, args.mlp_density);
     let sparse_mlp = time(&mut || {
-        let h = dejavu_kernels::gated_rows_gemv(fc1.clone(), x.clone(), Some(b_ffn.clone()), Act::Relu, gate.clone(), threshold)?;
+        let h = dejavu_kernels::predicted_rows_gemv(
+            fc1.clone(),
+            x.clone(),
+            Some(b_ffn.clone()),
+            Act::Relu,
+            up_rows.clone(),
+            first.clone(),
+            mlp_threshold,
+        )?;
         let _ = dejavu_kernels::transposed_gemv(fc2.clone(), h, Some(b_d.clone()))?;
         Ok(())
     })?;
@@ -455,10 +570,11 @@ fn breakdown<B: SparseKernels>(config: &OptConfig, args: &E2eArgs, device: &B::D
         "attention_density": args.attention_density,
         "rank": args.rank,
         "note": "µs per call of 500 back-to-back calls (host launch cost included), median of 3, the code paths \
-                 of a decode step: predictor = both layers' predictors (cast + 2 GEMVs each, f32); selection = \
-                 the heads' threshold selection (the MLP's is fused into its gated fc1); attention = kv_append + \
-                 q (gathered or dense) + attention + out_proj; MLP = gated fc1 (10% of rows above the threshold) \
-                 or dense fc1, then fc2ᵀ; rest = 2 LayerNorms + 2 residual adds",
+                 of a decode step: predictor = both predictors' first factors (one f32 GEMV each, reading the f16 \
+                 residual); selection = the heads' second factor and threshold selection in one launch \
+                 (predict_select); attention = kv_append + q (gathered or dense) + attention + out_proj; MLP = fc1 \
+                 gated by its predictor's second factor in the same launch (predicted_rows_gemv, 10% of rows above \
+                 the threshold) or dense fc1, then fc2ᵀ; rest = 2 LayerNorms + 2 residual adds",
         "us": {
             "predictor_mlp_and_attention": predictor,
             "selection": selection,
@@ -533,6 +649,7 @@ impl BackendTask for E2eTask {
                         bytes_per_token: bytes,
                         floor_ms,
                         over_floor: ms / floor_ms,
+                        profile: t.profile,
                     });
                 };
                 if trained && checks.is_empty() {
@@ -723,6 +840,22 @@ fn write_report(
             f(&s["sparse_speedup_vs_transformers"]),
             f(&s["dense_speedup_vs_transformers"]),
         );
+    }
+    if rows.iter().any(|r| r.profile.is_some()) {
+        println!("µs per decode step: host = time inside each hook (enqueueing), synced = device synced around each hook");
+        println!("| model | prompt | config | mode | predictors | attention | MLP | norms | outside hooks | step |");
+        println!("|---|---|---|---|---|---|---|---|---|---|");
+        for r in rows {
+            let Some(p) = &r.profile else { continue };
+            for mode in ["host_us", "synced_us"] {
+                let m = &p[mode];
+                let g = |k: &str| m[k].as_f64().map(|v| format!("{v:.0}")).unwrap_or_else(|| "—".into());
+                println!(
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    r.model, r.prompt_len, r.config, mode.trim_end_matches("_us"), g("predictors"), g("attention"), g("mlp"), g("norms"), g("outside_hooks"), g("step")
+                );
+            }
+        }
     }
     if let Some(b) = breakdown {
         println!("one layer of {} (µs per call, launches included): {}", args.breakdown, b["us"]);

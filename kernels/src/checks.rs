@@ -505,6 +505,107 @@ pub fn check_gated_rows_gemv<B: SparseKernels>(device: &B::Device, rows: usize, 
     vec![outcome("gated_rows_gemv", format!("rows {rows} d {d} {dtype:?} seed {seed}"), dtype, &got, &want, &[])]
 }
 
+/// The decode-step predictor kernels against host loops: the mixed-dtype GEMV (f32
+/// weights `[r, d]` reading an `x` stored in `dtype`, f32 out: the predictor's first
+/// factor), fc1 gated by the predictor's logits computed in the same launch
+/// (`predicted_rows_gemv`, `rows × d` in `dtype`), and head selection from the predictor
+/// in one launch (`predict_select`, `heads` rows, three capacities). Thresholds sit in
+/// the widest gap between the middle logits, so rounding cannot move a row across.
+pub fn check_predictor_kernels<B: SparseKernels>(
+    device: &B::Device,
+    rows: usize,
+    d: usize,
+    r: usize,
+    heads: usize,
+    dtype: DType,
+    seed: u64,
+) -> Vec<Outcome> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut out = Vec::new();
+    let case = format!("rows {rows} d {d} r {r} heads {heads} {dtype:?} seed {seed}");
+
+    // First factor: f32 weights, x in `dtype`.
+    let down = uniform(&mut rng, r * d, 0.0);
+    let x = stored(uniform(&mut rng, d, 0.0), dtype);
+    let x_dev = to_device::<B, 2>(&x, [1, d], dtype, device);
+    let got = crate::gemv(to_device::<B, 2>(&down, [r, d], DType::F32, device), x_dev.clone(), None, Activation::Identity)
+        .expect("consistent shapes");
+    let got_dtype = got.dtype();
+    let got = read(got);
+    let want = host::rows_gemv(&down, r, d, None, &x, 1, None, false);
+    let mut o = outcome("gemv (f32 weights, x stored in the model dtype)", case.clone(), DType::F32, &got, &want, &[]);
+    if got_dtype != DType::F32 {
+        o.passed = false;
+    }
+    out.push(o);
+
+    // Second factor fused into fc1.
+    let h: Vec<f32> = uniform(&mut rng, r, 0.0);
+    let up = uniform(&mut rng, rows * r, 0.0);
+    let logits = host::rows_gemv(&up, rows, r, None, &h, 1, None, false);
+    let threshold = threshold_in_gap(&logits);
+    let w = stored(uniform(&mut rng, rows * d, 0.0), dtype);
+    let bias = stored(uniform(&mut rng, rows, 0.0), dtype);
+    let h_dev = to_device::<B, 2>(&h, [1, r], DType::F32, device);
+    let got = read(
+        crate::predicted_rows_gemv(
+            to_device::<B, 2>(&w, [rows, d], dtype, device),
+            x_dev,
+            Some(to_device::<B, 1>(&bias, [rows], dtype, device)),
+            Activation::Relu,
+            to_device::<B, 2>(&up, [rows, r], DType::F32, device),
+            h_dev.clone(),
+            threshold,
+        )
+        .expect("consistent shapes"),
+    );
+    let mut want = host::rows_gemv(&w, rows, d, None, &x, 1, Some(&bias), true);
+    for (j, l) in logits.iter().enumerate() {
+        if *l <= threshold {
+            want[j] = 0.0;
+        }
+    }
+    out.push(outcome("predicted_rows_gemv", case.clone(), dtype, &got, &want, &[]));
+
+    // Heads: predictor and selection in one cube.
+    let up_heads = uniform(&mut rng, heads * r, 0.0);
+    let logits = host::rows_gemv(&up_heads, heads, r, None, &h, 1, None, false);
+    let threshold = threshold_in_gap(&logits);
+    let up_dev = to_device::<B, 2>(&up_heads, [heads, r], DType::F32, device);
+    let (_, total) = host::select_above_threshold(&logits, 1, heads, threshold, heads);
+    for capacity in [heads, (total / 2).max(1), total + 3] {
+        let (want_idx, want_count) = host::select_above_threshold(&logits, 1, heads, threshold, capacity);
+        let sel = crate::predict_select(up_dev.clone(), h_dev.clone(), threshold, capacity).expect("consistent shapes");
+        let got_idx = read_ints(sel.indices);
+        let got_count = read_ints(sel.count)[0];
+        let mismatches = got_idx.iter().zip(&want_idx).filter(|(a, b)| a != b).count()
+            + usize::from(got_idx.len() != want_idx.len())
+            + usize::from(got_count as usize != want_count);
+        out.push(Outcome {
+            op: "predict_select",
+            case: format!("{case} capacity {capacity}"),
+            worst_ratio: mismatches as f32,
+            worst_index: got_idx.iter().zip(&want_idx).position(|(a, b)| a != b).unwrap_or(0),
+            passed: mismatches == 0,
+        });
+    }
+    out
+}
+
+/// A threshold halfway across the widest gap between consecutive sorted values of the
+/// middle half, so about half lie above it and none near it.
+fn threshold_in_gap(values: &[f32]) -> f32 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n < 2 {
+        return v.first().map(|x| x - 1.0).unwrap_or(0.0);
+    }
+    let (lo, hi) = (n / 4, (3 * n / 4).max(n / 4 + 1).min(n - 1));
+    let i = (lo.max(1)..=hi).max_by(|&a, &b| (v[a] - v[a - 1]).total_cmp(&(v[b] - v[b - 1]))).unwrap_or(1);
+    (v[i] + v[i - 1]) / 2.0
+}
+
 /// A seed that differs from run to run (tests print it, so a failure can be replayed).
 pub fn fresh_seed() -> u64 {
     std::time::SystemTime::now()

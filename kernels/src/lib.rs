@@ -151,6 +151,32 @@ pub trait SparseKernels: Backend {
         reference::gated_rows_gemv::<Self>(w, x, bias, relu, gate, threshold)
     }
 
+    /// [`SparseKernels::gated_rows_gemv`] with the gate logits `up [rows, r] · h [r]` (a
+    /// low-rank predictor's second factor and its first factor's output, both f32)
+    /// computed in the same launch.
+    fn predicted_rows_gemv(
+        w: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        relu: bool,
+        up: FloatTensor<Self>,
+        h: FloatTensor<Self>,
+        threshold: f32,
+    ) -> FloatTensor<Self> {
+        reference::predicted_rows_gemv::<Self>(w, x, bias, relu, up, h, threshold)
+    }
+
+    /// [`SparseKernels::select_above_threshold`] of the logits `up [rows, r] · h [r]` (f32),
+    /// computed in the same launch: indices padded with `rows` to `capacity`, and the count.
+    fn predict_select(
+        up: FloatTensor<Self>,
+        h: FloatTensor<Self>,
+        threshold: f32,
+        capacity: usize,
+    ) -> (IntTensor<Self>, IntTensor<Self>) {
+        reference::predict_select::<Self>(up, h, threshold, capacity)
+    }
+
     /// `kv [2·H·hd, d]` (k rows then v rows) times `x [B, d]` plus `bias [2·H·hd]`, written
     /// at position `pos` of `k_cache` / `v_cache` (`[B, H, cap, hd]`); returns the caches.
     fn kv_append(
@@ -251,6 +277,27 @@ where
     ) -> FloatTensor<Self> {
         cube::gated_rows_gemv(w, x, bias, relu, gate, threshold)
     }
+
+    fn predicted_rows_gemv(
+        w: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        relu: bool,
+        up: FloatTensor<Self>,
+        h: FloatTensor<Self>,
+        threshold: f32,
+    ) -> FloatTensor<Self> {
+        cube::predicted_rows_gemv(w, x, bias, relu, up, h, threshold)
+    }
+
+    fn predict_select(
+        up: FloatTensor<Self>,
+        h: FloatTensor<Self>,
+        threshold: f32,
+        capacity: usize,
+    ) -> (IntTensor<Self>, IntTensor<Self>) {
+        cube::predict_select(up, h, threshold, capacity, I::dtype())
+    }
 }
 
 fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
@@ -282,12 +329,26 @@ fn check_rows_gemv<B: Backend>(
     x: &Tensor<B, 2>,
     bias: Option<&Tensor<B, 1>>,
 ) -> Result<(), KernelError> {
+    check_float(op, "x", x, w.dtype())?;
+    check_mixed_rows_gemv(op, w, x, bias)
+}
+
+/// [`check_rows_gemv`] for the GEMVs whose `x` may have another float dtype than `w`
+/// (the output has `w`'s).
+fn check_mixed_rows_gemv<B: Backend>(
+    op: &'static str,
+    w: &Tensor<B, 2>,
+    x: &Tensor<B, 2>,
+    bias: Option<&Tensor<B, 1>>,
+) -> Result<(), KernelError> {
     let [rows, d] = w.dims();
     let [_, xd] = x.dims();
     if xd != d {
         return Err(shape_err(op, format!("x has {xd} columns but the weight rows have {d}")));
     }
-    check_float(op, "x", x, w.dtype())?;
+    if !x.dtype().is_float() {
+        return Err(KernelError::Dtype { op, what: format!("x is {:?}, expected a float dtype", x.dtype()) });
+    }
     check_bias(op, bias, rows, "rows", w.dtype())
 }
 
@@ -310,14 +371,15 @@ fn check_bias<B: Backend>(
 }
 
 /// Dense `out [B, rows] = act(x · Wᵀ + bias)` with `w [rows, d]` in PyTorch `Linear`
-/// layout (each output's weights one contiguous row): our own GEMV.
+/// layout (each output's weights one contiguous row): our own GEMV. `x` may have another
+/// float dtype than `w` (read and converted in the kernel); the output has `w`'s.
 pub fn gemv<B: SparseKernels>(
     w: Tensor<B, 2>,
     x: Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
     act: Activation,
 ) -> Result<Tensor<B, 2>, KernelError> {
-    check_rows_gemv("gemv", &w, &x, bias.as_ref())?;
+    check_mixed_rows_gemv("gemv", &w, &x, bias.as_ref())?;
     Ok(wrap(B::rows_gemv(prim(w), None, 1, prim(x), bias.map(prim), act == Activation::Relu)))
 }
 
@@ -537,6 +599,80 @@ pub fn gated_rows_gemv<B: SparseKernels>(
     check_float(op, "gate", &gate, burn::tensor::DType::F32)?;
     Ok(wrap(B::gated_rows_gemv(prim(w), prim(x), bias.map(prim), act == Activation::Relu, prim(gate), threshold)))
 }
+
+/// [`gated_rows_gemv`] whose gate is a low-rank predictor's logits, computed in the same
+/// launch: row `j` of `w` is read (and `out[0, j] = act(W[j, :] · x + bias[j])`) only where
+/// `up[j, :] · h > threshold`; elsewhere `out` is 0. `up [rows, r]` is the predictor's
+/// second factor and `h [1, r]` its first factor's output, both f32. Predictor, selection
+/// and fc1 in one launch, with no logits or index list in memory. Batch 1.
+#[allow(clippy::too_many_arguments)] // fc1's inputs and the predictor's
+pub fn predicted_rows_gemv<B: SparseKernels>(
+    w: Tensor<B, 2>,
+    x: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    act: Activation,
+    up: Tensor<B, 2>,
+    h: Tensor<B, 2>,
+    threshold: f32,
+) -> Result<Tensor<B, 2>, KernelError> {
+    let op = "predicted_rows_gemv";
+    check_rows_gemv(op, &w, &x, bias.as_ref())?;
+    if x.dims()[0] != 1 {
+        return Err(shape_err(op, format!("x has {} rows; the gated GEMV is for batch 1", x.dims()[0])));
+    }
+    check_predictor(op, &up, &h, Some(w.dims()[0]))?;
+    Ok(wrap(B::predicted_rows_gemv(
+        prim(w),
+        prim(x),
+        bias.map(prim),
+        act == Activation::Relu,
+        prim(up),
+        prim(h),
+        threshold,
+    )))
+}
+
+/// The second factor of a low-rank predictor (`up [rows, r]`, f32) and its first factor's
+/// output for one token (`h [1, r]`, f32); `rows` as expected when given.
+fn check_predictor<B: Backend>(op: &'static str, up: &Tensor<B, 2>, h: &Tensor<B, 2>, rows: Option<usize>) -> Result<(), KernelError> {
+    let [up_rows, r] = up.dims();
+    if let Some(rows) = rows {
+        if up_rows != rows {
+            return Err(shape_err(op, format!("the predictor scores {up_rows} rows for {rows}")));
+        }
+    }
+    if h.dims() != [1, r] {
+        return Err(shape_err(op, format!("h is {:?}, expected [1, {r}] (one token, the predictor's rank)", h.dims())));
+    }
+    check_float(op, "the predictor", up, burn::tensor::DType::F32)?;
+    check_float(op, "h", h, burn::tensor::DType::F32)
+}
+
+/// Ascending indices of the rows whose predictor logit `up[j, :] · h` is above `threshold`,
+/// padded with `rows` (an empty slot) to `capacity`, and how many there were (`[1]`):
+/// [`select_above_threshold`] of the predictor's logits, computed in the same launch.
+/// `up [rows, r]`, `h [1, r]`, both f32; for few rows (attention heads: one cube).
+pub fn predict_select<B: SparseKernels>(
+    up: Tensor<B, 2>,
+    h: Tensor<B, 2>,
+    threshold: f32,
+    capacity: usize,
+) -> Result<Selection<B>, KernelError> {
+    let op = "predict_select";
+    check_predictor(op, &up, &h, None)?;
+    if capacity == 0 {
+        return Err(shape_err(op, "capacity must be at least 1".into()));
+    }
+    let rows = up.dims()[0];
+    if rows > PREDICT_SELECT_MAX_ROWS {
+        return Err(shape_err(op, format!("{rows} rows; one cube selects at most {PREDICT_SELECT_MAX_ROWS}")));
+    }
+    let (indices, count) = B::predict_select(prim(up), prim(h), threshold, capacity);
+    Ok(Selection { indices: Tensor::from_primitive(indices), count: Tensor::from_primitive(count) })
+}
+
+/// Most rows [`predict_select`] takes: its logits live in one cube's shared memory.
+pub const PREDICT_SELECT_MAX_ROWS: usize = 4096;
 
 /// A decode step's keys and values, projected and written into the caches in one launch:
 /// row `j` of `kv [2·H·hd, d]` (k_proj's rows, then v_proj's, each output one contiguous

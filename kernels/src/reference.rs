@@ -54,9 +54,10 @@ pub fn rows_gemv<B: Backend>(
     relu: bool,
 ) -> FloatTensor<B> {
     let w: Tensor<B, 2> = float(w);
+    // The output has the weights' dtype (`x` may be another float type).
+    let dtype = w.dtype();
     let idx = idx.map(|i| expand_blocks::<B>(i, block, w.dims()[0]));
     let x: Tensor<B, 2> = float(x);
-    let dtype = x.dtype();
     let bias: Option<Tensor<B, 1>> = bias.map(float);
     let (rows, bias, live) = match idx {
         Some(idx) => {
@@ -222,4 +223,35 @@ pub fn gated_rows_gemv<B: Backend>(
     let gate: Tensor<B, 1> = float(gate);
     let off = gate.lower_equal_elem(threshold).unsqueeze_dim::<2>(0);
     y.mask_fill(off, 0.0).into_primitive().tensor()
+}
+
+/// The predictor's logits `h · upᵀ` as `[rows]` (f32).
+fn predictor_logits<B: Backend>(up: FloatTensor<B>, h: FloatTensor<B>) -> Tensor<B, 1> {
+    let up: Tensor<B, 2> = float(up);
+    let h: Tensor<B, 2> = float(h);
+    let rows = up.dims()[0];
+    h.cast(DType::F32).matmul(up.cast(DType::F32).transpose()).reshape([rows])
+}
+
+pub fn predicted_rows_gemv<B: Backend>(
+    w: FloatTensor<B>,
+    x: FloatTensor<B>,
+    bias: Option<FloatTensor<B>>,
+    relu: bool,
+    up: FloatTensor<B>,
+    h: FloatTensor<B>,
+    threshold: f32,
+) -> FloatTensor<B> {
+    let gate = predictor_logits::<B>(up, h);
+    gated_rows_gemv::<B>(w, x, bias, relu, gate.into_primitive().tensor(), threshold)
+}
+
+pub fn predict_select<B: Backend>(
+    up: FloatTensor<B>,
+    h: FloatTensor<B>,
+    threshold: f32,
+    capacity: usize,
+) -> (IntTensor<B>, IntTensor<B>) {
+    let logits = predictor_logits::<B>(up, h).unsqueeze_dim::<2>(0);
+    select_above_threshold::<B>(logits.into_primitive().tensor(), threshold, capacity)
 }

@@ -4,7 +4,10 @@
 use burn::backend::Flex;
 use burn::prelude::*;
 use burn::tensor::DType;
-use dejavu_kernels::checks::{check_attention, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_selection, fresh_seed, Case, PublicApi};
+use dejavu_kernels::checks::{
+    check_attention, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_predictor_kernels, check_selection, fresh_seed, Case,
+    PublicApi,
+};
 use dejavu_kernels::{gather_rows_gemv, select_above_threshold, Activation, KernelError};
 
 fn assert_all_passed(outcomes: Vec<dejavu_kernels::checks::Outcome>) {
@@ -52,6 +55,7 @@ fn reference_layer_norm_matches_host() {
         assert_all_passed(check_layer_norm::<Flex>(&device, 3, 100, dtype, seed));
         assert_all_passed(check_kv_append::<Flex>(&device, [2, 3, 5, 8], 40, 3, dtype, seed));
         assert_all_passed(check_gated_rows_gemv::<Flex>(&device, 50, 40, dtype, seed));
+        assert_all_passed(check_predictor_kernels::<Flex>(&device, 50, 40, 12, 7, dtype, seed));
     }
 }
 

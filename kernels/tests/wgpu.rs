@@ -9,7 +9,7 @@
 use burn::tensor::DType;
 use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
 use dejavu_kernels::checks::{
-    check_attention, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_selection, cube_supports, fresh_seed, Case, Cube, Poisoned,
+    check_attention, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_predictor_kernels, check_selection, cube_supports, fresh_seed, Case, Cube, Poisoned,
 };
 use dejavu_kernels::cube::LaunchConfig;
 
@@ -61,6 +61,9 @@ fn cube_kernels_on_wgpu_match_host_loops() {
         outcomes.extend(check_kv_append::<Cube<WgpuRuntime>>(&device, [2, 3, 5, 8], 40, 4, dtype, seed));
         outcomes.extend(check_kv_append::<Cube<WgpuRuntime>>(&device, [1, 4, 7, 12], 37, 0, dtype, seed));
         outcomes.extend(check_gated_rows_gemv::<Cube<WgpuRuntime>>(&device, 77, 1036, dtype, seed));
+        // Ranks below and above one lane group, head counts below and above the cube's groups.
+        outcomes.extend(check_predictor_kernels::<Cube<WgpuRuntime>>(&device, 77, 1036, 24, 5, dtype, seed));
+        outcomes.extend(check_predictor_kernels::<Cube<WgpuRuntime>>(&device, 40, 64, 72, 41, dtype, seed));
     }
     check_topk_mask(&device, seed);
     let failed: Vec<_> = outcomes.iter().filter(|o| !o.passed).collect();

@@ -71,13 +71,24 @@ pub struct SparseModel<B: Backend> {
 }
 
 /// A low-rank predictor in f32 (as trained: in f16 the low-rank sums of a large residual
-/// overflow), both factors row-major (`down [r, d]`, `up [outputs, r]`): a decode step
-/// reads them with two of our GEMV kernels, several tokens at once through matmuls of
-/// their transposed views.
+/// overflow), both factors row-major (`down [r, d]`, `up [outputs, r]`). A decode step runs
+/// the first factor as one GEMV (reading the residual in the model's dtype, no cast) when
+/// the layer's input is seen, and keeps its output `[1, r]`; the second factor runs later,
+/// inside the launch that uses the logits (fc1 gated by them, or head selection), so the
+/// logits never go through memory. Several tokens at once go through matmuls of the
+/// transposed views.
 #[derive(Debug)]
 struct RowPredictor<B: Backend> {
     down_rows: Tensor<B, 2>,
     up_rows: Tensor<B, 2>,
+}
+
+/// What a predictor left for the layer it scores: the logits (several tokens), or for a
+/// decode step its first factor's output, the second factor still to run.
+#[derive(Debug, Clone)]
+enum Prediction<B: Backend> {
+    Logits(Tensor<B, 2>),
+    FirstFactor(Tensor<B, 2>),
 }
 
 impl<B: SparseKernels> RowPredictor<B> {
@@ -86,16 +97,23 @@ impl<B: SparseKernels> RowPredictor<B> {
         Self { down_rows: f32(rows_of(p.down.weight.val())), up_rows: f32(rows_of(p.up.weight.val())) }
     }
 
-    /// Logits `[batch · n, outputs]` (f32) for residuals `x [batch, n, d]`.
-    fn logits(&self, x: &Tensor<B, 3>) -> Tensor<B, 2> {
+    /// For residuals `x [batch, n, d]`: one new position, the first factor's output
+    /// `[batch, r]` (one GEMV launch); else the logits `[batch · n, outputs]` (f32).
+    fn predict(&self, x: &Tensor<B, 3>) -> Prediction<B> {
         let [batch, n, d] = x.dims();
         let x = x.clone().reshape([batch * n, d]);
-        let x = if x.dtype() == DType::F32 { x } else { x.cast(DType::F32) };
         if n == 1 {
-            let h = dejavu_kernels::gemv(self.down_rows.clone(), x, None, Act::Identity).expect(KERNEL_SHAPES);
-            dejavu_kernels::gemv(self.up_rows.clone(), h, None, Act::Identity).expect(KERNEL_SHAPES)
-        } else {
-            x.matmul(self.down_rows.clone().transpose()).matmul(self.up_rows.clone().transpose())
+            return Prediction::FirstFactor(dejavu_kernels::gemv(self.down_rows.clone(), x, None, Act::Identity).expect(KERNEL_SHAPES));
+        }
+        let x = if x.dtype() == DType::F32 { x } else { x.cast(DType::F32) };
+        Prediction::Logits(x.matmul(self.down_rows.clone().transpose()).matmul(self.up_rows.clone().transpose()))
+    }
+
+    /// The logits `[rows, outputs]` of a prediction.
+    fn logits(&self, prediction: Prediction<B>) -> Tensor<B, 2> {
+        match prediction {
+            Prediction::Logits(l) => l,
+            Prediction::FirstFactor(h) => dejavu_kernels::gemv(self.up_rows.clone(), h, None, Act::Identity).expect(KERNEL_SHAPES),
         }
     }
 }
@@ -199,8 +217,8 @@ impl<B: SparseKernels> SparseModel<B> {
         let n = self.plan.layers.len();
         SparseHooks {
             model: self,
-            mlp_logits: vec![None; n],
-            attention_logits: vec![None; n],
+            mlp_pending: vec![None; n],
+            attention_pending: vec![None; n],
             mlp_kept: vec![Kept::default(); n],
             attention_kept: vec![Kept::default(); n],
             count_kept: true,
@@ -281,12 +299,12 @@ fn mean_density(v: &[Option<f64>]) -> f64 {
     v.iter().map(|d| d.unwrap_or(1.0)).sum::<f64>() / v.len().max(1) as f64
 }
 
-/// The per-forward state of the sparse path: logits predicted for the layers ahead, and
-/// what was kept so far.
+/// The per-forward state of the sparse path: predictions for the layers ahead, and what
+/// was kept so far.
 pub struct SparseHooks<'a, B: Backend> {
     model: &'a SparseModel<B>,
-    mlp_logits: Vec<Option<Tensor<B, 2>>>,
-    attention_logits: Vec<Option<Tensor<B, 2>>>,
+    mlp_pending: Vec<Option<Prediction<B>>>,
+    attention_pending: Vec<Option<Prediction<B>>>,
     mlp_kept: Vec<Kept<B>>,
     attention_kept: Vec<Kept<B>>,
     count_kept: bool,
@@ -393,11 +411,11 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
         let [mlp, attention] = &model.predictors[target];
         if is_attention && !plan.attention.is_dense() {
             if let Some(p) = attention {
-                self.attention_logits[target] = Some(p.logits(value));
+                self.attention_pending[target] = Some(p.predict(value));
             }
         } else if !is_attention && !plan.mlp.is_dense() && !model.options.oracle_mlp {
             if let Some(p) = mlp {
-                self.mlp_logits[target] = Some(p.logits(value));
+                self.mlp_pending[target] = Some(p.predict(value));
             }
         }
     }
@@ -413,13 +431,32 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
         let selection = self.model.plan.layers[layer].attention;
         let [batch, n, d] = x.dims();
         let weights = &self.model.weights;
-        let logits = match self.attention_logits[layer].take() {
-            Some(l) if self.sparse_call(n) && !selection.is_dense() => l,
+        let prediction = match self.attention_pending[layer].take() {
+            Some(p) if self.sparse_call(n) && !selection.is_dense() => p,
             _ if n == 1 => return dense_attention(attention, &weights.layers[layer], &weights.all_heads, x, cache, step),
             _ => return attention.project_out(attention.head_outputs(x, cache, step)),
         };
+        let predictor = self.model.predictors[layer][1].as_ref().expect("a pending prediction has its predictor");
         let kept = &mut self.attention_kept[layer];
+        let heads = match (&prediction, selection) {
+            // One token, threshold: the predictor's second factor and the selection in
+            // one launch.
+            (Prediction::FirstFactor(h), Selection::Threshold { threshold }) if batch == 1 && n == 1 => {
+                let selected = dejavu_kernels::predict_select(predictor.up_rows.clone(), h.clone(), threshold, attention.num_heads)
+                    .expect(KERNEL_SHAPES);
+                if self.count_kept {
+                    kept.add_device_int(selected.count, 1);
+                }
+                Some(selected.indices)
+            }
+            _ => None,
+        };
+        let logits = match heads {
+            Some(_) => None,
+            None => Some(predictor.logits(prediction)),
+        };
         if n > 1 {
+            let logits = logits.expect("several tokens carry logits");
             // Masked: each token keeps its own heads.
             let dtype = x.dtype();
             let heads = attention.head_outputs(x, cache, step);
@@ -433,7 +470,11 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
         // Kernels. Every head's key and value are written (see the module comment).
         let x = x.reshape([batch, d]);
         let (keys, values) = write_kv(&weights.layers[layer], x.clone(), cache, step);
-        let heads = Self::indices(kept, logits, selection, self.count_kept);
+        let heads = match (heads, logits) {
+            (Some(heads), _) => heads,
+            (None, Some(logits)) => Self::indices(kept, logits, selection, self.count_kept),
+            (None, None) => unreachable!("either heads or logits"),
+        };
         let hd = attention.head_dim;
         let q_rows = weights.layers[layer].q_rows.clone();
         let q = dejavu_kernels::gather_blocks_gemv(q_rows, heads.clone(), hd, x, attention.q_proj.bias.as_ref().map(|b| b.val()), Act::Identity)
@@ -461,18 +502,37 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
         }
         // The oracle scores neurons by fc1's own pre-activation, kept for the masked path.
         let oracle = self.model.options.oracle_mlp.then(|| mlp.fc1.forward(x.clone()));
-        let logits = match &oracle {
+        let prediction = match &oracle {
             Some(pre) => {
                 let pre = pre.clone().reshape([batch * n, self.model.plan.dims.ffn_dim]);
-                if pre.dtype() == DType::F32 { pre } else { pre.cast(DType::F32) }
+                Prediction::Logits(if pre.dtype() == DType::F32 { pre } else { pre.cast(DType::F32) })
             }
-            None => match self.mlp_logits[layer].take() {
-                Some(l) => l,
+            None => match self.mlp_pending[layer].take() {
+                Some(p) => p,
                 None if n == 1 => return dense_mlp(mlp, weights, x),
                 None => return mlp.forward(x),
             },
         };
+        let predictor = self.model.predictors[layer][0].as_ref();
         let kept = &mut self.mlp_kept[layer];
+        if let (Prediction::FirstFactor(h), Selection::Threshold { threshold }, Some(p), 1, 1) = (&prediction, selection, predictor, batch, n) {
+            // Predictor's second factor, selection and fc1 in one launch: a row is read
+            // only when its logit is above the threshold; fc2's transposed GEMV then
+            // skips the zero rows. No logits or index list in memory.
+            if self.count_kept {
+                let logits = p.logits(prediction.clone());
+                kept.add_device_int(logits.greater_elem(threshold).int().sum(), 1);
+            }
+            let x = x.reshape([batch, d]);
+            let h = dejavu_kernels::predicted_rows_gemv(weights.fc1_rows.clone(), x, bias(&mlp.fc1), Act::Relu, p.up_rows.clone(), h.clone(), threshold)
+                .expect(KERNEL_SHAPES);
+            return fc2(mlp, h);
+        }
+        let logits = match (prediction, predictor) {
+            (Prediction::Logits(l), _) => l,
+            (prediction, Some(p)) => p.logits(prediction),
+            (Prediction::FirstFactor(_), None) => unreachable!("a first factor comes from a predictor"),
+        };
         if n > 1 {
             // Masked: each token keeps its own neurons.
             let [_, width] = logits.dims();
@@ -483,8 +543,8 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
         let x = x.reshape([batch, d]);
         let count_kept = self.count_kept;
         if let (Selection::Threshold { threshold }, 1) = (selection, batch) {
-            // Selection fused into fc1: the rows below the threshold give 0 and read
-            // nothing, and fc2's transposed GEMV skips the zeros. No index list.
+            // Oracle logits: selection fused into fc1 (rows below the threshold give 0
+            // and read nothing), and fc2's transposed GEMV skips the zeros.
             let [_, width] = logits.dims();
             if count_kept {
                 kept.add_device_int(logits.clone().greater_elem(threshold).int().sum(), 1);

@@ -11,7 +11,7 @@ use dejavu_model::generate::token_tensor;
 use dejavu_model::layer::norm;
 use dejavu_model::{content_hash, Activation, ForwardHooks, LayerKvCache, Opt, OptConfig, SparseModel, SparseOptions, Step};
 use dejavu_predictor::{
-    DenseLayers, LayerEntry, Manifest, OperatingPoint, OutputEntry, PredictorModules, PredictorSet, Selection,
+    DenseLayers, Manifest, OperatingPoint, PredictorModules, PredictorSet, Selection,
     SparsityPlan,
 };
 
@@ -23,35 +23,7 @@ fn ids() -> Vec<u32> {
 
 /// Random predictors of rank 8 for every layer from `lookahead` on, and their manifest.
 fn predictors(config: &OptConfig, lookahead: usize, hash: &str) -> (Manifest, PredictorModules<B>) {
-    let entry = |outputs: usize| OutputEntry {
-        rank: 8,
-        k: Some(outputs / 2),
-        threshold: Some(0.0),
-        recall: None,
-        density: None,
-        threshold_recall: None,
-        threshold_density: None,
-        true_density: None,
-    };
-    let manifest = Manifest {
-        format: 1,
-        model_hash: hash.to_string(),
-        hidden_size: config.hidden_size,
-        ffn_dim: config.ffn_dim,
-        num_heads: config.num_attention_heads,
-        num_layers: config.num_hidden_layers,
-        lookahead,
-        layers: (0..config.num_hidden_layers)
-            .map(|layer| {
-                let sparse = layer >= lookahead;
-                LayerEntry {
-                    layer,
-                    mlp: sparse.then(|| entry(config.ffn_dim)),
-                    attention: sparse.then(|| entry(config.num_attention_heads)),
-                }
-            })
-            .collect(),
-    };
+    let manifest = random_predictor_manifest(config, lookahead, hash, 8);
     let set = PredictorSet::<B>::init(manifest.clone(), &Default::default()).unwrap();
     // Burn initialises parameters lazily and a clone of an uninitialised one draws its own
     // values: materialise them so that clones are the same predictors.

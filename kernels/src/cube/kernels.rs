@@ -38,13 +38,38 @@ fn group_sum(
     }
 }
 
-/// One lane's share of `W[w_base ..] · x[x_base ..]` over `width` vectors (every `group`-th
-/// vector from `lane`), in f32.
+/// [`group_sum`] returned to every lane of the group (the shared-memory path gives it to
+/// lane 0 only).
 #[cube]
-fn lane_dot<F: Float, N: Size>(
+fn group_sum_all(
+    value: f32,
+    scratch: &mut SharedMemory<f32>,
+    #[comptime] group: usize,
+    #[comptime] use_plane: bool,
+) -> f32 {
+    if use_plane {
+        plane_sum(value)
+    } else {
+        let total = group_sum(value, scratch, group, use_plane);
+        let base = UNIT_POS_Y as usize * group;
+        if UNIT_POS_X == 0 {
+            scratch[base] = total;
+        }
+        sync_cube();
+        let all = scratch[base];
+        sync_cube();
+        all
+    }
+}
+
+/// One lane's share of `W[w_base ..] · x[x_base ..]` over `width` vectors (every `group`-th
+/// vector from `lane`), in f32. `x` may have another float type than `W` (an f16
+/// residual into an f32 predictor).
+#[cube]
+fn lane_dot<F: Float, X: Float, N: Size>(
     w: &Tensor<Vector<F, N>>,
     w_base: usize,
-    x: &Tensor<Vector<F, N>>,
+    x: &Tensor<Vector<X, N>>,
     x_base: usize,
     lane: usize,
     group: usize,
@@ -88,12 +113,14 @@ fn lane_dot<F: Float, N: Size>(
 /// `gathered`, else `j`. One group of `CUBE_DIM_X` lanes per output row, `CUBE_DIM_Y` rows
 /// per cube. Each lane keeps eight loads in flight per iteration: at batch 1 a 10%-dense
 /// fc1 has only ~1.6k rows, too few warps to hide HBM latency with fewer (measured on
-/// the H100: four in flight reached 73% of a contiguous slice's bandwidth).
+/// the H100: four in flight reached 73% of a contiguous slice's bandwidth). `x` has its
+/// own float type `X` (the output has `W`'s), so an f32 predictor reads an f16 residual
+/// without a cast launch.
 #[cube(launch_unchecked)]
-pub(crate) fn rows_gemv_kernel<F: Float, N: Size, I: Int>(
+pub(crate) fn rows_gemv_kernel<F: Float, X: Float, N: Size, I: Int>(
     w: &Tensor<Vector<F, N>>,
     idx: &Tensor<I>,
-    x: &Tensor<Vector<F, N>>,
+    x: &Tensor<Vector<X, N>>,
     bias: &Tensor<F>,
     out: &mut Tensor<F>,
     block: usize,
@@ -103,7 +130,7 @@ pub(crate) fn rows_gemv_kernel<F: Float, N: Size, I: Int>(
     #[comptime] group: usize,
     #[comptime] rows_per_cube: usize,
     #[comptime] use_plane: bool,
-    #[define(F, I)] _dtypes: [StorageType; 2],
+    #[define(F, X, I)] _dtypes: [StorageType; 3],
 ) {
     let mut scratch = SharedMemory::<f32>::new(group * rows_per_cube);
     let lane = UNIT_POS_X as usize;
@@ -757,5 +784,132 @@ pub(crate) fn gated_rows_gemv_kernel<F: Float, N: Size>(
     let total = group_sum(partial, &mut scratch, group, use_plane);
     if lane == 0 && in_range {
         out[j] = F::cast_from(finish_row(total, bias, j, live, has_bias, relu));
+    }
+}
+
+/// A low-rank predictor's logit for row `j`: `up[j, :] · h` (f32, `r` values), summed by
+/// the row's lane group (every lane gets it). Rows past `rows` give -3e38: never above a
+/// threshold.
+#[cube]
+fn predicted_logit(
+    up: &Tensor<f32>,
+    h: &Tensor<f32>,
+    j: usize,
+    rows: usize,
+    lane: usize,
+    scratch: &mut SharedMemory<f32>,
+    #[comptime] group: usize,
+    #[comptime] use_plane: bool,
+) -> f32 {
+    let r = up.shape(1);
+    let mut partial = 0.0f32;
+    if j < rows {
+        let base = j * up.stride(0);
+        let mut t = lane;
+        while t < r {
+            partial += up[base + t] * h[t];
+            t += group;
+        }
+    }
+    let total = group_sum_all(partial, scratch, group, use_plane);
+    let mut logit = f32::new(-3.0e38);
+    if j < rows {
+        logit = total;
+    }
+    logit
+}
+
+/// [`gated_rows_gemv_kernel`] with the gate computed in the same launch: row `j`'s group
+/// first takes its predictor logit `up[j, :] · h` (the low-rank predictor's second
+/// factor, f32 `[rows, r]`, `h` its first factor's output `[r]`) and reads fc1's row only
+/// when that is above `threshold`. Predictor, selection and fc1 in one launch; no logits
+/// or index list in memory.
+#[cube(launch_unchecked)]
+pub(crate) fn predicted_rows_gemv_kernel<F: Float, N: Size>(
+    w: &Tensor<Vector<F, N>>,
+    up: &Tensor<f32>,
+    h: &Tensor<f32>,
+    x: &Tensor<Vector<F, N>>,
+    bias: &Tensor<F>,
+    out: &mut Tensor<F>,
+    threshold: f32,
+    #[comptime] has_bias: bool,
+    #[comptime] relu: bool,
+    #[comptime] group: usize,
+    #[comptime] rows_per_cube: usize,
+    #[comptime] use_plane: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let mut scratch = SharedMemory::<f32>::new(group * rows_per_cube);
+    let lane = UNIT_POS_X as usize;
+    let j = CUBE_POS_X as usize * rows_per_cube + UNIT_POS_Y as usize;
+    let rows = w.shape(0);
+    let vs = w.vector_size();
+    let width = w.shape(1) / vs;
+    let in_range = j < rows;
+    let logit = predicted_logit(up, h, j, rows, lane, &mut scratch, group, use_plane);
+    // Every lane of the group holds the same logit, so the branch is uniform.
+    let live = logit > threshold;
+    let mut partial = 0.0f32;
+    if live {
+        partial = lane_dot(w, j * w.stride(0) / vs, x, 0, lane, group, width);
+    }
+    let total = group_sum(partial, &mut scratch, group, use_plane);
+    if lane == 0 && in_range {
+        out[j] = F::cast_from(finish_row(total, bias, j, live, has_bias, relu));
+    }
+}
+
+/// Head selection with its predictor in one cube: the logits `up · h` of `rows` heads
+/// (f32 `[rows, r]` and `[r]`), each by one lane group into shared memory, then the
+/// ascending indices of those above `threshold` into `idx`, padded with `rows` to its
+/// length, and their number into `count[0]`. `rows` is small (OPT has at most 96 heads),
+/// so one unit compacts them serially.
+#[cube(launch_unchecked)]
+pub(crate) fn predict_select_kernel<I: Int>(
+    up: &Tensor<f32>,
+    h: &Tensor<f32>,
+    idx: &mut Tensor<I>,
+    count: &mut Tensor<I>,
+    threshold: f32,
+    #[comptime] max_rows: usize,
+    #[comptime] group: usize,
+    #[comptime] groups: usize,
+    #[comptime] use_plane: bool,
+    #[define(I)] _dtype: StorageType,
+) {
+    let mut scratch = SharedMemory::<f32>::new(group * groups);
+    let mut logits = SharedMemory::<f32>::new(max_rows);
+    let lane = UNIT_POS_X as usize;
+    let g = UNIT_POS_Y as usize;
+    let rows = up.shape(0);
+    let capacity = idx.shape(0);
+    // Every group runs the same number of rounds (group_sum may sync the cube).
+    #[allow(clippy::manual_div_ceil)] // div_ceil is not a cube operation
+    let rounds = (rows + groups - 1) / groups;
+    for round in 0..rounds {
+        let j = round * groups + g;
+        let logit = predicted_logit(up, h, j, rows, lane, &mut scratch, group, use_plane);
+        if lane == 0 && j < rows {
+            logits[j] = logit;
+        }
+    }
+    sync_cube();
+    if lane == 0 && g == 0 {
+        let mut written = 0usize;
+        for j in 0..rows {
+            if logits[j] > threshold {
+                if written < capacity {
+                    idx[written] = I::cast_from(j);
+                }
+                written += 1;
+            }
+        }
+        let mut p = written;
+        while p < capacity {
+            idx[p] = I::cast_from(rows);
+            p += 1;
+        }
+        count[0] = I::cast_from(written);
     }
 }

@@ -81,9 +81,11 @@ fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Vec<usize>, dtype: DType) 
     empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), Shape::from(shape), dtype)
 }
 
-/// A placeholder index tensor for launches whose kernel does not read indices.
-fn no_indices<R: CubeRuntime>(like: &CubeTensor<R>, int_dtype: DType) -> CubeTensor<R> {
-    empty(like, vec![1], int_dtype)
+/// A binding for a kernel argument that this launch's comptime flags leave unread (no
+/// index list, no split workspace): an input already bound, so nothing is allocated.
+/// A kernel never reads it, whatever element type it declares.
+fn unread<R: CubeRuntime>(bound: &CubeTensor<R>) -> CubeTensor<R> {
+    bound.clone()
 }
 
 /// `out [B, K] = act(W[rows] · x + bias[rows])` with the given grid shapes; see
@@ -102,7 +104,8 @@ pub fn rows_gemv_with<R: CubeRuntime>(
     let rows = dims(&w)[0];
     let batch = dims(&x)[0];
     let k = idx.as_ref().map(|i| dims(i)[0] * block).unwrap_or(rows);
-    let out = empty(&x, vec![batch, k], x.dtype);
+    // The output has the weights' dtype (an f32 predictor may read an f16 residual).
+    let out = empty(&x, vec![batch, k], w.dtype);
     rows_gemv_into(w, idx, block, x, bias, relu, int_dtype, out, config)
 }
 
@@ -129,13 +132,14 @@ pub fn rows_gemv_into<R: CubeRuntime>(
         return out;
     }
     let gathered = idx.is_some();
-    let idx = idx.map(into_contiguous).unwrap_or_else(|| no_indices(&x, int_dtype));
+    let idx = idx.map(into_contiguous).unwrap_or_else(|| unread(&x));
     let has_bias = bias.is_some();
-    let bias = bias.map(into_contiguous).unwrap_or_else(|| x.clone());
+    let bias = bias.map(into_contiguous).unwrap_or_else(|| unread(&w));
     let vs = vector_width(&[&w, &x]);
     let (group, use_plane) = reduction_group(&w.client);
     let cubes = k.div_ceil(config.rows_per_cube) as u32;
-    let (dtype, idx_dtype) = (w.dtype, idx.dtype);
+    let (dtype, x_dtype) = (w.dtype, x.dtype);
+    let idx_dtype = if gathered { idx.dtype } else { int_dtype };
     debug_assert_eq!(cols % vs, 0);
     unsafe {
         rows_gemv_kernel::launch_unchecked::<R>(
@@ -155,7 +159,7 @@ pub fn rows_gemv_into<R: CubeRuntime>(
             group,
             config.rows_per_cube,
             use_plane,
-            [dtype.into(), idx_dtype.into()],
+            [dtype.into(), x_dtype.into(), idx_dtype.into()],
         );
     }
     out
@@ -196,7 +200,7 @@ pub fn rows_transposed_gemv_into<R: CubeRuntime>(
         return out;
     }
     let gathered = idx.is_some();
-    let idx = idx.map(into_contiguous).unwrap_or_else(|| no_indices(&h, int_dtype));
+    let idx = idx.map(into_contiguous).unwrap_or_else(|| unread(&h));
     let has_bias = bias.is_some();
     let bias = bias.map(into_contiguous);
 
@@ -209,7 +213,8 @@ pub fn rows_transposed_gemv_into<R: CubeRuntime>(
     let chunk = k.div_ceil(splits).max(1);
     let partial = empty(&h, vec![splits, batch, cols], DType::F32);
     let col_blocks = (cols / vs).div_ceil(config.cols_per_cube) as u32;
-    let (dtype, idx_dtype) = (w_t.dtype, idx.dtype);
+    let dtype = w_t.dtype;
+    let idx_dtype = if gathered { idx.dtype } else { int_dtype };
     unsafe {
         rows_transposed_gemv_partial_kernel::launch_unchecked::<R>(
             &out.client,
@@ -317,8 +322,12 @@ pub fn selected_heads_attention<R: CubeRuntime>(
     let threads = if split { 128 } else { 512 }.min(max_units).max(hd_vectors.next_power_of_two());
     let chunk = if split { ATTENTION_CHUNK } else { len.max(1) };
     let max_chunk = if split { ATTENTION_CHUNK } else { cap.max(1) };
-    let ws_o = empty(&q, vec![batch, slots, splits, hd], DType::F32);
-    let ws_ml = empty(&q, vec![batch, slots, splits, 2], DType::F32);
+    // The split workspace, only where there are splits to merge.
+    let (ws_o, ws_ml) = if split {
+        (empty(&q, vec![batch, slots, splits, hd], DType::F32), empty(&q, vec![batch, slots, splits, 2], DType::F32))
+    } else {
+        (unread(&out), unread(&out))
+    };
     let (dtype, idx_dtype) = (q.dtype, heads.dtype);
     let client = q.client.clone();
     unsafe {
@@ -482,4 +491,90 @@ pub fn gated_rows_gemv<R: CubeRuntime>(
         );
     }
     out
+}
+
+/// fc1 gated by its low-rank predictor, computed in the same launch; see
+/// [`crate::SparseKernels::predicted_rows_gemv`].
+#[allow(clippy::too_many_arguments)] // the kernel's inputs, as the trait method has them
+pub fn predicted_rows_gemv<R: CubeRuntime>(
+    w: CubeTensor<R>,
+    x: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    relu: bool,
+    up: CubeTensor<R>,
+    h: CubeTensor<R>,
+    threshold: f32,
+) -> CubeTensor<R> {
+    let (w, x) = (into_contiguous(w), into_contiguous(x));
+    let (up, h) = (into_contiguous(up), into_contiguous(h));
+    let rows = dims(&w)[0];
+    let out = empty(&x, vec![1, rows], w.dtype);
+    let has_bias = bias.is_some();
+    let bias = bias.map(into_contiguous).unwrap_or_else(|| unread(&w));
+    let vs = vector_width(&[&w, &x]);
+    let (group, use_plane) = reduction_group(&w.client);
+    let rows_per_cube = LaunchConfig::default().rows_per_cube;
+    let dtype = w.dtype;
+    let client = w.client.clone();
+    unsafe {
+        predicted_rows_gemv_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(rows.div_ceil(rows_per_cube) as u32, 1, 1),
+            CubeDim::new_2d(group as u32, rows_per_cube as u32),
+            vs,
+            w.into_tensor_arg(),
+            up.into_tensor_arg(),
+            h.into_tensor_arg(),
+            x.into_tensor_arg(),
+            bias.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            threshold,
+            has_bias,
+            relu,
+            group,
+            rows_per_cube,
+            use_plane,
+            dtype.into(),
+        );
+    }
+    out
+}
+
+/// Lane groups of the head-selection cube: 8 groups of 32 lanes score 8 heads at a time.
+const PREDICT_SELECT_GROUPS: usize = 8;
+
+/// A low-rank predictor's logits `up · h` and their threshold selection in one launch; see
+/// [`crate::SparseKernels::predict_select`].
+pub fn predict_select<R: CubeRuntime>(
+    up: CubeTensor<R>,
+    h: CubeTensor<R>,
+    threshold: f32,
+    capacity: usize,
+    int_dtype: DType,
+) -> (CubeTensor<R>, CubeTensor<R>) {
+    let (up, h) = (into_contiguous(up), into_contiguous(h));
+    let rows = dims(&up)[0];
+    let idx = empty(&up, vec![capacity.max(1)], int_dtype);
+    let count = empty(&up, vec![1], int_dtype);
+    let (group, use_plane) = reduction_group(&up.client);
+    let groups = PREDICT_SELECT_GROUPS.min(client_units(&up) / group).max(1);
+    let client = up.client.clone();
+    unsafe {
+        predict_select_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(1, 1, 1),
+            CubeDim::new_2d(group as u32, groups as u32),
+            up.into_tensor_arg(),
+            h.into_tensor_arg(),
+            idx.clone().into_tensor_arg(),
+            count.clone().into_tensor_arg(),
+            threshold,
+            rows.max(1),
+            group,
+            groups,
+            use_plane,
+            int_dtype.into(),
+        );
+    }
+    (idx, count)
 }

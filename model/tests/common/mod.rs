@@ -101,3 +101,38 @@ impl ForwardHooks<B> for Recorder {
         }
     }
 }
+
+/// The manifest of predictors of rank `rank` for every layer from `lookahead` on (K half
+/// the width, threshold 0), for a model of `config` whose content hash is `hash`.
+pub fn random_predictor_manifest(config: &OptConfig, lookahead: usize, hash: &str, rank: usize) -> dejavu_predictor::Manifest {
+    use dejavu_predictor::{LayerEntry, Manifest, OutputEntry};
+    let entry = |outputs: usize| OutputEntry {
+        rank,
+        k: Some(outputs / 2),
+        threshold: Some(0.0),
+        recall: None,
+        density: None,
+        threshold_recall: None,
+        threshold_density: None,
+        true_density: None,
+    };
+    Manifest {
+        format: 1,
+        model_hash: hash.to_string(),
+        hidden_size: config.hidden_size,
+        ffn_dim: config.ffn_dim,
+        num_heads: config.num_attention_heads,
+        num_layers: config.num_hidden_layers,
+        lookahead,
+        layers: (0..config.num_hidden_layers)
+            .map(|layer| {
+                let sparse = layer >= lookahead;
+                LayerEntry {
+                    layer,
+                    mlp: sparse.then(|| entry(config.ffn_dim)),
+                    attention: sparse.then(|| entry(config.num_attention_heads)),
+                }
+            })
+            .collect(),
+    }
+}

@@ -220,16 +220,7 @@ fn synthetic_sparse<B: SparseKernels>(
     args: &E2eArgs,
 ) -> anyhow::Result<(SparseModel<B>, f64)> {
     let layers = config.num_hidden_layers;
-    let entry = |rank: usize| OutputEntry {
-        rank,
-        k: None,
-        threshold: Some(0.0),
-        recall: None,
-        density: None,
-        threshold_recall: None,
-        threshold_density: None,
-        true_density: None,
-    };
+    let entry = |rank: usize| OutputEntry::unmeasured(rank, None, Some(0.0));
     let dense_mlp_from = layers - ((args.dense_last_mlp_fraction * layers as f64).round() as usize).min(layers - 1);
     let manifest = Manifest {
         format: 1,

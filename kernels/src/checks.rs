@@ -355,20 +355,27 @@ pub fn check_selection<B: SparseKernels>(device: &B::Device, n: usize, batch: us
     for capacity in [n, (total / 2).max(1), total + 3] {
         let (want_idx, want_count) = host::select_above_threshold(&logits, batch, n, threshold, capacity);
         let sel = crate::select_above_threshold(dev.clone(), threshold, capacity).expect("capacity ≥ 1");
-        let got_idx = read_ints(sel.indices);
-        let got_count = read_ints(sel.count)[0];
-        let mismatches = got_idx.iter().zip(&want_idx).filter(|(a, b)| a != b).count()
-            + usize::from(got_idx.len() != want_idx.len())
-            + usize::from(got_count as usize != want_count);
-        out.push(Outcome {
-            op: "select_above_threshold",
-            case: format!("n {n} batch {batch} capacity {capacity} {dtype:?} seed {seed}"),
-            worst_ratio: mismatches as f32,
-            worst_index: got_idx.iter().zip(&want_idx).position(|(a, b)| a != b).unwrap_or(0),
-            passed: mismatches == 0,
-        });
+        let case = format!("n {n} batch {batch} capacity {capacity} {dtype:?} seed {seed}");
+        out.push(selection_outcome("select_above_threshold", case, sel, &want_idx, want_count));
     }
     out
+}
+
+/// A selection against the host's: every index and the count must be equal (the ratio is
+/// the number of mismatches).
+fn selection_outcome<B: Backend>(op: &'static str, case: String, got: crate::Selection<B>, want_idx: &[i64], want_count: usize) -> Outcome {
+    let got_idx = read_ints(got.indices);
+    let got_count = read_ints(got.count)[0];
+    let mismatches = got_idx.iter().zip(want_idx).filter(|(a, b)| a != b).count()
+        + usize::from(got_idx.len() != want_idx.len())
+        + usize::from(got_count as usize != want_count);
+    Outcome {
+        op,
+        case,
+        worst_ratio: mismatches as f32,
+        worst_index: got_idx.iter().zip(want_idx).position(|(a, b)| a != b).unwrap_or(0),
+        passed: mismatches == 0,
+    }
 }
 
 /// Decode attention over selected heads (some repeated order, one empty slot) against the
@@ -576,18 +583,7 @@ pub fn check_predictor_kernels<B: SparseKernels>(
     for capacity in [heads, (total / 2).max(1), total + 3] {
         let (want_idx, want_count) = host::select_above_threshold(&logits, 1, heads, threshold, capacity);
         let sel = crate::predict_select(up_dev.clone(), h_dev.clone(), threshold, capacity).expect("consistent shapes");
-        let got_idx = read_ints(sel.indices);
-        let got_count = read_ints(sel.count)[0];
-        let mismatches = got_idx.iter().zip(&want_idx).filter(|(a, b)| a != b).count()
-            + usize::from(got_idx.len() != want_idx.len())
-            + usize::from(got_count as usize != want_count);
-        out.push(Outcome {
-            op: "predict_select",
-            case: format!("{case} capacity {capacity}"),
-            worst_ratio: mismatches as f32,
-            worst_index: got_idx.iter().zip(&want_idx).position(|(a, b)| a != b).unwrap_or(0),
-            passed: mismatches == 0,
-        });
+        out.push(selection_outcome("predict_select", format!("{case} capacity {capacity}"), sel, &want_idx, want_count));
     }
     out
 }

@@ -48,6 +48,23 @@ pub struct OutputEntry {
     pub true_density: Option<f64>,
 }
 
+impl OutputEntry {
+    /// A predictor of rank `rank` with an operating point (`k`, `threshold`) but no
+    /// measurements: synthetic predictors for benchmarks and tests.
+    pub fn unmeasured(rank: usize, k: Option<usize>, threshold: Option<f32>) -> Self {
+        Self {
+            rank,
+            k,
+            threshold,
+            recall: None,
+            density: None,
+            threshold_recall: None,
+            threshold_density: None,
+            true_density: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LayerEntry {
     pub layer: usize,

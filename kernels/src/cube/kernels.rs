@@ -769,20 +769,39 @@ pub(crate) fn gated_rows_gemv_kernel<F: Float, N: Size>(
     let mut scratch = SharedMemory::<f32>::new(group * rows_per_cube);
     let lane = UNIT_POS_X as usize;
     let j = CUBE_POS_X as usize * rows_per_cube + UNIT_POS_Y as usize;
-    let rows = w.shape(0);
-    let vs = w.vector_size();
-    let width = w.shape(1) / vs;
-    let in_range = j < rows;
     let mut live = false;
-    if in_range {
+    if j < w.shape(0) {
         live = gate[j] > threshold;
     }
+    gated_row(w, x, bias, out, j, live, lane, &mut scratch, has_bias, relu, group, use_plane);
+}
+
+/// Output row `j` of a gated fc1 (batch 1): `act(W[j, :] · x + bias[j])` where `live`
+/// (uniform across the row's lane group), else 0 without reading the row.
+#[cube]
+#[allow(clippy::too_many_arguments)] // the row, its inputs and the kernel's layout
+fn gated_row<F: Float, N: Size>(
+    w: &Tensor<Vector<F, N>>,
+    x: &Tensor<Vector<F, N>>,
+    bias: &Tensor<F>,
+    out: &mut Tensor<F>,
+    j: usize,
+    live: bool,
+    lane: usize,
+    scratch: &mut SharedMemory<f32>,
+    #[comptime] has_bias: bool,
+    #[comptime] relu: bool,
+    #[comptime] group: usize,
+    #[comptime] use_plane: bool,
+) {
+    let vs = w.vector_size();
+    let width = w.shape(1) / vs;
     let mut partial = 0.0f32;
     if live {
         partial = lane_dot(w, j * w.stride(0) / vs, x, 0, lane, group, width);
     }
-    let total = group_sum(partial, &mut scratch, group, use_plane);
-    if lane == 0 && in_range {
+    let total = group_sum(partial, scratch, group, use_plane);
+    if lane == 0 && j < w.shape(0) {
         out[j] = F::cast_from(finish_row(total, bias, j, live, has_bias, relu));
     }
 }
@@ -843,21 +862,9 @@ pub(crate) fn predicted_rows_gemv_kernel<F: Float, N: Size>(
     let mut scratch = SharedMemory::<f32>::new(group * rows_per_cube);
     let lane = UNIT_POS_X as usize;
     let j = CUBE_POS_X as usize * rows_per_cube + UNIT_POS_Y as usize;
-    let rows = w.shape(0);
-    let vs = w.vector_size();
-    let width = w.shape(1) / vs;
-    let in_range = j < rows;
-    let logit = predicted_logit(up, h, j, rows, lane, &mut scratch, group, use_plane);
-    // Every lane of the group holds the same logit, so the branch is uniform.
-    let live = logit > threshold;
-    let mut partial = 0.0f32;
-    if live {
-        partial = lane_dot(w, j * w.stride(0) / vs, x, 0, lane, group, width);
-    }
-    let total = group_sum(partial, &mut scratch, group, use_plane);
-    if lane == 0 && in_range {
-        out[j] = F::cast_from(finish_row(total, bias, j, live, has_bias, relu));
-    }
+    let logit = predicted_logit(up, h, j, w.shape(0), lane, &mut scratch, group, use_plane);
+    // Every lane of the group holds the same logit, so `live` is uniform.
+    gated_row(w, x, bias, out, j, logit > threshold, lane, &mut scratch, has_bias, relu, group, use_plane);
 }
 
 /// Head selection with its predictor in one cube: the logits `up · h` of `rows` heads

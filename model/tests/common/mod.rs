@@ -106,16 +106,7 @@ impl ForwardHooks<B> for Recorder {
 /// the width, threshold 0), for a model of `config` whose content hash is `hash`.
 pub fn random_predictor_manifest(config: &OptConfig, lookahead: usize, hash: &str, rank: usize) -> dejavu_predictor::Manifest {
     use dejavu_predictor::{LayerEntry, Manifest, OutputEntry};
-    let entry = |outputs: usize| OutputEntry {
-        rank,
-        k: Some(outputs / 2),
-        threshold: Some(0.0),
-        recall: None,
-        density: None,
-        threshold_recall: None,
-        threshold_density: None,
-        true_density: None,
-    };
+    let entry = |outputs: usize| OutputEntry::unmeasured(rank, Some(outputs / 2), Some(0.0));
     Manifest {
         format: 1,
         model_hash: hash.to_string(),

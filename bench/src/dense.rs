@@ -12,7 +12,7 @@ use dejavu_model::{generate, load_model, use_row_major_weights, Dense, ForwardHo
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::report::{benchmark_json, commit, device_name, median, read_json, run_peer_script, write_json};
+use crate::report::{commit, device_name, median, read_json, run_peer_script, write_benchmark};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct DenseArgs {
@@ -290,12 +290,7 @@ fn write_report(
         "peer": peer.map(|(_, env)| env.clone()),
         "rows": rows,
     });
-    let json = benchmark_json("dense-decode", &device, &commit, fields);
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("bench/results/dense-{commit}.json")));
-    write_json(&out, &json)?;
+    let out = write_benchmark("dense-decode", &device, &commit, fields, args.out.as_deref(), "dense")?;
     if !print {
         return Ok(());
     }

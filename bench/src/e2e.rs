@@ -27,7 +27,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::dense::{bytes_per_value, copy_bandwidth};
-use crate::report::{benchmark_json, commit, device_name, median, read_json, run_peer_script, write_json};
+use crate::report::{commit, device_name, median, read_json, run_peer_script, write_benchmark};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct E2eArgs {
@@ -799,9 +799,7 @@ fn write_report(
         "checks": checks,
         "breakdown": breakdown,
     });
-    let json = benchmark_json("e2e-decode", &device, &commit, fields);
-    let out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("bench/results/e2e-{commit}.json")));
-    write_json(&out, &json)?;
+    let out = write_benchmark("e2e-decode", &device, &commit, fields, args.out.as_deref(), "e2e")?;
     if !print {
         return Ok(());
     }

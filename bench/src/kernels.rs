@@ -36,7 +36,7 @@ use rand::rngs::StdRng;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::report::{benchmark_json, commit, device_name, median, read_json, run_peer_script, write_json};
+use crate::report::{commit, device_name, median, read_json, run_peer_script, write_benchmark};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -675,9 +675,7 @@ fn write_report(
         "summary": summary,
         "rows": rows,
     });
-    let json = benchmark_json("kernels", &device, &commit, fields);
-    let out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("bench/results/kernels-{commit}.json")));
-    write_json(&out, &json)?;
+    let out = write_benchmark("kernels", &device, &commit, fields, args.out.as_deref(), "kernels")?;
     if !print {
         return Ok(());
     }

@@ -91,6 +91,21 @@ pub fn read_json(path: &std::path::Path) -> anyhow::Result<serde_json::Value> {
 
 /// A benchmark JSON: which benchmark, the device, the commit, the command line and the
 /// time, then the benchmark's own `fields` (an object).
+/// Writes [`benchmark_json`] to `out`, by default `bench/results/<prefix>-<commit>.json`;
+/// returns the path written.
+pub fn write_benchmark(
+    benchmark: &str,
+    device: &str,
+    commit: &str,
+    fields: serde_json::Value,
+    out: Option<&std::path::Path>,
+    prefix: &str,
+) -> anyhow::Result<std::path::PathBuf> {
+    let out = out.map(std::path::Path::to_path_buf).unwrap_or_else(|| format!("bench/results/{prefix}-{commit}.json").into());
+    write_json(&out, &benchmark_json(benchmark, device, commit, fields))?;
+    Ok(out)
+}
+
 pub fn benchmark_json(benchmark: &str, device: &str, commit: &str, fields: serde_json::Value) -> serde_json::Value {
     let mut map = serde_json::Map::new();
     map.insert("benchmark".into(), benchmark.into());

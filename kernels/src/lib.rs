@@ -589,10 +589,7 @@ pub fn gated_rows_gemv<B: SparseKernels>(
     threshold: f32,
 ) -> Result<Tensor<B, 2>, KernelError> {
     let op = "gated_rows_gemv";
-    check_rows_gemv(op, &w, &x, bias.as_ref())?;
-    if x.dims()[0] != 1 {
-        return Err(shape_err(op, format!("x has {} rows; the gated GEMV is for batch 1", x.dims()[0])));
-    }
+    check_gated_rows(op, &w, &x, bias.as_ref())?;
     if gate.dims()[0] != w.dims()[0] {
         return Err(shape_err(op, format!("gate has {} logits for {} rows", gate.dims()[0], w.dims()[0])));
     }
@@ -616,10 +613,7 @@ pub fn predicted_rows_gemv<B: SparseKernels>(
     threshold: f32,
 ) -> Result<Tensor<B, 2>, KernelError> {
     let op = "predicted_rows_gemv";
-    check_rows_gemv(op, &w, &x, bias.as_ref())?;
-    if x.dims()[0] != 1 {
-        return Err(shape_err(op, format!("x has {} rows; the gated GEMV is for batch 1", x.dims()[0])));
-    }
+    check_gated_rows(op, &w, &x, bias.as_ref())?;
     check_predictor(op, &up, &h, Some(w.dims()[0]))?;
     Ok(wrap(B::predicted_rows_gemv(
         prim(w),
@@ -630,6 +624,15 @@ pub fn predicted_rows_gemv<B: SparseKernels>(
         prim(h),
         threshold,
     )))
+}
+
+/// [`check_rows_gemv`] for the gated GEMVs, which take one token (`x [1, d]`).
+fn check_gated_rows<B: Backend>(op: &'static str, w: &Tensor<B, 2>, x: &Tensor<B, 2>, bias: Option<&Tensor<B, 1>>) -> Result<(), KernelError> {
+    check_rows_gemv(op, w, x, bias)?;
+    if x.dims()[0] != 1 {
+        return Err(shape_err(op, format!("x has {} rows; the gated GEMV is for batch 1", x.dims()[0])));
+    }
+    Ok(())
 }
 
 /// The second factor of a low-rank predictor (`up [rows, r]`, f32) and its first factor's

@@ -438,29 +438,11 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
         };
         let predictor = self.model.predictors[layer][1].as_ref().expect("a pending prediction has its predictor");
         let kept = &mut self.attention_kept[layer];
-        let heads = match (&prediction, selection) {
-            // One token, threshold: the predictor's second factor and the selection in
-            // one launch.
-            (Prediction::FirstFactor(h), Selection::Threshold { threshold }) if batch == 1 && n == 1 => {
-                let selected = dejavu_kernels::predict_select(predictor.up_rows.clone(), h.clone(), threshold, attention.num_heads)
-                    .expect(KERNEL_SHAPES);
-                if self.count_kept {
-                    kept.add_device_int(selected.count, 1);
-                }
-                Some(selected.indices)
-            }
-            _ => None,
-        };
-        let logits = match heads {
-            Some(_) => None,
-            None => Some(predictor.logits(prediction)),
-        };
         if n > 1 {
-            let logits = logits.expect("several tokens carry logits");
             // Masked: each token keeps its own heads.
             let dtype = x.dtype();
             let heads = attention.head_outputs(x, cache, step);
-            let mask = Self::mask(kept, logits, selection)
+            let mask = Self::mask(kept, predictor.logits(prediction), selection)
                 .cast(dtype)
                 .reshape([batch, n, attention.num_heads])
                 .swap_dims(1, 2)
@@ -470,26 +452,28 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
         // Kernels. Every head's key and value are written (see the module comment).
         let x = x.reshape([batch, d]);
         let (keys, values) = write_kv(&weights.layers[layer], x.clone(), cache, step);
-        let heads = match (heads, logits) {
-            (Some(heads), _) => heads,
-            (None, Some(logits)) => Self::indices(kept, logits, selection, self.count_kept),
-            (None, None) => unreachable!("either heads or logits"),
+        let heads = match (prediction, selection) {
+            // One token, threshold: the predictor's second factor and the selection in
+            // one launch.
+            (Prediction::FirstFactor(h), Selection::Threshold { threshold }) if batch == 1 => {
+                let selected = dejavu_kernels::predict_select(predictor.up_rows.clone(), h, threshold, attention.num_heads)
+                    .expect(KERNEL_SHAPES);
+                if self.count_kept {
+                    kept.add_device_int(selected.count, 1);
+                }
+                selected.indices
+            }
+            (prediction, _) => Self::indices(kept, predictor.logits(prediction), selection, self.count_kept),
         };
         let hd = attention.head_dim;
         let q_rows = weights.layers[layer].q_rows.clone();
-        let q = dejavu_kernels::gather_blocks_gemv(q_rows, heads.clone(), hd, x, attention.q_proj.bias.as_ref().map(|b| b.val()), Act::Identity)
+        let q = dejavu_kernels::gather_blocks_gemv(q_rows, heads.clone(), hd, x, bias(&attention.q_proj), Act::Identity)
             .expect(KERNEL_SHAPES);
         let scale = (hd as f32).powf(-0.5);
         let out = dejavu_kernels::selected_heads_attention(q, heads.clone(), keys, values, step.start + 1, scale)
             .expect(KERNEL_SHAPES);
-        dejavu_kernels::gather_blocks_transposed_gemv(
-            attention.out_proj.weight.val(),
-            heads,
-            hd,
-            out,
-            attention.out_proj.bias.as_ref().map(|b| b.val()),
-        )
-        .expect(KERNEL_SHAPES)
+        dejavu_kernels::gather_blocks_transposed_gemv(attention.out_proj.weight.val(), heads, hd, out, bias(&attention.out_proj))
+            .expect(KERNEL_SHAPES)
         .reshape([batch, 1, d])
     }
 
@@ -513,26 +497,36 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
                 None => return mlp.forward(x),
             },
         };
-        let predictor = self.model.predictors[layer][0].as_ref();
+        let predictor = || self.model.predictors[layer][0].as_ref().expect("a first factor comes from a predictor");
+        let logits_of = |prediction: Prediction<B>| match prediction {
+            Prediction::Logits(l) => l,
+            first => predictor().logits(first),
+        };
         let kept = &mut self.mlp_kept[layer];
-        if let (Prediction::FirstFactor(h), Selection::Threshold { threshold }, Some(p), 1, 1) = (&prediction, selection, predictor, batch, n) {
-            // Predictor's second factor, selection and fc1 in one launch: a row is read
-            // only when its logit is above the threshold; fc2's transposed GEMV then
-            // skips the zero rows. No logits or index list in memory.
-            if self.count_kept {
-                let logits = p.logits(prediction.clone());
-                kept.add_device_int(logits.greater_elem(threshold).int().sum(), 1);
+        let count_kept = self.count_kept;
+        if let (Selection::Threshold { threshold }, 1, 1) = (selection, batch, n) {
+            // Selection fused into fc1: a row is read only when its logit is above the
+            // threshold (the others give 0), and fc2's transposed GEMV skips the zeros.
+            // No index list.
+            if count_kept {
+                kept.add_device_int(logits_of(prediction.clone()).greater_elem(threshold).int().sum(), 1);
             }
             let x = x.reshape([batch, d]);
-            let h = dejavu_kernels::predicted_rows_gemv(weights.fc1_rows.clone(), x, bias(&mlp.fc1), Act::Relu, p.up_rows.clone(), h.clone(), threshold)
-                .expect(KERNEL_SHAPES);
-            return fc2(mlp, h);
+            let fc1_rows = weights.fc1_rows.clone();
+            let h = match prediction {
+                // The predictor's second factor runs in the same launch: no logits in memory.
+                Prediction::FirstFactor(h) => {
+                    dejavu_kernels::predicted_rows_gemv(fc1_rows, x, bias(&mlp.fc1), Act::Relu, predictor().up_rows.clone(), h, threshold)
+                }
+                // The oracle's logits.
+                Prediction::Logits(logits) => {
+                    let [_, width] = logits.dims();
+                    dejavu_kernels::gated_rows_gemv(fc1_rows, x, bias(&mlp.fc1), Act::Relu, logits.reshape([width]), threshold)
+                }
+            };
+            return fc2(mlp, h.expect(KERNEL_SHAPES));
         }
-        let logits = match (prediction, predictor) {
-            (Prediction::Logits(l), _) => l,
-            (prediction, Some(p)) => p.logits(prediction),
-            (Prediction::FirstFactor(_), None) => unreachable!("a first factor comes from a predictor"),
-        };
+        let logits = logits_of(prediction);
         if n > 1 {
             // Masked: each token keeps its own neurons.
             let [_, width] = logits.dims();
@@ -541,18 +535,6 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
             return mlp.fc2.forward(relu(pre) * mask);
         }
         let x = x.reshape([batch, d]);
-        let count_kept = self.count_kept;
-        if let (Selection::Threshold { threshold }, 1) = (selection, batch) {
-            // Oracle logits: selection fused into fc1 (rows below the threshold give 0
-            // and read nothing), and fc2's transposed GEMV skips the zeros.
-            let [_, width] = logits.dims();
-            if count_kept {
-                kept.add_device_int(logits.clone().greater_elem(threshold).int().sum(), 1);
-            }
-            let h = dejavu_kernels::gated_rows_gemv(weights.fc1_rows.clone(), x, bias(&mlp.fc1), Act::Relu, logits.reshape([width]), threshold)
-                .expect(KERNEL_SHAPES);
-            return fc2(mlp, h);
-        }
         let idx = Self::indices(kept, logits, selection, count_kept);
         let fc1_rows = weights.fc1_rows.clone();
         let h = dejavu_kernels::gather_rows_gemv(fc1_rows, idx.clone(), x, bias(&mlp.fc1), Act::Relu).expect(KERNEL_SHAPES);

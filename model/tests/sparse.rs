@@ -69,18 +69,6 @@ fn dense_logits(model: &Opt<B>, ids: &[u32]) -> Vec<f32> {
     to_vec(model.forward(token_tensor::<B>(ids, &Default::default()), &mut cache).unwrap())
 }
 
-/// Logits of every position, one token per call: each call is a decode step, so the
-/// sparse blocks run through the gathered kernels.
-fn stepped_logits<H: ForwardHooks<B>>(model: &Opt<B>, hooks: &mut H, ids: &[u32]) -> Vec<f32> {
-    let mut cache = model.new_cache(1, ids.len()).unwrap();
-    let mut out = Vec::new();
-    for t in 0..ids.len() {
-        let hidden = model.forward_with(token_tensor::<B>(&ids[t..t + 1], &Default::default()), &mut cache, hooks).unwrap();
-        out.extend(to_vec(model.logits(hidden)));
-    }
-    out
-}
-
 /// Logits of every position from one forward over the whole sequence.
 fn whole_logits<H: ForwardHooks<B>>(model: &Opt<B>, hooks: &mut H, ids: &[u32]) -> Vec<f32> {
     let mut cache = model.new_cache(1, ids.len()).unwrap();

@@ -7,7 +7,7 @@
 mod common;
 
 use burn::tensor::DType;
-use common::{fixtures, max_abs_diff, Golden};
+use common::{fixtures, max_abs_diff, stepped_logits, Golden};
 use dejavu_model::generate::token_tensor;
 use dejavu_model::{load_model, Dense};
 
@@ -51,17 +51,10 @@ fn wgpu_kernel_decode_matches_hugging_face() {
     let name = "opt-tiny-preln";
     let device = Default::default();
     let (config, mut model) = load_model::<C>(&fixtures().join(name), DType::F32, &device).unwrap();
-    dejavu_model::use_row_major_weights(&mut model);
-    let weights = dejavu_model::DecodeWeights::new(&model);
+    let weights = dejavu_model::use_row_major_weights(&mut model);
     let golden = Golden::of(name);
     let ids = golden.ids("short.input_ids");
-    let mut cache = model.new_cache(1, ids.len()).unwrap();
-    let mut logits = Vec::new();
-    for t in 0..ids.len() {
-        let mut hooks = dejavu_model::KernelDecode::new(&weights);
-        let hidden = model.forward_with(token_tensor::<C>(&ids[t..t + 1], &device), &mut cache, &mut hooks).unwrap();
-        logits.extend(model.logits(hidden).into_data().convert::<f32>().into_vec::<f32>().unwrap());
-    }
+    let logits = stepped_logits(&model, &mut dejavu_model::KernelDecode::new(&weights), &ids);
     let (_, want) = golden.f32("short.logits");
     let err = max_abs_diff(&logits, &want);
     assert!(err < 1e-3, "wgpu kernel decode logits: max abs err {err}");
@@ -89,7 +82,7 @@ fn wgpu_sparse_decode_matches_the_cpu_reference() {
     }
     type C = burn_cubecl::CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u32>;
     type F = burn::backend::Flex;
-    use dejavu_model::{content_hash, ForwardHooks, Opt, SparseModel, SparseOptions};
+    use dejavu_model::{content_hash, SparseModel, SparseOptions};
     use dejavu_predictor::{DenseLayers, OperatingPoint, PredictorSet, SparsityPlan};
 
     let name = "opt-tiny-preln";
@@ -103,19 +96,9 @@ fn wgpu_sparse_decode_matches_the_cpu_reference() {
     let plan = SparsityPlan::new(&manifest, &OperatingPoint::Threshold, &DenseLayers::default()).unwrap();
     let ids = Golden::of(name).ids("wiki128.input_ids")[..16].to_vec();
 
-    fn stepped<Bk: dejavu_kernels::SparseKernels>(model: &Opt<Bk>, hooks: &mut dyn ForwardHooks<Bk>, ids: &[u32]) -> Vec<f32> {
-        let device = model.device();
-        let mut cache = model.new_cache(1, ids.len()).unwrap();
-        let mut out = Vec::new();
-        for t in 0..ids.len() {
-            let hidden = model.forward_with(token_tensor::<Bk>(&ids[t..t + 1], &device), &mut cache, hooks).unwrap();
-            out.extend(model.logits(hidden).into_data().convert::<f32>().into_vec::<f32>().unwrap());
-        }
-        out
-    }
     let cpu_set = PredictorSet::<F>::load(&predictors, &Default::default()).unwrap();
     let cpu_sparse = SparseModel::new(&cpu, &hash, plan.clone(), cpu_set.modules, SparseOptions::default()).unwrap();
-    let want = stepped(&cpu, &mut cpu_sparse.hooks(), &ids);
+    let want = stepped_logits(&cpu, &mut cpu_sparse.hooks(), &ids);
 
     let device = Default::default();
     let (_, mut gpu) = load_model::<C>(&dir, DType::F32, &device).unwrap();
@@ -123,7 +106,7 @@ fn wgpu_sparse_decode_matches_the_cpu_reference() {
     let gpu_set = PredictorSet::<C>::load(&predictors, &device).unwrap();
     let gpu_sparse = SparseModel::with_weights(&gpu, &hash, plan, gpu_set.modules, SparseOptions::default(), weights).unwrap();
     let mut hooks = gpu_sparse.hooks();
-    let got = stepped(&gpu, &mut hooks, &ids);
+    let got = stepped_logits(&gpu, &mut hooks, &ids);
     let stats = hooks.stats();
     let err = max_abs_diff(&got, &want);
     assert!(err < 1e-3, "sparse decode on wgpu vs the CPU reference: max abs err {err}");

@@ -450,6 +450,40 @@ pub fn kv_append<R: CubeRuntime>(
     (k_cache, v_cache)
 }
 
+/// How the one-row-per-lane-group fc1 kernels of batch 1 (gated and predicted) launch:
+/// their output `[1, rows]` in the weights' dtype, the bias (or an unread binding) and
+/// the grid.
+struct GatedRows<R: CubeRuntime> {
+    out: CubeTensor<R>,
+    bias: CubeTensor<R>,
+    has_bias: bool,
+    vs: usize,
+    group: usize,
+    use_plane: bool,
+    rows_per_cube: usize,
+    count: CubeCount,
+    dim: CubeDim,
+}
+
+impl<R: CubeRuntime> GatedRows<R> {
+    fn new(w: &CubeTensor<R>, x: &CubeTensor<R>, bias: Option<CubeTensor<R>>) -> Self {
+        let rows = dims(w)[0];
+        let (group, use_plane) = reduction_group(&w.client);
+        let rows_per_cube = LaunchConfig::default().rows_per_cube;
+        Self {
+            out: empty(x, vec![1, rows], w.dtype),
+            has_bias: bias.is_some(),
+            bias: bias.map(into_contiguous).unwrap_or_else(|| unread(w)),
+            vs: vector_width(&[w, x]),
+            group,
+            use_plane,
+            rows_per_cube,
+            count: CubeCount::Static(rows.div_ceil(rows_per_cube) as u32, 1, 1),
+            dim: CubeDim::new_2d(group as u32, rows_per_cube as u32),
+        }
+    }
+}
+
 /// `out [1, rows] = act(W · x + bias)` on the rows whose `gate` logit is above `threshold`,
 /// 0 elsewhere; see [`crate::SparseKernels::gated_rows_gemv`].
 pub fn gated_rows_gemv<R: CubeRuntime>(
@@ -461,36 +495,29 @@ pub fn gated_rows_gemv<R: CubeRuntime>(
     threshold: f32,
 ) -> CubeTensor<R> {
     let (w, x, gate) = (into_contiguous(w), into_contiguous(x), into_contiguous(gate));
-    let rows = dims(&w)[0];
-    let out = empty(&x, vec![1, rows], x.dtype);
-    let has_bias = bias.is_some();
-    let bias = bias.map(into_contiguous).unwrap_or_else(|| x.clone());
-    let vs = vector_width(&[&w, &x]);
-    let (group, use_plane) = reduction_group(&w.client);
-    let rows_per_cube = LaunchConfig::default().rows_per_cube;
-    let dtype = w.dtype;
-    let client = w.client.clone();
+    let l = GatedRows::new(&w, &x, bias);
+    let (dtype, client) = (w.dtype, w.client.clone());
     unsafe {
         gated_rows_gemv_kernel::launch_unchecked::<R>(
             &client,
-            CubeCount::Static(rows.div_ceil(rows_per_cube) as u32, 1, 1),
-            CubeDim::new_2d(group as u32, rows_per_cube as u32),
-            vs,
+            l.count,
+            l.dim,
+            l.vs,
             w.into_tensor_arg(),
             gate.into_tensor_arg(),
             x.into_tensor_arg(),
-            bias.into_tensor_arg(),
-            out.clone().into_tensor_arg(),
+            l.bias.into_tensor_arg(),
+            l.out.clone().into_tensor_arg(),
             threshold,
-            has_bias,
+            l.has_bias,
             relu,
-            group,
-            rows_per_cube,
-            use_plane,
+            l.group,
+            l.rows_per_cube,
+            l.use_plane,
             dtype.into(),
         );
     }
-    out
+    l.out
 }
 
 /// fc1 gated by its low-rank predictor, computed in the same launch; see
@@ -507,37 +534,30 @@ pub fn predicted_rows_gemv<R: CubeRuntime>(
 ) -> CubeTensor<R> {
     let (w, x) = (into_contiguous(w), into_contiguous(x));
     let (up, h) = (into_contiguous(up), into_contiguous(h));
-    let rows = dims(&w)[0];
-    let out = empty(&x, vec![1, rows], w.dtype);
-    let has_bias = bias.is_some();
-    let bias = bias.map(into_contiguous).unwrap_or_else(|| unread(&w));
-    let vs = vector_width(&[&w, &x]);
-    let (group, use_plane) = reduction_group(&w.client);
-    let rows_per_cube = LaunchConfig::default().rows_per_cube;
-    let dtype = w.dtype;
-    let client = w.client.clone();
+    let l = GatedRows::new(&w, &x, bias);
+    let (dtype, client) = (w.dtype, w.client.clone());
     unsafe {
         predicted_rows_gemv_kernel::launch_unchecked::<R>(
             &client,
-            CubeCount::Static(rows.div_ceil(rows_per_cube) as u32, 1, 1),
-            CubeDim::new_2d(group as u32, rows_per_cube as u32),
-            vs,
+            l.count,
+            l.dim,
+            l.vs,
             w.into_tensor_arg(),
             up.into_tensor_arg(),
             h.into_tensor_arg(),
             x.into_tensor_arg(),
-            bias.into_tensor_arg(),
-            out.clone().into_tensor_arg(),
+            l.bias.into_tensor_arg(),
+            l.out.clone().into_tensor_arg(),
             threshold,
-            has_bias,
+            l.has_bias,
             relu,
-            group,
-            rows_per_cube,
-            use_plane,
+            l.group,
+            l.rows_per_cube,
+            l.use_plane,
             dtype.into(),
         );
     }
-    out
+    l.out
 }
 
 /// Lane groups of the head-selection cube: 8 groups of 32 lanes score 8 heads at a time.

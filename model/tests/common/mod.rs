@@ -69,6 +69,19 @@ impl Golden {
     }
 }
 
+/// Logits of every position, one token per call: each call is a decode step (on the sparse
+/// path, the kernels'), on any backend.
+pub fn stepped_logits<Bk: Backend, H: ForwardHooks<Bk> + ?Sized>(model: &Opt<Bk>, hooks: &mut H, ids: &[u32]) -> Vec<f32> {
+    let device = model.device();
+    let mut cache = model.new_cache(1, ids.len()).unwrap();
+    let mut out = Vec::new();
+    for t in 0..ids.len() {
+        let hidden = model.forward_with(dejavu_model::generate::token_tensor::<Bk>(&ids[t..t + 1], &device), &mut cache, hooks).unwrap();
+        out.extend(model.logits(hidden).into_data().convert::<f32>().into_vec::<f32>().unwrap());
+    }
+    out
+}
+
 pub fn to_vec<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().into_vec::<f32>().unwrap()
 }

@@ -8,7 +8,7 @@ use dejavu_kernels::checks::{
     check_attention, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_predictor_kernels, check_selection, fresh_seed, Case,
     PublicApi,
 };
-use dejavu_kernels::{gather_rows_gemv, select_above_threshold, Activation, KernelError};
+use dejavu_kernels::{gather_rows_gemv, predict_select, predicted_rows_gemv, select_above_threshold, Activation, KernelError};
 
 fn assert_all_passed(outcomes: Vec<dejavu_kernels::checks::Outcome>) {
     assert!(!outcomes.is_empty());
@@ -75,4 +75,21 @@ fn shape_and_dtype_errors_are_named() {
     assert!(matches!(err, KernelError::Dtype { .. }), "{err}");
     let logits = Tensor::<Flex, 2>::zeros([1, 4], &device);
     assert!(select_above_threshold(logits, 0.0, 0).is_err());
+
+    // The predictor kernels: the predictor's shape and dtype, and the capacity.
+    let w = Tensor::<Flex, 2>::zeros([8, 4], &device);
+    let x = Tensor::<Flex, 2>::zeros([1, 4], &device);
+    let up = Tensor::<Flex, 2>::zeros([8, 3], &device);
+    let h = Tensor::<Flex, 2>::zeros([1, 5], &device);
+    let err = predicted_rows_gemv(w.clone(), x.clone(), None, Activation::Relu, up.clone(), h, 0.0).unwrap_err();
+    assert_eq!(
+        err,
+        KernelError::Shape { op: "predicted_rows_gemv", what: "h is [1, 5], expected [1, 3] (one token, the predictor's rank)".into() }
+    );
+    let h = Tensor::<Flex, 2>::zeros([1, 3], &device);
+    let err = predicted_rows_gemv(w, x, None, Activation::Relu, up.clone().slice([0..6, 0..3]), h.clone(), 0.0).unwrap_err();
+    assert_eq!(err, KernelError::Shape { op: "predicted_rows_gemv", what: "the predictor scores 6 rows for 8".into() });
+    let err = predict_select(up.clone().cast(DType::F16), h.clone(), 0.0, 4).err();
+    assert!(matches!(err, Some(KernelError::Dtype { op: "predict_select", .. })), "{err:?}");
+    assert!(predict_select(up, h, 0.0, 0).is_err());
 }

@@ -76,7 +76,8 @@ pub struct E2eArgs {
     breakdown: String,
     /// Profile each row after its timed runs: µs per decode step inside each hook (the
     /// predictors, attention, MLP, norms), host-only and with the device synced around
-    /// each hook (two extra runs of 33 tokens)
+    /// each hook (two extra runs of 33 tokens), and the GPU time of one step with no launch
+    /// gaps (the step enqueued behind a long primer)
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     profile: bool,
     /// Read the transformers peer's results from this JSON instead of running it
@@ -409,6 +410,7 @@ fn profile_decode<'h, B: SparseKernels>(
     prompt: &[u32],
 ) -> anyhow::Result<Value> {
     let mut modes = serde_json::Map::new();
+    let mut host_step_us = 0.0;
     for synced in [false, true] {
         let mut h = ProfiledHooks { inner: hooks(false), device: model.device(), synced, us: [0.0; 4] };
         let step_ms = decode_run(model, cache, &mut h, prompt, PROFILE_TOKENS)?;
@@ -416,6 +418,9 @@ fn profile_decode<'h, B: SparseKernels>(
         // hooks count exactly those calls.
         let steps = (PROFILE_TOKENS - 1) as f64;
         let [observe, attention, mlp, norm] = h.us.map(|us| us / steps);
+        if !synced {
+            host_step_us = step_ms * 1e3;
+        }
         modes.insert(
             if synced { "synced_us" } else { "host_us" }.into(),
             json!({
@@ -428,7 +433,62 @@ fn profile_decode<'h, B: SparseKernels>(
             }),
         );
     }
+    let mut h = hooks(false);
+    modes.insert("device_step_us".into(), json!(device_step_us(model, cache, h.as_hooks(), prompt, host_step_us)?));
     Ok(Value::Object(modes))
+}
+
+/// GPU time of one decode step with no launch gaps, µs: what the step would cost if the
+/// host's launch cost were hidden (CUDA graphs). The GPU is first given a long job (passes
+/// over a 256 MB primer, enough of them to outlast the host's enqueueing of a step three
+/// times over); the step (forward, LM head and argmax, nothing read back) is enqueued
+/// behind it; `t(primer + step) − t(primer)`, median of 5 after a warm-up.
+fn device_step_us<B: SparseKernels>(
+    model: &Opt<B>,
+    cache: &mut KvCache<B>,
+    hooks: &mut dyn ForwardHooks<B>,
+    prompt: &[u32],
+    host_step_us: f64,
+) -> anyhow::Result<f64> {
+    let device = model.device();
+    let sync = || B::sync(&device).map_err(|e| anyhow::anyhow!("device sync failed: {e:?}"));
+    cache.reset();
+    let mut hidden = None;
+    for chunk in prompt.chunks(PREFILL_CHUNK) {
+        hidden = Some(model.forward_with(token_tensor::<B>(chunk, &device), cache, hooks)?);
+    }
+    drop(hidden);
+    let primer = Tensor::<B, 1>::ones([64 << 20], (&device, DType::F32));
+    let passes = |n: usize| {
+        for _ in 0..n {
+            let _ = primer.clone().mul_scalar(1.000_001);
+        }
+    };
+    sync()?;
+    let t = Instant::now();
+    passes(10);
+    sync()?;
+    let pass_us = t.elapsed().as_secs_f64() * 1e6 / 10.0;
+    let n = ((3.0 * host_step_us / pass_us).ceil() as usize).max(4);
+    let token = prompt[prompt.len() - 1];
+    let mut diffs = Vec::new();
+    for rep in 0..6 {
+        sync()?;
+        let t = Instant::now();
+        passes(n);
+        sync()?;
+        let primer_only = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        passes(n);
+        let h = model.forward_with(token_tensor::<B>(&[token], &device), cache, hooks)?;
+        let _next = model.logits(h).argmax(2);
+        sync()?;
+        let both = t.elapsed().as_secs_f64();
+        if rep > 0 {
+            diffs.push((both - primer_only) * 1e6);
+        }
+    }
+    Ok(median(&mut diffs))
 }
 
 /// Hooks whose kept fractions can be read after a run.
@@ -831,7 +891,7 @@ fn write_report(
         );
     }
     if rows.iter().any(|r| r.profile.is_some()) {
-        println!("µs per decode step: host = time inside each hook (enqueueing), synced = device synced around each hook");
+        println!("µs per decode step: host = time inside each hook (enqueueing), synced = device synced around each hook, device = the GPU time of a step enqueued behind a long primer");
         println!("| model | prompt | config | mode | predictors | attention | MLP | norms | outside hooks | step |");
         println!("|---|---|---|---|---|---|---|---|---|---|");
         for r in rows {
@@ -843,6 +903,9 @@ fn write_report(
                     "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     r.model, r.prompt_len, r.config, mode.trim_end_matches("_us"), g("predictors"), g("attention"), g("mlp"), g("norms"), g("outside_hooks"), g("step")
                 );
+            }
+            if let Some(us) = p["device_step_us"].as_f64() {
+                println!("| {} | {} | {} | device (no launch gaps) | | | | | | {us:.0} |", r.model, r.prompt_len, r.config);
             }
         }
     }

@@ -7,6 +7,7 @@
 mod dense;
 mod e2e;
 mod kernels;
+mod launch;
 mod quality;
 mod report;
 
@@ -41,6 +42,9 @@ enum Command {
     /// (bench/peers/hf_decode.py), against each configuration's bytes floor; host cost per
     /// launch; a one-layer breakdown.
     E2e(e2e::E2eArgs),
+    /// Host cost of one CubeCL launch, by what it carries (tensor or array arguments, an
+    /// allocated output): 2,000 back-to-back launches of a kernel that does almost nothing.
+    Launch(launch::LaunchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,5 +57,6 @@ fn main() -> anyhow::Result<()> {
         Command::Kernels(args) => kernels::run(args),
         Command::Quality(args) => quality::run(args),
         Command::E2e(args) => e2e::run(args),
+        Command::Launch(args) => launch::run(args),
     }
 }

@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use burn::prelude::*;
 use burn::tensor::{DType, Distribution};
 use dejavu_model::config::POSITION_OFFSET;
-use dejavu_model::runtime::{dispatch, SparseKernels, BackendKind, BackendTask, Precision};
+use dejavu_runtime::{dispatch, SparseKernels, BackendKind, BackendTask, Precision};
 use dejavu_model::{generate, load_model, use_row_major_weights, Dense, ForwardHooks, GenerateOptions, KernelDecode, Opt, OptConfig, Sampling};
 use serde::Serialize;
 use serde_json::Value;

@@ -14,7 +14,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use burn::prelude::*;
 use burn::tensor::DType;
-use dejavu_model::runtime::{dispatch, BackendKind, BackendTask, Precision, SparseKernels};
+use dejavu_runtime::{dispatch, BackendKind, BackendTask, Precision, SparseKernels};
 use dejavu_model::generate::token_tensor;
 use dejavu_model::{
     content_hash, generate, load_model, use_row_major_weights, Activation, DecodeWeights, Dense, ForwardHooks, GenerateOptions,

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use dejavu_model::runtime::{dispatch, BackendKind, BackendTask, Precision, SparseKernels};
+use dejavu_runtime::{dispatch, tasks_or_all, BackendKind, BackendTask, Precision, SparseKernels, TaskArg};
 use dejavu_model::zeroshot::{self, Task, TaskReport};
 use dejavu_model::{
     generate, load_model, perplexity, Dense, GenerateOptions, Opt, OptTokenizer, PerplexityMethod,
@@ -64,7 +64,7 @@ pub struct QualityArgs {
     new_tokens: usize,
     /// Zero-shot tasks (comma-separated) [default: all]
     #[arg(long, value_enum, value_delimiter = ',')]
-    tasks: Vec<Task>,
+    tasks: Vec<TaskArg>,
     /// Only the first N examples of each task
     #[arg(long, value_name = "N")]
     task_limit: Option<usize>,
@@ -319,7 +319,7 @@ pub fn run(args: QualityArgs) -> anyhow::Result<()> {
     if std::env::var_os("CUBECL_AUTOTUNE_LEVEL").is_none() {
         std::env::set_var("CUBECL_AUTOTUNE_LEVEL", "minimal");
     }
-    let model_dir = dejavu_model::runtime::model_dir(args.model.as_deref())?;
+    let model_dir = dejavu_runtime::model_dir(args.model.as_deref())?;
     let predictors = args.predictors.clone().unwrap_or_else(dejavu_model::default_predictors_dir);
     let shared = dejavu_model::shared_assets_dir();
     let text_paths = if args.texts.is_empty() {
@@ -345,7 +345,7 @@ pub fn run(args: QualityArgs) -> anyhow::Result<()> {
         .collect::<Result<Vec<_>, _>>()?;
     let mut tasks = Vec::new();
     if !zero_shot_points.is_empty() {
-        let names = if args.tasks.is_empty() { Task::ALL.to_vec() } else { args.tasks.clone() };
+        let names = tasks_or_all(&args.tasks);
         for t in names {
             let mut examples = t.load(&shared.join("tasks").join(t.file_name()))?;
             if let Some(n) = args.task_limit {

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use dejavu_model::runtime::{dispatch, SparseKernels, model_dir, BackendKind, BackendTask, Precision};
+use dejavu_runtime::{dispatch, model_dir, tasks_or_all, BackendKind, BackendTask, Precision, SparseKernels, TaskArg};
 use dejavu_model::zeroshot::{self, Task, TaskReport};
 use dejavu_model::{
     generate, load_model, perplexity, use_row_major_weights, Dense, ForwardHooks, KernelDecode, GenerateOptions, Opt, OptTokenizer, PerplexityMethod,
@@ -228,7 +228,7 @@ enum Command {
     Eval {
         /// Tasks to run (comma-separated) [default: all]
         #[arg(long, value_enum, value_delimiter = ',')]
-        task: Vec<Task>,
+        task: Vec<TaskArg>,
         #[command(flatten)]
         model: ModelArgs,
         #[command(flatten)]
@@ -520,7 +520,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Eval { task, model, sparse, tasks_dir, limit, json } => {
             let tasks_dir = tasks_dir.unwrap_or_else(|| dejavu_model::shared_assets_dir().join("tasks"));
-            let names = if task.is_empty() { Task::ALL.to_vec() } else { task };
+            let names = tasks_or_all(&task);
             let mut tasks = Vec::new();
             for t in names {
                 let mut examples = t.load(&tasks_dir.join(t.file_name()))?;

@@ -14,7 +14,6 @@ pub mod layer;
 pub mod mlp;
 pub mod opt;
 pub mod perplexity;
-pub mod runtime;
 pub mod sparse;
 pub mod text;
 pub mod tokenizer;

@@ -30,7 +30,7 @@ use crate::opt::Opt;
 use crate::perplexity::target_log_probs;
 use crate::tokenizer::OptTokenizer;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Task {
     Copa,

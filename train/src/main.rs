@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use burn::backend::Autodiff;
 use clap::{Args, Parser, Subcommand};
-use dejavu_model::runtime::{dispatch, SparseKernels, model_dir, BackendKind, BackendTask, Precision};
+use dejavu_runtime::{dispatch, SparseKernels, model_dir, BackendKind, BackendTask, Precision};
 use dejavu_train::{fit, record, report, FitOptions, RecordOptions, RecordOutcome};
 
 #[derive(Parser, Debug)]

@@ -1,15 +1,19 @@
-//! Picking a Burn backend and dtype at run time. Each backend is compiled in behind a
-//! cargo feature of this crate (`cpu`, `wgpu`, `cuda`); the generic work is monomorphized
-//! in the binary that calls [`dispatch`], once per enabled backend.
+//! What the dejavu binaries (`dejavu`, `dejavu-train`, `dejavu-bench`) share on their
+//! command lines: picking a Burn backend and dtype at run time, the model folder argument,
+//! and clap types for the libraries' enums. Each backend is compiled in behind a cargo
+//! feature of this crate (`cpu`, `wgpu`, `cuda`); the generic work is monomorphized in the
+//! binary that calls [`dispatch`], once per enabled backend. Kept out of the libraries, which
+//! report errors with `thiserror` types and know nothing of clap.
 
 use anyhow::{bail, Context};
 use burn::tensor::DType;
 pub use dejavu_kernels::SparseKernels;
+use dejavu_model::zeroshot::Task;
 
 /// The model folder a command-line `--model` names, or the bundled one
-/// ([`crate::default_model_dir`]); an error when the folder does not exist.
+/// ([`dejavu_model::default_model_dir`]); an error when the folder does not exist.
 pub fn model_dir(arg: Option<&std::path::Path>) -> anyhow::Result<std::path::PathBuf> {
-    let dir = arg.map(std::path::Path::to_path_buf).unwrap_or_else(crate::default_model_dir);
+    let dir = arg.map(std::path::Path::to_path_buf).unwrap_or_else(dejavu_model::default_model_dir);
     if !dir.is_dir() {
         bail!(
             "model folder {} does not exist (expected a Hugging Face OPT folder with config.json)",
@@ -108,5 +112,40 @@ pub fn dispatch<T: BackendTask>(
         }
         #[allow(unreachable_patterns)]
         other => bail!("this build of dejavu has no {other:?} backend; rebuild with its cargo feature (cpu, wgpu or cuda)"),
+    }
+}
+
+/// A zero-shot task on the command line (`--task copa,piqa,...`), by [`Task::name`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskArg(pub Task);
+
+impl TaskArg {
+    const ALL: [TaskArg; 7] = [
+        TaskArg(Task::ALL[0]),
+        TaskArg(Task::ALL[1]),
+        TaskArg(Task::ALL[2]),
+        TaskArg(Task::ALL[3]),
+        TaskArg(Task::ALL[4]),
+        TaskArg(Task::ALL[5]),
+        TaskArg(Task::ALL[6]),
+    ];
+}
+
+impl clap::ValueEnum for TaskArg {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Self::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.0.name()))
+    }
+}
+
+/// The tasks named, or every task when none is.
+pub fn tasks_or_all(tasks: &[TaskArg]) -> Vec<Task> {
+    if tasks.is_empty() {
+        Task::ALL.to_vec()
+    } else {
+        tasks.iter().map(|t| t.0).collect()
     }
 }

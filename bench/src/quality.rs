@@ -42,7 +42,8 @@ pub struct QualityArgs {
     /// Named operating points, separated by `;` (see `dejavu perplexity --help`)
     #[arg(long, value_delimiter = ';', default_value = "calibrated;threshold;scale=0.5;scale=0.75;mlp=0.1,attention=0.5")]
     points: Vec<OperatingPoint>,
-    /// Also the oracle MLP (true top-K pre-activations) at each MLP density
+    /// Also the oracles at each density: the MLP's (true top-K pre-activations) and the
+    /// attention's (the K heads of largest true output norm)
     #[arg(long)]
     oracle: bool,
     /// Operating points whose zero-shot accuracy is compared with dense, separated by `;`
@@ -146,12 +147,13 @@ struct Config {
     /// Every layer's MLP (or attention) dense: sweeps one kind at a time.
     dense_mlp: bool,
     dense_attention: bool,
-    oracle: bool,
+    oracle_mlp: bool,
+    oracle_attention: bool,
 }
 
 impl Config {
     fn new(name: String, kind: &'static str, point: Option<OperatingPoint>) -> Self {
-        Self { name, kind, point, dense_mlp: false, dense_attention: false, oracle: false }
+        Self { name, kind, point, dense_mlp: false, dense_attention: false, oracle_mlp: false, oracle_attention: false }
     }
 }
 
@@ -179,7 +181,12 @@ impl QualityTask {
             for &d in &self.args.mlp_densities {
                 let point = OperatingPoint::Density { mlp: Some(d), attention: None };
                 let name = format!("oracle mlp={d}");
-                configs.push(Config { dense_attention: true, oracle: true, ..Config::new(name, "oracle", Some(point)) });
+                configs.push(Config { dense_attention: true, oracle_mlp: true, ..Config::new(name, "oracle", Some(point)) });
+            }
+            for &d in &self.args.attention_densities {
+                let point = OperatingPoint::Density { mlp: None, attention: Some(d) };
+                let name = format!("oracle attention={d}");
+                configs.push(Config { dense_mlp: true, oracle_attention: true, ..Config::new(name, "oracle", Some(point)) });
             }
         }
         configs
@@ -198,7 +205,7 @@ impl BackendTask for QualityTask {
             let Some(point) = &c.point else { return Ok(None) };
             let all = |yes: bool| if yes { (0..layers).collect() } else { Vec::new() };
             let dense = DenseLayers { mlp: all(c.dense_mlp), attention: all(c.dense_attention) };
-            let options = SparseOptions { every_token: true, oracle_mlp: c.oracle };
+            let options = SparseOptions { every_token: true, oracle_mlp: c.oracle_mlp, oracle_attention: c.oracle_attention };
             Ok(Some(SparseModel::load(model, &self.model_dir, &self.predictors, point, &dense, options)?))
         };
         let mut rows: Vec<Row> = Vec::new();

@@ -70,6 +70,10 @@ struct SparseArgs {
     /// upper bound on predictor quality; no faster than dense)
     #[arg(long, requires = "predictors")]
     oracle_mlp: bool,
+    /// Pick heads by the norm of their true output instead of the predictor (an upper
+    /// bound on head-predictor quality; every head is computed, then masked)
+    #[arg(long, requires = "predictors")]
+    oracle_attention: bool,
 }
 
 /// The sparse path's settings once the command line is read.
@@ -79,6 +83,7 @@ struct SparseChoice {
     point: OperatingPoint,
     dense: DenseLayers,
     oracle_mlp: bool,
+    oracle_attention: bool,
 }
 
 impl SparseArgs {
@@ -89,6 +94,7 @@ impl SparseArgs {
             point: self.operating_point.clone(),
             dense: DenseLayers { mlp: self.dense_mlp_layers.clone(), attention: self.dense_attention_layers.clone() },
             oracle_mlp: self.oracle_mlp,
+            oracle_attention: self.oracle_attention,
         })
     }
 }
@@ -102,12 +108,13 @@ impl SparseChoice {
             "dense_mlp_layers": self.dense.mlp,
             "dense_attention_layers": self.dense.attention,
             "oracle_mlp": self.oracle_mlp,
+            "oracle_attention": self.oracle_attention,
             "kept": kept,
         })
     }
 
     fn load<B: SparseKernels>(&self, model: &Opt<B>, dir: &std::path::Path, every_token: bool) -> anyhow::Result<SparseModel<B>> {
-        let options = SparseOptions { every_token, oracle_mlp: self.oracle_mlp };
+        let options = SparseOptions { every_token, oracle_mlp: self.oracle_mlp, oracle_attention: self.oracle_attention };
         let sparse = SparseModel::load(model, dir, &self.predictors, &self.point, &self.dense, options)?;
         let plan = sparse.plan();
         let density = |d: Option<f64>| d.map_or("varies per token".to_string(), |d| format!("{:.1}%", d * 100.0));

@@ -58,6 +58,11 @@ pub struct SparseOptions {
     /// MLP); with top-K, the K largest. An upper bound on what a predictor can reach — it
     /// reads all of fc1, so it is never faster.
     pub oracle_mlp: bool,
+    /// Score heads by the L2 norm of their true output (before `out_proj`; what the head
+    /// labels are made of) instead of the predictor: with top-K, the K heads of largest
+    /// output. Dense compute, every head computed and then masked; an upper bound on what
+    /// a head predictor can reach, never faster.
+    pub oracle_attention: bool,
 }
 
 /// Predictors, plan and kernel-ready weights for one model.
@@ -170,7 +175,9 @@ impl<B: SparseKernels> SparseModel<B> {
             if !options.oracle_mlp {
                 needs(&layer.mlp, predictors.mlp.get(l).is_some_and(Option::is_some), "MLP")?;
             }
-            needs(&layer.attention, predictors.attention.get(l).is_some_and(Option::is_some), "attention")?;
+            if !options.oracle_attention {
+                needs(&layer.attention, predictors.attention.get(l).is_some_and(Option::is_some), "attention")?;
+            }
             for (selection, width, kind) in [(layer.mlp, dims.ffn_dim, "MLP"), (layer.attention, dims.num_heads, "attention")] {
                 if let Selection::TopK { k } = selection {
                     if k == 0 || k > width {
@@ -409,7 +416,7 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
         let target = layer + model.plan.lookahead;
         let Some(plan) = model.plan.layers.get(target) else { return };
         let [mlp, attention] = &model.predictors[target];
-        if is_attention && !plan.attention.is_dense() {
+        if is_attention && !plan.attention.is_dense() && !model.options.oracle_attention {
             if let Some(p) = attention {
                 self.attention_pending[target] = Some(p.predict(value));
             }
@@ -431,6 +438,19 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
         let selection = self.model.plan.layers[layer].attention;
         let [batch, n, d] = x.dims();
         let weights = &self.model.weights;
+        if self.model.options.oracle_attention && self.sparse_call(n) && !selection.is_dense() {
+            // The oracle: every head computed, then masked by its output norm.
+            let dtype = x.dtype();
+            let heads = attention.head_outputs(x, cache, step);
+            let scores = heads.clone().cast(DType::F32).powf_scalar(2.0).sum_dim(3).sqrt();
+            let scores = scores.reshape([batch, attention.num_heads, n]).swap_dims(1, 2).reshape([batch * n, attention.num_heads]);
+            let mask = Self::mask(&mut self.attention_kept[layer], scores, selection)
+                .cast(dtype)
+                .reshape([batch, n, attention.num_heads])
+                .swap_dims(1, 2)
+                .unsqueeze_dim::<4>(3);
+            return attention.project_out(heads * mask);
+        }
         let prediction = match self.attention_pending[layer].take() {
             Some(p) if self.sparse_call(n) && !selection.is_dense() => p,
             _ if n == 1 => return dense_attention(attention, &weights.layers[layer], &weights.all_heads, x, cache, step),

@@ -260,3 +260,63 @@ fn half_precision_model_with_f16_predictors_runs_sparse() {
         assert!(err < 1e-5, "{options:?}: f16 predictors vs the same predictors in f32: {err}");
     }
 }
+
+/// Keeps, per token and layer, the `k` heads of largest output norm, chosen on the host:
+/// an independent reading of what the attention oracle must do.
+struct TopHeadsByNorm {
+    k: usize,
+}
+
+impl ForwardHooks<B> for TopHeadsByNorm {
+    fn attention(
+        &mut self,
+        _layer: usize,
+        attention: &dejavu_model::attention::OptAttention<B>,
+        x: Tensor<B, 3>,
+        cache: &mut LayerKvCache<B>,
+        step: &Step<B>,
+    ) -> Tensor<B, 3> {
+        let heads = attention.head_outputs(x, cache, step);
+        let [batch, h, n, hd] = heads.dims();
+        let values = to_vec(heads.clone());
+        let mut mask = vec![0.0f32; batch * h * n];
+        for b in 0..batch {
+            for t in 0..n {
+                let norm = |head: usize| {
+                    let at = ((b * h + head) * n + t) * hd;
+                    values[at..at + hd].iter().map(|v| v * v).sum::<f32>()
+                };
+                let mut order: Vec<usize> = (0..h).collect();
+                order.sort_by(|&i, &j| norm(j).total_cmp(&norm(i)));
+                for &head in &order[..self.k] {
+                    mask[(b * h + head) * n + t] = 1.0;
+                }
+            }
+        }
+        let mask = Tensor::<B, 1>::from_floats(mask.as_slice(), &heads.device()).reshape([batch, h, n, 1]);
+        attention.project_out(heads * mask)
+    }
+}
+
+#[test]
+fn the_attention_oracle_keeps_the_heads_of_largest_output() {
+    let (config, model) = load(MODEL);
+    let ids = ids();
+    let heads = config.num_attention_heads;
+    let dense = dense_logits(&model, &ids);
+    let options = SparseOptions { every_token: true, oracle_attention: true, ..Default::default() };
+    // Lookahead 0: every layer's attention is sparse; the MLP stays dense.
+    let all = sparse(&model, 0, Selection::Dense, Selection::TopK { k: heads }, options);
+    let err = max_abs_diff(&dense, &whole_logits(&model, &mut all.hooks(), &ids));
+    assert!(err < 1e-5, "the oracle keeping every head vs dense: {err}");
+
+    let k = heads / 2;
+    let oracle = sparse(&model, 0, Selection::Dense, Selection::TopK { k }, options);
+    let mut hooks = oracle.hooks();
+    let got = whole_logits(&model, &mut hooks, &ids);
+    let want = whole_logits(&model, &mut TopHeadsByNorm { k }, &ids);
+    let err = max_abs_diff(&want, &got);
+    assert!(err < 1e-5, "oracle vs the top {k} heads by norm chosen on the host: {err}");
+    assert!(max_abs_diff(&dense, &got) > 1e-3, "keeping {k} of {heads} heads changed nothing");
+    assert_eq!(hooks.stats().attention[0], Some(k as f64 / heads as f64));
+}

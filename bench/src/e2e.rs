@@ -191,6 +191,22 @@ impl<B: SparseKernels> ForwardHooks<B> for RecordInputs<'_, B> {
         self.inner.mlp(layer, mlp, x)
     }
 
+    fn attention_residual(
+        &mut self,
+        layer: usize,
+        attention: &dejavu_model::attention::OptAttention<B>,
+        x: Tensor<B, 3>,
+        residual: Tensor<B, 3>,
+        cache: &mut LayerKvCache<B>,
+        step: &Step<B>,
+    ) -> Tensor<B, 3> {
+        self.inner.attention_residual(layer, attention, x, residual, cache, step)
+    }
+
+    fn mlp_residual(&mut self, layer: usize, mlp: &dejavu_model::mlp::OptMlp<B>, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.inner.mlp_residual(layer, mlp, x, residual)
+    }
+
     fn norm(&mut self, ln: &burn::nn::LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
         self.inner.norm(ln, x)
     }
@@ -390,6 +406,24 @@ impl<B: SparseKernels> ForwardHooks<B> for ProfiledHooks<'_, B> {
         self.timed(2, decode, |h| h.mlp(layer, mlp, x))
     }
 
+    fn attention_residual(
+        &mut self,
+        layer: usize,
+        attention: &dejavu_model::attention::OptAttention<B>,
+        x: Tensor<B, 3>,
+        residual: Tensor<B, 3>,
+        cache: &mut LayerKvCache<B>,
+        step: &Step<B>,
+    ) -> Tensor<B, 3> {
+        let decode = x.dims()[1] == 1;
+        self.timed(1, decode, |h| h.attention_residual(layer, attention, x, residual, cache, step))
+    }
+
+    fn mlp_residual(&mut self, layer: usize, mlp: &dejavu_model::mlp::OptMlp<B>, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
+        let decode = x.dims()[1] == 1;
+        self.timed(2, decode, |h| h.mlp_residual(layer, mlp, x, residual))
+    }
+
     fn norm(&mut self, ln: &burn::nn::LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let decode = x.dims()[1] == 1;
         self.timed(3, decode, |h| h.norm(ln, x))
@@ -576,7 +610,7 @@ fn breakdown<B: SparseKernels>(config: &OptConfig, args: &E2eArgs, device: &B::D
         let (kc, vc) = dejavu_kernels::kv_append(kv.clone(), x.clone(), Some(b_2d.clone()), k_cache.clone(), v_cache.clone(), ctx)?;
         let qs = dejavu_kernels::gather_blocks_gemv(q.clone(), head_idx.clone(), hd, x.clone(), None, Act::Identity)?;
         let a = dejavu_kernels::selected_heads_attention(qs, head_idx.clone(), kc, vc, ctx + 1, 0.088)?;
-        let _ = dejavu_kernels::gather_blocks_transposed_gemv(o.clone(), head_idx.clone(), hd, a, Some(b_d.clone()))?;
+        let _ = dejavu_kernels::residual_transposed_gemv(x.clone(), o.clone(), Some((head_idx.clone(), hd)), a, Some(b_d.clone()))?;
         Ok(())
     })?;
     // The gate at the upper 10% point of this first factor's logits.
@@ -591,7 +625,7 @@ fn breakdown<B: SparseKernels>(config: &OptConfig, args: &E2eArgs, device: &B::D
             first.clone(),
             mlp_threshold,
         )?;
-        let _ = dejavu_kernels::transposed_gemv(fc2.clone(), h, Some(b_d.clone()))?;
+        let _ = dejavu_kernels::residual_transposed_gemv(x.clone(), fc2.clone(), None, h, Some(b_d.clone()))?;
         Ok(())
     })?;
     let all_heads = Tensor::<B, 1, Int>::arange(0..heads as i64, device);
@@ -599,19 +633,17 @@ fn breakdown<B: SparseKernels>(config: &OptConfig, args: &E2eArgs, device: &B::D
         let qd = dejavu_kernels::gemv(q.clone(), x.clone(), Some(b_d.clone()), Act::Identity)?;
         let (kc, vc) = dejavu_kernels::kv_append(kv.clone(), x.clone(), Some(b_2d.clone()), k_cache.clone(), v_cache.clone(), ctx)?;
         let a = dejavu_kernels::selected_heads_attention(qd, all_heads.clone(), kc, vc, ctx + 1, 0.088)?;
-        let _ = dejavu_kernels::transposed_gemv(o.clone(), a, Some(b_d.clone()))?;
+        let _ = dejavu_kernels::residual_transposed_gemv(x.clone(), o.clone(), None, a, Some(b_d.clone()))?;
         Ok(())
     })?;
     let dense_mlp = time(&mut || {
         let h = dejavu_kernels::gemv(fc1.clone(), x.clone(), Some(b_ffn.clone()), Act::Relu)?;
-        let _ = dejavu_kernels::transposed_gemv(fc2.clone(), h, Some(b_d.clone()))?;
+        let _ = dejavu_kernels::residual_transposed_gemv(x.clone(), fc2.clone(), None, h, Some(b_d.clone()))?;
         Ok(())
     })?;
     let rest = time(&mut || {
-        let a = dejavu_kernels::layer_norm(x.clone(), gamma.clone(), beta.clone(), 1e-5)?;
-        let y = x.clone() + a;
-        let m = dejavu_kernels::layer_norm(y.clone(), gamma.clone(), beta.clone(), 1e-5)?;
-        let _ = y + m;
+        let _ = dejavu_kernels::layer_norm(x.clone(), gamma.clone(), beta.clone(), 1e-5)?;
+        let _ = dejavu_kernels::layer_norm(x.clone(), gamma.clone(), beta.clone(), 1e-5)?;
         Ok(())
     })?;
     Ok(json!({
@@ -623,9 +655,10 @@ fn breakdown<B: SparseKernels>(config: &OptConfig, args: &E2eArgs, device: &B::D
         "note": "µs per call of 500 back-to-back calls (host launch cost included), median of 3, the code paths \
                  of a decode step: predictor = both predictors' first factors (one f32 GEMV each, reading the f16 \
                  residual); selection = the heads' second factor and threshold selection in one launch \
-                 (predict_select); attention = kv_append + q (gathered or dense) + attention + out_proj; MLP = fc1 \
-                 gated by its predictor's second factor in the same launch (predicted_rows_gemv, 10% of rows above \
-                 the threshold) or dense fc1, then fc2ᵀ; rest = 2 LayerNorms + 2 residual adds",
+                 (predict_select); attention = kv_append + q (gathered or dense) + attention + out_proj with the residual \
+                 add in its second pass; MLP = fc1 gated by its predictor's second factor in the same launch \
+                 (predicted_rows_gemv, 10% of rows above the threshold) or dense fc1, then fc2ᵀ with the residual \
+                 add; rest = 2 LayerNorms",
         "us": {
             "predictor_mlp_and_attention": predictor,
             "selection": selection,

@@ -384,7 +384,7 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
             timer.time(|i| {
                 let _ = dejavu_kernels::cube::rows_transposed_gemv_with(
                     prim(ws[i % copies].clone()), Some(idx.clone().into_primitive()), 1, prim(h.clone()),
-                    Some(bias2.clone().into_primitive().tensor()), DType::I32, &cfg,
+                    Some(bias2.clone().into_primitive().tensor()), None, DType::I32, &cfg,
                 );
             })?
         };

@@ -33,14 +33,17 @@ pub struct QualityArgs {
     backend: BackendKind,
     #[arg(long, value_enum, default_value = "f32")]
     dtype: Precision,
-    /// MLP densities to sweep (top-K of every sparse layer's neurons; attention dense)
-    #[arg(long, value_delimiter = ',', default_value = "0.02,0.04,0.06,0.08,0.1,0.15,0.2,0.3")]
+    /// MLP densities to sweep (top-K of every sparse layer's neurons; attention dense;
+    /// `--mlp-densities` with no value: none)
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "0.02,0.04,0.06,0.08,0.1,0.15,0.2,0.3")]
     mlp_densities: Vec<f64>,
-    /// Attention densities to sweep (top-K of every sparse layer's heads; MLP dense)
-    #[arg(long, value_delimiter = ',', default_value = "0.25,0.5,0.75")]
+    /// Attention densities to sweep (top-K of every sparse layer's heads; MLP dense;
+    /// `--attention-densities` with no value: none)
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "0.25,0.5,0.75")]
     attention_densities: Vec<f64>,
-    /// Named operating points, separated by `;` (see `dejavu perplexity --help`)
-    #[arg(long, value_delimiter = ';', default_value = "calibrated;threshold;scale=0.5;scale=0.75;mlp=0.1,attention=0.5")]
+    /// Named operating points, separated by `;` (see `dejavu perplexity --help`; `--points`
+    /// with no value: none)
+    #[arg(long, value_delimiter = ';', num_args = 0.., default_value = "calibrated;threshold;scale=0.5;scale=0.75;mlp=0.1,attention=0.5")]
     points: Vec<OperatingPoint>,
     /// Also the oracles at each density: the MLP's (true top-K pre-activations) and the
     /// attention's (the K heads of largest true output norm)

@@ -59,12 +59,14 @@ pub trait Launcher<B: Backend> {
         bias: Option<Tensor<B, 1>>,
         relu: bool,
     ) -> Tensor<B, 2>;
+    /// `residual + Σ h · Wt[rows] + bias` (no residual: none added).
     fn rows_transposed_gemv(
         &self,
         w_t: Tensor<B, 2>,
         idx: Option<(Tensor<B, 1, Int>, usize)>,
         h: Tensor<B, 2>,
         bias: Option<Tensor<B, 1>>,
+        residual: Option<Tensor<B, 2>>,
     ) -> Tensor<B, 2>;
 }
 
@@ -94,10 +96,12 @@ impl<B: SparseKernels> Launcher<B> for PublicApi {
         idx: Option<(Tensor<B, 1, Int>, usize)>,
         h: Tensor<B, 2>,
         bias: Option<Tensor<B, 1>>,
+        residual: Option<Tensor<B, 2>>,
     ) -> Tensor<B, 2> {
-        match idx {
-            Some((idx, block)) => crate::gather_blocks_transposed_gemv(w_t, idx, block, h, bias),
-            None => crate::transposed_gemv(w_t, h, bias),
+        match (idx, residual) {
+            (idx, Some(residual)) => crate::residual_transposed_gemv(residual, w_t, idx, h, bias),
+            (Some((idx, block)), None) => crate::gather_blocks_transposed_gemv(w_t, idx, block, h, bias),
+            (None, None) => crate::transposed_gemv(w_t, h, bias),
         }
         .expect("shapes were made consistent")
     }
@@ -150,6 +154,7 @@ impl<R: CubeRuntime> Launcher<Cube<R>> for Poisoned {
         idx: Option<(Tensor<Cube<R>, 1, Int>, usize)>,
         h: Tensor<Cube<R>, 2>,
         bias: Option<Tensor<Cube<R>, 1>>,
+        residual: Option<Tensor<Cube<R>, 2>>,
     ) -> Tensor<Cube<R>, 2> {
         let block = idx.as_ref().map(|(_, b)| *b).unwrap_or(1);
         let out = poison::<Cube<R>>([h.dims()[0], w_t.dims()[1]], h.dtype(), &h.device());
@@ -159,6 +164,7 @@ impl<R: CubeRuntime> Launcher<Cube<R>> for Poisoned {
             block,
             float_prim(h),
             bias.map(float_prim),
+            residual.map(float_prim),
             DType::I32,
             float_prim(out),
             &self.0,
@@ -294,19 +300,30 @@ pub fn check_gemvs<B: SparseKernels, L: Launcher<B>>(
         Some((idx_dev.clone(), 1)),
         h_dev.clone(),
         Some(b2_dev.clone()),
+        None,
     ));
     let want = host::rows_transposed_gemv(&w, rows, d, Some(&idx), &h, batch, Some(&b2));
     out.push(outcome("gather_rows_transposed_gemv+bias", case.to_string(), dtype, &got, &want, &[]));
 
-    let got = read(launcher.rows_transposed_gemv(w_dev.clone(), None, h_dense_dev, None));
+    let got = read(launcher.rows_transposed_gemv(w_dev.clone(), None, h_dense_dev.clone(), None, None));
     let want = host::rows_transposed_gemv(&w, rows, d, None, &h_dense, batch, None);
     out.push(outcome("transposed_gemv", case.to_string(), dtype, &got, &want, &[]));
+
+    // The residual add fused into the second pass (a decoder layer's `x + block(x)`).
+    let residual = stored(uniform(&mut rng, batch * d, 0.0), dtype);
+    let residual_dev = to_device::<B, 2>(&residual, [batch, d], dtype, device);
+    let got = read(launcher.rows_transposed_gemv(w_dev.clone(), None, h_dense_dev, Some(b2_dev.clone()), Some(residual_dev.clone())));
+    let want = host::add(&host::rows_transposed_gemv(&w, rows, d, None, &h_dense, batch, Some(&b2)), &residual);
+    out.push(outcome("transposed_gemv+bias+residual", case.to_string(), dtype, &got, &want, &[]));
+    let got = read(launcher.rows_transposed_gemv(w_dev.clone(), Some((idx_dev.clone(), 1)), h_dev.clone(), None, Some(residual_dev)));
+    let want = host::add(&host::rows_transposed_gemv(&w, rows, d, Some(&idx), &h, batch, None), &residual);
+    out.push(outcome("gather_rows_transposed_gemv+residual", case.to_string(), dtype, &got, &want, &[]));
 
     let (x_dev2, b1_dev2, b2_dev2) = (x_dev.clone(), b1_dev.clone(), b2_dev.clone());
     // The sparse MLP: the hidden values are stored in `dtype` between the two launches,
     // so the host rounds them the same way.
     let hidden_dev = launcher.rows_gemv(w_dev.clone(), Some((idx_dev.clone(), 1)), x_dev, Some(b1_dev), true);
-    let got = read(launcher.rows_transposed_gemv(w_dev.clone(), Some((idx_dev, 1)), hidden_dev, Some(b2_dev)));
+    let got = read(launcher.rows_transposed_gemv(w_dev.clone(), Some((idx_dev, 1)), hidden_dev, Some(b2_dev), None));
     let hidden = stored(host::rows_gemv(&w, rows, d, Some(&idx), &x, batch, Some(&b1), true), dtype);
     let want = host::rows_transposed_gemv(&w, rows, d, Some(&idx), &hidden, batch, Some(&b2));
     // The device and the host may round a hidden value to opposite sides of a storage
@@ -337,7 +354,7 @@ pub fn check_gemvs<B: SparseKernels, L: Launcher<B>>(
     out.push(outcome("gather_blocks_gemv+bias", case.to_string(), dtype, &got, &want, &[]));
     let hb = stored(uniform(&mut rng, batch * rows_idx.len(), 0.0), dtype);
     let hb_dev = to_device::<B, 2>(&hb, [batch, rows_idx.len()], dtype, device);
-    let got = read(launcher.rows_transposed_gemv(w_dev, Some((ids_dev, block)), hb_dev, Some(b2_dev2)));
+    let got = read(launcher.rows_transposed_gemv(w_dev, Some((ids_dev, block)), hb_dev, Some(b2_dev2), None));
     let want = host::rows_transposed_gemv(&w, rows, d, Some(&rows_idx), &hb, batch, Some(&b2));
     out.push(outcome("gather_blocks_transposed_gemv+bias", case.to_string(), dtype, &got, &want, &[]));
     out

@@ -44,6 +44,11 @@ pub fn rows_gemv(
 }
 
 /// `out [batch, d] = Σ_j h[b, j] · Wt[row_j] + bias`, `w_t` row-major `[rows, d]`.
+/// Elementwise `a + b` (a residual added to a block's output).
+pub fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
+    a.iter().zip(b).map(|(x, y)| x + y).collect()
+}
+
 pub fn rows_transposed_gemv(
     w_t: &[f32],
     rows: usize,

@@ -88,8 +88,8 @@ pub trait SparseKernels: Backend {
         reference::rows_gemv::<Self>(w, idx, block, x, bias, relu)
     }
 
-    /// `out [B, d] = Σ_j h[b, j] · Wt[row_j, :] + bias`, `row_j = idx[j]` (or `j`).
-    /// `w_t [rows, d]`, `h [B, K]`, `bias [d]`.
+    /// `out [B, d] = residual + Σ_j h[b, j] · Wt[row_j, :] + bias`, `row_j = idx[j]` (or
+    /// `j`). `w_t [rows, d]`, `h [B, K]`, `bias [d]`, `residual [B, d]`.
     /// `block` as in [`SparseKernels::rows_gemv`]; `h [B, len × block]`.
     fn rows_transposed_gemv(
         w_t: FloatTensor<Self>,
@@ -97,8 +97,9 @@ pub trait SparseKernels: Backend {
         block: usize,
         h: FloatTensor<Self>,
         bias: Option<FloatTensor<Self>>,
+        residual: Option<FloatTensor<Self>>,
     ) -> FloatTensor<Self> {
-        reference::rows_transposed_gemv::<Self>(w_t, idx, block, h, bias)
+        reference::rows_transposed_gemv::<Self>(w_t, idx, block, h, bias, residual)
     }
 
     /// Ascending indices `i` with `logits[b, i] > threshold` for some `b`, padded with `n`
@@ -224,9 +225,10 @@ where
         block: usize,
         h: FloatTensor<Self>,
         bias: Option<FloatTensor<Self>>,
+        residual: Option<FloatTensor<Self>>,
     ) -> FloatTensor<Self> {
         let int_dtype = idx.as_ref().map(|i| i.dtype).unwrap_or(I::dtype());
-        cube::rows_transposed_gemv_with(w_t, idx, block, h, bias, int_dtype, &cube::LaunchConfig::default())
+        cube::rows_transposed_gemv_with(w_t, idx, block, h, bias, residual, int_dtype, &cube::LaunchConfig::default())
     }
 
     fn select_above_threshold(
@@ -450,7 +452,7 @@ pub fn transposed_gemv<B: SparseKernels>(
 ) -> Result<Tensor<B, 2>, KernelError> {
     let rows = w_t.dims()[0];
     check_transposed("transposed_gemv", &w_t, &h, rows, bias.as_ref())?;
-    Ok(wrap(B::rows_transposed_gemv(prim(w_t), None, 1, prim(h), bias.map(prim))))
+    Ok(wrap(B::rows_transposed_gemv(prim(w_t), None, 1, prim(h), bias.map(prim), None)))
 }
 
 /// `out [B, d] = Σ_j h[:, j] · Wt[idx_j, :] + bias`: only the selected rows of the
@@ -483,7 +485,41 @@ pub fn gather_blocks_transposed_gemv<B: SparseKernels>(
         block,
         prim(h),
         bias.map(prim),
+        None,
     )))
+}
+
+/// A decoder layer's block output added to its residual in the same launches:
+/// `residual + Σ_j h[:, j] · Wt[row_j, :] + bias` ([`transposed_gemv`] with `idx` `None`,
+/// [`gather_blocks_transposed_gemv`] with `Some((idx, block))`), summed in f32 and rounded
+/// once. `residual [B, d]` in the weights' dtype.
+pub fn residual_transposed_gemv<B: SparseKernels>(
+    residual: Tensor<B, 2>,
+    w_t: Tensor<B, 2>,
+    idx: Option<(Tensor<B, 1, Int>, usize)>,
+    h: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+) -> Result<Tensor<B, 2>, KernelError> {
+    const OP: &str = "residual_transposed_gemv";
+    let [rows, d] = w_t.dims();
+    let k = match &idx {
+        Some((idx, block)) => {
+            check_block(OP, rows, *block)?;
+            idx.dims()[0] * block
+        }
+        None => rows,
+    };
+    check_transposed(OP, &w_t, &h, k, bias.as_ref())?;
+    check_float(OP, "residual", &residual, w_t.dtype())?;
+    let [batch, rd] = residual.dims();
+    if [batch, rd] != [h.dims()[0], d] {
+        return Err(shape_err(OP, format!("residual is [{batch}, {rd}] but the output is [{}, {d}]", h.dims()[0])));
+    }
+    let (idx, block) = match idx {
+        Some((idx, block)) => (Some(idx.into_primitive()), block),
+        None => (None, 1),
+    };
+    Ok(wrap(B::rows_transposed_gemv(prim(w_t), idx, block, prim(h), bias.map(prim), Some(prim(residual)))))
 }
 
 /// A selection made on the device: `indices [capacity]` ascending and padded with the

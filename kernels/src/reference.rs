@@ -92,6 +92,7 @@ pub fn rows_transposed_gemv<B: Backend>(
     block: usize,
     h: FloatTensor<B>,
     bias: Option<FloatTensor<B>>,
+    residual: Option<FloatTensor<B>>,
 ) -> FloatTensor<B> {
     let w_t: Tensor<B, 2> = float(w_t);
     let idx = idx.map(|i| expand_blocks::<B>(i, block, w_t.dims()[0]));
@@ -111,6 +112,10 @@ pub fn rows_transposed_gemv<B: Backend>(
     if let Some(b) = bias {
         let b: Tensor<B, 1> = float(b);
         y = y + b.cast(DType::F32).unsqueeze_dim(0);
+    }
+    if let Some(r) = residual {
+        let r: Tensor<B, 2> = float(r);
+        y = y + r.cast(DType::F32);
     }
     y.cast(dtype).into_primitive().tensor()
 }

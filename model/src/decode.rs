@@ -8,8 +8,10 @@
 //! cache is two matmuls, a softmax of four kernels and the copies between them. Here a
 //! layer is: LayerNorm (1 launch), q (1 GEMV, bias fused), k and v projected straight into
 //! the caches (`kv_append`, 1), attention over every head (`selected_heads_attention` with
-//! all heads: 1–2 launches), `out_proj` (transposed GEMV, 2), the residual add, LayerNorm,
-//! fc1 (1, bias and ReLU fused), fc2 (2) and the residual add: 12–13 launches. Prompts (several tokens at once) still run
+//! all heads: 1–2 launches), `out_proj` (transposed GEMV, 2, the residual add in its second
+//! pass), LayerNorm, fc1 (1, bias and ReLU fused) and fc2 (2, the residual add likewise):
+//! 10–11 launches. The residual adds go through [`ForwardHooks::attention_residual`] and
+//! [`ForwardHooks::mlp_residual`], which the layer calls. Prompts (several tokens at once) still run
 //! through the tensor ops, where a matmul is the right tool; LayerNorm uses the kernel
 //! everywhere.
 //!
@@ -160,12 +162,42 @@ pub(crate) fn write_kv<B: SparseKernels>(
     (keys, values)
 }
 
-/// One decode step of attention over every head (`x [batch, 1, d]`, normalized).
+/// `out_proj` or fc2 (`w_t`, transposed) of `h [batch, K]` over the rows `idx` picks (all
+/// when `None`), plus bias, plus `residual [batch, 1, d]` when given: the add happens in the
+/// kernel's second pass, not in a launch of its own. `[batch, 1, d]`.
+pub(crate) fn output_projection<B: SparseKernels>(
+    w_t: Tensor<B, 2>,
+    idx: Option<(Tensor<B, 1, Int>, usize)>,
+    h: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    residual: Option<Tensor<B, 3>>,
+) -> Tensor<B, 3> {
+    let batch = h.dims()[0];
+    let d = w_t.dims()[1];
+    let y = match (residual, idx) {
+        (Some(r), idx) => dejavu_kernels::residual_transposed_gemv(r.reshape([batch, d]), w_t, idx, h, bias),
+        (None, Some((idx, block))) => dejavu_kernels::gather_blocks_transposed_gemv(w_t, idx, block, h, bias),
+        (None, None) => dejavu_kernels::transposed_gemv(w_t, h, bias),
+    };
+    y.expect(SHAPES).reshape([batch, 1, d])
+}
+
+/// `residual + y` when there is a residual (a tensor-op path's add), else `y`.
+pub(crate) fn plus_residual<B: Backend>(y: Tensor<B, 3>, residual: Option<Tensor<B, 3>>) -> Tensor<B, 3> {
+    match residual {
+        Some(r) => r + y,
+        None => y,
+    }
+}
+
+/// One decode step of attention over every head (`x [batch, 1, d]`, normalized), plus
+/// `residual` when given.
 pub(crate) fn dense_attention<B: SparseKernels>(
     attention: &OptAttention<B>,
     weights: &DecodeLayer<B>,
     all_heads: &Tensor<B, 1, Int>,
     x: Tensor<B, 3>,
+    residual: Option<Tensor<B, 3>>,
     cache: &mut LayerKvCache<B>,
     step: &Step<B>,
 ) -> Tensor<B, 3> {
@@ -176,26 +208,28 @@ pub(crate) fn dense_attention<B: SparseKernels>(
     let scale = (attention.head_dim as f32).powf(-0.5);
     let heads = dejavu_kernels::selected_heads_attention(q, all_heads.clone(), keys, values, step.start + 1, scale)
         .expect(SHAPES);
-    dejavu_kernels::transposed_gemv(attention.out_proj.weight.val(), heads, bias(&attention.out_proj))
-        .expect(SHAPES)
-        .reshape([batch, 1, d])
+    output_projection(attention.out_proj.weight.val(), None, heads, bias(&attention.out_proj), residual)
 }
 
 /// One decode step of the dense MLP (`x [batch, 1, d]`): fc1 with bias and ReLU fused,
-/// then fc2 by the transposed GEMV, which skips the rows whose input the ReLU zeroed.
-pub(crate) fn dense_mlp<B: SparseKernels>(mlp: &OptMlp<B>, weights: &DecodeLayer<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+/// then fc2 by the transposed GEMV, which skips the rows whose input the ReLU zeroed; plus
+/// `residual` when given.
+pub(crate) fn dense_mlp<B: SparseKernels>(
+    mlp: &OptMlp<B>,
+    weights: &DecodeLayer<B>,
+    x: Tensor<B, 3>,
+    residual: Option<Tensor<B, 3>>,
+) -> Tensor<B, 3> {
     let [batch, _, d] = x.dims();
     let h = dejavu_kernels::gemv(weights.fc1_rows.clone(), x.reshape([batch, d]), bias(&mlp.fc1), Act::Relu).expect(SHAPES);
-    fc2(mlp, h)
+    fc2(mlp, h, residual)
 }
 
 /// fc2 of one step's fc1 outputs `h [batch, ffn]` (zeros where the ReLU, or a gate, left
-/// nothing: the transposed GEMV skips those rows), as `[batch, 1, d]`.
-pub(crate) fn fc2<B: SparseKernels>(mlp: &OptMlp<B>, h: Tensor<B, 2>) -> Tensor<B, 3> {
-    let batch = h.dims()[0];
-    let y = dejavu_kernels::transposed_gemv(mlp.fc2.weight.val(), h, bias(&mlp.fc2)).expect(SHAPES);
-    let d = y.dims()[1];
-    y.reshape([batch, 1, d])
+/// nothing: the transposed GEMV skips those rows), plus `residual` when given, as
+/// `[batch, 1, d]`.
+pub(crate) fn fc2<B: SparseKernels>(mlp: &OptMlp<B>, h: Tensor<B, 2>, residual: Option<Tensor<B, 3>>) -> Tensor<B, 3> {
+    output_projection(mlp.fc2.weight.val(), None, h, bias(&mlp.fc2), residual)
 }
 
 /// The dense model, with one-token steps through the kernels (see the module comment).
@@ -210,6 +244,30 @@ impl<'a, B: Backend> KernelDecode<'a, B> {
     }
 }
 
+impl<B: SparseKernels> KernelDecode<'_, B> {
+    fn attention_block(
+        &mut self,
+        layer: usize,
+        attention: &OptAttention<B>,
+        x: Tensor<B, 3>,
+        residual: Option<Tensor<B, 3>>,
+        cache: &mut LayerKvCache<B>,
+        step: &Step<B>,
+    ) -> Tensor<B, 3> {
+        if x.dims()[1] != 1 {
+            return plus_residual(Dense.attention(layer, attention, x, cache, step), residual);
+        }
+        dense_attention(attention, &self.weights.layers[layer], &self.weights.all_heads, x, residual, cache, step)
+    }
+
+    fn mlp_block(&mut self, layer: usize, mlp: &OptMlp<B>, x: Tensor<B, 3>, residual: Option<Tensor<B, 3>>) -> Tensor<B, 3> {
+        if x.dims()[1] != 1 {
+            return plus_residual(Dense.mlp(layer, mlp, x), residual);
+        }
+        dense_mlp(mlp, &self.weights.layers[layer], x, residual)
+    }
+}
+
 impl<B: SparseKernels> ForwardHooks<B> for KernelDecode<'_, B> {
     fn attention(
         &mut self,
@@ -219,17 +277,27 @@ impl<B: SparseKernels> ForwardHooks<B> for KernelDecode<'_, B> {
         cache: &mut LayerKvCache<B>,
         step: &Step<B>,
     ) -> Tensor<B, 3> {
-        if x.dims()[1] != 1 {
-            return Dense.attention(layer, attention, x, cache, step);
-        }
-        dense_attention(attention, &self.weights.layers[layer], &self.weights.all_heads, x, cache, step)
+        self.attention_block(layer, attention, x, None, cache, step)
     }
 
     fn mlp(&mut self, layer: usize, mlp: &OptMlp<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        if x.dims()[1] != 1 {
-            return Dense.mlp(layer, mlp, x);
-        }
-        dense_mlp(mlp, &self.weights.layers[layer], x)
+        self.mlp_block(layer, mlp, x, None)
+    }
+
+    fn attention_residual(
+        &mut self,
+        layer: usize,
+        attention: &OptAttention<B>,
+        x: Tensor<B, 3>,
+        residual: Tensor<B, 3>,
+        cache: &mut LayerKvCache<B>,
+        step: &Step<B>,
+    ) -> Tensor<B, 3> {
+        self.attention_block(layer, attention, x, Some(residual), cache, step)
+    }
+
+    fn mlp_residual(&mut self, layer: usize, mlp: &OptMlp<B>, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.mlp_block(layer, mlp, x, Some(residual))
     }
 
     fn norm(&mut self, ln: &LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {

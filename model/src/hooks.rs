@@ -64,6 +64,28 @@ pub trait ForwardHooks<B: Backend> {
         mlp.fc2.forward(relu(pre))
     }
 
+    /// Layer `layer`'s attention block added to the residual stream: `residual +
+    /// attention(x)`, what the layer calls. The default runs [`ForwardHooks::attention`]
+    /// and adds; the kernel paths override it to add inside their last launch (one launch
+    /// fewer per block, which at batch 1 is what a decode step's time is made of).
+    fn attention_residual(
+        &mut self,
+        layer: usize,
+        attention: &OptAttention<B>,
+        x: Tensor<B, 3>,
+        residual: Tensor<B, 3>,
+        cache: &mut LayerKvCache<B>,
+        step: &Step<B>,
+    ) -> Tensor<B, 3> {
+        residual + self.attention(layer, attention, x, cache, step)
+    }
+
+    /// Layer `layer`'s MLP block added to the residual stream: `residual + mlp(x)` (see
+    /// [`ForwardHooks::attention_residual`]).
+    fn mlp_residual(&mut self, layer: usize, mlp: &OptMlp<B>, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
+        residual + self.mlp(layer, mlp, x)
+    }
+
     /// Applies one of the model's LayerNorms (in f32, see [`crate::layer::norm`]).
     fn norm(&mut self, ln: &LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
         crate::layer::norm(ln, x)
@@ -103,6 +125,28 @@ impl<B: Backend, H: ForwardHooks<B>> ForwardHooks<B> for Option<H> {
         match self {
             Some(h) => h.mlp(layer, mlp, x),
             None => Dense.mlp(layer, mlp, x),
+        }
+    }
+
+    fn attention_residual(
+        &mut self,
+        layer: usize,
+        attention: &OptAttention<B>,
+        x: Tensor<B, 3>,
+        residual: Tensor<B, 3>,
+        cache: &mut LayerKvCache<B>,
+        step: &Step<B>,
+    ) -> Tensor<B, 3> {
+        match self {
+            Some(h) => h.attention_residual(layer, attention, x, residual, cache, step),
+            None => Dense.attention_residual(layer, attention, x, residual, cache, step),
+        }
+    }
+
+    fn mlp_residual(&mut self, layer: usize, mlp: &OptMlp<B>, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
+        match self {
+            Some(h) => h.mlp_residual(layer, mlp, x, residual),
+            None => Dense.mlp_residual(layer, mlp, x, residual),
         }
     }
 

@@ -71,8 +71,7 @@ impl<B: Backend> OptDecoderLayer<B> {
         } else {
             x.clone()
         };
-        let h = hooks.attention(layer, &self.self_attn, h, cache, step);
-        let mut x = x + h;
+        let mut x = hooks.attention_residual(layer, &self.self_attn, h, x, cache, step);
         if !pre_ln {
             x = hooks.norm(&self.self_attn_layer_norm, x);
         }
@@ -83,8 +82,7 @@ impl<B: Backend> OptDecoderLayer<B> {
         } else {
             x.clone()
         };
-        let h = hooks.mlp(layer, &self.mlp, h);
-        let mut x = x + h;
+        let mut x = hooks.mlp_residual(layer, &self.mlp, h, x);
         if !pre_ln {
             x = hooks.norm(&self.final_layer_norm, x);
         }

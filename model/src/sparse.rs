@@ -41,7 +41,7 @@ use burn::nn::LayerNorm;
 
 use crate::attention::OptAttention;
 use crate::cache::{LayerKvCache, Step};
-use crate::decode::{bias, dense_attention, dense_mlp, fc2, kernel_norm, rows_of, write_kv, DecodeWeights};
+use crate::decode::{bias, dense_attention, dense_mlp, fc2, kernel_norm, output_projection, plus_residual, rows_of, write_kv, DecodeWeights};
 use crate::error::ModelError;
 use crate::hooks::{Activation, ForwardHooks};
 use crate::mlp::OptMlp;
@@ -401,6 +401,144 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
     }
 }
 
+impl<B: SparseKernels> SparseHooks<'_, B> {
+    /// Layer `layer`'s attention, plus `residual` when given (fused into `out_proj` on the
+    /// kernel path).
+    fn attention_block(
+        &mut self,
+        layer: usize,
+        attention: &OptAttention<B>,
+        x: Tensor<B, 3>,
+        residual: Option<Tensor<B, 3>>,
+        cache: &mut LayerKvCache<B>,
+        step: &Step<B>,
+    ) -> Tensor<B, 3> {
+        let selection = self.model.plan.layers[layer].attention;
+        let [batch, n, d] = x.dims();
+        let weights = &self.model.weights;
+        if self.model.options.oracle_attention && self.sparse_call(n) && !selection.is_dense() {
+            // The oracle: every head computed, then masked by its output norm.
+            let dtype = x.dtype();
+            let heads = attention.head_outputs(x, cache, step);
+            let scores = heads.clone().cast(DType::F32).powf_scalar(2.0).sum_dim(3).sqrt();
+            let scores = scores.reshape([batch, attention.num_heads, n]).swap_dims(1, 2).reshape([batch * n, attention.num_heads]);
+            let mask = Self::mask(&mut self.attention_kept[layer], scores, selection)
+                .cast(dtype)
+                .reshape([batch, n, attention.num_heads])
+                .swap_dims(1, 2)
+                .unsqueeze_dim::<4>(3);
+            return plus_residual(attention.project_out(heads * mask), residual);
+        }
+        let prediction = match self.attention_pending[layer].take() {
+            Some(p) if self.sparse_call(n) && !selection.is_dense() => p,
+            _ if n == 1 => return dense_attention(attention, &weights.layers[layer], &weights.all_heads, x, residual, cache, step),
+            _ => return plus_residual(attention.project_out(attention.head_outputs(x, cache, step)), residual),
+        };
+        let predictor = self.model.predictors[layer][1].as_ref().expect("a pending prediction has its predictor");
+        let kept = &mut self.attention_kept[layer];
+        if n > 1 {
+            // Masked: each token keeps its own heads.
+            let dtype = x.dtype();
+            let heads = attention.head_outputs(x, cache, step);
+            let mask = Self::mask(kept, predictor.logits(prediction), selection)
+                .cast(dtype)
+                .reshape([batch, n, attention.num_heads])
+                .swap_dims(1, 2)
+                .unsqueeze_dim::<4>(3);
+            return plus_residual(attention.project_out(heads * mask), residual);
+        }
+        // Kernels. Every head's key and value are written (see the module comment).
+        let x = x.reshape([batch, d]);
+        let (keys, values) = write_kv(&weights.layers[layer], x.clone(), cache, step);
+        let heads = match (prediction, selection) {
+            // One token, threshold: the predictor's second factor and the selection in
+            // one launch.
+            (Prediction::FirstFactor(h), Selection::Threshold { threshold }) if batch == 1 => {
+                let selected = dejavu_kernels::predict_select(predictor.up_rows.clone(), h, threshold, attention.num_heads)
+                    .expect(KERNEL_SHAPES);
+                if self.count_kept {
+                    kept.add_device_int(selected.count, 1);
+                }
+                selected.indices
+            }
+            (prediction, _) => Self::indices(kept, predictor.logits(prediction), selection, self.count_kept),
+        };
+        let hd = attention.head_dim;
+        let q_rows = weights.layers[layer].q_rows.clone();
+        let q = dejavu_kernels::gather_blocks_gemv(q_rows, heads.clone(), hd, x, bias(&attention.q_proj), Act::Identity)
+            .expect(KERNEL_SHAPES);
+        let scale = (hd as f32).powf(-0.5);
+        let out = dejavu_kernels::selected_heads_attention(q, heads.clone(), keys, values, step.start + 1, scale)
+            .expect(KERNEL_SHAPES);
+        output_projection(attention.out_proj.weight.val(), Some((heads, hd)), out, bias(&attention.out_proj), residual)
+    }
+
+    /// Layer `layer`'s MLP, plus `residual` when given (fused into fc2 on the kernel path).
+    fn mlp_block(&mut self, layer: usize, mlp: &OptMlp<B>, x: Tensor<B, 3>, residual: Option<Tensor<B, 3>>) -> Tensor<B, 3> {
+        let selection = self.model.plan.layers[layer].mlp;
+        let [batch, n, d] = x.dims();
+        let weights = &self.model.weights.layers[layer];
+        if !self.sparse_call(n) || selection.is_dense() {
+            return if n == 1 { dense_mlp(mlp, weights, x, residual) } else { plus_residual(mlp.forward(x), residual) };
+        }
+        // The oracle scores neurons by fc1's own pre-activation, kept for the masked path.
+        let oracle = self.model.options.oracle_mlp.then(|| mlp.fc1.forward(x.clone()));
+        let prediction = match &oracle {
+            Some(pre) => {
+                let pre = pre.clone().reshape([batch * n, self.model.plan.dims.ffn_dim]);
+                Prediction::Logits(if pre.dtype() == DType::F32 { pre } else { pre.cast(DType::F32) })
+            }
+            None => match self.mlp_pending[layer].take() {
+                Some(p) => p,
+                None if n == 1 => return dense_mlp(mlp, weights, x, residual),
+                None => return plus_residual(mlp.forward(x), residual),
+            },
+        };
+        let predictor = || self.model.predictors[layer][0].as_ref().expect("a first factor comes from a predictor");
+        let logits_of = |prediction: Prediction<B>| match prediction {
+            Prediction::Logits(l) => l,
+            first => predictor().logits(first),
+        };
+        let kept = &mut self.mlp_kept[layer];
+        let count_kept = self.count_kept;
+        if let (Selection::Threshold { threshold }, 1, 1) = (selection, batch, n) {
+            // Selection fused into fc1: a row is read only when its logit is above the
+            // threshold (the others give 0), and fc2's transposed GEMV skips the zeros.
+            // No index list.
+            if count_kept {
+                kept.add_device_int(logits_of(prediction.clone()).greater_elem(threshold).int().sum(), 1);
+            }
+            let x = x.reshape([batch, d]);
+            let fc1_rows = weights.fc1_rows.clone();
+            let h = match prediction {
+                // The predictor's second factor runs in the same launch: no logits in memory.
+                Prediction::FirstFactor(h) => {
+                    dejavu_kernels::predicted_rows_gemv(fc1_rows, x, bias(&mlp.fc1), Act::Relu, predictor().up_rows.clone(), h, threshold)
+                }
+                // The oracle's logits.
+                Prediction::Logits(logits) => {
+                    let [_, width] = logits.dims();
+                    dejavu_kernels::gated_rows_gemv(fc1_rows, x, bias(&mlp.fc1), Act::Relu, logits.reshape([width]), threshold)
+                }
+            };
+            return fc2(mlp, h.expect(KERNEL_SHAPES), residual);
+        }
+        let logits = logits_of(prediction);
+        if n > 1 {
+            // Masked: each token keeps its own neurons.
+            let [_, width] = logits.dims();
+            let mask = Self::mask(kept, logits, selection).cast(x.dtype()).reshape([batch, n, width]);
+            let pre = oracle.unwrap_or_else(|| mlp.fc1.forward(x));
+            return plus_residual(mlp.fc2.forward(relu(pre) * mask), residual);
+        }
+        let x = x.reshape([batch, d]);
+        let idx = Self::indices(kept, logits, selection, count_kept);
+        let fc1_rows = weights.fc1_rows.clone();
+        let h = dejavu_kernels::gather_rows_gemv(fc1_rows, idx.clone(), x, bias(&mlp.fc1), Act::Relu).expect(KERNEL_SHAPES);
+        output_projection(mlp.fc2.weight.val(), Some((idx, 1)), h, bias(&mlp.fc2), residual)
+    }
+}
+
 impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
     fn observe(&mut self, activation: Activation<'_, B>) {
         let model = self.model;
@@ -435,132 +573,27 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
         cache: &mut LayerKvCache<B>,
         step: &Step<B>,
     ) -> Tensor<B, 3> {
-        let selection = self.model.plan.layers[layer].attention;
-        let [batch, n, d] = x.dims();
-        let weights = &self.model.weights;
-        if self.model.options.oracle_attention && self.sparse_call(n) && !selection.is_dense() {
-            // The oracle: every head computed, then masked by its output norm.
-            let dtype = x.dtype();
-            let heads = attention.head_outputs(x, cache, step);
-            let scores = heads.clone().cast(DType::F32).powf_scalar(2.0).sum_dim(3).sqrt();
-            let scores = scores.reshape([batch, attention.num_heads, n]).swap_dims(1, 2).reshape([batch * n, attention.num_heads]);
-            let mask = Self::mask(&mut self.attention_kept[layer], scores, selection)
-                .cast(dtype)
-                .reshape([batch, n, attention.num_heads])
-                .swap_dims(1, 2)
-                .unsqueeze_dim::<4>(3);
-            return attention.project_out(heads * mask);
-        }
-        let prediction = match self.attention_pending[layer].take() {
-            Some(p) if self.sparse_call(n) && !selection.is_dense() => p,
-            _ if n == 1 => return dense_attention(attention, &weights.layers[layer], &weights.all_heads, x, cache, step),
-            _ => return attention.project_out(attention.head_outputs(x, cache, step)),
-        };
-        let predictor = self.model.predictors[layer][1].as_ref().expect("a pending prediction has its predictor");
-        let kept = &mut self.attention_kept[layer];
-        if n > 1 {
-            // Masked: each token keeps its own heads.
-            let dtype = x.dtype();
-            let heads = attention.head_outputs(x, cache, step);
-            let mask = Self::mask(kept, predictor.logits(prediction), selection)
-                .cast(dtype)
-                .reshape([batch, n, attention.num_heads])
-                .swap_dims(1, 2)
-                .unsqueeze_dim::<4>(3);
-            return attention.project_out(heads * mask);
-        }
-        // Kernels. Every head's key and value are written (see the module comment).
-        let x = x.reshape([batch, d]);
-        let (keys, values) = write_kv(&weights.layers[layer], x.clone(), cache, step);
-        let heads = match (prediction, selection) {
-            // One token, threshold: the predictor's second factor and the selection in
-            // one launch.
-            (Prediction::FirstFactor(h), Selection::Threshold { threshold }) if batch == 1 => {
-                let selected = dejavu_kernels::predict_select(predictor.up_rows.clone(), h, threshold, attention.num_heads)
-                    .expect(KERNEL_SHAPES);
-                if self.count_kept {
-                    kept.add_device_int(selected.count, 1);
-                }
-                selected.indices
-            }
-            (prediction, _) => Self::indices(kept, predictor.logits(prediction), selection, self.count_kept),
-        };
-        let hd = attention.head_dim;
-        let q_rows = weights.layers[layer].q_rows.clone();
-        let q = dejavu_kernels::gather_blocks_gemv(q_rows, heads.clone(), hd, x, bias(&attention.q_proj), Act::Identity)
-            .expect(KERNEL_SHAPES);
-        let scale = (hd as f32).powf(-0.5);
-        let out = dejavu_kernels::selected_heads_attention(q, heads.clone(), keys, values, step.start + 1, scale)
-            .expect(KERNEL_SHAPES);
-        dejavu_kernels::gather_blocks_transposed_gemv(attention.out_proj.weight.val(), heads, hd, out, bias(&attention.out_proj))
-            .expect(KERNEL_SHAPES)
-        .reshape([batch, 1, d])
+        self.attention_block(layer, attention, x, None, cache, step)
     }
 
     fn mlp(&mut self, layer: usize, mlp: &OptMlp<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let selection = self.model.plan.layers[layer].mlp;
-        let [batch, n, d] = x.dims();
-        let weights = &self.model.weights.layers[layer];
-        if !self.sparse_call(n) || selection.is_dense() {
-            return if n == 1 { dense_mlp(mlp, weights, x) } else { mlp.forward(x) };
-        }
-        // The oracle scores neurons by fc1's own pre-activation, kept for the masked path.
-        let oracle = self.model.options.oracle_mlp.then(|| mlp.fc1.forward(x.clone()));
-        let prediction = match &oracle {
-            Some(pre) => {
-                let pre = pre.clone().reshape([batch * n, self.model.plan.dims.ffn_dim]);
-                Prediction::Logits(if pre.dtype() == DType::F32 { pre } else { pre.cast(DType::F32) })
-            }
-            None => match self.mlp_pending[layer].take() {
-                Some(p) => p,
-                None if n == 1 => return dense_mlp(mlp, weights, x),
-                None => return mlp.forward(x),
-            },
-        };
-        let predictor = || self.model.predictors[layer][0].as_ref().expect("a first factor comes from a predictor");
-        let logits_of = |prediction: Prediction<B>| match prediction {
-            Prediction::Logits(l) => l,
-            first => predictor().logits(first),
-        };
-        let kept = &mut self.mlp_kept[layer];
-        let count_kept = self.count_kept;
-        if let (Selection::Threshold { threshold }, 1, 1) = (selection, batch, n) {
-            // Selection fused into fc1: a row is read only when its logit is above the
-            // threshold (the others give 0), and fc2's transposed GEMV skips the zeros.
-            // No index list.
-            if count_kept {
-                kept.add_device_int(logits_of(prediction.clone()).greater_elem(threshold).int().sum(), 1);
-            }
-            let x = x.reshape([batch, d]);
-            let fc1_rows = weights.fc1_rows.clone();
-            let h = match prediction {
-                // The predictor's second factor runs in the same launch: no logits in memory.
-                Prediction::FirstFactor(h) => {
-                    dejavu_kernels::predicted_rows_gemv(fc1_rows, x, bias(&mlp.fc1), Act::Relu, predictor().up_rows.clone(), h, threshold)
-                }
-                // The oracle's logits.
-                Prediction::Logits(logits) => {
-                    let [_, width] = logits.dims();
-                    dejavu_kernels::gated_rows_gemv(fc1_rows, x, bias(&mlp.fc1), Act::Relu, logits.reshape([width]), threshold)
-                }
-            };
-            return fc2(mlp, h.expect(KERNEL_SHAPES));
-        }
-        let logits = logits_of(prediction);
-        if n > 1 {
-            // Masked: each token keeps its own neurons.
-            let [_, width] = logits.dims();
-            let mask = Self::mask(kept, logits, selection).cast(x.dtype()).reshape([batch, n, width]);
-            let pre = oracle.unwrap_or_else(|| mlp.fc1.forward(x));
-            return mlp.fc2.forward(relu(pre) * mask);
-        }
-        let x = x.reshape([batch, d]);
-        let idx = Self::indices(kept, logits, selection, count_kept);
-        let fc1_rows = weights.fc1_rows.clone();
-        let h = dejavu_kernels::gather_rows_gemv(fc1_rows, idx.clone(), x, bias(&mlp.fc1), Act::Relu).expect(KERNEL_SHAPES);
-        dejavu_kernels::gather_rows_transposed_gemv(mlp.fc2.weight.val(), idx, h, bias(&mlp.fc2))
-            .expect(KERNEL_SHAPES)
-            .reshape([batch, 1, d])
+        self.mlp_block(layer, mlp, x, None)
+    }
+
+    fn attention_residual(
+        &mut self,
+        layer: usize,
+        attention: &OptAttention<B>,
+        x: Tensor<B, 3>,
+        residual: Tensor<B, 3>,
+        cache: &mut LayerKvCache<B>,
+        step: &Step<B>,
+    ) -> Tensor<B, 3> {
+        self.attention_block(layer, attention, x, Some(residual), cache, step)
+    }
+
+    fn mlp_residual(&mut self, layer: usize, mlp: &OptMlp<B>, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.mlp_block(layer, mlp, x, Some(residual))
     }
 
     fn norm(&mut self, ln: &LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {

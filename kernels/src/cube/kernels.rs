@@ -295,7 +295,8 @@ pub(crate) fn rows_transposed_gemv_partial_kernel<F: Float, N: Size, I: Int>(
     }
 }
 
-/// Second pass: `out[b, c] = Σ_s partial[s, b, c] + bias[c]`. A cube owns `CUBE_DIM_X`
+/// Second pass: `out[b, c] = residual[b, c] + Σ_s partial[s, b, c] + bias[c]` (the residual
+/// add of a decoder layer fused here saves it a launch). A cube owns `CUBE_DIM_X`
 /// column vectors; its `lanes_s` lanes along the splits each add every `lanes_s`-th
 /// split, then lane 0 adds the lanes' sums in lane order. The order is fixed, so the
 /// result does not depend on scheduling (no atomics). One thread per column vector
@@ -304,8 +305,10 @@ pub(crate) fn rows_transposed_gemv_partial_kernel<F: Float, N: Size, I: Int>(
 pub(crate) fn sum_partials_kernel<F: Float, N: Size>(
     partial: &Tensor<Vector<f32, N>>,
     bias: &Tensor<Vector<F, N>>,
+    residual: &Tensor<Vector<F, N>>,
     out: &mut Tensor<Vector<F, N>>,
     #[comptime] has_bias: bool,
+    #[comptime] has_residual: bool,
     #[comptime] cols_per_cube: usize,
     #[comptime] lanes_s: usize,
     #[define(F)] _dtype: StorageType,
@@ -344,6 +347,9 @@ pub(crate) fn sum_partials_kernel<F: Float, N: Size>(
         }
         if has_bias {
             total += Vector::<f32, N>::cast_from(bias[c]);
+        }
+        if has_residual {
+            total += Vector::<f32, N>::cast_from(residual[b * residual.stride(0) / vs + c]);
         }
         out[b * out.stride(0) / vs + c] = Vector::<F, N>::cast_from(total);
     }

@@ -173,11 +173,12 @@ pub fn rows_transposed_gemv_with<R: CubeRuntime>(
     block: usize,
     h: CubeTensor<R>,
     bias: Option<CubeTensor<R>>,
+    residual: Option<CubeTensor<R>>,
     int_dtype: DType,
     config: &LaunchConfig,
 ) -> CubeTensor<R> {
     let out = empty(&h, vec![dims(&h)[0], dims(&w_t)[1]], h.dtype);
-    rows_transposed_gemv_into(w_t, idx, block, h, bias, int_dtype, out, config)
+    rows_transposed_gemv_into(w_t, idx, block, h, bias, residual, int_dtype, out, config)
 }
 
 /// [`rows_transposed_gemv_with`] into a given contiguous `out [B, d]`.
@@ -188,6 +189,7 @@ pub fn rows_transposed_gemv_into<R: CubeRuntime>(
     block: usize,
     h: CubeTensor<R>,
     bias: Option<CubeTensor<R>>,
+    residual: Option<CubeTensor<R>>,
     int_dtype: DType,
     out: CubeTensor<R>,
     config: &LaunchConfig,
@@ -203,11 +205,16 @@ pub fn rows_transposed_gemv_into<R: CubeRuntime>(
     let idx = idx.map(into_contiguous).unwrap_or_else(|| unread(&h));
     let has_bias = bias.is_some();
     let bias = bias.map(into_contiguous);
+    let has_residual = residual.is_some();
+    let residual = residual.map(into_contiguous);
+    if let Some(r) = &residual {
+        assert_eq!(dims(r), vec![batch, cols], "rows_transposed_gemv: residual shape");
+    }
 
-    let vs = match &bias {
-        Some(b) => vector_width(&[&w_t, b]),
-        None => vector_width(&[&w_t]),
-    };
+    let mut vectors = vec![&w_t];
+    vectors.extend(bias.iter());
+    vectors.extend(residual.iter());
+    let vs = vector_width(&vectors);
     // Split K so every lane sums about `rows_per_lane` rows; at least one split.
     let splits = k.div_ceil(config.lanes_k * config.rows_per_lane).clamp(1, config.max_splits);
     let chunk = k.div_ceil(splits).max(1);
@@ -241,9 +248,11 @@ pub fn rows_transposed_gemv_into<R: CubeRuntime>(
             CubeDim::new_2d(sum_cols as u32, lanes_s as u32),
             vs,
             partial.into_tensor_arg(),
-            bias.unwrap_or_else(|| out.clone()).into_tensor_arg(),
+            bias.unwrap_or_else(|| unread(&out)).into_tensor_arg(),
+            residual.unwrap_or_else(|| unread(&out)).into_tensor_arg(),
             out.clone().into_tensor_arg(),
             has_bias,
+            has_residual,
             sum_cols,
             lanes_s,
             dtype.into(),

@@ -7,9 +7,76 @@
 //! - accumulation is always f32, whatever the storage type `F`;
 //! - an index `>= rows` (or a negative one) is an empty slot: it reads nothing and
 //!   contributes nothing (gathered fc1 writes 0 there). Selection pads its index list this
-//!   way, so the launch grid never depends on a count that lives on the device.
+//!   way, so the launch grid never depends on a count that lives on the device;
+//! - buffers are `Array`s, and their shapes and strides come as scalar arguments (strides
+//!   in the units the kernel indexes: vectors for vector arrays). A `Tensor` argument
+//!   carries its shape and strides as dynamic metadata, which CubeCL's CUDA runtime
+//!   uploads with a staging buffer and a host-to-device copy at every launch; scalars
+//!   travel as kernel parameters. At batch 1 a decode step is hundreds of launches, each
+//!   bound by host cost.
 
 use cubecl::prelude::*;
+
+/// A row GEMV's sizes: weights `[rows, width]` (in vectors), `x [batch, ..]`, outputs
+/// `[batch, outputs]`. Strides in the units indexed: vectors for `w` and `x`, elements for
+/// `out`.
+#[derive(CubeType, CubeLaunch, Clone, Copy)]
+pub struct GemvShape {
+    pub rows: usize,
+    pub width: usize,
+    pub w_stride: usize,
+    pub batch: usize,
+    pub x_stride: usize,
+    pub outputs: usize,
+    pub out_stride: usize,
+}
+
+/// A transposed GEMV's sizes: weights `[rows, width]` (in vectors), `h [batch, k]`
+/// (elements). The partial sums are `[splits, batch, width]`, contiguous.
+#[derive(CubeType, CubeLaunch, Clone, Copy)]
+pub struct TransposedShape {
+    pub rows: usize,
+    pub width: usize,
+    pub w_stride: usize,
+    pub k: usize,
+    pub batch: usize,
+    pub h_stride: usize,
+}
+
+/// Selected-head attention's sizes, strides in vectors: queries and outputs `[batch,
+/// slots·hd]`, caches `[batch, heads, capacity, hd]` (keys and values laid out alike).
+#[derive(CubeType, CubeLaunch, Clone, Copy)]
+pub struct AttentionShape {
+    pub slots: usize,
+    pub heads: usize,
+    pub q_stride: usize,
+    pub out_stride: usize,
+    pub cache_batch_stride: usize,
+    pub cache_head_stride: usize,
+    pub cache_pos_stride: usize,
+}
+
+/// `kv_append`'s sizes: `kv [rows, width]` (vectors), `x [batch, ..]` (vectors), caches
+/// `[batch, heads, capacity, head_dim]` with strides in elements (the last one 1).
+#[derive(CubeType, CubeLaunch, Clone, Copy)]
+pub struct KvShape {
+    pub rows: usize,
+    pub width: usize,
+    pub w_stride: usize,
+    pub batch: usize,
+    pub x_stride: usize,
+    pub head_dim: usize,
+    pub cache_batch_stride: usize,
+    pub cache_head_stride: usize,
+    pub cache_pos_stride: usize,
+}
+
+/// A low-rank predictor's second factor `up [rows, rank]` (f32, row stride in elements).
+#[derive(CubeType, CubeLaunch, Clone, Copy)]
+pub struct PredictorShape {
+    pub rank: usize,
+    pub up_stride: usize,
+}
 
 /// Lanes of one row group reduce their partial sums: with plane (warp) shuffles where the
 /// group is exactly one plane, otherwise through shared memory.
@@ -67,9 +134,9 @@ fn group_sum_all(
 /// residual into an f32 predictor).
 #[cube]
 fn lane_dot<F: Float, X: Float, N: Size>(
-    w: &Tensor<Vector<F, N>>,
+    w: &Array<Vector<F, N>>,
     w_base: usize,
-    x: &Tensor<Vector<X, N>>,
+    x: &Array<Vector<X, N>>,
     x_base: usize,
     lane: usize,
     group: usize,
@@ -118,11 +185,12 @@ fn lane_dot<F: Float, X: Float, N: Size>(
 /// without a cast launch.
 #[cube(launch_unchecked)]
 pub(crate) fn rows_gemv_kernel<F: Float, X: Float, N: Size, I: Int>(
-    w: &Tensor<Vector<F, N>>,
-    idx: &Tensor<I>,
-    x: &Tensor<Vector<X, N>>,
-    bias: &Tensor<F>,
-    out: &mut Tensor<F>,
+    w: &Array<Vector<F, N>>,
+    idx: &Array<I>,
+    x: &Array<Vector<X, N>>,
+    bias: &Array<F>,
+    out: &mut Array<F>,
+    shape: GemvShape,
     block: usize,
     #[comptime] gathered: bool,
     #[comptime] has_bias: bool,
@@ -135,12 +203,8 @@ pub(crate) fn rows_gemv_kernel<F: Float, X: Float, N: Size, I: Int>(
     let mut scratch = SharedMemory::<f32>::new(group * rows_per_cube);
     let lane = UNIT_POS_X as usize;
     let j = CUBE_POS_X as usize * rows_per_cube + UNIT_POS_Y as usize;
-    let k = out.shape(1);
-    let batch = out.shape(0);
-    let rows = w.shape(0);
-    // Shapes and strides are in elements; vector tensors are indexed in vectors.
-    let vs = w.vector_size();
-    let width = w.shape(1) / vs;
+    let k = shape.outputs;
+    let rows = shape.rows;
 
     let in_range = j < k;
     let mut row = rows;
@@ -148,17 +212,17 @@ pub(crate) fn rows_gemv_kernel<F: Float, X: Float, N: Size, I: Int>(
         row = row_of(idx, j, block, rows, gathered);
     }
     let live = row < rows;
-    let w_base = row * w.stride(0) / vs;
+    let w_base = row * shape.w_stride;
 
-    for b in 0..batch {
-        let x_base = b * x.stride(0) / vs;
+    for b in 0..shape.batch {
+        let x_base = b * shape.x_stride;
         let mut partial = 0.0f32;
         if live {
-            partial = lane_dot(w, w_base, x, x_base, lane, group, width);
+            partial = lane_dot(w, w_base, x, x_base, lane, group, shape.width);
         }
         let total = group_sum(partial, &mut scratch, group, use_plane);
         if lane == 0 && in_range {
-            out[b * out.stride(0) + j] = F::cast_from(finish_row(total, bias, row, live, has_bias, relu));
+            out[b * shape.out_stride + j] = F::cast_from(finish_row(total, bias, row, live, has_bias, relu));
         }
     }
 }
@@ -166,7 +230,7 @@ pub(crate) fn rows_gemv_kernel<F: Float, X: Float, N: Size, I: Int>(
 /// A GEMV row's output: its dot product plus bias, through ReLU if asked; 0 for a row that
 /// was not read (an empty slot, or gated off).
 #[cube]
-fn finish_row<F: Float>(total: f32, bias: &Tensor<F>, row: usize, live: bool, #[comptime] has_bias: bool, #[comptime] relu: bool) -> f32 {
+fn finish_row<F: Float>(total: f32, bias: &Array<F>, row: usize, live: bool, #[comptime] has_bias: bool, #[comptime] relu: bool) -> f32 {
     let mut y = 0.0f32;
     if live {
         y = total;
@@ -185,7 +249,7 @@ fn finish_row<F: Float>(total: f32, bias: &Tensor<F>, row: usize, live: bool, #[
 /// empty slot (block id out of range, negative ones included: they wrap to huge values)
 /// gives `rows`, which no caller reads.
 #[cube]
-fn row_of<I: Int>(idx: &Tensor<I>, j: usize, block: usize, rows: usize, #[comptime] gathered: bool) -> usize {
+fn row_of<I: Int>(idx: &Array<I>, j: usize, block: usize, rows: usize, #[comptime] gathered: bool) -> usize {
     let mut row = j;
     if gathered {
         let id = usize::cast_from(idx[j / block]);
@@ -203,7 +267,7 @@ fn row_of<I: Int>(idx: &Tensor<I>, j: usize, block: usize, rows: usize, #[compti
 /// rows are issued before any of them is used, so they are in flight together.
 #[cube]
 fn load_row<F: Float, N: Size>(
-    w: &Tensor<Vector<F, N>>,
+    w: &Array<Vector<F, N>>,
     row: usize,
     hv: f32,
     offset: usize,
@@ -225,10 +289,11 @@ fn load_row<F: Float, N: Size>(
 /// issues four rows' loads before it uses any, for the same reason as `rows_gemv_kernel`.
 #[cube(launch_unchecked)]
 pub(crate) fn rows_transposed_gemv_partial_kernel<F: Float, N: Size, I: Int>(
-    w: &Tensor<Vector<F, N>>,
-    idx: &Tensor<I>,
-    h: &Tensor<F>,
-    partial: &mut Tensor<Vector<f32, N>>,
+    w: &Array<Vector<F, N>>,
+    idx: &Array<I>,
+    h: &Array<F>,
+    partial: &mut Array<Vector<f32, N>>,
+    shape: TransposedShape,
     chunk: usize,
     block: usize,
     #[comptime] gathered: bool,
@@ -241,18 +306,15 @@ pub(crate) fn rows_transposed_gemv_partial_kernel<F: Float, N: Size, I: Int>(
     let ky = UNIT_POS_Y as usize;
     let c = CUBE_POS_X as usize * cols_per_cube + cx;
     let split = CUBE_POS_Y as usize;
-    let rows = w.shape(0);
-    let vs = w.vector_size();
-    let width = w.shape(1) / vs;
-    let row_stride = w.stride(0) / vs;
-    let k = h.shape(1);
-    let batch = h.shape(0);
+    let rows = shape.rows;
+    let width = shape.width;
+    let row_stride = shape.w_stride;
     let start = split * chunk;
-    let end = usize::min(start + chunk, k);
+    let end = usize::min(start + chunk, shape.k);
     let col_live = c < width;
 
-    for b in 0..batch {
-        let h_base = b * h.stride(0);
+    for b in 0..shape.batch {
+        let h_base = b * shape.h_stride;
         let mut acc = Vector::<f32, N>::new(0.0f32);
         if col_live {
             let mut j = start + ky;
@@ -289,7 +351,7 @@ pub(crate) fn rows_transposed_gemv_partial_kernel<F: Float, N: Size, I: Int>(
             for i in 1..lanes_k {
                 total += scratch[i * cols_per_cube + cx];
             }
-            partial[(split * partial.stride(0) + b * partial.stride(1)) / vs + c] = total;
+            partial[(split * shape.batch + b) * width + c] = total;
         }
         sync_cube();
     }
@@ -303,10 +365,15 @@ pub(crate) fn rows_transposed_gemv_partial_kernel<F: Float, N: Size, I: Int>(
 /// instead made this pass latency-bound: 256 splits took ~60 µs on the H100.
 #[cube(launch_unchecked)]
 pub(crate) fn sum_partials_kernel<F: Float, N: Size>(
-    partial: &Tensor<Vector<f32, N>>,
-    bias: &Tensor<Vector<F, N>>,
-    residual: &Tensor<Vector<F, N>>,
-    out: &mut Tensor<Vector<F, N>>,
+    partial: &Array<Vector<f32, N>>,
+    bias: &Array<Vector<F, N>>,
+    residual: &Array<Vector<F, N>>,
+    out: &mut Array<Vector<F, N>>,
+    width: usize,
+    batch: usize,
+    splits: usize,
+    residual_stride: usize,
+    out_stride: usize,
     #[comptime] has_bias: bool,
     #[comptime] has_residual: bool,
     #[comptime] cols_per_cube: usize,
@@ -314,17 +381,14 @@ pub(crate) fn sum_partials_kernel<F: Float, N: Size>(
     #[define(F)] _dtype: StorageType,
 ) {
     let mut scratch = SharedMemory::<Vector<f32, N>>::new(cols_per_cube * lanes_s);
-    let vs = out.vector_size();
-    let width = out.shape(1) / vs;
-    let batch = out.shape(0);
     let cx = UNIT_POS_X as usize;
     let ly = UNIT_POS_Y as usize;
     let c = CUBE_POS_X as usize * cols_per_cube + cx;
     let b = CUBE_POS_Y as usize;
     let live = c < width && b < batch;
-    let splits = partial.shape(0);
-    let split_stride = partial.stride(0) / vs;
-    let base = b * partial.stride(1) / vs + c;
+    // `partial [splits, batch, width]`, contiguous.
+    let split_stride = batch * width;
+    let base = b * width + c;
     let mut t0 = Vector::<f32, N>::new(0.0f32);
     let mut t1 = Vector::<f32, N>::new(0.0f32);
     if live {
@@ -349,9 +413,9 @@ pub(crate) fn sum_partials_kernel<F: Float, N: Size>(
             total += Vector::<f32, N>::cast_from(bias[c]);
         }
         if has_residual {
-            total += Vector::<f32, N>::cast_from(residual[b * residual.stride(0) / vs + c]);
+            total += Vector::<f32, N>::cast_from(residual[b * residual_stride + c]);
         }
-        out[b * out.stride(0) / vs + c] = Vector::<F, N>::cast_from(total);
+        out[b * out_stride + c] = Vector::<F, N>::cast_from(total);
     }
 }
 
@@ -367,10 +431,14 @@ pub(crate) fn sum_partials_kernel<F: Float, N: Size>(
 /// thread where its indices go.
 #[cube(launch_unchecked)]
 pub(crate) fn select_above_threshold_kernel<F: Float, N: Size, I: Int>(
-    logits: &Tensor<Vector<F, N>>,
+    logits: &Array<Vector<F, N>>,
     threshold: f32,
-    idx: &mut Tensor<I>,
-    count: &mut Tensor<I>,
+    idx: &mut Array<I>,
+    count: &mut Array<I>,
+    n: usize,
+    batch: usize,
+    logits_stride: usize,
+    capacity: usize,
     #[comptime] threads: usize,
     #[comptime] lanes: usize,
     #[define(F, I)] _dtypes: [StorageType; 2],
@@ -378,10 +446,6 @@ pub(crate) fn select_above_threshold_kernel<F: Float, N: Size, I: Int>(
     // `lanes` is the vector width (`N`), as a comptime value to unroll over.
     let mut scan = SharedMemory::<u32>::new(threads);
     let t = UNIT_POS_X as usize;
-    let vs = logits.vector_size();
-    let n = logits.shape(1);
-    let batch = logits.shape(0);
-    let capacity = idx.shape(0);
     let per_round = 32 * threads;
     #[allow(clippy::manual_div_ceil)] // div_ceil is not a cube operation
     let rounds = (n + per_round - 1) / per_round;
@@ -391,12 +455,13 @@ pub(crate) fn select_above_threshold_kernel<F: Float, N: Size, I: Int>(
         let first = round * per_round + t * 32;
         let mut mask = 0u32;
         for b in 0..batch {
-            let row = b * logits.stride(0);
+            // In elements: a row starts on a vector boundary (`lanes` divides the stride).
+            let row = b * logits_stride;
             #[unroll]
             for q in 0..32 / lanes {
                 let e = first + q * lanes;
                 if e < n {
-                    let v = logits[(row + e) / vs];
+                    let v = logits[(row + e) / lanes];
                     #[unroll]
                     for lane in 0..lanes {
                         if f32::cast_from(v[lane]) > threshold {
@@ -485,13 +550,14 @@ fn cube_reduce(red: &mut SharedMemory<f32>, value: f32, tid: usize, #[comptime] 
 /// An empty slot writes zeros.
 #[cube(launch_unchecked)]
 pub(crate) fn selected_heads_attention_kernel<F: Float, N: Size, I: Int>(
-    q: &Tensor<Vector<F, N>>,
-    heads: &Tensor<I>,
-    k_cache: &Tensor<Vector<F, N>>,
-    v_cache: &Tensor<Vector<F, N>>,
-    out: &mut Tensor<Vector<F, N>>,
-    ws_o: &mut Tensor<Vector<f32, N>>,
-    ws_ml: &mut Tensor<f32>,
+    q: &Array<Vector<F, N>>,
+    heads: &Array<I>,
+    k_cache: &Array<Vector<F, N>>,
+    v_cache: &Array<Vector<F, N>>,
+    out: &mut Array<Vector<F, N>>,
+    ws_o: &mut Array<Vector<f32, N>>,
+    ws_ml: &mut Array<f32>,
+    shape: AttentionShape,
     len: usize,
     chunk: usize,
     scale: f32,
@@ -509,14 +575,12 @@ pub(crate) fn selected_heads_attention_kernel<F: Float, N: Size, I: Int>(
     let sp = CUBE_POS_Y as usize;
     let splits = CUBE_COUNT_Y as usize;
     let b = CUBE_POS_Z as usize;
-    let slots = heads.shape(0);
-    let vs = q.vector_size();
-    let n_heads = k_cache.shape(1);
+    let slots = shape.slots;
     let head = usize::cast_from(heads[j]);
-    let live = head < n_heads;
-    let q_base = (b * q.stride(0)) / vs + j * hd_vectors;
-    let kv_base = (b * k_cache.stride(0) + head * k_cache.stride(1)) / vs;
-    let pos_stride = k_cache.stride(2) / vs;
+    let live = head < shape.heads;
+    let q_base = b * shape.q_stride + j * hd_vectors;
+    let kv_base = b * shape.cache_batch_stride + head * shape.cache_head_stride;
+    let pos_stride = shape.cache_pos_stride;
     let start = usize::min(sp * chunk, len);
     let end = usize::min(start + chunk, len);
 
@@ -602,7 +666,7 @@ pub(crate) fn selected_heads_attention_kernel<F: Float, N: Size, I: Int>(
             if live {
                 sum /= Vector::<f32, N>::new(total);
             }
-            out[(b * out.stride(0)) / vs + j * hd_vectors + tid] = Vector::<F, N>::cast_from(sum);
+            out[b * shape.out_stride + j * hd_vectors + tid] = Vector::<F, N>::cast_from(sum);
         }
     }
 }
@@ -612,9 +676,10 @@ pub(crate) fn selected_heads_attention_kernel<F: Float, N: Size, I: Int>(
 /// one unit per column vector. Empty slots (no live split: every sum 0) write zeros.
 #[cube(launch_unchecked)]
 pub(crate) fn combine_attention_splits_kernel<F: Float, N: Size>(
-    ws_o: &Tensor<Vector<f32, N>>,
-    ws_ml: &Tensor<f32>,
-    out: &mut Tensor<Vector<F, N>>,
+    ws_o: &Array<Vector<f32, N>>,
+    ws_ml: &Array<f32>,
+    out: &mut Array<Vector<F, N>>,
+    out_stride: usize,
     splits: usize,
     #[comptime] hd_vectors: usize,
     #[define(F)] _dtype: StorageType,
@@ -623,7 +688,6 @@ pub(crate) fn combine_attention_splits_kernel<F: Float, N: Size>(
     let j = CUBE_POS_X as usize;
     let b = CUBE_POS_Y as usize;
     let slots = CUBE_COUNT_X as usize;
-    let vs = out.vector_size();
     let first = (b * slots + j) * splits;
     let mut m = f32::new(-3.0e38);
     for s in 0..splits {
@@ -639,7 +703,7 @@ pub(crate) fn combine_attention_splits_kernel<F: Float, N: Size>(
     if l > 0.0f32 {
         o /= Vector::<f32, N>::new(l);
     }
-    out[(b * out.stride(0)) / vs + j * hd_vectors + cv] = Vector::<F, N>::cast_from(o);
+    out[b * out_stride + j * hd_vectors + cv] = Vector::<F, N>::cast_from(o);
 }
 
 /// LayerNorm of each row of `x [rows, d]`: `(x − mean) / sqrt(var + eps) · gamma + beta`
@@ -648,10 +712,13 @@ pub(crate) fn combine_attention_splits_kernel<F: Float, N: Size>(
 /// step's LayerNorm is one launch instead of the eight or so of composed tensor ops.
 #[cube(launch_unchecked)]
 pub(crate) fn layer_norm_kernel<F: Float, N: Size>(
-    x: &Tensor<Vector<F, N>>,
-    gamma: &Tensor<Vector<f32, N>>,
-    beta: &Tensor<Vector<f32, N>>,
-    out: &mut Tensor<Vector<F, N>>,
+    x: &Array<Vector<F, N>>,
+    gamma: &Array<Vector<f32, N>>,
+    beta: &Array<Vector<f32, N>>,
+    out: &mut Array<Vector<F, N>>,
+    width: usize,
+    x_stride: usize,
+    out_stride: usize,
     inv_width: f32,
     eps: f32,
     #[comptime] threads: usize,
@@ -660,10 +727,8 @@ pub(crate) fn layer_norm_kernel<F: Float, N: Size>(
     let mut red = SharedMemory::<f32>::new(threads);
     let tid = UNIT_POS_X as usize;
     let r = CUBE_POS_X as usize;
-    let vs = x.vector_size();
-    let width = x.shape(1) / vs;
-    let x_base = r * x.stride(0) / vs;
-    let o_base = r * out.stride(0) / vs;
+    let x_base = r * x_stride;
+    let o_base = r * out_stride;
 
     let mut sum = 0.0f32;
     let mut c = tid;
@@ -705,11 +770,12 @@ pub(crate) fn layer_norm_kernel<F: Float, N: Size>(
 /// same lane layout as `rows_gemv_kernel`.
 #[cube(launch_unchecked)]
 pub(crate) fn kv_append_kernel<F: Float, N: Size>(
-    kv: &Tensor<Vector<F, N>>,
-    x: &Tensor<Vector<F, N>>,
-    bias: &Tensor<F>,
-    k_cache: &mut Tensor<F>,
-    v_cache: &mut Tensor<F>,
+    kv: &Array<Vector<F, N>>,
+    x: &Array<Vector<F, N>>,
+    bias: &Array<F>,
+    k_cache: &mut Array<F>,
+    v_cache: &mut Array<F>,
+    shape: KvShape,
     pos: usize,
     #[comptime] has_bias: bool,
     #[comptime] group: usize,
@@ -720,22 +786,19 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size>(
     let mut scratch = SharedMemory::<f32>::new(group * rows_per_cube);
     let lane = UNIT_POS_X as usize;
     let j = CUBE_POS_X as usize * rows_per_cube + UNIT_POS_Y as usize;
-    let rows = kv.shape(0);
+    let rows = shape.rows;
     let half = rows / 2;
-    let batch = x.shape(0);
-    let vs = kv.vector_size();
-    let width = kv.shape(1) / vs;
-    let hd = k_cache.shape(3);
+    let hd = shape.head_dim;
     let in_range = j < rows;
-    let w_base = j * kv.stride(0) / vs;
+    let w_base = j * shape.w_stride;
     let jj = j % half;
     let h = jj / hd;
     let c = jj % hd;
-    for b in 0..batch {
-        let x_base = b * x.stride(0) / vs;
+    for b in 0..shape.batch {
+        let x_base = b * shape.x_stride;
         let mut partial = 0.0f32;
         if in_range {
-            partial = lane_dot(kv, w_base, x, x_base, lane, group, width);
+            partial = lane_dot(kv, w_base, x, x_base, lane, group, shape.width);
         }
         let total = group_sum(partial, &mut scratch, group, use_plane);
         if lane == 0 && in_range {
@@ -743,7 +806,7 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size>(
             if has_bias {
                 y += f32::cast_from(bias[j]);
             }
-            let offset = b * k_cache.stride(0) + h * k_cache.stride(1) + pos * k_cache.stride(2) + c * k_cache.stride(3);
+            let offset = b * shape.cache_batch_stride + h * shape.cache_head_stride + pos * shape.cache_pos_stride + c;
             if j < half {
                 k_cache[offset] = F::cast_from(y);
             } else {
@@ -759,11 +822,12 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size>(
 /// (one gate row). The lane layout of `rows_gemv_kernel`.
 #[cube(launch_unchecked)]
 pub(crate) fn gated_rows_gemv_kernel<F: Float, N: Size>(
-    w: &Tensor<Vector<F, N>>,
-    gate: &Tensor<f32>,
-    x: &Tensor<Vector<F, N>>,
-    bias: &Tensor<F>,
-    out: &mut Tensor<F>,
+    w: &Array<Vector<F, N>>,
+    gate: &Array<f32>,
+    x: &Array<Vector<F, N>>,
+    bias: &Array<F>,
+    out: &mut Array<F>,
+    shape: GemvShape,
     threshold: f32,
     #[comptime] has_bias: bool,
     #[comptime] relu: bool,
@@ -776,10 +840,10 @@ pub(crate) fn gated_rows_gemv_kernel<F: Float, N: Size>(
     let lane = UNIT_POS_X as usize;
     let j = CUBE_POS_X as usize * rows_per_cube + UNIT_POS_Y as usize;
     let mut live = false;
-    if j < w.shape(0) {
+    if j < shape.rows {
         live = gate[j] > threshold;
     }
-    gated_row(w, x, bias, out, j, live, lane, &mut scratch, has_bias, relu, group, use_plane);
+    gated_row(w, x, bias, out, shape, j, live, lane, &mut scratch, has_bias, relu, group, use_plane);
 }
 
 /// Output row `j` of a gated fc1 (batch 1): `act(W[j, :] · x + bias[j])` where `live`
@@ -787,10 +851,11 @@ pub(crate) fn gated_rows_gemv_kernel<F: Float, N: Size>(
 #[cube]
 #[allow(clippy::too_many_arguments)] // the row, its inputs and the kernel's layout
 fn gated_row<F: Float, N: Size>(
-    w: &Tensor<Vector<F, N>>,
-    x: &Tensor<Vector<F, N>>,
-    bias: &Tensor<F>,
-    out: &mut Tensor<F>,
+    w: &Array<Vector<F, N>>,
+    x: &Array<Vector<F, N>>,
+    bias: &Array<F>,
+    out: &mut Array<F>,
+    shape: GemvShape,
     j: usize,
     live: bool,
     lane: usize,
@@ -800,14 +865,12 @@ fn gated_row<F: Float, N: Size>(
     #[comptime] group: usize,
     #[comptime] use_plane: bool,
 ) {
-    let vs = w.vector_size();
-    let width = w.shape(1) / vs;
     let mut partial = 0.0f32;
     if live {
-        partial = lane_dot(w, j * w.stride(0) / vs, x, 0, lane, group, width);
+        partial = lane_dot(w, j * shape.w_stride, x, 0, lane, group, shape.width);
     }
     let total = group_sum(partial, scratch, group, use_plane);
-    if lane == 0 && j < w.shape(0) {
+    if lane == 0 && j < shape.rows {
         out[j] = F::cast_from(finish_row(total, bias, j, live, has_bias, relu));
     }
 }
@@ -817,8 +880,9 @@ fn gated_row<F: Float, N: Size>(
 /// threshold.
 #[cube]
 fn predicted_logit(
-    up: &Tensor<f32>,
-    h: &Tensor<f32>,
+    up: &Array<f32>,
+    h: &Array<f32>,
+    predictor: PredictorShape,
     j: usize,
     rows: usize,
     lane: usize,
@@ -826,10 +890,10 @@ fn predicted_logit(
     #[comptime] group: usize,
     #[comptime] use_plane: bool,
 ) -> f32 {
-    let r = up.shape(1);
+    let r = predictor.rank;
     let mut partial = 0.0f32;
     if j < rows {
-        let base = j * up.stride(0);
+        let base = j * predictor.up_stride;
         let mut t = lane;
         while t < r {
             partial += up[base + t] * h[t];
@@ -851,12 +915,14 @@ fn predicted_logit(
 /// or index list in memory.
 #[cube(launch_unchecked)]
 pub(crate) fn predicted_rows_gemv_kernel<F: Float, N: Size>(
-    w: &Tensor<Vector<F, N>>,
-    up: &Tensor<f32>,
-    h: &Tensor<f32>,
-    x: &Tensor<Vector<F, N>>,
-    bias: &Tensor<F>,
-    out: &mut Tensor<F>,
+    w: &Array<Vector<F, N>>,
+    up: &Array<f32>,
+    h: &Array<f32>,
+    x: &Array<Vector<F, N>>,
+    bias: &Array<F>,
+    out: &mut Array<F>,
+    shape: GemvShape,
+    predictor: PredictorShape,
     threshold: f32,
     #[comptime] has_bias: bool,
     #[comptime] relu: bool,
@@ -868,9 +934,9 @@ pub(crate) fn predicted_rows_gemv_kernel<F: Float, N: Size>(
     let mut scratch = SharedMemory::<f32>::new(group * rows_per_cube);
     let lane = UNIT_POS_X as usize;
     let j = CUBE_POS_X as usize * rows_per_cube + UNIT_POS_Y as usize;
-    let logit = predicted_logit(up, h, j, w.shape(0), lane, &mut scratch, group, use_plane);
+    let logit = predicted_logit(up, h, predictor, j, shape.rows, lane, &mut scratch, group, use_plane);
     // Every lane of the group holds the same logit, so `live` is uniform.
-    gated_row(w, x, bias, out, j, logit > threshold, lane, &mut scratch, has_bias, relu, group, use_plane);
+    gated_row(w, x, bias, out, shape, j, logit > threshold, lane, &mut scratch, has_bias, relu, group, use_plane);
 }
 
 /// Head selection with its predictor in one cube: the logits `up · h` of `rows` heads
@@ -880,10 +946,13 @@ pub(crate) fn predicted_rows_gemv_kernel<F: Float, N: Size>(
 /// so one unit compacts them serially.
 #[cube(launch_unchecked)]
 pub(crate) fn predict_select_kernel<I: Int>(
-    up: &Tensor<f32>,
-    h: &Tensor<f32>,
-    idx: &mut Tensor<I>,
-    count: &mut Tensor<I>,
+    up: &Array<f32>,
+    h: &Array<f32>,
+    idx: &mut Array<I>,
+    count: &mut Array<I>,
+    predictor: PredictorShape,
+    rows: usize,
+    capacity: usize,
     threshold: f32,
     #[comptime] max_rows: usize,
     #[comptime] group: usize,
@@ -895,14 +964,12 @@ pub(crate) fn predict_select_kernel<I: Int>(
     let mut logits = SharedMemory::<f32>::new(max_rows);
     let lane = UNIT_POS_X as usize;
     let g = UNIT_POS_Y as usize;
-    let rows = up.shape(0);
-    let capacity = idx.shape(0);
     // Every group runs the same number of rounds (group_sum may sync the cube).
     #[allow(clippy::manual_div_ceil)] // div_ceil is not a cube operation
     let rounds = (rows + groups - 1) / groups;
     for round in 0..rounds {
         let j = round * groups + g;
-        let logit = predicted_logit(up, h, j, rows, lane, &mut scratch, group, use_plane);
+        let logit = predicted_logit(up, h, predictor, j, rows, lane, &mut scratch, group, use_plane);
         if lane == 0 && j < rows {
             logits[j] = logit;
         }

@@ -77,6 +77,17 @@ fn dims<R: CubeRuntime>(t: &CubeTensor<R>) -> Vec<usize> {
     t.meta.shape().iter().copied().collect()
 }
 
+/// Stride of dimension `dim`, in elements.
+fn stride<R: CubeRuntime>(t: &CubeTensor<R>, dim: usize) -> usize {
+    t.meta.strides()[dim]
+}
+
+/// A kernel's buffer argument: the kernels take `Array`s, with shapes and strides as scalar
+/// arguments (see the module comment of `kernels.rs`).
+fn arg<R: CubeRuntime>(t: CubeTensor<R>) -> ArrayArg<R> {
+    t.into_array_arg()
+}
+
 fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Vec<usize>, dtype: DType) -> CubeTensor<R> {
     empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), Shape::from(shape), dtype)
 }
@@ -141,17 +152,19 @@ pub fn rows_gemv_into<R: CubeRuntime>(
     let (dtype, x_dtype) = (w.dtype, x.dtype);
     let idx_dtype = if gathered { idx.dtype } else { int_dtype };
     debug_assert_eq!(cols % vs, 0);
+    let shape = GemvShapeLaunch::new(rows, cols / vs, stride(&w, 0) / vs, batch, stride(&x, 0) / vs, k, stride(&out, 0));
     unsafe {
         rows_gemv_kernel::launch_unchecked::<R>(
             &out.client,
             CubeCount::Static(cubes, 1, 1),
             CubeDim::new_2d(group as u32, config.rows_per_cube as u32),
             vs,
-            w.into_tensor_arg(),
-            idx.into_tensor_arg(),
-            x.into_tensor_arg(),
-            bias.into_tensor_arg(),
-            out.clone().into_tensor_arg(),
+            arg(w),
+            arg(idx),
+            arg(x),
+            arg(bias),
+            arg(out.clone()),
+            shape,
             block,
             gathered,
             has_bias,
@@ -222,16 +235,20 @@ pub fn rows_transposed_gemv_into<R: CubeRuntime>(
     let col_blocks = (cols / vs).div_ceil(config.cols_per_cube) as u32;
     let dtype = w_t.dtype;
     let idx_dtype = if gathered { idx.dtype } else { int_dtype };
+    let shape = TransposedShapeLaunch::new(dims(&w_t)[0], cols / vs, stride(&w_t, 0) / vs, k, batch, stride(&h, 0));
+    let residual_stride = residual.as_ref().map_or(0, |r| stride(r, 0) / vs);
+    let out_stride = stride(&out, 0) / vs;
     unsafe {
         rows_transposed_gemv_partial_kernel::launch_unchecked::<R>(
             &out.client,
             CubeCount::Static(col_blocks, splits as u32, 1),
             CubeDim::new_2d(config.cols_per_cube as u32, config.lanes_k as u32),
             vs,
-            w_t.into_tensor_arg(),
-            idx.into_tensor_arg(),
-            h.into_tensor_arg(),
-            partial.clone().into_tensor_arg(),
+            arg(w_t),
+            arg(idx),
+            arg(h),
+            arg(partial.clone()),
+            shape,
             chunk,
             block.max(1),
             gathered,
@@ -247,10 +264,15 @@ pub fn rows_transposed_gemv_into<R: CubeRuntime>(
             CubeCount::Static((cols / vs).div_ceil(sum_cols) as u32, batch as u32, 1),
             CubeDim::new_2d(sum_cols as u32, lanes_s as u32),
             vs,
-            partial.into_tensor_arg(),
-            bias.unwrap_or_else(|| unread(&out)).into_tensor_arg(),
-            residual.unwrap_or_else(|| unread(&out)).into_tensor_arg(),
-            out.clone().into_tensor_arg(),
+            arg(partial),
+            arg(bias.unwrap_or_else(|| unread(&out))),
+            arg(residual.unwrap_or_else(|| unread(&out))),
+            arg(out.clone()),
+            cols / vs,
+            batch,
+            splits,
+            residual_stride,
+            out_stride,
             has_bias,
             has_residual,
             sum_cols,
@@ -280,16 +302,21 @@ pub fn select_above_threshold<R: CubeRuntime>(
     let vs = vector_width(&[&logits]).min(32);
     let dtype = logits.dtype;
     let client = logits.client.clone();
+    let (batch, logits_stride) = (dims(&logits)[0], stride(&logits, 0));
     unsafe {
         select_above_threshold_kernel::launch_unchecked::<R>(
             &client,
             CubeCount::Static(1, 1, 1),
             CubeDim::new_1d(threads as u32),
             vs,
-            logits.into_tensor_arg(),
+            arg(logits),
             threshold,
-            idx.clone().into_tensor_arg(),
-            count.clone().into_tensor_arg(),
+            arg(idx.clone()),
+            arg(count.clone()),
+            n,
+            batch,
+            logits_stride,
+            capacity.max(1),
             threads,
             vs,
             [dtype.into(), int_dtype.into()],
@@ -339,19 +366,31 @@ pub fn selected_heads_attention<R: CubeRuntime>(
     };
     let (dtype, idx_dtype) = (q.dtype, heads.dtype);
     let client = q.client.clone();
+    assert_eq!(k_cache.meta.strides(), v_cache.meta.strides(), "selected_heads_attention: keys and values laid out alike");
+    let shape = AttentionShapeLaunch::new(
+        slots,
+        dims(&k_cache)[1],
+        stride(&q, 0) / vs,
+        stride(&out, 0) / vs,
+        stride(&k_cache, 0) / vs,
+        stride(&k_cache, 1) / vs,
+        stride(&k_cache, 2) / vs,
+    );
+    let out_stride = stride(&out, 0) / vs;
     unsafe {
         selected_heads_attention_kernel::launch_unchecked::<R>(
             &client,
             CubeCount::Static(slots as u32, splits as u32, batch as u32),
             CubeDim::new_1d(threads as u32),
             vs,
-            q.into_tensor_arg(),
-            heads.into_tensor_arg(),
-            k_cache.into_tensor_arg(),
-            v_cache.into_tensor_arg(),
-            out.clone().into_tensor_arg(),
-            ws_o.clone().into_tensor_arg(),
-            ws_ml.clone().into_tensor_arg(),
+            arg(q),
+            arg(heads),
+            arg(k_cache),
+            arg(v_cache),
+            arg(out.clone()),
+            arg(ws_o.clone()),
+            arg(ws_ml.clone()),
+            shape,
             len,
             chunk,
             scale,
@@ -367,9 +406,10 @@ pub fn selected_heads_attention<R: CubeRuntime>(
                 CubeCount::Static(slots as u32, batch as u32, 1),
                 CubeDim::new_1d(hd_vectors as u32),
                 vs,
-                ws_o.into_tensor_arg(),
-                ws_ml.into_tensor_arg(),
-                out.clone().into_tensor_arg(),
+                arg(ws_o),
+                arg(ws_ml),
+                arg(out.clone()),
+                out_stride,
                 splits,
                 hd_vectors,
                 dtype.into(),
@@ -398,16 +438,20 @@ pub fn layer_norm<R: CubeRuntime>(
     let threads = (d / vs).next_power_of_two().clamp(32, 256).min(client_units(&x));
     let dtype = x.dtype;
     let client = x.client.clone();
+    let (x_stride, out_stride) = (stride(&x, 0) / vs, stride(&out, 0) / vs);
     unsafe {
         layer_norm_kernel::launch_unchecked::<R>(
             &client,
             CubeCount::Static(rows as u32, 1, 1),
             CubeDim::new_1d(threads as u32),
             vs,
-            x.into_tensor_arg(),
-            gamma.into_tensor_arg(),
-            beta.into_tensor_arg(),
-            out.clone().into_tensor_arg(),
+            arg(x),
+            arg(gamma),
+            arg(beta),
+            arg(out.clone()),
+            d / vs,
+            x_stride,
+            out_stride,
             1.0 / d as f32,
             eps,
             threads,
@@ -437,17 +481,31 @@ pub fn kv_append<R: CubeRuntime>(
     let rows_per_cube = LaunchConfig::default().rows_per_cube;
     let dtype = kv.dtype;
     let client = kv.client.clone();
+    assert_eq!(k_cache.meta.strides(), v_cache.meta.strides(), "kv_append: keys and values laid out alike");
+    assert_eq!(stride(&k_cache, 3), 1, "kv_append: cache rows contiguous");
+    let shape = KvShapeLaunch::new(
+        rows,
+        dims(&kv)[1] / vs,
+        stride(&kv, 0) / vs,
+        dims(&x)[0],
+        stride(&x, 0) / vs,
+        dims(&k_cache)[3],
+        stride(&k_cache, 0),
+        stride(&k_cache, 1),
+        stride(&k_cache, 2),
+    );
     unsafe {
         kv_append_kernel::launch_unchecked::<R>(
             &client,
             CubeCount::Static(rows.div_ceil(rows_per_cube) as u32, 1, 1),
             CubeDim::new_2d(group as u32, rows_per_cube as u32),
             vs,
-            kv.into_tensor_arg(),
-            x.into_tensor_arg(),
-            bias.into_tensor_arg(),
-            k_cache.clone().into_tensor_arg(),
-            v_cache.clone().into_tensor_arg(),
+            arg(kv),
+            arg(x),
+            arg(bias),
+            arg(k_cache.clone()),
+            arg(v_cache.clone()),
+            shape,
             pos,
             has_bias,
             group,
@@ -464,6 +522,7 @@ pub fn kv_append<R: CubeRuntime>(
 /// the grid.
 struct GatedRows<R: CubeRuntime> {
     out: CubeTensor<R>,
+    shape: GemvShapeLaunch<R>,
     bias: CubeTensor<R>,
     has_bias: bool,
     vs: usize,
@@ -479,11 +538,13 @@ impl<R: CubeRuntime> GatedRows<R> {
         let rows = dims(w)[0];
         let (group, use_plane) = reduction_group(&w.client);
         let rows_per_cube = LaunchConfig::default().rows_per_cube;
+        let vs = vector_width(&[w, x]);
         Self {
             out: empty(x, vec![1, rows], w.dtype),
+            shape: GemvShapeLaunch::new(rows, dims(w)[1] / vs, stride(w, 0) / vs, 1, stride(x, 0) / vs, rows, rows),
             has_bias: bias.is_some(),
             bias: bias.map(into_contiguous).unwrap_or_else(|| unread(w)),
-            vs: vector_width(&[w, x]),
+            vs,
             group,
             use_plane,
             rows_per_cube,
@@ -512,11 +573,12 @@ pub fn gated_rows_gemv<R: CubeRuntime>(
             l.count,
             l.dim,
             l.vs,
-            w.into_tensor_arg(),
-            gate.into_tensor_arg(),
-            x.into_tensor_arg(),
-            l.bias.into_tensor_arg(),
-            l.out.clone().into_tensor_arg(),
+            arg(w),
+            arg(gate),
+            arg(x),
+            arg(l.bias),
+            arg(l.out.clone()),
+            l.shape,
             threshold,
             l.has_bias,
             relu,
@@ -545,18 +607,21 @@ pub fn predicted_rows_gemv<R: CubeRuntime>(
     let (up, h) = (into_contiguous(up), into_contiguous(h));
     let l = GatedRows::new(&w, &x, bias);
     let (dtype, client) = (w.dtype, w.client.clone());
+    let predictor = PredictorShapeLaunch::new(dims(&up)[1], stride(&up, 0));
     unsafe {
         predicted_rows_gemv_kernel::launch_unchecked::<R>(
             &client,
             l.count,
             l.dim,
             l.vs,
-            w.into_tensor_arg(),
-            up.into_tensor_arg(),
-            h.into_tensor_arg(),
-            x.into_tensor_arg(),
-            l.bias.into_tensor_arg(),
-            l.out.clone().into_tensor_arg(),
+            arg(w),
+            arg(up),
+            arg(h),
+            arg(x),
+            arg(l.bias),
+            arg(l.out.clone()),
+            l.shape,
+            predictor,
             threshold,
             l.has_bias,
             relu,
@@ -588,15 +653,19 @@ pub fn predict_select<R: CubeRuntime>(
     let (group, use_plane) = reduction_group(&up.client);
     let groups = PREDICT_SELECT_GROUPS.min(client_units(&up) / group).max(1);
     let client = up.client.clone();
+    let predictor = PredictorShapeLaunch::new(dims(&up)[1], stride(&up, 0));
     unsafe {
         predict_select_kernel::launch_unchecked::<R>(
             &client,
             CubeCount::Static(1, 1, 1),
             CubeDim::new_2d(group as u32, groups as u32),
-            up.into_tensor_arg(),
-            h.into_tensor_arg(),
-            idx.clone().into_tensor_arg(),
-            count.clone().into_tensor_arg(),
+            arg(up),
+            arg(h),
+            arg(idx.clone()),
+            arg(count.clone()),
+            predictor,
+            rows,
+            capacity.max(1),
             threshold,
             rows.max(1),
             group,

@@ -18,7 +18,7 @@ use dejavu_runtime::{dispatch, BackendKind, BackendTask, Precision, SparseKernel
 use dejavu_model::generate::token_tensor;
 use dejavu_model::{
     content_hash, generate, load_model, use_row_major_weights, Activation, DecodeWeights, Dense, ForwardHooks, GenerateOptions,
-    KernelDecode, KvCache, LayerKvCache, Opt, OptConfig, Sampling, SparseModel, SparseOptions, SparsityStats, Step,
+    KernelDecode, KvCache, LayerKvCache, NormSite, Opt, OptConfig, Sampling, SparseModel, SparseOptions, SparsityStats, Step,
 };
 use dejavu_predictor::{
     DenseLayers, LayerEntry, Manifest, OperatingPoint, OutputEntry, PredictorModules, PredictorSet, Selection, SparsityPlan,
@@ -207,8 +207,8 @@ impl<B: SparseKernels> ForwardHooks<B> for RecordInputs<'_, B> {
         self.inner.mlp_residual(layer, mlp, x, residual)
     }
 
-    fn norm(&mut self, ln: &burn::nn::LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.inner.norm(ln, x)
+    fn norm(&mut self, site: NormSite, ln: &burn::nn::LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.inner.norm(site, ln, x)
     }
 }
 
@@ -424,9 +424,9 @@ impl<B: SparseKernels> ForwardHooks<B> for ProfiledHooks<'_, B> {
         self.timed(2, decode, |h| h.mlp_residual(layer, mlp, x, residual))
     }
 
-    fn norm(&mut self, ln: &burn::nn::LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    fn norm(&mut self, site: NormSite, ln: &burn::nn::LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let decode = x.dims()[1] == 1;
-        self.timed(3, decode, |h| h.norm(ln, x))
+        self.timed(3, decode, |h| h.norm(site, ln, x))
     }
 }
 

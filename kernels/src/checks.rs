@@ -605,6 +605,59 @@ pub fn check_predictor_kernels<B: SparseKernels>(
     out
 }
 
+/// `norm_predict` (LayerNorm + a predictor's first factor + a head selection in one
+/// launch) against the host's LayerNorm, GEMV and selection, with and without the
+/// selection. The residual is stored in `dtype`, the predictors are f32.
+pub fn check_norm_predict<B: SparseKernels>(device: &B::Device, d: usize, r: usize, heads: usize, dtype: DType, seed: u64) -> Vec<Outcome> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let case = format!("d {d} r {r} heads {heads} {dtype:?} seed {seed}");
+    let x = stored((0..d).map(|_| 3.0 + 4.0 * rng.random_range(-1.0f32..1.0)).collect(), dtype);
+    let (gamma, beta) = (uniform(&mut rng, d, 0.0), uniform(&mut rng, d, 0.0));
+    let down = uniform(&mut rng, r * d, 0.0);
+    let (up, h) = (uniform(&mut rng, heads * r, 0.0), uniform(&mut rng, r, 0.0));
+    let logits = host::rows_gemv(&up, heads, r, None, &h, 1, None, false);
+    let threshold = threshold_in_gap(&logits);
+    let eps = 1e-5;
+    let want_normed = host::layer_norm(&x, 1, d, &gamma, &beta, eps);
+    let want_first = host::rows_gemv(&down, r, d, None, &x, 1, None, false);
+    let mut out = Vec::new();
+    for with_select in [true, false] {
+        let select = with_select.then(|| crate::HeadSelect {
+            up: to_device::<B, 2>(&up, [heads, r], DType::F32, device),
+            h: to_device::<B, 2>(&h, [1, r], DType::F32, device),
+            threshold,
+            capacity: heads,
+        });
+        let got = crate::norm_predict(
+            to_device::<B, 2>(&x, [1, d], dtype, device),
+            to_device::<B, 1>(&gamma, [d], DType::F32, device),
+            to_device::<B, 1>(&beta, [d], DType::F32, device),
+            eps,
+            to_device::<B, 2>(&down, [r, d], DType::F32, device),
+            select,
+        )
+        .expect("consistent shapes");
+        let which = if with_select { "with selection" } else { "without selection" };
+        out.push(outcome("norm_predict: LayerNorm", format!("{case} {which}"), dtype, &read(got.normed), &want_normed, &[]));
+        out.push(outcome("norm_predict: first factor", format!("{case} {which}"), DType::F32, &read(got.first), &want_first, &[]));
+        match (got.selection, with_select) {
+            (Some(sel), true) => {
+                let (want_idx, want_count) = host::select_above_threshold(&logits, 1, heads, threshold, heads);
+                out.push(selection_outcome("norm_predict: selection", case.clone(), sel, &want_idx, want_count));
+            }
+            (None, false) => {}
+            (got, _) => out.push(Outcome {
+                op: "norm_predict: selection",
+                case: format!("{case}: a selection was {}asked for but {}returned", if with_select { "" } else { "not " }, if got.is_some() { "" } else { "not " }),
+                worst_ratio: f32::INFINITY,
+                worst_index: 0,
+                passed: false,
+            }),
+        }
+    }
+    out
+}
+
 /// A threshold halfway across the widest gap between consecutive sorted values of the
 /// middle half, so about half lie above it and none near it.
 fn threshold_in_gap(values: &[f32]) -> f32 {

@@ -178,6 +178,25 @@ pub trait SparseKernels: Backend {
         reference::predict_select::<Self>(up, h, threshold, capacity)
     }
 
+    /// A decode step's LayerNorm of `x [1, d]` (f32 `gamma`, `beta`), the first factor
+    /// `down [r, d] · x` of a predictor (f32 out), and optionally a head selection
+    /// ([`SparseKernels::predict_select`] of `(up, h, threshold, capacity)`): one launch on
+    /// `CubeBackend`, three ops elsewhere.
+    #[allow(clippy::type_complexity)] // three outputs, one optional pair
+    fn norm_predict(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f32,
+        down: FloatTensor<Self>,
+        select: Option<(FloatTensor<Self>, FloatTensor<Self>, f32, usize)>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, Option<(IntTensor<Self>, IntTensor<Self>)>) {
+        let normed = Self::layer_norm_rows(x.clone(), gamma, beta, eps);
+        let first = Self::rows_gemv(down, None, 1, x, None, false);
+        let selection = select.map(|(up, h, threshold, capacity)| Self::predict_select(up, h, threshold, capacity));
+        (normed, first, selection)
+    }
+
     /// `kv [2·H·hd, d]` (k rows then v rows) times `x [B, d]` plus `bias [2·H·hd]`, written
     /// at position `pos` of `k_cache` / `v_cache` (`[B, H, cap, hd]`); returns the caches.
     fn kv_append(
@@ -299,6 +318,18 @@ where
         capacity: usize,
     ) -> (IntTensor<Self>, IntTensor<Self>) {
         cube::predict_select(up, h, threshold, capacity, I::dtype())
+    }
+
+    fn norm_predict(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f32,
+        down: FloatTensor<Self>,
+        select: Option<(FloatTensor<Self>, FloatTensor<Self>, f32, usize)>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, Option<(IntTensor<Self>, IntTensor<Self>)>) {
+        let select = select.map(|(up, h, threshold, capacity)| cube::SelectArgs { up, h, threshold, capacity });
+        cube::norm_predict(x, gamma, beta, eps, down, select, I::dtype())
     }
 }
 
@@ -524,6 +555,7 @@ pub fn residual_transposed_gemv<B: SparseKernels>(
 
 /// A selection made on the device: `indices [capacity]` ascending and padded with the
 /// row count (an empty slot), and `count [1]`, how many were above the threshold.
+#[derive(Debug, Clone)]
 pub struct Selection<B: Backend> {
     pub indices: Tensor<B, 1, Int>,
     pub count: Tensor<B, 1, Int>,
@@ -712,6 +744,71 @@ pub fn predict_select<B: SparseKernels>(
 
 /// Most rows [`predict_select`] takes: its logits live in one cube's shared memory.
 pub const PREDICT_SELECT_MAX_ROWS: usize = 4096;
+
+/// A head selection for [`norm_predict`] to make alongside: the second factor `up [rows,
+/// r]` and first-factor output `h [1, r]` of a head predictor (both f32), as
+/// [`predict_select`] takes them.
+pub struct HeadSelect<B: Backend> {
+    pub up: Tensor<B, 2>,
+    pub h: Tensor<B, 2>,
+    pub threshold: f32,
+    pub capacity: usize,
+}
+
+/// What [`norm_predict`] returns: the normalized row `[1, d]`, the predictor's first
+/// factor `[1, r]` (f32), and the selection when one was asked for.
+pub struct NormPrediction<B: Backend> {
+    pub normed: Tensor<B, 2>,
+    pub first: Tensor<B, 2>,
+    pub selection: Option<Selection<B>>,
+}
+
+/// A pre-LN decode step's layer input in one launch (batch 1): the LayerNorm of the
+/// residual `x [1, d]` (f32 `gamma`, `beta` `[d]`), the first factor `down [r, d] · x` of
+/// the next layer's predictor (f32 `down`, `x` in the model's dtype), and optionally this
+/// layer's head selection ([`HeadSelect`], as [`predict_select`]). The three read the same
+/// residual and none needs another's output, so a sparse layer's predictors add no
+/// launches of their own.
+pub fn norm_predict<B: SparseKernels>(
+    x: Tensor<B, 2>,
+    gamma: Tensor<B, 1>,
+    beta: Tensor<B, 1>,
+    eps: f32,
+    down: Tensor<B, 2>,
+    select: Option<HeadSelect<B>>,
+) -> Result<NormPrediction<B>, KernelError> {
+    let op = "norm_predict";
+    let [rows, d] = x.dims();
+    if rows != 1 {
+        return Err(shape_err(op, format!("x has {rows} rows; norm_predict is for one token")));
+    }
+    for (name, t) in [("gamma", &gamma), ("beta", &beta)] {
+        if t.dims()[0] != d {
+            return Err(shape_err(op, format!("{name} has {} entries for rows of {d}", t.dims()[0])));
+        }
+        check_float(op, name, t, burn::tensor::DType::F32)?;
+    }
+    if down.dims()[1] != d {
+        return Err(shape_err(op, format!("the predictor's first factor is {:?} for rows of {d}", down.dims())));
+    }
+    check_float(op, "the predictor's first factor", &down, burn::tensor::DType::F32)?;
+    if let Some(s) = &select {
+        check_predictor(op, &s.up, &s.h, None)?;
+        if s.capacity == 0 {
+            return Err(shape_err(op, "capacity must be at least 1".into()));
+        }
+        if s.up.dims()[0] > PREDICT_SELECT_MAX_ROWS {
+            return Err(shape_err(op, format!("{} rows; one cube selects at most {PREDICT_SELECT_MAX_ROWS}", s.up.dims()[0])));
+        }
+    }
+    let select = select.map(|s| (prim(s.up), prim(s.h), s.threshold, s.capacity));
+    let (normed, first, selection) = B::norm_predict(prim(x), prim(gamma), prim(beta), eps, prim(down), select);
+    Ok(NormPrediction {
+        normed: wrap(normed),
+        first: wrap(first),
+        selection: selection.map(|(indices, count)| Selection { indices: Tensor::from_primitive(indices), count: Tensor::from_primitive(count) }),
+    })
+}
 
 /// A decode step's keys and values, projected and written into the caches in one launch:
 /// row `j` of `kv [2·H·hd, d]` (k_proj's rows, then v_proj's, each output one contiguous

@@ -9,7 +9,7 @@
 use burn::tensor::DType;
 use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
 use dejavu_kernels::checks::{
-    check_attention, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_predictor_kernels, check_selection, cube_supports, fresh_seed, Case, Cube, Poisoned,
+    check_attention, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_norm_predict, check_predictor_kernels, check_selection, cube_supports, fresh_seed, Case, Cube, Poisoned,
 };
 use dejavu_kernels::cube::LaunchConfig;
 
@@ -64,6 +64,9 @@ fn cube_kernels_on_wgpu_match_host_loops() {
         // Ranks below and above one lane group, head counts below and above the cube's groups.
         outcomes.extend(check_predictor_kernels::<Cube<WgpuRuntime>>(&device, 77, 1036, 24, 5, dtype, seed));
         outcomes.extend(check_predictor_kernels::<Cube<WgpuRuntime>>(&device, 40, 64, 72, 41, dtype, seed));
+        // GEMV cubes, the LayerNorm's, the selection's: odd sizes so no cube is full.
+        outcomes.extend(check_norm_predict::<Cube<WgpuRuntime>>(&device, 1036, 24, 5, dtype, seed));
+        outcomes.extend(check_norm_predict::<Cube<WgpuRuntime>>(&device, 64, 130, 41, dtype, seed));
     }
     check_topk_mask(&device, seed);
     let failed: Vec<_> = outcomes.iter().filter(|o| !o.passed).collect();

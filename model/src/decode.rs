@@ -31,7 +31,7 @@ use dejavu_kernels::{Activation as Act, SparseKernels};
 
 use crate::attention::OptAttention;
 use crate::cache::{LayerKvCache, Step};
-use crate::hooks::{Dense, ForwardHooks};
+use crate::hooks::{Dense, ForwardHooks, NormSite};
 use crate::layer::OptDecoderLayer;
 use crate::layer::LAYER_NORM_EPS;
 use crate::mlp::OptMlp;
@@ -124,6 +124,15 @@ const SHAPES: &str = "decode weights are made from this very model";
 /// LayerNorm through the one-launch kernel, statistics in f32 (as [`crate::layer::norm`]).
 pub fn kernel_norm<B: SparseKernels>(ln: &LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     let [batch, n, d] = x.dims();
+    let (gamma, beta) = norm_params(ln, d);
+    dejavu_kernels::layer_norm(x.reshape([batch * n, d]), gamma, beta, LAYER_NORM_EPS as f32)
+        .expect(SHAPES)
+        .reshape([batch, n, d])
+}
+
+/// A LayerNorm's `gamma` and `beta` in f32, as the kernels take them (zeros for a
+/// LayerNorm without a bias).
+pub(crate) fn norm_params<B: Backend>(ln: &LayerNorm<B>, d: usize) -> (Tensor<B, 1>, Tensor<B, 1>) {
     let gamma = ln.gamma.val();
     let beta = match &ln.beta {
         Some(b) => b.val(),
@@ -131,9 +140,7 @@ pub fn kernel_norm<B: SparseKernels>(ln: &LayerNorm<B>, x: Tensor<B, 3>) -> Tens
     };
     let gamma = if gamma.dtype() == DType::F32 { gamma } else { gamma.cast(DType::F32) };
     let beta = if beta.dtype() == DType::F32 { beta } else { beta.cast(DType::F32) };
-    dejavu_kernels::layer_norm(x.reshape([batch * n, d]), gamma, beta, LAYER_NORM_EPS as f32)
-        .expect(SHAPES)
-        .reshape([batch, n, d])
+    (gamma, beta)
 }
 
 pub(crate) fn bias<B: Backend>(linear: &burn::nn::Linear<B>) -> Option<Tensor<B, 1>> {
@@ -300,7 +307,7 @@ impl<B: SparseKernels> ForwardHooks<B> for KernelDecode<'_, B> {
         self.mlp_block(layer, mlp, x, Some(residual))
     }
 
-    fn norm(&mut self, ln: &LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    fn norm(&mut self, _site: NormSite, ln: &LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
         kernel_norm(ln, x)
     }
 }

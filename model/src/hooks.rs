@@ -32,6 +32,23 @@ pub enum Activation<'a, B: Backend> {
     Fc1PreActivation { layer: usize, value: &'a Tensor<B, 3> },
 }
 
+/// Which LayerNorm a [`ForwardHooks::norm`] call applies, and to what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormSite {
+    /// Pre-LN layers: the residual entering layer `layer` (its attention input, the value
+    /// [`Activation::AttentionInput`] showed just before).
+    AttentionInput(usize),
+    /// Pre-LN layers: the residual entering layer `layer`'s MLP (the value
+    /// [`Activation::MlpInput`] showed just before).
+    MlpInput(usize),
+    /// Post-LN layers: the residual after layer `layer`'s attention block.
+    AfterAttention(usize),
+    /// Post-LN layers: the residual after layer `layer`'s MLP block.
+    AfterMlp(usize),
+    /// The decoder's final LayerNorm.
+    Final,
+}
+
 /// Called by [`crate::Opt::forward_with`] layer by layer. Every method has the dense
 /// behaviour as its default.
 pub trait ForwardHooks<B: Backend> {
@@ -86,8 +103,10 @@ pub trait ForwardHooks<B: Backend> {
         residual + self.mlp(layer, mlp, x)
     }
 
-    /// Applies one of the model's LayerNorms (in f32, see [`crate::layer::norm`]).
-    fn norm(&mut self, ln: &LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    /// Applies one of the model's LayerNorms (in f32, see [`crate::layer::norm`]); `site`
+    /// says which (the sparse path computes its predictors in the same launch as the
+    /// LayerNorm of a layer's input).
+    fn norm(&mut self, _site: NormSite, ln: &LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
         crate::layer::norm(ln, x)
     }
 }
@@ -150,10 +169,10 @@ impl<B: Backend, H: ForwardHooks<B>> ForwardHooks<B> for Option<H> {
         }
     }
 
-    fn norm(&mut self, ln: &LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    fn norm(&mut self, site: NormSite, ln: &LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
         match self {
-            Some(h) => h.norm(ln, x),
-            None => Dense.norm(ln, x),
+            Some(h) => h.norm(site, ln, x),
+            None => Dense.norm(site, ln, x),
         }
     }
 }

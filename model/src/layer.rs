@@ -8,7 +8,7 @@ use burn::tensor::DType;
 use crate::attention::OptAttention;
 use crate::cache::{LayerKvCache, Step};
 use crate::config::OptConfig;
-use crate::hooks::{Activation, ForwardHooks};
+use crate::hooks::{Activation, ForwardHooks, NormSite};
 use crate::mlp::OptMlp;
 
 #[derive(Module, Debug)]
@@ -67,24 +67,24 @@ impl<B: Backend> OptDecoderLayer<B> {
 
         hooks.observe(Activation::AttentionInput { layer, value: &x });
         let h = if pre_ln {
-            hooks.norm(&self.self_attn_layer_norm, x.clone())
+            hooks.norm(NormSite::AttentionInput(layer), &self.self_attn_layer_norm, x.clone())
         } else {
             x.clone()
         };
         let mut x = hooks.attention_residual(layer, &self.self_attn, h, x, cache, step);
         if !pre_ln {
-            x = hooks.norm(&self.self_attn_layer_norm, x);
+            x = hooks.norm(NormSite::AfterAttention(layer), &self.self_attn_layer_norm, x);
         }
 
         hooks.observe(Activation::MlpInput { layer, value: &x });
         let h = if pre_ln {
-            hooks.norm(&self.final_layer_norm, x.clone())
+            hooks.norm(NormSite::MlpInput(layer), &self.final_layer_norm, x.clone())
         } else {
             x.clone()
         };
         let mut x = hooks.mlp_residual(layer, &self.mlp, h, x);
         if !pre_ln {
-            x = hooks.norm(&self.final_layer_norm, x);
+            x = hooks.norm(NormSite::AfterMlp(layer), &self.final_layer_norm, x);
         }
         x
     }

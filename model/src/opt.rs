@@ -8,7 +8,7 @@ use burn::tensor::{DType, TensorData};
 use crate::cache::KvCache;
 use crate::config::{OptConfig, POSITION_OFFSET};
 use crate::error::ModelError;
-use crate::hooks::{Activation, Dense, ForwardHooks};
+use crate::hooks::{Activation, Dense, ForwardHooks, NormSite};
 use crate::layer::{layer_norm, OptDecoderLayer};
 
 /// Field names follow Hugging Face's `model.decoder.*` so the checkpoint maps onto them
@@ -139,7 +139,7 @@ impl<B: Backend> Opt<B> {
             }
         }
         if let Some(final_norm) = &decoder.final_layer_norm {
-            x = hooks.norm(final_norm, x);
+            x = hooks.norm(NormSite::Final, final_norm, x);
         }
         if let Some(project_out) = &decoder.project_out {
             x = project_out.forward(x);

@@ -41,7 +41,11 @@ use burn::nn::LayerNorm;
 
 use crate::attention::OptAttention;
 use crate::cache::{LayerKvCache, Step};
-use crate::decode::{bias, dense_attention, dense_mlp, fc2, kernel_norm, output_projection, plus_residual, rows_of, write_kv, DecodeWeights};
+use crate::decode::{
+    bias, dense_attention, dense_mlp, fc2, kernel_norm, norm_params, output_projection, plus_residual, rows_of, write_kv, DecodeWeights,
+};
+use crate::hooks::NormSite;
+use crate::layer::LAYER_NORM_EPS;
 use crate::error::ModelError;
 use crate::hooks::{Activation, ForwardHooks};
 use crate::mlp::OptMlp;
@@ -73,6 +77,9 @@ pub struct SparseModel<B: Backend> {
     predictors: Vec<[Option<RowPredictor<B>>; 2]>,
     weights: DecodeWeights<B>,
     options: SparseOptions,
+    /// Pre-LN layers: a decode step's predictors run in the launch of the LayerNorm of the
+    /// layer input they read (`norm_predict`). Post-LN layers normalize other values.
+    pre_ln: bool,
 }
 
 /// A low-rank predictor in f32 (as trained: in f16 the low-rank sums of a large residual
@@ -89,11 +96,14 @@ struct RowPredictor<B: Backend> {
 }
 
 /// What a predictor left for the layer it scores: the logits (several tokens), or for a
-/// decode step its first factor's output, the second factor still to run.
+/// decode step its first factor's output, the second factor still to run, or (heads, a
+/// decode step of a pre-LN model) the selection itself, made in the launch of the layer's
+/// first LayerNorm.
 #[derive(Debug, Clone)]
 enum Prediction<B: Backend> {
     Logits(Tensor<B, 2>),
     FirstFactor(Tensor<B, 2>),
+    Selected(dejavu_kernels::Selection<B>),
 }
 
 impl<B: SparseKernels> RowPredictor<B> {
@@ -119,6 +129,9 @@ impl<B: SparseKernels> RowPredictor<B> {
         match prediction {
             Prediction::Logits(l) => l,
             Prediction::FirstFactor(h) => dejavu_kernels::gemv(self.up_rows.clone(), h, None, Act::Identity).expect(KERNEL_SHAPES),
+            // Only a one-token step of a threshold plan selects in the LayerNorm's launch,
+            // and that step takes the selection as it is.
+            Prediction::Selected(_) => unreachable!("a selection made with the LayerNorm is used as it is"),
         }
     }
 }
@@ -190,7 +203,8 @@ impl<B: SparseKernels> SparseModel<B> {
         }
         let at = |v: &Vec<Option<LowRankClassifier<B>>>, l: usize| v.get(l).and_then(Option::as_ref).map(RowPredictor::new);
         let predictors = (0..dims.num_layers).map(|l| [at(&predictors.mlp, l), at(&predictors.attention, l)]).collect();
-        Ok(Self { plan, predictors, weights, options })
+        let pre_ln = model.decoder.layers.first().is_none_or(|l| l.do_layer_norm_before);
+        Ok(Self { plan, predictors, weights, options, pre_ln })
     }
 
     /// Loads the predictor folder `predictors_dir` for the model loaded from `model_dir`
@@ -359,6 +373,48 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
         n == 1 || self.model.options.every_token
     }
 
+    /// Whether the predictors reading layer input `x` run in the launch of its LayerNorm
+    /// ([`SparseHooks::norm_and_predict`]) rather than when it is observed: one token of
+    /// one sequence, in a pre-LN model (where that LayerNorm reads exactly the observed
+    /// residual).
+    fn fused_with_norm(&self, x: &Tensor<B, 3>) -> bool {
+        let [batch, n, _] = x.dims();
+        self.model.pre_ln && batch == 1 && n == 1
+    }
+
+    /// The LayerNorm of layer `layer`'s attention input (`is_attention`) or MLP input `x`
+    /// `[1, 1, d]`, with the first factor of the predictor that reads it (layer `layer +
+    /// lookahead`'s) and, for the attention input, this layer's head selection from the
+    /// first factor left before, all in one launch (`dejavu_kernels::norm_predict`).
+    fn norm_and_predict(&mut self, layer: usize, is_attention: bool, ln: &LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let model = self.model;
+        let d = x.dims()[2];
+        let target = layer + model.plan.lookahead;
+        let kind = usize::from(is_attention);
+        let oracle = if is_attention { model.options.oracle_attention } else { model.options.oracle_mlp };
+        let predictor = model.plan.layers.get(target).and_then(|plan| {
+            let sparse = !(if is_attention { plan.attention } else { plan.mlp }).is_dense();
+            model.predictors[target][kind].as_ref().filter(|_| sparse && !oracle)
+        });
+        let Some(predictor) = predictor else { return kernel_norm(ln, x) };
+        // This layer's heads, from the first factor the layer before left.
+        let select = match (is_attention, &self.attention_pending[layer], model.plan.layers[layer].attention) {
+            (true, Some(Prediction::FirstFactor(h)), Selection::Threshold { threshold }) => model.predictors[layer][1]
+                .as_ref()
+                .map(|p| dejavu_kernels::HeadSelect { up: p.up_rows.clone(), h: h.clone(), threshold, capacity: model.plan.dims.num_heads }),
+            _ => None,
+        };
+        let (gamma, beta) = norm_params(ln, d);
+        let fused = dejavu_kernels::norm_predict(x.reshape([1, d]), gamma, beta, LAYER_NORM_EPS as f32, predictor.down_rows.clone(), select)
+            .expect(KERNEL_SHAPES);
+        let pending = if is_attention { &mut self.attention_pending } else { &mut self.mlp_pending };
+        pending[target] = Some(Prediction::FirstFactor(fused.first));
+        if let Some(selected) = fused.selection {
+            self.attention_pending[layer] = Some(Prediction::Selected(selected));
+        }
+        fused.normed.reshape([1, 1, d])
+    }
+
     /// The index list `[slots]` the kernels read for `logits [batch, width]` (the union of
     /// every row's selection, empty slots padded with `width`), recording what was kept.
     fn indices(kept: &mut Kept<B>, logits: Tensor<B, 2>, selection: Selection, count_kept: bool) -> Tensor<B, 1, Int> {
@@ -451,6 +507,13 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
         let x = x.reshape([batch, d]);
         let (keys, values) = write_kv(&weights.layers[layer], x.clone(), cache, step);
         let heads = match (prediction, selection) {
+            // Selected in the launch of this layer's first LayerNorm.
+            (Prediction::Selected(selected), _) => {
+                if self.count_kept {
+                    kept.add_device_int(selected.count, 1);
+                }
+                selected.indices
+            }
             // One token, threshold: the predictor's second factor and the selection in
             // one launch.
             (Prediction::FirstFactor(h), Selection::Threshold { threshold }) if batch == 1 => {
@@ -520,6 +583,7 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
                     let [_, width] = logits.dims();
                     dejavu_kernels::gated_rows_gemv(fc1_rows, x, bias(&mlp.fc1), Act::Relu, logits.reshape([width]), threshold)
                 }
+                Prediction::Selected(_) => unreachable!("neurons are selected inside fc1, never with the LayerNorm"),
             };
             return fc2(mlp, h.expect(KERNEL_SHAPES), residual);
         }
@@ -547,7 +611,7 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
             Activation::MlpInput { layer, value } => (layer, value, false),
             _ => return,
         };
-        if !self.sparse_call(value.dims()[1]) {
+        if !self.sparse_call(value.dims()[1]) || self.fused_with_norm(value) {
             return;
         }
         // Layer `target`'s predictor reads layer `target - lookahead`'s input.
@@ -596,7 +660,15 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
         self.mlp_block(layer, mlp, x, Some(residual))
     }
 
-    fn norm(&mut self, ln: &LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        kernel_norm(ln, x)
+    fn norm(&mut self, site: NormSite, ln: &LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let (layer, is_attention) = match site {
+            NormSite::AttentionInput(layer) => (layer, true),
+            NormSite::MlpInput(layer) => (layer, false),
+            _ => return kernel_norm(ln, x),
+        };
+        if !self.fused_with_norm(&x) {
+            return kernel_norm(ln, x);
+        }
+        self.norm_and_predict(layer, is_attention, ln, x)
     }
 }

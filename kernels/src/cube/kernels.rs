@@ -725,11 +725,27 @@ pub(crate) fn layer_norm_kernel<F: Float, N: Size>(
     #[define(F)] _dtype: StorageType,
 ) {
     let mut red = SharedMemory::<f32>::new(threads);
-    let tid = UNIT_POS_X as usize;
     let r = CUBE_POS_X as usize;
-    let x_base = r * x_stride;
-    let o_base = r * out_stride;
+    layer_norm_row(x, gamma, beta, out, width, r * x_stride, r * out_stride, inv_width, eps, UNIT_POS_X as usize, &mut red, threads);
+}
 
+/// One row of [`layer_norm_kernel`], by the cube's `threads` units (`tid` each).
+#[cube]
+#[allow(clippy::too_many_arguments)] // the row, its parameters and the cube's layout
+fn layer_norm_row<F: Float, N: Size>(
+    x: &Array<Vector<F, N>>,
+    gamma: &Array<Vector<f32, N>>,
+    beta: &Array<Vector<f32, N>>,
+    out: &mut Array<Vector<F, N>>,
+    width: usize,
+    x_base: usize,
+    o_base: usize,
+    inv_width: f32,
+    eps: f32,
+    tid: usize,
+    red: &mut SharedMemory<f32>,
+    #[comptime] threads: usize,
+) {
     let mut sum = 0.0f32;
     let mut c = tid;
     while c < width {
@@ -740,7 +756,7 @@ pub(crate) fn layer_norm_kernel<F: Float, N: Size>(
         }
         c += threads;
     }
-    let mean = cube_reduce(&mut red, sum, tid, threads, false) * inv_width;
+    let mean = cube_reduce(red, sum, tid, threads, false) * inv_width;
 
     let mut squares = 0.0f32;
     c = tid;
@@ -752,7 +768,7 @@ pub(crate) fn layer_norm_kernel<F: Float, N: Size>(
         }
         c += threads;
     }
-    let var = cube_reduce(&mut red, squares, tid, threads, false) * inv_width;
+    let var = cube_reduce(red, squares, tid, threads, false) * inv_width;
     let inv_std = 1.0f32 / f32::sqrt(var + eps);
 
     c = tid;
@@ -962,6 +978,27 @@ pub(crate) fn predict_select_kernel<I: Int>(
 ) {
     let mut scratch = SharedMemory::<f32>::new(group * groups);
     let mut logits = SharedMemory::<f32>::new(max_rows);
+    select_by_predictor(up, h, idx, count, predictor, rows, capacity, threshold, &mut scratch, &mut logits, group, groups, use_plane);
+}
+
+/// The body of [`predict_select_kernel`], for one cube of `groups` lane groups.
+#[cube]
+#[allow(clippy::too_many_arguments)] // the predictor, the outputs and the cube's layout
+fn select_by_predictor<I: Int>(
+    up: &Array<f32>,
+    h: &Array<f32>,
+    idx: &mut Array<I>,
+    count: &mut Array<I>,
+    predictor: PredictorShape,
+    rows: usize,
+    capacity: usize,
+    threshold: f32,
+    scratch: &mut SharedMemory<f32>,
+    logits: &mut SharedMemory<f32>,
+    #[comptime] group: usize,
+    #[comptime] groups: usize,
+    #[comptime] use_plane: bool,
+) {
     let lane = UNIT_POS_X as usize;
     let g = UNIT_POS_Y as usize;
     // Every group runs the same number of rounds (group_sum may sync the cube).
@@ -969,7 +1006,7 @@ pub(crate) fn predict_select_kernel<I: Int>(
     let rounds = (rows + groups - 1) / groups;
     for round in 0..rounds {
         let j = round * groups + g;
-        let logit = predicted_logit(up, h, predictor, j, rows, lane, &mut scratch, group, use_plane);
+        let logit = predicted_logit(up, h, predictor, j, rows, lane, scratch, group, use_plane);
         if lane == 0 && j < rows {
             logits[j] = logit;
         }
@@ -991,5 +1028,69 @@ pub(crate) fn predict_select_kernel<I: Int>(
             p += 1;
         }
         count[0] = I::cast_from(written);
+    }
+}
+
+/// A pre-LN decode step's layer input, three jobs in one launch (batch 1): the LayerNorm of
+/// the residual `x [1, d]` into `normed`; the first factor of the next layer's predictor,
+/// `first [1, r] = down · x` (f32 `down [r, d]`, reading the residual as it is stored);
+/// and with `has_select`, this layer's head selection from the first factor the layer
+/// before left (`up · h` above `threshold`, as [`predict_select_kernel`]). Cubes
+/// `0..gemv_cubes` each take `CUBE_DIM_Y` rows of `down`, cube `gemv_cubes` the LayerNorm,
+/// cube `gemv_cubes + 1` the selection. The three read the same residual and none needs
+/// another's output, so the sparse path's predictors cost no launches of their own.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)] // three jobs' inputs and outputs
+pub(crate) fn norm_predict_kernel<F: Float, N: Size, I: Int>(
+    x: &Array<Vector<F, N>>,
+    gamma: &Array<Vector<f32, N>>,
+    beta: &Array<Vector<f32, N>>,
+    normed: &mut Array<Vector<F, N>>,
+    down: &Array<Vector<f32, N>>,
+    first: &mut Array<f32>,
+    up: &Array<f32>,
+    h: &Array<f32>,
+    idx: &mut Array<I>,
+    count: &mut Array<I>,
+    width: usize,
+    down_rows: usize,
+    down_stride: usize,
+    gemv_cubes: usize,
+    predictor: PredictorShape,
+    select_rows: usize,
+    capacity: usize,
+    inv_width: f32,
+    eps: f32,
+    threshold: f32,
+    #[comptime] group: usize,
+    #[comptime] rows_per_cube: usize,
+    #[comptime] use_plane: bool,
+    #[comptime] has_select: bool,
+    #[comptime] max_rows: usize,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let mut scratch = SharedMemory::<f32>::new(group * rows_per_cube);
+    let cube = CUBE_POS_X as usize;
+    let lane = UNIT_POS_X as usize;
+    if cube < gemv_cubes {
+        let j = cube * rows_per_cube + UNIT_POS_Y as usize;
+        let live = j < down_rows;
+        let mut partial = 0.0f32;
+        if live {
+            partial = lane_dot(down, j * down_stride, x, 0, lane, group, width);
+        }
+        let total = group_sum(partial, &mut scratch, group, use_plane);
+        if lane == 0 && live {
+            first[j] = total;
+        }
+    } else if cube == gemv_cubes {
+        let tid = UNIT_POS_Y as usize * group + lane;
+        let mut red = SharedMemory::<f32>::new(group * rows_per_cube);
+        layer_norm_row(x, gamma, beta, normed, width, 0, 0, inv_width, eps, tid, &mut red, group * rows_per_cube);
+    } else if has_select {
+        let mut logits = SharedMemory::<f32>::new(max_rows);
+        select_by_predictor(
+            up, h, idx, count, predictor, select_rows, capacity, threshold, &mut scratch, &mut logits, group, rows_per_cube, use_plane,
+        );
     }
 }

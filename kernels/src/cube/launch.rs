@@ -676,3 +676,92 @@ pub fn predict_select<R: CubeRuntime>(
     }
     (idx, count)
 }
+
+/// A head selection for [`norm_predict`] to make in the same launch: `up [rows, r]`, the
+/// first factor `h [1, r]` (both f32), the threshold and the index list's capacity.
+pub struct SelectArgs<R: CubeRuntime> {
+    pub up: CubeTensor<R>,
+    pub h: CubeTensor<R>,
+    pub threshold: f32,
+    pub capacity: usize,
+}
+
+/// LayerNorm of `x [1, d]`, the first factor `down [r, d] · x` (f32) and optionally a head
+/// selection, in one launch; see [`crate::SparseKernels::norm_predict`]. Returns the
+/// normalized row, the first factor `[1, r]` and the selection's indices and count.
+#[allow(clippy::type_complexity)] // three outputs, one optional pair
+pub fn norm_predict<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    gamma: CubeTensor<R>,
+    beta: CubeTensor<R>,
+    eps: f32,
+    down: CubeTensor<R>,
+    select: Option<SelectArgs<R>>,
+    int_dtype: DType,
+) -> (CubeTensor<R>, CubeTensor<R>, Option<(CubeTensor<R>, CubeTensor<R>)>) {
+    let (x, gamma, beta, down) = (into_contiguous(x), into_contiguous(gamma), into_contiguous(beta), into_contiguous(down));
+    let d = dims(&x)[1];
+    let r = dims(&down)[0];
+    let normed = empty(&x, vec![1, d], x.dtype);
+    let first = empty(&x, vec![1, r], DType::F32);
+    let vs = vector_width(&[&x, &gamma, &beta, &down]);
+    let (group, use_plane) = reduction_group(&x.client);
+    let rows_per_cube = LaunchConfig::default().rows_per_cube;
+    let gemv_cubes = r.div_ceil(rows_per_cube);
+    let has_select = select.is_some();
+    let (up, h, threshold, capacity, select_rows, predictor, selection) = match select {
+        Some(SelectArgs { up, h, threshold, capacity }) => {
+            let (up, h) = (into_contiguous(up), into_contiguous(h));
+            let rows = dims(&up)[0];
+            let idx = empty(&x, vec![capacity.max(1)], int_dtype);
+            let count = empty(&x, vec![1], int_dtype);
+            let predictor = PredictorShapeLaunch::new(dims(&up)[1], stride(&up, 0));
+            (up, h, threshold, capacity.max(1), rows, predictor, Some((idx, count)))
+        }
+        None => (unread(&gamma), unread(&gamma), 0.0, 1, 0, PredictorShapeLaunch::new(0, 0), None),
+    };
+    // Cubes: the GEMV's, the LayerNorm's, the selection's.
+    let cubes = gemv_cubes + 1 + usize::from(has_select);
+    let (idx, count) = match &selection {
+        Some((idx, count)) => (idx.clone(), count.clone()),
+        None => (unread(&x), unread(&x)),
+    };
+    let max_rows = select_rows.max(1).next_power_of_two();
+    let dtype = x.dtype;
+    let client = x.client.clone();
+    unsafe {
+        norm_predict_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(cubes as u32, 1, 1),
+            CubeDim::new_2d(group as u32, rows_per_cube as u32),
+            vs,
+            arg(x),
+            arg(gamma),
+            arg(beta),
+            arg(normed.clone()),
+            arg(down.clone()),
+            arg(first.clone()),
+            arg(up),
+            arg(h),
+            arg(idx),
+            arg(count),
+            d / vs,
+            r,
+            stride(&down, 0) / vs,
+            gemv_cubes,
+            predictor,
+            select_rows,
+            capacity,
+            1.0 / d as f32,
+            eps,
+            threshold,
+            group,
+            rows_per_cube,
+            use_plane,
+            has_select,
+            max_rows,
+            [dtype.into(), int_dtype.into()],
+        );
+    }
+    (normed, first, selection)
+}

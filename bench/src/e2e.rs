@@ -590,17 +590,14 @@ fn breakdown<B: SparseKernels>(config: &OptConfig, args: &E2eArgs, device: &B::D
     let down_rows = down.clone().transpose().reshape([d * args.rank]).reshape([args.rank, d]);
     let up_rows = up.clone().transpose().reshape([ffn * args.rank]).reshape([ffn, args.rank]);
     let up_h_rows = up_h.clone().transpose().reshape([heads * args.rank]).reshape([heads, args.rank]);
-    // A decode step's predictors: each layer input's first factor (one GEMV reading the
-    // f16 residual); the second factors run inside head selection and the gated fc1.
-    let predictor = time(&mut || {
-        for _ in 0..2 {
-            let _ = dejavu_kernels::gemv(down_rows.clone(), x.clone(), None, Act::Identity)?;
-        }
-        Ok(())
-    })?;
+    // A sparse layer's two LayerNorms, each with the first factor of the predictor that
+    // reads its input in the same launch, the first also with this layer's head selection
+    // (norm_predict); the MLP predictor's second factor runs inside the gated fc1.
     let first = dejavu_kernels::gemv(down_rows.clone(), x.clone(), None, Act::Identity)?;
-    let selection = time(&mut || {
-        let _ = dejavu_kernels::predict_select(up_h_rows.clone(), first.clone(), 0.0, heads)?;
+    let head_select = || dejavu_kernels::HeadSelect { up: up_h_rows.clone(), h: first.clone(), threshold: 0.0, capacity: heads };
+    let sparse_norms = time(&mut || {
+        let _ = dejavu_kernels::norm_predict(x.clone(), gamma.clone(), beta.clone(), 1e-5, down_rows.clone(), Some(head_select()))?;
+        let _ = dejavu_kernels::norm_predict(x.clone(), gamma.clone(), beta.clone(), 1e-5, down_rows.clone(), None)?;
         Ok(())
     })?;
     let kv = Tensor::cat(vec![k.clone(), v.clone()], 0);
@@ -653,20 +650,19 @@ fn breakdown<B: SparseKernels>(config: &OptConfig, args: &E2eArgs, device: &B::D
         "attention_density": args.attention_density,
         "rank": args.rank,
         "note": "µs per call of 500 back-to-back calls (host launch cost included), median of 3, the code paths \
-                 of a decode step: predictor = both predictors' first factors (one f32 GEMV each, reading the f16 \
-                 residual); selection = the heads' second factor and threshold selection in one launch \
-                 (predict_select); attention = kv_append + q (gathered or dense) + attention + out_proj with the residual \
+                 of a decode step: sparse norms = the layer's two LayerNorms, each with the first factor of the \
+                 predictor reading its input (an f32 GEMV of the f16 residual) in the same launch, the first also \
+                 with the heads' second factor and threshold selection (norm_predict); attention = kv_append + q (gathered or dense) + attention + out_proj with the residual \
                  add in its second pass; MLP = fc1 gated by its predictor's second factor in the same launch \
                  (predicted_rows_gemv, 10% of rows above the threshold) or dense fc1, then fc2ᵀ with the residual \
-                 add; rest = 2 LayerNorms",
+                 add; dense norms = 2 LayerNorms",
         "us": {
-            "predictor_mlp_and_attention": predictor,
-            "selection": selection,
+            "sparse_norms_with_predictors": sparse_norms,
             "sparse_attention": sparse_attention,
             "sparse_mlp": sparse_mlp,
             "dense_attention": dense_attention,
             "dense_mlp": dense_mlp,
-            "rest": rest,
+            "dense_norms": rest,
         }
     }))
 }

@@ -603,9 +603,10 @@ fn breakdown<B: SparseKernels>(config: &OptConfig, args: &E2eArgs, device: &B::D
     let kv = Tensor::cat(vec![k.clone(), v.clone()], 0);
     let b_2d = Tensor::cat(vec![b_d.clone(), b_d.clone()], 0);
     let (k_cache, v_cache) = (cache.clone(), cache.clone() + 0.0);
+    let query = |heads: Option<Tensor<B, 1, Int>>| dejavu_kernels::QueryRows { w: q.clone(), heads, head_dim: hd, bias: Some(b_d.clone()) };
     let sparse_attention = time(&mut || {
-        let (kc, vc) = dejavu_kernels::kv_append(kv.clone(), x.clone(), Some(b_2d.clone()), k_cache.clone(), v_cache.clone(), ctx)?;
-        let qs = dejavu_kernels::gather_blocks_gemv(q.clone(), head_idx.clone(), hd, x.clone(), None, Act::Identity)?;
+        let (qs, kc, vc) =
+            dejavu_kernels::qkv_append(query(Some(head_idx.clone())), kv.clone(), x.clone(), Some(b_2d.clone()), k_cache.clone(), v_cache.clone(), ctx)?;
         let a = dejavu_kernels::selected_heads_attention(qs, head_idx.clone(), kc, vc, ctx + 1, 0.088)?;
         let _ = dejavu_kernels::residual_transposed_gemv(x.clone(), o.clone(), Some((head_idx.clone(), hd)), a, Some(b_d.clone()))?;
         Ok(())
@@ -627,8 +628,7 @@ fn breakdown<B: SparseKernels>(config: &OptConfig, args: &E2eArgs, device: &B::D
     })?;
     let all_heads = Tensor::<B, 1, Int>::arange(0..heads as i64, device);
     let dense_attention = time(&mut || {
-        let qd = dejavu_kernels::gemv(q.clone(), x.clone(), Some(b_d.clone()), Act::Identity)?;
-        let (kc, vc) = dejavu_kernels::kv_append(kv.clone(), x.clone(), Some(b_2d.clone()), k_cache.clone(), v_cache.clone(), ctx)?;
+        let (qd, kc, vc) = dejavu_kernels::qkv_append(query(None), kv.clone(), x.clone(), Some(b_2d.clone()), k_cache.clone(), v_cache.clone(), ctx)?;
         let a = dejavu_kernels::selected_heads_attention(qd, all_heads.clone(), kc, vc, ctx + 1, 0.088)?;
         let _ = dejavu_kernels::residual_transposed_gemv(x.clone(), o.clone(), None, a, Some(b_d.clone()))?;
         Ok(())
@@ -652,7 +652,8 @@ fn breakdown<B: SparseKernels>(config: &OptConfig, args: &E2eArgs, device: &B::D
         "note": "µs per call of 500 back-to-back calls (host launch cost included), median of 3, the code paths \
                  of a decode step: sparse norms = the layer's two LayerNorms, each with the first factor of the \
                  predictor reading its input (an f32 GEMV of the f16 residual) in the same launch, the first also \
-                 with the heads' second factor and threshold selection (norm_predict); attention = kv_append + q (gathered or dense) + attention + out_proj with the residual \
+                 with the heads' second factor and threshold selection (norm_predict); attention = q (gathered or dense) with \
+                 every head's k and v into the cache (qkv_append, one launch) + attention + out_proj with the residual \
                  add in its second pass; MLP = fc1 gated by its predictor's second factor in the same launch \
                  (predicted_rows_gemv, 10% of rows above the threshold) or dense fc1, then fc2ᵀ with the residual \
                  add; dense norms = 2 LayerNorms",

@@ -473,8 +473,66 @@ pub fn check_kv_append<B: SparseKernels>(device: &B::Device, dims: [usize; 4], d
         pos,
     )
     .expect("consistent shapes");
-    let (k, v) = (read(k), read(v));
-    let y = host::rows_gemv(&w, rows, d, None, &x, batch, Some(&bias), false);
+    let case = format!("batch {batch} heads {heads} cap {cap} hd {hd} d {d} pos {pos} {dtype:?} seed {seed}");
+    let mut out = vec![kv_outcome("kv_append", &case, dims, pos, &w, &x, &bias, d, dtype, read(k), read(v), poison)];
+
+    // The same with the queries in the launch: every head, then selected heads (in
+    // random order, one empty slot) with a bias.
+    let q_rows = heads * hd;
+    let wq = stored(uniform(&mut rng, q_rows * d, 0.0), dtype);
+    let bq = stored(uniform(&mut rng, q_rows, 0.0), dtype);
+    let mut ids = random_indices(&mut rng, heads, heads.div_ceil(2).max(2));
+    ids[0] = heads as i64;
+    let rows_idx: Vec<i64> =
+        ids.iter().flat_map(|&h| (0..hd as i64).map(move |c| if h < 0 || h as usize >= heads { q_rows as i64 } else { h * hd as i64 + c })).collect();
+    for selected in [false, true] {
+        let query = crate::QueryRows {
+            w: to_device::<B, 2>(&wq, [q_rows, d], dtype, device),
+            heads: selected.then(|| ints::<B>(&ids, device)),
+            head_dim: hd,
+            bias: selected.then(|| to_device::<B, 1>(&bq, [q_rows], dtype, device)),
+        };
+        let (q, k, v) = crate::qkv_append(
+            query,
+            to_device::<B, 2>(&w, [rows, d], dtype, device),
+            to_device::<B, 2>(&x, [batch, d], dtype, device),
+            Some(to_device::<B, 1>(&bias, [rows], dtype, device)),
+            cache(),
+            cache(),
+            pos,
+        )
+        .expect("consistent shapes");
+        let which = if selected { "qkv_append (selected heads)" } else { "qkv_append (every head)" };
+        let want_q = match selected {
+            true => host::rows_gemv(&wq, q_rows, d, Some(&rows_idx), &x, batch, Some(&bq), false),
+            false => host::rows_gemv(&wq, q_rows, d, None, &x, batch, None, false),
+        };
+        out.push(outcome(which, case.clone(), dtype, &read(q), &want_q, &[]));
+        out.push(kv_outcome(which, &case, dims, pos, &w, &x, &bias, d, dtype, read(k), read(v), poison));
+    }
+    out
+}
+
+/// The caches `kv_append` wrote against the host GEMV: the new position holds the keys
+/// and values, every other position keeps its poison.
+#[allow(clippy::too_many_arguments)] // the launch's inputs and what it wrote
+fn kv_outcome(
+    op: &'static str,
+    case: &str,
+    dims: [usize; 4],
+    pos: usize,
+    w: &[f32],
+    x: &[f32],
+    bias: &[f32],
+    d: usize,
+    dtype: DType,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    poison: f32,
+) -> Outcome {
+    let [batch, heads, cap, hd] = dims;
+    let rows = 2 * heads * hd;
+    let y = host::rows_gemv(w, rows, d, None, x, batch, Some(bias), false);
     let half = heads * hd;
     let mut got = Vec::new();
     let mut want = Vec::new();
@@ -496,8 +554,7 @@ pub fn check_kv_append<B: SparseKernels>(device: &B::Device, dims: [usize; 4], d
             }
         }
     }
-    let case = format!("batch {batch} heads {heads} cap {cap} hd {hd} d {d} pos {pos} {dtype:?} seed {seed}");
-    vec![outcome("kv_append", case, dtype, &got, &want, &[])]
+    outcome(op, case.to_string(), dtype, &got, &want, &[])
 }
 
 /// The gated GEMV against the host GEMV with the gated-off rows zeroed (about a quarter of

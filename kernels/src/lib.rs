@@ -178,6 +178,27 @@ pub trait SparseKernels: Backend {
         reference::predict_select::<Self>(up, h, threshold, capacity)
     }
 
+    /// [`SparseKernels::kv_append`] and the same step's queries `q [B, outputs] = q_w[rows]
+    /// · x + q_bias[rows]` (rows as in [`SparseKernels::rows_gemv`] with `q_idx` and
+    /// `block`): one launch on `CubeBackend`. Returns `q` and the caches.
+    #[allow(clippy::too_many_arguments)] // the queries' and the keys' and values' inputs
+    fn qkv_append(
+        q_w: FloatTensor<Self>,
+        q_idx: Option<IntTensor<Self>>,
+        block: usize,
+        q_bias: Option<FloatTensor<Self>>,
+        kv: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        kv_bias: Option<FloatTensor<Self>>,
+        k_cache: FloatTensor<Self>,
+        v_cache: FloatTensor<Self>,
+        pos: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let q = Self::rows_gemv(q_w, q_idx, block, x.clone(), q_bias, false);
+        let (k, v) = Self::kv_append(kv, x, kv_bias, k_cache, v_cache, pos);
+        (q, k, v)
+    }
+
     /// A decode step's LayerNorm of `x [1, d]` (f32 `gamma`, `beta`), the first factor
     /// `down [r, d] · x` of a predictor (f32 out), and optionally a head selection
     /// ([`SparseKernels::predict_select`] of `(up, h, threshold, capacity)`): one launch on
@@ -318,6 +339,23 @@ where
         capacity: usize,
     ) -> (IntTensor<Self>, IntTensor<Self>) {
         cube::predict_select(up, h, threshold, capacity, I::dtype())
+    }
+
+    fn qkv_append(
+        q_w: FloatTensor<Self>,
+        q_idx: Option<IntTensor<Self>>,
+        block: usize,
+        q_bias: Option<FloatTensor<Self>>,
+        kv: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        kv_bias: Option<FloatTensor<Self>>,
+        k_cache: FloatTensor<Self>,
+        v_cache: FloatTensor<Self>,
+        pos: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let query = cube::QueryArgs { w: q_w, idx: q_idx, block, bias: q_bias };
+        let (q, k, v) = cube::qkv_append(Some(query), kv, x, kv_bias, k_cache, v_cache, pos, I::dtype());
+        (q.expect("a query was asked for"), k, v)
     }
 
     fn norm_predict(
@@ -823,7 +861,64 @@ pub fn kv_append<B: SparseKernels>(
     v_cache: Tensor<B, 4>,
     pos: usize,
 ) -> Result<(Tensor<B, 4>, Tensor<B, 4>), KernelError> {
-    let op = "kv_append";
+    check_kv_append("kv_append", &kv, &x, bias.as_ref(), &k_cache, &v_cache, pos)?;
+    let (k, v) = B::kv_append(prim(kv), prim(x), bias.map(prim), prim(k_cache), prim(v_cache), pos);
+    Ok((wrap(k), wrap(v)))
+}
+
+/// The query rows [`qkv_append`] computes beside the keys and values: `w [rows, d]`
+/// (q_proj, each output one contiguous row), the selected heads (`heads`, whole blocks of
+/// `head_dim` rows, empty slots allowed; every row when `None`) and the bias `[rows]`.
+pub struct QueryRows<B: Backend> {
+    pub w: Tensor<B, 2>,
+    pub heads: Option<Tensor<B, 1, Int>>,
+    pub head_dim: usize,
+    pub bias: Option<Tensor<B, 1>>,
+}
+
+/// [`kv_append`] and the same step's queries in one launch: `q [B, outputs]` is
+/// [`gemv`] of `query.w` (or [`gather_blocks_gemv`] of the selected heads) with its bias,
+/// and the keys and values land in the caches as [`kv_append`] writes them. Returns `q`
+/// and the caches.
+pub fn qkv_append<B: SparseKernels>(
+    query: QueryRows<B>,
+    kv: Tensor<B, 2>,
+    x: Tensor<B, 2>,
+    kv_bias: Option<Tensor<B, 1>>,
+    k_cache: Tensor<B, 4>,
+    v_cache: Tensor<B, 4>,
+    pos: usize,
+) -> Result<(Tensor<B, 2>, Tensor<B, 4>, Tensor<B, 4>), KernelError> {
+    let op = "qkv_append";
+    check_kv_append(op, &kv, &x, kv_bias.as_ref(), &k_cache, &v_cache, pos)?;
+    check_rows_gemv(op, &query.w, &x, query.bias.as_ref())?;
+    let block = if query.heads.is_some() { query.head_dim.max(1) } else { 1 };
+    check_block(op, query.w.dims()[0], block)?;
+    let (q, k, v) = B::qkv_append(
+        prim(query.w),
+        query.heads.map(|h| h.into_primitive()),
+        block,
+        query.bias.map(prim),
+        prim(kv),
+        prim(x),
+        kv_bias.map(prim),
+        prim(k_cache),
+        prim(v_cache),
+        pos,
+    );
+    Ok((wrap(q), wrap(k), wrap(v)))
+}
+
+/// The inputs of [`kv_append`] agree.
+fn check_kv_append<B: Backend>(
+    op: &'static str,
+    kv: &Tensor<B, 2>,
+    x: &Tensor<B, 2>,
+    bias: Option<&Tensor<B, 1>>,
+    k_cache: &Tensor<B, 4>,
+    v_cache: &Tensor<B, 4>,
+    pos: usize,
+) -> Result<(), KernelError> {
     let [batch, heads, cap, hd] = k_cache.dims();
     if v_cache.dims() != k_cache.dims() {
         return Err(shape_err(op, format!("key cache {:?} and value cache {:?} differ", k_cache.dims(), v_cache.dims())));
@@ -837,11 +932,9 @@ pub fn kv_append<B: SparseKernels>(
     if pos >= cap {
         return Err(shape_err(op, format!("position {pos} outside the cache's {cap}")));
     }
-    check_rows_gemv(op, &kv, &x, bias.as_ref())?;
-    check_float(op, "the key cache", &k_cache, kv.dtype())?;
-    check_float(op, "the value cache", &v_cache, kv.dtype())?;
-    let (k, v) = B::kv_append(prim(kv), prim(x), bias.map(prim), prim(k_cache), prim(v_cache), pos);
-    Ok((wrap(k), wrap(v)))
+    check_rows_gemv(op, kv, x, bias)?;
+    check_float(op, "the key cache", k_cache, kv.dtype())?;
+    check_float(op, "the value cache", v_cache, kv.dtype())
 }
 
 /// A sparse OPT MLP for the selected neurons: `fc2ᵀ[idx]ᵀ · relu(fc1[idx] · x + b1[idx]) + b2`.

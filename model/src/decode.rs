@@ -6,11 +6,11 @@
 //! 15–20 µs of host time on each), not by the GPU: Burn's LayerNorm alone is eight small
 //! kernels plus two casts, a `Linear` is a matmul and a bias add, and the attention over the
 //! cache is two matmuls, a softmax of four kernels and the copies between them. Here a
-//! layer is: LayerNorm (1 launch), q (1 GEMV, bias fused), k and v projected straight into
-//! the caches (`kv_append`, 1), attention over every head (`selected_heads_attention` with
-//! all heads: 1–2 launches), `out_proj` (transposed GEMV, 2, the residual add in its second
-//! pass), LayerNorm, fc1 (1, bias and ReLU fused) and fc2 (2, the residual add likewise):
-//! 10–11 launches. The residual adds go through [`ForwardHooks::attention_residual`] and
+//! layer is: LayerNorm (1 launch), q with k and v projected straight into the caches
+//! (`qkv_append`, 1, biases fused), attention over every head (`selected_heads_attention`
+//! with all heads: 1–2 launches), `out_proj` (transposed GEMV, 2, the residual add in its
+//! second pass), LayerNorm, fc1 (1, bias and ReLU fused) and fc2 (2, the residual add
+//! likewise): 9–10 launches. The residual adds go through [`ForwardHooks::attention_residual`] and
 //! [`ForwardHooks::mlp_residual`], which the layer calls. Prompts (several tokens at once) still run
 //! through the tensor ops, where a matmul is the right tool; LayerNorm uses the kernel
 //! everywhere.
@@ -147,15 +147,26 @@ pub(crate) fn bias<B: Backend>(linear: &burn::nn::Linear<B>) -> Option<Tensor<B,
     linear.bias.as_ref().map(|b| b.val())
 }
 
-/// Writes one step's keys and values (`x [batch, d]`, every head) into `cache` with one
-/// launch and returns the whole buffers.
-pub(crate) fn write_kv<B: SparseKernels>(
+/// One step's queries (every head, or the selected `heads` — blocks of `head_dim` rows of
+/// `q_proj`) and every head's keys and values (`x [batch, d]`), the keys and values
+/// written into `cache`: one launch. Returns the queries `[batch, slots · hd]` and the whole
+/// caches.
+pub(crate) fn project_qkv<B: SparseKernels>(
+    attention: &OptAttention<B>,
     weights: &DecodeLayer<B>,
+    heads: Option<Tensor<B, 1, Int>>,
     x: Tensor<B, 2>,
     cache: &mut LayerKvCache<B>,
     step: &Step<B>,
-) -> (Tensor<B, 4>, Tensor<B, 4>) {
-    let (keys, values) = dejavu_kernels::kv_append(
+) -> (Tensor<B, 2>, Tensor<B, 4>, Tensor<B, 4>) {
+    let query = dejavu_kernels::QueryRows {
+        w: weights.q_rows.clone(),
+        heads,
+        head_dim: attention.head_dim,
+        bias: bias(&attention.q_proj),
+    };
+    let (q, keys, values) = dejavu_kernels::qkv_append(
+        query,
         weights.kv_rows.clone(),
         x,
         weights.kv_bias.clone(),
@@ -166,7 +177,7 @@ pub(crate) fn write_kv<B: SparseKernels>(
     .expect(SHAPES);
     cache.key = keys.clone();
     cache.value = values.clone();
-    (keys, values)
+    (q, keys, values)
 }
 
 /// `out_proj` or fc2 (`w_t`, transposed) of `h [batch, K]` over the rows `idx` picks (all
@@ -210,8 +221,7 @@ pub(crate) fn dense_attention<B: SparseKernels>(
 ) -> Tensor<B, 3> {
     let [batch, _, d] = x.dims();
     let x = x.reshape([batch, d]);
-    let q = dejavu_kernels::gemv(weights.q_rows.clone(), x.clone(), bias(&attention.q_proj), Act::Identity).expect(SHAPES);
-    let (keys, values) = write_kv(weights, x, cache, step);
+    let (q, keys, values) = project_qkv(attention, weights, None, x, cache, step);
     let scale = (attention.head_dim as f32).powf(-0.5);
     let heads = dejavu_kernels::selected_heads_attention(q, all_heads.clone(), keys, values, step.start + 1, scale)
         .expect(SHAPES);

@@ -42,7 +42,7 @@ use burn::nn::LayerNorm;
 use crate::attention::OptAttention;
 use crate::cache::{LayerKvCache, Step};
 use crate::decode::{
-    bias, dense_attention, dense_mlp, fc2, kernel_norm, norm_params, output_projection, plus_residual, rows_of, write_kv, DecodeWeights,
+    bias, dense_attention, dense_mlp, fc2, kernel_norm, norm_params, output_projection, plus_residual, project_qkv, rows_of, DecodeWeights,
 };
 use crate::hooks::NormSite;
 use crate::layer::LAYER_NORM_EPS;
@@ -503,9 +503,8 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
                 .unsqueeze_dim::<4>(3);
             return plus_residual(attention.project_out(heads * mask), residual);
         }
-        // Kernels. Every head's key and value are written (see the module comment).
+        // Kernels.
         let x = x.reshape([batch, d]);
-        let (keys, values) = write_kv(&weights.layers[layer], x.clone(), cache, step);
         let heads = match (prediction, selection) {
             // Selected in the launch of this layer's first LayerNorm.
             (Prediction::Selected(selected), _) => {
@@ -527,9 +526,9 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
             (prediction, _) => Self::indices(kept, predictor.logits(prediction), selection, self.count_kept),
         };
         let hd = attention.head_dim;
-        let q_rows = weights.layers[layer].q_rows.clone();
-        let q = dejavu_kernels::gather_blocks_gemv(q_rows, heads.clone(), hd, x, bias(&attention.q_proj), Act::Identity)
-            .expect(KERNEL_SHAPES);
+        // The selected heads' queries, and every head's key and value (see the module
+        // comment), in one launch.
+        let (q, keys, values) = project_qkv(attention, &weights.layers[layer], Some(heads.clone()), x, cache, step);
         let scale = (hd as f32).powf(-0.5);
         let out = dejavu_kernels::selected_heads_attention(q, heads.clone(), keys, values, step.start + 1, scale)
             .expect(KERNEL_SHAPES);

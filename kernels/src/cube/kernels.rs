@@ -71,6 +71,19 @@ pub struct KvShape {
     pub cache_pos_stride: usize,
 }
 
+/// The query rows [`kv_append_kernel`] may compute in the same launch: `q_w [rows, width]`
+/// (vectors), `outputs` of them (whole heads of `block` rows when gathered), into `q_out
+/// [batch, outputs]` (row stride `out_stride`, elements), by the first `cubes` cubes.
+#[derive(CubeType, CubeLaunch, Clone, Copy)]
+pub struct QueryShape {
+    pub rows: usize,
+    pub w_stride: usize,
+    pub outputs: usize,
+    pub out_stride: usize,
+    pub block: usize,
+    pub cubes: usize,
+}
+
 /// A low-rank predictor's second factor `up [rows, rank]` (f32, row stride in elements).
 #[derive(CubeType, CubeLaunch, Clone, Copy)]
 pub struct PredictorShape {
@@ -783,25 +796,61 @@ fn layer_norm_row<F: Float, N: Size>(
 /// `kv [2·H·hd, d]` (k_proj's rows, then v_proj's) dotted with `x[b, :]` plus `bias[j]`
 /// goes to `k_cache[b, h, pos, c]` (`j < H·hd`) or `v_cache[b, h, pos, c]`, with
 /// `h·hd + c = j mod H·hd`. One launch instead of two GEMVs and two cache writes; the
-/// same lane layout as `rows_gemv_kernel`.
+/// same lane layout as `rows_gemv_kernel`. With `has_query` the first `query.cubes` cubes
+/// compute the queries instead (`rows_gemv_kernel` of `q_w`, all heads or the selected
+/// ones): q, k and v of a decode step in one launch. Each cube does one job, so the
+/// reductions never diverge inside a cube.
 #[cube(launch_unchecked)]
-pub(crate) fn kv_append_kernel<F: Float, N: Size>(
+#[allow(clippy::too_many_arguments)] // the keys', values' and queries' inputs
+pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int>(
     kv: &Array<Vector<F, N>>,
     x: &Array<Vector<F, N>>,
     bias: &Array<F>,
     k_cache: &mut Array<F>,
     v_cache: &mut Array<F>,
+    q_w: &Array<Vector<F, N>>,
+    q_idx: &Array<I>,
+    q_bias: &Array<F>,
+    q_out: &mut Array<F>,
     shape: KvShape,
+    query: QueryShape,
     pos: usize,
     #[comptime] has_bias: bool,
+    #[comptime] has_query: bool,
+    #[comptime] q_gathered: bool,
+    #[comptime] has_q_bias: bool,
     #[comptime] group: usize,
     #[comptime] rows_per_cube: usize,
     #[comptime] use_plane: bool,
-    #[define(F)] _dtype: StorageType,
+    #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let mut scratch = SharedMemory::<f32>::new(group * rows_per_cube);
     let lane = UNIT_POS_X as usize;
-    let j = CUBE_POS_X as usize * rows_per_cube + UNIT_POS_Y as usize;
+    let mut cube = CUBE_POS_X as usize;
+    if has_query {
+        if cube < query.cubes {
+            let j = cube * rows_per_cube + UNIT_POS_Y as usize;
+            let in_range = j < query.outputs;
+            let mut row = query.rows;
+            if in_range {
+                row = row_of(q_idx, j, query.block, query.rows, q_gathered);
+            }
+            let live = row < query.rows;
+            for b in 0..shape.batch {
+                let mut partial = 0.0f32;
+                if live {
+                    partial = lane_dot(q_w, row * query.w_stride, x, b * shape.x_stride, lane, group, shape.width);
+                }
+                let total = group_sum(partial, &mut scratch, group, use_plane);
+                if lane == 0 && in_range {
+                    q_out[b * query.out_stride + j] = F::cast_from(finish_row(total, q_bias, row, live, has_q_bias, false));
+                }
+            }
+            terminate!();
+        }
+        cube -= query.cubes;
+    }
+    let j = cube * rows_per_cube + UNIT_POS_Y as usize;
     let rows = shape.rows;
     let half = rows / 2;
     let hd = shape.head_dim;

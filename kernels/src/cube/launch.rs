@@ -472,8 +472,36 @@ pub fn kv_append<R: CubeRuntime>(
     v_cache: CubeTensor<R>,
     pos: usize,
 ) -> (CubeTensor<R>, CubeTensor<R>) {
+    let (_, k, v) = qkv_append(None, kv, x, bias, k_cache, v_cache, pos, DType::I32);
+    (k, v)
+}
+
+/// The query rows for [`qkv_append`]: `w [rows, d]`, the selected heads (`idx`, blocks of
+/// `block` rows; all rows when `None`) and the bias.
+pub struct QueryArgs<R: CubeRuntime> {
+    pub w: CubeTensor<R>,
+    pub idx: Option<CubeTensor<R>>,
+    pub block: usize,
+    pub bias: Option<CubeTensor<R>>,
+}
+
+/// [`kv_append`] with the queries of the same step in the same launch; see
+/// [`crate::SparseKernels::qkv_append`]. Returns `q [B, outputs]` (when asked) and the
+/// caches.
+#[allow(clippy::too_many_arguments)] // the queries' and the keys' and values' inputs
+pub fn qkv_append<R: CubeRuntime>(
+    query: Option<QueryArgs<R>>,
+    kv: CubeTensor<R>,
+    x: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    k_cache: CubeTensor<R>,
+    v_cache: CubeTensor<R>,
+    pos: usize,
+    int_dtype: DType,
+) -> (Option<CubeTensor<R>>, CubeTensor<R>, CubeTensor<R>) {
     let (kv, x) = (into_contiguous(kv), into_contiguous(x));
     let rows = dims(&kv)[0];
+    let batch = dims(&x)[0];
     let has_bias = bias.is_some();
     let bias = bias.map(into_contiguous).unwrap_or_else(|| x.clone());
     let vs = vector_width(&[&kv, &x]);
@@ -481,6 +509,25 @@ pub fn kv_append<R: CubeRuntime>(
     let rows_per_cube = LaunchConfig::default().rows_per_cube;
     let dtype = kv.dtype;
     let client = kv.client.clone();
+    let has_query = query.is_some();
+    let (q_w, q_idx, q_bias, q_out, query_shape, q_gathered, has_q_bias, idx_dtype) = match query {
+        Some(QueryArgs { w, idx, block, bias }) => {
+            let w = into_contiguous(w);
+            let q_rows = dims(&w)[0];
+            let block = block.max(1);
+            let outputs = idx.as_ref().map_or(q_rows, |i| dims(i)[0] * block);
+            let q_out = empty(&x, vec![batch, outputs], dtype);
+            let shape = QueryShapeLaunch::new(q_rows, stride(&w, 0) / vs, outputs, outputs, block, outputs.div_ceil(rows_per_cube));
+            let (gathered, has_q_bias) = (idx.is_some(), bias.is_some());
+            let idx_dtype = idx.as_ref().map_or(int_dtype, |i| i.dtype);
+            let idx = idx.map(into_contiguous).unwrap_or_else(|| unread(&x));
+            let bias = bias.map(into_contiguous).unwrap_or_else(|| unread(&w));
+            (w, idx, bias, Some(q_out), shape, gathered, has_q_bias, idx_dtype)
+        }
+        None => (unread(&kv), unread(&x), unread(&kv), None, QueryShapeLaunch::new(0, 0, 0, 0, 1, 0), false, false, int_dtype),
+    };
+    let query_cubes = q_out.as_ref().map_or(0, |q| dims(q)[1].div_ceil(rows_per_cube));
+    debug_assert!(!has_query || (dims(&q_w)[1] == dims(&kv)[1] && stride(&q_w, 0) % vs == 0));
     assert_eq!(k_cache.meta.strides(), v_cache.meta.strides(), "kv_append: keys and values laid out alike");
     assert_eq!(stride(&k_cache, 3), 1, "kv_append: cache rows contiguous");
     let shape = KvShapeLaunch::new(
@@ -497,7 +544,7 @@ pub fn kv_append<R: CubeRuntime>(
     unsafe {
         kv_append_kernel::launch_unchecked::<R>(
             &client,
-            CubeCount::Static(rows.div_ceil(rows_per_cube) as u32, 1, 1),
+            CubeCount::Static((query_cubes + rows.div_ceil(rows_per_cube)) as u32, 1, 1),
             CubeDim::new_2d(group as u32, rows_per_cube as u32),
             vs,
             arg(kv),
@@ -505,16 +552,24 @@ pub fn kv_append<R: CubeRuntime>(
             arg(bias),
             arg(k_cache.clone()),
             arg(v_cache.clone()),
+            arg(q_w),
+            arg(q_idx),
+            arg(q_bias),
+            arg(q_out.clone().unwrap_or_else(|| unread(&k_cache))),
             shape,
+            query_shape,
             pos,
             has_bias,
+            has_query,
+            q_gathered,
+            has_q_bias,
             group,
             rows_per_cube,
             use_plane,
-            dtype.into(),
+            [dtype.into(), idx_dtype.into()],
         );
     }
-    (k_cache, v_cache)
+    (q_out, k_cache, v_cache)
 }
 
 /// How the one-row-per-lane-group fc1 kernels of batch 1 (gated and predicted) launch:

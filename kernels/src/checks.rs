@@ -464,15 +464,12 @@ pub fn check_kv_append<B: SparseKernels>(device: &B::Device, dims: [usize; 4], d
     let bias = stored(uniform(&mut rng, rows, 0.0), dtype);
     let poison = -777.0f32;
     let cache = || Tensor::<B, 4>::full(dims, poison, (device, dtype));
-    let (k, v) = crate::kv_append(
-        to_device::<B, 2>(&w, [rows, d], dtype, device),
-        to_device::<B, 2>(&x, [batch, d], dtype, device),
-        Some(to_device::<B, 1>(&bias, [rows], dtype, device)),
-        cache(),
-        cache(),
-        pos,
-    )
-    .expect("consistent shapes");
+    let kv_inputs = || {
+        let w_dev = to_device::<B, 2>(&w, [rows, d], dtype, device);
+        (w_dev, to_device::<B, 2>(&x, [batch, d], dtype, device), Some(to_device::<B, 1>(&bias, [rows], dtype, device)), cache(), cache())
+    };
+    let (w_dev, x_dev, bias_dev, k_cache, v_cache) = kv_inputs();
+    let (k, v) = crate::kv_append(w_dev, x_dev, bias_dev, k_cache, v_cache, pos).expect("consistent shapes");
     let case = format!("batch {batch} heads {heads} cap {cap} hd {hd} d {d} pos {pos} {dtype:?} seed {seed}");
     let mut out = vec![kv_outcome("kv_append", &case, dims, pos, &w, &x, &bias, d, dtype, read(k), read(v), poison)];
 
@@ -492,16 +489,8 @@ pub fn check_kv_append<B: SparseKernels>(device: &B::Device, dims: [usize; 4], d
             head_dim: hd,
             bias: selected.then(|| to_device::<B, 1>(&bq, [q_rows], dtype, device)),
         };
-        let (q, k, v) = crate::qkv_append(
-            query,
-            to_device::<B, 2>(&w, [rows, d], dtype, device),
-            to_device::<B, 2>(&x, [batch, d], dtype, device),
-            Some(to_device::<B, 1>(&bias, [rows], dtype, device)),
-            cache(),
-            cache(),
-            pos,
-        )
-        .expect("consistent shapes");
+        let (w_dev, x_dev, bias_dev, k_cache, v_cache) = kv_inputs();
+        let (q, k, v) = crate::qkv_append(query, w_dev, x_dev, bias_dev, k_cache, v_cache, pos).expect("consistent shapes");
         let which = if selected { "qkv_append (selected heads)" } else { "qkv_append (every head)" };
         let want_q = match selected {
             true => host::rows_gemv(&wq, q_rows, d, Some(&rows_idx), &x, batch, Some(&bq), false),

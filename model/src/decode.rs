@@ -261,6 +261,45 @@ impl<'a, B: Backend> KernelDecode<'a, B> {
     }
 }
 
+/// The block methods of [`ForwardHooks`] for hooks whose `attention_block` and `mlp_block`
+/// take the residual as an `Option` (the kernel paths, which add it inside their last
+/// launch).
+macro_rules! blocks_with_residual {
+    () => {
+        fn attention(
+            &mut self,
+            layer: usize,
+            attention: &OptAttention<B>,
+            x: Tensor<B, 3>,
+            cache: &mut LayerKvCache<B>,
+            step: &Step<B>,
+        ) -> Tensor<B, 3> {
+            self.attention_block(layer, attention, x, None, cache, step)
+        }
+
+        fn mlp(&mut self, layer: usize, mlp: &OptMlp<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+            self.mlp_block(layer, mlp, x, None)
+        }
+
+        fn attention_residual(
+            &mut self,
+            layer: usize,
+            attention: &OptAttention<B>,
+            x: Tensor<B, 3>,
+            residual: Tensor<B, 3>,
+            cache: &mut LayerKvCache<B>,
+            step: &Step<B>,
+        ) -> Tensor<B, 3> {
+            self.attention_block(layer, attention, x, Some(residual), cache, step)
+        }
+
+        fn mlp_residual(&mut self, layer: usize, mlp: &OptMlp<B>, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
+            self.mlp_block(layer, mlp, x, Some(residual))
+        }
+    };
+}
+pub(crate) use blocks_with_residual;
+
 impl<B: SparseKernels> KernelDecode<'_, B> {
     fn attention_block(
         &mut self,
@@ -286,36 +325,7 @@ impl<B: SparseKernels> KernelDecode<'_, B> {
 }
 
 impl<B: SparseKernels> ForwardHooks<B> for KernelDecode<'_, B> {
-    fn attention(
-        &mut self,
-        layer: usize,
-        attention: &OptAttention<B>,
-        x: Tensor<B, 3>,
-        cache: &mut LayerKvCache<B>,
-        step: &Step<B>,
-    ) -> Tensor<B, 3> {
-        self.attention_block(layer, attention, x, None, cache, step)
-    }
-
-    fn mlp(&mut self, layer: usize, mlp: &OptMlp<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.mlp_block(layer, mlp, x, None)
-    }
-
-    fn attention_residual(
-        &mut self,
-        layer: usize,
-        attention: &OptAttention<B>,
-        x: Tensor<B, 3>,
-        residual: Tensor<B, 3>,
-        cache: &mut LayerKvCache<B>,
-        step: &Step<B>,
-    ) -> Tensor<B, 3> {
-        self.attention_block(layer, attention, x, Some(residual), cache, step)
-    }
-
-    fn mlp_residual(&mut self, layer: usize, mlp: &OptMlp<B>, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.mlp_block(layer, mlp, x, Some(residual))
-    }
+    blocks_with_residual!();
 
     fn norm(&mut self, _site: NormSite, ln: &LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
         kernel_norm(ln, x)

@@ -42,7 +42,7 @@ use burn::nn::LayerNorm;
 use crate::attention::OptAttention;
 use crate::cache::{LayerKvCache, Step};
 use crate::decode::{
-    bias, dense_attention, dense_mlp, fc2, kernel_norm, norm_params, output_projection, plus_residual, project_qkv, rows_of, DecodeWeights,
+    blocks_with_residual, bias, dense_attention, dense_mlp, fc2, kernel_norm, norm_params, output_projection, plus_residual, project_qkv, rows_of, DecodeWeights,
 };
 use crate::hooks::NormSite;
 use crate::layer::LAYER_NORM_EPS;
@@ -628,36 +628,7 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
         }
     }
 
-    fn attention(
-        &mut self,
-        layer: usize,
-        attention: &OptAttention<B>,
-        x: Tensor<B, 3>,
-        cache: &mut LayerKvCache<B>,
-        step: &Step<B>,
-    ) -> Tensor<B, 3> {
-        self.attention_block(layer, attention, x, None, cache, step)
-    }
-
-    fn mlp(&mut self, layer: usize, mlp: &OptMlp<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.mlp_block(layer, mlp, x, None)
-    }
-
-    fn attention_residual(
-        &mut self,
-        layer: usize,
-        attention: &OptAttention<B>,
-        x: Tensor<B, 3>,
-        residual: Tensor<B, 3>,
-        cache: &mut LayerKvCache<B>,
-        step: &Step<B>,
-    ) -> Tensor<B, 3> {
-        self.attention_block(layer, attention, x, Some(residual), cache, step)
-    }
-
-    fn mlp_residual(&mut self, layer: usize, mlp: &OptMlp<B>, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.mlp_block(layer, mlp, x, Some(residual))
-    }
+    blocks_with_residual!();
 
     fn norm(&mut self, site: NormSite, ln: &LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let (layer, is_attention) = match site {

@@ -27,6 +27,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::dense::{bytes_per_value, copy_bandwidth};
+use crate::primer::Primer;
 use crate::report::{commit, device_name, median, read_json, run_peer_script, write_benchmark};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -294,6 +295,19 @@ struct Timing {
 /// the GPU kernels are compiled and autotuned once, not once per length.
 const PREFILL_CHUNK: usize = 128;
 
+/// Empties `cache` and runs `prompt` through it in chunks of [`PREFILL_CHUNK`]; returns
+/// the last chunk's hidden states.
+fn prefill<B: SparseKernels>(model: &Opt<B>, cache: &mut KvCache<B>, hooks: &mut dyn ForwardHooks<B>, prompt: &[u32]) -> anyhow::Result<Tensor<B, 3>> {
+    let device = model.device();
+    cache.reset();
+    let mut hidden = None;
+    for (i, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
+        tracing::debug!("prefill chunk {i} ({} tokens)", chunk.len());
+        hidden = Some(model.forward_with(token_tensor::<B>(chunk, &device), cache, hooks)?);
+    }
+    hidden.context("an empty prompt")
+}
+
 /// One greedy run with the library's loop spelled out (as `generate` does it, token read
 /// back each step) over a cache made once for every prompt length: prefill in chunks, then
 /// `new_tokens` steps; returns ms per decode step over the last `new_tokens − 1`.
@@ -305,13 +319,7 @@ fn decode_run<B: SparseKernels>(
     new_tokens: usize,
 ) -> anyhow::Result<f64> {
     let device = model.device();
-    cache.reset();
-    let mut hidden = None;
-    for (i, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
-        tracing::debug!("prefill chunk {i} ({} tokens)", chunk.len());
-        hidden = Some(model.forward_with(token_tensor::<B>(chunk, &device), cache, hooks)?);
-    }
-    let hidden = hidden.context("an empty prompt")?;
+    let hidden = prefill(model, cache, hooks, prompt)?;
     let [_, n, width] = hidden.dims();
     let next = |h: Tensor<B, 3>| -> u32 { model.logits(h).argmax(2).into_scalar().elem::<i64>() as u32 };
     let mut token = next(hidden.slice([0..1, n - 1..n, 0..width]));
@@ -485,38 +493,19 @@ fn device_step_us<B: SparseKernels>(
     host_step_us: f64,
 ) -> anyhow::Result<f64> {
     let device = model.device();
-    let sync = || B::sync(&device).map_err(|e| anyhow::anyhow!("device sync failed: {e:?}"));
-    cache.reset();
-    let mut hidden = None;
-    for chunk in prompt.chunks(PREFILL_CHUNK) {
-        hidden = Some(model.forward_with(token_tensor::<B>(chunk, &device), cache, hooks)?);
-    }
-    drop(hidden);
-    let primer = Tensor::<B, 1>::ones([64 << 20], (&device, DType::F32));
-    let passes = |n: usize| {
-        for _ in 0..n {
-            let _ = primer.clone().mul_scalar(1.000_001);
-        }
-    };
-    sync()?;
-    let t = Instant::now();
-    passes(10);
-    sync()?;
-    let pass_us = t.elapsed().as_secs_f64() * 1e6 / 10.0;
+    prefill(model, cache, hooks, prompt)?;
+    let primer = Primer::new(Tensor::<B, 1>::ones([64 << 20], (&device, DType::F32)));
+    let pass_us = primer.seconds(10)? * 1e6 / 10.0;
     let n = ((3.0 * host_step_us / pass_us).ceil() as usize).max(4);
     let token = prompt[prompt.len() - 1];
     let mut diffs = Vec::new();
     for rep in 0..6 {
-        sync()?;
+        let primer_only = primer.seconds(n)?;
         let t = Instant::now();
-        passes(n);
-        sync()?;
-        let primer_only = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        passes(n);
+        primer.prime(n);
         let h = model.forward_with(token_tensor::<B>(&[token], &device), cache, hooks)?;
         let _next = model.logits(h).argmax(2);
-        sync()?;
+        primer.sync()?;
         let both = t.elapsed().as_secs_f64();
         if rep > 0 {
             diffs.push((both - primer_only) * 1e6);

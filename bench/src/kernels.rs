@@ -36,6 +36,7 @@ use rand::rngs::StdRng;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::primer::Primer;
 use crate::report::{commit, device_name, median, read_json, run_peer_script, write_benchmark};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -134,32 +135,20 @@ pub struct Timed {
 }
 
 struct Timer<B: Backend> {
-    device: B::Device,
-    primer: Tensor<B, 1>,
+    primer: Primer<B>,
     calls: usize,
     samples: usize,
 }
 
 impl<B: Backend> Timer<B> {
-    fn sync(&self) -> anyhow::Result<()> {
-        B::sync(&self.device).map_err(|e| anyhow::anyhow!("device sync failed: {e:?}"))
-    }
-
-    /// Enqueues `n` passes over the primer (read and written once each).
-    fn prime(&self, n: usize) {
-        for _ in 0..n {
-            let _ = self.primer.clone().mul_scalar(1.000_001);
-        }
-    }
-
     fn wall<F: FnMut(usize)>(&self, f: &mut F, prime: usize) -> anyhow::Result<f64> {
-        self.sync()?;
+        self.primer.sync()?;
         let t = Instant::now();
-        self.prime(prime);
+        self.primer.prime(prime);
         for i in 0..self.calls {
             f(i);
         }
-        self.sync()?;
+        self.primer.sync()?;
         Ok(t.elapsed().as_secs_f64())
     }
 
@@ -175,20 +164,12 @@ impl<B: Backend> Timer<B> {
         // One primer pass, timed, sizes the primer: it must outlast the host's enqueueing.
         let mut one = Vec::new();
         for _ in 0..3 {
-            self.sync()?;
-            let t = Instant::now();
-            self.prime(1);
-            self.sync()?;
-            one.push(t.elapsed().as_secs_f64());
+            one.push(self.primer.seconds(1)?);
         }
         let passes = ((2.0 * stream_s / median(&mut one)).ceil() as usize + 2).min(400);
         let mut gpu = Vec::new();
         for _ in 0..self.samples {
-            self.sync()?;
-            let t = Instant::now();
-            self.prime(passes);
-            self.sync()?;
-            let primer_only = t.elapsed().as_secs_f64();
+            let primer_only = self.primer.seconds(passes)?;
             let both = self.wall(&mut f, passes)?;
             gpu.push((both - primer_only).max(0.0) / self.calls as f64 * 1e6);
         }
@@ -243,7 +224,7 @@ fn measure_model<R: CubeRuntime>(
     out: &mut Vec<Timed>,
 ) -> anyhow::Result<()> {
     type B<R> = Cube<R>;
-    let device = &timer.device;
+    let device = &timer.primer.device;
     let dtype = args.dtype.dtype();
     let bpv = bytes_per_value(dtype);
     let (d, ffn) = (config.hidden_size, config.ffn_dim);
@@ -342,7 +323,7 @@ fn measure_model<R: CubeRuntime>(
 fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec<Timed>) -> anyhow::Result<Vec<Outcome>> {
     let name = &args.models[0];
     let config = named(name)?;
-    let device = &timer.device;
+    let device = &timer.primer.device;
     let dtype = args.dtype.dtype();
     let (d, ffn) = (config.hidden_size, config.ffn_dim);
     let density = 0.1;
@@ -410,7 +391,7 @@ fn measure_attention<R: CubeRuntime>(
 ) -> anyhow::Result<()> {
     use dejavu_kernels::{gather_blocks_gemv, gather_blocks_transposed_gemv, selected_heads_attention};
     type B<R> = Cube<R>;
-    let device = &timer.device;
+    let device = &timer.primer.device;
     let dtype = args.dtype.dtype();
     let bpv = bytes_per_value(dtype);
     let (d, n_heads) = (config.hidden_size, config.num_attention_heads);
@@ -518,15 +499,11 @@ fn run_on<R: CubeRuntime>(args: KernelArgs, device: R::Device, peer: Option<Valu
     let mut checks = if args.check { Some(run_checks::<R>(&args, &device)?) } else { None };
     let primer_values = args.primer_mb * (1 << 20) / 4;
     let primer = Tensor::<Cube<R>, 1>::random([primer_values], Distribution::Default, &device);
-    let timer = Timer { device: device.clone(), primer, calls: args.calls, samples: args.samples };
+    let timer = Timer { primer: Primer::new(primer), calls: args.calls, samples: args.samples };
     let copy_gbs = {
         let mut times = Vec::new();
         for _ in 0..6 {
-            timer.sync()?;
-            let t = Instant::now();
-            timer.prime(4);
-            timer.sync()?;
-            times.push(t.elapsed().as_secs_f64());
+            times.push(timer.primer.seconds(4)?);
         }
         4.0 * 2.0 * (primer_values * 4) as f64 / median(&mut times) / 1e9
     };

@@ -8,6 +8,7 @@ mod dense;
 mod e2e;
 mod kernels;
 mod launch;
+mod primer;
 mod quality;
 mod report;
 

@@ -344,10 +344,7 @@ pub fn check_gemvs<B: SparseKernels, L: Launcher<B>>(
     let blocks = rows / block;
     let mut ids = random_indices(&mut rng, blocks, (blocks / 2).max(2));
     ids[0] = blocks as i64;
-    let rows_idx: Vec<i64> = ids
-        .iter()
-        .flat_map(|&b| (0..block as i64).map(move |r| if b < 0 || b as usize >= blocks { rows as i64 } else { b * block as i64 + r }))
-        .collect();
+    let rows_idx = host::block_rows(&ids, block, rows);
     let ids_dev = ints::<B>(&ids, device);
     let got = read(launcher.rows_gemv(w_dev.clone(), Some((ids_dev.clone(), block)), x_dev2.clone(), Some(b1_dev2.clone()), false));
     let want = host::rows_gemv(&w, rows, d, Some(&rows_idx), &x, batch, Some(&b1), false);
@@ -480,8 +477,7 @@ pub fn check_kv_append<B: SparseKernels>(device: &B::Device, dims: [usize; 4], d
     let bq = stored(uniform(&mut rng, q_rows, 0.0), dtype);
     let mut ids = random_indices(&mut rng, heads, heads.div_ceil(2).max(2));
     ids[0] = heads as i64;
-    let rows_idx: Vec<i64> =
-        ids.iter().flat_map(|&h| (0..hd as i64).map(move |c| if h < 0 || h as usize >= heads { q_rows as i64 } else { h * hd as i64 + c })).collect();
+    let rows_idx = host::block_rows(&ids, hd, q_rows);
     for selected in [false, true] {
         let query = crate::QueryRows {
             w: to_device::<B, 2>(&wq, [q_rows, d], dtype, device),

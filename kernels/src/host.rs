@@ -44,6 +44,16 @@ pub fn rows_gemv(
 }
 
 /// `out [batch, d] = Σ_j h[b, j] · Wt[row_j] + bias`, `w_t` row-major `[rows, d]`.
+/// The rows a list of block ids selects: block `b` is rows `b·block .. (b+1)·block`; an
+/// id outside `0..rows/block` (an empty slot) gives `block` copies of `rows`, which the
+/// host loops skip.
+pub fn block_rows(ids: &[i64], block: usize, rows: usize) -> Vec<i64> {
+    let blocks = rows / block;
+    ids.iter()
+        .flat_map(|&b| (0..block as i64).map(move |r| if b < 0 || b as usize >= blocks { rows as i64 } else { b * block as i64 + r }))
+        .collect()
+}
+
 /// Elementwise `a + b` (a residual added to a block's output).
 pub fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
     a.iter().zip(b).map(|(x, y)| x + y).collect()

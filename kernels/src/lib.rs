@@ -519,9 +519,7 @@ pub fn transposed_gemv<B: SparseKernels>(
     h: Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
 ) -> Result<Tensor<B, 2>, KernelError> {
-    let rows = w_t.dims()[0];
-    check_transposed("transposed_gemv", &w_t, &h, rows, bias.as_ref())?;
-    Ok(wrap(B::rows_transposed_gemv(prim(w_t), None, 1, prim(h), bias.map(prim), None)))
+    checked_transposed_gemv("transposed_gemv", w_t, None, h, bias, None)
 }
 
 /// `out [B, d] = Σ_j h[:, j] · Wt[idx_j, :] + bias`: only the selected rows of the
@@ -545,17 +543,7 @@ pub fn gather_blocks_transposed_gemv<B: SparseKernels>(
     h: Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
 ) -> Result<Tensor<B, 2>, KernelError> {
-    let k = idx.dims()[0] * block;
-    check_block("gather_rows_transposed_gemv", w_t.dims()[0], block)?;
-    check_transposed("gather_rows_transposed_gemv", &w_t, &h, k, bias.as_ref())?;
-    Ok(wrap(B::rows_transposed_gemv(
-        prim(w_t),
-        Some(idx.into_primitive()),
-        block,
-        prim(h),
-        bias.map(prim),
-        None,
-    )))
+    checked_transposed_gemv("gather_rows_transposed_gemv", w_t, Some((idx, block)), h, bias, None)
 }
 
 /// A decoder layer's block output added to its residual in the same launches:
@@ -569,26 +557,41 @@ pub fn residual_transposed_gemv<B: SparseKernels>(
     h: Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
 ) -> Result<Tensor<B, 2>, KernelError> {
-    const OP: &str = "residual_transposed_gemv";
+    checked_transposed_gemv("residual_transposed_gemv", w_t, idx, h, bias, Some(residual))
+}
+
+/// What every transposed GEMV checks, then its launch: the rows of `w_t [rows, d]` that
+/// `idx` picks (whole blocks; every row when `None`) against `h`, the bias, and the
+/// residual `[B, d]` when there is one.
+fn checked_transposed_gemv<B: SparseKernels>(
+    op: &'static str,
+    w_t: Tensor<B, 2>,
+    idx: Option<(Tensor<B, 1, Int>, usize)>,
+    h: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    residual: Option<Tensor<B, 2>>,
+) -> Result<Tensor<B, 2>, KernelError> {
     let [rows, d] = w_t.dims();
     let k = match &idx {
         Some((idx, block)) => {
-            check_block(OP, rows, *block)?;
+            check_block(op, rows, *block)?;
             idx.dims()[0] * block
         }
         None => rows,
     };
-    check_transposed(OP, &w_t, &h, k, bias.as_ref())?;
-    check_float(OP, "residual", &residual, w_t.dtype())?;
-    let [batch, rd] = residual.dims();
-    if [batch, rd] != [h.dims()[0], d] {
-        return Err(shape_err(OP, format!("residual is [{batch}, {rd}] but the output is [{}, {d}]", h.dims()[0])));
+    check_transposed(op, &w_t, &h, k, bias.as_ref())?;
+    if let Some(residual) = &residual {
+        check_float(op, "residual", residual, w_t.dtype())?;
+        let [batch, rd] = residual.dims();
+        if [batch, rd] != [h.dims()[0], d] {
+            return Err(shape_err(op, format!("residual is [{batch}, {rd}] but the output is [{}, {d}]", h.dims()[0])));
+        }
     }
     let (idx, block) = match idx {
         Some((idx, block)) => (Some(idx.into_primitive()), block),
         None => (None, 1),
     };
-    Ok(wrap(B::rows_transposed_gemv(prim(w_t), idx, block, prim(h), bias.map(prim), Some(prim(residual)))))
+    Ok(wrap(B::rows_transposed_gemv(prim(w_t), idx, block, prim(h), bias.map(prim), residual.map(prim))))
 }
 
 /// A selection made on the device: `indices [capacity]` ascending and padded with the
@@ -671,15 +674,19 @@ pub fn layer_norm<B: SparseKernels>(
     beta: Tensor<B, 1>,
     eps: f32,
 ) -> Result<Tensor<B, 2>, KernelError> {
-    let op = "layer_norm";
-    let d = x.dims()[1];
-    for (name, t) in [("gamma", &gamma), ("beta", &beta)] {
+    check_norm_params("layer_norm", x.dims()[1], &gamma, &beta)?;
+    Ok(wrap(B::layer_norm_rows(prim(x), prim(gamma), prim(beta), eps)))
+}
+
+/// A LayerNorm's `gamma` and `beta`: `[d]` each, f32.
+fn check_norm_params<B: Backend>(op: &'static str, d: usize, gamma: &Tensor<B, 1>, beta: &Tensor<B, 1>) -> Result<(), KernelError> {
+    for (name, t) in [("gamma", gamma), ("beta", beta)] {
         if t.dims()[0] != d {
             return Err(shape_err(op, format!("{name} has {} entries for rows of {d}", t.dims()[0])));
         }
         check_float(op, name, t, burn::tensor::DType::F32)?;
     }
-    Ok(wrap(B::layer_norm_rows(prim(x), prim(gamma), prim(beta), eps)))
+    Ok(())
 }
 
 /// `out [1, rows] = act(W · x + bias)` over the rows whose predictor logit is above
@@ -767,8 +774,18 @@ pub fn predict_select<B: SparseKernels>(
     threshold: f32,
     capacity: usize,
 ) -> Result<Selection<B>, KernelError> {
-    let op = "predict_select";
-    check_predictor(op, &up, &h, None)?;
+    check_head_select("predict_select", &up, &h, capacity)?;
+    let (indices, count) = B::predict_select(prim(up), prim(h), threshold, capacity);
+    Ok(Selection { indices: Tensor::from_primitive(indices), count: Tensor::from_primitive(count) })
+}
+
+/// Most rows [`predict_select`] takes: its logits live in one cube's shared memory.
+pub const PREDICT_SELECT_MAX_ROWS: usize = 4096;
+
+/// A one-cube selection's predictor (as [`check_predictor`]), a capacity of at least one,
+/// and no more rows than the cube holds.
+fn check_head_select<B: Backend>(op: &'static str, up: &Tensor<B, 2>, h: &Tensor<B, 2>, capacity: usize) -> Result<(), KernelError> {
+    check_predictor(op, up, h, None)?;
     if capacity == 0 {
         return Err(shape_err(op, "capacity must be at least 1".into()));
     }
@@ -776,12 +793,8 @@ pub fn predict_select<B: SparseKernels>(
     if rows > PREDICT_SELECT_MAX_ROWS {
         return Err(shape_err(op, format!("{rows} rows; one cube selects at most {PREDICT_SELECT_MAX_ROWS}")));
     }
-    let (indices, count) = B::predict_select(prim(up), prim(h), threshold, capacity);
-    Ok(Selection { indices: Tensor::from_primitive(indices), count: Tensor::from_primitive(count) })
+    Ok(())
 }
-
-/// Most rows [`predict_select`] takes: its logits live in one cube's shared memory.
-pub const PREDICT_SELECT_MAX_ROWS: usize = 4096;
 
 /// A head selection for [`norm_predict`] to make alongside: the second factor `up [rows,
 /// r]` and first-factor output `h [1, r]` of a head predictor (both f32), as
@@ -820,24 +833,13 @@ pub fn norm_predict<B: SparseKernels>(
     if rows != 1 {
         return Err(shape_err(op, format!("x has {rows} rows; norm_predict is for one token")));
     }
-    for (name, t) in [("gamma", &gamma), ("beta", &beta)] {
-        if t.dims()[0] != d {
-            return Err(shape_err(op, format!("{name} has {} entries for rows of {d}", t.dims()[0])));
-        }
-        check_float(op, name, t, burn::tensor::DType::F32)?;
-    }
+    check_norm_params(op, d, &gamma, &beta)?;
     if down.dims()[1] != d {
         return Err(shape_err(op, format!("the predictor's first factor is {:?} for rows of {d}", down.dims())));
     }
     check_float(op, "the predictor's first factor", &down, burn::tensor::DType::F32)?;
     if let Some(s) = &select {
-        check_predictor(op, &s.up, &s.h, None)?;
-        if s.capacity == 0 {
-            return Err(shape_err(op, "capacity must be at least 1".into()));
-        }
-        if s.up.dims()[0] > PREDICT_SELECT_MAX_ROWS {
-            return Err(shape_err(op, format!("{} rows; one cube selects at most {PREDICT_SELECT_MAX_ROWS}", s.up.dims()[0])));
-        }
+        check_head_select(op, &s.up, &s.h, s.capacity)?;
     }
     let select = select.map(|s| (prim(s.up), prim(s.h), s.threshold, s.capacity));
     let (normed, first, selection) = B::norm_predict(prim(x), prim(gamma), prim(beta), eps, prim(down), select);
@@ -861,7 +863,7 @@ pub fn kv_append<B: SparseKernels>(
     v_cache: Tensor<B, 4>,
     pos: usize,
 ) -> Result<(Tensor<B, 4>, Tensor<B, 4>), KernelError> {
-    check_kv_append("kv_append", &kv, &x, bias.as_ref(), &k_cache, &v_cache, pos)?;
+    check_kv_inputs("kv_append", &kv, &x, bias.as_ref(), &k_cache, &v_cache, pos)?;
     let (k, v) = B::kv_append(prim(kv), prim(x), bias.map(prim), prim(k_cache), prim(v_cache), pos);
     Ok((wrap(k), wrap(v)))
 }
@@ -890,7 +892,7 @@ pub fn qkv_append<B: SparseKernels>(
     pos: usize,
 ) -> Result<(Tensor<B, 2>, Tensor<B, 4>, Tensor<B, 4>), KernelError> {
     let op = "qkv_append";
-    check_kv_append(op, &kv, &x, kv_bias.as_ref(), &k_cache, &v_cache, pos)?;
+    check_kv_inputs(op, &kv, &x, kv_bias.as_ref(), &k_cache, &v_cache, pos)?;
     check_rows_gemv(op, &query.w, &x, query.bias.as_ref())?;
     let block = if query.heads.is_some() { query.head_dim.max(1) } else { 1 };
     check_block(op, query.w.dims()[0], block)?;
@@ -910,7 +912,7 @@ pub fn qkv_append<B: SparseKernels>(
 }
 
 /// The inputs of [`kv_append`] agree.
-fn check_kv_append<B: Backend>(
+fn check_kv_inputs<B: Backend>(
     op: &'static str,
     kv: &Tensor<B, 2>,
     x: &Tensor<B, 2>,

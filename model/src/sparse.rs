@@ -207,6 +207,22 @@ impl<B: SparseKernels> SparseModel<B> {
         Ok(Self { plan, predictors, weights, options, pre_ln })
     }
 
+    /// The predictor that reads layer `layer`'s attention input (`is_attention`) or MLP
+    /// input, with the layer it scores (`layer + lookahead`): none where that layer's kind
+    /// is dense in the plan, where an oracle scores it, or past the last layer.
+    fn predictor_reading(&self, layer: usize, is_attention: bool) -> Option<(usize, &RowPredictor<B>)> {
+        let target = layer + self.plan.lookahead;
+        let plan = self.plan.layers.get(target)?;
+        let (selection, oracle) = match is_attention {
+            true => (plan.attention, self.options.oracle_attention),
+            false => (plan.mlp, self.options.oracle_mlp),
+        };
+        if selection.is_dense() || oracle {
+            return None;
+        }
+        self.predictors[target][usize::from(is_attention)].as_ref().map(|p| (target, p))
+    }
+
     /// Loads the predictor folder `predictors_dir` for the model loaded from `model_dir`
     /// and follows `point`: the folder must have been trained for this very model (same
     /// content hash and widths).
@@ -389,14 +405,7 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
     fn norm_and_predict(&mut self, layer: usize, is_attention: bool, ln: &LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let model = self.model;
         let d = x.dims()[2];
-        let target = layer + model.plan.lookahead;
-        let kind = usize::from(is_attention);
-        let oracle = if is_attention { model.options.oracle_attention } else { model.options.oracle_mlp };
-        let predictor = model.plan.layers.get(target).and_then(|plan| {
-            let sparse = !(if is_attention { plan.attention } else { plan.mlp }).is_dense();
-            model.predictors[target][kind].as_ref().filter(|_| sparse && !oracle)
-        });
-        let Some(predictor) = predictor else { return kernel_norm(ln, x) };
+        let Some((target, predictor)) = model.predictor_reading(layer, is_attention) else { return kernel_norm(ln, x) };
         // This layer's heads, from the first factor the layer before left.
         let select = match (is_attention, &self.attention_pending[layer], model.plan.layers[layer].attention) {
             (true, Some(Prediction::FirstFactor(h)), Selection::Threshold { threshold }) => model.predictors[layer][1]
@@ -613,17 +622,12 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
         if !self.sparse_call(value.dims()[1]) || self.fused_with_norm(value) {
             return;
         }
-        // Layer `target`'s predictor reads layer `target - lookahead`'s input.
-        let target = layer + model.plan.lookahead;
-        let Some(plan) = model.plan.layers.get(target) else { return };
-        let [mlp, attention] = &model.predictors[target];
-        if is_attention && !plan.attention.is_dense() && !model.options.oracle_attention {
-            if let Some(p) = attention {
-                self.attention_pending[target] = Some(p.predict(value));
-            }
-        } else if !is_attention && !plan.mlp.is_dense() && !model.options.oracle_mlp {
-            if let Some(p) = mlp {
-                self.mlp_pending[target] = Some(p.predict(value));
+        if let Some((target, p)) = model.predictor_reading(layer, is_attention) {
+            let prediction = Some(p.predict(value));
+            if is_attention {
+                self.attention_pending[target] = prediction;
+            } else {
+                self.mlp_pending[target] = prediction;
             }
         }
     }

@@ -1133,9 +1133,9 @@ pub(crate) fn norm_predict_kernel<F: Float, N: Size, I: Int>(
             first[j] = total;
         }
     } else if cube == gemv_cubes {
+        // The LayerNorm's reductions use the GEMV cubes' scratch (one value per unit).
         let tid = UNIT_POS_Y as usize * group + lane;
-        let mut red = SharedMemory::<f32>::new(group * rows_per_cube);
-        layer_norm_row(x, gamma, beta, normed, width, 0, 0, inv_width, eps, tid, &mut red, group * rows_per_cube);
+        layer_norm_row(x, gamma, beta, normed, width, 0, 0, inv_width, eps, tid, &mut scratch, group * rows_per_cube);
     } else if has_select {
         let mut logits = SharedMemory::<f32>::new(max_rows);
         select_by_predictor(

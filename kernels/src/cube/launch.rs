@@ -509,24 +509,24 @@ pub fn qkv_append<R: CubeRuntime>(
     let rows_per_cube = LaunchConfig::default().rows_per_cube;
     let dtype = kv.dtype;
     let client = kv.client.clone();
-    let has_query = query.is_some();
-    let (q_w, q_idx, q_bias, q_out, query_shape, q_gathered, has_q_bias, idx_dtype) = match query {
+    let (q_w, q_idx, q_bias, q_out, query_shape, query_cubes, q_gathered, has_q_bias, idx_dtype) = match query {
         Some(QueryArgs { w, idx, block, bias }) => {
             let w = into_contiguous(w);
             let q_rows = dims(&w)[0];
             let block = block.max(1);
             let outputs = idx.as_ref().map_or(q_rows, |i| dims(i)[0] * block);
             let q_out = empty(&x, vec![batch, outputs], dtype);
-            let shape = QueryShapeLaunch::new(q_rows, stride(&w, 0) / vs, outputs, outputs, block, outputs.div_ceil(rows_per_cube));
+            let cubes = outputs.div_ceil(rows_per_cube);
+            let shape = QueryShapeLaunch::new(q_rows, stride(&w, 0) / vs, outputs, outputs, block, cubes);
             let (gathered, has_q_bias) = (idx.is_some(), bias.is_some());
             let idx_dtype = idx.as_ref().map_or(int_dtype, |i| i.dtype);
             let idx = idx.map(into_contiguous).unwrap_or_else(|| unread(&x));
             let bias = bias.map(into_contiguous).unwrap_or_else(|| unread(&w));
-            (w, idx, bias, Some(q_out), shape, gathered, has_q_bias, idx_dtype)
+            (w, idx, bias, Some(q_out), shape, cubes, gathered, has_q_bias, idx_dtype)
         }
-        None => (unread(&kv), unread(&x), unread(&kv), None, QueryShapeLaunch::new(0, 0, 0, 0, 1, 0), false, false, int_dtype),
+        None => (unread(&kv), unread(&x), unread(&kv), None, QueryShapeLaunch::new(0, 0, 0, 0, 1, 0), 0, false, false, int_dtype),
     };
-    let query_cubes = q_out.as_ref().map_or(0, |q| dims(q)[1].div_ceil(rows_per_cube));
+    let has_query = q_out.is_some();
     debug_assert!(!has_query || (dims(&q_w)[1] == dims(&kv)[1] && stride(&q_w, 0) % vs == 0));
     assert_eq!(k_cache.meta.strides(), v_cache.meta.strides(), "kv_append: keys and values laid out alike");
     assert_eq!(stride(&k_cache, 3), 1, "kv_append: cache rows contiguous");
@@ -534,7 +534,7 @@ pub fn qkv_append<R: CubeRuntime>(
         rows,
         dims(&kv)[1] / vs,
         stride(&kv, 0) / vs,
-        dims(&x)[0],
+        batch,
         stride(&x, 0) / vs,
         dims(&k_cache)[3],
         stride(&k_cache, 0),

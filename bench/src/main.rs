@@ -5,6 +5,7 @@
 //! against sparsity on a model with trained predictors.
 
 mod dense;
+mod capture;
 mod e2e;
 mod kernels;
 mod launch;

@@ -48,8 +48,10 @@ fn cube_kernels_on_wgpu_match_host_loops() {
         outcomes.extend(check_selection::<Cube<WgpuRuntime>>(&device, 1000, 1, dtype, seed));
         outcomes.extend(check_selection::<Cube<WgpuRuntime>>(&device, 777, 3, dtype, seed));
         outcomes.extend(check_selection::<Cube<WgpuRuntime>>(&device, 40000, 2, dtype, seed));
-        // Head dims of 16 (vectors of 4 or 8) and 12; lengths below and at the capacity.
+        // Head dims of 16 (vectors of 4 or 8) and 12; lengths below and at the capacity; one
+        // cube per head up to 256 positions, split beyond.
         outcomes.extend(check_attention::<Cube<WgpuRuntime>>(&device, [2, 6, 40, 16], 33, dtype, seed));
+        outcomes.extend(check_attention::<Cube<WgpuRuntime>>(&device, [1, 4, 256, 16], 256, dtype, seed));
         outcomes.extend(check_attention::<Cube<WgpuRuntime>>(&device, [1, 5, 300, 12], 300, dtype, seed));
         // Long enough for the value pass's 4-deep unrolled loop.
         outcomes.extend(check_attention::<Cube<WgpuRuntime>>(&device, [1, 3, 2048, 16], 2000, dtype, seed));
@@ -64,9 +66,13 @@ fn cube_kernels_on_wgpu_match_host_loops() {
         // Ranks below and above one lane group, head counts below and above the cube's groups.
         outcomes.extend(check_predictor_kernels::<Cube<WgpuRuntime>>(&device, 77, 1036, 24, 5, dtype, seed));
         outcomes.extend(check_predictor_kernels::<Cube<WgpuRuntime>>(&device, 40, 64, 72, 41, dtype, seed));
+        // A rank of more than four loads per lane (the logit's unrolled loop and its tail).
+        outcomes.extend(check_predictor_kernels::<Cube<WgpuRuntime>>(&device, 77, 1036, 136, 5, dtype, seed));
         // GEMV cubes, the LayerNorm's, the selection's: odd sizes so no cube is full.
         outcomes.extend(check_norm_predict::<Cube<WgpuRuntime>>(&device, 1036, 24, 5, dtype, seed));
         outcomes.extend(check_norm_predict::<Cube<WgpuRuntime>>(&device, 64, 130, 41, dtype, seed));
+        // Rows of several vectors per unit of the cube (the dot's four-deep loop, its tail).
+        outcomes.extend(check_norm_predict::<Cube<WgpuRuntime>>(&device, 4100, 9, 7, dtype, seed));
     }
     check_topk_mask(&device, seed);
     let failed: Vec<_> = outcomes.iter().filter(|o| !o.passed).collect();

@@ -6,6 +6,8 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
 use cubecl::features::Plane;
+use cubecl::server::{MemoryLayout, MemoryLayoutDescriptor};
+use cubecl::zspace::metadata::Metadata;
 use cubecl::prelude::*;
 use cubecl::tensor_vector_size_parallel;
 
@@ -99,6 +101,19 @@ fn arg<R: CubeRuntime>(t: CubeTensor<R>) -> ArrayArg<R> {
 
 fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Vec<usize>, dtype: DType) -> CubeTensor<R> {
     empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), Shape::from(shape), dtype)
+}
+
+/// Several contiguous tensors in one storage buffer: one allocation, one message to the
+/// device's server, where each [`empty`] costs its own (~2 µs of host time a launch at
+/// batch 1). For the outputs and workspaces of one launch, which live about as long as
+/// each other (the buffer is freed when the last of them is dropped).
+fn empties<R: CubeRuntime, const K: usize>(like: &CubeTensor<R>, tensors: [(Vec<usize>, DType); K]) -> [CubeTensor<R>; K] {
+    let descriptors = tensors.iter().map(|(shape, dtype)| MemoryLayoutDescriptor::contiguous(Shape::from(shape.clone()), dtype.size())).collect();
+    let layouts = like.client.empty_tensors(descriptors);
+    let mut made = layouts.into_iter().zip(tensors).map(|(MemoryLayout { memory, strides }, (shape, dtype))| {
+        CubeTensor::new(like.client.clone(), memory, Metadata::new(Shape::from(shape), strides), like.device.clone(), dtype)
+    });
+    std::array::from_fn(|_| made.next().expect("one layout per descriptor"))
 }
 
 /// A binding for a kernel argument that this launch's comptime flags leave unread (no
@@ -199,8 +214,18 @@ pub fn rows_transposed_gemv_with<R: CubeRuntime>(
     int_dtype: DType,
     config: &LaunchConfig,
 ) -> CubeTensor<R> {
-    let out = empty(&h, vec![dims(&h)[0], dims(&w_t)[1]], h.dtype);
-    rows_transposed_gemv_into(w_t, idx, block, h, bias, residual, int_dtype, out, config)
+    let (batch, cols) = (dims(&h)[0], dims(&w_t)[1]);
+    let (splits, _) = transposed_splits(dims(&h)[1], config);
+    // The output and the first pass's partial sums in one allocation.
+    let [out, partial] = empties(&h, [(vec![batch, cols], h.dtype), (vec![splits, batch, cols], DType::F32)]);
+    transposed_gemv_launch(w_t, idx, block, h, bias, residual, int_dtype, out, partial, config)
+}
+
+/// Splits of K for the transposed GEMV's first pass, and the rows each covers: every lane
+/// sums about `rows_per_lane` rows; at least one split.
+fn transposed_splits(k: usize, config: &LaunchConfig) -> (usize, usize) {
+    let splits = k.div_ceil(config.lanes_k * config.rows_per_lane).clamp(1, config.max_splits);
+    (splits, k.div_ceil(splits).max(1))
 }
 
 /// [`rows_transposed_gemv_with`] into a given contiguous `out [B, d]`.
@@ -214,6 +239,26 @@ pub fn rows_transposed_gemv_into<R: CubeRuntime>(
     residual: Option<CubeTensor<R>>,
     int_dtype: DType,
     out: CubeTensor<R>,
+    config: &LaunchConfig,
+) -> CubeTensor<R> {
+    let (splits, _) = transposed_splits(dims(&h)[1], config);
+    let partial = empty(&h, vec![splits, dims(&h)[0], dims(&w_t)[1]], DType::F32);
+    transposed_gemv_launch(w_t, idx, block, h, bias, residual, int_dtype, out, partial, config)
+}
+
+/// Both passes of the transposed GEMV into `out [B, d]`, with `partial [splits, B, d]`
+/// (f32) for the first pass's sums.
+#[allow(clippy::too_many_arguments)] // the kernel's inputs, its output and workspace
+fn transposed_gemv_launch<R: CubeRuntime>(
+    w_t: CubeTensor<R>,
+    idx: Option<CubeTensor<R>>,
+    block: usize,
+    h: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    residual: Option<CubeTensor<R>>,
+    int_dtype: DType,
+    out: CubeTensor<R>,
+    partial: CubeTensor<R>,
     config: &LaunchConfig,
 ) -> CubeTensor<R> {
     let (w_t, h) = (into_contiguous(w_t), into_contiguous(h));
@@ -237,10 +282,8 @@ pub fn rows_transposed_gemv_into<R: CubeRuntime>(
     vectors.extend(bias.iter());
     vectors.extend(residual.iter());
     let vs = vector_width(&vectors);
-    // Split K so every lane sums about `rows_per_lane` rows; at least one split.
-    let splits = k.div_ceil(config.lanes_k * config.rows_per_lane).clamp(1, config.max_splits);
-    let chunk = k.div_ceil(splits).max(1);
-    let partial = empty(&h, vec![splits, batch, cols], DType::F32);
+    let (splits, chunk) = transposed_splits(k, config);
+    assert_eq!(dims(&partial), vec![splits, batch, cols], "rows_transposed_gemv: partial sums' shape");
     let col_blocks = (cols / vs).div_ceil(config.cols_per_cube) as u32;
     let dtype = w_t.dtype;
     let idx_dtype = if gathered { idx.dtype } else { int_dtype };
@@ -357,28 +400,32 @@ pub fn selected_heads_attention<R: CubeRuntime>(
     let (k_cache, v_cache) = (into_contiguous(k_cache), into_contiguous(v_cache));
     let [batch, _, cap, hd] = [dims(&k_cache)[0], dims(&k_cache)[1], dims(&k_cache)[2], dims(&k_cache)[3]];
     let slots = dims(&heads)[0];
-    let out = empty(&q, vec![batch, slots * hd], q.dtype);
-    if slots == 0 || batch == 0 {
-        return out;
-    }
     let len = len.min(cap);
-    let vs = vector_width(&[&q, &k_cache, &v_cache]);
-    let hd_vectors = hd / vs;
     // One cube per head up to ONE_CUBE_MAX_LEN positions, else chunks of ATTENTION_CHUNK.
     let splits = if len <= ONE_CUBE_MAX_LEN { 1 } else { len.div_ceil(ATTENTION_CHUNK) };
     let split = splits > 1;
+    // The split workspace, only where there are splits to merge, allocated with the output.
+    let (out, ws) = if split {
+        let [out, ws_o, ws_ml] = empties(
+            &q,
+            [(vec![batch, slots * hd], q.dtype), (vec![batch, slots, splits, hd], DType::F32), (vec![batch, slots, splits, 2], DType::F32)],
+        );
+        (out, Some((ws_o, ws_ml)))
+    } else {
+        (empty(&q, vec![batch, slots * hd], q.dtype), None)
+    };
+    if slots == 0 || batch == 0 {
+        return out;
+    }
+    let vs = vector_width(&[&q, &k_cache, &v_cache]);
+    let hd_vectors = hd / vs;
     // One split: the whole context in one cube (512 threads keep its loads in flight).
     // Several: a chunk per cube, 128 threads.
     let max_units = client_units(&q);
     let threads = if split { 128 } else { 512 }.min(max_units).max(hd_vectors.next_power_of_two());
     let chunk = if split { ATTENTION_CHUNK } else { len.max(1) };
     let max_chunk = if split { ATTENTION_CHUNK } else { cap.max(1) };
-    // The split workspace, only where there are splits to merge.
-    let (ws_o, ws_ml) = if split {
-        (empty(&q, vec![batch, slots, splits, hd], DType::F32), empty(&q, vec![batch, slots, splits, 2], DType::F32))
-    } else {
-        (unread(&out), unread(&out))
-    };
+    let (ws_o, ws_ml) = ws.unwrap_or_else(|| (unread(&out), unread(&out)));
     let (dtype, idx_dtype) = (q.dtype, heads.dtype);
     let client = q.client.clone();
     assert_eq!(k_cache.meta.strides(), v_cache.meta.strides(), "selected_heads_attention: keys and values laid out alike");
@@ -772,8 +819,6 @@ pub fn norm_predict<R: CubeRuntime>(
     let (x, gamma, beta, down) = (into_contiguous(x), into_contiguous(gamma), into_contiguous(beta), into_contiguous(down));
     let d = dims(&x)[1];
     let r = dims(&down)[0];
-    let normed = empty(&x, vec![1, d], x.dtype);
-    let first = empty(&x, vec![1, r], DType::F32);
     let vs = vector_width(&[&x, &gamma, &beta, &down]);
     let (group, use_plane) = reduction_group(&x.client);
     // A cube of up to 1024 units (a power of two: the reductions are trees), about one
@@ -784,16 +829,21 @@ pub fn norm_predict<R: CubeRuntime>(
     let rows_per_cube = units / group;
     let gemv_cubes = r;
     let has_select = select.is_some();
-    let (up, h, threshold, capacity, select_rows, predictor, selection) = match select {
+    // The outputs in one allocation: the normalized row, the first factor and, with a
+    // selection, its indices and count.
+    let (normed, first, up, h, threshold, capacity, select_rows, predictor, selection) = match select {
         Some(SelectArgs { up, h, threshold, capacity }) => {
             let (up, h) = (into_contiguous(up), into_contiguous(h));
             let rows = dims(&up)[0];
-            let idx = empty(&x, vec![capacity.max(1)], int_dtype);
-            let count = empty(&x, vec![1], int_dtype);
+            let [normed, first, idx, count] =
+                empties(&x, [(vec![1, d], x.dtype), (vec![1, r], DType::F32), (vec![capacity.max(1)], int_dtype), (vec![1], int_dtype)]);
             let predictor = PredictorShapeLaunch::new(dims(&up)[1], stride(&up, 0));
-            (up, h, threshold, capacity.max(1), rows, predictor, Some((idx, count)))
+            (normed, first, up, h, threshold, capacity.max(1), rows, predictor, Some((idx, count)))
         }
-        None => (unread(&gamma), unread(&gamma), 0.0, 1, 0, PredictorShapeLaunch::new(0, 0), None),
+        None => {
+            let [normed, first] = empties(&x, [(vec![1, d], x.dtype), (vec![1, r], DType::F32)]);
+            (normed, first, unread(&gamma), unread(&gamma), 0.0, 1, 0, PredictorShapeLaunch::new(0, 0), None)
+        }
     };
     // Cubes: the GEMV's, the LayerNorm's, the selection's.
     let cubes = gemv_cubes + 1 + usize::from(has_select);

@@ -603,7 +603,7 @@ fn breakdown<B: SparseKernels>(config: &OptConfig, args: &E2eArgs, device: &B::D
         let (qs, kc, vc) =
             dejavu_kernels::qkv_append(query(Some(head_idx.clone())), kv.clone(), x.clone(), Some(b_2d.clone()), k_cache.clone(), v_cache.clone(), ctx)?;
         let a = dejavu_kernels::selected_heads_attention(qs, head_idx.clone(), kc, vc, ctx + 1, 0.088)?;
-        let _ = dejavu_kernels::residual_transposed_gemv(x.clone(), o.clone(), Some((head_idx.clone(), hd)), a, Some(b_d.clone()))?;
+        let _ = dejavu_kernels::block_cols_gemv(o.clone(), Some((head_idx.clone(), hd)), a, Some(b_d.clone()), Some(x.clone()))?;
         Ok(())
     })?;
     // The gate at the upper 10% point of this first factor's logits.
@@ -625,7 +625,7 @@ fn breakdown<B: SparseKernels>(config: &OptConfig, args: &E2eArgs, device: &B::D
     let dense_attention = time(&mut || {
         let (qd, kc, vc) = dejavu_kernels::qkv_append(query(None), kv.clone(), x.clone(), Some(b_2d.clone()), k_cache.clone(), v_cache.clone(), ctx)?;
         let a = dejavu_kernels::selected_heads_attention(qd, all_heads.clone(), kc, vc, ctx + 1, 0.088)?;
-        let _ = dejavu_kernels::residual_transposed_gemv(x.clone(), o.clone(), None, a, Some(b_d.clone()))?;
+        let _ = dejavu_kernels::block_cols_gemv(o.clone(), None, a, Some(b_d.clone()), Some(x.clone()))?;
         Ok(())
     })?;
     let dense_mlp = time(&mut || {
@@ -648,8 +648,8 @@ fn breakdown<B: SparseKernels>(config: &OptConfig, args: &E2eArgs, device: &B::D
                  of a decode step: sparse norms = the layer's two LayerNorms, each with the first factor of the \
                  predictor reading its input (an f32 GEMV of the f16 residual) in the same launch, the first also \
                  with the heads' second factor and threshold selection (norm_predict); attention = q (gathered or dense) with \
-                 every head's k and v into the cache (qkv_append, one launch) + attention + out_proj with the residual \
-                 add in its second pass; MLP = fc1 gated by its predictor's second factor in the same launch \
+                 every head's k and v into the cache (qkv_append, one launch) + attention + out_proj over the heads' \
+                 columns with the residual add (block_cols_gemv, one pass); MLP = fc1 gated by its predictor's second factor in the same launch \
                  (predicted_rows_gemv, 10% of rows above the threshold) or dense fc1, then fc2ᵀ with the residual \
                  add; dense norms = 2 LayerNorms",
         "us": {

@@ -22,7 +22,7 @@ use burn::prelude::*;
 use burn::tensor::{DType, Distribution, TensorData};
 use burn_cubecl::CubeRuntime;
 use dejavu_kernels::checks::{
-    check_attention, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_norm_predict, check_predictor_kernels, check_selection, fresh_seed, Case,
+    check_attention, check_block_cols_gemv, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_norm_predict, check_predictor_kernels, check_selection, fresh_seed, Case,
     Cube, Outcome, Poisoned,
 };
 use dejavu_kernels::cube::LaunchConfig;
@@ -389,7 +389,7 @@ fn measure_attention<R: CubeRuntime>(
     config: &OptConfig,
     out: &mut Vec<Timed>,
 ) -> anyhow::Result<()> {
-    use dejavu_kernels::{gather_blocks_gemv, gather_blocks_transposed_gemv, selected_heads_attention};
+    use dejavu_kernels::{block_cols_gemv, gather_blocks_gemv, gather_blocks_transposed_gemv, selected_heads_attention};
     type B<R> = Cube<R>;
     let device = &timer.primer.device;
     let dtype = args.dtype.dtype();
@@ -440,13 +440,20 @@ fn measure_attention<R: CubeRuntime>(
                 let _ = gather_blocks_transposed_gemv(wo_t.clone(), heads.clone(), hd, attn.clone(), Some(bo.clone())).unwrap();
             })?;
             push_timed(out, name, &format!("ours_attn_out_ctx{len}"), Some(p), Some(s), sel_w * 0.25, t);
+            // What decode runs now: out_proj row-major, the selected heads' columns read in
+            // one pass (a square weight, so the transposed copy's values serve for timing).
+            let t = timer.time(|i| {
+                let (_, _, wo, bo) = &w[i % copies];
+                let _ = block_cols_gemv(wo.clone(), Some((heads.clone(), hd)), attn.clone(), Some(bo.clone()), None).unwrap();
+            })?;
+            push_timed(out, name, &format!("ours_attn_out_cols_ctx{len}"), Some(p), Some(s), sel_w * 0.25, t);
             let t = timer.time(|i| {
                 let (wqkv, bqkv, wo_t, bo) = &w[i % copies];
                 let (k, v) = &caches[i % kv_copies];
                 let qkv = gather_blocks_gemv(wqkv.clone(), qkv_heads.clone(), hd, x.clone(), Some(bqkv.clone()), Activation::Identity).unwrap();
                 let q = qkv.slice([0..1, 0..s * hd]);
                 let o = selected_heads_attention(q, heads.clone(), k.clone(), v.clone(), len, scale).unwrap();
-                let _ = gather_blocks_transposed_gemv(wo_t.clone(), heads.clone(), hd, o, Some(bo.clone())).unwrap();
+                let _ = block_cols_gemv(wo_t.clone(), Some((heads.clone(), hd)), o, Some(bo.clone()), None).unwrap();
             })?;
             push_timed(out, name, &format!("ours_attention_ctx{len}"), Some(p), Some(s), sel_w + sel_kv, t);
         }
@@ -480,6 +487,7 @@ fn run_checks<R: CubeRuntime>(args: &KernelArgs, device: &R::Device) -> anyhow::
         outcomes.extend(check_predictor_kernels::<Cube<R>>(device, ffn, d, 128, config.num_attention_heads, args.dtype.dtype(), seed));
         outcomes.extend(check_norm_predict::<Cube<R>>(device, d, 128, config.num_attention_heads, args.dtype.dtype(), seed));
         outcomes.extend(check_kv_append::<Cube<R>>(device, [1, config.num_attention_heads, 64, hd], d, 17, args.dtype.dtype(), seed));
+        outcomes.extend(check_block_cols_gemv::<Cube<R>>(device, d, config.num_attention_heads, hd, 1, args.dtype.dtype(), seed));
     }
     print_outcomes(&outcomes);
     Ok(outcomes)

@@ -571,6 +571,52 @@ pub fn check_gated_rows_gemv<B: SparseKernels>(device: &B::Device, rows: usize, 
     vec![outcome("gated_rows_gemv", format!("rows {rows} d {d} {dtype:?} seed {seed}"), dtype, &got, &want, &[])]
 }
 
+/// `out_proj` over selected heads (`block_cols_gemv`) against the host loop: `rows`
+/// outputs of `heads` column blocks of `hd`, half of the heads picked (two of them empty
+/// slots when there are 8 or more), with bias and residual, without the residual, and
+/// over every column.
+pub fn check_block_cols_gemv<B: SparseKernels>(
+    device: &B::Device,
+    rows: usize,
+    heads: usize,
+    hd: usize,
+    batch: usize,
+    dtype: DType,
+    seed: u64,
+) -> Vec<Outcome> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let d = heads * hd;
+    let idx = random_indices(&mut rng, heads, (heads / 2).max(1));
+    let width = idx.len() * hd;
+    let w = stored(uniform(&mut rng, rows * d, 0.0), dtype);
+    let x = stored(uniform(&mut rng, batch * width, 0.0), dtype);
+    let x_all = stored(uniform(&mut rng, batch * d, 0.0), dtype);
+    let bias = stored(uniform(&mut rng, rows, 0.0), dtype);
+    let residual = stored(uniform(&mut rng, batch * rows, 0.0), dtype);
+    let case = format!("rows {rows} heads {heads} hd {hd} batch {batch} picked {} {dtype:?} seed {seed}", idx.len());
+    let run = |heads: Option<&[i64]>, x: &[f32], with_residual: bool| {
+        let width = x.len() / batch;
+        read(
+            crate::block_cols_gemv(
+                to_device::<B, 2>(&w, [rows, d], dtype, device),
+                heads.map(|ids| (ints::<B>(ids, device), hd)),
+                to_device::<B, 2>(x, [batch, width], dtype, device),
+                Some(to_device::<B, 1>(&bias, [rows], dtype, device)),
+                with_residual.then(|| to_device::<B, 2>(&residual, [batch, rows], dtype, device)),
+            )
+            .expect("consistent shapes"),
+        )
+    };
+    let want = |heads: Option<&[i64]>, x: &[f32], with_residual: bool| {
+        host::block_cols_gemv(&w, rows, d, heads, hd, x, batch, Some(&bias), with_residual.then_some(&residual[..]))
+    };
+    vec![
+        outcome("block_cols_gemv+bias+residual", case.clone(), dtype, &run(Some(&idx), &x, true), &want(Some(&idx), &x, true), &[]),
+        outcome("block_cols_gemv+bias", case.clone(), dtype, &run(Some(&idx), &x, false), &want(Some(&idx), &x, false), &[]),
+        outcome("block_cols_gemv (every column)", case, dtype, &run(None, &x_all, true), &want(None, &x_all, true), &[]),
+    ]
+}
+
 /// The decode-step predictor kernels against host loops: the mixed-dtype GEMV (f32
 /// weights `[r, d]` reading an `x` stored in `dtype`, f32 out: the predictor's first
 /// factor), fc1 gated by the predictor's logits computed in the same launch

@@ -43,6 +43,47 @@ pub fn rows_gemv(
     out
 }
 
+/// `out [batch, rows] = W[:, cols] · x[b] + bias + residual[b]`, `w` row-major `[rows, d]`,
+/// `cols` the column blocks `idx` picks (`block` columns each; every column when `None`),
+/// `x [batch, len·block]` their inputs side by side; an out-of-range id contributes 0.
+#[allow(clippy::too_many_arguments)]
+pub fn block_cols_gemv(
+    w: &[f32],
+    rows: usize,
+    d: usize,
+    idx: Option<&[i64]>,
+    block: usize,
+    x: &[f32],
+    batch: usize,
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+) -> Vec<f32> {
+    let cols: Vec<i64> = match idx {
+        Some(ids) => block_rows(ids, block, d),
+        None => (0..d as i64).collect(),
+    };
+    let width = cols.len();
+    let mut out = vec![0f32; batch * rows];
+    for b in 0..batch {
+        for r in 0..rows {
+            let mut acc = 0f64;
+            for (t, &c) in cols.iter().enumerate() {
+                if c >= 0 && (c as usize) < d {
+                    acc += w[r * d + c as usize] as f64 * x[b * width + t] as f64;
+                }
+            }
+            if let Some(bias) = bias {
+                acc += bias[r] as f64;
+            }
+            if let Some(res) = residual {
+                acc += res[b * rows + r] as f64;
+            }
+            out[b * rows + r] = acc as f32;
+        }
+    }
+    out
+}
+
 /// `out [batch, d] = Σ_j h[b, j] · Wt[row_j] + bias`, `w_t` row-major `[rows, d]`.
 /// The rows a list of block ids selects: block `b` is rows `b·block .. (b+1)·block`; an
 /// id outside `0..rows/block` (an empty slot) gives `block` copies of `rows`, which the

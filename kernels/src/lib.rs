@@ -88,6 +88,21 @@ pub trait SparseKernels: Backend {
         reference::rows_gemv::<Self>(w, idx, block, x, bias, relu)
     }
 
+    /// `out [B, rows] = W[:, cols] · x + bias + residual`, where `cols` are the column
+    /// blocks `idx` picks (`block` columns each, all columns when `None`; an empty slot
+    /// contributes nothing) and `x [B, len × block]` holds their inputs side by side.
+    /// `w [rows, cols]` row-major, `bias [rows]`, `residual [B, rows]`.
+    fn block_cols_gemv(
+        w: FloatTensor<Self>,
+        idx: Option<IntTensor<Self>>,
+        block: usize,
+        x: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        residual: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        reference::block_cols_gemv::<Self>(w, idx, block, x, bias, residual)
+    }
+
     /// `out [B, d] = residual + Σ_j h[b, j] · Wt[row_j, :] + bias`, `row_j = idx[j]` (or
     /// `j`). `w_t [rows, d]`, `h [B, K]`, `bias [d]`, `residual [B, d]`.
     /// `block` as in [`SparseKernels::rows_gemv`]; `h [B, len × block]`.
@@ -257,6 +272,18 @@ where
     ) -> FloatTensor<Self> {
         let int_dtype = idx.as_ref().map(|i| i.dtype).unwrap_or(I::dtype());
         cube::rows_gemv_with(w, idx, block, x, bias, relu, int_dtype, &cube::LaunchConfig::default())
+    }
+
+    fn block_cols_gemv(
+        w: FloatTensor<Self>,
+        idx: Option<IntTensor<Self>>,
+        block: usize,
+        x: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        residual: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        let int_dtype = idx.as_ref().map(|i| i.dtype).unwrap_or(I::dtype());
+        cube::block_cols_gemv(w, idx, block, x, bias, residual, int_dtype)
     }
 
     fn rows_transposed_gemv(
@@ -511,6 +538,52 @@ fn check_transposed<B: Backend>(
     }
     check_float(op, "h", h, w_t.dtype())?;
     check_bias(op, bias, d, "columns", w_t.dtype())
+}
+
+/// `out [B, rows] = W[:, cols] · x + bias (+ residual)` with `w [rows, d]` in PyTorch
+/// `Linear` layout: `out_proj` of a decode step's attention, reading only the columns of
+/// the heads `heads = Some((idx, head_dim))` selects (all columns when `None`), from
+/// `x [B, len · head_dim]`, the selected heads' outputs side by side as
+/// [`selected_heads_attention`] writes them. One launch, no partial sums; an empty slot
+/// (head id out of range) contributes nothing.
+pub fn block_cols_gemv<B: SparseKernels>(
+    w: Tensor<B, 2>,
+    heads: Option<(Tensor<B, 1, Int>, usize)>,
+    x: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    residual: Option<Tensor<B, 2>>,
+) -> Result<Tensor<B, 2>, KernelError> {
+    let op = "block_cols_gemv";
+    let [rows, cols] = w.dims();
+    let [batch, width] = x.dims();
+    let block = heads.as_ref().map_or(1, |(_, block)| *block);
+    match &heads {
+        Some((idx, block)) => {
+            if *block == 0 || cols % block != 0 {
+                return Err(shape_err(op, format!("column blocks of {block} do not tile {cols} columns")));
+            }
+            if width != idx.dims()[0] * block {
+                return Err(shape_err(op, format!("x has {width} columns for {} blocks of {block}", idx.dims()[0])));
+            }
+        }
+        None if width != cols => return Err(shape_err(op, format!("x has {width} columns for a weight of {cols}"))),
+        None => {}
+    }
+    check_float(op, "x", &x, w.dtype())?;
+    if let Some(b) = &bias {
+        if b.dims()[0] != rows {
+            return Err(shape_err(op, format!("bias has {} entries for {rows} rows", b.dims()[0])));
+        }
+        check_float(op, "bias", b, w.dtype())?;
+    }
+    if let Some(r) = &residual {
+        if r.dims() != [batch, rows] {
+            return Err(shape_err(op, format!("residual is {:?} for an output of {:?}", r.dims(), [batch, rows])));
+        }
+        check_float(op, "residual", r, w.dtype())?;
+    }
+    let idx = heads.map(|(idx, _)| idx.into_primitive());
+    Ok(wrap(B::block_cols_gemv(prim(w), idx, block, prim(x), bias.map(prim), residual.map(prim))))
 }
 
 /// Dense `out [B, d] = h · Wt + bias` with `w_t [rows, d]` (fc2 stored transposed).

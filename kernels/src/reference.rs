@@ -86,6 +86,39 @@ pub fn rows_gemv<B: Backend>(
     y.cast(dtype).into_primitive().tensor()
 }
 
+pub fn block_cols_gemv<B: Backend>(
+    w: FloatTensor<B>,
+    idx: Option<IntTensor<B>>,
+    block: usize,
+    x: FloatTensor<B>,
+    bias: Option<FloatTensor<B>>,
+    residual: Option<FloatTensor<B>>,
+) -> FloatTensor<B> {
+    let w: Tensor<B, 2> = float(w);
+    let dtype = w.dtype();
+    let mut x: Tensor<B, 2> = float::<B, 2>(x).cast(DType::F32);
+    // The selected columns as rows of Wᵀ; an empty slot's columns read as column 0, and
+    // its inputs count as 0.
+    let w_t = w.transpose();
+    let cols = match idx {
+        Some(idx) => {
+            let (cols, live) = gather(w_t.clone(), expand_blocks::<B>(idx, block, w_t.dims()[0]));
+            let dead = live.bool_not().unsqueeze_dim::<2>(0).expand(x.dims());
+            x = x.mask_fill(dead, 0.0);
+            cols
+        }
+        None => w_t,
+    };
+    let mut y = x.matmul(cols.cast(DType::F32));
+    if let Some(b) = bias {
+        y = y + float::<B, 1>(b).cast(DType::F32).unsqueeze_dim(0);
+    }
+    if let Some(r) = residual {
+        y = y + float::<B, 2>(r).cast(DType::F32);
+    }
+    y.cast(dtype).into_primitive().tensor()
+}
+
 pub fn rows_transposed_gemv<B: Backend>(
     w_t: FloatTensor<B>,
     idx: Option<IntTensor<B>>,

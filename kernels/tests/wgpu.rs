@@ -9,7 +9,7 @@
 use burn::tensor::DType;
 use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
 use dejavu_kernels::checks::{
-    check_attention, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_norm_predict, check_predictor_kernels, check_selection, cube_supports, fresh_seed, Case, Cube, Poisoned,
+    check_attention, check_block_cols_gemv, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_norm_predict, check_predictor_kernels, check_selection, cube_supports, fresh_seed, Case, Cube, Poisoned,
 };
 use dejavu_kernels::cube::LaunchConfig;
 
@@ -73,6 +73,11 @@ fn cube_kernels_on_wgpu_match_host_loops() {
         outcomes.extend(check_norm_predict::<Cube<WgpuRuntime>>(&device, 64, 130, 41, dtype, seed));
         // Rows of several vectors per unit of the cube (the dot's four-deep loop, its tail).
         outcomes.extend(check_norm_predict::<Cube<WgpuRuntime>>(&device, 4100, 9, 7, dtype, seed));
+        // out_proj over selected heads: head dims of 16 (whole vectors) and 12, empty slots
+        // (10 heads), a row of more than 8 × 32 vectors (the unrolled loop), batch 2.
+        outcomes.extend(check_block_cols_gemv::<Cube<WgpuRuntime>>(&device, 37, 10, 16, 1, dtype, seed));
+        outcomes.extend(check_block_cols_gemv::<Cube<WgpuRuntime>>(&device, 20, 6, 12, 2, dtype, seed));
+        outcomes.extend(check_block_cols_gemv::<Cube<WgpuRuntime>>(&device, 9, 16, 160, 1, dtype, seed));
     }
     check_topk_mask(&device, seed);
     let failed: Vec<_> = outcomes.iter().filter(|o| !o.passed).collect();

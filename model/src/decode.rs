@@ -47,6 +47,9 @@ pub struct DecodeLayer<B: Backend> {
     pub kv_bias: Option<Tensor<B, 1>>,
     /// `fc1`, `[ffn, d]`.
     pub fc1_rows: Tensor<B, 2>,
+    /// `out_proj`, `[d, d]`: each output's weights one contiguous row, so the selected
+    /// heads' columns of a row are contiguous runs of `head_dim`.
+    pub out_rows: Tensor<B, 2>,
 }
 
 /// [`DecodeLayer`] for every layer, and the list of every head id (what the selected-head
@@ -83,11 +86,12 @@ impl<B: Backend> DecodeLayer<B> {
             kv_rows: Tensor::cat(vec![rows_of(attention.k_proj.weight.val()), rows_of(attention.v_proj.weight.val())], 0),
             kv_bias: kv_bias(attention),
             fc1_rows: rows_of(layer.mlp.fc1.weight.val()),
+            out_rows: rows_of(attention.out_proj.weight.val()),
         }
     }
 }
 
-/// Re-lays `q_proj`, `k_proj`, `v_proj` and `fc1` of every layer of `model` row-major, in
+/// Re-lays `q_proj`, `k_proj`, `v_proj`, `out_proj` and `fc1` of every layer of `model` row-major, in
 /// place (k and v as one `[2d, d]` buffer), keeping each module's weight as a transposed
 /// view so its forward is unchanged, and returns the [`DecodeWeights`] that share them.
 /// Layer by layer, so the old layout of one layer is freed before the next is copied.
@@ -100,6 +104,7 @@ pub fn use_row_major_weights<B: Backend>(model: &mut Opt<B>) -> DecodeWeights<B>
         attention.q_proj.weight = Param::from_tensor(rows.q_rows.clone().transpose());
         attention.k_proj.weight = Param::from_tensor(rows.kv_rows.clone().slice([0..two_d / 2, 0..d]).transpose());
         attention.v_proj.weight = Param::from_tensor(rows.kv_rows.clone().slice([two_d / 2..two_d, 0..d]).transpose());
+        attention.out_proj.weight = Param::from_tensor(rows.out_rows.clone().transpose());
         layer.mlp.fc1.weight = Param::from_tensor(rows.fc1_rows.clone().transpose());
         layers.push(rows);
     }
@@ -180,7 +185,7 @@ pub(crate) fn project_qkv<B: SparseKernels>(
     (q, keys, values)
 }
 
-/// `out_proj` or fc2 (`w_t`, transposed) of `h [batch, K]` over the rows `idx` picks (all
+/// fc2 (`w_t`, transposed) of `h [batch, K]` over the rows `idx` picks (all
 /// when `None`), plus bias, plus `residual [batch, 1, d]` when given: the add happens in the
 /// kernel's second pass, not in a launch of its own. `[batch, 1, d]`.
 pub(crate) fn output_projection<B: SparseKernels>(
@@ -225,7 +230,25 @@ pub(crate) fn dense_attention<B: SparseKernels>(
     let scale = (attention.head_dim as f32).powf(-0.5);
     let heads = dejavu_kernels::selected_heads_attention(q, all_heads.clone(), keys, values, step.start + 1, scale)
         .expect(SHAPES);
-    output_projection(attention.out_proj.weight.val(), None, heads, bias(&attention.out_proj), residual)
+    attention_output(weights, None, heads, bias(&attention.out_proj), residual)
+}
+
+/// `out_proj` of a decode step's attention outputs `heads_out [batch, len · hd]` (the
+/// `heads = (idx, hd)` selected, every head when `None`), plus bias, plus `residual
+/// [batch, 1, d]` when given, in one launch (`block_cols_gemv`). `[batch, 1, d]`.
+pub(crate) fn attention_output<B: SparseKernels>(
+    weights: &DecodeLayer<B>,
+    heads: Option<(Tensor<B, 1, Int>, usize)>,
+    heads_out: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    residual: Option<Tensor<B, 3>>,
+) -> Tensor<B, 3> {
+    let batch = heads_out.dims()[0];
+    let d = weights.out_rows.dims()[0];
+    let residual = residual.map(|r| r.reshape([batch, d]));
+    dejavu_kernels::block_cols_gemv(weights.out_rows.clone(), heads, heads_out, bias, residual)
+        .expect(SHAPES)
+        .reshape([batch, 1, d])
 }
 
 /// One decode step of the dense MLP (`x [batch, 1, d]`): fc1 with bias and ReLU fused,

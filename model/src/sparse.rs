@@ -42,7 +42,7 @@ use burn::nn::LayerNorm;
 use crate::attention::OptAttention;
 use crate::cache::{LayerKvCache, Step};
 use crate::decode::{
-    blocks_with_residual, bias, dense_attention, dense_mlp, fc2, kernel_norm, norm_params, output_projection, plus_residual, project_qkv, rows_of, DecodeWeights,
+    attention_output, blocks_with_residual, bias, dense_attention, dense_mlp, fc2, kernel_norm, norm_params, output_projection, plus_residual, project_qkv, rows_of, DecodeWeights,
 };
 use crate::hooks::NormSite;
 use crate::layer::LAYER_NORM_EPS;
@@ -541,7 +541,7 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
         let scale = (hd as f32).powf(-0.5);
         let out = dejavu_kernels::selected_heads_attention(q, heads.clone(), keys, values, step.start + 1, scale)
             .expect(KERNEL_SHAPES);
-        output_projection(attention.out_proj.weight.val(), Some((heads, hd)), out, bias(&attention.out_proj), residual)
+        attention_output(&self.model.weights.layers[layer], Some((heads, hd)), out, bias(&attention.out_proj), residual)
     }
 
     /// Layer `layer`'s MLP, plus `residual` when given (fused into fc2 on the kernel path).

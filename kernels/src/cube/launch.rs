@@ -202,6 +202,66 @@ pub fn rows_gemv_into<R: CubeRuntime>(
     out
 }
 
+/// `out [B, rows] = W[:, cols] · x + bias + residual` over the column blocks `idx` picks
+/// (`block` columns each; every column when `None`); see
+/// [`crate::SparseKernels::block_cols_gemv`].
+pub fn block_cols_gemv<R: CubeRuntime>(
+    w: CubeTensor<R>,
+    idx: Option<CubeTensor<R>>,
+    block: usize,
+    x: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    residual: Option<CubeTensor<R>>,
+    int_dtype: DType,
+) -> CubeTensor<R> {
+    let (w, x) = (into_contiguous(w), into_contiguous(x));
+    let (rows, cols, batch, width) = (dims(&w)[0], dims(&w)[1], dims(&x)[0], dims(&x)[1]);
+    let out = empty(&x, vec![batch, rows], w.dtype);
+    if rows == 0 || batch == 0 {
+        return out;
+    }
+    let gathered = idx.is_some();
+    let idx = idx.map(into_contiguous).unwrap_or_else(|| unread(&x));
+    let has_bias = bias.is_some();
+    let bias = bias.map(into_contiguous).unwrap_or_else(|| unread(&w));
+    let has_residual = residual.is_some();
+    let residual = residual.map(into_contiguous).unwrap_or_else(|| unread(&w));
+    // A head's columns are whole vectors when the vector width divides the block.
+    let block = block.max(1);
+    let vs = vector_width(&[&w, &x]);
+    let vs = if gathered && !block.is_multiple_of(vs) { 1 } else { vs };
+    let (group, use_plane) = reduction_group(&w.client);
+    let rows_per_cube = LaunchConfig::default().rows_per_cube;
+    let cubes = rows.div_ceil(rows_per_cube) as u32;
+    let (dtype, idx_dtype) = (w.dtype, if gathered { idx.dtype } else { int_dtype });
+    let shape = GemvShapeLaunch::new(rows, width / vs, stride(&w, 0) / vs, batch, stride(&x, 0) / vs, rows, stride(&out, 0));
+    unsafe {
+        block_cols_gemv_kernel::launch_unchecked::<R>(
+            &out.client,
+            CubeCount::Static(cubes, 1, 1),
+            CubeDim::new_2d(group as u32, rows_per_cube as u32),
+            vs,
+            arg(w),
+            arg(idx),
+            arg(x),
+            arg(bias),
+            arg(residual),
+            arg(out.clone()),
+            shape,
+            block / vs,
+            cols / vs,
+            gathered,
+            has_bias,
+            has_residual,
+            group,
+            rows_per_cube,
+            use_plane,
+            [dtype.into(), idx_dtype.into()],
+        );
+    }
+    out
+}
+
 /// `out [B, D] = Σ_j h[b, j] · Wt[row_j, :] + bias` with the given grid shapes; see
 /// [`crate::SparseKernels::rows_transposed_gemv`].
 pub fn rows_transposed_gemv_with<R: CubeRuntime>(

@@ -49,6 +49,10 @@ pub struct E2eArgs {
     /// Timed runs per row (after one untimed warm-up run)
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// How the timed runs hand each step's token to the next step (the warm-up run always
+    /// reads every token, and the timed runs' tokens are checked against its)
+    #[arg(long, value_enum, default_value = "step")]
+    readback: Readback,
     /// The paper's latency setting for the synthetic models: MLP density in sparse layers
     #[arg(long, default_value_t = 0.1)]
     mlp_density: f64,
@@ -90,6 +94,19 @@ pub struct E2eArgs {
     /// Where to write the JSON [default: bench/results/e2e-<commit>.json]
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+/// How a timed decode run gets each greedy token to the next step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Readback {
+    /// The host reads each token before it enqueues the next step, as streaming
+    /// generation does: the GPU idles while the host enqueues the first launches of a step.
+    Step,
+    /// The token stays on the device (the next step embeds the argmax tensor itself) and
+    /// the host reads all tokens once, at the end of the run, inside the timing: the host
+    /// enqueues step t + 1 while the GPU runs step t.
+    End,
 }
 
 #[derive(Debug, Serialize, Clone)]
@@ -263,7 +280,7 @@ fn synthetic_sparse<B: SparseKernels>(
 
     // One decode step after the prompt, recording every layer's inputs.
     let mut record = RecordInputs { inner: KernelDecode::new(weights), attention: vec![None; layers], mlp: vec![None; layers] };
-    decode_run(model, cache, &mut record, prompt, 2)?;
+    decode_run(model, cache, &mut record, prompt, 2, Readback::Step)?;
 
     let mut plan = SparsityPlan::new(&manifest, &OperatingPoint::Threshold, &DenseLayers::default())?;
     let logits = |p: &dejavu_predictor::LowRankClassifier<B>, x: &Option<Tensor<B, 3>>| -> anyhow::Result<Tensor<B, 2>> {
@@ -317,21 +334,33 @@ fn decode_run<B: SparseKernels>(
     hooks: &mut dyn ForwardHooks<B>,
     prompt: &[u32],
     new_tokens: usize,
-) -> anyhow::Result<f64> {
+    readback: Readback,
+) -> anyhow::Result<(f64, Vec<u32>)> {
     let device = model.device();
     let hidden = prefill(model, cache, hooks, prompt)?;
     let [_, n, width] = hidden.dims();
-    let next = |h: Tensor<B, 3>| -> u32 { model.logits(h).argmax(2).into_scalar().elem::<i64>() as u32 };
-    let mut token = next(hidden.slice([0..1, n - 1..n, 0..width]));
+    let argmax = |h: Tensor<B, 3>| -> Tensor<B, 2, Int> { model.logits(h).argmax(2).reshape([1, 1]) };
+    let first = argmax(hidden.slice([0..1, n - 1..n, 0..width]));
+    let mut tokens = vec![first.clone().into_scalar().elem::<i64>() as u32];
     let started = Instant::now();
-    for step in 1..new_tokens {
-        let h = model.forward_with(token_tensor::<B>(&[token], &device), cache, hooks)?;
-        token = next(h);
-        if step % 32 == 0 {
-            tracing::debug!("decode step {step}");
+    match readback {
+        Readback::Step => {
+            for _ in 1..new_tokens {
+                let h = model.forward_with(token_tensor::<B>(&tokens[tokens.len() - 1..], &device), cache, hooks)?;
+                tokens.push(argmax(h).into_scalar().elem::<i64>() as u32);
+            }
+        }
+        Readback::End => {
+            let mut on_device = vec![first];
+            for _ in 1..new_tokens {
+                let h = model.forward_with(on_device[on_device.len() - 1].clone(), cache, hooks)?;
+                on_device.push(argmax(h));
+            }
+            let read: Vec<i64> = Tensor::cat(on_device.split_off(1), 1).into_data().convert::<i64>().into_vec::<i64>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            tokens.extend(read.into_iter().map(|t| t as u32));
         }
     }
-    Ok(started.elapsed().as_secs_f64() * 1e3 / (new_tokens - 1).max(1) as f64)
+    Ok((started.elapsed().as_secs_f64() * 1e3 / (new_tokens - 1).max(1) as f64, tokens))
 }
 
 /// Warm-up run, then `runs` timed runs: ms per decode step.
@@ -346,15 +375,21 @@ fn time_decode<'h, B: SparseKernels>(
     // so the same selections) do not pay for counting.
     let warm = Instant::now();
     let mut h = hooks(true);
-    decode_run(model, cache, h.as_hooks(), prompt, args.new_tokens)?;
+    let (_, warm_tokens) = decode_run(model, cache, h.as_hooks(), prompt, args.new_tokens, Readback::Step)?;
     let stats = h.stats();
     eprintln!("  warm-up run {:.1} s", warm.elapsed().as_secs_f64());
     let mut runs_ms = Vec::new();
     for _ in 0..args.runs {
         let mut h = hooks(false);
-        runs_ms.push(decode_run(model, cache, h.as_hooks(), prompt, args.new_tokens)?);
+        let (ms, tokens) = decode_run(model, cache, h.as_hooks(), prompt, args.new_tokens, args.readback)?;
+        // The same greedy tokens, or the timed runs did other work than the warm-up's.
+        if tokens != warm_tokens {
+            let at = tokens.iter().zip(&warm_tokens).position(|(a, b)| a != b).unwrap_or(tokens.len().min(warm_tokens.len()));
+            bail!("a timed run ({:?} readback) chose other tokens than the warm-up run from step {at}", args.readback);
+        }
+        runs_ms.push(ms);
     }
-    let profile = if args.profile { Some(profile_decode(model, cache, hooks, prompt)?) } else { None };
+    let profile = if args.profile { Some(profile_decode(model, cache, hooks, prompt, args.readback)?) } else { None };
     Ok(Timing { runs_ms, stats, profile })
 }
 
@@ -450,12 +485,13 @@ fn profile_decode<'h, B: SparseKernels>(
     cache: &mut KvCache<B>,
     hooks: &mut dyn FnMut(bool) -> Box<dyn ForwardHooksWithStats<B> + 'h>,
     prompt: &[u32],
+    readback: Readback,
 ) -> anyhow::Result<Value> {
     let mut modes = serde_json::Map::new();
     let mut host_step_us = 0.0;
     for synced in [false, true] {
         let mut h = ProfiledHooks { inner: hooks(false), device: model.device(), synced, us: [0.0; 4] };
-        let step_ms = decode_run(model, cache, &mut h, prompt, PROFILE_TOKENS)?;
+        let (step_ms, _) = decode_run(model, cache, &mut h, prompt, PROFILE_TOKENS, readback)?;
         // decode_run times the PROFILE_TOKENS − 1 one-token forwards after the prefill; the
         // hooks count exactly those calls.
         let steps = (PROFILE_TOKENS - 1) as f64;
@@ -860,6 +896,7 @@ fn write_report(
         "prompt_lens": args.prompt_lens,
         "new_tokens": args.new_tokens,
         "runs": args.runs,
+        "readback": args.readback,
         "note": "per-token latency = decode time of the last new_tokens-1 steps / (new_tokens-1), median over runs \
                  after one warm-up run; prompts prefilled in 128-token chunks into one cache per model. kept_* come \
                  from the warm-up run (the timed runs repeat its greedy tokens without counting). Published shapes: random weights and random predictors (latency does not \
@@ -888,7 +925,16 @@ fn write_report(
     if !print {
         return Ok(());
     }
-    println!("end-to-end decode, batch 1, {} new tokens, {:?} {:?}, {device}", args.new_tokens, args.backend, args.dtype);
+    println!(
+        "end-to-end decode, batch 1, {} new tokens, {:?} {:?}, tokens read back {}, {device}",
+        args.new_tokens,
+        args.backend,
+        args.dtype,
+        match args.readback {
+            Readback::Step => "every step",
+            Readback::End => "at the end (the host runs a step ahead)",
+        }
+    );
     println!("copy bandwidth {copy_gbs:.0} GB/s, host cost per launch {launch_us:.1} µs");
     println!("| model | prompt | config | ms/token | kept MLP | kept heads | floor ms | × floor |");
     println!("|---|---|---|---|---|---|---|---|");

@@ -253,24 +253,8 @@ pub(crate) fn rows_gemv_kernel<F: Float, X: Float, N: Size, I: Int>(
     }
 }
 
-/// Column vector `v` of the gathered input's row: `v` itself, or with an index list
-/// column `v % block` of column block `idx[v / block]` (whole heads: `block` = head dim in
-/// vectors). An empty slot gives `limit`, which no caller reads.
-#[cube]
-fn block_col<I: Int>(idx: &Array<I>, v: usize, block: usize, limit: usize, #[comptime] gathered: bool) -> usize {
-    let mut col = v;
-    if gathered {
-        let id = usize::cast_from(idx[v / block]);
-        if id < limit / block {
-            col = id * block + v % block;
-        } else {
-            col = limit;
-        }
-    }
-    col
-}
-
-/// `w[base + col]` as f32, or zeros for an empty slot's column (`col >= limit`).
+/// `w[base + col]` as f32, or zeros for an empty slot's column (`col >= limit`). The
+/// column comes from [`row_of`] over column blocks: a head's `block` column vectors.
 #[cube]
 fn load_col<F: Float, N: Size>(w: &Array<Vector<F, N>>, base: usize, col: usize, limit: usize) -> Vector<f32, N> {
     let mut value = Vector::<f32, N>::new(0.0f32);
@@ -321,14 +305,14 @@ pub(crate) fn block_cols_gemv_kernel<F: Float, N: Size, I: Int>(
         if live {
             let mut t = lane;
             while t + 7 * step < width {
-                let c0 = block_col(idx, t, block, limit, gathered);
-                let c1 = block_col(idx, t + step, block, limit, gathered);
-                let c2 = block_col(idx, t + 2 * step, block, limit, gathered);
-                let c3 = block_col(idx, t + 3 * step, block, limit, gathered);
-                let c4 = block_col(idx, t + 4 * step, block, limit, gathered);
-                let c5 = block_col(idx, t + 5 * step, block, limit, gathered);
-                let c6 = block_col(idx, t + 6 * step, block, limit, gathered);
-                let c7 = block_col(idx, t + 7 * step, block, limit, gathered);
+                let c0 = row_of(idx, t, block, limit, gathered);
+                let c1 = row_of(idx, t + step, block, limit, gathered);
+                let c2 = row_of(idx, t + 2 * step, block, limit, gathered);
+                let c3 = row_of(idx, t + 3 * step, block, limit, gathered);
+                let c4 = row_of(idx, t + 4 * step, block, limit, gathered);
+                let c5 = row_of(idx, t + 5 * step, block, limit, gathered);
+                let c6 = row_of(idx, t + 6 * step, block, limit, gathered);
+                let c7 = row_of(idx, t + 7 * step, block, limit, gathered);
                 let w0 = load_col(w, w_base, c0, limit);
                 let w1 = load_col(w, w_base, c1, limit);
                 let w2 = load_col(w, w_base, c2, limit);
@@ -348,7 +332,7 @@ pub(crate) fn block_cols_gemv_kernel<F: Float, N: Size, I: Int>(
                 t += 8 * step;
             }
             while t < width {
-                let c = block_col(idx, t, block, limit, gathered);
+                let c = row_of(idx, t, block, limit, gathered);
                 acc += load_col(w, w_base, c, limit) * Vector::<f32, N>::cast_from(x[x_base + t]);
                 t += step;
             }

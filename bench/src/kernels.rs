@@ -84,8 +84,9 @@ pub struct KernelArgs {
     /// enqueued; it also gives the copy bandwidth
     #[arg(long, default_value_t = 1024)]
     primer_mb: usize,
-    /// Also time grid-shape variants of the gathered kernels (at the first model, density
-    /// 0.1), each checked first when --check is given
+    /// Also time grid-shape variants of the gathered kernels and of fc2ᵀ over every row
+    /// with 90% of its inputs zero, as decode's gated fc1 leaves them (at the first model,
+    /// density 0.1), the gathered ones checked first when --check is given
     #[arg(long)]
     tune: bool,
     /// First check every kernel against host loops at these shapes (outputs poisoned)
@@ -337,6 +338,10 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
     let h = Tensor::<Cube<R>, 2>::random([1, k], Distribution::Uniform(0.1, 1.0), device).cast(dtype);
     let mut rng = StdRng::seed_from_u64(11);
     let idx = Tensor::<Cube<R>, 1, Int>::from_data(TensorData::new(sorted_indices(&mut rng, ffn, k), [k]), device);
+    // What decode's fc2 reads after the gated fc1: every row's h, `density` of them nonzero
+    // (the transposed GEMV skips the zeros), no index list.
+    let h_values: Vec<f32> = (0..ffn).map(|_| if rng.random_bool(density) { rng.random_range(0.1f32..1.0) } else { 0.0 }).collect();
+    let h_all = Tensor::<Cube<R>, 2>::from_data(TensorData::new(h_values, [1, ffn]), device).cast(dtype);
     let prim = |t: Tensor<Cube<R>, 2>| t.into_primitive().tensor();
     let base = LaunchConfig::default();
     let mut variants = Vec::new();
@@ -347,6 +352,9 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
         [(64, 4, 8), (32, 8, 8), (32, 8, 4), (32, 8, 16), (32, 16, 8), (16, 16, 8), (32, 4, 16), (16, 8, 4)]
     {
         variants.push(("fc2", LaunchConfig { cols_per_cube, lanes_k, rows_per_lane, ..base }));
+    }
+    for (cols_per_cube, lanes_k, rows_per_lane) in [(32, 8, 8), (32, 8, 16), (32, 8, 32), (32, 8, 64), (64, 4, 16), (32, 16, 16)] {
+        variants.push(("fc2skip", LaunchConfig { cols_per_cube, lanes_k, rows_per_lane, ..base }));
     }
     let mut outcomes = Vec::new();
     for (kernel, cfg) in variants {
@@ -361,6 +369,13 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
                     Some(bias1.clone().into_primitive().tensor()), true, DType::I32, &cfg,
                 );
             })?
+        } else if kernel == "fc2skip" {
+            timer.time(|i| {
+                let _ = dejavu_kernels::cube::rows_transposed_gemv_with(
+                    prim(ws[i % copies].clone()), None, 1, prim(h_all.clone()),
+                    Some(bias2.clone().into_primitive().tensor()), None, DType::I32, &cfg,
+                );
+            })?
         } else {
             timer.time(|i| {
                 let _ = dejavu_kernels::cube::rows_transposed_gemv_with(
@@ -372,7 +387,8 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
         let op = if kernel == "fc1" {
             format!("tune_fc1_rows{}", cfg.rows_per_cube)
         } else {
-            format!("tune_fc2t_cols{}_lanes{}_rpl{}", cfg.cols_per_cube, cfg.lanes_k, cfg.rows_per_lane)
+            let what = if kernel == "fc2skip" { "fc2t_skip" } else { "fc2t" };
+            format!("tune_{what}_cols{}_lanes{}_rpl{}", cfg.cols_per_cube, cfg.lanes_k, cfg.rows_per_lane)
         };
         let bytes = k as f64 * d as f64 * bytes_per_value(dtype);
         push_timed(out, name, &op, Some(density), Some(k), bytes, t);

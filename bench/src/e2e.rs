@@ -547,7 +547,8 @@ fn device_step_us<B: SparseKernels>(
             diffs.push((both - primer_only) * 1e6);
         }
     }
-    // One more step, synced, inside Nsight Compute's window when asked (bench/device/ncu-step.sh).
+    // When profiling (bench/device/ncu-step.sh): one more step, synced, inside Nsight
+    // Compute's window.
     crate::capture::ncu_window(|| {
         let h = model.forward_with(token_tensor::<B>(&[token], &device), cache, hooks)?;
         let _next = model.logits(h).argmax(2);

@@ -570,12 +570,7 @@ pub fn block_cols_gemv<B: SparseKernels>(
         None => {}
     }
     check_float(op, "x", &x, w.dtype())?;
-    if let Some(b) = &bias {
-        if b.dims()[0] != rows {
-            return Err(shape_err(op, format!("bias has {} entries for {rows} rows", b.dims()[0])));
-        }
-        check_float(op, "bias", b, w.dtype())?;
-    }
+    check_bias(op, bias.as_ref(), rows, "rows", w.dtype())?;
     if let Some(r) = &residual {
         if r.dims() != [batch, rows] {
             return Err(shape_err(op, format!("residual is {:?} for an output of {:?}", r.dims(), [batch, rows])));

@@ -190,7 +190,7 @@ pub(crate) fn project_qkv<B: SparseKernels>(
 /// kernel's second pass, not in a launch of its own. `[batch, 1, d]`.
 pub(crate) fn output_projection<B: SparseKernels>(
     w_t: Tensor<B, 2>,
-    idx: Option<(Tensor<B, 1, Int>, usize)>,
+    idx: Option<Tensor<B, 1, Int>>,
     h: Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
     residual: Option<Tensor<B, 3>>,
@@ -198,8 +198,8 @@ pub(crate) fn output_projection<B: SparseKernels>(
     let batch = h.dims()[0];
     let d = w_t.dims()[1];
     let y = match (residual, idx) {
-        (Some(r), idx) => dejavu_kernels::residual_transposed_gemv(r.reshape([batch, d]), w_t, idx, h, bias),
-        (None, Some((idx, block))) => dejavu_kernels::gather_blocks_transposed_gemv(w_t, idx, block, h, bias),
+        (Some(r), idx) => dejavu_kernels::residual_transposed_gemv(r.reshape([batch, d]), w_t, idx.map(|i| (i, 1)), h, bias),
+        (None, Some(idx)) => dejavu_kernels::gather_rows_transposed_gemv(w_t, idx, h, bias),
         (None, None) => dejavu_kernels::transposed_gemv(w_t, h, bias),
     };
     y.expect(SHAPES).reshape([batch, 1, d])

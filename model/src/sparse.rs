@@ -607,7 +607,7 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
         let idx = Self::indices(kept, logits, selection, count_kept);
         let fc1_rows = weights.fc1_rows.clone();
         let h = dejavu_kernels::gather_rows_gemv(fc1_rows, idx.clone(), x, bias(&mlp.fc1), Act::Relu).expect(KERNEL_SHAPES);
-        output_projection(mlp.fc2.weight.val(), Some((idx, 1)), h, bias(&mlp.fc2), residual)
+        output_projection(mlp.fc2.weight.val(), Some(idx), h, bias(&mlp.fc2), residual)
     }
 }
 

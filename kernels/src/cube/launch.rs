@@ -71,15 +71,6 @@ fn reduction_group<R: CubeRuntime>(client: &ComputeClient<R>) -> (usize, bool) {
     }
 }
 
-/// The largest power of two no greater than `n` (1 for 0).
-fn prev_power_of_two(n: usize) -> usize {
-    if n == 0 {
-        1
-    } else {
-        1 << (usize::BITS - 1 - n.leading_zeros())
-    }
-}
-
 fn client_units<R: CubeRuntime>(t: &CubeTensor<R>) -> usize {
     t.client.properties().hardware.max_units_per_cube as usize
 }
@@ -884,7 +875,7 @@ pub fn norm_predict<R: CubeRuntime>(
     // A cube of up to 1024 units (a power of two: the reductions are trees), about one
     // vector of the row each: the LayerNorm and each row of `down` are then one round
     // trip of loads. The selection's lane groups are its rows of `group` units.
-    let most = prev_power_of_two(client_units(&x).min(1024)).max(group);
+    let most = (1usize << client_units(&x).clamp(1, 1024).ilog2()).max(group);
     let units = (d / vs).next_power_of_two().clamp(group, most);
     let rows_per_cube = units / group;
     let gemv_cubes = r;

@@ -342,37 +342,62 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
     // (the transposed GEMV skips the zeros), no index list.
     let h_values: Vec<f32> = (0..ffn).map(|_| if rng.random_bool(density) { rng.random_range(0.1f32..1.0) } else { 0.0 }).collect();
     let h_all = Tensor::<Cube<R>, 2>::from_data(TensorData::new(h_values, [1, ffn]), device).cast(dtype);
+    // A dense decode's fc2 input: half the rows zero (random weights after ReLU).
+    let h_half_values: Vec<f32> = (0..ffn).map(|_| if rng.random_bool(0.5) { rng.random_range(0.1f32..1.0) } else { 0.0 }).collect();
+    let h_half = Tensor::<Cube<R>, 2>::from_data(TensorData::new(h_half_values, [1, ffn]), device).cast(dtype);
+    // The predicted fc1's second factor, rank 128: row j's logit `up[j] · 1` is +1 for
+    // `density` of the rows and -1 for the others, threshold 0.
+    let rank = 128;
+    let up_values: Vec<f32> =
+        (0..ffn).flat_map(|_| std::iter::repeat_n(if rng.random_bool(density) { 1.0 / rank as f32 } else { -1.0 / rank as f32 }, rank)).collect();
+    let up = Tensor::<Cube<R>, 2>::from_data(TensorData::new(up_values, [ffn, rank]), device);
+    let ones = Tensor::<Cube<R>, 2>::ones([1, rank], device);
     let prim = |t: Tensor<Cube<R>, 2>| t.into_primitive().tensor();
     let base = LaunchConfig::default();
     let mut variants = Vec::new();
-    for rows_per_cube in [2, 4, 8, 16] {
+    for rows_per_cube in [4, 8] {
         variants.push(("fc1", LaunchConfig { rows_per_cube, ..base }));
     }
-    for (cols_per_cube, lanes_k, rows_per_lane) in
-        [(64, 4, 8), (32, 8, 8), (32, 8, 4), (32, 8, 16), (32, 16, 8), (16, 16, 8), (32, 4, 16), (16, 8, 4)]
-    {
-        variants.push(("fc2", LaunchConfig { cols_per_cube, lanes_k, rows_per_lane, ..base }));
+    for (rows_per_cube, rows_per_group) in [(8, 1), (2, 1), (8, 2), (8, 4), (4, 4), (8, 8), (4, 8), (2, 16)] {
+        variants.push(("fc1pred", LaunchConfig { rows_per_cube, rows_per_group, ..base }));
     }
-    for (cols_per_cube, lanes_k, rows_per_lane) in [(32, 8, 8), (32, 8, 16), (32, 8, 32), (32, 8, 64), (64, 4, 16), (32, 16, 16)] {
-        variants.push(("fc2skip", LaunchConfig { cols_per_cube, lanes_k, rows_per_lane, ..base }));
+    // fc2ᵀ: the skipping kernel's default, then the compacting one's splits and grids.
+    for kernel in ["fc2", "fc2skip", "fc2half"] {
+        variants.push((kernel, LaunchConfig { compact_rows: 0, ..base }));
+        for (cols_per_cube, lanes_k) in [(32, 8), (16, 16), (8, 32)] {
+            for compact_rows in [128, 256, 512, 1024, 2048, 4096] {
+                variants.push((kernel, LaunchConfig { cols_per_cube, lanes_k, compact_rows, ..base }));
+            }
+        }
     }
     let mut outcomes = Vec::new();
+    let mut checked: Vec<LaunchConfig> = Vec::new();
     for (kernel, cfg) in variants {
-        if args.check {
-            let case = Case { rows: ffn, d, k, batch: 1, dtype, seed: fresh_seed() };
+        // Each grid shape checked once, on a quarter of the rows (host loops are slow).
+        if args.check && !checked.contains(&cfg) {
+            checked.push(cfg);
+            let case = Case { rows: ffn / 4, d, k: ffn / 40, batch: 1, dtype, seed: fresh_seed() };
             outcomes.extend(check_gemvs::<Cube<R>, _>(&Poisoned(cfg), device, &case));
         }
-        let t = if kernel == "fc1" {
+        let t = if kernel == "fc1pred" {
+            timer.time(|i| {
+                let _ = dejavu_kernels::cube::predicted_rows_gemv_with(
+                    prim(ws[i % copies].clone()), prim(x.clone()), Some(bias1.clone().into_primitive().tensor()), true,
+                    prim(up.clone()), prim(ones.clone()), 0.0, &cfg,
+                );
+            })?
+        } else if kernel == "fc1" {
             timer.time(|i| {
                 let _ = dejavu_kernels::cube::rows_gemv_with(
                     prim(ws[i % copies].clone()), Some(idx.clone().into_primitive()), 1, prim(x.clone()),
                     Some(bias1.clone().into_primitive().tensor()), true, DType::I32, &cfg,
                 );
             })?
-        } else if kernel == "fc2skip" {
+        } else if kernel == "fc2skip" || kernel == "fc2half" {
+            let h = if kernel == "fc2skip" { &h_all } else { &h_half };
             timer.time(|i| {
                 let _ = dejavu_kernels::cube::rows_transposed_gemv_with(
-                    prim(ws[i % copies].clone()), None, 1, prim(h_all.clone()),
+                    prim(ws[i % copies].clone()), None, 1, prim(h.clone()),
                     Some(bias2.clone().into_primitive().tensor()), None, DType::I32, &cfg,
                 );
             })?
@@ -384,13 +409,26 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
                 );
             })?
         };
-        let op = if kernel == "fc1" {
-            format!("tune_fc1_rows{}", cfg.rows_per_cube)
-        } else {
-            let what = if kernel == "fc2skip" { "fc2t_skip" } else { "fc2t" };
-            format!("tune_{what}_cols{}_lanes{}_rpl{}", cfg.cols_per_cube, cfg.lanes_k, cfg.rows_per_lane)
+        let op = match kernel {
+            "fc1" => format!("tune_fc1_rows{}", cfg.rows_per_cube),
+            "fc1pred" => format!("tune_fc1pred_rows{}_group{}", cfg.rows_per_cube, cfg.rows_per_group),
+            _ => {
+                let what = match kernel {
+                    "fc2skip" => "fc2t_skip",
+                    "fc2half" => "fc2t_half",
+                    _ => "fc2t",
+                };
+                let split = if cfg.compact_rows > 0 { format!("compact{}", cfg.compact_rows) } else { format!("rpl{}", cfg.rows_per_lane) };
+                format!("tune_{what}_cols{}_lanes{}_{split}", cfg.cols_per_cube, cfg.lanes_k)
+            }
         };
-        let bytes = k as f64 * d as f64 * bytes_per_value(dtype);
+        // Weight bytes read: the selected rows (half of them for the half-zero input); the
+        // predicted fc1 also reads its f32 second factor.
+        let rows_read = if kernel == "fc2half" { ffn / 2 } else { k };
+        let mut bytes = rows_read as f64 * d as f64 * bytes_per_value(dtype);
+        if kernel == "fc1pred" {
+            bytes += (ffn * rank * 4) as f64;
+        }
         push_timed(out, name, &op, Some(density), Some(k), bytes, t);
     }
     Ok(outcomes)

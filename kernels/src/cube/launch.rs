@@ -31,11 +31,17 @@ pub struct LaunchConfig {
     /// parallelism) and more f32 partials for the second pass to add.
     pub rows_per_lane: usize,
     pub max_splits: usize,
+    /// Rows of K per split of the compacting transposed GEMV (rounded up to a whole number
+    /// of rows per unit, at most 32 each); 0 takes the skipping kernel, whose splits
+    /// `rows_per_lane` and `max_splits` shape.
+    pub compact_rows: usize,
+    /// Rows per lane group of the predicted fc1 (their predictor logits loaded together).
+    pub rows_per_group: usize,
 }
 
 impl Default for LaunchConfig {
     fn default() -> Self {
-        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256 }
+        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 0, rows_per_group: 4 }
     }
 }
 
@@ -275,8 +281,18 @@ pub fn rows_transposed_gemv_with<R: CubeRuntime>(
 /// Splits of K for the transposed GEMV's first pass, and the rows each covers: every lane
 /// sums about `rows_per_lane` rows; at least one split.
 fn transposed_splits(k: usize, config: &LaunchConfig) -> (usize, usize) {
+    if let Some(per_unit) = compact_per_unit(config) {
+        let chunk = per_unit * config.cols_per_cube * config.lanes_k;
+        return (k.div_ceil(chunk).max(1), chunk);
+    }
     let splits = k.div_ceil(config.lanes_k * config.rows_per_lane).clamp(1, config.max_splits);
     (splits, k.div_ceil(splits).max(1))
+}
+
+/// Rows each unit of the compacting kernel scans (one bit each of a `u32` mask), when
+/// `config` asks for that kernel.
+fn compact_per_unit(config: &LaunchConfig) -> Option<usize> {
+    (config.compact_rows > 0).then(|| config.compact_rows.div_ceil(config.cols_per_cube * config.lanes_k).clamp(1, 32))
 }
 
 /// [`rows_transposed_gemv_with`] into a given contiguous `out [B, d]`.
@@ -342,23 +358,45 @@ fn transposed_gemv_launch<R: CubeRuntime>(
     let residual_stride = residual.as_ref().map_or(0, |r| stride(r, 0) / vs);
     let out_stride = stride(&out, 0) / vs;
     unsafe {
-        rows_transposed_gemv_partial_kernel::launch_unchecked::<R>(
-            &out.client,
-            CubeCount::Static(col_blocks, splits as u32, 1),
-            CubeDim::new_2d(config.cols_per_cube as u32, config.lanes_k as u32),
-            vs,
-            arg(w_t),
-            arg(idx),
-            arg(h),
-            arg(partial.clone()),
-            shape,
-            chunk,
-            block.max(1),
-            gathered,
-            config.cols_per_cube,
-            config.lanes_k,
-            [dtype.into(), idx_dtype.into()],
-        );
+        let cubes = CubeCount::Static(col_blocks, splits as u32, 1);
+        let cube_dim = CubeDim::new_2d(config.cols_per_cube as u32, config.lanes_k as u32);
+        if let Some(per_unit) = compact_per_unit(config) {
+            rows_transposed_gemv_compact_kernel::launch_unchecked::<R>(
+                &out.client,
+                cubes,
+                cube_dim,
+                vs,
+                arg(w_t),
+                arg(idx),
+                arg(h),
+                arg(partial.clone()),
+                shape,
+                block.max(1),
+                gathered,
+                config.cols_per_cube,
+                config.lanes_k,
+                per_unit,
+                [dtype.into(), idx_dtype.into()],
+            );
+        } else {
+            rows_transposed_gemv_partial_kernel::launch_unchecked::<R>(
+                &out.client,
+                cubes,
+                cube_dim,
+                vs,
+                arg(w_t),
+                arg(idx),
+                arg(h),
+                arg(partial.clone()),
+                shape,
+                chunk,
+                block.max(1),
+                gathered,
+                config.cols_per_cube,
+                config.lanes_k,
+                [dtype.into(), idx_dtype.into()],
+            );
+        }
         // Lanes along the splits: enough that each adds a handful.
         let lanes_s = splits.div_ceil(4).next_power_of_two().clamp(1, 32);
         let sum_cols = (256 / lanes_s).max(1);
@@ -702,10 +740,10 @@ struct GatedRows<R: CubeRuntime> {
 }
 
 impl<R: CubeRuntime> GatedRows<R> {
-    fn new(w: &CubeTensor<R>, x: &CubeTensor<R>, bias: Option<CubeTensor<R>>) -> Self {
+    /// `rows_per_cube` lane groups per cube, each on `rows_per_group` rows.
+    fn new(w: &CubeTensor<R>, x: &CubeTensor<R>, bias: Option<CubeTensor<R>>, rows_per_cube: usize, rows_per_group: usize) -> Self {
         let rows = dims(w)[0];
         let (group, use_plane) = reduction_group(&w.client);
-        let rows_per_cube = LaunchConfig::default().rows_per_cube;
         let vs = vector_width(&[w, x]);
         Self {
             out: empty(x, vec![1, rows], w.dtype),
@@ -716,7 +754,7 @@ impl<R: CubeRuntime> GatedRows<R> {
             group,
             use_plane,
             rows_per_cube,
-            count: CubeCount::Static(rows.div_ceil(rows_per_cube) as u32, 1, 1),
+            count: CubeCount::Static(rows.div_ceil(rows_per_cube * rows_per_group) as u32, 1, 1),
             dim: CubeDim::new_2d(group as u32, rows_per_cube as u32),
         }
     }
@@ -733,7 +771,7 @@ pub fn gated_rows_gemv<R: CubeRuntime>(
     threshold: f32,
 ) -> CubeTensor<R> {
     let (w, x, gate) = (into_contiguous(w), into_contiguous(x), into_contiguous(gate));
-    let l = GatedRows::new(&w, &x, bias);
+    let l = GatedRows::new(&w, &x, bias, LaunchConfig::default().rows_per_cube, 1);
     let (dtype, client) = (w.dtype, w.client.clone());
     unsafe {
         gated_rows_gemv_kernel::launch_unchecked::<R>(
@@ -771,9 +809,26 @@ pub fn predicted_rows_gemv<R: CubeRuntime>(
     h: CubeTensor<R>,
     threshold: f32,
 ) -> CubeTensor<R> {
+    predicted_rows_gemv_with(w, x, bias, relu, up, h, threshold, &LaunchConfig::default())
+}
+
+/// [`predicted_rows_gemv`] with the given grid shapes (`rows_per_cube` groups of
+/// `rows_per_group` rows per cube).
+#[allow(clippy::too_many_arguments)] // the kernel's inputs and the grid
+pub fn predicted_rows_gemv_with<R: CubeRuntime>(
+    w: CubeTensor<R>,
+    x: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    relu: bool,
+    up: CubeTensor<R>,
+    h: CubeTensor<R>,
+    threshold: f32,
+    config: &LaunchConfig,
+) -> CubeTensor<R> {
     let (w, x) = (into_contiguous(w), into_contiguous(x));
     let (up, h) = (into_contiguous(up), into_contiguous(h));
-    let l = GatedRows::new(&w, &x, bias);
+    let rows_per_group = config.rows_per_group.max(1);
+    let l = GatedRows::new(&w, &x, bias, config.rows_per_cube, rows_per_group);
     let (dtype, client) = (w.dtype, w.client.clone());
     let predictor = PredictorShapeLaunch::new(dims(&up)[1], stride(&up, 0));
     unsafe {
@@ -795,6 +850,7 @@ pub fn predicted_rows_gemv<R: CubeRuntime>(
             relu,
             l.group,
             l.rows_per_cube,
+            rows_per_group,
             l.use_plane,
             dtype.into(),
         );

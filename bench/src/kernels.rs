@@ -345,27 +345,21 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
     // A dense decode's fc2 input: half the rows zero (random weights after ReLU).
     let h_half_values: Vec<f32> = (0..ffn).map(|_| if rng.random_bool(0.5) { rng.random_range(0.1f32..1.0) } else { 0.0 }).collect();
     let h_half = Tensor::<Cube<R>, 2>::from_data(TensorData::new(h_half_values, [1, ffn]), device).cast(dtype);
-    // The predicted fc1's second factor, rank 128: row j's logit `up[j] · 1` is +1 for
-    // `density` of the rows and -1 for the others, threshold 0.
-    let rank = 128;
-    let up_values: Vec<f32> =
-        (0..ffn).flat_map(|_| std::iter::repeat_n(if rng.random_bool(density) { 1.0 / rank as f32 } else { -1.0 / rank as f32 }, rank)).collect();
-    let up = Tensor::<Cube<R>, 2>::from_data(TensorData::new(up_values, [ffn, rank]), device);
-    let ones = Tensor::<Cube<R>, 2>::ones([1, rank], device);
     let prim = |t: Tensor<Cube<R>, 2>| t.into_primitive().tensor();
     let base = LaunchConfig::default();
     let mut variants = Vec::new();
     for rows_per_cube in [4, 8] {
         variants.push(("fc1", LaunchConfig { rows_per_cube, ..base }));
     }
-    for (rows_per_cube, rows_per_group) in [(8, 1), (2, 1), (8, 2), (8, 4), (4, 4), (8, 8), (4, 8), (2, 16)] {
-        variants.push(("fc1pred", LaunchConfig { rows_per_cube, rows_per_group, ..base }));
-    }
     // fc2ᵀ: the skipping kernel's default, then the compacting one's splits and grids.
-    for kernel in ["fc2", "fc2skip", "fc2half"] {
+    // (A gathered fc2 always takes the skipping kernel.)
+    for (cols_per_cube, lanes_k, rows_per_lane) in [(32, 8, 8), (32, 16, 8), (16, 16, 8)] {
+        variants.push(("fc2", LaunchConfig { cols_per_cube, lanes_k, rows_per_lane, ..base }));
+    }
+    for kernel in ["fc2skip", "fc2half"] {
         variants.push((kernel, LaunchConfig { compact_rows: 0, ..base }));
-        for (cols_per_cube, lanes_k) in [(32, 8), (16, 16), (8, 32)] {
-            for compact_rows in [128, 256, 512, 1024, 2048, 4096] {
+        for (cols_per_cube, lanes_k) in [(32, 8), (16, 16), (64, 4)] {
+            for compact_rows in [64, 128, 256, 512] {
                 variants.push((kernel, LaunchConfig { cols_per_cube, lanes_k, compact_rows, ..base }));
             }
         }
@@ -379,14 +373,7 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
             let case = Case { rows: ffn / 4, d, k: ffn / 40, batch: 1, dtype, seed: fresh_seed() };
             outcomes.extend(check_gemvs::<Cube<R>, _>(&Poisoned(cfg), device, &case));
         }
-        let t = if kernel == "fc1pred" {
-            timer.time(|i| {
-                let _ = dejavu_kernels::cube::predicted_rows_gemv_with(
-                    prim(ws[i % copies].clone()), prim(x.clone()), Some(bias1.clone().into_primitive().tensor()), true,
-                    prim(up.clone()), prim(ones.clone()), 0.0, &cfg,
-                );
-            })?
-        } else if kernel == "fc1" {
+        let t = if kernel == "fc1" {
             timer.time(|i| {
                 let _ = dejavu_kernels::cube::rows_gemv_with(
                     prim(ws[i % copies].clone()), Some(idx.clone().into_primitive()), 1, prim(x.clone()),
@@ -411,7 +398,6 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
         };
         let op = match kernel {
             "fc1" => format!("tune_fc1_rows{}", cfg.rows_per_cube),
-            "fc1pred" => format!("tune_fc1pred_rows{}_group{}", cfg.rows_per_cube, cfg.rows_per_group),
             _ => {
                 let what = match kernel {
                     "fc2skip" => "fc2t_skip",
@@ -422,13 +408,9 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
                 format!("tune_{what}_cols{}_lanes{}_{split}", cfg.cols_per_cube, cfg.lanes_k)
             }
         };
-        // Weight bytes read: the selected rows (half of them for the half-zero input); the
-        // predicted fc1 also reads its f32 second factor.
+        // Weight bytes read: the selected rows (half of them for the half-zero input).
         let rows_read = if kernel == "fc2half" { ffn / 2 } else { k };
-        let mut bytes = rows_read as f64 * d as f64 * bytes_per_value(dtype);
-        if kernel == "fc1pred" {
-            bytes += (ffn * rank * 4) as f64;
-        }
+        let bytes = rows_read as f64 * d as f64 * bytes_per_value(dtype);
         push_timed(out, name, &op, Some(density), Some(k), bytes, t);
     }
     Ok(outcomes)

@@ -833,28 +833,61 @@ pub(crate) fn select_above_threshold_kernel<F: Float, N: Size, I: Int>(
     }
 }
 
-/// The max (`max`) or the sum of one value per unit of the cube, by a shared-memory tree
-/// (`threads` a power of two), returned to every unit.
+/// The max (`max`) or the sum of one value per unit of the cube, returned to every unit.
+/// With `plane` > 0 (the plane size; `threads` a multiple of it, at most `plane` planes)
+/// each plane reduces with shuffles, then every plane reduces the planes' results: two
+/// barriers. Otherwise a shared-memory tree (`threads` a power of two), one barrier per
+/// level: ten for 1024 units, which made a LayerNorm cost 5–6 µs on the H100.
 #[cube]
-fn cube_reduce(red: &mut SharedMemory<f32>, value: f32, tid: usize, #[comptime] threads: usize, #[comptime] max: bool) -> f32 {
-    red[tid] = value;
-    sync_cube();
-    // (A runtime variable: a comptime one cannot be updated in the loop.)
-    let mut stride = 0usize;
-    stride += threads / 2;
-    while stride > 0 {
-        if tid < stride {
-            if max {
-                red[tid] = f32::max(red[tid], red[tid + stride]);
-            } else {
-                red[tid] += red[tid + stride];
-            }
+#[allow(unused_assignments)] // `result` is set in the one branch that expands
+fn cube_reduce(red: &mut SharedMemory<f32>, value: f32, tid: usize, #[comptime] threads: usize, #[comptime] max: bool, #[comptime] plane: usize) -> f32 {
+    let mut result = 0.0f32;
+    if comptime!(plane > 0) {
+        let planes = comptime!(threads / plane);
+        let lane = tid % plane;
+        let mut v = value;
+        if max {
+            v = plane_max(v);
+        } else {
+            v = plane_sum(v);
+        }
+        if lane == 0 {
+            red[tid / plane] = v;
         }
         sync_cube();
-        stride /= 2;
+        let mut w = 0.0f32;
+        if max {
+            w = f32::new(-3.0e38);
+        }
+        if lane < planes {
+            w = red[lane];
+        }
+        if max {
+            result = plane_max(w);
+        } else {
+            result = plane_sum(w);
+        }
+        sync_cube();
+    } else {
+        red[tid] = value;
+        sync_cube();
+        // (A runtime variable: a comptime one cannot be updated in the loop.)
+        let mut stride = 0usize;
+        stride += threads / 2;
+        while stride > 0 {
+            if tid < stride {
+                if max {
+                    red[tid] = f32::max(red[tid], red[tid + stride]);
+                } else {
+                    red[tid] += red[tid + stride];
+                }
+            }
+            sync_cube();
+            stride /= 2;
+        }
+        result = red[0];
+        sync_cube();
     }
-    let result = red[0];
-    sync_cube();
     result
 }
 
@@ -886,6 +919,7 @@ pub(crate) fn selected_heads_attention_kernel<F: Float, N: Size, I: Int>(
     #[comptime] max_chunk: usize,
     #[comptime] hd_vectors: usize,
     #[comptime] split: bool,
+    #[comptime] plane: usize,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let mut scores = SharedMemory::<f32>::new(max_chunk);
@@ -928,7 +962,7 @@ pub(crate) fn selected_heads_attention_kernel<F: Float, N: Size, I: Int>(
             t += threads;
         }
     }
-    let max = cube_reduce(&mut red, local_max, tid, threads, true);
+    let max = cube_reduce(&mut red, local_max, tid, threads, true, plane);
 
     // Exponentials and their sum.
     let mut local_sum = 0.0f32;
@@ -941,7 +975,7 @@ pub(crate) fn selected_heads_attention_kernel<F: Float, N: Size, I: Int>(
             t += threads;
         }
     }
-    let total = cube_reduce(&mut red, local_sum, tid, threads, false);
+    let total = cube_reduce(&mut red, local_sum, tid, threads, false, plane);
 
     // p·V: lane (cv, tl) sums positions tl, tl + lanes, ... for column vector cv.
     let lanes = threads / hd_vectors;
@@ -1043,11 +1077,12 @@ pub(crate) fn layer_norm_kernel<F: Float, N: Size>(
     inv_width: f32,
     eps: f32,
     #[comptime] threads: usize,
+    #[comptime] plane: usize,
     #[define(F)] _dtype: StorageType,
 ) {
     let mut red = SharedMemory::<f32>::new(threads);
     let r = CUBE_POS_X as usize;
-    layer_norm_row(x, gamma, beta, out, width, r * x_stride, r * out_stride, inv_width, eps, UNIT_POS_X as usize, &mut red, threads);
+    layer_norm_row(x, gamma, beta, out, width, r * x_stride, r * out_stride, inv_width, eps, UNIT_POS_X as usize, &mut red, threads, plane);
 }
 
 /// One row of [`layer_norm_kernel`], by the cube's `threads` units (`tid` each).
@@ -1066,6 +1101,7 @@ fn layer_norm_row<F: Float, N: Size>(
     tid: usize,
     red: &mut SharedMemory<f32>,
     #[comptime] threads: usize,
+    #[comptime] plane: usize,
 ) {
     let mut sum = 0.0f32;
     let mut c = tid;
@@ -1077,7 +1113,7 @@ fn layer_norm_row<F: Float, N: Size>(
         }
         c += threads;
     }
-    let mean = cube_reduce(red, sum, tid, threads, false) * inv_width;
+    let mean = cube_reduce(red, sum, tid, threads, false, plane) * inv_width;
 
     let mut squares = 0.0f32;
     c = tid;
@@ -1089,7 +1125,7 @@ fn layer_norm_row<F: Float, N: Size>(
         }
         c += threads;
     }
-    let var = cube_reduce(red, squares, tid, threads, false) * inv_width;
+    let var = cube_reduce(red, squares, tid, threads, false, plane) * inv_width;
     let inv_std = 1.0f32 / f32::sqrt(var + eps);
 
     c = tid;
@@ -1295,13 +1331,9 @@ fn predicted_logit(
 /// first takes its predictor logit `up[j, :] · h` (the low-rank predictor's second
 /// factor, f32 `[rows, r]`, `h` its first factor's output `[r]`) and reads fc1's row only
 /// when that is above `threshold`. Predictor, selection and fc1 in one launch; no logits
-/// or index list in memory.
-///
-/// Each lane group takes `rows_per_group` consecutive rows: their logits' loads all in
-/// flight together, then fc1 for the live ones. With one row per group, a 16k-row fc1
-/// needed two waves of cubes, each waiting on a logit round trip, and most of a cube's
-/// groups sat finished while one live row was read (Nsight Compute, 6.7B shape: 14.6
-/// µs, 37% of warps active, for 23.5 MB).
+/// or index list in memory. (Several rows per lane group, their logits' loads issued
+/// together, was slower on the H100: 24.6 µs against 13.7 at the 6.7B shape, `kernels
+/// --tune`.)
 #[cube(launch_unchecked)]
 pub(crate) fn predicted_rows_gemv_kernel<F: Float, N: Size>(
     w: &Array<Vector<F, N>>,
@@ -1317,56 +1349,15 @@ pub(crate) fn predicted_rows_gemv_kernel<F: Float, N: Size>(
     #[comptime] relu: bool,
     #[comptime] group: usize,
     #[comptime] rows_per_cube: usize,
-    #[comptime] rows_per_group: usize,
     #[comptime] use_plane: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let mut scratch = SharedMemory::<f32>::new(group * rows_per_cube);
     let lane = UNIT_POS_X as usize;
-    let first = (CUBE_POS_X as usize * rows_per_cube + UNIT_POS_Y as usize) * rows_per_group;
-    let rows = shape.rows;
-    let r = predictor.rank;
-    let mut partials = Array::<f32>::new(rows_per_group);
-    #[unroll]
-    for q in 0..rows_per_group {
-        partials[q] = 0.0f32;
-    }
-    // Rows past the end read the last row (no branch between the loads, so the compiler
-    // can issue every row's loads before the first multiply); their logits are dropped.
-    let last = rows - 1;
-    let mut t = lane;
-    while t + 3 * group < r {
-        let h0 = h[t];
-        let h1 = h[t + group];
-        let h2 = h[t + 2 * group];
-        let h3 = h[t + 3 * group];
-        #[unroll]
-        for q in 0..rows_per_group {
-            let base = usize::min(first + q, last) * predictor.up_stride;
-            let u0 = up[base + t];
-            let u1 = up[base + t + group];
-            let u2 = up[base + t + 2 * group];
-            let u3 = up[base + t + 3 * group];
-            partials[q] += u0 * h0 + u1 * h1 + u2 * h2 + u3 * h3;
-        }
-        t += 4 * group;
-    }
-    while t < r {
-        let hv = h[t];
-        #[unroll]
-        for q in 0..rows_per_group {
-            let base = usize::min(first + q, last) * predictor.up_stride;
-            partials[q] += up[base + t] * hv;
-        }
-        t += group;
-    }
-    #[unroll]
-    for q in 0..rows_per_group {
-        let j = first + q;
-        // Every lane of the group holds the same logit, so `live` is uniform.
-        let logit = group_sum_all(partials[q], &mut scratch, group, use_plane);
-        gated_row(w, x, bias, out, shape, j, j < rows && logit > threshold, lane, &mut scratch, has_bias, relu, group, use_plane);
-    }
+    let j = CUBE_POS_X as usize * rows_per_cube + UNIT_POS_Y as usize;
+    let logit = predicted_logit(up, h, predictor, j, shape.rows, lane, &mut scratch, group, use_plane);
+    // Every lane of the group holds the same logit, so `live` is uniform.
+    gated_row(w, x, bias, out, shape, j, logit > threshold, lane, &mut scratch, has_bias, relu, group, use_plane);
 }
 
 /// Head selection with its predictor in one cube: the logits `up · h` of `rows` heads
@@ -1486,6 +1477,9 @@ pub(crate) fn norm_predict_kernel<F: Float, N: Size, I: Int>(
     let mut scratch = SharedMemory::<f32>::new(group * rows_per_cube);
     let cube = CUBE_POS_X as usize;
     let tid = UNIT_POS_Y as usize * group + UNIT_POS_X as usize;
+    // Cube-wide sums by planes where a group is one plane and the cube has at most a
+    // plane of them.
+    let reduce_plane = comptime!(if use_plane && rows_per_cube <= group { group } else { 0 });
     if cube < gemv_cubes {
         // One row of `down` per cube, every unit of the cube on it: a rank-128 first
         // factor is only 128 rows, and a plane per row left the GEMV on 16 cubes, each
@@ -1496,13 +1490,13 @@ pub(crate) fn norm_predict_kernel<F: Float, N: Size, I: Int>(
         if live {
             partial = lane_dot(down, j * down_stride, x, 0, tid, group * rows_per_cube, width);
         }
-        let total = cube_reduce(&mut scratch, partial, tid, group * rows_per_cube, false);
+        let total = cube_reduce(&mut scratch, partial, tid, group * rows_per_cube, false, reduce_plane);
         if tid == 0 && live {
             first[j] = total;
         }
     } else if cube == gemv_cubes {
         // The LayerNorm's reductions use the GEMV cubes' scratch (one value per unit).
-        layer_norm_row(x, gamma, beta, normed, width, 0, 0, inv_width, eps, tid, &mut scratch, group * rows_per_cube);
+        layer_norm_row(x, gamma, beta, normed, width, 0, 0, inv_width, eps, tid, &mut scratch, group * rows_per_cube, reduce_plane);
     } else if has_select {
         let mut logits = SharedMemory::<f32>::new(max_rows);
         select_by_predictor(

@@ -31,17 +31,19 @@ pub struct LaunchConfig {
     /// parallelism) and more f32 partials for the second pass to add.
     pub rows_per_lane: usize,
     pub max_splits: usize,
-    /// Rows of K per split of the compacting transposed GEMV (rounded up to a whole number
-    /// of rows per unit, at most 32 each); 0 takes the skipping kernel, whose splits
-    /// `rows_per_lane` and `max_splits` shape.
+    /// Rows of K per split of the compacting transposed GEMV, for an input over every row
+    /// (rounded up to a whole number of rows per unit, at most 32 each); 0 takes the
+    /// skipping kernel, whose splits `rows_per_lane` and `max_splits` shape. A gathered
+    /// input (its rows mostly live) always takes the skipping kernel: compacting gained
+    /// nothing there (`kernels --tune` on the H100, 6.7B shape, 10% of fc2: 18.6 µs
+    /// skipping, 19.0 at best compacting), where over every row with 90% zeros it took
+    /// 13.5 µs against 22.1, and with half zeros 33.1 against 37.2.
     pub compact_rows: usize,
-    /// Rows per lane group of the predicted fc1 (their predictor logits loaded together).
-    pub rows_per_group: usize,
 }
 
 impl Default for LaunchConfig {
     fn default() -> Self {
-        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 0, rows_per_group: 4 }
+        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128 }
     }
 }
 
@@ -75,6 +77,13 @@ fn reduction_group<R: CubeRuntime>(client: &ComputeClient<R>) -> (usize, bool) {
     } else {
         (32, false)
     }
+}
+
+/// The plane size `cube_reduce` may use for a cube of `threads` units (a multiple of
+/// it, at most that many planes), or 0 for its shared-memory tree.
+fn reduce_plane<R: CubeRuntime>(client: &ComputeClient<R>, threads: usize) -> usize {
+    let (group, use_plane) = reduction_group(client);
+    if use_plane && threads.is_multiple_of(group) && threads / group <= group { group } else { 0 }
 }
 
 fn client_units<R: CubeRuntime>(t: &CubeTensor<R>) -> usize {
@@ -272,7 +281,7 @@ pub fn rows_transposed_gemv_with<R: CubeRuntime>(
     config: &LaunchConfig,
 ) -> CubeTensor<R> {
     let (batch, cols) = (dims(&h)[0], dims(&w_t)[1]);
-    let (splits, _) = transposed_splits(dims(&h)[1], config);
+    let (splits, _) = transposed_splits(dims(&h)[1], config, idx.is_some());
     // The output and the first pass's partial sums in one allocation.
     let [out, partial] = empties(&h, [(vec![batch, cols], h.dtype), (vec![splits, batch, cols], DType::F32)]);
     transposed_gemv_launch(w_t, idx, block, h, bias, residual, int_dtype, out, partial, config)
@@ -280,8 +289,8 @@ pub fn rows_transposed_gemv_with<R: CubeRuntime>(
 
 /// Splits of K for the transposed GEMV's first pass, and the rows each covers: every lane
 /// sums about `rows_per_lane` rows; at least one split.
-fn transposed_splits(k: usize, config: &LaunchConfig) -> (usize, usize) {
-    if let Some(per_unit) = compact_per_unit(config) {
+fn transposed_splits(k: usize, config: &LaunchConfig, gathered: bool) -> (usize, usize) {
+    if let Some(per_unit) = compact_per_unit(config, gathered) {
         let chunk = per_unit * config.cols_per_cube * config.lanes_k;
         return (k.div_ceil(chunk).max(1), chunk);
     }
@@ -290,9 +299,9 @@ fn transposed_splits(k: usize, config: &LaunchConfig) -> (usize, usize) {
 }
 
 /// Rows each unit of the compacting kernel scans (one bit each of a `u32` mask), when
-/// `config` asks for that kernel.
-fn compact_per_unit(config: &LaunchConfig) -> Option<usize> {
-    (config.compact_rows > 0).then(|| config.compact_rows.div_ceil(config.cols_per_cube * config.lanes_k).clamp(1, 32))
+/// `config` asks for that kernel and the input is not gathered.
+fn compact_per_unit(config: &LaunchConfig, gathered: bool) -> Option<usize> {
+    (config.compact_rows > 0 && !gathered).then(|| config.compact_rows.div_ceil(config.cols_per_cube * config.lanes_k).clamp(1, 32))
 }
 
 /// [`rows_transposed_gemv_with`] into a given contiguous `out [B, d]`.
@@ -308,7 +317,7 @@ pub fn rows_transposed_gemv_into<R: CubeRuntime>(
     out: CubeTensor<R>,
     config: &LaunchConfig,
 ) -> CubeTensor<R> {
-    let (splits, _) = transposed_splits(dims(&h)[1], config);
+    let (splits, _) = transposed_splits(dims(&h)[1], config, idx.is_some());
     let partial = empty(&h, vec![splits, dims(&h)[0], dims(&w_t)[1]], DType::F32);
     transposed_gemv_launch(w_t, idx, block, h, bias, residual, int_dtype, out, partial, config)
 }
@@ -349,7 +358,7 @@ fn transposed_gemv_launch<R: CubeRuntime>(
     vectors.extend(bias.iter());
     vectors.extend(residual.iter());
     let vs = vector_width(&vectors);
-    let (splits, chunk) = transposed_splits(k, config);
+    let (splits, chunk) = transposed_splits(k, config, gathered);
     assert_eq!(dims(&partial), vec![splits, batch, cols], "rows_transposed_gemv: partial sums' shape");
     let col_blocks = (cols / vs).div_ceil(config.cols_per_cube) as u32;
     let dtype = w_t.dtype;
@@ -360,7 +369,7 @@ fn transposed_gemv_launch<R: CubeRuntime>(
     unsafe {
         let cubes = CubeCount::Static(col_blocks, splits as u32, 1);
         let cube_dim = CubeDim::new_2d(config.cols_per_cube as u32, config.lanes_k as u32);
-        if let Some(per_unit) = compact_per_unit(config) {
+        if let Some(per_unit) = compact_per_unit(config, gathered) {
             rows_transposed_gemv_compact_kernel::launch_unchecked::<R>(
                 &out.client,
                 cubes,
@@ -549,6 +558,7 @@ pub fn selected_heads_attention<R: CubeRuntime>(
             max_chunk,
             hd_vectors,
             split,
+            reduce_plane(&client, threads),
             [dtype.into(), idx_dtype.into()],
         );
         if split {
@@ -606,6 +616,7 @@ pub fn layer_norm<R: CubeRuntime>(
             1.0 / d as f32,
             eps,
             threads,
+            reduce_plane(&client, threads),
             dtype.into(),
         );
     }
@@ -740,10 +751,10 @@ struct GatedRows<R: CubeRuntime> {
 }
 
 impl<R: CubeRuntime> GatedRows<R> {
-    /// `rows_per_cube` lane groups per cube, each on `rows_per_group` rows.
-    fn new(w: &CubeTensor<R>, x: &CubeTensor<R>, bias: Option<CubeTensor<R>>, rows_per_cube: usize, rows_per_group: usize) -> Self {
+    fn new(w: &CubeTensor<R>, x: &CubeTensor<R>, bias: Option<CubeTensor<R>>) -> Self {
         let rows = dims(w)[0];
         let (group, use_plane) = reduction_group(&w.client);
+        let rows_per_cube = LaunchConfig::default().rows_per_cube;
         let vs = vector_width(&[w, x]);
         Self {
             out: empty(x, vec![1, rows], w.dtype),
@@ -754,7 +765,7 @@ impl<R: CubeRuntime> GatedRows<R> {
             group,
             use_plane,
             rows_per_cube,
-            count: CubeCount::Static(rows.div_ceil(rows_per_cube * rows_per_group) as u32, 1, 1),
+            count: CubeCount::Static(rows.div_ceil(rows_per_cube) as u32, 1, 1),
             dim: CubeDim::new_2d(group as u32, rows_per_cube as u32),
         }
     }
@@ -771,7 +782,7 @@ pub fn gated_rows_gemv<R: CubeRuntime>(
     threshold: f32,
 ) -> CubeTensor<R> {
     let (w, x, gate) = (into_contiguous(w), into_contiguous(x), into_contiguous(gate));
-    let l = GatedRows::new(&w, &x, bias, LaunchConfig::default().rows_per_cube, 1);
+    let l = GatedRows::new(&w, &x, bias);
     let (dtype, client) = (w.dtype, w.client.clone());
     unsafe {
         gated_rows_gemv_kernel::launch_unchecked::<R>(
@@ -809,26 +820,9 @@ pub fn predicted_rows_gemv<R: CubeRuntime>(
     h: CubeTensor<R>,
     threshold: f32,
 ) -> CubeTensor<R> {
-    predicted_rows_gemv_with(w, x, bias, relu, up, h, threshold, &LaunchConfig::default())
-}
-
-/// [`predicted_rows_gemv`] with the given grid shapes (`rows_per_cube` groups of
-/// `rows_per_group` rows per cube).
-#[allow(clippy::too_many_arguments)] // the kernel's inputs and the grid
-pub fn predicted_rows_gemv_with<R: CubeRuntime>(
-    w: CubeTensor<R>,
-    x: CubeTensor<R>,
-    bias: Option<CubeTensor<R>>,
-    relu: bool,
-    up: CubeTensor<R>,
-    h: CubeTensor<R>,
-    threshold: f32,
-    config: &LaunchConfig,
-) -> CubeTensor<R> {
     let (w, x) = (into_contiguous(w), into_contiguous(x));
     let (up, h) = (into_contiguous(up), into_contiguous(h));
-    let rows_per_group = config.rows_per_group.max(1);
-    let l = GatedRows::new(&w, &x, bias, config.rows_per_cube, rows_per_group);
+    let l = GatedRows::new(&w, &x, bias);
     let (dtype, client) = (w.dtype, w.client.clone());
     let predictor = PredictorShapeLaunch::new(dims(&up)[1], stride(&up, 0));
     unsafe {
@@ -850,7 +844,6 @@ pub fn predicted_rows_gemv_with<R: CubeRuntime>(
             relu,
             l.group,
             l.rows_per_cube,
-            rows_per_group,
             l.use_plane,
             dtype.into(),
         );

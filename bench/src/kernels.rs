@@ -517,7 +517,9 @@ fn run_checks<R: CubeRuntime>(args: &KernelArgs, device: &R::Device) -> anyhow::
         }
         outcomes.extend(check_selection::<Cube<R>>(device, ffn, 1, args.dtype.dtype(), seed));
         let hd = d / config.num_attention_heads;
+        // Split over chunks (1000 positions), and one cube per head (200).
         outcomes.extend(check_attention::<Cube<R>>(device, [1, config.num_attention_heads, 1024, hd], 1000, args.dtype.dtype(), seed));
+        outcomes.extend(check_attention::<Cube<R>>(device, [1, config.num_attention_heads, 256, hd], 200, args.dtype.dtype(), seed));
         outcomes.extend(check_layer_norm::<Cube<R>>(device, 2, d, args.dtype.dtype(), seed));
         outcomes.extend(check_gated_rows_gemv::<Cube<R>>(device, ffn, d, args.dtype.dtype(), seed));
         outcomes.extend(check_predictor_kernels::<Cube<R>>(device, ffn, d, 128, config.num_attention_heads, args.dtype.dtype(), seed));

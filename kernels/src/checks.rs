@@ -498,6 +498,90 @@ pub fn check_kv_append<B: SparseKernels>(device: &B::Device, dims: [usize; 4], d
     out
 }
 
+/// `qkv_append_lazy` over `steps` decode steps from position 0 (batch 1, `heads` heads of
+/// `hd`, ring of `window`), each step with its own input and a random selection (about
+/// half the heads, in random order, one empty slot; the last head never selected, so it is
+/// written only when its oldest position is about to leave the ring), against the host's
+/// every-head keys and values: after each step, every head's positions below its
+/// `pending` — all of them up to the step for a selected head — hold exactly the keys and
+/// values an every-head write gives, the selected heads' `pending` is the next position,
+/// no head's oldest unwritten position has left the ring, and the queries match.
+#[allow(clippy::too_many_arguments)] // the shape, the run and the case
+pub fn check_qkv_lazy<B: SparseKernels>(
+    device: &B::Device,
+    heads: usize,
+    hd: usize,
+    d: usize,
+    window: usize,
+    steps: usize,
+    dtype: DType,
+    seed: u64,
+) -> Vec<Outcome> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let rows = 2 * heads * hd;
+    let q_rows = heads * hd;
+    let w = stored(uniform(&mut rng, rows * d, 0.0), dtype);
+    let bias = stored(uniform(&mut rng, rows, 0.0), dtype);
+    let wq = stored(uniform(&mut rng, q_rows * d, 0.0), dtype);
+    let bq = stored(uniform(&mut rng, q_rows, 0.0), dtype);
+    let dims = [1, heads, steps, hd];
+    let poison = -777.0f32;
+    let mut k_cache = Tensor::<B, 4>::full(dims, poison, (device, dtype));
+    let mut v_cache = Tensor::<B, 4>::full(dims, poison, (device, dtype));
+    let mut state = crate::LazyKv::<B>::new(heads, d, window, 0, dtype, device);
+    let case = format!("heads {heads} hd {hd} d {d} window {window} steps {steps} {dtype:?} seed {seed}");
+    // Every head's keys and values at every step, as an every-head write gives them.
+    let mut want_kv: Vec<Vec<f32>> = Vec::new();
+    let (mut got_all, mut want_all) = (Vec::new(), Vec::new());
+    let (mut got_q, mut want_q) = (Vec::new(), Vec::new());
+    let mut state_ok = true;
+    for pos in 0..steps {
+        let x = stored(uniform(&mut rng, d, 0.0), dtype);
+        want_kv.push(host::rows_gemv(&w, rows, d, None, &x, 1, Some(&bias), false));
+        let mut ids = random_indices(&mut rng, heads - 1, (heads / 2).max(1));
+        ids.push(heads as i64);
+        let query = crate::QueryRows {
+            w: to_device::<B, 2>(&wq, [q_rows, d], dtype, device),
+            heads: Some(ints::<B>(&ids, device)),
+            head_dim: hd,
+            bias: Some(to_device::<B, 1>(&bq, [q_rows], dtype, device)),
+        };
+        let (q, k, v, next) = crate::qkv_append_lazy(
+            query,
+            to_device::<B, 2>(&w, [rows, d], dtype, device),
+            to_device::<B, 2>(&x, [1, d], dtype, device),
+            Some(to_device::<B, 1>(&bias, [rows], dtype, device)),
+            k_cache,
+            v_cache,
+            pos,
+            state,
+        )
+        .expect("consistent shapes");
+        got_q.extend(read(q));
+        want_q.extend(host::rows_gemv(&wq, q_rows, d, Some(&host::block_rows(&ids, hd, q_rows)), &x, 1, Some(&bq), false));
+        let pending = read_ints(next.pending.clone());
+        let (k_now, v_now) = (read(k.clone()), read(v.clone()));
+        for h in 0..heads {
+            let first = pending[h] as usize;
+            let selected = ids.contains(&(h as i64));
+            if (selected && first != pos + 1) || first + window < pos + 2 || first > pos + 1 {
+                state_ok = false;
+            }
+            for p in 0..first {
+                for c in 0..hd {
+                    let at = (h * steps + p) * hd + c;
+                    got_all.extend([k_now[at], v_now[at]]);
+                    want_all.extend([want_kv[p][h * hd + c], want_kv[p][q_rows + h * hd + c]]);
+                }
+            }
+        }
+        (k_cache, v_cache, state) = (k, v, next);
+    }
+    let mut kv = outcome("qkv_append_lazy (keys and values below pending)", case.clone(), dtype, &got_all, &want_all, &[]);
+    kv.passed &= state_ok;
+    vec![kv, outcome("qkv_append_lazy (queries)", case, dtype, &got_q, &want_q, &[])]
+}
+
 /// The caches `kv_append` wrote against the host GEMV: the new position holds the keys
 /// and values, every other position keeps its poison.
 #[allow(clippy::too_many_arguments)] // the launch's inputs and what it wrote

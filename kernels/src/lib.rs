@@ -214,6 +214,33 @@ pub trait SparseKernels: Backend {
         (q, k, v)
     }
 
+    /// [`SparseKernels::qkv_append`] at batch 1 with the keys and values written lazily:
+    /// the queries of the selected heads `heads` (blocks of `block` rows), and keys and
+    /// values only for those heads and for heads whose first unwritten position
+    /// (`pending [heads]`) would leave the ring of inputs next step (`pending + window <=
+    /// pos + 1`) — each written for every position from its first unwritten one to `pos`,
+    /// from the inputs kept in `ring [window, d]`. This step's `x` goes into ring slot
+    /// `pos % window`. Returns `q`, the caches, the next `pending` (`pos + 1` for the heads
+    /// written) and the ring.
+    #[allow(clippy::too_many_arguments)] // the queries', keys' and values' inputs and the lazy state
+    #[allow(clippy::type_complexity)] // the queries, the caches, the next lazy state
+    fn qkv_append_lazy(
+        q_w: FloatTensor<Self>,
+        heads: IntTensor<Self>,
+        block: usize,
+        q_bias: Option<FloatTensor<Self>>,
+        kv: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        kv_bias: Option<FloatTensor<Self>>,
+        k_cache: FloatTensor<Self>,
+        v_cache: FloatTensor<Self>,
+        pos: usize,
+        pending: IntTensor<Self>,
+        ring: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>, FloatTensor<Self>) {
+        reference::qkv_append_lazy::<Self>(q_w, heads, block, q_bias, kv, x, kv_bias, k_cache, v_cache, pos, pending, ring)
+    }
+
     /// A decode step's LayerNorm of `x [1, d]` (f32 `gamma`, `beta`), the first factor
     /// `down [r, d] · x` of a predictor (f32 out), and optionally a head selection
     /// ([`SparseKernels::predict_select`] of `(up, h, threshold, capacity)`): one launch on
@@ -383,6 +410,26 @@ where
         let query = cube::QueryArgs { w: q_w, idx: q_idx, block, bias: q_bias };
         let (q, k, v) = cube::qkv_append(Some(query), kv, x, kv_bias, k_cache, v_cache, pos, I::dtype());
         (q.expect("a query was asked for"), k, v)
+    }
+
+    fn qkv_append_lazy(
+        q_w: FloatTensor<Self>,
+        heads: IntTensor<Self>,
+        block: usize,
+        q_bias: Option<FloatTensor<Self>>,
+        kv: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        kv_bias: Option<FloatTensor<Self>>,
+        k_cache: FloatTensor<Self>,
+        v_cache: FloatTensor<Self>,
+        pos: usize,
+        pending: IntTensor<Self>,
+        ring: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>, FloatTensor<Self>) {
+        let query = cube::QueryArgs { w: q_w, idx: Some(heads), block, bias: q_bias };
+        let lazy = cube::LazyArgs { pending, ring: ring.clone() };
+        let (q, k, v, pending) = cube::qkv_append_lazy(query, kv, x, kv_bias, k_cache, v_cache, pos, lazy);
+        (q, k, v, pending, ring)
     }
 
     fn norm_predict(
@@ -977,6 +1024,82 @@ pub fn qkv_append<B: SparseKernels>(
         pos,
     );
     Ok((wrap(q), wrap(k), wrap(v)))
+}
+
+/// The lazy K/V state of one layer at batch 1 ([`qkv_append_lazy`]): each head's first
+/// position whose key and value are not yet in the cache (`pending [heads]`), and the
+/// layer inputs of the last `window` steps (`ring [window, d]`, slot `pos % window`).
+#[derive(Debug, Clone)]
+pub struct LazyKv<B: Backend> {
+    pub pending: Tensor<B, 1, Int>,
+    pub ring: Tensor<B, 2>,
+}
+
+impl<B: Backend> LazyKv<B> {
+    /// Every head written up to `pos - 1`, an empty ring of `window` inputs of `d` values.
+    pub fn new(heads: usize, d: usize, window: usize, pos: usize, dtype: burn::tensor::DType, device: &B::Device) -> Self {
+        Self {
+            pending: Tensor::<B, 1, Int>::full([heads], pos as i64, device),
+            ring: Tensor::zeros([window.max(1), d], (device, dtype)),
+        }
+    }
+
+    pub fn window(&self) -> usize {
+        self.ring.dims()[0]
+    }
+}
+
+/// [`qkv_append`] at batch 1 that writes keys and values only where they will be read:
+/// for the selected heads (`query.heads`, required) and for any head whose oldest
+/// unwritten position would otherwise leave `state`'s ring next step — each for every
+/// position it has not written yet, recomputed from the ring's inputs, so a head reads
+/// exactly the keys and values an every-head write would have given it. The queries are
+/// those of the selected heads. Returns `q`, the caches and the next state.
+#[allow(clippy::type_complexity)] // the queries, the caches, the next lazy state
+pub fn qkv_append_lazy<B: SparseKernels>(
+    query: QueryRows<B>,
+    kv: Tensor<B, 2>,
+    x: Tensor<B, 2>,
+    kv_bias: Option<Tensor<B, 1>>,
+    k_cache: Tensor<B, 4>,
+    v_cache: Tensor<B, 4>,
+    pos: usize,
+    state: LazyKv<B>,
+) -> Result<(Tensor<B, 2>, Tensor<B, 4>, Tensor<B, 4>, LazyKv<B>), KernelError> {
+    let op = "qkv_append_lazy";
+    check_kv_inputs(op, &kv, &x, kv_bias.as_ref(), &k_cache, &v_cache, pos)?;
+    check_rows_gemv(op, &query.w, &x, query.bias.as_ref())?;
+    let Some(heads) = query.heads else {
+        return Err(shape_err(op, "needs the selected heads' index list".into()));
+    };
+    let [batch, n_heads, _, _] = k_cache.dims();
+    if batch != 1 {
+        return Err(shape_err(op, format!("batch {batch}: lazy keys and values are for batch 1")));
+    }
+    if state.pending.dims() != [n_heads] {
+        return Err(shape_err(op, format!("pending {:?}, expected [{n_heads}]", state.pending.dims())));
+    }
+    let [_, d] = x.dims();
+    if state.ring.dims()[1] != d || state.ring.dtype() != x.dtype() {
+        return Err(shape_err(op, format!("ring {:?} {:?}, expected [window, {d}] {:?}", state.ring.dims(), state.ring.dtype(), x.dtype())));
+    }
+    let block = query.head_dim.max(1);
+    check_block(op, query.w.dims()[0], block)?;
+    let (q, k, v, pending, ring) = B::qkv_append_lazy(
+        prim(query.w),
+        heads.into_primitive(),
+        block,
+        query.bias.map(prim),
+        prim(kv),
+        prim(x),
+        kv_bias.map(prim),
+        prim(k_cache),
+        prim(v_cache),
+        pos,
+        state.pending.into_primitive(),
+        prim(state.ring),
+    );
+    Ok((wrap(q), wrap(k), wrap(v), LazyKv { pending: Tensor::from_primitive(pending), ring: wrap(ring) }))
 }
 
 /// The inputs of [`kv_append`] agree.

@@ -249,6 +249,74 @@ pub fn kv_append<B: Backend>(
     )
 }
 
+/// [`crate::SparseKernels::qkv_append_lazy`] in tensor ops (batch 1): the same heads and
+/// positions written, from the same ring of layer inputs, reading the selection and the
+/// state back to the host.
+#[allow(clippy::too_many_arguments)] // the queries', keys' and values' inputs and the lazy state
+#[allow(clippy::type_complexity)] // the queries, the caches, the next lazy state
+pub fn qkv_append_lazy<B: crate::SparseKernels>(
+    q_w: FloatTensor<B>,
+    heads: IntTensor<B>,
+    block: usize,
+    q_bias: Option<FloatTensor<B>>,
+    kv: FloatTensor<B>,
+    x: FloatTensor<B>,
+    kv_bias: Option<FloatTensor<B>>,
+    k_cache: FloatTensor<B>,
+    v_cache: FloatTensor<B>,
+    pos: usize,
+    pending: IntTensor<B>,
+    ring: FloatTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, IntTensor<B>, FloatTensor<B>) {
+    let q = B::rows_gemv(q_w, Some(heads.clone()), block, x.clone(), q_bias, false);
+    let heads: Tensor<B, 1, Int> = Tensor::from_primitive(heads);
+    let pending: Tensor<B, 1, Int> = Tensor::from_primitive(pending);
+    let device = pending.device();
+    let int_dtype = pending.dtype();
+    let selected: Vec<i64> = heads.into_data().convert::<i64>().to_vec().expect("int data");
+    let pending_now: Vec<i64> = pending.into_data().convert::<i64>().to_vec().expect("int data");
+    let x: Tensor<B, 2> = float(x);
+    let ring: Tensor<B, 2> = float(ring);
+    let [window, d] = ring.dims();
+    let ring = ring.slice_assign([pos % window..pos % window + 1, 0..d], x);
+    let kv: Tensor<B, 2> = float(kv);
+    let kv_bias: Option<Tensor<B, 1>> = kv_bias.map(float);
+    let mut k_cache: Tensor<B, 4> = float(k_cache);
+    let mut v_cache: Tensor<B, 4> = float(v_cache);
+    let [_, n_heads, _, hd] = k_cache.dims();
+    let half = n_heads * hd;
+    let mut next = pending_now.clone();
+    for (h, &first) in pending_now.iter().enumerate() {
+        let first = first as usize;
+        let chosen = selected.iter().any(|&s| s == h as i64);
+        if !(chosen || first + window <= pos + 1) || first > pos {
+            continue;
+        }
+        let n = pos + 1 - first;
+        let slots: Vec<i64> = (first..=pos).map(|p| (p % window) as i64).collect();
+        let inputs = ring.clone().select(0, Tensor::<B, 1, Int>::from_data(TensorData::new(slots, [n]), &device));
+        for (cache, offset) in [(&mut k_cache, 0), (&mut v_cache, half)] {
+            let rows = offset + h * hd..offset + (h + 1) * hd;
+            let w = kv.clone().slice([rows.clone(), 0..d]);
+            let mut y = inputs.clone().matmul(w.transpose());
+            if let Some(b) = &kv_bias {
+                y = y + b.clone().slice([rows]).unsqueeze_dim(0);
+            }
+            let dtype = cache.dtype();
+            *cache = cache.clone().slice_assign([0..1, h..h + 1, first..pos + 1, 0..hd], y.cast(dtype).reshape([1, 1, n, hd]));
+        }
+        next[h] = (pos + 1) as i64;
+    }
+    let next = Tensor::<B, 1, Int>::from_data(TensorData::new(next, [n_heads]), &device).cast(int_dtype);
+    (
+        q,
+        k_cache.into_primitive().tensor(),
+        v_cache.into_primitive().tensor(),
+        next.into_primitive(),
+        ring.into_primitive().tensor(),
+    )
+}
+
 pub fn gated_rows_gemv<B: Backend>(
     w: FloatTensor<B>,
     x: FloatTensor<B>,

@@ -9,7 +9,7 @@
 use burn::tensor::DType;
 use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
 use dejavu_kernels::checks::{
-    check_attention, check_block_cols_gemv, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_norm_predict, check_predictor_kernels, check_selection, cube_supports, fresh_seed, Case, Cube, Poisoned,
+    check_attention, check_block_cols_gemv, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_qkv_lazy, check_norm_predict, check_predictor_kernels, check_selection, cube_supports, fresh_seed, Case, Cube, Poisoned,
 };
 use dejavu_kernels::cube::LaunchConfig;
 
@@ -68,6 +68,9 @@ fn cube_kernels_on_wgpu_match_host_loops() {
         // Head dims 8 and 12 (odd d: width-1 vectors), the first and the last position.
         outcomes.extend(check_kv_append::<Cube<WgpuRuntime>>(&device, [2, 3, 5, 8], 40, 4, dtype, seed));
         outcomes.extend(check_kv_append::<Cube<WgpuRuntime>>(&device, [1, 4, 7, 12], 37, 0, dtype, seed));
+        // Lazy keys and values: whole heads per cube (hd 8), and a cube per row (hd 12).
+        outcomes.extend(check_qkv_lazy::<Cube<WgpuRuntime>>(&device, 5, 8, 40, 4, 11, dtype, seed));
+        outcomes.extend(check_qkv_lazy::<Cube<WgpuRuntime>>(&device, 3, 12, 37, 3, 8, dtype, seed));
         outcomes.extend(check_gated_rows_gemv::<Cube<WgpuRuntime>>(&device, 77, 1036, dtype, seed));
         // Ranks below and above one lane group, head counts below and above the cube's groups.
         outcomes.extend(check_predictor_kernels::<Cube<WgpuRuntime>>(&device, 77, 1036, 24, 5, dtype, seed));

@@ -84,6 +84,15 @@ pub struct QueryShape {
     pub cubes: usize,
 }
 
+/// The lazy K/V write of [`kv_append_kernel`] (batch 1): the step's selected heads `sel`
+/// (`sel_len` entries, empty slots `>= heads`), each head's first unwritten position
+/// `pending`, and the ring of the last `window` layer inputs (`[window, width]` vectors).
+#[derive(CubeType, CubeLaunch, Clone, Copy)]
+pub struct LazyShape {
+    pub sel_len: usize,
+    pub window: usize,
+}
+
 /// A low-rank predictor's second factor `up [rows, rank]` (f32, row stride in elements).
 #[derive(CubeType, CubeLaunch, Clone, Copy)]
 pub struct PredictorShape {
@@ -1156,13 +1165,18 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int>(
     q_idx: &Array<I>,
     q_bias: &Array<F>,
     q_out: &mut Array<F>,
+    pending_in: &Array<I>,
+    pending_out: &mut Array<I>,
+    ring: &mut Array<Vector<F, N>>,
     shape: KvShape,
     query: QueryShape,
+    lazy_shape: LazyShape,
     pos: usize,
     #[comptime] has_bias: bool,
     #[comptime] has_query: bool,
     #[comptime] q_gathered: bool,
     #[comptime] has_q_bias: bool,
+    #[comptime] lazy: bool,
     #[comptime] group: usize,
     #[comptime] rows_per_cube: usize,
     #[comptime] use_plane: bool,
@@ -1203,23 +1217,82 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int>(
     let jj = j % half;
     let h = jj / hd;
     let c = jj % hd;
-    for b in 0..shape.batch {
-        let x_base = b * shape.x_stride;
-        let mut partial = 0.0f32;
+    if lazy {
+        // Batch 1. Head `h` is written when selected, or when its oldest unwritten
+        // position would otherwise leave the ring next step; then every position from its
+        // first unwritten one to `pos`, each from its own layer input. A cube's rows are
+        // all in one head (the launcher checks that `rows_per_cube` divides the head
+        // dim), so its groups loop alike.
+        let window = lazy_shape.window;
+        let mut first = pos + 1;
         if in_range {
-            partial = lane_dot(kv, w_base, x, x_base, lane, group, shape.width);
-        }
-        let total = group_sum(partial, &mut scratch, group, use_plane);
-        if lane == 0 && in_range {
-            let mut y = total;
-            if has_bias {
-                y += f32::cast_from(bias[j]);
+            let pending = usize::cast_from(pending_in[h]);
+            let mut selected = false;
+            for i in 0..lazy_shape.sel_len {
+                if usize::cast_from(q_idx[i]) == h {
+                    selected = true;
+                }
             }
-            let offset = b * shape.cache_batch_stride + h * shape.cache_head_stride + pos * shape.cache_pos_stride + c;
-            if j < half {
-                k_cache[offset] = F::cast_from(y);
+            if selected || pending + window <= pos + 1 {
+                first = pending;
+            }
+            if c == 0 && j < half && lane == 0 {
+                let mut next = pending;
+                if first <= pos {
+                    next = pos + 1;
+                }
+                pending_out[h] = I::cast_from(next);
+            }
+        }
+        // The ring keeps this step's input for the steps that recompute it; its slot held
+        // position `pos - window`, which no head still needs.
+        if cube == 0 && UNIT_POS_Y == 0 {
+            let slot = (pos % window) * shape.width;
+            let mut t = lane;
+            while t < shape.width {
+                ring[slot + t] = x[t];
+                t += group;
+            }
+        }
+        for p in first..pos + 1 {
+            let partial = if p == pos {
+                lane_dot(kv, w_base, x, 0, lane, group, shape.width)
             } else {
-                v_cache[offset] = F::cast_from(y);
+                lane_dot(kv, w_base, ring, (p % window) * shape.width, lane, group, shape.width)
+            };
+            let total = group_sum(partial, &mut scratch, group, use_plane);
+            if lane == 0 {
+                let mut y = total;
+                if has_bias {
+                    y += f32::cast_from(bias[j]);
+                }
+                let offset = h * shape.cache_head_stride + p * shape.cache_pos_stride + c;
+                if j < half {
+                    k_cache[offset] = F::cast_from(y);
+                } else {
+                    v_cache[offset] = F::cast_from(y);
+                }
+            }
+        }
+    } else {
+        for b in 0..shape.batch {
+            let x_base = b * shape.x_stride;
+            let mut partial = 0.0f32;
+            if in_range {
+                partial = lane_dot(kv, w_base, x, x_base, lane, group, shape.width);
+            }
+            let total = group_sum(partial, &mut scratch, group, use_plane);
+            if lane == 0 && in_range {
+                let mut y = total;
+                if has_bias {
+                    y += f32::cast_from(bias[j]);
+                }
+                let offset = b * shape.cache_batch_stride + h * shape.cache_head_stride + pos * shape.cache_pos_stride + c;
+                if j < half {
+                    k_cache[offset] = F::cast_from(y);
+                } else {
+                    v_cache[offset] = F::cast_from(y);
+                }
             }
         }
     }

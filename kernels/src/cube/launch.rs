@@ -661,6 +661,52 @@ pub fn qkv_append<R: CubeRuntime>(
     pos: usize,
     int_dtype: DType,
 ) -> (Option<CubeTensor<R>>, CubeTensor<R>, CubeTensor<R>) {
+    let (q, k, v, _) = qkv_append_launch(query, kv, x, bias, k_cache, v_cache, pos, int_dtype, None);
+    (q, k, v)
+}
+
+/// The lazy K/V state [`qkv_append_lazy`] reads: each head's first unwritten position
+/// (`pending [heads]`) and the ring of the last layer inputs (`[window, d]`).
+pub struct LazyArgs<R: CubeRuntime> {
+    pub pending: CubeTensor<R>,
+    pub ring: CubeTensor<R>,
+}
+
+/// [`qkv_append`] at batch 1 writing keys and values only for the selected heads (the
+/// query's index list) and for heads whose oldest unwritten position is about to leave
+/// the ring — each of those for every position it has not written yet, from the ring's
+/// inputs; see [`crate::SparseKernels::qkv_append_lazy`]. Returns the queries, the
+/// caches and the next `pending` (the ring is updated in place).
+#[allow(clippy::too_many_arguments)] // the queries', keys' and values' inputs and the lazy state
+pub fn qkv_append_lazy<R: CubeRuntime>(
+    query: QueryArgs<R>,
+    kv: CubeTensor<R>,
+    x: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    k_cache: CubeTensor<R>,
+    v_cache: CubeTensor<R>,
+    pos: usize,
+    lazy: LazyArgs<R>,
+) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
+    assert!(query.idx.is_some(), "qkv_append_lazy: the selected heads' index list");
+    let int_dtype = lazy.pending.dtype;
+    let (q, k, v, pending) = qkv_append_launch(Some(query), kv, x, bias, k_cache, v_cache, pos, int_dtype, Some(lazy));
+    (q.expect("a query was asked for"), k, v, pending.expect("the lazy launch's next pending"))
+}
+
+#[allow(clippy::too_many_arguments)] // the queries', keys' and values' inputs and the lazy state
+#[allow(clippy::type_complexity)] // the queries, the caches, the next lazy state
+fn qkv_append_launch<R: CubeRuntime>(
+    query: Option<QueryArgs<R>>,
+    kv: CubeTensor<R>,
+    x: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    k_cache: CubeTensor<R>,
+    v_cache: CubeTensor<R>,
+    pos: usize,
+    int_dtype: DType,
+    lazy: Option<LazyArgs<R>>,
+) -> (Option<CubeTensor<R>>, CubeTensor<R>, CubeTensor<R>, Option<CubeTensor<R>>) {
     let (kv, x) = (into_contiguous(kv), into_contiguous(x));
     let rows = dims(&kv)[0];
     let batch = dims(&x)[0];
@@ -668,7 +714,11 @@ pub fn qkv_append<R: CubeRuntime>(
     let bias = bias.map(into_contiguous).unwrap_or_else(|| x.clone());
     let vs = vector_width(&[&kv, &x]);
     let (group, use_plane) = reduction_group(&kv.client);
-    let rows_per_cube = LaunchConfig::default().rows_per_cube;
+    // Lazily, a cube's rows must be one head's (they loop over that head's positions).
+    let rows_per_cube = match LaunchConfig::default().rows_per_cube {
+        r if lazy.is_some() && !dims(&k_cache)[3].is_multiple_of(r) => 1,
+        r => r,
+    };
     let dtype = kv.dtype;
     let client = kv.client.clone();
     let (q_w, q_idx, q_bias, q_out, query_shape, query_cubes, q_gathered, has_q_bias, idx_dtype) = match query {
@@ -689,6 +739,18 @@ pub fn qkv_append<R: CubeRuntime>(
         None => (unread(&kv), unread(&x), unread(&kv), None, QueryShapeLaunch::new(0, 0, 0, 0, 1, 0), 0, false, false, int_dtype),
     };
     let has_query = q_out.is_some();
+    let is_lazy = lazy.is_some();
+    let heads = dims(&k_cache)[1];
+    let (pending_in, pending_out, ring, lazy_shape) = match lazy {
+        Some(LazyArgs { pending, ring }) => {
+            assert_eq!(batch, 1, "qkv_append_lazy: batch 1");
+            let window = dims(&ring)[0];
+            let sel_len = dims(&q_idx)[0];
+            let pending_out = empty(&pending, vec![heads], pending.dtype);
+            (into_contiguous(pending), Some(pending_out), into_contiguous(ring), LazyShapeLaunch::new(sel_len, window))
+        }
+        None => (unread(&x), None, unread(&x), LazyShapeLaunch::new(0, 1)),
+    };
     debug_assert!(!has_query || (dims(&q_w)[1] == dims(&kv)[1] && stride(&q_w, 0) % vs == 0));
     assert_eq!(k_cache.meta.strides(), v_cache.meta.strides(), "kv_append: keys and values laid out alike");
     assert_eq!(stride(&k_cache, 3), 1, "kv_append: cache rows contiguous");
@@ -718,20 +780,25 @@ pub fn qkv_append<R: CubeRuntime>(
             arg(q_idx),
             arg(q_bias),
             arg(q_out.clone().unwrap_or_else(|| unread(&k_cache))),
+            arg(pending_in),
+            arg(pending_out.clone().unwrap_or_else(|| unread(&k_cache))),
+            arg(ring),
             shape,
             query_shape,
+            lazy_shape,
             pos,
             has_bias,
             has_query,
             q_gathered,
             has_q_bias,
+            is_lazy,
             group,
             rows_per_cube,
             use_plane,
             [dtype.into(), idx_dtype.into()],
         );
     }
-    (q_out, k_cache, v_cache)
+    (q_out, k_cache, v_cache, pending_out)
 }
 
 /// How the one-row-per-lane-group fc1 kernels of batch 1 (gated and predicted) launch:

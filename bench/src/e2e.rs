@@ -53,6 +53,11 @@ pub struct E2eArgs {
     /// reads every token, and the timed runs' tokens are checked against its)
     #[arg(long, value_enum, default_value = "step")]
     readback: Readback,
+    /// Sparse rows: keys and values written only for the heads each step reads, a head's
+    /// missed tokens recomputed from the inputs of the last N steps (0: every head's
+    /// written at every step)
+    #[arg(long, default_value_t = dejavu_model::DEFAULT_LAZY_KV_WINDOW, value_name = "N")]
+    lazy_kv_window: usize,
     /// The paper's latency setting for the synthetic models: MLP density in sparse layers
     #[arg(long, default_value_t = 0.1)]
     mlp_density: f64,
@@ -128,10 +133,12 @@ struct Row {
 }
 
 /// Bytes a decode step must read with the given per-layer kept fractions (`None`: dense).
-/// Per layer: q and `out_proj` rows of the kept heads, every head's k and v (written each
-/// step), fc1 and fc2 rows of the kept neurons, the kept heads' KV over the mean context,
-/// and the predictors (f32); plus the LM head (the whole embedding table).
-fn bytes_per_token(config: &OptConfig, stats: Option<&SparsityStats>, predictor_bytes: f64, mean_context: f64, bpv: f64) -> f64 {
+/// Per layer: q and `out_proj` rows of the kept heads, the k and v rows of every head
+/// (written each step) or, with `lazy_kv`, of the kept heads (a head's missed tokens are
+/// recomputed from inputs already read), fc1 and fc2 rows of the kept neurons, the kept
+/// heads' KV over the mean context, and the predictors (f32); plus the LM head (the whole
+/// embedding table).
+fn bytes_per_token(config: &OptConfig, stats: Option<&SparsityStats>, predictor_bytes: f64, mean_context: f64, bpv: f64, lazy_kv: bool) -> f64 {
     let d = config.hidden_size as f64;
     let ffn = config.ffn_dim as f64;
     let mut total = config.vocab_size as f64 * d * bpv;
@@ -140,7 +147,8 @@ fn bytes_per_token(config: &OptConfig, stats: Option<&SparsityStats>, predictor_
             Some(s) => (s.mlp[l].unwrap_or(1.0), s.attention[l].unwrap_or(1.0)),
             None => (1.0, 1.0),
         };
-        total += (2.0 * a * d * d + 2.0 * d * d + 2.0 * m * d * ffn) * bpv;
+        let kv = if lazy_kv { a } else { 1.0 };
+        total += (2.0 * a * d * d + 2.0 * kv * d * d + 2.0 * m * d * ffn) * bpv;
         total += 2.0 * a * mean_context * d * bpv;
     }
     total + predictor_bytes
@@ -298,7 +306,8 @@ fn synthetic_sparse<B: SparseKernels>(
             plan.layers[target].attention = Selection::Threshold { threshold: t };
         }
     }
-    let sparse = SparseModel::with_weights(model, "synthetic", plan, modules, SparseOptions::default(), weights.clone())?;
+    let options = SparseOptions { lazy_kv_window: args.lazy_kv_window, ..Default::default() };
+    let sparse = SparseModel::with_weights(model, "synthetic", plan, modules, options, weights.clone())?;
     Ok((sparse, predictor_bytes))
 }
 
@@ -747,7 +756,7 @@ impl BackendTask for E2eTask {
                 let mean_context = prompt_len as f64 + args.new_tokens as f64 / 2.0;
                 let push = |rows: &mut Vec<Row>, label: String, t: Timing, predictor_bytes: f64| {
                     let ms = median(&mut t.runs_ms.clone());
-                    let bytes = bytes_per_token(&config, t.stats.as_ref(), predictor_bytes, mean_context, bpv);
+                    let bytes = bytes_per_token(&config, t.stats.as_ref(), predictor_bytes, mean_context, bpv, args.lazy_kv_window > 0);
                     let floor_ms = bytes / (copy_gbs * 1e9) * 1e3;
                     eprintln!("{name} prompt {prompt_len} {label}: {ms:.3} ms/token (floor {floor_ms:.3})");
                     rows.push(Row {
@@ -790,8 +799,8 @@ impl BackendTask for E2eTask {
                     let predictor_bytes = predictor_bytes(&set.modules);
                     for point in &args.opt_mini_points {
                         let plan = SparsityPlan::new(&set.manifest, point, &DenseLayers::default())?;
-                        let sparse =
-                            SparseModel::with_weights(&model, &hash, plan, set.modules.clone(), SparseOptions::default(), weights.clone())?;
+                        let options = SparseOptions { lazy_kv_window: args.lazy_kv_window, ..Default::default() };
+                        let sparse = SparseModel::with_weights(&model, &hash, plan, set.modules.clone(), options, weights.clone())?;
                         let t = time_decode(&model, &mut cache, &mut |count| Box::new(if count { sparse.hooks() } else { sparse.hooks().without_counts() }), &prompt, args)?;
                         push(&mut rows, format!("sparse {point}"), t, predictor_bytes);
                     }
@@ -898,6 +907,7 @@ fn write_report(
         "new_tokens": args.new_tokens,
         "runs": args.runs,
         "readback": args.readback,
+        "lazy_kv_window": args.lazy_kv_window,
         "note": "per-token latency = decode time of the last new_tokens-1 steps / (new_tokens-1), median over runs \
                  after one warm-up run; prompts prefilled in 128-token chunks into one cache per model. kept_* come \
                  from the warm-up run (the timed runs repeat its greedy tokens without counting). Published shapes: random weights and random predictors (latency does not \

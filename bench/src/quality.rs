@@ -208,7 +208,7 @@ impl BackendTask for QualityTask {
             let Some(point) = &c.point else { return Ok(None) };
             let all = |yes: bool| if yes { (0..layers).collect() } else { Vec::new() };
             let dense = DenseLayers { mlp: all(c.dense_mlp), attention: all(c.dense_attention) };
-            let options = SparseOptions { every_token: true, oracle_mlp: c.oracle_mlp, oracle_attention: c.oracle_attention };
+            let options = SparseOptions { every_token: true, oracle_mlp: c.oracle_mlp, oracle_attention: c.oracle_attention, ..Default::default() };
             Ok(Some(SparseModel::load(model, &self.model_dir, &self.predictors, point, &dense, options)?))
         };
         let mut rows: Vec<Row> = Vec::new();

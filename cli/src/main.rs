@@ -74,6 +74,11 @@ struct SparseArgs {
     /// bound on head-predictor quality; every head is computed, then masked)
     #[arg(long, requires = "predictors")]
     oracle_attention: bool,
+    /// Decoding one sequence, write keys and values only for the heads each step reads,
+    /// recomputing a head's missed tokens from the inputs of the last N steps when it is
+    /// next read (exact); 0 writes every head's at every step
+    #[arg(long, requires = "predictors", default_value_t = dejavu_model::DEFAULT_LAZY_KV_WINDOW, value_name = "N")]
+    lazy_kv_window: usize,
 }
 
 /// The sparse path's settings once the command line is read.
@@ -84,6 +89,7 @@ struct SparseChoice {
     dense: DenseLayers,
     oracle_mlp: bool,
     oracle_attention: bool,
+    lazy_kv_window: usize,
 }
 
 impl SparseArgs {
@@ -95,6 +101,7 @@ impl SparseArgs {
             dense: DenseLayers { mlp: self.dense_mlp_layers.clone(), attention: self.dense_attention_layers.clone() },
             oracle_mlp: self.oracle_mlp,
             oracle_attention: self.oracle_attention,
+            lazy_kv_window: self.lazy_kv_window,
         })
     }
 }
@@ -109,12 +116,13 @@ impl SparseChoice {
             "dense_attention_layers": self.dense.attention,
             "oracle_mlp": self.oracle_mlp,
             "oracle_attention": self.oracle_attention,
+            "lazy_kv_window": self.lazy_kv_window,
             "kept": kept,
         })
     }
 
     fn load<B: SparseKernels>(&self, model: &Opt<B>, dir: &std::path::Path, every_token: bool) -> anyhow::Result<SparseModel<B>> {
-        let options = SparseOptions { every_token, oracle_mlp: self.oracle_mlp, oracle_attention: self.oracle_attention };
+        let options = SparseOptions { every_token, oracle_mlp: self.oracle_mlp, oracle_attention: self.oracle_attention, lazy_kv_window: self.lazy_kv_window };
         let sparse = SparseModel::load(model, dir, &self.predictors, &self.point, &self.dense, options)?;
         let plan = sparse.plan();
         let density = |d: Option<f64>| d.map_or("varies per token".to_string(), |d| format!("{:.1}%", d * 100.0));

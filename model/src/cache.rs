@@ -10,10 +10,15 @@ use crate::opt::CacheShape;
 /// Keys and values of one layer.
 #[derive(Debug, Clone)]
 pub struct LayerKvCache<B: Backend> {
-    /// `[batch, heads, capacity, head_dim]`; positions `0..len` are valid.
+    /// `[batch, heads, capacity, head_dim]`; positions `0..len` are valid (but see `lazy`).
     pub key: Tensor<B, 4>,
-    /// `[batch, heads, capacity, head_dim]`; positions `0..len` are valid.
+    /// `[batch, heads, capacity, head_dim]`; positions `0..len` are valid (but see `lazy`).
     pub value: Tensor<B, 4>,
+    /// While the sparse path writes this layer's keys and values lazily (only for the
+    /// heads it reads), which positions each head still owes and the inputs to recompute
+    /// them from. `None` whenever every position below `len` is written for every head:
+    /// the sparse path settles the debt before any other use of the layer.
+    pub lazy: Option<dejavu_kernels::LazyKv<B>>,
 }
 
 impl<B: Backend> LayerKvCache<B> {
@@ -82,6 +87,7 @@ impl<B: Backend> KvCache<B> {
             .map(|_| LayerKvCache {
                 key: Tensor::zeros(dims, (device, dtype)),
                 value: Tensor::zeros(dims, (device, dtype)),
+                lazy: None,
             })
             .collect();
         Ok(Self {
@@ -112,6 +118,9 @@ impl<B: Backend> KvCache<B> {
     /// Forgets every cached position (the buffers are reused).
     pub fn reset(&mut self) {
         self.len = 0;
+        for layer in &mut self.layers {
+            layer.lazy = None;
+        }
     }
 
     /// Checks that `n` more positions of `batch` sequences fit.

@@ -185,6 +185,74 @@ pub(crate) fn project_qkv<B: SparseKernels>(
     (q, keys, values)
 }
 
+/// [`project_qkv`] for the selected `heads` of one sequence with the keys and values
+/// written lazily ([`dejavu_kernels::qkv_append_lazy`]): only the heads this step reads,
+/// each brought up to date, plus any head about to lose an input from the ring of the last
+/// `window` steps' inputs. The cache's lazy state starts here (every head written before
+/// `step.start`) and is [`settle_lazy_kv`]'d before any other use.
+pub(crate) fn project_qkv_lazy<B: SparseKernels>(
+    attention: &OptAttention<B>,
+    weights: &DecodeLayer<B>,
+    heads: Tensor<B, 1, Int>,
+    x: Tensor<B, 2>,
+    cache: &mut LayerKvCache<B>,
+    step: &Step<B>,
+    window: usize,
+) -> (Tensor<B, 2>, Tensor<B, 4>, Tensor<B, 4>) {
+    let [_, d] = x.dims();
+    let state = cache
+        .lazy
+        .take()
+        .unwrap_or_else(|| dejavu_kernels::LazyKv::new(attention.num_heads, d, window, step.start, x.dtype(), &x.device()));
+    let query = dejavu_kernels::QueryRows { w: weights.q_rows.clone(), heads: Some(heads), head_dim: attention.head_dim, bias: bias(&attention.q_proj) };
+    let (q, keys, values, state) = dejavu_kernels::qkv_append_lazy(
+        query,
+        weights.kv_rows.clone(),
+        x,
+        weights.kv_bias.clone(),
+        cache.key.clone(),
+        cache.value.clone(),
+        step.start,
+        state,
+    )
+    .expect(SHAPES);
+    cache.key = keys.clone();
+    cache.value = values.clone();
+    cache.lazy = Some(state);
+    (q, keys, values)
+}
+
+/// Writes every key and value a lazily written layer still owes (each head, each position
+/// before `start`, from the ring of inputs: the last lazy step is `start - 1`, so its input
+/// is in the ring) and drops the lazy state. A no-op when there is none.
+pub(crate) fn settle_lazy_kv<B: SparseKernels>(
+    attention: &OptAttention<B>,
+    weights: &DecodeLayer<B>,
+    all_heads: &Tensor<B, 1, Int>,
+    cache: &mut LayerKvCache<B>,
+    start: usize,
+) {
+    let Some(state) = cache.lazy.take() else { return };
+    let Some(last) = start.checked_sub(1) else { return };
+    let [window, d] = state.ring.dims();
+    let slot = last % window;
+    let x = state.ring.clone().slice([slot..slot + 1, 0..d]);
+    let query = dejavu_kernels::QueryRows { w: weights.q_rows.clone(), heads: Some(all_heads.clone()), head_dim: attention.head_dim, bias: None };
+    let (_, keys, values, _) = dejavu_kernels::qkv_append_lazy(
+        query,
+        weights.kv_rows.clone(),
+        x,
+        weights.kv_bias.clone(),
+        cache.key.clone(),
+        cache.value.clone(),
+        last,
+        state,
+    )
+    .expect(SHAPES);
+    cache.key = keys;
+    cache.value = values;
+}
+
 /// fc2 (`w_t`, transposed) of `h [batch, K]` over the rows `idx` picks (all
 /// when `None`), plus bias, plus `residual [batch, 1, d]` when given: the add happens in the
 /// kernel's second pass, not in a launch of its own. `[batch, 1, d]`.
@@ -226,6 +294,7 @@ pub(crate) fn dense_attention<B: SparseKernels>(
 ) -> Tensor<B, 3> {
     let [batch, _, d] = x.dims();
     let x = x.reshape([batch, d]);
+    settle_lazy_kv(attention, weights, all_heads, cache, step.start);
     let (q, keys, values) = project_qkv(attention, weights, None, x, cache, step);
     let scale = (attention.head_dim as f32).powf(-0.5);
     let heads = dejavu_kernels::selected_heads_attention(q, all_heads.clone(), keys, values, step.start + 1, scale)

@@ -40,9 +40,9 @@ use dejavu_predictor::{
 use burn::nn::LayerNorm;
 
 use crate::attention::OptAttention;
-use crate::cache::{LayerKvCache, Step};
+use crate::cache::{KvCache, LayerKvCache, Step};
 use crate::decode::{
-    attention_output, blocks_with_residual, bias, dense_attention, dense_mlp, fc2, kernel_norm, norm_params, output_projection, plus_residual, project_qkv, rows_of, DecodeWeights,
+    attention_output, blocks_with_residual, bias, dense_attention, dense_mlp, fc2, kernel_norm, norm_params, output_projection, plus_residual, project_qkv, project_qkv_lazy, rows_of, settle_lazy_kv, DecodeWeights,
 };
 use crate::hooks::NormSite;
 use crate::layer::LAYER_NORM_EPS;
@@ -52,7 +52,7 @@ use crate::mlp::OptMlp;
 use crate::opt::Opt;
 
 /// When the sparse blocks run.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SparseOptions {
     /// Apply sparsity to every token, prompt included (perplexity, zero-shot scoring),
     /// instead of only to tokens decoded one at a time.
@@ -67,7 +67,24 @@ pub struct SparseOptions {
     /// output. Dense compute, every head computed and then masked; an upper bound on what
     /// a head predictor can reach, never faster.
     pub oracle_attention: bool,
+    /// How one sequence's decode steps write keys and values in sparse attention layers: 0
+    /// writes every head's at every step; `W` > 0 writes only the heads the step reads
+    /// (each brought up to date from the layer inputs of the last `W` steps, which the
+    /// cache keeps) and any head about to lose one of those inputs — at 50% of the heads
+    /// about half the key and value weight reads (`dejavu_kernels::qkv_append_lazy`).
+    /// Every head then reads exactly the keys and values an every-head write gives it.
+    pub lazy_kv_window: usize,
 }
+
+impl Default for SparseOptions {
+    fn default() -> Self {
+        Self { every_token: false, oracle_mlp: false, oracle_attention: false, lazy_kv_window: DEFAULT_LAZY_KV_WINDOW }
+    }
+}
+
+/// The reference implementation's window of pending tokens (it recomputes a skipped
+/// head's keys and values from a 16-token window of layer inputs).
+pub const DEFAULT_LAZY_KV_WINDOW: usize = 16;
 
 /// Predictors, plan and kernel-ready weights for one model.
 #[derive(Debug)]
@@ -246,6 +263,18 @@ impl<B: SparseKernels> SparseModel<B> {
 
     pub fn plan(&self) -> &SparsityPlan {
         &self.plan
+    }
+
+    /// Writes every key and value that lazily written layers of `cache` still owe (see
+    /// [`SparseOptions::lazy_kv_window`]), from the inputs the cache keeps: afterwards
+    /// every head has its keys and values at every cached position, as an every-head
+    /// decode leaves them. The sparse hooks do this themselves before any other use of a
+    /// layer; this is for reading the cache from outside.
+    pub fn settle_kv(&self, model: &Opt<B>, cache: &mut KvCache<B>) {
+        let len = cache.len();
+        for (l, layer) in cache.layers.iter_mut().enumerate() {
+            settle_lazy_kv(&model.decoder.layers[l].self_attn, &self.weights.layers[l], &self.weights.all_heads, layer, len);
+        }
     }
 
     /// Hooks for [`Opt::forward_with`] (and so for generation and perplexity). Keep one
@@ -481,7 +510,21 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
         let selection = self.model.plan.layers[layer].attention;
         let [batch, n, d] = x.dims();
         let weights = &self.model.weights;
-        if self.model.options.oracle_attention && self.sparse_call(n) && !selection.is_dense() {
+        let oracle = self.model.options.oracle_attention && self.sparse_call(n) && !selection.is_dense();
+        // Whether this call takes the kernel path below for one sequence with lazy keys
+        // and values; any other use of the cache first settles what it owes.
+        let window = self.model.options.lazy_kv_window;
+        let lazy = window > 0
+            && batch == 1
+            && n == 1
+            && !oracle
+            && self.sparse_call(n)
+            && !selection.is_dense()
+            && self.attention_pending[layer].is_some();
+        if !lazy {
+            settle_lazy_kv(attention, &weights.layers[layer], &weights.all_heads, cache, step.start);
+        }
+        if oracle {
             // The oracle: every head computed, then masked by its output norm.
             let dtype = x.dtype();
             let heads = attention.head_outputs(x, cache, step);
@@ -537,7 +580,10 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
         let hd = attention.head_dim;
         // The selected heads' queries, and every head's key and value (see the module
         // comment), in one launch.
-        let (q, keys, values) = project_qkv(attention, &weights.layers[layer], Some(heads.clone()), x, cache, step);
+        let (q, keys, values) = match lazy {
+            true => project_qkv_lazy(attention, &weights.layers[layer], heads.clone(), x, cache, step, window),
+            false => project_qkv(attention, &weights.layers[layer], Some(heads.clone()), x, cache, step),
+        };
         let scale = (hd as f32).powf(-0.5);
         let out = dejavu_kernels::selected_heads_attention(q, heads.clone(), keys, values, step.start + 1, scale)
             .expect(KERNEL_SHAPES);

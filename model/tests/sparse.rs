@@ -9,7 +9,7 @@ use burn::prelude::*;
 use common::*;
 use dejavu_model::generate::token_tensor;
 use dejavu_model::layer::norm;
-use dejavu_model::{content_hash, Activation, ForwardHooks, LayerKvCache, Opt, OptConfig, SparseModel, SparseOptions, Step};
+use dejavu_model::{content_hash, Activation, ForwardHooks, LayerKvCache, NormSite, Opt, OptConfig, SparseModel, SparseOptions, Step};
 use dejavu_predictor::{
     DenseLayers, Manifest, OperatingPoint, PredictorModules, PredictorSet, Selection,
     SparsityPlan,
@@ -172,20 +172,56 @@ impl<H: ForwardHooks<B>> ForwardHooks<B> for Tap<'_, H> {
     fn mlp(&mut self, layer: usize, mlp: &dejavu_model::mlp::OptMlp<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
         self.inner.mlp(layer, mlp, x)
     }
+
+    // The sparse hooks' fused paths: the predictors run in the LayerNorm's launch, the
+    // residual adds in the blocks' last launches.
+    fn norm(&mut self, site: NormSite, ln: &burn::nn::LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.inner.norm(site, ln, x)
+    }
+
+    fn attention_residual(
+        &mut self,
+        layer: usize,
+        attention: &dejavu_model::attention::OptAttention<B>,
+        x: Tensor<B, 3>,
+        residual: Tensor<B, 3>,
+        cache: &mut LayerKvCache<B>,
+        step: &Step<B>,
+    ) -> Tensor<B, 3> {
+        self.inner.attention_residual(layer, attention, x, residual, cache, step)
+    }
+
+    fn mlp_residual(&mut self, layer: usize, mlp: &dejavu_model::mlp::OptMlp<B>, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.inner.mlp_residual(layer, mlp, x, residual)
+    }
 }
 
+/// Every head's keys and values in the cache after a sparse decode, against the dense
+/// projections of the inputs the run saw: written at every step (window 0), and written
+/// lazily (window 4) then settled.
 #[test]
 fn heads_skipped_while_decoding_keep_exact_keys_and_values() {
+    for window in [0, 4] {
+        skipped_heads_keys_and_values(window);
+    }
+}
+
+fn skipped_heads_keys_and_values(window: usize) {
     let (_, model) = load(MODEL);
     let ids: Vec<u32> = Golden::of(MODEL).ids("wiki128.input_ids")[..64].to_vec();
     // One head of four per token: most heads are skipped at most steps.
-    let one_head = sparse(&model, 1, Selection::Dense, Selection::TopK { k: 1 }, SparseOptions::default());
+    let options = SparseOptions { lazy_kv_window: window, ..Default::default() };
+    let one_head = sparse(&model, 1, Selection::Dense, Selection::TopK { k: 1 }, options);
     let mut hooks = one_head.hooks();
     let mut tap = Tap { inner: &mut hooks, inputs: Vec::new() };
     let mut cache = model.new_cache(1, ids.len()).unwrap();
     for t in 0..ids.len() {
         model.forward_with(token_tensor::<B>(&ids[t..t + 1], &Default::default()), &mut cache, &mut tap).unwrap();
     }
+    let lazy_layers = cache.layers.iter().filter(|l| l.lazy.is_some()).count();
+    assert_eq!(lazy_layers > 0, window > 0, "window {window}: {lazy_layers} layers hold lazy keys and values");
+    one_head.settle_kv(&model, &mut cache);
+    assert!(cache.layers.iter().all(|l| l.lazy.is_none()));
     let n = ids.len();
     for (l, layer) in model.decoder.layers.iter().enumerate() {
         // Keys and values recomputed densely from the attention inputs the sparse run saw.
@@ -199,7 +235,43 @@ fn heads_skipped_while_decoding_keep_exact_keys_and_values() {
         let cached_v = cache.layers[l].value.clone().slice([0..b, 0..heads, 0..n, 0..hd]);
         let err_k = max_abs_diff(&to_vec(keys), &to_vec(cached_k));
         let err_v = max_abs_diff(&to_vec(values), &to_vec(cached_v));
-        assert!(err_k < 1e-5 && err_v < 1e-5, "layer {l}: keys {err_k}, values {err_v} after {n} sparse steps");
+        assert!(err_k < 1e-5 && err_v < 1e-5, "window {window}, layer {l}: keys {err_k}, values {err_v} after {n} sparse steps");
+    }
+}
+
+/// Lazily written keys and values (only the heads a step reads, each brought up to date,
+/// and any head about to lose an input from the window) give the logits of an every-head
+/// write at every step, windows shorter than the gaps between a head's selections included
+/// (one head of four per token), and a prompt prefilled after lazy steps (which settles
+/// them first) as well.
+#[test]
+fn lazy_keys_and_values_give_every_head_logits() {
+    let (_, model) = load(MODEL);
+    let ids: Vec<u32> = Golden::of(MODEL).ids("wiki128.input_ids")[..40].to_vec();
+    // The same predictors for every run.
+    let (hash, manifest, modules) = setup(1);
+    let plan = plan(&manifest, Selection::TopK { k: 64 }, Selection::TopK { k: 1 });
+    let run = |window: usize| {
+        let options = SparseOptions { lazy_kv_window: window, ..Default::default() };
+        let one_head = SparseModel::new(&model, &hash, plan.clone(), modules.clone(), options).unwrap();
+        let mut hooks = one_head.hooks();
+        let device = Default::default();
+        let mut cache = model.new_cache(1, ids.len()).unwrap();
+        let mut out = Vec::new();
+        // 30 one-token steps, then 6 tokens at once (dense prompt: settles), then 4 steps.
+        for t in 0..30 {
+            out.extend(to_vec(model.logits(model.forward_with(token_tensor::<B>(&ids[t..t + 1], &device), &mut cache, &mut hooks).unwrap())));
+        }
+        out.extend(to_vec(model.logits(model.forward_with(token_tensor::<B>(&ids[30..36], &device), &mut cache, &mut hooks).unwrap())));
+        for t in 36..40 {
+            out.extend(to_vec(model.logits(model.forward_with(token_tensor::<B>(&ids[t..t + 1], &device), &mut cache, &mut hooks).unwrap())));
+        }
+        out
+    };
+    let every_head = run(0);
+    for window in [1, 3, 16] {
+        let err = max_abs_diff(&run(window), &every_head);
+        assert!(err < 1e-5, "window {window}: lazy vs every-head logits {err}");
     }
 }
 

@@ -97,14 +97,18 @@ fn wgpu_sparse_decode_matches_the_cpu_reference() {
     let ids = Golden::of(name).ids("wiki128.input_ids")[..16].to_vec();
 
     let cpu_set = PredictorSet::<F>::load(&predictors, &Default::default()).unwrap();
-    let cpu_sparse = SparseModel::new(&cpu, &hash, plan.clone(), cpu_set.modules, SparseOptions::default()).unwrap();
+    // Keys and values of every head written at every step on the CPU, lazily (window 4,
+    // shorter than the run) on wgpu.
+    let every_head = SparseOptions { lazy_kv_window: 0, ..Default::default() };
+    let cpu_sparse = SparseModel::new(&cpu, &hash, plan.clone(), cpu_set.modules, every_head).unwrap();
     let want = stepped_logits(&cpu, &mut cpu_sparse.hooks(), &ids);
 
     let device = Default::default();
     let (_, mut gpu) = load_model::<C>(&dir, DType::F32, &device).unwrap();
     let weights = dejavu_model::use_row_major_weights(&mut gpu);
     let gpu_set = PredictorSet::<C>::load(&predictors, &device).unwrap();
-    let gpu_sparse = SparseModel::with_weights(&gpu, &hash, plan, gpu_set.modules, SparseOptions::default(), weights).unwrap();
+    let lazy = SparseOptions { lazy_kv_window: 4, ..Default::default() };
+    let gpu_sparse = SparseModel::with_weights(&gpu, &hash, plan, gpu_set.modules, lazy, weights).unwrap();
     let mut hooks = gpu_sparse.hooks();
     let got = stepped_logits(&gpu, &mut hooks, &ids);
     let stats = hooks.stats();

@@ -28,5 +28,5 @@ for window in 16 0; do
     --out "$OUT/e2e-$name.json" > "$OUT/e2e-$name.log" 2>&1
   echo "== $name (window $window)"; grep -E "^\| opt" "$OUT/e2e-$name.log" | head -12
 done
-timeout 120 dejavu-bench quality --backend cuda --dtype f32 --prompts bench/device/prompts.txt --skip-perplexity \
+timeout 120 dejavu-bench quality --backend cuda --dtype f32 --prompts bench/device/prompts.txt --skip-perplexity --texts bench/device/prompts.txt \
   --zero-shot-points none --out "$OUT/generate.json" > "$OUT/generate.log" 2>&1; tail -3 "$OUT/generate.log"

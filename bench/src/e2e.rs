@@ -54,9 +54,9 @@ pub struct E2eArgs {
     #[arg(long, value_enum, default_value = "step")]
     readback: Readback,
     /// Sparse rows: keys and values written only for the heads each step reads, a head's
-    /// missed tokens recomputed from the inputs of the last N steps (0: every head's
-    /// written at every step)
-    #[arg(long, default_value_t = dejavu_model::DEFAULT_LAZY_KV_WINDOW, value_name = "N")]
+    /// missed tokens recomputed from the inputs of the last N steps (the reference: 16;
+    /// 0: every head's written at every step, the sparse path's default)
+    #[arg(long, default_value_t = 0, value_name = "N")]
     lazy_kv_window: usize,
     /// The paper's latency setting for the synthetic models: MLP density in sparse layers
     #[arg(long, default_value_t = 0.1)]

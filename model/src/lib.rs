@@ -27,7 +27,7 @@ pub use error::ModelError;
 pub use generate::{generate, GenerateOptions, Generation, Sampler, Sampling};
 pub use hooks::{Activation, Dense, ForwardHooks, NormSite};
 pub use opt::Opt;
-pub use sparse::{SparseHooks, SparseModel, SparseOptions, SparsityStats, DEFAULT_LAZY_KV_WINDOW};
+pub use sparse::{SparseHooks, SparseModel, SparseOptions, SparsityStats};
 pub use perplexity::{perplexity, PerplexityMethod, PerplexityReport};
 pub use tokenizer::OptTokenizer;
 pub use weights::{content_hash, default_model_dir, default_predictors_dir, shared_assets_dir, load_config, load_model, WeightFiles};

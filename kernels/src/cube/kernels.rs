@@ -1145,25 +1145,6 @@ fn layer_norm_row<F: Float, N: Size>(
     }
 }
 
-/// The layer input of position `p` for the lazy K/V write: this step's `x` at `p == pos`,
-/// else ring slot `p % window` (`width` vectors a slot); vector `t`.
-#[cube]
-fn layer_input<F: Float, N: Size>(
-    x: &Array<Vector<F, N>>,
-    ring: &Array<Vector<F, N>>,
-    p: usize,
-    pos: usize,
-    window: usize,
-    width: usize,
-    t: usize,
-) -> Vector<F, N> {
-    let mut v = x[t];
-    if p != pos {
-        v = ring[(p % window) * width + t];
-    }
-    v
-}
-
 /// The keys and values of one new position, written straight into the caches: row `j` of
 /// `kv [2·H·hd, d]` (k_proj's rows, then v_proj's) dotted with `x[b, :]` plus `bias[j]`
 /// goes to `k_cache[b, h, pos, c]` (`j < H·hd`) or `v_cache[b, h, pos, c]`, with
@@ -1196,7 +1177,6 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int>(
     #[comptime] q_gathered: bool,
     #[comptime] has_q_bias: bool,
     #[comptime] lazy: bool,
-    #[comptime] per_lane: usize,
     #[comptime] group: usize,
     #[comptime] rows_per_cube: usize,
     #[comptime] use_plane: bool,
@@ -1274,62 +1254,29 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int>(
                 t += group;
             }
         }
-        // This row's share of the weights, read once for every position it writes: a
-        // loop over positions re-reading them cost more than the every-head write it
-        // replaces (H100, 6.7B shape: 4.66 against 3.45 ms/token).
-        let mut weights = Array::<Vector<F, N>>::new(per_lane);
-        #[unroll]
-        for i in 0..per_lane {
-            let t = lane + i * group;
-            let mut v = Vector::<F, N>::new(F::new(0.0));
-            if first <= pos && t < shape.width {
-                v = kv[w_base + t];
-            }
-            weights[i] = v;
-        }
-        // Four positions at a time, their inputs' loads in flight together.
-        let mut p = first;
-        while p < pos + 1 {
-            let mut acc = Array::<Vector<f32, N>>::new(4usize);
-            #[unroll]
-            for q in 0..4usize {
-                acc[q] = Vector::<f32, N>::new(0.0f32);
-            }
-            #[unroll]
-            for i in 0..per_lane {
-                let t = lane + i * group;
-                if t < shape.width {
-                    let w = Vector::<f32, N>::cast_from(weights[i]);
-                    #[unroll]
-                    for q in 0..4usize {
-                        if p + q <= pos {
-                            acc[q] += w * Vector::<f32, N>::cast_from(layer_input(x, ring, p + q, pos, window, shape.width, t));
-                        }
-                    }
+        // Each position re-reads the row (from L2 after the first). Holding the row in
+        // registers for all positions instead, four positions' inputs at a time, was
+        // slower still on the H100 (6.7B shape, sparse decode: 5.11 ms/token against 4.66
+        // this way, and 3.47 writing every head's keys and values).
+        for p in first..pos + 1 {
+            let partial = if p == pos {
+                lane_dot(kv, w_base, x, 0, lane, group, shape.width)
+            } else {
+                lane_dot(kv, w_base, ring, (p % window) * shape.width, lane, group, shape.width)
+            };
+            let total = group_sum(partial, &mut scratch, group, use_plane);
+            if lane == 0 {
+                let mut y = total;
+                if has_bias {
+                    y += f32::cast_from(bias[j]);
+                }
+                let offset = h * shape.cache_head_stride + p * shape.cache_pos_stride + c;
+                if j < half {
+                    k_cache[offset] = F::cast_from(y);
+                } else {
+                    v_cache[offset] = F::cast_from(y);
                 }
             }
-            #[unroll]
-            for q in 0..4usize {
-                let mut partial = 0.0f32;
-                #[unroll]
-                for v in 0..N::value() {
-                    partial += acc[q][v];
-                }
-                let total = group_sum(partial, &mut scratch, group, use_plane);
-                if lane == 0 && p + q <= pos {
-                    let mut y = total;
-                    if has_bias {
-                        y += f32::cast_from(bias[j]);
-                    }
-                    let offset = h * shape.cache_head_stride + (p + q) * shape.cache_pos_stride + c;
-                    if j < half {
-                        k_cache[offset] = F::cast_from(y);
-                    } else {
-                        v_cache[offset] = F::cast_from(y);
-                    }
-                }
-            }
-            p += 4usize;
         }
     } else {
         for b in 0..shape.batch {

@@ -740,8 +740,6 @@ fn qkv_append_launch<R: CubeRuntime>(
     };
     let has_query = q_out.is_some();
     let is_lazy = lazy.is_some();
-    // A lane's share of a weight row, held in registers by the lazy write.
-    let per_lane = if is_lazy { (dims(&kv)[1] / vs).div_ceil(group) } else { 1 };
     let heads = dims(&k_cache)[1];
     let (pending_in, pending_out, ring, lazy_shape) = match lazy {
         Some(LazyArgs { pending, ring }) => {
@@ -794,7 +792,6 @@ fn qkv_append_launch<R: CubeRuntime>(
             q_gathered,
             has_q_bias,
             is_lazy,
-            per_lane,
             group,
             rows_per_cube,
             use_plane,

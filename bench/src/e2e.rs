@@ -18,7 +18,7 @@ use dejavu_runtime::{dispatch, BackendKind, BackendTask, Precision, SparseKernel
 use dejavu_model::generate::token_tensor;
 use dejavu_model::{
     content_hash, generate, load_model, use_row_major_weights, Activation, DecodeWeights, Dense, ForwardHooks, GenerateOptions,
-    KernelDecode, KvCache, LayerKvCache, NormSite, Opt, OptConfig, Sampling, SparseModel, SparseOptions, SparsityStats, Step,
+    KernelDecode, KvCache, LayerKvCache, NormSite, Opt, OptConfig, Sampling, SparseModel, SparseOptions, SparsityStats, Step, Tapped,
 };
 use dejavu_predictor::{
     DenseLayers, LayerEntry, Manifest, OperatingPoint, OutputEntry, PredictorModules, PredictorSet, Selection, SparsityPlan,
@@ -185,59 +185,6 @@ fn launch_overhead_us<B: SparseKernels>(device: &B::Device) -> anyhow::Result<f6
     Ok(median(&mut per))
 }
 
-/// Records each layer's attention and MLP inputs of a decode step while running it
-/// through the kernels.
-struct RecordInputs<'a, B: Backend> {
-    inner: KernelDecode<'a, B>,
-    attention: Vec<Option<Tensor<B, 3>>>,
-    mlp: Vec<Option<Tensor<B, 3>>>,
-}
-
-impl<B: SparseKernels> ForwardHooks<B> for RecordInputs<'_, B> {
-    fn observe(&mut self, activation: Activation<'_, B>) {
-        match activation {
-            Activation::AttentionInput { layer, value } if value.dims()[1] == 1 => self.attention[layer] = Some(value.clone()),
-            Activation::MlpInput { layer, value } if value.dims()[1] == 1 => self.mlp[layer] = Some(value.clone()),
-            _ => {}
-        }
-    }
-
-    fn attention(
-        &mut self,
-        layer: usize,
-        attention: &dejavu_model::attention::OptAttention<B>,
-        x: Tensor<B, 3>,
-        cache: &mut LayerKvCache<B>,
-        step: &Step<B>,
-    ) -> Tensor<B, 3> {
-        self.inner.attention(layer, attention, x, cache, step)
-    }
-
-    fn mlp(&mut self, layer: usize, mlp: &dejavu_model::mlp::OptMlp<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.inner.mlp(layer, mlp, x)
-    }
-
-    fn attention_residual(
-        &mut self,
-        layer: usize,
-        attention: &dejavu_model::attention::OptAttention<B>,
-        x: Tensor<B, 3>,
-        residual: Tensor<B, 3>,
-        cache: &mut LayerKvCache<B>,
-        step: &Step<B>,
-    ) -> Tensor<B, 3> {
-        self.inner.attention_residual(layer, attention, x, residual, cache, step)
-    }
-
-    fn mlp_residual(&mut self, layer: usize, mlp: &dejavu_model::mlp::OptMlp<B>, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.inner.mlp_residual(layer, mlp, x, residual)
-    }
-
-    fn norm(&mut self, site: NormSite, ln: &burn::nn::LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.inner.norm(site, ln, x)
-    }
-}
-
 /// The logit above which a fraction `density` of `logits` lies.
 fn quantile_threshold<B: Backend>(logits: Tensor<B, 2>, density: f64) -> f32 {
     let mut v: Vec<f32> = logits.cast(DType::F32).into_data().convert::<f32>().into_vec().expect("f32 logits");
@@ -287,8 +234,17 @@ fn synthetic_sparse<B: SparseKernels>(
     let predictor_bytes = predictor_bytes(&modules);
 
     // One decode step after the prompt, recording every layer's inputs.
-    let mut record = RecordInputs { inner: KernelDecode::new(weights), attention: vec![None; layers], mlp: vec![None; layers] };
+    let (mut attention_inputs, mut mlp_inputs) = (vec![None; layers], vec![None; layers]);
+    let mut record = Tapped {
+        inner: KernelDecode::new(weights),
+        tap: |activation: &Activation<'_, B>| match activation {
+            Activation::AttentionInput { layer, value } if value.dims()[1] == 1 => attention_inputs[*layer] = Some((*value).clone()),
+            Activation::MlpInput { layer, value } if value.dims()[1] == 1 => mlp_inputs[*layer] = Some((*value).clone()),
+            _ => {}
+        },
+    };
     decode_run(model, cache, &mut record, prompt, 2, Readback::Step)?;
+    drop(record);
 
     let mut plan = SparsityPlan::new(&manifest, &OperatingPoint::Threshold, &DenseLayers::default())?;
     let logits = |p: &dejavu_predictor::LowRankClassifier<B>, x: &Option<Tensor<B, 3>>| -> anyhow::Result<Tensor<B, 2>> {
@@ -298,11 +254,11 @@ fn synthetic_sparse<B: SparseKernels>(
     };
     for target in 1..layers {
         if let Some(p) = &modules.mlp[target] {
-            let t = quantile_threshold(logits(p, &record.mlp[target - 1])?, args.mlp_density);
+            let t = quantile_threshold(logits(p, &mlp_inputs[target - 1])?, args.mlp_density);
             plan.layers[target].mlp = Selection::Threshold { threshold: t };
         }
         if let Some(p) = &modules.attention[target] {
-            let t = quantile_threshold(logits(p, &record.attention[target - 1])?, args.attention_density);
+            let t = quantile_threshold(logits(p, &attention_inputs[target - 1])?, args.attention_density);
             plan.layers[target].attention = Selection::Threshold { threshold: t };
         }
     }

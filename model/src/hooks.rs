@@ -117,6 +117,98 @@ pub struct Dense;
 
 impl<B: Backend> ForwardHooks<B> for Dense {}
 
+/// Hooks borrowed: a caller keeps its hooks (and their statistics) while handing them on.
+impl<B: Backend, H: ForwardHooks<B> + ?Sized> ForwardHooks<B> for &mut H {
+    fn observe(&mut self, activation: Activation<'_, B>) {
+        (**self).observe(activation);
+    }
+
+    fn attention(
+        &mut self,
+        layer: usize,
+        attention: &OptAttention<B>,
+        x: Tensor<B, 3>,
+        cache: &mut LayerKvCache<B>,
+        step: &Step<B>,
+    ) -> Tensor<B, 3> {
+        (**self).attention(layer, attention, x, cache, step)
+    }
+
+    fn mlp(&mut self, layer: usize, mlp: &OptMlp<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        (**self).mlp(layer, mlp, x)
+    }
+
+    fn attention_residual(
+        &mut self,
+        layer: usize,
+        attention: &OptAttention<B>,
+        x: Tensor<B, 3>,
+        residual: Tensor<B, 3>,
+        cache: &mut LayerKvCache<B>,
+        step: &Step<B>,
+    ) -> Tensor<B, 3> {
+        (**self).attention_residual(layer, attention, x, residual, cache, step)
+    }
+
+    fn mlp_residual(&mut self, layer: usize, mlp: &OptMlp<B>, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
+        (**self).mlp_residual(layer, mlp, x, residual)
+    }
+
+    fn norm(&mut self, site: NormSite, ln: &LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        (**self).norm(site, ln, x)
+    }
+}
+
+/// Hooks that show every activation to `tap`, then hand it and every block to `inner`
+/// unchanged: recording what a forward sees (a layer's inputs, say) while the sparse path
+/// or the kernels run it.
+pub struct Tapped<H, F> {
+    pub inner: H,
+    pub tap: F,
+}
+
+impl<B: Backend, H: ForwardHooks<B>, F: FnMut(&Activation<'_, B>)> ForwardHooks<B> for Tapped<H, F> {
+    fn observe(&mut self, activation: Activation<'_, B>) {
+        (self.tap)(&activation);
+        self.inner.observe(activation);
+    }
+
+    fn attention(
+        &mut self,
+        layer: usize,
+        attention: &OptAttention<B>,
+        x: Tensor<B, 3>,
+        cache: &mut LayerKvCache<B>,
+        step: &Step<B>,
+    ) -> Tensor<B, 3> {
+        self.inner.attention(layer, attention, x, cache, step)
+    }
+
+    fn mlp(&mut self, layer: usize, mlp: &OptMlp<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.inner.mlp(layer, mlp, x)
+    }
+
+    fn attention_residual(
+        &mut self,
+        layer: usize,
+        attention: &OptAttention<B>,
+        x: Tensor<B, 3>,
+        residual: Tensor<B, 3>,
+        cache: &mut LayerKvCache<B>,
+        step: &Step<B>,
+    ) -> Tensor<B, 3> {
+        self.inner.attention_residual(layer, attention, x, residual, cache, step)
+    }
+
+    fn mlp_residual(&mut self, layer: usize, mlp: &OptMlp<B>, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.inner.mlp_residual(layer, mlp, x, residual)
+    }
+
+    fn norm(&mut self, site: NormSite, ln: &LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.inner.norm(site, ln, x)
+    }
+}
+
 /// Optional hooks: `None` is the dense model, `Some(h)` runs `h`. Lets a caller that may
 /// or may not run the sparse path pass one value either way.
 impl<B: Backend, H: ForwardHooks<B>> ForwardHooks<B> for Option<H> {

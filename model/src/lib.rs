@@ -25,7 +25,7 @@ pub use config::OptConfig;
 pub use decode::{use_row_major_weights, DecodeWeights, KernelDecode};
 pub use error::ModelError;
 pub use generate::{generate, GenerateOptions, Generation, Sampler, Sampling};
-pub use hooks::{Activation, Dense, ForwardHooks, NormSite};
+pub use hooks::{Activation, Dense, ForwardHooks, NormSite, Tapped};
 pub use opt::Opt;
 pub use sparse::{SparseHooks, SparseModel, SparseOptions, SparsityStats};
 pub use perplexity::{perplexity, PerplexityMethod, PerplexityReport};

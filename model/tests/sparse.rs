@@ -9,7 +9,7 @@ use burn::prelude::*;
 use common::*;
 use dejavu_model::generate::token_tensor;
 use dejavu_model::layer::norm;
-use dejavu_model::{content_hash, Activation, ForwardHooks, LayerKvCache, NormSite, Opt, OptConfig, SparseModel, SparseOptions, Step};
+use dejavu_model::{content_hash, Activation, ForwardHooks, LayerKvCache, Opt, OptConfig, SparseModel, SparseOptions, Step, Tapped};
 use dejavu_predictor::{
     DenseLayers, Manifest, OperatingPoint, PredictorModules, PredictorSet, Selection,
     SparsityPlan,
@@ -141,61 +141,6 @@ fn masked_every_token_forward_equals_the_kernels_token_by_token() {
     }
 }
 
-/// Records each layer's attention input while passing everything to the sparse hooks.
-struct Tap<'a, H> {
-    inner: &'a mut H,
-    inputs: Vec<Vec<Tensor<B, 3>>>,
-}
-
-impl<H: ForwardHooks<B>> ForwardHooks<B> for Tap<'_, H> {
-    fn observe(&mut self, activation: Activation<'_, B>) {
-        if let Activation::AttentionInput { layer, value } = &activation {
-            if self.inputs.len() <= *layer {
-                self.inputs.resize(*layer + 1, Vec::new());
-            }
-            self.inputs[*layer].push((*value).clone());
-        }
-        self.inner.observe(activation);
-    }
-
-    fn attention(
-        &mut self,
-        layer: usize,
-        attention: &dejavu_model::attention::OptAttention<B>,
-        x: Tensor<B, 3>,
-        cache: &mut LayerKvCache<B>,
-        step: &Step<B>,
-    ) -> Tensor<B, 3> {
-        self.inner.attention(layer, attention, x, cache, step)
-    }
-
-    fn mlp(&mut self, layer: usize, mlp: &dejavu_model::mlp::OptMlp<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.inner.mlp(layer, mlp, x)
-    }
-
-    // The sparse hooks' fused paths: the predictors run in the LayerNorm's launch, the
-    // residual adds in the blocks' last launches.
-    fn norm(&mut self, site: NormSite, ln: &burn::nn::LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.inner.norm(site, ln, x)
-    }
-
-    fn attention_residual(
-        &mut self,
-        layer: usize,
-        attention: &dejavu_model::attention::OptAttention<B>,
-        x: Tensor<B, 3>,
-        residual: Tensor<B, 3>,
-        cache: &mut LayerKvCache<B>,
-        step: &Step<B>,
-    ) -> Tensor<B, 3> {
-        self.inner.attention_residual(layer, attention, x, residual, cache, step)
-    }
-
-    fn mlp_residual(&mut self, layer: usize, mlp: &dejavu_model::mlp::OptMlp<B>, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.inner.mlp_residual(layer, mlp, x, residual)
-    }
-}
-
 /// Every head's keys and values in the cache after a sparse decode, against the dense
 /// projections of the inputs the run saw: written at every step (window 0), and written
 /// lazily (window 4) then settled.
@@ -213,11 +158,21 @@ fn skipped_heads_keys_and_values(window: usize) {
     let options = SparseOptions { lazy_kv_window: window, ..Default::default() };
     let one_head = sparse(&model, 1, Selection::Dense, Selection::TopK { k: 1 }, options);
     let mut hooks = one_head.hooks();
-    let mut tap = Tap { inner: &mut hooks, inputs: Vec::new() };
+    // Each layer's attention input, step by step, recorded while the sparse hooks run.
+    let mut inputs: Vec<Vec<Tensor<B, 3>>> = vec![Vec::new(); model.decoder.layers.len()];
+    let mut tap = Tapped {
+        inner: &mut hooks,
+        tap: |activation: &Activation<'_, B>| {
+            if let Activation::AttentionInput { layer, value } = activation {
+                inputs[*layer].push((*value).clone());
+            }
+        },
+    };
     let mut cache = model.new_cache(1, ids.len()).unwrap();
     for t in 0..ids.len() {
         model.forward_with(token_tensor::<B>(&ids[t..t + 1], &Default::default()), &mut cache, &mut tap).unwrap();
     }
+    drop(tap);
     let lazy_layers = cache.layers.iter().filter(|l| l.lazy.is_some()).count();
     assert_eq!(lazy_layers > 0, window > 0, "window {window}: {lazy_layers} layers hold lazy keys and values");
     one_head.settle_kv(&model, &mut cache);
@@ -225,7 +180,7 @@ fn skipped_heads_keys_and_values(window: usize) {
     let n = ids.len();
     for (l, layer) in model.decoder.layers.iter().enumerate() {
         // Keys and values recomputed densely from the attention inputs the sparse run saw.
-        let x = Tensor::cat(tap.inputs[l].clone(), 1);
+        let x = Tensor::cat(inputs[l].clone(), 1);
         let h = norm(&layer.self_attn_layer_norm, x);
         let attention = &layer.self_attn;
         let keys = attention.split_heads(attention.k_proj.forward(h.clone()));

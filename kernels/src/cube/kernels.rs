@@ -421,6 +421,33 @@ fn load_row<F: Float, N: Size>(
     value
 }
 
+/// The transposed GEMV's first-pass epilogue: the cube's `CUBE_DIM_Y` lanes along K add
+/// their sums for column vector `UNIT_POS_X` in lane order (through shared memory), and
+/// lane 0 writes the split's sum to `partial[at]`.
+#[cube]
+fn split_sum<N: Size>(
+    scratch: &mut SharedMemory<Vector<f32, N>>,
+    acc: Vector<f32, N>,
+    partial: &mut Array<Vector<f32, N>>,
+    at: usize,
+    col_live: bool,
+    #[comptime] cols_per_cube: usize,
+    #[comptime] lanes_k: usize,
+) {
+    let cx = UNIT_POS_X as usize;
+    let ky = UNIT_POS_Y as usize;
+    scratch[ky * cols_per_cube + cx] = acc;
+    sync_cube();
+    if ky == 0 && col_live {
+        let mut total = scratch[cx];
+        for i in 1..lanes_k {
+            total += scratch[i * cols_per_cube + cx];
+        }
+        partial[at] = total;
+    }
+    sync_cube();
+}
+
 /// First pass of `out[b, :] = Σ_j h[b, j] · Wt[row_j, :] + bias`: cube `(c, s)` sums the
 /// rows of split `s` for the `CUBE_DIM_X` column vectors of block `c`, its `CUBE_DIM_Y`
 /// lanes along K reduce through shared memory, and the split's sum goes to
@@ -523,16 +550,7 @@ pub(crate) fn rows_transposed_gemv_partial_kernel<F: Float, N: Size, I: Int>(
                 j += lanes_k;
             }
         }
-        scratch[ky * cols_per_cube + cx] = acc;
-        sync_cube();
-        if ky == 0 && col_live {
-            let mut total = scratch[cx];
-            for i in 1..lanes_k {
-                total += scratch[i * cols_per_cube + cx];
-            }
-            partial[(split * shape.batch + b) * width + c] = total;
-        }
-        sync_cube();
+        split_sum(&mut scratch, acc, partial, (split * shape.batch + b) * width + c, col_live, cols_per_cube, lanes_k);
     }
 }
 
@@ -674,16 +692,7 @@ pub(crate) fn rows_transposed_gemv_compact_kernel<F: Float, N: Size, I: Int>(
                 i += lanes_k;
             }
         }
-        scratch[t] = acc;
-        sync_cube();
-        if ky == 0 && col_live {
-            let mut total = scratch[cx];
-            for l in 1..lanes_k {
-                total += scratch[l * cols_per_cube + cx];
-            }
-            partial[(split * shape.batch + b) * width + c] = total;
-        }
-        sync_cube();
+        split_sum(&mut scratch, acc, partial, (split * shape.batch + b) * width + c, col_live, cols_per_cube, lanes_k);
     }
 }
 

@@ -61,8 +61,9 @@ fn cube_kernels_on_wgpu_match_host_loops() {
         outcomes.extend(check_attention::<Cube<WgpuRuntime>>(&device, [1, 5, 300, 12], 300, dtype, seed));
         // Long enough for the value pass's 4-deep unrolled loop.
         outcomes.extend(check_attention::<Cube<WgpuRuntime>>(&device, [1, 3, 2048, 16], 2000, dtype, seed));
-        // Widths below one cube's threads, several vectors per thread, and odd (width-1 vectors).
-        for (rows, d) in [(3, 64), (2, 2304), (1, 37)] {
+        // Widths of at most a vector per unit (one pass), several vectors per unit (8196: more
+        // than any cube's units), and odd (width-1 vectors).
+        for (rows, d) in [(3, 64), (2, 2304), (1, 8196), (1, 37)] {
             outcomes.extend(check_layer_norm::<Cube<WgpuRuntime>>(&device, rows, d, dtype, seed));
         }
         // Head dims 8 and 12 (odd d: width-1 vectors), the first and the last position.

@@ -558,7 +558,6 @@ pub fn selected_heads_attention<R: CubeRuntime>(
             max_chunk,
             hd_vectors,
             split,
-            reduce_plane(&client, threads),
             [dtype.into(), idx_dtype.into()],
         );
         if split {
@@ -595,8 +594,9 @@ pub fn layer_norm<R: CubeRuntime>(
         return out;
     }
     let vs = vector_width(&[&x, &gamma, &beta]);
-    // A power of two (the reduction's tree), at most 256, no more than the row's vectors.
-    let threads = (d / vs).next_power_of_two().clamp(32, 256).min(client_units(&x));
+    // A power of two (the reduction's tree), at most 1024: up to that width a unit holds one
+    // vector of the row (`layer_norm_row`'s one-pass path).
+    let threads = (d / vs).next_power_of_two().clamp(32, 1024).min(client_units(&x));
     let dtype = x.dtype;
     let client = x.client.clone();
     let (x_stride, out_stride) = (stride(&x, 0) / vs, stride(&out, 0) / vs);

@@ -555,9 +555,10 @@ pub(crate) fn rows_transposed_gemv_partial_kernel<F: Float, N: Size, I: Int>(
 }
 
 /// [`rows_transposed_gemv_partial_kernel`] that first compacts its split: cube `(c, s)`
-/// owns the `chunk` rows `s·chunk ..` of K. Its units scan their `h` (any batch row
-/// nonzero, and the slot not empty), `per_unit` consecutive rows each, and write the
-/// live rows in ascending order to shared memory; then its `CUBE_DIM_Y` lanes along K
+/// owns the `chunk` rows `s·chunk ..` of K (every row: no index list, which the launcher
+/// gives to the skipping kernel). Its units scan their `h` (any batch row nonzero),
+/// `per_unit` consecutive rows each, and write the live rows in ascending order to
+/// shared memory; then its `CUBE_DIM_Y` lanes along K
 /// take every `CUBE_DIM_Y`-th live row, loads eight rows at a time. After a ReLU most
 /// rows are zero: the skipping kernel spent a dependent `h` load on each of them and
 /// left most lanes' weight loads idle (16.5 µs for 10% of fc2 at the 6.7B shape, plus
@@ -565,25 +566,21 @@ pub(crate) fn rows_transposed_gemv_partial_kernel<F: Float, N: Size, I: Int>(
 /// long splits leave few partial sums. The order of the sums is fixed by the row order,
 /// so the result does not depend on scheduling.
 #[cube(launch_unchecked)]
-pub(crate) fn rows_transposed_gemv_compact_kernel<F: Float, N: Size, I: Int>(
+pub(crate) fn rows_transposed_gemv_compact_kernel<F: Float, N: Size>(
     w: &Array<Vector<F, N>>,
-    idx: &Array<I>,
     h: &Array<F>,
     partial: &mut Array<Vector<f32, N>>,
     shape: TransposedShape,
-    block: usize,
-    #[comptime] gathered: bool,
     #[comptime] cols_per_cube: usize,
     #[comptime] lanes_k: usize,
     #[comptime] per_unit: usize,
-    #[define(F, I)] _dtypes: [StorageType; 2],
+    #[define(F)] _dtype: StorageType,
 ) {
     let threads = comptime!(cols_per_cube * lanes_k);
     let chunk = comptime!(cols_per_cube * lanes_k * per_unit);
     let groups = comptime!(threads.div_ceil(32));
     let mut scratch = SharedMemory::<Vector<f32, N>>::new(threads);
     let mut live_rows = SharedMemory::<u32>::new(chunk);
-    let mut live_js = SharedMemory::<u32>::new(chunk);
     let mut counts = SharedMemory::<u32>::new(threads);
     let mut totals = SharedMemory::<u32>::new(groups);
     let cx = UNIT_POS_X as usize;
@@ -591,7 +588,6 @@ pub(crate) fn rows_transposed_gemv_compact_kernel<F: Float, N: Size, I: Int>(
     let t = ky * cols_per_cube + cx;
     let c = CUBE_POS_X as usize * cols_per_cube + cx;
     let split = CUBE_POS_Y as usize;
-    let rows = shape.rows;
     let width = shape.width;
     let row_stride = shape.w_stride;
     let col_live = c < width;
@@ -603,17 +599,14 @@ pub(crate) fn rows_transposed_gemv_compact_kernel<F: Float, N: Size, I: Int>(
     for q in 0..per_unit {
         let j = first + q;
         if j < shape.k {
-            let row = row_of(idx, j, block, rows, gathered);
-            if row < rows {
-                let mut nonzero = false;
-                for b in 0..shape.batch {
-                    if f32::cast_from(h[b * shape.h_stride + j]) != 0.0f32 {
-                        nonzero = true;
-                    }
+            let mut nonzero = false;
+            for b in 0..shape.batch {
+                if f32::cast_from(h[b * shape.h_stride + j]) != 0.0f32 {
+                    nonzero = true;
                 }
-                if nonzero {
-                    mask |= 1u32 << (q as u32);
-                }
+            }
+            if nonzero {
+                mask |= 1u32 << (q as u32);
             }
         }
     }
@@ -645,8 +638,7 @@ pub(crate) fn rows_transposed_gemv_compact_kernel<F: Float, N: Size, I: Int>(
     #[unroll]
     for q in 0..per_unit {
         if (mask >> q as u32) & 1u32 == 1u32 {
-            live_rows[pos] = u32::cast_from(row_of(idx, first + q, block, rows, gathered));
-            live_js[pos] = u32::cast_from(first + q);
+            live_rows[pos] = u32::cast_from(first + q);
             pos += 1;
         }
     }
@@ -675,19 +667,19 @@ pub(crate) fn rows_transposed_gemv_compact_kernel<F: Float, N: Size, I: Int>(
                 let w5 = w[r5 * row_stride + c];
                 let w6 = w[r6 * row_stride + c];
                 let w7 = w[r7 * row_stride + c];
-                acc += Vector::<f32, N>::cast_from(w0) * Vector::<f32, N>::new(f32::cast_from(h[h_base + usize::cast_from(live_js[i])]));
-                acc += Vector::<f32, N>::cast_from(w1) * Vector::<f32, N>::new(f32::cast_from(h[h_base + usize::cast_from(live_js[i + lanes_k])]));
-                acc += Vector::<f32, N>::cast_from(w2) * Vector::<f32, N>::new(f32::cast_from(h[h_base + usize::cast_from(live_js[i + 2 * lanes_k])]));
-                acc += Vector::<f32, N>::cast_from(w3) * Vector::<f32, N>::new(f32::cast_from(h[h_base + usize::cast_from(live_js[i + 3 * lanes_k])]));
-                acc += Vector::<f32, N>::cast_from(w4) * Vector::<f32, N>::new(f32::cast_from(h[h_base + usize::cast_from(live_js[i + 4 * lanes_k])]));
-                acc += Vector::<f32, N>::cast_from(w5) * Vector::<f32, N>::new(f32::cast_from(h[h_base + usize::cast_from(live_js[i + 5 * lanes_k])]));
-                acc += Vector::<f32, N>::cast_from(w6) * Vector::<f32, N>::new(f32::cast_from(h[h_base + usize::cast_from(live_js[i + 6 * lanes_k])]));
-                acc += Vector::<f32, N>::cast_from(w7) * Vector::<f32, N>::new(f32::cast_from(h[h_base + usize::cast_from(live_js[i + 7 * lanes_k])]));
+                acc += Vector::<f32, N>::cast_from(w0) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r0]));
+                acc += Vector::<f32, N>::cast_from(w1) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r1]));
+                acc += Vector::<f32, N>::cast_from(w2) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r2]));
+                acc += Vector::<f32, N>::cast_from(w3) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r3]));
+                acc += Vector::<f32, N>::cast_from(w4) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r4]));
+                acc += Vector::<f32, N>::cast_from(w5) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r5]));
+                acc += Vector::<f32, N>::cast_from(w6) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r6]));
+                acc += Vector::<f32, N>::cast_from(w7) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r7]));
                 i += 8 * lanes_k;
             }
             while i < n {
                 let r = usize::cast_from(live_rows[i]);
-                let hv = f32::cast_from(h[h_base + usize::cast_from(live_js[i])]);
+                let hv = f32::cast_from(h[h_base + r]);
                 acc += Vector::<f32, N>::cast_from(w[r * row_stride + c]) * Vector::<f32, N>::new(hv);
                 i += lanes_k;
             }
@@ -1156,59 +1148,39 @@ fn layer_norm_row<F: Float, N: Size>(
             out[o_base + tid] = Vector::<F, N>::cast_from(centered * Vector::<f32, N>::new(inv_std) * g + b);
         }
     } else {
-        layer_norm_loops(x, gamma, beta, out, width, x_base, o_base, inv_width, eps, tid, red, threads, plane);
-    }
-}
-
-/// [`layer_norm_row`] for rows wider than the cube: each unit strides over the row, three
-/// passes (the second and third read the row from cache).
-#[cube]
-#[allow(clippy::too_many_arguments)] // the row, its parameters and the cube's layout
-fn layer_norm_loops<F: Float, N: Size>(
-    x: &Array<Vector<F, N>>,
-    gamma: &Array<Vector<f32, N>>,
-    beta: &Array<Vector<f32, N>>,
-    out: &mut Array<Vector<F, N>>,
-    width: usize,
-    x_base: usize,
-    o_base: usize,
-    inv_width: f32,
-    eps: f32,
-    tid: usize,
-    red: &mut SharedMemory<f32>,
-    #[comptime] threads: usize,
-    #[comptime] plane: usize,
-) {
-    let mut sum = 0.0f32;
-    let mut c = tid;
-    while c < width {
-        let v = Vector::<f32, N>::cast_from(x[x_base + c]);
-        #[unroll]
-        for l in 0..N::value() {
-            sum += v[l];
+        // Wider rows: each unit strides over the row, three passes (the second and third
+        // read the row from cache).
+        let mut sum = 0.0f32;
+        let mut c = tid;
+        while c < width {
+            let v = Vector::<f32, N>::cast_from(x[x_base + c]);
+            #[unroll]
+            for l in 0..N::value() {
+                sum += v[l];
+            }
+            c += threads;
         }
-        c += threads;
-    }
-    let mean = cube_reduce(red, sum, tid, threads, false, plane) * inv_width;
+        let mean = cube_reduce(red, sum, tid, threads, false, plane) * inv_width;
 
-    let mut squares = 0.0f32;
-    c = tid;
-    while c < width {
-        let v = Vector::<f32, N>::cast_from(x[x_base + c]) - Vector::<f32, N>::new(mean);
-        #[unroll]
-        for l in 0..N::value() {
-            squares += v[l] * v[l];
+        let mut squares = 0.0f32;
+        c = tid;
+        while c < width {
+            let v = Vector::<f32, N>::cast_from(x[x_base + c]) - Vector::<f32, N>::new(mean);
+            #[unroll]
+            for l in 0..N::value() {
+                squares += v[l] * v[l];
+            }
+            c += threads;
         }
-        c += threads;
-    }
-    let var = cube_reduce(red, squares, tid, threads, false, plane) * inv_width;
-    let inv_std = 1.0f32 / f32::sqrt(var + eps);
+        let var = cube_reduce(red, squares, tid, threads, false, plane) * inv_width;
+        let inv_std = 1.0f32 / f32::sqrt(var + eps);
 
-    c = tid;
-    while c < width {
-        let v = (Vector::<f32, N>::cast_from(x[x_base + c]) - Vector::<f32, N>::new(mean)) * Vector::<f32, N>::new(inv_std);
-        out[o_base + c] = Vector::<F, N>::cast_from(v * gamma[c] + beta[c]);
-        c += threads;
+        c = tid;
+        while c < width {
+            let v = (Vector::<f32, N>::cast_from(x[x_base + c]) - Vector::<f32, N>::new(mean)) * Vector::<f32, N>::new(inv_std);
+            out[o_base + c] = Vector::<F, N>::cast_from(v * gamma[c] + beta[c]);
+            c += threads;
+        }
     }
 }
 
@@ -1288,8 +1260,8 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int>(
         // Batch 1. Head `h` is written when selected, or when its oldest unwritten
         // position would otherwise leave the ring next step; then every position from its
         // first unwritten one to `pos`, each from its own layer input. A cube's rows are
-        // all in one head (the launcher checks that `rows_per_cube` divides the head
-        // dim), so its groups loop alike.
+        // all in one head (the launcher takes one row a cube where its rows per cube do
+        // not divide the head dim), so its groups loop alike.
         let window = lazy_shape.window;
         let mut first = pos + 1;
         if in_range {

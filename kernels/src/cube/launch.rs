@@ -376,16 +376,13 @@ fn transposed_gemv_launch<R: CubeRuntime>(
                 cube_dim,
                 vs,
                 arg(w_t),
-                arg(idx),
                 arg(h),
                 arg(partial.clone()),
                 shape,
-                block.max(1),
-                gathered,
                 config.cols_per_cube,
                 config.lanes_k,
                 per_unit,
-                [dtype.into(), idx_dtype.into()],
+                dtype.into(),
             );
         } else {
             rows_transposed_gemv_partial_kernel::launch_unchecked::<R>(

@@ -1007,10 +1007,7 @@ pub fn qkv_append<B: SparseKernels>(
     pos: usize,
 ) -> Result<(Tensor<B, 2>, Tensor<B, 4>, Tensor<B, 4>), KernelError> {
     let op = "qkv_append";
-    check_kv_inputs(op, &kv, &x, kv_bias.as_ref(), &k_cache, &v_cache, pos)?;
-    check_rows_gemv(op, &query.w, &x, query.bias.as_ref())?;
-    let block = if query.heads.is_some() { query.head_dim.max(1) } else { 1 };
-    check_block(op, query.w.dims()[0], block)?;
+    let block = check_qkv_inputs(op, &query, &kv, &x, kv_bias.as_ref(), &k_cache, &v_cache, pos)?;
     let (q, k, v) = B::qkv_append(
         prim(query.w),
         query.heads.map(|h| h.into_primitive()),
@@ -1043,10 +1040,6 @@ impl<B: Backend> LazyKv<B> {
             ring: Tensor::zeros([window.max(1), d], (device, dtype)),
         }
     }
-
-    pub fn window(&self) -> usize {
-        self.ring.dims()[0]
-    }
 }
 
 /// [`qkv_append`] at batch 1 that writes keys and values only where they will be read:
@@ -1067,8 +1060,7 @@ pub fn qkv_append_lazy<B: SparseKernels>(
     state: LazyKv<B>,
 ) -> Result<(Tensor<B, 2>, Tensor<B, 4>, Tensor<B, 4>, LazyKv<B>), KernelError> {
     let op = "qkv_append_lazy";
-    check_kv_inputs(op, &kv, &x, kv_bias.as_ref(), &k_cache, &v_cache, pos)?;
-    check_rows_gemv(op, &query.w, &x, query.bias.as_ref())?;
+    let block = check_qkv_inputs(op, &query, &kv, &x, kv_bias.as_ref(), &k_cache, &v_cache, pos)?;
     let Some(heads) = query.heads else {
         return Err(shape_err(op, "needs the selected heads' index list".into()));
     };
@@ -1083,8 +1075,6 @@ pub fn qkv_append_lazy<B: SparseKernels>(
     if state.ring.dims()[1] != d || state.ring.dtype() != x.dtype() {
         return Err(shape_err(op, format!("ring {:?} {:?}, expected [window, {d}] {:?}", state.ring.dims(), state.ring.dtype(), x.dtype())));
     }
-    let block = query.head_dim.max(1);
-    check_block(op, query.w.dims()[0], block)?;
     let (q, k, v, pending, ring) = B::qkv_append_lazy(
         prim(query.w),
         heads.into_primitive(),
@@ -1100,6 +1090,27 @@ pub fn qkv_append_lazy<B: SparseKernels>(
         prim(state.ring),
     );
     Ok((wrap(q), wrap(k), wrap(v), LazyKv { pending: Tensor::from_primitive(pending), ring: wrap(ring) }))
+}
+
+/// The inputs of [`qkv_append`] (and its lazy twin) agree: the keys' and values' as
+/// [`kv_append`] checks them, and the queries' rows. Returns the query rows' block (the
+/// head dim when heads are selected, else 1).
+#[allow(clippy::too_many_arguments)] // the queries', keys' and values' inputs
+fn check_qkv_inputs<B: Backend>(
+    op: &'static str,
+    query: &QueryRows<B>,
+    kv: &Tensor<B, 2>,
+    x: &Tensor<B, 2>,
+    kv_bias: Option<&Tensor<B, 1>>,
+    k_cache: &Tensor<B, 4>,
+    v_cache: &Tensor<B, 4>,
+    pos: usize,
+) -> Result<usize, KernelError> {
+    check_kv_inputs(op, kv, x, kv_bias, k_cache, v_cache, pos)?;
+    check_rows_gemv(op, &query.w, x, query.bias.as_ref())?;
+    let block = if query.heads.is_some() { query.head_dim.max(1) } else { 1 };
+    check_block(op, query.w.dims()[0], block)?;
+    Ok(block)
 }
 
 /// The inputs of [`kv_append`] agree.

@@ -294,13 +294,13 @@ pub fn qkv_append_lazy<B: crate::SparseKernels>(
         }
         let n = pos + 1 - first;
         let slots: Vec<i64> = (first..=pos).map(|p| (p % window) as i64).collect();
-        let inputs = ring.clone().select(0, Tensor::<B, 1, Int>::from_data(TensorData::new(slots, [n]), &device));
+        let inputs = ring.clone().select(0, Tensor::<B, 1, Int>::from_data(TensorData::new(slots, [n]), &device)).cast(DType::F32);
         for (cache, offset) in [(&mut k_cache, 0), (&mut v_cache, half)] {
             let rows = offset + h * hd..offset + (h + 1) * hd;
-            let w = kv.clone().slice([rows.clone(), 0..d]);
+            let w = kv.clone().slice([rows.clone(), 0..d]).cast(DType::F32);
             let mut y = inputs.clone().matmul(w.transpose());
             if let Some(b) = &kv_bias {
-                y = y + b.clone().slice([rows]).unsqueeze_dim(0);
+                y = y + b.clone().slice([rows]).cast(DType::F32).unsqueeze_dim(0);
             }
             let dtype = cache.dtype();
             *cache = cache.clone().slice_assign([0..1, h..h + 1, first..pos + 1, 0..hd], y.cast(dtype).reshape([1, 1, n, hd]));

@@ -573,7 +573,7 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
         };
         let hd = attention.head_dim;
         // The selected heads' queries, and every head's key and value (see the module
-        // comment), in one launch.
+        // comment) or, lazily, those of the heads read, in one launch.
         let (q, keys, values) = match lazy {
             true => project_qkv_lazy(attention, &weights.layers[layer], heads.clone(), x, cache, step, window),
             false => project_qkv(attention, &weights.layers[layer], Some(heads.clone()), x, cache, step),

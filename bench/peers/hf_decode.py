@@ -7,6 +7,11 @@ depend on weight values); `opt-mini` is loaded from the bundled folder. Each run
 the prompt, then decodes one token at a time through the KV cache (greedy, `.item()` per
 step, as our loop reads each token back); the per-token time is the decode time of the
 last N-1 steps / (N-1). One warm-up run first; median over runs is taken by the caller.
+
+`--mode static-compile` times the other way transformers can decode: `generate` with a
+static KV cache and the model's forward compiled by `torch.compile(mode="reduce-overhead")`
+(CUDA graphs); per-token time = (time of N new tokens - time of 1) / (N - 1), the prompt's
+prefill cancelling out. Its warm-up runs compile (minutes for the larger shapes).
 """
 import argparse
 import json
@@ -61,6 +66,29 @@ def decode_ms_per_token(model, prompt, new_tokens):
     return (time.perf_counter() - start) * 1e3 / (new_tokens - 1)
 
 
+@torch.inference_mode()
+def static_compile_ms_per_token(model, prompt, new_tokens):
+    kwargs = dict(do_sample=False, cache_implementation="static", pad_token_id=model.config.pad_token_id)
+
+    def timed(n):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    return (timed(new_tokens) - timed(1)) * 1e3 / (new_tokens - 1)
+
+
+def compile_for_static_cache(model):
+    # Compile the forward ourselves (generate's own compile is on only for some models and
+    # versions), and keep generate from compiling it again.
+    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
+    if hasattr(model.generation_config, "disable_compile"):
+        model.generation_config.disable_compile = True
+    return model
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--models", default="opt-mini,opt-1.3b,opt-6.7b")
@@ -71,20 +99,31 @@ def main():
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--opt-mini", default="assets/opt-mini")
     p.add_argument("--json", required=True)
+    p.add_argument("--mode", choices=["eager", "static-compile"], default="eager",
+                   help="eager: our loop over forward() with the dynamic cache (the default peer); "
+                        "static-compile: generate() with a static cache and torch.compile")
     a = p.parse_args()
     runs_ms = {}
     lens = [int(x) for x in a.prompt_lens.split(",")] if a.prompt_lens else [a.prompt_len]
     for name in a.models.split(","):
         model = build(name, a.opt_mini)
+        measure = decode_ms_per_token
+        if a.mode == "static-compile":
+            model = compile_for_static_cache(model)
+            measure = static_compile_ms_per_token
         vocab = model.config.vocab_size
         for length in lens:
             key = f"{name}@{length}" if a.prompt_lens else name
             prompt = torch.tensor(
                 [[3 + (i * 7919 + 17) % (vocab - 3) for i in range(length)]], device="cuda"
             )
-            decode_ms_per_token(model, prompt, a.new_tokens)  # warm-up
-            runs_ms[key] = [decode_ms_per_token(model, prompt, a.new_tokens) for _ in range(a.runs)]
-            print(f"transformers {key}: {sorted(runs_ms[key])[len(runs_ms[key]) // 2]:.3f} ms/token", flush=True)
+            warm = time.perf_counter()
+            measure(model, prompt, a.new_tokens)  # warm-up (and, static-compile, compilation)
+            if a.mode == "static-compile":
+                measure(model, prompt, a.new_tokens)
+                print(f"  {key}: compiled and warmed up in {time.perf_counter() - warm:.0f} s", flush=True)
+            runs_ms[key] = [measure(model, prompt, a.new_tokens) for _ in range(a.runs)]
+            print(f"transformers {a.mode} {key}: {sorted(runs_ms[key])[len(runs_ms[key]) // 2]:.3f} ms/token", flush=True)
         del model
         torch.cuda.empty_cache()
     env = {
@@ -94,6 +133,7 @@ def main():
         "gpu": torch.cuda.get_device_name(0),
         "attention": "eager",
         "dtype": "float16",
+        "mode": a.mode,
     }
     with open(a.json, "w") as f:
         json.dump({"runs_ms": runs_ms, "env": env}, f, indent=1)

@@ -58,6 +58,10 @@ pub struct E2eArgs {
     /// 0: every head's written at every step, the sparse path's default)
     #[arg(long, default_value_t = 0, value_name = "N")]
     lazy_kv_window: usize,
+    /// Sparse rows: the decode step's fused predictor kernels read the predictors in the
+    /// model's dtype (f16: half the predictor bytes) instead of f32
+    #[arg(long)]
+    predictors_in_model_dtype: bool,
     /// The paper's latency setting for the synthetic models: MLP density in sparse layers
     #[arg(long, default_value_t = 0.1)]
     mlp_density: f64,
@@ -154,14 +158,21 @@ fn bytes_per_token(config: &OptConfig, stats: Option<&SparsityStats>, predictor_
     total + predictor_bytes
 }
 
-/// Bytes the predictors read per token (every layer's two factors, f32).
-fn predictor_bytes<B: Backend>(modules: &PredictorModules<B>) -> f64 {
+/// Bytes the predictors read per token (every layer's two factors, in f32 or, with
+/// `--predictors-in-model-dtype`, `bpv` bytes a value).
+fn predictor_bytes<B: Backend>(modules: &PredictorModules<B>, args: &E2eArgs, bpv: f64) -> f64 {
+    let per_value = if args.predictors_in_model_dtype { bpv } else { 4.0 };
     let mut bytes = 0.0;
     for p in modules.mlp.iter().chain(&modules.attention).flatten() {
         let (d, r, o) = p.dims();
-        bytes += ((d * r + r * o) * 4) as f64;
+        bytes += (d * r + r * o) as f64 * per_value;
     }
     bytes
+}
+
+/// The sparse path's options for the rows of this run.
+fn sparse_options(args: &E2eArgs) -> SparseOptions {
+    SparseOptions { lazy_kv_window: args.lazy_kv_window, predictors_in_model_dtype: args.predictors_in_model_dtype, ..Default::default() }
 }
 
 /// Host cost of one launch: the time per launch of 2,000 back-to-back launches of a kernel
@@ -231,7 +242,7 @@ fn synthetic_sparse<B: SparseKernels>(
     let device = model.device();
     let set = PredictorSet::<B>::init(manifest.clone(), &device)?;
     let modules = set.modules.into_f32();
-    let predictor_bytes = predictor_bytes(&modules);
+    let predictor_bytes = predictor_bytes(&modules, args, bytes_per_value(args.dtype));
 
     // One decode step after the prompt, recording every layer's inputs.
     let (mut attention_inputs, mut mlp_inputs) = (vec![None; layers], vec![None; layers]);
@@ -262,8 +273,7 @@ fn synthetic_sparse<B: SparseKernels>(
             plan.layers[target].attention = Selection::Threshold { threshold: t };
         }
     }
-    let options = SparseOptions { lazy_kv_window: args.lazy_kv_window, ..Default::default() };
-    let sparse = SparseModel::with_weights(model, "synthetic", plan, modules, options, weights.clone())?;
+    let sparse = SparseModel::with_weights(model, "synthetic", plan, modules, sparse_options(args), weights.clone())?;
     Ok((sparse, predictor_bytes))
 }
 
@@ -752,11 +762,10 @@ impl BackendTask for E2eTask {
                 if trained {
                     let hash = content_hash(&args.opt_mini)?;
                     let set = PredictorSet::<B>::load(&args.opt_mini_predictors, &device)?;
-                    let predictor_bytes = predictor_bytes(&set.modules);
+                    let predictor_bytes = predictor_bytes(&set.modules, args, bpv);
                     for point in &args.opt_mini_points {
                         let plan = SparsityPlan::new(&set.manifest, point, &DenseLayers::default())?;
-                        let options = SparseOptions { lazy_kv_window: args.lazy_kv_window, ..Default::default() };
-                        let sparse = SparseModel::with_weights(&model, &hash, plan, set.modules.clone(), options, weights.clone())?;
+                        let sparse = SparseModel::with_weights(&model, &hash, plan, set.modules.clone(), sparse_options(args), weights.clone())?;
                         let t = time_decode(&model, &mut cache, &mut |count| Box::new(if count { sparse.hooks() } else { sparse.hooks().without_counts() }), &prompt, args)?;
                         push(&mut rows, format!("sparse {point}"), t, predictor_bytes);
                     }
@@ -864,6 +873,7 @@ fn write_report(
         "runs": args.runs,
         "readback": args.readback,
         "lazy_kv_window": args.lazy_kv_window,
+        "predictors_in_model_dtype": args.predictors_in_model_dtype,
         "note": "per-token latency = decode time of the last new_tokens-1 steps / (new_tokens-1), median over runs \
                  after one warm-up run; prompts prefilled in 128-token chunks into one cache per model. kept_* come \
                  from the warm-up run (the timed runs repeat its greedy tokens without counting). Published shapes: random weights and random predictors (latency does not \

@@ -80,6 +80,10 @@ struct SparseArgs {
     /// every step, which measured faster on the H100
     #[arg(long, requires = "predictors", default_value_t = 0, value_name = "N")]
     lazy_kv_window: usize,
+    /// Decoding one sequence, read the predictors in the model's dtype (f16: half their
+    /// bytes; sums stay f32) instead of f32, in which they were trained and calibrated
+    #[arg(long, requires = "predictors")]
+    predictors_in_model_dtype: bool,
 }
 
 /// The sparse path's settings once the command line is read.
@@ -91,6 +95,7 @@ struct SparseChoice {
     oracle_mlp: bool,
     oracle_attention: bool,
     lazy_kv_window: usize,
+    predictors_in_model_dtype: bool,
 }
 
 impl SparseArgs {
@@ -103,6 +108,7 @@ impl SparseArgs {
             oracle_mlp: self.oracle_mlp,
             oracle_attention: self.oracle_attention,
             lazy_kv_window: self.lazy_kv_window,
+            predictors_in_model_dtype: self.predictors_in_model_dtype,
         })
     }
 }
@@ -118,12 +124,19 @@ impl SparseChoice {
             "oracle_mlp": self.oracle_mlp,
             "oracle_attention": self.oracle_attention,
             "lazy_kv_window": self.lazy_kv_window,
+            "predictors_in_model_dtype": self.predictors_in_model_dtype,
             "kept": kept,
         })
     }
 
     fn load<B: SparseKernels>(&self, model: &Opt<B>, dir: &std::path::Path, every_token: bool) -> anyhow::Result<SparseModel<B>> {
-        let options = SparseOptions { every_token, oracle_mlp: self.oracle_mlp, oracle_attention: self.oracle_attention, lazy_kv_window: self.lazy_kv_window };
+        let options = SparseOptions {
+            every_token,
+            oracle_mlp: self.oracle_mlp,
+            oracle_attention: self.oracle_attention,
+            lazy_kv_window: self.lazy_kv_window,
+            predictors_in_model_dtype: self.predictors_in_model_dtype,
+        };
         let sparse = SparseModel::load(model, dir, &self.predictors, &self.point, &self.dense, options)?;
         let plan = sparse.plan();
         let density = |d: Option<f64>| d.map_or("varies per token".to_string(), |d| format!("{:.1}%", d * 100.0));

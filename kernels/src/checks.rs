@@ -705,8 +705,9 @@ pub fn check_block_cols_gemv<B: SparseKernels>(
 /// weights `[r, d]` reading an `x` stored in `dtype`, f32 out: the predictor's first
 /// factor), fc1 gated by the predictor's logits computed in the same launch
 /// (`predicted_rows_gemv`, `rows × d` in `dtype`), and head selection from the predictor
-/// in one launch (`predict_select`, `heads` rows, three capacities). Thresholds sit in
-/// the widest gap between the middle logits, so rounding cannot move a row across.
+/// in one launch (`predict_select`, `heads` rows, three capacities), these two with the
+/// predictor in f32 and in `dtype`. Thresholds sit in the widest gap between the middle
+/// logits, so rounding cannot move a row across.
 pub fn check_predictor_kernels<B: SparseKernels>(
     device: &B::Device,
     rows: usize,
@@ -735,67 +736,73 @@ pub fn check_predictor_kernels<B: SparseKernels>(
     }
     out.push(o);
 
-    // Second factor fused into fc1.
+    // Second factor fused into fc1, then heads: predictor and selection in one cube; the
+    // predictor in f32 and, for a half-precision model, also stored as the model is.
     let h: Vec<f32> = uniform(&mut rng, r, 0.0);
-    let up = uniform(&mut rng, rows * r, 0.0);
-    let logits = host::rows_gemv(&up, rows, r, None, &h, 1, None, false);
-    let threshold = threshold_in_gap(&logits);
+    let h_dev = to_device::<B, 2>(&h, [1, r], DType::F32, device);
     let w = stored(uniform(&mut rng, rows * d, 0.0), dtype);
     let bias = stored(uniform(&mut rng, rows, 0.0), dtype);
-    let h_dev = to_device::<B, 2>(&h, [1, r], DType::F32, device);
-    let got = read(
-        crate::predicted_rows_gemv(
-            to_device::<B, 2>(&w, [rows, d], dtype, device),
-            x_dev,
-            Some(to_device::<B, 1>(&bias, [rows], dtype, device)),
-            Activation::Relu,
-            to_device::<B, 2>(&up, [rows, r], DType::F32, device),
-            h_dev.clone(),
-            threshold,
-        )
-        .expect("consistent shapes"),
-    );
-    let mut want = host::rows_gemv(&w, rows, d, None, &x, 1, Some(&bias), true);
-    for (j, l) in logits.iter().enumerate() {
-        if *l <= threshold {
-            want[j] = 0.0;
+    let up_values = uniform(&mut rng, rows * r, 0.0);
+    let up_heads_values = uniform(&mut rng, heads * r, 0.0);
+    for p_dtype in predictor_dtypes(dtype) {
+        let p_case = format!("{case} predictor {p_dtype:?}");
+        let up = stored(up_values.clone(), p_dtype);
+        let logits = host::rows_gemv(&up, rows, r, None, &h, 1, None, false);
+        let threshold = threshold_in_gap(&logits);
+        let got = read(
+            crate::predicted_rows_gemv(
+                to_device::<B, 2>(&w, [rows, d], dtype, device),
+                x_dev.clone(),
+                Some(to_device::<B, 1>(&bias, [rows], dtype, device)),
+                Activation::Relu,
+                to_device::<B, 2>(&up, [rows, r], p_dtype, device),
+                h_dev.clone(),
+                threshold,
+            )
+            .expect("consistent shapes"),
+        );
+        let mut want = host::rows_gemv(&w, rows, d, None, &x, 1, Some(&bias), true);
+        for (j, l) in logits.iter().enumerate() {
+            if *l <= threshold {
+                want[j] = 0.0;
+            }
         }
-    }
-    out.push(outcome("predicted_rows_gemv", case.clone(), dtype, &got, &want, &[]));
+        out.push(outcome("predicted_rows_gemv", p_case.clone(), dtype, &got, &want, &[]));
 
-    // Heads: predictor and selection in one cube.
-    let up_heads = uniform(&mut rng, heads * r, 0.0);
-    let logits = host::rows_gemv(&up_heads, heads, r, None, &h, 1, None, false);
-    let threshold = threshold_in_gap(&logits);
-    let up_dev = to_device::<B, 2>(&up_heads, [heads, r], DType::F32, device);
-    let (_, total) = host::select_above_threshold(&logits, 1, heads, threshold, heads);
-    for capacity in [heads, (total / 2).max(1), total + 3] {
-        let (want_idx, want_count) = host::select_above_threshold(&logits, 1, heads, threshold, capacity);
-        let sel = crate::predict_select(up_dev.clone(), h_dev.clone(), threshold, capacity).expect("consistent shapes");
-        out.push(selection_outcome("predict_select", format!("{case} capacity {capacity}"), sel, &want_idx, want_count));
+        let up_heads = stored(up_heads_values.clone(), p_dtype);
+        let logits = host::rows_gemv(&up_heads, heads, r, None, &h, 1, None, false);
+        let threshold = threshold_in_gap(&logits);
+        let up_dev = to_device::<B, 2>(&up_heads, [heads, r], p_dtype, device);
+        let (_, total) = host::select_above_threshold(&logits, 1, heads, threshold, heads);
+        for capacity in [heads, (total / 2).max(1), total + 3] {
+            let (want_idx, want_count) = host::select_above_threshold(&logits, 1, heads, threshold, capacity);
+            let sel = crate::predict_select(up_dev.clone(), h_dev.clone(), threshold, capacity).expect("consistent shapes");
+            out.push(selection_outcome("predict_select", format!("{p_case} capacity {capacity}"), sel, &want_idx, want_count));
+        }
     }
     out
 }
 
 /// `norm_predict` (LayerNorm + a predictor's first factor + a head selection in one
 /// launch) against the host's LayerNorm, GEMV and selection, with and without the
-/// selection. The residual is stored in `dtype`, the predictors are f32.
+/// selection. The residual is stored in `dtype`, the predictors in f32 and in `dtype`.
 pub fn check_norm_predict<B: SparseKernels>(device: &B::Device, d: usize, r: usize, heads: usize, dtype: DType, seed: u64) -> Vec<Outcome> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let case = format!("d {d} r {r} heads {heads} {dtype:?} seed {seed}");
     let x = stored((0..d).map(|_| 3.0 + 4.0 * rng.random_range(-1.0f32..1.0)).collect(), dtype);
     let (gamma, beta) = (uniform(&mut rng, d, 0.0), uniform(&mut rng, d, 0.0));
-    let down = uniform(&mut rng, r * d, 0.0);
-    let (up, h) = (uniform(&mut rng, heads * r, 0.0), uniform(&mut rng, r, 0.0));
-    let logits = host::rows_gemv(&up, heads, r, None, &h, 1, None, false);
-    let threshold = threshold_in_gap(&logits);
+    let down_values = uniform(&mut rng, r * d, 0.0);
+    let (up_values, h) = (uniform(&mut rng, heads * r, 0.0), uniform(&mut rng, r, 0.0));
     let eps = 1e-5;
     let want_normed = host::layer_norm(&x, 1, d, &gamma, &beta, eps);
-    let want_first = host::rows_gemv(&down, r, d, None, &x, 1, None, false);
     let mut out = Vec::new();
-    for with_select in [true, false] {
+    for (p_dtype, with_select) in predictor_dtypes(dtype).into_iter().flat_map(|p| [(p, true), (p, false)]) {
+        let case = format!("d {d} r {r} heads {heads} {dtype:?} predictor {p_dtype:?} seed {seed}");
+        let (down, up) = (stored(down_values.clone(), p_dtype), stored(up_values.clone(), p_dtype));
+        let logits = host::rows_gemv(&up, heads, r, None, &h, 1, None, false);
+        let threshold = threshold_in_gap(&logits);
+        let want_first = host::rows_gemv(&down, r, d, None, &x, 1, None, false);
         let select = with_select.then(|| crate::HeadSelect {
-            up: to_device::<B, 2>(&up, [heads, r], DType::F32, device),
+            up: to_device::<B, 2>(&up, [heads, r], p_dtype, device),
             h: to_device::<B, 2>(&h, [1, r], DType::F32, device),
             threshold,
             capacity: heads,
@@ -805,7 +812,7 @@ pub fn check_norm_predict<B: SparseKernels>(device: &B::Device, d: usize, r: usi
             to_device::<B, 1>(&gamma, [d], DType::F32, device),
             to_device::<B, 1>(&beta, [d], DType::F32, device),
             eps,
-            to_device::<B, 2>(&down, [r, d], DType::F32, device),
+            to_device::<B, 2>(&down, [r, d], p_dtype, device),
             select,
         )
         .expect("consistent shapes");
@@ -828,6 +835,12 @@ pub fn check_norm_predict<B: SparseKernels>(device: &B::Device, d: usize, r: usi
         }
     }
     out
+}
+
+/// The predictor dtypes the checks take for a model stored in `dtype`: f32 always, and
+/// the model's own half type (what a half-precision sparse decode reads).
+fn predictor_dtypes(dtype: DType) -> Vec<DType> {
+    if dtype == DType::F32 { vec![DType::F32] } else { vec![DType::F32, dtype] }
 }
 
 /// A threshold halfway across the widest gap between consecutive sorted values of the

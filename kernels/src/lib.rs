@@ -255,7 +255,11 @@ pub trait SparseKernels: Backend {
         select: Option<(FloatTensor<Self>, FloatTensor<Self>, f32, usize)>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, Option<(IntTensor<Self>, IntTensor<Self>)>) {
         let normed = Self::layer_norm_rows(x.clone(), gamma, beta, eps);
-        let first = Self::rows_gemv(down, None, 1, x, None, false);
+        // The first factor is summed and stored in f32 whatever `down`'s dtype, as the
+        // kernel does it.
+        let f32 = burn::tensor::DType::F32;
+        let down: Tensor<Self, 2> = wrap(down);
+        let first = Self::rows_gemv(prim(down.cast(f32)), None, 1, x, None, false);
         let selection = select.map(|(up, h, threshold, capacity)| Self::predict_select(up, h, threshold, capacity));
         (normed, first, selection)
     }
@@ -828,8 +832,9 @@ pub fn gated_rows_gemv<B: SparseKernels>(
 /// [`gated_rows_gemv`] whose gate is a low-rank predictor's logits, computed in the same
 /// launch: row `j` of `w` is read (and `out[0, j] = act(W[j, :] · x + bias[j])`) only where
 /// `up[j, :] · h > threshold`; elsewhere `out` is 0. `up [rows, r]` is the predictor's
-/// second factor and `h [1, r]` its first factor's output, both f32. Predictor, selection
-/// and fc1 in one launch, with no logits or index list in memory. Batch 1.
+/// second factor (f32, or a half type to read half the bytes) and `h [1, r]` its first
+/// factor's output (f32); logits in f32. Predictor, selection and fc1 in one launch, with
+/// no logits or index list in memory. Batch 1.
 #[allow(clippy::too_many_arguments)] // fc1's inputs and the predictor's
 pub fn predicted_rows_gemv<B: SparseKernels>(
     w: Tensor<B, 2>,
@@ -863,8 +868,8 @@ fn check_gated_rows<B: Backend>(op: &'static str, w: &Tensor<B, 2>, x: &Tensor<B
     Ok(())
 }
 
-/// The second factor of a low-rank predictor (`up [rows, r]`, f32) and its first factor's
-/// output for one token (`h [1, r]`, f32); `rows` as expected when given.
+/// The second factor of a low-rank predictor (`up [rows, r]`, any float dtype) and its
+/// first factor's output for one token (`h [1, r]`, f32); `rows` as expected when given.
 fn check_predictor<B: Backend>(op: &'static str, up: &Tensor<B, 2>, h: &Tensor<B, 2>, rows: Option<usize>) -> Result<(), KernelError> {
     let [up_rows, r] = up.dims();
     if let Some(rows) = rows {
@@ -875,14 +880,24 @@ fn check_predictor<B: Backend>(op: &'static str, up: &Tensor<B, 2>, h: &Tensor<B
     if h.dims() != [1, r] {
         return Err(shape_err(op, format!("h is {:?}, expected [1, {r}] (one token, the predictor's rank)", h.dims())));
     }
-    check_float(op, "the predictor", up, burn::tensor::DType::F32)?;
+    check_any_float(op, "the predictor", up.dtype())?;
     check_float(op, "h", h, burn::tensor::DType::F32)
+}
+
+/// A float dtype the kernels read (f32, f16 or bf16).
+fn check_any_float(op: &'static str, name: &str, dtype: burn::tensor::DType) -> Result<(), KernelError> {
+    use burn::tensor::DType;
+    match dtype {
+        DType::F32 | DType::F16 | DType::BF16 => Ok(()),
+        other => Err(KernelError::Dtype { op, what: format!("{name} is {other:?}, expected f32, f16 or bf16") }),
+    }
 }
 
 /// Ascending indices of the rows whose predictor logit `up[j, :] · h` is above `threshold`,
 /// padded with `rows` (an empty slot) to `capacity`, and how many there were (`[1]`):
 /// [`select_above_threshold`] of the predictor's logits, computed in the same launch.
-/// `up [rows, r]`, `h [1, r]`, both f32; for few rows (attention heads: one cube).
+/// `up [rows, r]` (any float dtype), `h [1, r]` (f32); for few rows (attention heads: one
+/// cube).
 pub fn predict_select<B: SparseKernels>(
     up: Tensor<B, 2>,
     h: Tensor<B, 2>,
@@ -912,8 +927,8 @@ fn check_head_select<B: Backend>(op: &'static str, up: &Tensor<B, 2>, h: &Tensor
 }
 
 /// A head selection for [`norm_predict`] to make alongside: the second factor `up [rows,
-/// r]` and first-factor output `h [1, r]` of a head predictor (both f32), as
-/// [`predict_select`] takes them.
+/// r]` (in the dtype of [`norm_predict`]'s `down`) and first-factor output `h [1, r]` (f32)
+/// of a head predictor, as [`predict_select`] takes them.
 pub struct HeadSelect<B: Backend> {
     pub up: Tensor<B, 2>,
     pub h: Tensor<B, 2>,
@@ -931,7 +946,8 @@ pub struct NormPrediction<B: Backend> {
 
 /// A pre-LN decode step's layer input in one launch (batch 1): the LayerNorm of the
 /// residual `x [1, d]` (f32 `gamma`, `beta` `[d]`), the first factor `down [r, d] · x` of
-/// the next layer's predictor (f32 `down`, `x` in the model's dtype), and optionally this
+/// the next layer's predictor (`down` in f32 or the model's dtype, the output f32, `x` in
+/// the model's dtype), and optionally this
 /// layer's head selection ([`HeadSelect`], as [`predict_select`]). The three read the same
 /// residual and none needs another's output, so a sparse layer's predictors add no
 /// launches of their own.
@@ -952,9 +968,11 @@ pub fn norm_predict<B: SparseKernels>(
     if down.dims()[1] != d {
         return Err(shape_err(op, format!("the predictor's first factor is {:?} for rows of {d}", down.dims())));
     }
-    check_float(op, "the predictor's first factor", &down, burn::tensor::DType::F32)?;
+    check_any_float(op, "the predictor's first factor", down.dtype())?;
     if let Some(s) = &select {
         check_head_select(op, &s.up, &s.h, s.capacity)?;
+        // One dtype for both factors: the kernel reads them as one type.
+        check_float(op, "the head predictor's second factor", &s.up, down.dtype())?;
     }
     let select = select.map(|s| (prim(s.up), prim(s.h), s.threshold, s.capacity));
     let (normed, first, selection) = B::norm_predict(prim(x), prim(gamma), prim(beta), eps, prim(down), select);

@@ -78,6 +78,14 @@ pub struct SparseOptions {
     /// 3.47 ms/token: its recomputations are chains of dependent launches' worth of work
     /// inside one kernel, longer than the reads they save.
     pub lazy_kv_window: usize,
+    /// Hold a second copy of the predictors in the model's float dtype for the decode
+    /// step's fused kernels (`norm_predict`, `predicted_rows_gemv`, `predict_select`),
+    /// which then read half the predictor bytes of an f16 model: at rank 128 the second
+    /// factor of the MLP predictor is 4 of the ~14 MB a 10%-dense fc1 step reads at the
+    /// 6.7B shape. Sums stay f32 either way; only the stored weights round (logits move by
+    /// about 1e-3 of their size, so a neuron right at its threshold may flip). Off by
+    /// default: the predictors' quality was measured in f32.
+    pub predictors_in_model_dtype: bool,
 }
 
 /// Predictors, plan and kernel-ready weights for one model.
@@ -104,6 +112,10 @@ pub struct SparseModel<B: Backend> {
 struct RowPredictor<B: Backend> {
     down_rows: Tensor<B, 2>,
     up_rows: Tensor<B, 2>,
+    /// What the decode step's fused kernels read: the same tensors, or copies in the
+    /// model's dtype ([`SparseOptions::predictors_in_model_dtype`]).
+    down_decode: Tensor<B, 2>,
+    up_decode: Tensor<B, 2>,
 }
 
 /// What a predictor left for the layer it scores: the logits (several tokens), or for a
@@ -118,9 +130,12 @@ enum Prediction<B: Backend> {
 }
 
 impl<B: SparseKernels> RowPredictor<B> {
-    fn new(p: &LowRankClassifier<B>) -> Self {
-        let f32 = |t: Tensor<B, 2>| if t.dtype() == DType::F32 { t } else { t.cast(DType::F32) };
-        Self { down_rows: f32(rows_of(p.down.weight.val())), up_rows: f32(rows_of(p.up.weight.val())) }
+    /// `decode_dtype`: the dtype the decode kernels read the factors in (f32 when `None`).
+    fn new(p: &LowRankClassifier<B>, decode_dtype: Option<DType>) -> Self {
+        let to = |t: Tensor<B, 2>, dtype: DType| if t.dtype() == dtype { t } else { t.cast(dtype) };
+        let (down_rows, up_rows) = (to(rows_of(p.down.weight.val()), DType::F32), to(rows_of(p.up.weight.val()), DType::F32));
+        let decode = decode_dtype.unwrap_or(DType::F32);
+        Self { down_decode: to(down_rows.clone(), decode), up_decode: to(up_rows.clone(), decode), down_rows, up_rows }
     }
 
     /// For residuals `x [batch, n, d]`: one new position, the first factor's output
@@ -212,7 +227,8 @@ impl<B: SparseKernels> SparseModel<B> {
                 }
             }
         }
-        let at = |v: &Vec<Option<LowRankClassifier<B>>>, l: usize| v.get(l).and_then(Option::as_ref).map(RowPredictor::new);
+        let decode_dtype = options.predictors_in_model_dtype.then(|| model.decoder.layers[0].mlp.fc1.weight.val().dtype());
+        let at = |v: &Vec<Option<LowRankClassifier<B>>>, l: usize| v.get(l).and_then(Option::as_ref).map(|p| RowPredictor::new(p, decode_dtype));
         let predictors = (0..dims.num_layers).map(|l| [at(&predictors.mlp, l), at(&predictors.attention, l)]).collect();
         let pre_ln = model.decoder.layers.first().is_none_or(|l| l.do_layer_norm_before);
         Ok(Self { plan, predictors, weights, options, pre_ln })
@@ -433,11 +449,11 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
         let select = match (is_attention, &self.attention_pending[layer], model.plan.layers[layer].attention) {
             (true, Some(Prediction::FirstFactor(h)), Selection::Threshold { threshold }) => model.predictors[layer][1]
                 .as_ref()
-                .map(|p| dejavu_kernels::HeadSelect { up: p.up_rows.clone(), h: h.clone(), threshold, capacity: model.plan.dims.num_heads }),
+                .map(|p| dejavu_kernels::HeadSelect { up: p.up_decode.clone(), h: h.clone(), threshold, capacity: model.plan.dims.num_heads }),
             _ => None,
         };
         let (gamma, beta) = norm_params(ln, d);
-        let fused = dejavu_kernels::norm_predict(x.reshape([1, d]), gamma, beta, LAYER_NORM_EPS as f32, predictor.down_rows.clone(), select)
+        let fused = dejavu_kernels::norm_predict(x.reshape([1, d]), gamma, beta, LAYER_NORM_EPS as f32, predictor.down_decode.clone(), select)
             .expect(KERNEL_SHAPES);
         let pending = if is_attention { &mut self.attention_pending } else { &mut self.mlp_pending };
         pending[target] = Some(Prediction::FirstFactor(fused.first));
@@ -562,7 +578,7 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
             // One token, threshold: the predictor's second factor and the selection in
             // one launch.
             (Prediction::FirstFactor(h), Selection::Threshold { threshold }) if batch == 1 => {
-                let selected = dejavu_kernels::predict_select(predictor.up_rows.clone(), h, threshold, attention.num_heads)
+                let selected = dejavu_kernels::predict_select(predictor.up_decode.clone(), h, threshold, attention.num_heads)
                     .expect(KERNEL_SHAPES);
                 if self.count_kept {
                     kept.add_device_int(selected.count, 1);
@@ -624,7 +640,7 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
             let h = match prediction {
                 // The predictor's second factor runs in the same launch: no logits in memory.
                 Prediction::FirstFactor(h) => {
-                    dejavu_kernels::predicted_rows_gemv(fc1_rows, x, bias(&mlp.fc1), Act::Relu, predictor().up_rows.clone(), h, threshold)
+                    dejavu_kernels::predicted_rows_gemv(fc1_rows, x, bias(&mlp.fc1), Act::Relu, predictor().up_decode.clone(), h, threshold)
                 }
                 // The oracle's logits.
                 Prediction::Logits(logits) => {

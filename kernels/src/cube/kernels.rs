@@ -93,7 +93,8 @@ pub struct LazyShape {
     pub window: usize,
 }
 
-/// A low-rank predictor's second factor `up [rows, rank]` (f32, row stride in elements).
+/// A low-rank predictor's second factor `up [rows, rank]` (f32, or the model's dtype: it
+/// is most of the bytes a predicted fc1 reads), row stride in elements.
 #[derive(CubeType, CubeLaunch, Clone, Copy)]
 pub struct PredictorShape {
     pub rank: usize,
@@ -1404,8 +1405,8 @@ fn gated_row<F: Float, N: Size>(
 /// the row's lane group (every lane gets it). Rows past `rows` give -3e38: never above a
 /// threshold.
 #[cube]
-fn predicted_logit(
-    up: &Array<f32>,
+fn predicted_logit<P: Float>(
+    up: &Array<P>,
     h: &Array<f32>,
     predictor: PredictorShape,
     j: usize,
@@ -1423,15 +1424,15 @@ fn predicted_logit(
         // Four loads in flight per lane (a rank-128 row is four per lane of a plane):
         // one at a time made the logit four round trips to memory.
         while t + 3 * group < r {
-            let u0 = up[base + t];
-            let u1 = up[base + t + group];
-            let u2 = up[base + t + 2 * group];
-            let u3 = up[base + t + 3 * group];
+            let u0 = f32::cast_from(up[base + t]);
+            let u1 = f32::cast_from(up[base + t + group]);
+            let u2 = f32::cast_from(up[base + t + 2 * group]);
+            let u3 = f32::cast_from(up[base + t + 3 * group]);
             partial += u0 * h[t] + u1 * h[t + group] + u2 * h[t + 2 * group] + u3 * h[t + 3 * group];
             t += 4 * group;
         }
         while t < r {
-            partial += up[base + t] * h[t];
+            partial += f32::cast_from(up[base + t]) * h[t];
             t += group;
         }
     }
@@ -1451,9 +1452,9 @@ fn predicted_logit(
 /// together, was slower on the H100: 24.6 µs against 13.7 at the 6.7B shape, `kernels
 /// --tune`.)
 #[cube(launch_unchecked)]
-pub(crate) fn predicted_rows_gemv_kernel<F: Float, N: Size>(
+pub(crate) fn predicted_rows_gemv_kernel<F: Float, P: Float, N: Size>(
     w: &Array<Vector<F, N>>,
-    up: &Array<f32>,
+    up: &Array<P>,
     h: &Array<f32>,
     x: &Array<Vector<F, N>>,
     bias: &Array<F>,
@@ -1466,7 +1467,7 @@ pub(crate) fn predicted_rows_gemv_kernel<F: Float, N: Size>(
     #[comptime] group: usize,
     #[comptime] rows_per_cube: usize,
     #[comptime] use_plane: bool,
-    #[define(F)] _dtype: StorageType,
+    #[define(F, P)] _dtypes: [StorageType; 2],
 ) {
     let mut scratch = SharedMemory::<f32>::new(group * rows_per_cube);
     let lane = UNIT_POS_X as usize;
@@ -1482,8 +1483,8 @@ pub(crate) fn predicted_rows_gemv_kernel<F: Float, N: Size>(
 /// length, and their number into `count[0]`. `rows` is small (OPT has at most 96 heads),
 /// so one unit compacts them serially.
 #[cube(launch_unchecked)]
-pub(crate) fn predict_select_kernel<I: Int>(
-    up: &Array<f32>,
+pub(crate) fn predict_select_kernel<P: Float, I: Int>(
+    up: &Array<P>,
     h: &Array<f32>,
     idx: &mut Array<I>,
     count: &mut Array<I>,
@@ -1495,7 +1496,7 @@ pub(crate) fn predict_select_kernel<I: Int>(
     #[comptime] group: usize,
     #[comptime] groups: usize,
     #[comptime] use_plane: bool,
-    #[define(I)] _dtype: StorageType,
+    #[define(P, I)] _dtypes: [StorageType; 2],
 ) {
     let mut scratch = SharedMemory::<f32>::new(group * groups);
     let mut logits = SharedMemory::<f32>::new(max_rows);
@@ -1505,8 +1506,8 @@ pub(crate) fn predict_select_kernel<I: Int>(
 /// The body of [`predict_select_kernel`], for one cube of `groups` lane groups.
 #[cube]
 #[allow(clippy::too_many_arguments)] // the predictor, the outputs and the cube's layout
-fn select_by_predictor<I: Int>(
-    up: &Array<f32>,
+fn select_by_predictor<P: Float, I: Int>(
+    up: &Array<P>,
     h: &Array<f32>,
     idx: &mut Array<I>,
     count: &mut Array<I>,
@@ -1554,7 +1555,8 @@ fn select_by_predictor<I: Int>(
 
 /// A pre-LN decode step's layer input, three jobs in one launch (batch 1): the LayerNorm of
 /// the residual `x [1, d]` into `normed`; the first factor of the next layer's predictor,
-/// `first [1, r] = down · x` (f32 `down [r, d]`, reading the residual as it is stored);
+/// `first [1, r] = down · x` (f32, from `down [r, d]` in f32 or the model's dtype, reading
+/// the residual as it is stored);
 /// and with `has_select`, this layer's head selection from the first factor the layer
 /// before left (`up · h` above `threshold`, as [`predict_select_kernel`]). Cubes
 /// `0..gemv_cubes` each take one row of `down`, cube `gemv_cubes` the LayerNorm,
@@ -1562,14 +1564,14 @@ fn select_by_predictor<I: Int>(
 /// another's output, so the sparse path's predictors cost no launches of their own.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)] // three jobs' inputs and outputs
-pub(crate) fn norm_predict_kernel<F: Float, N: Size, I: Int>(
+pub(crate) fn norm_predict_kernel<F: Float, P: Float, N: Size, I: Int>(
     x: &Array<Vector<F, N>>,
     gamma: &Array<Vector<f32, N>>,
     beta: &Array<Vector<f32, N>>,
     normed: &mut Array<Vector<F, N>>,
-    down: &Array<Vector<f32, N>>,
+    down: &Array<Vector<P, N>>,
     first: &mut Array<f32>,
-    up: &Array<f32>,
+    up: &Array<P>,
     h: &Array<f32>,
     idx: &mut Array<I>,
     count: &mut Array<I>,
@@ -1588,7 +1590,7 @@ pub(crate) fn norm_predict_kernel<F: Float, N: Size, I: Int>(
     #[comptime] use_plane: bool,
     #[comptime] has_select: bool,
     #[comptime] max_rows: usize,
-    #[define(F, I)] _dtypes: [StorageType; 2],
+    #[define(F, P, I)] _dtypes: [StorageType; 3],
 ) {
     let mut scratch = SharedMemory::<f32>::new(group * rows_per_cube);
     let cube = CUBE_POS_X as usize;

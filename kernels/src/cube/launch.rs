@@ -887,7 +887,7 @@ pub fn predicted_rows_gemv<R: CubeRuntime>(
     let (w, x) = (into_contiguous(w), into_contiguous(x));
     let (up, h) = (into_contiguous(up), into_contiguous(h));
     let l = GatedRows::new(&w, &x, bias);
-    let (dtype, client) = (w.dtype, w.client.clone());
+    let (dtype, up_dtype, client) = (w.dtype, up.dtype, w.client.clone());
     let predictor = PredictorShapeLaunch::new(dims(&up)[1], stride(&up, 0));
     unsafe {
         predicted_rows_gemv_kernel::launch_unchecked::<R>(
@@ -909,7 +909,7 @@ pub fn predicted_rows_gemv<R: CubeRuntime>(
             l.group,
             l.rows_per_cube,
             l.use_plane,
-            dtype.into(),
+            [dtype.into(), up_dtype.into()],
         );
     }
     l.out
@@ -933,7 +933,7 @@ pub fn predict_select<R: CubeRuntime>(
     let count = empty(&up, vec![1], int_dtype);
     let (group, use_plane) = reduction_group(&up.client);
     let groups = PREDICT_SELECT_GROUPS.min(client_units(&up) / group).max(1);
-    let client = up.client.clone();
+    let (client, up_dtype) = (up.client.clone(), up.dtype);
     let predictor = PredictorShapeLaunch::new(dims(&up)[1], stride(&up, 0));
     unsafe {
         predict_select_kernel::launch_unchecked::<R>(
@@ -952,14 +952,15 @@ pub fn predict_select<R: CubeRuntime>(
             group,
             groups,
             use_plane,
-            int_dtype.into(),
+            [up_dtype.into(), int_dtype.into()],
         );
     }
     (idx, count)
 }
 
-/// A head selection for [`norm_predict`] to make in the same launch: `up [rows, r]`, the
-/// first factor `h [1, r]` (both f32), the threshold and the index list's capacity.
+/// A head selection for [`norm_predict`] to make in the same launch: `up [rows, r]` (in
+/// the dtype of `norm_predict`'s `down`), the first factor `h [1, r]` (f32), the threshold
+/// and the index list's capacity.
 pub struct SelectArgs<R: CubeRuntime> {
     pub up: CubeTensor<R>,
     pub h: CubeTensor<R>,
@@ -1016,7 +1017,7 @@ pub fn norm_predict<R: CubeRuntime>(
         None => (unread(&x), unread(&x)),
     };
     let max_rows = select_rows.max(1).next_power_of_two();
-    let dtype = x.dtype;
+    let (dtype, down_dtype) = (x.dtype, down.dtype);
     let client = x.client.clone();
     unsafe {
         norm_predict_kernel::launch_unchecked::<R>(
@@ -1049,7 +1050,7 @@ pub fn norm_predict<R: CubeRuntime>(
             use_plane,
             has_select,
             max_rows,
-            [dtype.into(), int_dtype.into()],
+            [dtype.into(), down_dtype.into(), int_dtype.into()],
         );
     }
     (normed, first, selection)

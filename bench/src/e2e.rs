@@ -94,6 +94,11 @@ pub struct E2eArgs {
     /// gaps (the step enqueued behind a long primer)
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     profile: bool,
+    /// Sample where the host's time goes during three more timed runs of each row at the
+    /// first prompt length, appending per-function summaries to this file (needs the
+    /// `host-profile` feature)
+    #[arg(long, value_name = "FILE")]
+    host_profile: Option<PathBuf>,
     /// Read the transformers peer's results from this JSON instead of running it
     #[arg(long, value_name = "FILE")]
     peer_json: Option<PathBuf>,
@@ -345,14 +350,20 @@ fn time_decode<'h, B: SparseKernels>(
     hooks: &mut dyn FnMut(bool) -> Box<dyn ForwardHooksWithStats<B> + 'h>,
     prompt: &[u32],
     args: &E2eArgs,
+    label: &str,
 ) -> anyhow::Result<Timing> {
     // The warm-up run counts what each step keeps; the timed runs (the same greedy tokens,
     // so the same selections) do not pay for counting.
     let warm = Instant::now();
     let mut h = hooks(true);
-    let (_, warm_tokens) = decode_run(model, cache, h.as_hooks(), prompt, args.new_tokens, Readback::Step)?;
+    decode_run(model, cache, h.as_hooks(), prompt, args.new_tokens, Readback::Step)?;
     let stats = h.stats();
-    eprintln!("  warm-up run {:.1} s", warm.elapsed().as_secs_f64());
+    // A second warm-up run gives the tokens the timed runs must repeat: the first call of
+    // a shape may run while its kernels are still being autotuned, and on opt-mini (a
+    // trained model whose top logits can lie within f16 rounding of each other) that
+    // changed a greedy token.
+    let (_, warm_tokens) = decode_run(model, cache, hooks(false).as_hooks(), prompt, args.new_tokens, Readback::Step)?;
+    eprintln!("  warm-up runs {:.1} s", warm.elapsed().as_secs_f64());
     let mut runs_ms = Vec::new();
     for _ in 0..args.runs {
         let mut h = hooks(false);
@@ -363,6 +374,15 @@ fn time_decode<'h, B: SparseKernels>(
             bail!("a timed run ({:?} readback) chose other tokens than the warm-up run from step {at}", args.readback);
         }
         runs_ms.push(ms);
+    }
+    if let Some(out) = args.host_profile.as_ref().filter(|_| args.prompt_lens.first() == Some(&prompt.len())) {
+        let label = format!("{label}, prompt {}, {:?} readback, 3 runs of {} tokens", prompt.len(), args.readback, args.new_tokens);
+        crate::hostprof::profile(out, &label, || {
+            for _ in 0..3 {
+                decode_run(model, cache, hooks(false).as_hooks(), prompt, args.new_tokens, args.readback)?;
+            }
+            Ok(())
+        })?;
     }
     let profile = if args.profile { Some(profile_decode(model, cache, hooks, prompt, args.readback)?) } else { None };
     Ok(Timing { runs_ms, stats, profile })
@@ -757,7 +777,7 @@ impl BackendTask for E2eTask {
                         "kernels": kernels,
                     }));
                 }
-                let dense = time_decode(&model, &mut cache, &mut |_| Box::new(KernelDecode::new(&weights)), &prompt, args)?;
+                let dense = time_decode(&model, &mut cache, &mut |_| Box::new(KernelDecode::new(&weights)), &prompt, args, &format!("{name} dense"))?;
                 push(&mut rows, "dense".into(), dense, 0.0);
                 if trained {
                     let hash = content_hash(&args.opt_mini)?;
@@ -766,15 +786,16 @@ impl BackendTask for E2eTask {
                     for point in &args.opt_mini_points {
                         let plan = SparsityPlan::new(&set.manifest, point, &DenseLayers::default())?;
                         let sparse = SparseModel::with_weights(&model, &hash, plan, set.modules.clone(), sparse_options(args), weights.clone())?;
-                        let t = time_decode(&model, &mut cache, &mut |count| Box::new(if count { sparse.hooks() } else { sparse.hooks().without_counts() }), &prompt, args)?;
-                        push(&mut rows, format!("sparse {point}"), t, predictor_bytes);
+                        let label = format!("sparse {point}");
+                        let t = time_decode(&model, &mut cache, &mut |count| Box::new(if count { sparse.hooks() } else { sparse.hooks().without_counts() }), &prompt, args, &format!("{name} {label}"))?;
+                        push(&mut rows, label, t, predictor_bytes);
                     }
                 } else {
                     let setup = Instant::now();
                     let (sparse, predictor_bytes) = synthetic_sparse(&model, &config, &weights, &mut cache, &prompt, args)?;
                     eprintln!("  synthetic predictors and thresholds {:.1} s", setup.elapsed().as_secs_f64());
-                    let t = time_decode(&model, &mut cache, &mut |count| Box::new(if count { sparse.hooks() } else { sparse.hooks().without_counts() }), &prompt, args)?;
                     let label = format!("sparse paper (mlp {}, attention {})", args.mlp_density, args.attention_density);
+                    let t = time_decode(&model, &mut cache, &mut |count| Box::new(if count { sparse.hooks() } else { sparse.hooks().without_counts() }), &prompt, args, &format!("{name} {label}"))?;
                     push(&mut rows, label, t, predictor_bytes);
                 }
                 report(&rows, &checks, None, false)?;

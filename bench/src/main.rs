@@ -7,6 +7,7 @@
 mod dense;
 mod capture;
 mod e2e;
+mod hostprof;
 mod kernels;
 mod launch;
 mod primer;

@@ -1185,6 +1185,32 @@ fn layer_norm_row<F: Float, N: Size>(
     }
 }
 
+/// Row `j` of `[k_proj; v_proj]` (the first `half` rows are keys) with its bias, stored
+/// at `offset` of the key or the value cache: the write every path of
+/// [`kv_append_kernel`] ends with.
+#[cube]
+#[allow(clippy::too_many_arguments)] // the row's sum and where it goes
+fn write_kv<F: Float>(
+    total: f32,
+    bias: &Array<F>,
+    j: usize,
+    half: usize,
+    offset: usize,
+    k_cache: &mut Array<F>,
+    v_cache: &mut Array<F>,
+    #[comptime] has_bias: bool,
+) {
+    let mut y = total;
+    if has_bias {
+        y += f32::cast_from(bias[j]);
+    }
+    if j < half {
+        k_cache[offset] = F::cast_from(y);
+    } else {
+        v_cache[offset] = F::cast_from(y);
+    }
+}
+
 /// The keys and values of one new position, written straight into the caches: row `j` of
 /// `kv [2·H·hd, d]` (k_proj's rows, then v_proj's) dotted with `x[b, :]` plus `bias[j]`
 /// goes to `k_cache[b, h, pos, c]` (`j < H·hd`) or `v_cache[b, h, pos, c]`, with
@@ -1306,16 +1332,8 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int>(
             };
             let total = group_sum(partial, &mut scratch, group, use_plane);
             if lane == 0 {
-                let mut y = total;
-                if has_bias {
-                    y += f32::cast_from(bias[j]);
-                }
                 let offset = h * shape.cache_head_stride + p * shape.cache_pos_stride + c;
-                if j < half {
-                    k_cache[offset] = F::cast_from(y);
-                } else {
-                    v_cache[offset] = F::cast_from(y);
-                }
+                write_kv(total, bias, j, half, offset, k_cache, v_cache, has_bias);
             }
         }
     } else {
@@ -1327,16 +1345,8 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int>(
             }
             let total = group_sum(partial, &mut scratch, group, use_plane);
             if lane == 0 && in_range {
-                let mut y = total;
-                if has_bias {
-                    y += f32::cast_from(bias[j]);
-                }
                 let offset = b * shape.cache_batch_stride + h * shape.cache_head_stride + pos * shape.cache_pos_stride + c;
-                if j < half {
-                    k_cache[offset] = F::cast_from(y);
-                } else {
-                    v_cache[offset] = F::cast_from(y);
-                }
+                write_kv(total, bias, j, half, offset, k_cache, v_cache, has_bias);
             }
         }
     }

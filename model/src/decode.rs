@@ -204,7 +204,25 @@ pub(crate) fn project_qkv_lazy<B: SparseKernels>(
         .lazy
         .take()
         .unwrap_or_else(|| dejavu_kernels::LazyKv::new(attention.num_heads, d, window, step.start, x.dtype(), &x.device()));
-    let query = dejavu_kernels::QueryRows { w: weights.q_rows.clone(), heads: Some(heads), head_dim: attention.head_dim, bias: bias(&attention.q_proj) };
+    let (q, state) = append_lazy(attention, weights, heads, bias(&attention.q_proj), x, cache, step.start, state);
+    cache.lazy = Some(state);
+    (q, cache.key.clone(), cache.value.clone())
+}
+
+/// One `qkv_append_lazy` launch at position `pos` for the selected `heads`, the caches it
+/// writes stored back into `cache`; returns the queries and the next lazy state.
+#[allow(clippy::too_many_arguments)] // the layer, the step's selection and input, the cache and its state
+fn append_lazy<B: SparseKernels>(
+    attention: &OptAttention<B>,
+    weights: &DecodeLayer<B>,
+    heads: Tensor<B, 1, Int>,
+    q_bias: Option<Tensor<B, 1>>,
+    x: Tensor<B, 2>,
+    cache: &mut LayerKvCache<B>,
+    pos: usize,
+    state: dejavu_kernels::LazyKv<B>,
+) -> (Tensor<B, 2>, dejavu_kernels::LazyKv<B>) {
+    let query = dejavu_kernels::QueryRows { w: weights.q_rows.clone(), heads: Some(heads), head_dim: attention.head_dim, bias: q_bias };
     let (q, keys, values, state) = dejavu_kernels::qkv_append_lazy(
         query,
         weights.kv_rows.clone(),
@@ -212,14 +230,13 @@ pub(crate) fn project_qkv_lazy<B: SparseKernels>(
         weights.kv_bias.clone(),
         cache.key.clone(),
         cache.value.clone(),
-        step.start,
+        pos,
         state,
     )
     .expect(SHAPES);
-    cache.key = keys.clone();
-    cache.value = values.clone();
-    cache.lazy = Some(state);
-    (q, keys, values)
+    cache.key = keys;
+    cache.value = values;
+    (q, state)
 }
 
 /// Writes every key and value a lazily written layer still owes (each head, each position
@@ -237,20 +254,8 @@ pub(crate) fn settle_lazy_kv<B: SparseKernels>(
     let [window, d] = state.ring.dims();
     let slot = last % window;
     let x = state.ring.clone().slice([slot..slot + 1, 0..d]);
-    let query = dejavu_kernels::QueryRows { w: weights.q_rows.clone(), heads: Some(all_heads.clone()), head_dim: attention.head_dim, bias: None };
-    let (_, keys, values, _) = dejavu_kernels::qkv_append_lazy(
-        query,
-        weights.kv_rows.clone(),
-        x,
-        weights.kv_bias.clone(),
-        cache.key.clone(),
-        cache.value.clone(),
-        last,
-        state,
-    )
-    .expect(SHAPES);
-    cache.key = keys;
-    cache.value = values;
+    // The queries are not used: no bias for them.
+    append_lazy(attention, weights, all_heads.clone(), None, x, cache, last, state);
 }
 
 /// fc2 (`w_t`, transposed) of `h [batch, K]` over the rows `idx` picks (all

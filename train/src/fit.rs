@@ -23,7 +23,7 @@ use burn::train::{InferenceStep, Learner, LearnerSummary, MetricEarlyStoppingStr
 use dejavu_predictor::{calibrate, Calibration, LayerEntry, LowRankClassifier, LowRankClassifierConfig, Manifest, OutputEntry, PredictorSet};
 use serde::{Deserialize, Serialize};
 
-use crate::dataset::{load_pair, PairRows, PredictorKind, RowBatch, RowBatcher, RowIndices};
+use crate::dataset::{load_pair, DeviceRows, PairRows, PredictorKind, RowBatch, RowIndices};
 use crate::error::TrainError;
 use crate::metrics::{CountMetric, PredictorOutput, Quantity};
 use crate::progress::BarRenderer;
@@ -246,43 +246,49 @@ fn epoch_metrics(summary: &LearnerSummary, layer: usize) -> Vec<EpochMetrics> {
         .collect()
 }
 
-/// Logits `[rows, outputs]` of `model` on every row of `rows`, on the host.
-fn all_logits<B: Backend>(model: &LowRankClassifier<B>, rows: &Arc<PairRows>, device: &B::Device) -> Vec<f32> {
-    let batcher = RowBatcher { layers: vec![rows.clone()] };
-    let mut out = Vec::with_capacity(rows.rows * rows.outputs);
-    let step = 4096;
-    for start in (0..rows.rows).step_by(step) {
-        let items: Vec<usize> = (start..(start + step).min(rows.rows)).collect();
-        let batch: RowBatch<B> = burn::data::dataloader::batcher::Batcher::batch(&batcher, items, device);
-        let [_, b, d] = batch.inputs.dims();
-        let logits = model.forward(batch.inputs.reshape([b, d]));
-        out.extend(logits.into_data().convert::<f32>().into_vec::<f32>().expect("f32"));
+/// Logits of `model` (every layer of a run) on every row of `rows`, per layer
+/// `[rows, outputs]` row-major, on the host. Batches of `batch` rows, the shapes validation
+/// ran, so a GPU's matmul autotuner has seen them already.
+fn all_logits<B: Backend>(model: &LayerPredictors<B>, rows: &DeviceRows<B>, batch: usize) -> Vec<Vec<f32>> {
+    let layers = rows.layers();
+    let [_, _, d] = rows.inputs.dims();
+    let mut out = vec![Vec::with_capacity(rows.rows * rows.outputs); layers];
+    for start in (0..rows.rows).step_by(batch) {
+        let end = (start + batch).min(rows.rows);
+        let logits = model.forward(rows.inputs.clone().slice([0..layers, start..end, 0..d]));
+        let host = logits.into_data().convert::<f32>().into_vec::<f32>().expect("f32");
+        for (layer, chunk) in out.iter_mut().zip(host.chunks_exact((end - start) * rows.outputs)) {
+            layer.extend_from_slice(chunk);
+        }
     }
     out
 }
 
-/// One run: the predictors of the layers of `pairs` for one kind and rank.
-struct Run<'a> {
+/// One run: the predictors of the layers of `pairs` for one kind and rank, with their rows
+/// on the device.
+struct Run<'a, B: Backend> {
     kind: PredictorKind,
     rank: usize,
     pairs: Vec<&'a crate::recording::Pair>,
-    train: Vec<Arc<PairRows>>,
-    valid: Vec<Arc<PairRows>>,
+    train: DeviceRows<B>,
+    valid: DeviceRows<B>,
 }
 
 /// Trains one run with the Learner and returns, per layer, the classifier of its best
-/// epoch (highest validation recall of that layer) and its epoch metrics.
-fn train_run<B: AutodiffBackend>(options: &FitOptions, work: &Path, run: &Run, negative_weights: Vec<f64>, device: &B::Device) -> Result<Vec<(LowRankClassifier<B::InnerBackend>, Vec<EpochMetrics>, usize)>, TrainError> {
+/// epoch (highest validation recall of that layer), its epoch metrics, that epoch and its
+/// logits on the validation rows.
+fn train_run<B: AutodiffBackend>(options: &FitOptions, work: &Path, run: &Run<B::InnerBackend>, negative_weights: Vec<f64>, device: &B::Device) -> Result<Vec<(LowRankClassifier<B::InnerBackend>, Vec<EpochMetrics>, usize, Vec<f32>)>, TrainError> {
     let resume_epoch = if options.resume { last_checkpoint(work) } else { None };
     if resume_epoch.is_none() && work.exists() {
         std::fs::remove_dir_all(work).map_err(|source| TrainError::Io { path: work.to_path_buf(), source })?;
     }
     std::fs::create_dir_all(work).map_err(|source| TrainError::Io { path: work.to_path_buf(), source })?;
     B::seed(device, options.seed);
-    let (hidden, outputs) = (run.train[0].inputs_width, run.train[0].outputs);
+    let [_, _, hidden] = run.train.inputs.dims();
+    let outputs = run.train.outputs;
     let model = LayerPredictors::<B>::init(run.pairs.len(), hidden, run.rank, outputs, negative_weights.clone(), device);
-    let rows = run.train[0].rows;
-    let dl_train = DataLoaderBuilder::new(RowBatcher { layers: run.train.clone() })
+    let rows = run.train.rows;
+    let dl_train = DataLoaderBuilder::new(DeviceRows::<B>::from_inner(run.train.clone()))
         .batch_size(options.batch_size)
         .shuffle(options.seed)
         .num_workers(options.workers)
@@ -290,11 +296,11 @@ fn train_run<B: AutodiffBackend>(options: &FitOptions, work: &Path, run: &Run, n
         // Whole batches only (at most batch − 1 rows unused): one batch shape, one set of
         // kernels to compile and autotune on a GPU.
         .build(RowIndices(((rows / options.batch_size).max(1) * options.batch_size).min(rows)));
-    let dl_valid = DataLoaderBuilder::<B::InnerBackend, _, _>::new(RowBatcher { layers: run.valid.clone() })
+    let dl_valid = DataLoaderBuilder::<B::InnerBackend, _, _>::new(run.valid.clone())
         .batch_size(options.batch_size)
         .num_workers(options.workers)
         .set_device(device.clone())
-        .build(RowIndices(run.valid[0].rows));
+        .build(RowIndices(run.valid.rows));
     let recall = CountMetric::new(Quantity::Recall);
     let mut training = SupervisedTraining::new(work, dl_train, dl_valid)
         .with_file_checkpointer(Recorder::new())
@@ -326,7 +332,9 @@ fn train_run<B: AutodiffBackend>(options: &FitOptions, work: &Path, run: &Run, n
     let lr = options.learning_rate(run.kind);
     let optimizer = AdamWConfig::new().with_weight_decay(options.weight_decay as f32).init();
     if resume_epoch.is_none_or(|e| e < options.epochs) {
+        let t = std::time::Instant::now();
         let _ = training.launch(Learner::new(model, optimizer, lr));
+        tracing::info!("{} rank {}: the Learner ran in {:.1} s", run.kind.name(), run.rank, t.elapsed().as_secs_f64());
     }
 
     let mut names: Vec<String> = Quantity::ALL.iter().map(|q| q.name().to_string()).collect();
@@ -336,7 +344,9 @@ fn train_run<B: AutodiffBackend>(options: &FitOptions, work: &Path, run: &Run, n
         }
     }
     let summary = LearnerSummary::new(work, &names).map_err(|e| TrainError::recording(work, format!("cannot read the training logs: {e}")))?;
-    let mut loaded: std::collections::BTreeMap<usize, LayerPredictors<B::InnerBackend>> = Default::default();
+    let trained_at = std::time::Instant::now();
+    // Per epoch kept by some layer: the model and its validation logits, every layer.
+    let mut loaded: std::collections::BTreeMap<usize, (LayerPredictors<B::InnerBackend>, Vec<Vec<f32>>)> = Default::default();
     let mut out = Vec::new();
     for (i, pair) in run.pairs.iter().enumerate() {
         let epochs = epoch_metrics(&summary, pair.layer);
@@ -355,10 +365,13 @@ fn train_run<B: AutodiffBackend>(options: &FitOptions, work: &Path, run: &Run, n
             let path = work.join("checkpoint").join(format!("model-{best}.mpk"));
             let skeleton = LayerPredictors::<B::InnerBackend>::init(run.pairs.len(), hidden, run.rank, outputs, negative_weights.clone(), device);
             let model = skeleton.load_file(&path, &Recorder::new(), device).map_err(|e| TrainError::recording(&path, format!("cannot load the checkpoint: {e}")))?;
-            slot.insert(model);
+            let logits = all_logits(&model, &run.valid, options.batch_size);
+            slot.insert((model, logits));
         }
-        out.push((loaded[&best].classifier(i), epochs, best));
+        let (model, logits) = loaded.get_mut(&best).expect("inserted above");
+        out.push((model.classifier(i), epochs, best, std::mem::take(&mut logits[i])));
     }
+    tracing::info!("{} rank {}: best epochs loaded and their validation logits computed in {:.1} s", run.kind.name(), run.rank, trained_at.elapsed().as_secs_f64());
     Ok(out)
 }
 
@@ -403,7 +416,10 @@ pub fn fit<B: AutodiffBackend>(options: &FitOptions, device: &B::Device) -> Resu
         if pairs.is_empty() {
             continue;
         }
-        let mut data: Option<(Vec<Arc<PairRows>>, Vec<Arc<PairRows>>)> = None;
+        // Read once per kind, on the host (labels for calibration, positive rates) and on
+        // the device (what training and calibration read), for every rank.
+        #[allow(clippy::type_complexity)]
+        let mut data: Option<(Vec<Arc<PairRows>>, Vec<Arc<PairRows>>, DeviceRows<B::InnerBackend>, DeviceRows<B::InnerBackend>)> = None;
         for &rank in options.ranks(kind) {
             let work = work_root.join(format!("{}-r{rank}", kind.name()));
             let result_path = work.join("result.json");
@@ -415,23 +431,27 @@ pub fn fit<B: AutodiffBackend>(options: &FitOptions, device: &B::Device) -> Resu
             }
             if data.is_none() {
                 let load = |split| pairs.iter().map(|p| load_pair(&options.recording, &manifest, split, p, options.head_fraction).map(Arc::new)).collect::<Result<Vec<_>, _>>();
-                data = Some((load(Split::Train)?, load(Split::Valid)?));
+                let (train, valid) = (load(Split::Train)?, load(Split::Valid)?);
+                let t = std::time::Instant::now();
+                let (train_rows, valid_rows) = (DeviceRows::upload(&train, device), DeviceRows::upload(&valid, device));
+                tracing::info!("{}: {} training and {} validation rows of {} layers on the device in {:.1} s", kind.name(), train_rows.rows, valid_rows.rows, train.len(), t.elapsed().as_secs_f64());
+                data = Some((train, valid, train_rows, valid_rows));
             }
-            let (train, valid) = data.clone().expect("loaded above");
+            let (train, valid, train_rows, valid_rows) = data.clone().expect("loaded above");
             let t0 = std::time::Instant::now();
             let offset = match kind {
                 PredictorKind::Mlp => 0.005,
                 PredictorKind::Attention => 0.0,
             };
             let negative_weights: Vec<f64> = train.iter().map(|t| (t.positive_rate() + offset).min(1.0)).collect();
-            let run = Run { kind, rank, pairs: pairs.clone(), train: train.clone(), valid: valid.clone() };
+            let run = Run { kind, rank, pairs: pairs.clone(), train: train_rows, valid: valid_rows };
             let per_layer = train_run::<B>(options, &work, &run, negative_weights.clone(), device)?;
             let train_seconds = t0.elapsed().as_secs_f64();
             let target = options.target_recall(kind);
             let mut results = Vec::new();
-            for (i, (classifier, epochs, best_epoch)) in per_layer.into_iter().enumerate() {
+            let calibrating = std::time::Instant::now();
+            for (i, (classifier, epochs, best_epoch, logits)) in per_layer.into_iter().enumerate() {
                 let (pair, valid) = (run.pairs[i], &valid[i]);
-                let logits = all_logits(&classifier, valid, device);
                 let labels: Vec<bool> = (0..valid.rows).flat_map(|r| (0..valid.outputs).map(move |j| (r, j))).map(|(r, j)| valid.label(r, j)).collect();
                 let calibration = calibrate(&logits, &labels, valid.outputs, target)
                     .ok_or_else(|| TrainError::recording(&options.recording, format!("{} has no positive label in the validation rows", pair.label)))?;
@@ -466,6 +486,7 @@ pub fn fit<B: AutodiffBackend>(options: &FitOptions, device: &B::Device) -> Resu
                 );
                 results.push(result);
             }
+            tracing::info!("{} rank {rank}: trained in {train_seconds:.1} s, calibrated in {:.1} s", kind.name(), calibrating.elapsed().as_secs_f64());
             write_json(&result_path, &results)?;
             trained.extend(results);
         }

@@ -27,8 +27,8 @@ use dejavu_kernels::checks::{
 };
 use dejavu_kernels::cube::LaunchConfig;
 use dejavu_kernels::{
-    gather_rows_gemv, gather_rows_transposed_gemv, gemv, select_above_threshold, sparse_mlp, transposed_gemv,
-    Activation,
+    gather_rows_gemv, gather_rows_transposed_gemv, gemv, layer_norm, norm_predict, predicted_rows_gemv, select_above_threshold, sparse_mlp,
+    transposed_gemv, Activation, HeadSelect,
 };
 use dejavu_model::OptConfig;
 use rand::prelude::*;
@@ -316,7 +316,107 @@ fn measure_model<R: CubeRuntime>(
             let _ = select_above_threshold(logits, 0.0, ffn).unwrap();
         })?;
         push_timed(out, name, &format!("ours_predictor_select_r{rank}"), None, None, bytes, t);
+        measure_fused_predictors::<R>(timer, name, config, rank, &weights, out)?;
     }
+    Ok(())
+}
+
+/// The decode step's form of a layer's predictors and selections, f32 predictors as the
+/// decode path holds them: the two first factors ride in the LayerNorms' launches
+/// (`norm_predict`; the attention one also scores and selects this layer's heads) and the
+/// MLP predictor's second factor with its threshold inside fc1 (`predicted_rows_gemv`). Its
+/// cost is what those launches take beyond the LayerNorm alone (twice) and beyond fc1 over
+/// a ready index list of the same rows; `fused_predictor_select_r{rank}` is that sum, the
+/// per-layer number issue 4's predictor + selection goal asks about.
+fn measure_fused_predictors<R: CubeRuntime>(
+    timer: &Timer<Cube<R>>,
+    name: &str,
+    config: &OptConfig,
+    rank: usize,
+    weights: &[MlpWeights<Cube<R>>],
+    out: &mut Vec<Timed>,
+) -> anyhow::Result<()> {
+    type B<R> = Cube<R>;
+    let device = &timer.primer.device;
+    let dtype = weights[0].w1.dtype();
+    let bpv = bytes_per_value(dtype);
+    let (d, ffn, heads) = (config.hidden_size, config.ffn_dim, config.num_attention_heads);
+    let (copies, pcopies) = (weights.len(), weights.len().max(4));
+    let eps = 1e-5;
+    let x = random::<B<R>, 2>([1, d], dtype, device);
+    let gamma = Tensor::<B<R>, 1>::random([d], Distribution::Uniform(0.5, 1.5), device);
+    let beta = Tensor::<B<R>, 1>::random([d], Distribution::Uniform(-0.1, 0.1), device);
+    // The first factors' output for this token (f32), as the previous layer's norm_predict left it.
+    let h = Tensor::<B<R>, 2>::random([1, rank], Distribution::Uniform(-1.0, 1.0), device);
+    let h_host: Vec<f32> = h.clone().into_data().convert::<f32>().into_vec().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    // Per copy: the MLP predictor's factors [rank, d] and [ffn, rank], the head predictor's.
+    let preds: Vec<[Tensor<B<R>, 2>; 4]> = (0..pcopies)
+        .map(|_| [random([rank, d], DType::F32, device), random([ffn, rank], DType::F32, device), random([rank, d], DType::F32, device), random([heads, rank], DType::F32, device)])
+        .collect();
+    // Each copy's neuron logits on the host; one threshold keeping ~10% of copy 0's, and
+    // per copy the rows above it (what fc1 over a ready list reads instead).
+    let logits: Vec<Vec<f32>> = preds
+        .iter()
+        .map(|p| {
+            let up: Vec<f32> = p[1].clone().into_data().convert::<f32>().into_vec().expect("f32");
+            up.chunks_exact(rank).map(|row| row.iter().zip(&h_host).map(|(a, b)| a * b).sum()).collect()
+        })
+        .collect();
+    let mut sorted = logits[0].clone();
+    sorted.sort_by(f32::total_cmp);
+    let threshold = sorted[(0.9 * ffn as f64) as usize];
+    let lists: Vec<Tensor<B<R>, 1, Int>> = logits
+        .iter()
+        .map(|l| {
+            let idx: Vec<i32> = (0..ffn).filter(|&j| l[j] > threshold).map(|j| j as i32).collect();
+            let k = idx.len();
+            Tensor::from_data(TensorData::new(idx, [k]), device)
+        })
+        .collect();
+    let k = lists[0].dims()[0];
+    let density = k as f64 / ffn as f64;
+
+    let ln = timer.time(|_| {
+        let _ = layer_norm(x.clone(), gamma.clone(), beta.clone(), eps).unwrap();
+    })?;
+    push_timed(out, name, "ours_layer_norm", None, None, d as f64 * bpv, ln.clone());
+    let np_mlp = timer.time(|i| {
+        let p = &preds[i % pcopies];
+        let _ = norm_predict(x.clone(), gamma.clone(), beta.clone(), eps, p[0].clone(), None).unwrap();
+    })?;
+    push_timed(out, name, &format!("ours_norm_predict_mlp_r{rank}"), None, None, (rank * d * 4) as f64, np_mlp.clone());
+    let np_heads = timer.time(|i| {
+        let p = &preds[i % pcopies];
+        let select = HeadSelect { up: p[3].clone(), h: h.clone(), threshold: 0.0, capacity: heads };
+        let _ = norm_predict(x.clone(), gamma.clone(), beta.clone(), eps, p[2].clone(), Some(select)).unwrap();
+    })?;
+    push_timed(out, name, &format!("ours_norm_predict_heads_r{rank}"), None, None, ((rank * d + heads * rank) * 4) as f64, np_heads.clone());
+    // Rows pair a weight copy with a predictor copy the same way in both timings.
+    let predicted = timer.time(|i| {
+        let (w, p) = (&weights[i % copies], &preds[i % pcopies]);
+        let _ = predicted_rows_gemv(w.w1.clone(), x.clone(), Some(w.b1.clone()), Activation::Relu, p[1].clone(), h.clone(), threshold).unwrap();
+    })?;
+    push_timed(out, name, &format!("ours_predicted_fc1_r{rank}"), Some(density), Some(k), (ffn * rank * 4) as f64 + (k * d) as f64 * bpv, predicted.clone());
+    let listed = timer.time(|i| {
+        let w = &weights[i % copies];
+        let _ = gather_rows_gemv(w.w1.clone(), lists[i % pcopies].clone(), x.clone(), Some(w.b1.clone()), Activation::Relu).unwrap();
+    })?;
+    push_timed(out, name, &format!("ours_fc1_gather_predicted_rows_r{rank}"), Some(density), Some(k), (k * d) as f64 * bpv, listed.clone());
+    let extra = |t: [&(f64, Vec<f64>, f64); 6]| (t[0].0 - t[1].0) + (t[2].0 - t[3].0) + (t[4].0 - t[5].0);
+    let gpu = extra([&np_mlp, &ln, &np_heads, &ln, &predicted, &listed]);
+    let stream = (np_mlp.2 - ln.2) + (np_heads.2 - ln.2) + (predicted.2 - listed.2);
+    eprintln!("  fused predictor + selection, r{rank}: {gpu:.2} µs a layer beyond the LayerNorms and fc1 (stream {stream:.2})");
+    out.push(Timed {
+        model: name.to_string(),
+        op: format!("ours_fused_predictor_select_r{rank}"),
+        density: Some(density),
+        k: Some(k),
+        weight_bytes: ((2 * rank * d + heads * rank + ffn * rank) * 4) as f64,
+        gpu_us: gpu,
+        gpu_samples_us: Vec::new(),
+        stream_us: stream,
+        gpu_gbs: ((2 * rank * d + heads * rank + ffn * rank) * 4) as f64 / gpu / 1e3,
+    });
     Ok(())
 }
 
@@ -719,7 +819,17 @@ fn write_report(
     }
     println!("| model | op | density | ours gpu µs | ours stream µs | torch gpu µs (attention: dense, all heads) |");
     println!("|---|---|---|---|---|---|");
-    for r in rows.iter().filter(|r| r.op.starts_with("ours_predictor") || r.op == "ours_select" || r.op.starts_with("tune_") || r.op.starts_with("ours_attention")) {
+    for r in rows.iter().filter(|r| {
+        r.op.starts_with("ours_predictor")
+            || r.op.starts_with("ours_fused_predictor")
+            || r.op.starts_with("ours_norm_predict")
+            || r.op.starts_with("ours_predicted_fc1")
+            || r.op.starts_with("ours_fc1_gather_predicted")
+            || r.op == "ours_layer_norm"
+            || r.op == "ours_select"
+            || r.op.starts_with("tune_")
+            || r.op.starts_with("ours_attention")
+    }) {
         let torch = if r.op.starts_with("ours_attention") {
             // The peer's attention is dense (every head): the baseline to beat.
             peer_us(peer, &r.model, &r.op.replace("ours_attention", "torch_attention_dense"), None)
@@ -727,7 +837,7 @@ fn write_report(
             peer_us(peer, &r.model, &r.op.replace("ours_", "torch_"), r.density)
         };
         let torch = torch.map(|v| format!("{v:.1}")).unwrap_or_else(|| "—".into());
-        let density = r.density.map(|p| p.to_string()).unwrap_or_default();
+        let density = r.density.map(|p| format!("{p:.3}")).unwrap_or_default();
         println!("| {} | {} | {} | {:.1} | {:.1} | {} |", r.model, r.op, density, r.gpu_us, r.stream_us, torch);
     }
     println!("wrote {}", out.display());

@@ -264,6 +264,15 @@ fn all_logits<B: Backend>(model: &LayerPredictors<B>, rows: &DeviceRows<B>, batc
     out
 }
 
+/// One kind's rows, every layer it trains: on the host and on the device.
+#[derive(Clone)]
+struct KindRows<B: Backend> {
+    train: Vec<Arc<PairRows>>,
+    valid: Vec<Arc<PairRows>>,
+    train_rows: DeviceRows<B>,
+    valid_rows: DeviceRows<B>,
+}
+
 /// One run: the predictors of the layers of `pairs` for one kind and rank, with their rows
 /// on the device.
 struct Run<'a, B: Backend> {
@@ -274,10 +283,18 @@ struct Run<'a, B: Backend> {
     valid: DeviceRows<B>,
 }
 
-/// Trains one run with the Learner and returns, per layer, the classifier of its best
-/// epoch (highest validation recall of that layer), its epoch metrics, that epoch and its
-/// logits on the validation rows.
-fn train_run<B: AutodiffBackend>(options: &FitOptions, work: &Path, run: &Run<B::InnerBackend>, negative_weights: Vec<f64>, device: &B::Device) -> Result<Vec<(LowRankClassifier<B::InnerBackend>, Vec<EpochMetrics>, usize, Vec<f32>)>, TrainError> {
+/// One layer of a trained run: the classifier of its best epoch (highest validation recall
+/// of that layer), its epoch metrics, that epoch, and its logits on the validation rows
+/// (`[rows, outputs]`, on the host) for calibration.
+struct LayerResult<B: Backend> {
+    classifier: LowRankClassifier<B>,
+    epochs: Vec<EpochMetrics>,
+    best_epoch: usize,
+    logits: Vec<f32>,
+}
+
+/// Trains one run with the Learner and returns its [`LayerResult`]s, in the run's layer order.
+fn train_run<B: AutodiffBackend>(options: &FitOptions, work: &Path, run: &Run<B::InnerBackend>, negative_weights: Vec<f64>, device: &B::Device) -> Result<Vec<LayerResult<B::InnerBackend>>, TrainError> {
     let resume_epoch = if options.resume { last_checkpoint(work) } else { None };
     if resume_epoch.is_none() && work.exists() {
         std::fs::remove_dir_all(work).map_err(|source| TrainError::Io { path: work.to_path_buf(), source })?;
@@ -346,7 +363,8 @@ fn train_run<B: AutodiffBackend>(options: &FitOptions, work: &Path, run: &Run<B:
     let summary = LearnerSummary::new(work, &names).map_err(|e| TrainError::recording(work, format!("cannot read the training logs: {e}")))?;
     let trained_at = std::time::Instant::now();
     // Per epoch kept by some layer: the model and its validation logits, every layer.
-    let mut loaded: std::collections::BTreeMap<usize, (LayerPredictors<B::InnerBackend>, Vec<Vec<f32>>)> = Default::default();
+    type EpochModel<B> = (LayerPredictors<B>, Vec<Vec<f32>>);
+    let mut loaded: std::collections::BTreeMap<usize, EpochModel<B::InnerBackend>> = Default::default();
     let mut out = Vec::new();
     for (i, pair) in run.pairs.iter().enumerate() {
         let epochs = epoch_metrics(&summary, pair.layer);
@@ -369,7 +387,7 @@ fn train_run<B: AutodiffBackend>(options: &FitOptions, work: &Path, run: &Run<B:
             slot.insert((model, logits));
         }
         let (model, logits) = loaded.get_mut(&best).expect("inserted above");
-        out.push((model.classifier(i), epochs, best, std::mem::take(&mut logits[i])));
+        out.push(LayerResult { classifier: model.classifier(i), epochs, best_epoch: best, logits: std::mem::take(&mut logits[i]) });
     }
     tracing::info!("{} rank {}: best epochs loaded and their validation logits computed in {:.1} s", run.kind.name(), run.rank, trained_at.elapsed().as_secs_f64());
     Ok(out)
@@ -418,8 +436,7 @@ pub fn fit<B: AutodiffBackend>(options: &FitOptions, device: &B::Device) -> Resu
         }
         // Read once per kind, on the host (labels for calibration, positive rates) and on
         // the device (what training and calibration read), for every rank.
-        #[allow(clippy::type_complexity)]
-        let mut data: Option<(Vec<Arc<PairRows>>, Vec<Arc<PairRows>>, DeviceRows<B::InnerBackend>, DeviceRows<B::InnerBackend>)> = None;
+        let mut data: Option<KindRows<B::InnerBackend>> = None;
         for &rank in options.ranks(kind) {
             let work = work_root.join(format!("{}-r{rank}", kind.name()));
             let result_path = work.join("result.json");
@@ -435,9 +452,9 @@ pub fn fit<B: AutodiffBackend>(options: &FitOptions, device: &B::Device) -> Resu
                 let t = std::time::Instant::now();
                 let (train_rows, valid_rows) = (DeviceRows::upload(&train, device), DeviceRows::upload(&valid, device));
                 tracing::info!("{}: {} training and {} validation rows of {} layers on the device in {:.1} s", kind.name(), train_rows.rows, valid_rows.rows, train.len(), t.elapsed().as_secs_f64());
-                data = Some((train, valid, train_rows, valid_rows));
+                data = Some(KindRows { train, valid, train_rows, valid_rows });
             }
-            let (train, valid, train_rows, valid_rows) = data.clone().expect("loaded above");
+            let KindRows { train, valid, train_rows, valid_rows } = data.clone().expect("loaded above");
             let t0 = std::time::Instant::now();
             let offset = match kind {
                 PredictorKind::Mlp => 0.005,
@@ -450,7 +467,7 @@ pub fn fit<B: AutodiffBackend>(options: &FitOptions, device: &B::Device) -> Resu
             let target = options.target_recall(kind);
             let mut results = Vec::new();
             let calibrating = std::time::Instant::now();
-            for (i, (classifier, epochs, best_epoch, logits)) in per_layer.into_iter().enumerate() {
+            for (i, LayerResult { classifier, epochs, best_epoch, logits }) in per_layer.into_iter().enumerate() {
                 let (pair, valid) = (run.pairs[i], &valid[i]);
                 let labels: Vec<bool> = (0..valid.rows).flat_map(|r| (0..valid.outputs).map(move |j| (r, j))).map(|(r, j)| valid.label(r, j)).collect();
                 let calibration = calibrate(&logits, &labels, valid.outputs, target)

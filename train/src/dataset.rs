@@ -218,8 +218,10 @@ impl<B: burn::tensor::backend::AutodiffBackend> DeviceRows<B> {
 
 impl<B: Backend> Batcher<B, usize, RowBatch<B>> for DeviceRows<B> {
     fn batch(&self, items: Vec<usize>, device: &B::Device) -> RowBatch<B> {
+        // The indices go where the rows are; the batch then to where it is asked for (the
+        // same device in `fit`, where moving is free).
         let index: Vec<i32> = items.iter().map(|&i| i as i32).collect();
-        let batch = self.gather(Tensor::from_data(TensorData::new(index, [items.len()]), device));
+        let batch = self.gather(Tensor::from_data(TensorData::new(index, [items.len()]), &self.inputs.device()));
         RowBatch { inputs: batch.inputs.to_device(device), targets: batch.targets.to_device(device) }
     }
 }

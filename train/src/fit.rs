@@ -264,10 +264,12 @@ fn all_logits<B: Backend>(model: &LayerPredictors<B>, rows: &DeviceRows<B>, batc
     out
 }
 
-/// One kind's rows, every layer it trains: on the host and on the device.
+/// One kind's rows, every layer it trains, on the device; on the host only what
+/// calibration reads (the validation labels) and each layer's loss weight.
 #[derive(Clone)]
 struct KindRows<B: Backend> {
-    train: Vec<Arc<PairRows>>,
+    /// Per layer, the weight of a negative element in the loss (`w`).
+    negative_weights: Vec<f64>,
     valid: Vec<Arc<PairRows>>,
     train_rows: DeviceRows<B>,
     valid_rows: DeviceRows<B>,
@@ -434,8 +436,8 @@ pub fn fit<B: AutodiffBackend>(options: &FitOptions, device: &B::Device) -> Resu
         if pairs.is_empty() {
             continue;
         }
-        // Read once per kind, on the host (labels for calibration, positive rates) and on
-        // the device (what training and calibration read), for every rank.
+        // Read once per kind, for every rank; the host's copy of the training rows is
+        // dropped once they are on the device.
         let mut data: Option<KindRows<B::InnerBackend>> = None;
         for &rank in options.ranks(kind) {
             let work = work_root.join(format!("{}-r{rank}", kind.name()));
@@ -452,15 +454,15 @@ pub fn fit<B: AutodiffBackend>(options: &FitOptions, device: &B::Device) -> Resu
                 let t = std::time::Instant::now();
                 let (train_rows, valid_rows) = (DeviceRows::upload(&train, device), DeviceRows::upload(&valid, device));
                 tracing::info!("{}: {} training and {} validation rows of {} layers on the device in {:.1} s", kind.name(), train_rows.rows, valid_rows.rows, train.len(), t.elapsed().as_secs_f64());
-                data = Some(KindRows { train, valid, train_rows, valid_rows });
+                let offset = match kind {
+                    PredictorKind::Mlp => 0.005,
+                    PredictorKind::Attention => 0.0,
+                };
+                let negative_weights = train.iter().map(|t| (t.positive_rate() + offset).min(1.0)).collect();
+                data = Some(KindRows { negative_weights, valid, train_rows, valid_rows });
             }
-            let KindRows { train, valid, train_rows, valid_rows } = data.clone().expect("loaded above");
+            let KindRows { negative_weights, valid, train_rows, valid_rows } = data.clone().expect("loaded above");
             let t0 = std::time::Instant::now();
-            let offset = match kind {
-                PredictorKind::Mlp => 0.005,
-                PredictorKind::Attention => 0.0,
-            };
-            let negative_weights: Vec<f64> = train.iter().map(|t| (t.positive_rate() + offset).min(1.0)).collect();
             let run = Run { kind, rank, pairs: pairs.clone(), train: train_rows, valid: valid_rows };
             let per_layer = train_run::<B>(options, &work, &run, negative_weights.clone(), device)?;
             let train_seconds = t0.elapsed().as_secs_f64();
@@ -481,7 +483,7 @@ pub fn fit<B: AutodiffBackend>(options: &FitOptions, device: &B::Device) -> Resu
                     rank,
                     input: pair.input.clone(),
                     label: pair.label.clone(),
-                    train_rows: train[i].rows,
+                    train_rows: run.train.rows,
                     valid_rows: valid.rows,
                     negative_weight: negative_weights[i],
                     epochs,

@@ -92,10 +92,9 @@ struct SparseChoice {
     predictors: PathBuf,
     point: OperatingPoint,
     dense: DenseLayers,
-    oracle_mlp: bool,
-    oracle_attention: bool,
-    lazy_kv_window: usize,
-    predictors_in_model_dtype: bool,
+    /// The oracles, the K/V write and the predictor dtype; `every_token` is set by the
+    /// command that loads the model.
+    options: SparseOptions,
 }
 
 impl SparseArgs {
@@ -105,10 +104,13 @@ impl SparseArgs {
             predictors,
             point: self.operating_point.clone(),
             dense: DenseLayers { mlp: self.dense_mlp_layers.clone(), attention: self.dense_attention_layers.clone() },
-            oracle_mlp: self.oracle_mlp,
-            oracle_attention: self.oracle_attention,
-            lazy_kv_window: self.lazy_kv_window,
-            predictors_in_model_dtype: self.predictors_in_model_dtype,
+            options: SparseOptions {
+                every_token: false,
+                oracle_mlp: self.oracle_mlp,
+                oracle_attention: self.oracle_attention,
+                lazy_kv_window: self.lazy_kv_window,
+                predictors_in_model_dtype: self.predictors_in_model_dtype,
+            },
         })
     }
 }
@@ -121,22 +123,16 @@ impl SparseChoice {
             "operating_point": self.point.to_string(),
             "dense_mlp_layers": self.dense.mlp,
             "dense_attention_layers": self.dense.attention,
-            "oracle_mlp": self.oracle_mlp,
-            "oracle_attention": self.oracle_attention,
-            "lazy_kv_window": self.lazy_kv_window,
-            "predictors_in_model_dtype": self.predictors_in_model_dtype,
+            "oracle_mlp": self.options.oracle_mlp,
+            "oracle_attention": self.options.oracle_attention,
+            "lazy_kv_window": self.options.lazy_kv_window,
+            "predictors_in_model_dtype": self.options.predictors_in_model_dtype,
             "kept": kept,
         })
     }
 
     fn load<B: SparseKernels>(&self, model: &Opt<B>, dir: &std::path::Path, every_token: bool) -> anyhow::Result<SparseModel<B>> {
-        let options = SparseOptions {
-            every_token,
-            oracle_mlp: self.oracle_mlp,
-            oracle_attention: self.oracle_attention,
-            lazy_kv_window: self.lazy_kv_window,
-            predictors_in_model_dtype: self.predictors_in_model_dtype,
-        };
+        let options = SparseOptions { every_token, ..self.options };
         let sparse = SparseModel::load(model, dir, &self.predictors, &self.point, &self.dense, options)?;
         let plan = sparse.plan();
         let density = |d: Option<f64>| d.map_or("varies per token".to_string(), |d| format!("{:.1}%", d * 100.0));

@@ -22,7 +22,7 @@ use burn::prelude::*;
 use burn::tensor::{DType, Distribution, TensorData};
 use burn_cubecl::CubeRuntime;
 use dejavu_kernels::checks::{
-    check_attention, check_block_cols_gemv, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_qkv_lazy, check_norm_predict, check_predictor_kernels, check_selection, fresh_seed, Case,
+    check_attention, check_block_cols_gemv, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_qkv_lazy, check_norm_predict, check_predicted_mlp, check_predictor_kernels, check_selection, fresh_seed, Case,
     Cube, Outcome, Poisoned,
 };
 use dejavu_kernels::cube::LaunchConfig;
@@ -406,6 +406,35 @@ fn measure_fused_predictors<R: CubeRuntime>(
     let beyond = |pick: fn(&(f64, Vec<f64>, f64)) -> f64| (pick(&np_mlp) - pick(&ln)) + (pick(&np_heads) - pick(&ln)) + (pick(&predicted) - pick(&listed));
     let bytes = ((2 * rank * d + heads * rank + ffn * rank) * 4) as f64;
     push_timed(out, name, &format!("ours_fused_predictor_select_r{rank}"), Some(density), Some(k), bytes, (beyond(|t| t.0), Vec::new(), beyond(|t| t.2)));
+
+    // The whole MLP of a decode step from the predictor's first factor to the residual:
+    // `predicted_mlp` (predictor, selection, fc1 and fc2's split sums in one launch, then
+    // the splits' sum with bias and residual) with its default cubes and other neurons
+    // and units per cube, against the separate kernels the decode step ran before (gated
+    // fc1, then fc2's two passes: three launches).
+    let residual = random::<B<R>, 2>([1, d], dtype, device);
+    let bytes = (ffn * rank * 4) as f64 + 2.0 * (k * d) as f64 * bpv;
+    let prim = |t: Tensor<B<R>, 2>| t.into_primitive().tensor();
+    let prim1 = |t: Tensor<B<R>, 1>| t.into_primitive().tensor();
+    for (rows, threads) in [(128, 1024), (64, 1024), (256, 1024), (128, 512), (64, 512), (64, 256)] {
+        let cfg = LaunchConfig { fused_mlp_rows: rows, fused_mlp_threads: threads, ..LaunchConfig::default() };
+        let default = LaunchConfig::default();
+        let label = if (rows, threads) == (default.fused_mlp_rows, default.fused_mlp_threads) { String::new() } else { format!("_split{rows}_units{threads}") };
+        let t = timer.time(|i| {
+            let (w, p) = (&weights[i % copies], &preds[i % pcopies]);
+            let _ = dejavu_kernels::cube::predicted_mlp(
+                prim(w.w1.clone()), Some(prim1(w.b1.clone())), prim(w.w2_t.clone()), Some(prim1(w.b2.clone())),
+                prim(x.clone()), Some(prim(residual.clone())), prim(p[1].clone()), prim(h.clone()), threshold, &cfg,
+            );
+        })?;
+        push_timed(out, name, &format!("ours_predicted_mlp{label}_r{rank}"), Some(density), Some(k), bytes, t);
+    }
+    let separate = timer.time(|i| {
+        let (w, p) = (&weights[i % copies], &preds[i % pcopies]);
+        let hidden = predicted_rows_gemv(w.w1.clone(), x.clone(), Some(w.b1.clone()), Activation::Relu, p[1].clone(), h.clone(), threshold).unwrap();
+        let _ = dejavu_kernels::residual_transposed_gemv(residual.clone(), w.w2_t.clone(), None, hidden, Some(w.b2.clone())).unwrap();
+    })?;
+    push_timed(out, name, &format!("ours_predicted_mlp_separate_r{rank}"), Some(density), Some(k), bytes, separate);
     Ok(())
 }
 
@@ -612,6 +641,7 @@ fn run_checks<R: CubeRuntime>(args: &KernelArgs, device: &R::Device) -> anyhow::
         outcomes.extend(check_layer_norm::<Cube<R>>(device, 2, d, args.dtype.dtype(), seed));
         outcomes.extend(check_gated_rows_gemv::<Cube<R>>(device, ffn, d, args.dtype.dtype(), seed));
         outcomes.extend(check_predictor_kernels::<Cube<R>>(device, ffn, d, 128, config.num_attention_heads, args.dtype.dtype(), seed));
+        outcomes.extend(check_predicted_mlp::<Cube<R>>(device, ffn, d, 128, args.dtype.dtype(), seed));
         outcomes.extend(check_norm_predict::<Cube<R>>(device, d, 128, config.num_attention_heads, args.dtype.dtype(), seed));
         outcomes.extend(check_kv_append::<Cube<R>>(device, [1, config.num_attention_heads, 64, hd], d, 17, args.dtype.dtype(), seed));
         outcomes.extend(check_qkv_lazy::<Cube<R>>(device, config.num_attention_heads, hd, d, 16, 40, args.dtype.dtype(), seed));
@@ -812,7 +842,7 @@ fn write_report(
         r.op.starts_with("ours_predictor")
             || r.op.starts_with("ours_fused_predictor")
             || r.op.starts_with("ours_norm_predict")
-            || r.op.starts_with("ours_predicted_fc1")
+            || r.op.starts_with("ours_predicted_")
             || r.op.starts_with("ours_fc1_gather_predicted")
             || r.op == "ours_layer_norm"
             || r.op == "ours_select"
@@ -828,6 +858,12 @@ fn write_report(
         let torch = torch.map(|v| format!("{v:.1}")).unwrap_or_else(|| "—".into());
         let density = r.density.map(|p| format!("{p:.3}")).unwrap_or_default();
         println!("| {} | {} | {} | {:.1} | {:.1} | {} |", r.model, r.op, density, r.gpu_us, r.stream_us, torch);
+    }
+    // The decode step's whole MLP, predictor included, against the dense fp16 MLP.
+    for r in rows.iter().filter(|r| r.op.starts_with("ours_predicted_mlp")) {
+        if let Some(dense) = peer_us(peer, &r.model, "torch_dense_mlp", None) {
+            println!("{} {}: {:.1} µs, {:.2}x faster than the dense MLP through cuBLAS ({dense:.1} µs)", r.model, r.op, r.gpu_us, dense / r.gpu_us);
+        }
     }
     println!("wrote {}", out.display());
     Ok(())

@@ -84,6 +84,11 @@ struct SparseArgs {
     /// bytes; sums stay f32) instead of f32, in which they were trained and calibrated
     #[arg(long, requires = "predictors")]
     predictors_in_model_dtype: bool,
+    /// Decoding one sequence, run each step's MLP as separate kernels (fc1 gated by its
+    /// predictor, then fc2: three launches) instead of the fused predicted MLP (two); the
+    /// same result up to f32 summation order, for comparison
+    #[arg(long, requires = "predictors")]
+    separate_mlp_kernels: bool,
 }
 
 /// The sparse path's settings once the command line is read.
@@ -110,6 +115,7 @@ impl SparseArgs {
                 oracle_attention: self.oracle_attention,
                 lazy_kv_window: self.lazy_kv_window,
                 predictors_in_model_dtype: self.predictors_in_model_dtype,
+                separate_mlp_kernels: self.separate_mlp_kernels,
             },
         })
     }
@@ -127,6 +133,7 @@ impl SparseChoice {
             "oracle_attention": self.options.oracle_attention,
             "lazy_kv_window": self.options.lazy_kv_window,
             "predictors_in_model_dtype": self.options.predictors_in_model_dtype,
+            "separate_mlp_kernels": self.options.separate_mlp_kernels,
             "kept": kept,
         })
     }

@@ -783,6 +783,56 @@ pub fn check_predictor_kernels<B: SparseKernels>(
     out
 }
 
+/// The decode step's whole sparse MLP from its predictor (`predicted_mlp`: predictor,
+/// selection, fc1, fc2 and the residual) against the host loops: fc1 over every row with
+/// the rows at or below the threshold zeroed, then fc2 over the hidden values (ReLU's
+/// zeros included), plus bias and residual. Neurons `rows`, width `d`, rank `r`; the
+/// predictor in f32 and, for a half-precision model, in `dtype`.
+pub fn check_predicted_mlp<B: SparseKernels>(device: &B::Device, rows: usize, d: usize, r: usize, dtype: DType, seed: u64) -> Vec<Outcome> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let case = format!("rows {rows} d {d} r {r} {dtype:?} seed {seed}");
+    let w1 = stored(uniform(&mut rng, rows * d, 0.0), dtype);
+    let b1 = stored(uniform(&mut rng, rows, 0.0), dtype);
+    let w2_t = stored(uniform(&mut rng, rows * d, 0.0), dtype);
+    let b2 = stored(uniform(&mut rng, d, 0.0), dtype);
+    let x = stored(uniform(&mut rng, d, 0.0), dtype);
+    let residual = stored(uniform(&mut rng, d, 0.0), dtype);
+    let h: Vec<f32> = uniform(&mut rng, r, 0.0);
+    let up_values = uniform(&mut rng, rows * r, 0.0);
+    let mut out = Vec::new();
+    for p_dtype in predictor_dtypes(dtype) {
+        let up = stored(up_values.clone(), p_dtype);
+        let logits = host::rows_gemv(&up, rows, r, None, &h, 1, None, false);
+        let threshold = threshold_in_gap(&logits);
+        let mut hidden = host::rows_gemv(&w1, rows, d, None, &x, 1, Some(&b1), true);
+        for (j, l) in logits.iter().enumerate() {
+            if *l <= threshold {
+                hidden[j] = 0.0;
+            }
+        }
+        let want = host::add(&host::rows_transposed_gemv(&w2_t, rows, d, None, &hidden, 1, Some(&b2)), &residual);
+        let weights = crate::MlpWeights {
+            w1: to_device::<B, 2>(&w1, [rows, d], dtype, device),
+            b1: Some(to_device::<B, 1>(&b1, [rows], dtype, device)),
+            w2_t: to_device::<B, 2>(&w2_t, [rows, d], dtype, device),
+            b2: Some(to_device::<B, 1>(&b2, [d], dtype, device)),
+        };
+        let got = read(
+            crate::predicted_mlp(
+                weights,
+                to_device::<B, 2>(&x, [1, d], dtype, device),
+                Some(to_device::<B, 2>(&residual, [1, d], dtype, device)),
+                to_device::<B, 2>(&up, [rows, r], p_dtype, device),
+                to_device::<B, 2>(&h, [1, r], DType::F32, device),
+                threshold,
+            )
+            .expect("consistent shapes"),
+        );
+        out.push(outcome("predicted_mlp", format!("{case} predictor {p_dtype:?}"), dtype, &got, &want, &[]));
+    }
+    out
+}
+
 /// `norm_predict` (LayerNorm + a predictor's first factor + a head selection in one
 /// launch) against the host's LayerNorm, GEMV and selection, with and without the
 /// selection. The residual is stored in `dtype`, the predictors in f32 and in `dtype`.

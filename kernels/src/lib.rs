@@ -182,6 +182,27 @@ pub trait SparseKernels: Backend {
         reference::predicted_rows_gemv::<Self>(w, x, bias, relu, up, h, threshold)
     }
 
+    /// The decode step's sparse MLP from its predictor to the residual stream:
+    /// `residual + b2 + Σ_j relu(W1[j] · x + b1[j]) · W2t[j]` over the rows `j` whose logit
+    /// `up[j] · h` is above `threshold` (batch 1; `w1`, `w2_t [ffn, d]`, `x [1, d]`,
+    /// `up [ffn, r]`, `h [1, r]` f32). [`SparseKernels::predicted_rows_gemv`] then
+    /// [`SparseKernels::rows_transposed_gemv`] unless a backend fuses them.
+    #[allow(clippy::too_many_arguments)] // the MLP's, the predictor's and the residual's inputs
+    fn predicted_mlp(
+        w1: FloatTensor<Self>,
+        b1: Option<FloatTensor<Self>>,
+        w2_t: FloatTensor<Self>,
+        b2: Option<FloatTensor<Self>>,
+        x: FloatTensor<Self>,
+        residual: Option<FloatTensor<Self>>,
+        up: FloatTensor<Self>,
+        h: FloatTensor<Self>,
+        threshold: f32,
+    ) -> FloatTensor<Self> {
+        let hidden = Self::predicted_rows_gemv(w1, x, b1, true, up, h, threshold);
+        Self::rows_transposed_gemv(w2_t, None, 1, hidden, b2, residual)
+    }
+
     /// [`SparseKernels::select_above_threshold`] of the logits `up [rows, r] · h [r]` (f32),
     /// computed in the same launch: indices padded with `rows` to `capacity`, and the count.
     fn predict_select(
@@ -388,6 +409,20 @@ where
         threshold: f32,
     ) -> FloatTensor<Self> {
         cube::predicted_rows_gemv(w, x, bias, relu, up, h, threshold)
+    }
+
+    fn predicted_mlp(
+        w1: FloatTensor<Self>,
+        b1: Option<FloatTensor<Self>>,
+        w2_t: FloatTensor<Self>,
+        b2: Option<FloatTensor<Self>>,
+        x: FloatTensor<Self>,
+        residual: Option<FloatTensor<Self>>,
+        up: FloatTensor<Self>,
+        h: FloatTensor<Self>,
+        threshold: f32,
+    ) -> FloatTensor<Self> {
+        cube::predicted_mlp(w1, b1, w2_t, b2, x, residual, up, h, threshold, &cube::LaunchConfig::default())
     }
 
     fn predict_select(
@@ -853,6 +888,60 @@ pub fn predicted_rows_gemv<B: SparseKernels>(
         prim(x),
         bias.map(prim),
         act == Activation::Relu,
+        prim(up),
+        prim(h),
+        threshold,
+    )))
+}
+
+/// The weights of an OPT MLP for the fused sparse kernels: `w1 [ffn, d]` (fc1 in PyTorch
+/// layout), `w2_t [ffn, d]` (fc2 stored transposed), their biases `[ffn]` and `[d]`.
+#[derive(Debug, Clone)]
+pub struct MlpWeights<B: Backend> {
+    pub w1: Tensor<B, 2>,
+    pub b1: Option<Tensor<B, 1>>,
+    pub w2_t: Tensor<B, 2>,
+    pub b2: Option<Tensor<B, 1>>,
+}
+
+/// A decode step's whole sparse MLP from its predictor: `residual + b2 + Σ_j relu(W1[j] · x
+/// + b1[j]) · W2t[j]` over the neurons `j` whose logit `up[j, :] · h` is above
+/// `threshold` (`up [ffn, r]` any float dtype, `h [1, r]` f32, `x [1, d]`, `residual
+/// [1, d]`). On `CubeBackend` two launches: predictor, selection, fc1 and fc2's split sums
+/// in one (the hidden values stay on chip), then the splits' sum with bias and residual.
+/// Equals [`predicted_rows_gemv`] followed by [`residual_transposed_gemv`] (same rows, f32
+/// sums; the order of the additions differs). Batch 1.
+pub fn predicted_mlp<B: SparseKernels>(
+    mlp: MlpWeights<B>,
+    x: Tensor<B, 2>,
+    residual: Option<Tensor<B, 2>>,
+    up: Tensor<B, 2>,
+    h: Tensor<B, 2>,
+    threshold: f32,
+) -> Result<Tensor<B, 2>, KernelError> {
+    let op = "predicted_mlp";
+    let MlpWeights { w1, b1, w2_t, b2 } = mlp;
+    check_gated_rows(op, &w1, &x, b1.as_ref())?;
+    check_predictor(op, &up, &h, Some(w1.dims()[0]))?;
+    let d = x.dims()[1];
+    if w2_t.dims() != w1.dims() {
+        return Err(shape_err(op, format!("fc2 (transposed) is {:?}, expected fc1's {:?}", w2_t.dims(), w1.dims())));
+    }
+    check_float(op, "fc2", &w2_t, w1.dtype())?;
+    check_bias(op, b2.as_ref(), d, "columns", w1.dtype())?;
+    if let Some(r) = &residual {
+        if r.dims() != [1, d] {
+            return Err(shape_err(op, format!("residual is {:?}, expected [1, {d}]", r.dims())));
+        }
+        check_float(op, "residual", r, w1.dtype())?;
+    }
+    Ok(wrap(B::predicted_mlp(
+        prim(w1),
+        b1.map(prim),
+        prim(w2_t),
+        b2.map(prim),
+        prim(x),
+        residual.map(prim),
         prim(up),
         prim(h),
         threshold,

@@ -9,7 +9,7 @@
 use burn::tensor::DType;
 use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
 use dejavu_kernels::checks::{
-    check_attention, check_block_cols_gemv, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_qkv_lazy, check_norm_predict, check_predictor_kernels, check_selection, cube_supports, fresh_seed, Case, Cube, Poisoned,
+    check_attention, check_block_cols_gemv, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_qkv_lazy, check_norm_predict, check_predicted_mlp, check_predictor_kernels, check_selection, cube_supports, fresh_seed, Case, Cube, Poisoned,
 };
 use dejavu_kernels::cube::LaunchConfig;
 
@@ -38,8 +38,8 @@ fn cube_kernels_on_wgpu_match_host_loops() {
             // Odd grid shapes: partial cubes, many splits (the second pass's unrolled
             // loop and its tail), one K lane.
             for config in [
-                LaunchConfig { rows_per_cube: 3, cols_per_cube: 16, lanes_k: 4, rows_per_lane: 2, max_splits: 256, compact_rows: 0 },
-                LaunchConfig { rows_per_cube: 1, cols_per_cube: 8, lanes_k: 1, rows_per_lane: 5, max_splits: 3, compact_rows: 0 },
+                LaunchConfig { rows_per_cube: 3, cols_per_cube: 16, lanes_k: 4, rows_per_lane: 2, max_splits: 256, compact_rows: 0, fused_mlp_rows: 128, fused_mlp_threads: 1024 },
+                LaunchConfig { rows_per_cube: 1, cols_per_cube: 8, lanes_k: 1, rows_per_lane: 5, max_splits: 3, compact_rows: 0, fused_mlp_rows: 128, fused_mlp_threads: 1024 },
                 // The compacting transposed GEMV: several splits of 64 rows (two rows per
                 // unit), splits of 8 units × 32 rows (the most a unit scans), and 8 rows per unit with 4 lanes
                 // along K (several live rows per lane: the unrolled loop and its tail).
@@ -78,6 +78,12 @@ fn cube_kernels_on_wgpu_match_host_loops() {
         outcomes.extend(check_predictor_kernels::<Cube<WgpuRuntime>>(&device, 40, 64, 72, 41, dtype, seed));
         // A rank of more than four loads per lane (the logit's unrolled loop and its tail).
         outcomes.extend(check_predictor_kernels::<Cube<WgpuRuntime>>(&device, 77, 1036, 136, 5, dtype, seed));
+        // The fused sparse MLP: several splits of neurons, the last one partial, ranks
+        // above and below a unit's four-deep loop, widths of several vectors per unit
+        // (1036: vectors of 4) and of width-1 vectors (37), one partial split (40 rows).
+        outcomes.extend(check_predicted_mlp::<Cube<WgpuRuntime>>(&device, 300, 1036, 136, dtype, seed));
+        outcomes.extend(check_predicted_mlp::<Cube<WgpuRuntime>>(&device, 40, 37, 24, dtype, seed));
+        outcomes.extend(check_predicted_mlp::<Cube<WgpuRuntime>>(&device, 1000, 64, 8, dtype, seed));
         // GEMV cubes, the LayerNorm's, the selection's: odd sizes so no cube is full.
         outcomes.extend(check_norm_predict::<Cube<WgpuRuntime>>(&device, 1036, 24, 5, dtype, seed));
         outcomes.extend(check_norm_predict::<Cube<WgpuRuntime>>(&device, 64, 130, 41, dtype, seed));

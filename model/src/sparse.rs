@@ -86,6 +86,14 @@ pub struct SparseOptions {
     /// about 1e-3 of their size, so a neuron right at its threshold may flip). Off by
     /// default: the predictors' quality was measured in f32.
     pub predictors_in_model_dtype: bool,
+    /// Run a decode step's predicted MLP (threshold selection, batch 1) as the separate
+    /// kernels — fc1 gated by its predictor, then fc2's two passes with the residual: three
+    /// launches, the hidden values through memory — instead of `predicted_mlp`, which does
+    /// predictor, selection, fc1 and fc2's split sums in one launch and keeps the hidden
+    /// values on chip (two launches). Same rows, same result up to the order of f32
+    /// additions (and, in half precision, the hidden values' rounding, which the fused
+    /// kernel skips). For comparison; off by default.
+    pub separate_mlp_kernels: bool,
 }
 
 /// Predictors, plan and kernel-ready weights for one model.
@@ -638,6 +646,13 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
             let x = x.reshape([batch, d]);
             let fc1_rows = weights.fc1_rows.clone();
             let h = match prediction {
+                // Predictor, selection, fc1 and fc2 in one launch, then the residual add.
+                Prediction::FirstFactor(h) if !self.model.options.separate_mlp_kernels => {
+                    let mlp_weights = dejavu_kernels::MlpWeights { w1: fc1_rows, b1: bias(&mlp.fc1), w2_t: mlp.fc2.weight.val(), b2: bias(&mlp.fc2) };
+                    let residual = residual.map(|r| r.reshape([batch, d]));
+                    let y = dejavu_kernels::predicted_mlp(mlp_weights, x, residual, predictor().up_decode.clone(), h, threshold);
+                    return y.expect(KERNEL_SHAPES).reshape([batch, 1, d]);
+                }
                 // The predictor's second factor runs in the same launch: no logits in memory.
                 Prediction::FirstFactor(h) => {
                     dejavu_kernels::predicted_rows_gemv(fc1_rows, x, bias(&mlp.fc1), Act::Relu, predictor().up_decode.clone(), h, threshold)

@@ -555,6 +555,46 @@ pub(crate) fn rows_transposed_gemv_partial_kernel<F: Float, N: Size, I: Int>(
     }
 }
 
+/// A cube-wide exclusive count for compaction in unit order: unit `t` of `threads` holds
+/// `mine` live items; returns how many the units before it hold (where its first one
+/// goes). The counts before it in its group of 32 (shared reads of one address per step, a
+/// broadcast), then the groups before its group. `counts [threads]` and `totals [groups of
+/// 32]` are scratch; [`total_count`] reads the cube's total from `totals` afterwards.
+#[cube]
+fn exclusive_count(mine: u32, t: usize, counts: &mut SharedMemory<u32>, totals: &mut SharedMemory<u32>, #[comptime] threads: usize) -> u32 {
+    let groups = comptime!(threads.div_ceil(32));
+    counts[t] = mine;
+    sync_cube();
+    let g = t / 32;
+    let g_first = g * 32;
+    let mut before = 0u32;
+    for i in 0..32usize {
+        if g_first + i < t {
+            before += counts[g_first + i];
+        }
+    }
+    if t == usize::min(g_first + 31, threads - 1) {
+        totals[g] = before + mine;
+    }
+    sync_cube();
+    for i in 0..groups {
+        if i < g {
+            before += totals[i];
+        }
+    }
+    before
+}
+
+/// The cube's total after [`exclusive_count`].
+#[cube]
+fn total_count(totals: &SharedMemory<u32>, #[comptime] threads: usize) -> u32 {
+    let mut live = 0u32;
+    for i in 0..comptime!(threads.div_ceil(32)) {
+        live += totals[i];
+    }
+    live
+}
+
 /// [`rows_transposed_gemv_partial_kernel`] that first compacts its split: cube `(c, s)`
 /// owns the `chunk` rows `s·chunk ..` of K (every row: no index list, which the launcher
 /// gives to the skipping kernel). Its units scan their `h` (any batch row nonzero),
@@ -579,11 +619,10 @@ pub(crate) fn rows_transposed_gemv_compact_kernel<F: Float, N: Size>(
 ) {
     let threads = comptime!(cols_per_cube * lanes_k);
     let chunk = comptime!(cols_per_cube * lanes_k * per_unit);
-    let groups = comptime!(threads.div_ceil(32));
     let mut scratch = SharedMemory::<Vector<f32, N>>::new(threads);
     let mut live_rows = SharedMemory::<u32>::new(chunk);
     let mut counts = SharedMemory::<u32>::new(threads);
-    let mut totals = SharedMemory::<u32>::new(groups);
+    let mut totals = SharedMemory::<u32>::new(comptime!(threads.div_ceil(32)));
     let cx = UNIT_POS_X as usize;
     let ky = UNIT_POS_Y as usize;
     let t = ky * cols_per_cube + cx;
@@ -611,30 +650,8 @@ pub(crate) fn rows_transposed_gemv_compact_kernel<F: Float, N: Size>(
             }
         }
     }
-    let mine = mask.count_ones();
-    counts[t] = mine;
-    sync_cube();
-    // Where this unit's live rows go: the counts before it in its group of 32 (shared
-    // reads of one address per step, a broadcast), then the groups before its group.
-    let g = t / 32;
-    let g_first = g * 32;
-    let mut before = 0u32;
-    for i in 0..32usize {
-        if g_first + i < t {
-            before += counts[g_first + i];
-        }
-    }
-    if t == usize::min(g_first + 31, threads - 1) {
-        totals[g] = before + mine;
-    }
-    sync_cube();
-    let mut live = 0u32;
-    for i in 0..groups {
-        if i < g {
-            before += totals[i];
-        }
-        live += totals[i];
-    }
+    let before = exclusive_count(mask.count_ones(), t, &mut counts, &mut totals, threads);
+    let live = total_count(&totals, threads);
     let mut pos = usize::cast_from(before);
     #[unroll]
     for q in 0..per_unit {
@@ -1485,6 +1502,171 @@ pub(crate) fn predicted_rows_gemv_kernel<F: Float, P: Float, N: Size>(
     let logit = predicted_logit(up, h, predictor, j, shape.rows, lane, &mut scratch, group, use_plane);
     // Every lane of the group holds the same logit, so `live` is uniform.
     gated_row(w, x, bias, out, shape, j, logit > threshold, lane, &mut scratch, has_bias, relu, group, use_plane);
+}
+
+/// The decode step's sparse MLP up to fc2's split sums in one launch (batch 1): cube `s`
+/// owns the `split_rows` consecutive neurons `s·split_rows ..` and
+/// 1. scores them with the predictor (`up [rows, r] · h`, `threads / split_rows` lanes a
+///    row, one round of loads) and lists those above `threshold` in shared memory;
+/// 2. computes fc1 for the listed rows only (`relu(W1[row] · x + b1[row])`, one 32-lane
+///    group a row, [`lane_dot`]'s eight loads in flight), the hidden values kept in
+///    shared memory;
+/// 3. lists the rows whose hidden value is not 0 (after ReLU many are), and
+/// 4. adds those rows of the transposed fc2 into `partial[s, :]` (f32), each unit owning
+///    whole column vectors, eight rows' loads in flight.
+///
+/// [`sum_partials_kernel`] then adds the splits with bias and residual, as after the
+/// separate kernels. Against `predicted_rows_gemv_kernel` followed by
+/// `rows_transposed_gemv_compact_kernel` this saves a launch and its ramp-up, and the
+/// hidden values' round trip through memory; the partial sums are the same size (a split
+/// of 128 rows each). The split's work is dependent phases in one cube, so each phase
+/// keeps a whole row of loads in flight per lane group instead of relying on many cubes.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)] // fc1's, the predictor's and fc2's inputs
+pub(crate) fn predicted_mlp_kernel<F: Float, P: Float, N: Size>(
+    w1: &Array<Vector<F, N>>,
+    up: &Array<P>,
+    h: &Array<f32>,
+    x: &Array<Vector<F, N>>,
+    b1: &Array<F>,
+    w2: &Array<Vector<F, N>>,
+    partial: &mut Array<Vector<f32, N>>,
+    shape: GemvShape,
+    w2_stride: usize,
+    predictor: PredictorShape,
+    threshold: f32,
+    #[comptime] has_bias: bool,
+    #[comptime] split_rows: usize,
+    #[comptime] group: usize,
+    #[comptime] groups: usize,
+    #[comptime] use_plane: bool,
+    #[define(F, P)] _dtypes: [StorageType; 2],
+) {
+    let threads = comptime!(group * groups);
+    let per_row = comptime!(threads / split_rows);
+    let mut scratch = SharedMemory::<f32>::new(threads);
+    let mut counts = SharedMemory::<u32>::new(threads);
+    let mut totals = SharedMemory::<u32>::new(comptime!(threads.div_ceil(32)));
+    let mut listed = SharedMemory::<u32>::new(split_rows);
+    let mut hidden = SharedMemory::<f32>::new(split_rows);
+    let mut live_rows = SharedMemory::<u32>::new(split_rows);
+    let mut live_h = SharedMemory::<f32>::new(split_rows);
+    let lane = UNIT_POS_X as usize;
+    let g = UNIT_POS_Y as usize;
+    let t = g * group + lane;
+    let rows = shape.rows;
+    let first = CUBE_POS_X as usize * split_rows;
+
+    // 1. Logits: unit `t` sums every `per_row`-th rank element of row `t / per_row`.
+    let q = t / per_row;
+    let sub = t % per_row;
+    let j = first + q;
+    let r = predictor.rank;
+    let mut part = 0.0f32;
+    if j < rows {
+        let base = j * predictor.up_stride;
+        let mut e = sub;
+        while e + 3 * per_row < r {
+            let u0 = f32::cast_from(up[base + e]);
+            let u1 = f32::cast_from(up[base + e + per_row]);
+            let u2 = f32::cast_from(up[base + e + 2 * per_row]);
+            let u3 = f32::cast_from(up[base + e + 3 * per_row]);
+            part += u0 * h[e] + u1 * h[e + per_row] + u2 * h[e + 2 * per_row] + u3 * h[e + 3 * per_row];
+            e += 4 * per_row;
+        }
+        while e < r {
+            part += f32::cast_from(up[base + e]) * h[e];
+            e += per_row;
+        }
+    }
+    scratch[t] = part;
+    sync_cube();
+    let mut selected = 0u32;
+    if t < split_rows && first + t < rows {
+        let mut logit = 0.0f32;
+        for i in 0..per_row {
+            logit += scratch[t * per_row + i];
+        }
+        if logit > threshold {
+            selected = 1u32;
+        }
+    }
+    let at = exclusive_count(selected, t, &mut counts, &mut totals, threads);
+    let n = usize::cast_from(total_count(&totals, threads));
+    if selected == 1u32 {
+        listed[usize::cast_from(at)] = u32::cast_from(t);
+    }
+    sync_cube();
+
+    // 2. fc1 of the listed rows, a lane group each. Every group runs the same rounds
+    // (`group_sum` may sync the cube).
+    #[allow(clippy::manual_div_ceil)] // div_ceil is not a cube operation
+    let rounds = (n + groups - 1) / groups;
+    for round in 0..rounds {
+        let i = round * groups + g;
+        let live = i < n;
+        let mut row = rows;
+        if live {
+            row = first + usize::cast_from(listed[i]);
+        }
+        let mut dot = 0.0f32;
+        if live {
+            dot = lane_dot(w1, row * shape.w_stride, x, 0, lane, group, shape.width);
+        }
+        let total = group_sum(dot, &mut scratch, group, use_plane);
+        if lane == 0 && live {
+            hidden[i] = finish_row(total, b1, row, true, has_bias, true);
+        }
+    }
+    sync_cube();
+
+    // 3. The rows fc2 reads: listed, with a hidden value that is not 0.
+    let mut nonzero = 0u32;
+    if t < n {
+        if hidden[t] != 0.0f32 {
+            nonzero = 1u32;
+        }
+    }
+    let at2 = exclusive_count(nonzero, t, &mut counts, &mut totals, threads);
+    let m = usize::cast_from(total_count(&totals, threads));
+    if nonzero == 1u32 {
+        live_rows[usize::cast_from(at2)] = u32::cast_from(first) + listed[t];
+        live_h[usize::cast_from(at2)] = hidden[t];
+    }
+    sync_cube();
+
+    // 4. fc2: unit `t` owns column vectors `t, t + threads, ..` of the split's sum.
+    let width = shape.width;
+    let mut c = t;
+    while c < width {
+        let mut acc = Vector::<f32, N>::new(0.0f32);
+        let mut i = 0usize;
+        while i + 7 < m {
+            let w0 = w2[usize::cast_from(live_rows[i]) * w2_stride + c];
+            let w1v = w2[usize::cast_from(live_rows[i + 1]) * w2_stride + c];
+            let w2v = w2[usize::cast_from(live_rows[i + 2]) * w2_stride + c];
+            let w3 = w2[usize::cast_from(live_rows[i + 3]) * w2_stride + c];
+            let w4 = w2[usize::cast_from(live_rows[i + 4]) * w2_stride + c];
+            let w5 = w2[usize::cast_from(live_rows[i + 5]) * w2_stride + c];
+            let w6 = w2[usize::cast_from(live_rows[i + 6]) * w2_stride + c];
+            let w7 = w2[usize::cast_from(live_rows[i + 7]) * w2_stride + c];
+            acc += Vector::<f32, N>::cast_from(w0) * Vector::<f32, N>::new(live_h[i]);
+            acc += Vector::<f32, N>::cast_from(w1v) * Vector::<f32, N>::new(live_h[i + 1]);
+            acc += Vector::<f32, N>::cast_from(w2v) * Vector::<f32, N>::new(live_h[i + 2]);
+            acc += Vector::<f32, N>::cast_from(w3) * Vector::<f32, N>::new(live_h[i + 3]);
+            acc += Vector::<f32, N>::cast_from(w4) * Vector::<f32, N>::new(live_h[i + 4]);
+            acc += Vector::<f32, N>::cast_from(w5) * Vector::<f32, N>::new(live_h[i + 5]);
+            acc += Vector::<f32, N>::cast_from(w6) * Vector::<f32, N>::new(live_h[i + 6]);
+            acc += Vector::<f32, N>::cast_from(w7) * Vector::<f32, N>::new(live_h[i + 7]);
+            i += 8;
+        }
+        while i < m {
+            acc += Vector::<f32, N>::cast_from(w2[usize::cast_from(live_rows[i]) * w2_stride + c]) * Vector::<f32, N>::new(live_h[i]);
+            i += 1;
+        }
+        partial[CUBE_POS_X as usize * width + c] = acc;
+        c += threads;
+    }
 }
 
 /// Head selection with its predictor in one cube: the logits `up · h` of `rows` heads

@@ -39,11 +39,17 @@ pub struct LaunchConfig {
     /// skipping, 19.0 at best compacting), where over every row with 90% zeros it took
     /// 13.5 µs against 22.1, and with half zeros 33.1 against 37.2.
     pub compact_rows: usize,
+    /// Neurons each cube of the fused predicted MLP (`predicted_mlp`) owns, a power of
+    /// two: fewer means more cubes and more f32 partial sums for the second pass.
+    pub fused_mlp_rows: usize,
+    /// Units of each fused predicted MLP cube (whole lane groups, a power of two of them;
+    /// at most the device's cube). 1024 leaves a unit 64 registers on CUDA.
+    pub fused_mlp_threads: usize,
 }
 
 impl Default for LaunchConfig {
     fn default() -> Self {
-        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128 }
+        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 128, fused_mlp_threads: 1024 }
     }
 }
 
@@ -346,9 +352,7 @@ fn transposed_gemv_launch<R: CubeRuntime>(
     }
     let gathered = idx.is_some();
     let idx = idx.map(into_contiguous).unwrap_or_else(|| unread(&h));
-    let has_bias = bias.is_some();
     let bias = bias.map(into_contiguous);
-    let has_residual = residual.is_some();
     let residual = residual.map(into_contiguous);
     if let Some(r) = &residual {
         assert_eq!(dims(r), vec![batch, cols], "rows_transposed_gemv: residual shape");
@@ -364,8 +368,6 @@ fn transposed_gemv_launch<R: CubeRuntime>(
     let dtype = w_t.dtype;
     let idx_dtype = if gathered { idx.dtype } else { int_dtype };
     let shape = TransposedShapeLaunch::new(dims(&w_t)[0], cols / vs, stride(&w_t, 0) / vs, k, batch, stride(&h, 0));
-    let residual_stride = residual.as_ref().map_or(0, |r| stride(r, 0) / vs);
-    let out_stride = stride(&out, 0) / vs;
     unsafe {
         let cubes = CubeCount::Static(col_blocks, splits as u32, 1);
         let cube_dim = CubeDim::new_2d(config.cols_per_cube as u32, config.lanes_k as u32);
@@ -403,9 +405,28 @@ fn transposed_gemv_launch<R: CubeRuntime>(
                 [dtype.into(), idx_dtype.into()],
             );
         }
-        // Lanes along the splits: enough that each adds a handful.
-        let lanes_s = splits.div_ceil(4).next_power_of_two().clamp(1, 32);
-        let sum_cols = (256 / lanes_s).max(1);
+    }
+    sum_partials(partial, bias, residual, out, splits, vs)
+}
+
+/// The transposed GEMV's second pass: `out [B, d] = Σ_s partial[s] + bias + residual`
+/// (`partial [splits, B, d]` f32, the rest in `out`'s dtype, vectors of `vs`).
+fn sum_partials<R: CubeRuntime>(
+    partial: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    residual: Option<CubeTensor<R>>,
+    out: CubeTensor<R>,
+    splits: usize,
+    vs: usize,
+) -> CubeTensor<R> {
+    let (batch, cols) = (dims(&out)[0], dims(&out)[1]);
+    let residual_stride = residual.as_ref().map_or(0, |r| stride(r, 0) / vs);
+    let out_stride = stride(&out, 0) / vs;
+    let (has_bias, has_residual) = (bias.is_some(), residual.is_some());
+    // Lanes along the splits: enough that each adds a handful.
+    let lanes_s = splits.div_ceil(4).next_power_of_two().clamp(1, 32);
+    let sum_cols = (256 / lanes_s).max(1);
+    unsafe {
         sum_partials_kernel::launch_unchecked::<R>(
             &out.client,
             CubeCount::Static((cols / vs).div_ceil(sum_cols) as u32, batch as u32, 1),
@@ -424,7 +445,7 @@ fn transposed_gemv_launch<R: CubeRuntime>(
             has_residual,
             sum_cols,
             lanes_s,
-            dtype.into(),
+            out.dtype.into(),
         );
     }
     out
@@ -913,6 +934,81 @@ pub fn predicted_rows_gemv<R: CubeRuntime>(
         );
     }
     l.out
+}
+
+/// The decode step's sparse MLP, predictor to residual, in two launches (batch 1):
+/// `out [1, d] = residual + b2 + Σ_j relu(W1[j] · x + b1[j]) · W2t[j]` over the rows `j`
+/// whose logit `up[j] · h` is above `threshold`; see
+/// [`crate::SparseKernels::predicted_mlp`]. `config.fused_mlp_rows` rows a cube (0 takes
+/// 128), of `config.fused_mlp_threads` units.
+#[allow(clippy::too_many_arguments)] // the MLP's, the predictor's and the residual's inputs
+pub fn predicted_mlp<R: CubeRuntime>(
+    w1: CubeTensor<R>,
+    b1: Option<CubeTensor<R>>,
+    w2_t: CubeTensor<R>,
+    b2: Option<CubeTensor<R>>,
+    x: CubeTensor<R>,
+    residual: Option<CubeTensor<R>>,
+    up: CubeTensor<R>,
+    h: CubeTensor<R>,
+    threshold: f32,
+    config: &LaunchConfig,
+) -> CubeTensor<R> {
+    let (w1, w2_t, x) = (into_contiguous(w1), into_contiguous(w2_t), into_contiguous(x));
+    let (up, h) = (into_contiguous(up), into_contiguous(h));
+    let (b2, residual) = (b2.map(into_contiguous), residual.map(into_contiguous));
+    let (rows, d) = (dims(&w1)[0], dims(&w1)[1]);
+    let (group, use_plane) = reduction_group(&w1.client);
+    // Whole lane groups, a power of two of them (the logits split a cube's units evenly
+    // over its rows), at most the device's cube.
+    let most = config.fused_mlp_threads.max(group).min(client_units(&w1));
+    let groups = (most / group).max(1);
+    let groups = 1 << groups.ilog2();
+    let threads = group * groups;
+    let split_rows = match config.fused_mlp_rows {
+        0 => 128,
+        n => n,
+    }
+    .next_power_of_two()
+    .min(threads);
+    let splits = rows.div_ceil(split_rows).max(1);
+    let mut vectors = vec![&w1, &w2_t, &x];
+    vectors.extend(b2.iter());
+    vectors.extend(residual.iter());
+    let vs = vector_width(&vectors);
+    let [out, partial] = empties(&x, [(vec![1, d], w1.dtype), (vec![splits, 1, d], DType::F32)]);
+    let shape = GemvShapeLaunch::new(rows, d / vs, stride(&w1, 0) / vs, 1, stride(&x, 0) / vs, rows, rows);
+    let predictor = PredictorShapeLaunch::new(dims(&up)[1], stride(&up, 0));
+    let has_bias = b1.is_some();
+    let b1 = b1.map(into_contiguous).unwrap_or_else(|| unread(&w1));
+    let (dtype, up_dtype, client) = (w1.dtype, up.dtype, w1.client.clone());
+    let w2_stride = stride(&w2_t, 0) / vs;
+    unsafe {
+        predicted_mlp_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(splits as u32, 1, 1),
+            CubeDim::new_2d(group as u32, groups as u32),
+            vs,
+            arg(w1),
+            arg(up),
+            arg(h),
+            arg(x),
+            arg(b1),
+            arg(w2_t),
+            arg(partial.clone()),
+            shape,
+            w2_stride,
+            predictor,
+            threshold,
+            has_bias,
+            split_rows,
+            group,
+            groups,
+            use_plane,
+            [dtype.into(), up_dtype.into()],
+        );
+    }
+    sum_partials(partial, b2, residual, out, splits, vs)
 }
 
 /// Lane groups of the head-selection cube: 8 groups of 32 lanes score 8 heads at a time.

@@ -22,7 +22,7 @@ kernels)
     echo "kernel checks: $(grep -cE ' ok$' "$OUT/checks.log") ok, $(grep -ciE 'fail' "$OUT/checks.log") failing lines"
     grep -E "predicted_mlp" "$OUT/checks.log" | head -4
     rm -f "$OUT/checks.json"
-    time timeout 400 dejavu-bench kernels --densities 0.1 --ranks 128 --contexts "" \
+    time timeout 400 dejavu-bench kernels --densities 0.1 --ranks 128 --contexts \
         --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
     grep -E "predicted_mlp|fused predictor|\| opt-" "$OUT/kernels.log" | grep -vE "ours_attention|tune_" | tail -40
     ;;

@@ -1518,9 +1518,10 @@ pub(crate) fn predicted_rows_gemv_kernel<F: Float, P: Float, N: Size>(
 /// [`sum_partials_kernel`] then adds the splits with bias and residual, as after the
 /// separate kernels. Against `predicted_rows_gemv_kernel` followed by
 /// `rows_transposed_gemv_compact_kernel` this saves a launch and its ramp-up, and the
-/// hidden values' round trip through memory; the partial sums are the same size (a split
-/// of 128 rows each). The split's work is dependent phases in one cube, so each phase
-/// keeps a whole row of loads in flight per lane group instead of relying on many cubes.
+/// hidden values' round trip through memory, at the cost of one f32 row of partial sums
+/// per `split_rows` neurons (the compacting fc2 writes one per 128). The split's phases
+/// depend on each other inside a cube, so each keeps many loads in flight per unit, and
+/// several cubes per SM overlap one another's phases.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)] // fc1's, the predictor's and fc2's inputs
 pub(crate) fn predicted_mlp_kernel<F: Float, P: Float, N: Size>(
@@ -1566,6 +1567,21 @@ pub(crate) fn predicted_mlp_kernel<F: Float, P: Float, N: Size>(
     if j < rows {
         let base = j * predictor.up_stride;
         let mut e = sub;
+        // Eight loads in flight, then four: a rank-128 row over 8 lanes is 16 loads a
+        // lane, and with four at a time this phase was four round trips to memory.
+        while e + 7 * per_row < r {
+            let u0 = f32::cast_from(up[base + e]);
+            let u1 = f32::cast_from(up[base + e + per_row]);
+            let u2 = f32::cast_from(up[base + e + 2 * per_row]);
+            let u3 = f32::cast_from(up[base + e + 3 * per_row]);
+            let u4 = f32::cast_from(up[base + e + 4 * per_row]);
+            let u5 = f32::cast_from(up[base + e + 5 * per_row]);
+            let u6 = f32::cast_from(up[base + e + 6 * per_row]);
+            let u7 = f32::cast_from(up[base + e + 7 * per_row]);
+            part += u0 * h[e] + u1 * h[e + per_row] + u2 * h[e + 2 * per_row] + u3 * h[e + 3 * per_row];
+            part += u4 * h[e + 4 * per_row] + u5 * h[e + 5 * per_row] + u6 * h[e + 6 * per_row] + u7 * h[e + 7 * per_row];
+            e += 8 * per_row;
+        }
         while e + 3 * per_row < r {
             let u0 = f32::cast_from(up[base + e]);
             let u1 = f32::cast_from(up[base + e + per_row]);

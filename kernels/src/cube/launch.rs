@@ -49,7 +49,7 @@ pub struct LaunchConfig {
 
 impl Default for LaunchConfig {
     fn default() -> Self {
-        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 128, fused_mlp_threads: 1024 }
+        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512 }
     }
 }
 
@@ -940,7 +940,7 @@ pub fn predicted_rows_gemv<R: CubeRuntime>(
 /// `out [1, d] = residual + b2 + Σ_j relu(W1[j] · x + b1[j]) · W2t[j]` over the rows `j`
 /// whose logit `up[j] · h` is above `threshold`; see
 /// [`crate::SparseKernels::predicted_mlp`]. `config.fused_mlp_rows` rows a cube (0 takes
-/// 128), of `config.fused_mlp_threads` units.
+/// the default), of `config.fused_mlp_threads` units.
 #[allow(clippy::too_many_arguments)] // the MLP's, the predictor's and the residual's inputs
 pub fn predicted_mlp<R: CubeRuntime>(
     w1: CubeTensor<R>,
@@ -966,7 +966,7 @@ pub fn predicted_mlp<R: CubeRuntime>(
     let groups = 1 << groups.ilog2();
     let threads = group * groups;
     let split_rows = match config.fused_mlp_rows {
-        0 => 128,
+        0 => LaunchConfig::default().fused_mlp_rows,
         n => n,
     }
     .next_power_of_two()

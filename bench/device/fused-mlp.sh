@@ -7,9 +7,10 @@
 #            128, with the PyTorch peer (dense fp16 MLP through cuBLAS) — writes
 #            kernels.json/.log (~5 min);
 #   e2e      transformers fp16 eager at 6.7B and 13B, prompt 128, then `dejavu-bench e2e`
-#            with the fused MLP (the default) and with --separate-mlp-kernels, token kept
-#            on the device — writes hf.json, e2e-fused.json/.log, e2e-separate.json/.log
-#            (~5 min).
+#            with the fused MLP (--fused-mlp) and with the separate kernels (the default),
+#            token kept on the device — writes hf.json, e2e-fused.json/.log,
+#            e2e-separate.json/.log (~5 min). (Run 31 ran binary 6817ace, where the fused
+#            MLP was the default and --separate-mlp-kernels chose the other.)
 set -uo pipefail
 export DEJAVU_COMMIT=${DEJAVU_COMMIT:-$(cat dist/commit 2>/dev/null || echo unknown)}
 source bench/device/setup.sh
@@ -30,7 +31,7 @@ e2e)
     timeout 150 python3 bench/peers/hf_decode.py --models opt-6.7b,opt-13b --prompt-lens 128 --new-tokens 128 --runs 3 \
         --json "$OUT/hf.json" > "$OUT/hf.log" 2>&1; tail -2 "$OUT/hf.log"
     for variant in fused separate; do
-        extra=""; [ "$variant" = separate ] && extra="--separate-mlp-kernels"
+        extra=""; [ "$variant" = fused ] && extra="--fused-mlp"
         timeout 170 dejavu-bench e2e --models opt-6.7b,opt-13b --prompt-lens 128 --runs 3 --backend cuda --dtype f16 \
             --readback end $extra --peer-json "$OUT/hf.json" --out "$OUT/e2e-$variant.json" > "$OUT/e2e-$variant.log" 2>&1
         echo "--- $variant"; grep -E "ms/token|floor|sparse_mlp" "$OUT/e2e-$variant.log" | tail -12

@@ -62,10 +62,11 @@ pub struct E2eArgs {
     /// model's dtype (f16: half the predictor bytes) instead of f32
     #[arg(long)]
     predictors_in_model_dtype: bool,
-    /// Sparse rows: the decode step's MLP as the separate kernels (gated fc1, then fc2's two
-    /// passes: three launches) instead of the fused `predicted_mlp` (two launches)
+    /// Sparse rows: the decode step's MLP as the fused `predicted_mlp` kernel (predictor,
+    /// selection, fc1 and fc2's split sums in one launch, then the residual add) instead of
+    /// the separate kernels (gated fc1, then fc2's two passes)
     #[arg(long)]
-    separate_mlp_kernels: bool,
+    fused_mlp: bool,
     /// The paper's latency setting for the synthetic models: MLP density in sparse layers
     #[arg(long, default_value_t = 0.1)]
     mlp_density: f64,
@@ -188,7 +189,7 @@ fn sparse_options(args: &E2eArgs) -> SparseOptions {
     SparseOptions {
         lazy_kv_window: args.lazy_kv_window,
         predictors_in_model_dtype: args.predictors_in_model_dtype,
-        separate_mlp_kernels: args.separate_mlp_kernels,
+        fused_mlp: args.fused_mlp,
         ..Default::default()
     }
 }
@@ -666,7 +667,7 @@ fn breakdown<B: SparseKernels>(config: &OptConfig, args: &E2eArgs, device: &B::D
     // The gate at the upper 10% point of this first factor's logits.
     let mlp_threshold = quantile_threshold(dejavu_kernels::gemv(up_rows.clone(), first.clone(), None, Act::Identity)?, args.mlp_density);
     let sparse_mlp = time(&mut || {
-        if !args.separate_mlp_kernels {
+        if args.fused_mlp {
             let mlp = dejavu_kernels::MlpWeights { w1: fc1.clone(), b1: Some(b_ffn.clone()), w2_t: fc2.clone(), b2: Some(b_d.clone()) };
             let _ = dejavu_kernels::predicted_mlp(mlp, x.clone(), Some(x.clone()), up_rows.clone(), first.clone(), mlp_threshold)?;
             return Ok(());
@@ -711,10 +712,10 @@ fn breakdown<B: SparseKernels>(config: &OptConfig, args: &E2eArgs, device: &B::D
                  predictor reading its input (an f32 GEMV of the f16 residual) in the same launch, the first also \
                  with the heads' second factor and threshold selection (norm_predict); attention = q (gathered or dense) with \
                  every head's k and v into the cache (qkv_append, one launch) + attention + out_proj over the heads' \
-                 columns with the residual add (block_cols_gemv, one pass); sparse MLP = predictor's second factor, \
-                 selection (10% of rows above the threshold), fc1 and fc2ᵀ's split sums in one launch, then the splits' sum \
-                 with the residual add (predicted_mlp; with separate_mlp_kernels: fc1 gated by the predictor in one launch, \
-                 predicted_rows_gemv, then fc2ᵀ's two passes); dense MLP = dense fc1, then fc2ᵀ with the residual \
+                 columns with the residual add (block_cols_gemv, one pass); sparse MLP = fc1 gated by its predictor's \
+                 second factor in the same launch (predicted_rows_gemv, 10% of rows above the threshold), then fc2ᵀ with the \
+                 residual add (with fused_mlp: predictor, selection, fc1 and fc2ᵀ's split sums in one launch, then the \
+                 splits' sum with the residual add, predicted_mlp); dense MLP = dense fc1, then fc2ᵀ with the residual \
                  add; dense norms = 2 LayerNorms",
         "us": {
             "sparse_norms_with_predictors": sparse_norms,
@@ -928,7 +929,7 @@ fn write_report(
         "readback": args.readback,
         "lazy_kv_window": args.lazy_kv_window,
         "predictors_in_model_dtype": args.predictors_in_model_dtype,
-        "separate_mlp_kernels": args.separate_mlp_kernels,
+        "fused_mlp": args.fused_mlp,
         "note": "per-token latency = decode time of the last new_tokens-1 steps / (new_tokens-1), median over runs \
                  after one warm-up run; prompts prefilled in 128-token chunks into one cache per model. kept_* come \
                  from the warm-up run (the timed runs repeat its greedy tokens without counting). Published shapes: random weights and random predictors (latency does not \

@@ -18,6 +18,9 @@
 //!   the caches in one launch.
 //! - [`layer_norm`]: a row-wise LayerNorm in one launch (f32 statistics), so that a decode
 //!   step's norms are not a chain of small tensor ops.
+//! - [`predicted_rows_gemv`] / [`predicted_mlp`]: a decode step's fc1 gated by its low-rank
+//!   predictor in the same launch; and the whole MLP from the predictor to the residual,
+//!   with predictor, selection, fc1 and fc2's split sums in one launch.
 //!
 //! Which backend runs what: `CubeBackend<R, ..>` (CUDA and wgpu without Burn's fusion
 //! layer) runs the CubeCL kernels. Every other backend — Flex on the CPU, and the fused

@@ -86,14 +86,16 @@ pub struct SparseOptions {
     /// about 1e-3 of their size, so a neuron right at its threshold may flip). Off by
     /// default: the predictors' quality was measured in f32.
     pub predictors_in_model_dtype: bool,
-    /// Run a decode step's predicted MLP (threshold selection, batch 1) as the separate
-    /// kernels — fc1 gated by its predictor, then fc2's two passes with the residual: three
-    /// launches, the hidden values through memory — instead of `predicted_mlp`, which does
-    /// predictor, selection, fc1 and fc2's split sums in one launch and keeps the hidden
-    /// values on chip (two launches). Same rows, same result up to the order of f32
-    /// additions (and, in half precision, the hidden values' rounding, which the fused
-    /// kernel skips). For comparison; off by default.
-    pub separate_mlp_kernels: bool,
+    /// Run a decode step's predicted MLP (threshold selection, batch 1) as one fused kernel,
+    /// `predicted_mlp` — predictor, selection, fc1 and fc2's split sums in one launch, the
+    /// hidden values kept on chip, then the splits' sum with the residual: two launches —
+    /// instead of the separate kernels (fc1 gated by its predictor, then fc2's two passes:
+    /// three launches, the hidden values through memory). Same rows, same result up to the
+    /// order of f32 additions (and, in half precision, the hidden values' rounding, which
+    /// the fused kernel skips). Off by default: on the H100 it was faster only at the 6.7B
+    /// shape (kernel 27.0 against 28.9 µs, decode 3.33 against 3.40 ms/token) and slower at
+    /// 13B and 30B (43.9 against 36.0 µs and 62.6 against 53.6; decode 5.90 against 5.72).
+    pub fused_mlp: bool,
 }
 
 /// Predictors, plan and kernel-ready weights for one model.
@@ -647,7 +649,7 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
             let fc1_rows = weights.fc1_rows.clone();
             let h = match prediction {
                 // Predictor, selection, fc1 and fc2 in one launch, then the residual add.
-                Prediction::FirstFactor(h) if !self.model.options.separate_mlp_kernels => {
+                Prediction::FirstFactor(h) if self.model.options.fused_mlp => {
                     let mlp_weights = dejavu_kernels::MlpWeights { w1: fc1_rows, b1: bias(&mlp.fc1), w2_t: mlp.fc2.weight.val(), b2: bias(&mlp.fc2) };
                     let residual = residual.map(|r| r.reshape([batch, d]));
                     let y = dejavu_kernels::predicted_mlp(mlp_weights, x, residual, predictor().up_decode.clone(), h, threshold);

@@ -907,8 +907,8 @@ pub struct MlpWeights<B: Backend> {
     pub b2: Option<Tensor<B, 1>>,
 }
 
-/// A decode step's whole sparse MLP from its predictor: `residual + b2 + Σ_j relu(W1[j] · x
-/// + b1[j]) · W2t[j]` over the neurons `j` whose logit `up[j, :] · h` is above
+/// A decode step's whole sparse MLP from its predictor: `residual + b2 + Σ_j relu(W1[j] ·
+/// x + b1[j]) · W2t[j]` over the neurons `j` whose logit `up[j, :] · h` is above
 /// `threshold` (`up [ffn, r]` any float dtype, `h [1, r]` f32, `x [1, d]`, `residual
 /// [1, d]`). On `CubeBackend` two launches: predictor, selection, fc1 and fc2's split sums
 /// in one (the hidden values stay on chip), then the splits' sum with bias and residual.

@@ -1524,6 +1524,7 @@ pub(crate) fn predicted_rows_gemv_kernel<F: Float, P: Float, N: Size>(
 /// several cubes per SM overlap one another's phases.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)] // fc1's, the predictor's and fc2's inputs
+#[allow(clippy::collapsible_if)] // `&&` is not short-circuit in a kernel: it would read past `hidden`
 pub(crate) fn predicted_mlp_kernel<F: Float, P: Float, N: Size>(
     w1: &Array<Vector<F, N>>,
     up: &Array<P>,

@@ -1428,6 +1428,42 @@ fn gated_row<F: Float, N: Size>(
     }
 }
 
+/// One unit's share of a predictor row's logit: `Σ up[base + e] · h[e]` over `e = start,
+/// start + step, ..` below `r`, in f32. Eight loads in flight, then four, then one at a
+/// time: a rank-128 row is four loads a lane of a plane, or sixteen a unit where 8 units
+/// share it, and one load at a time made the logit that many round trips to memory.
+#[cube]
+fn strided_dot<P: Float>(up: &Array<P>, base: usize, h: &Array<f32>, start: usize, step: usize, r: usize) -> f32 {
+    let mut partial = 0.0f32;
+    let mut e = start;
+    while e + 7 * step < r {
+        let u0 = f32::cast_from(up[base + e]);
+        let u1 = f32::cast_from(up[base + e + step]);
+        let u2 = f32::cast_from(up[base + e + 2 * step]);
+        let u3 = f32::cast_from(up[base + e + 3 * step]);
+        let u4 = f32::cast_from(up[base + e + 4 * step]);
+        let u5 = f32::cast_from(up[base + e + 5 * step]);
+        let u6 = f32::cast_from(up[base + e + 6 * step]);
+        let u7 = f32::cast_from(up[base + e + 7 * step]);
+        partial += u0 * h[e] + u1 * h[e + step] + u2 * h[e + 2 * step] + u3 * h[e + 3 * step];
+        partial += u4 * h[e + 4 * step] + u5 * h[e + 5 * step] + u6 * h[e + 6 * step] + u7 * h[e + 7 * step];
+        e += 8 * step;
+    }
+    while e + 3 * step < r {
+        let u0 = f32::cast_from(up[base + e]);
+        let u1 = f32::cast_from(up[base + e + step]);
+        let u2 = f32::cast_from(up[base + e + 2 * step]);
+        let u3 = f32::cast_from(up[base + e + 3 * step]);
+        partial += u0 * h[e] + u1 * h[e + step] + u2 * h[e + 2 * step] + u3 * h[e + 3 * step];
+        e += 4 * step;
+    }
+    while e < r {
+        partial += f32::cast_from(up[base + e]) * h[e];
+        e += step;
+    }
+    partial
+}
+
 /// A low-rank predictor's logit for row `j`: `up[j, :] · h` (f32, `r` values), summed by
 /// the row's lane group (every lane gets it). Rows past `rows` give -3e38: never above a
 /// threshold.
@@ -1443,25 +1479,9 @@ fn predicted_logit<P: Float>(
     #[comptime] group: usize,
     #[comptime] use_plane: bool,
 ) -> f32 {
-    let r = predictor.rank;
     let mut partial = 0.0f32;
     if j < rows {
-        let base = j * predictor.up_stride;
-        let mut t = lane;
-        // Four loads in flight per lane (a rank-128 row is four per lane of a plane):
-        // one at a time made the logit four round trips to memory.
-        while t + 3 * group < r {
-            let u0 = f32::cast_from(up[base + t]);
-            let u1 = f32::cast_from(up[base + t + group]);
-            let u2 = f32::cast_from(up[base + t + 2 * group]);
-            let u3 = f32::cast_from(up[base + t + 3 * group]);
-            partial += u0 * h[t] + u1 * h[t + group] + u2 * h[t + 2 * group] + u3 * h[t + 3 * group];
-            t += 4 * group;
-        }
-        while t < r {
-            partial += f32::cast_from(up[base + t]) * h[t];
-            t += group;
-        }
+        partial = strided_dot(up, j * predictor.up_stride, h, lane, group, predictor.rank);
     }
     let total = group_sum_all(partial, scratch, group, use_plane);
     let mut logit = f32::new(-3.0e38);
@@ -1563,38 +1583,9 @@ pub(crate) fn predicted_mlp_kernel<F: Float, P: Float, N: Size>(
     let q = t / per_row;
     let sub = t % per_row;
     let j = first + q;
-    let r = predictor.rank;
     let mut part = 0.0f32;
     if j < rows {
-        let base = j * predictor.up_stride;
-        let mut e = sub;
-        // Eight loads in flight, then four: a rank-128 row over 8 lanes is 16 loads a
-        // lane, and with four at a time this phase was four round trips to memory.
-        while e + 7 * per_row < r {
-            let u0 = f32::cast_from(up[base + e]);
-            let u1 = f32::cast_from(up[base + e + per_row]);
-            let u2 = f32::cast_from(up[base + e + 2 * per_row]);
-            let u3 = f32::cast_from(up[base + e + 3 * per_row]);
-            let u4 = f32::cast_from(up[base + e + 4 * per_row]);
-            let u5 = f32::cast_from(up[base + e + 5 * per_row]);
-            let u6 = f32::cast_from(up[base + e + 6 * per_row]);
-            let u7 = f32::cast_from(up[base + e + 7 * per_row]);
-            part += u0 * h[e] + u1 * h[e + per_row] + u2 * h[e + 2 * per_row] + u3 * h[e + 3 * per_row];
-            part += u4 * h[e + 4 * per_row] + u5 * h[e + 5 * per_row] + u6 * h[e + 6 * per_row] + u7 * h[e + 7 * per_row];
-            e += 8 * per_row;
-        }
-        while e + 3 * per_row < r {
-            let u0 = f32::cast_from(up[base + e]);
-            let u1 = f32::cast_from(up[base + e + per_row]);
-            let u2 = f32::cast_from(up[base + e + 2 * per_row]);
-            let u3 = f32::cast_from(up[base + e + 3 * per_row]);
-            part += u0 * h[e] + u1 * h[e + per_row] + u2 * h[e + 2 * per_row] + u3 * h[e + 3 * per_row];
-            e += 4 * per_row;
-        }
-        while e < r {
-            part += f32::cast_from(up[base + e]) * h[e];
-            e += per_row;
-        }
+        part = strided_dot(up, j * predictor.up_stride, h, sub, per_row, predictor.rank);
     }
     scratch[t] = part;
     sync_cube();

@@ -416,10 +416,10 @@ fn measure_fused_predictors<R: CubeRuntime>(
     let bytes = (ffn * rank * 4) as f64 + 2.0 * (k * d) as f64 * bpv;
     let prim = |t: Tensor<B<R>, 2>| t.into_primitive().tensor();
     let prim1 = |t: Tensor<B<R>, 1>| t.into_primitive().tensor();
+    let default = LaunchConfig::default();
     for (rows, threads) in [(64, 512), (32, 256), (64, 256), (128, 512), (128, 1024), (256, 1024)] {
-        let cfg = LaunchConfig { fused_mlp_rows: rows, fused_mlp_threads: threads, ..LaunchConfig::default() };
-        let default = LaunchConfig::default();
-        let label = if (rows, threads) == (default.fused_mlp_rows, default.fused_mlp_threads) { String::new() } else { format!("_split{rows}_units{threads}") };
+        let cfg = LaunchConfig { fused_mlp_rows: rows, fused_mlp_threads: threads, ..default };
+        let label = if cfg == default { String::new() } else { format!("_split{rows}_units{threads}") };
         let t = timer.time(|i| {
             let (w, p) = (&weights[i % copies], &preds[i % pcopies]);
             let _ = dejavu_kernels::cube::predicted_mlp(

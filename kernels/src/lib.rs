@@ -660,12 +660,7 @@ pub fn block_cols_gemv<B: SparseKernels>(
     }
     check_float(op, "x", &x, w.dtype())?;
     check_bias(op, bias.as_ref(), rows, "rows", w.dtype())?;
-    if let Some(r) = &residual {
-        if r.dims() != [batch, rows] {
-            return Err(shape_err(op, format!("residual is {:?} for an output of {:?}", r.dims(), [batch, rows])));
-        }
-        check_float(op, "residual", r, w.dtype())?;
-    }
+    check_residual(op, residual.as_ref(), [batch, rows], w.dtype())?;
     let idx = heads.map(|(idx, _)| idx.into_primitive());
     Ok(wrap(B::block_cols_gemv(prim(w), idx, block, prim(x), bias.map(prim), residual.map(prim))))
 }
@@ -737,13 +732,7 @@ fn checked_transposed_gemv<B: SparseKernels>(
         None => rows,
     };
     check_transposed(op, &w_t, &h, k, bias.as_ref())?;
-    if let Some(residual) = &residual {
-        check_float(op, "residual", residual, w_t.dtype())?;
-        let [batch, rd] = residual.dims();
-        if [batch, rd] != [h.dims()[0], d] {
-            return Err(shape_err(op, format!("residual is [{batch}, {rd}] but the output is [{}, {d}]", h.dims()[0])));
-        }
-    }
+    check_residual(op, residual.as_ref(), [h.dims()[0], d], w_t.dtype())?;
     let (idx, block) = match idx {
         Some((idx, block)) => (Some(idx.into_primitive()), block),
         None => (None, 1),
@@ -932,12 +921,7 @@ pub fn predicted_mlp<B: SparseKernels>(
     }
     check_float(op, "fc2", &w2_t, w1.dtype())?;
     check_bias(op, b2.as_ref(), d, "columns", w1.dtype())?;
-    if let Some(r) = &residual {
-        if r.dims() != [1, d] {
-            return Err(shape_err(op, format!("residual is {:?}, expected [1, {d}]", r.dims())));
-        }
-        check_float(op, "residual", r, w1.dtype())?;
-    }
+    check_residual(op, residual.as_ref(), [1, d], w1.dtype())?;
     Ok(wrap(B::predicted_mlp(
         prim(w1),
         b1.map(prim),
@@ -974,6 +958,17 @@ fn check_predictor<B: Backend>(op: &'static str, up: &Tensor<B, 2>, h: &Tensor<B
     }
     check_any_float(op, "the predictor", up.dtype())?;
     check_float(op, "h", h, burn::tensor::DType::F32)
+}
+
+/// A residual the kernel adds in its last pass: the output's shape, the weights' dtype.
+fn check_residual<B: Backend>(op: &'static str, residual: Option<&Tensor<B, 2>>, out: [usize; 2], dtype: burn::tensor::DType) -> Result<(), KernelError> {
+    if let Some(r) = residual {
+        if r.dims() != out {
+            return Err(shape_err(op, format!("residual is {:?} for an output of {out:?}", r.dims())));
+        }
+        check_float(op, "residual", r, dtype)?;
+    }
+    Ok(())
 }
 
 /// A float dtype the kernels read (f32, f16 or bf16).

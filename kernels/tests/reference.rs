@@ -8,7 +8,7 @@ use dejavu_kernels::checks::{
     check_attention, check_block_cols_gemv, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_qkv_lazy, check_norm_predict, check_predicted_mlp, check_predictor_kernels, check_selection, fresh_seed, Case,
     PublicApi,
 };
-use dejavu_kernels::{gather_rows_gemv, predict_select, predicted_rows_gemv, select_above_threshold, Activation, KernelError};
+use dejavu_kernels::{gather_rows_gemv, predict_select, predicted_mlp, predicted_rows_gemv, select_above_threshold, Activation, KernelError, MlpWeights};
 
 fn assert_all_passed(outcomes: Vec<dejavu_kernels::checks::Outcome>) {
     assert!(!outcomes.is_empty());
@@ -91,11 +91,23 @@ fn shape_and_dtype_errors_are_named() {
         KernelError::Shape { op: "predicted_rows_gemv", what: "h is [1, 5], expected [1, 3] (one token, the predictor's rank)".into() }
     );
     let h = Tensor::<Flex, 2>::zeros([1, 3], &device);
-    let err = predicted_rows_gemv(w, x, None, Activation::Relu, up.clone().slice([0..6, 0..3]), h.clone(), 0.0).unwrap_err();
+    let err = predicted_rows_gemv(w.clone(), x.clone(), None, Activation::Relu, up.clone().slice([0..6, 0..3]), h.clone(), 0.0).unwrap_err();
     assert_eq!(err, KernelError::Shape { op: "predicted_rows_gemv", what: "the predictor scores 6 rows for 8".into() });
     // The second factor may be stored in a half type; the first factor's output is f32.
     let err = predict_select(up.clone(), h.clone().cast(DType::F16), 0.0, 4).err();
     assert!(matches!(err, Some(KernelError::Dtype { op: "predict_select", .. })), "{err:?}");
     assert!(predict_select(up.clone().cast(DType::F16), h.clone(), 0.0, 4).is_ok());
-    assert!(predict_select(up, h, 0.0, 0).is_err());
+    assert!(predict_select(up.clone(), h.clone(), 0.0, 0).is_err());
+
+    // The fused predicted MLP: fc2's shape and the residual's shape and dtype.
+    let mlp = |w2_t: Tensor<Flex, 2>| MlpWeights { w1: w.clone(), b1: None, w2_t, b2: None };
+    let err = predicted_mlp(mlp(Tensor::zeros([8, 3], &device)), x.clone(), None, up.clone(), h.clone(), 0.0).unwrap_err();
+    assert_eq!(err, KernelError::Shape { op: "predicted_mlp", what: "fc2 (transposed) is [8, 3], expected fc1's [8, 4]".into() });
+    let residual = Tensor::<Flex, 2>::zeros([2, 4], &device);
+    let err = predicted_mlp(mlp(w.clone()), x.clone(), Some(residual), up.clone(), h.clone(), 0.0).unwrap_err();
+    assert_eq!(err, KernelError::Shape { op: "predicted_mlp", what: "residual is [2, 4] for an output of [1, 4]".into() });
+    let residual = Tensor::<Flex, 2>::zeros([1, 4], &device).cast(DType::F16);
+    let err = predicted_mlp(mlp(w.clone()), x.clone(), Some(residual), up.clone(), h.clone(), 0.0).err();
+    assert!(matches!(err, Some(KernelError::Dtype { op: "predicted_mlp", .. })), "{err:?}");
+    assert!(predicted_mlp(mlp(w.clone()), x, Some(Tensor::zeros([1, 4], &device)), up, h, 0.0).is_ok());
 }

@@ -1614,11 +1614,9 @@ pub(crate) fn predicted_mlp_kernel<F: Float, P: Float, N: Size>(
         let i = round * groups + g;
         let live = i < n;
         let mut row = rows;
-        if live {
-            row = first + usize::cast_from(listed[i]);
-        }
         let mut dot = 0.0f32;
         if live {
+            row = first + usize::cast_from(listed[i]);
             dot = lane_dot(w1, row * shape.w_stride, x, 0, lane, group, shape.width);
         }
         let total = group_sum(dot, &mut scratch, group, use_plane);

@@ -939,8 +939,8 @@ pub fn predicted_rows_gemv<R: CubeRuntime>(
 /// The decode step's sparse MLP, predictor to residual, in two launches (batch 1):
 /// `out [1, d] = residual + b2 + Σ_j relu(W1[j] · x + b1[j]) · W2t[j]` over the rows `j`
 /// whose logit `up[j] · h` is above `threshold`; see
-/// [`crate::SparseKernels::predicted_mlp`]. `config.fused_mlp_rows` rows a cube (0 takes
-/// the default), of `config.fused_mlp_threads` units.
+/// [`crate::SparseKernels::predicted_mlp`]. `config.fused_mlp_rows` rows a cube (rounded
+/// up to a power of two, at most its units), of `config.fused_mlp_threads` units.
 #[allow(clippy::too_many_arguments)] // the MLP's, the predictor's and the residual's inputs
 pub fn predicted_mlp<R: CubeRuntime>(
     w1: CubeTensor<R>,
@@ -965,12 +965,7 @@ pub fn predicted_mlp<R: CubeRuntime>(
     let groups = (most / group).max(1);
     let groups = 1 << groups.ilog2();
     let threads = group * groups;
-    let split_rows = match config.fused_mlp_rows {
-        0 => LaunchConfig::default().fused_mlp_rows,
-        n => n,
-    }
-    .next_power_of_two()
-    .min(threads);
+    let split_rows = config.fused_mlp_rows.next_power_of_two().min(threads);
     let splits = rows.div_ceil(split_rows).max(1);
     let mut vectors = vec![&w1, &w2_t, &x];
     vectors.extend(b2.iter());

@@ -27,7 +27,7 @@ use dejavu_kernels::checks::{
 };
 use dejavu_kernels::cube::LaunchConfig;
 use dejavu_kernels::{
-    gather_rows_gemv, gather_rows_transposed_gemv, gemv, layer_norm, norm_predict, predicted_rows_gemv, select_above_threshold, sparse_mlp,
+    accumulate_transposed_gemv, gather_rows_gemv, gather_rows_transposed_gemv, gemv, layer_norm, norm_predict, predicted_rows_gemv, select_above_threshold, sparse_mlp, sparse_mlp_accumulate,
     transposed_gemv, Activation, HeadSelect,
 };
 use dejavu_model::OptConfig;
@@ -289,6 +289,22 @@ fn measure_model<R: CubeRuntime>(
             let _ = sparse_mlp(x.clone(), w.w1.clone(), w.b1.clone(), w.w2_t.clone(), w.b2.clone(), idx.clone()).unwrap();
         })?;
         push_timed(out, name, "ours_sparse_mlp", Some(density), Some(k), 2.0 * rows_bytes, t);
+        // The same MLP added into an f32 accumulator (a residual stream kept in f32): fc2's
+        // split sums go in with f32 atomics, so no second pass. Each call adds into the
+        // previous call's result, in place.
+        let mut acc = Some(Tensor::<B<R>, 2>::zeros([1, d], device).cast(DType::F32));
+        let t = timer.time(|i| {
+            let w = &weights[i % copies];
+            let a = acc.take().expect("the accumulator is put back after each call");
+            acc = Some(accumulate_transposed_gemv(a, w.w2_t.clone(), Some((idx.clone(), 1)), h.clone(), Some(w.b2.clone())).unwrap());
+        })?;
+        push_timed(out, name, "ours_fc2t_gather_accumulate", Some(density), Some(k), rows_bytes, t);
+        let t = timer.time(|i| {
+            let w = &weights[i % copies];
+            let a = acc.take().expect("the accumulator is put back after each call");
+            acc = Some(sparse_mlp_accumulate(a, x.clone(), w.w1.clone(), w.b1.clone(), w.w2_t.clone(), w.b2.clone(), idx.clone()).unwrap());
+        })?;
+        push_timed(out, name, "ours_sparse_mlp_accumulate", Some(density), Some(k), 2.0 * rows_bytes, t);
     }
 
     // Predictor (two low-rank GEMVs) + selection of ~10% by threshold, per layer.
@@ -474,6 +490,11 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
     for (cols_per_cube, lanes_k, rows_per_lane) in [(32, 8, 8), (32, 16, 8), (16, 16, 8)] {
         variants.push(("fc2", LaunchConfig { cols_per_cube, lanes_k, rows_per_lane, ..base }));
     }
+    // The gathered fc2ᵀ adding into an f32 accumulator with atomics: with no second pass
+    // to feed, more splits (fewer rows per lane) cost only atomics.
+    for (cols_per_cube, lanes_k, rows_per_lane) in [(32, 8, 8), (32, 8, 4), (32, 8, 2), (32, 16, 4), (64, 4, 4), (16, 16, 4)] {
+        variants.push(("fc2acc", LaunchConfig { cols_per_cube, lanes_k, rows_per_lane, ..base }));
+    }
     for kernel in ["fc2skip", "fc2half"] {
         variants.push((kernel, LaunchConfig { compact_rows: 0, ..base }));
         for (cols_per_cube, lanes_k) in [(32, 8), (16, 16), (64, 4)] {
@@ -506,6 +527,15 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
                     Some(bias2.clone().into_primitive().tensor()), None, DType::I32, &cfg,
                 );
             })?
+        } else if kernel == "fc2acc" {
+            let mut acc = Some(prim(Tensor::<Cube<R>, 2>::zeros([1, d], device).cast(DType::F32)));
+            timer.time(|i| {
+                let a = acc.take().expect("the accumulator is put back after each call");
+                acc = Some(dejavu_kernels::cube::rows_transposed_gemv_accumulate(
+                    prim(ws[i % copies].clone()), Some(idx.clone().into_primitive()), 1, prim(h.clone()),
+                    Some(bias2.clone().into_primitive().tensor()), a, DType::I32, &cfg,
+                ));
+            })?
         } else {
             timer.time(|i| {
                 let _ = dejavu_kernels::cube::rows_transposed_gemv_with(
@@ -520,6 +550,7 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
                 let what = match kernel {
                     "fc2skip" => "fc2t_skip",
                     "fc2half" => "fc2t_half",
+                    "fc2acc" => "fc2t_accumulate",
                     _ => "fc2t",
                 };
                 let split = if cfg.compact_rows > 0 { format!("compact{}", cfg.compact_rows) } else { format!("rpl{}", cfg.rows_per_lane) };
@@ -775,6 +806,7 @@ fn write_report(
         let torch_dense_fc1 = peer_us(peer, model, "torch_dense_fc1", None);
         for &p in &args.densities {
             let ours_mlp = find(model, "ours_sparse_mlp", Some(p));
+            let ours_mlp_acc = find(model, "ours_sparse_mlp_accumulate", Some(p));
             let ours_fc1 = find(model, "ours_fc1_gather", Some(p));
             let slice_fc1 = peer_us(peer, model, "torch_slice_fc1", Some(p));
             let slice_mlp = peer_us(peer, model, "torch_slice_mlp", Some(p));
@@ -786,6 +818,8 @@ fn write_report(
                 "ours_sparse_mlp_us": ours_mlp,
                 "torch_dense_mlp_us": dense_mlp_torch,
                 "speedup_vs_torch_dense_mlp": ratio(dense_mlp_torch, ours_mlp),
+                "ours_sparse_mlp_accumulate_us": ours_mlp_acc,
+                "accumulate_speedup_vs_torch_dense_mlp": ratio(dense_mlp_torch, ours_mlp_acc),
                 "torch_index_select_mlp_us": index_mlp,
                 "speedup_vs_torch_index_select_mlp": ratio(index_mlp, ours_mlp),
                 "torch_slice_mlp_us": slice_mlp,
@@ -824,14 +858,15 @@ fn write_report(
         return Ok(());
     }
     println!("sparse MLP kernels, batch 1, {:?}, {device}; copy bandwidth {copy_gbs:.0} GB/s; GPU µs per call (launch gaps excluded)", args.dtype);
-    println!("| model | density | ours sparse MLP | torch dense MLP | speedup | torch index_select MLP | ours fc1 gather | torch slice fc1 | of slice BW | ours dense fc1 | cuBLAS fc1 | of cuBLAS |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| model | density | ours sparse MLP | torch dense MLP | speedup | ours sparse MLP into f32 (atomics) | speedup | torch index_select MLP | ours fc1 gather | torch slice fc1 | of slice BW | ours dense fc1 | cuBLAS fc1 | of cuBLAS |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let f = |v: &Value, p: usize| v.as_f64().map(|v| format!("{v:.p$}")).unwrap_or_else(|| "—".into());
     for s in &summary {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             s["model"].as_str().unwrap_or(""), s["density"], f(&s["ours_sparse_mlp_us"], 1), f(&s["torch_dense_mlp_us"], 1),
-            f(&s["speedup_vs_torch_dense_mlp"], 2), f(&s["torch_index_select_mlp_us"], 1), f(&s["ours_fc1_gather_us"], 1),
+            f(&s["speedup_vs_torch_dense_mlp"], 2), f(&s["ours_sparse_mlp_accumulate_us"], 1),
+            f(&s["accumulate_speedup_vs_torch_dense_mlp"], 2), f(&s["torch_index_select_mlp_us"], 1), f(&s["ours_fc1_gather_us"], 1),
             f(&s["torch_slice_fc1_us"], 1), f(&s["fc1_fraction_of_slice_bandwidth"], 2), f(&s["ours_dense_fc1_us"], 1),
             f(&s["torch_dense_fc1_us"], 1), f(&s["dense_gemv_fraction_of_cublas"], 2)
         );

@@ -68,6 +68,15 @@ pub trait Launcher<B: Backend> {
         bias: Option<Tensor<B, 1>>,
         residual: Option<Tensor<B, 2>>,
     ) -> Tensor<B, 2>;
+    /// `acc + Σ h · Wt[rows] + bias` with `acc` f32.
+    fn accumulate_transposed_gemv(
+        &self,
+        acc: Tensor<B, 2>,
+        w_t: Tensor<B, 2>,
+        idx: Option<(Tensor<B, 1, Int>, usize)>,
+        h: Tensor<B, 2>,
+        bias: Option<Tensor<B, 1>>,
+    ) -> Tensor<B, 2>;
 }
 
 /// Through the checked public functions.
@@ -104,6 +113,17 @@ impl<B: SparseKernels> Launcher<B> for PublicApi {
             (None, None) => crate::transposed_gemv(w_t, h, bias),
         }
         .expect("shapes were made consistent")
+    }
+
+    fn accumulate_transposed_gemv(
+        &self,
+        acc: Tensor<B, 2>,
+        w_t: Tensor<B, 2>,
+        idx: Option<(Tensor<B, 1, Int>, usize)>,
+        h: Tensor<B, 2>,
+        bias: Option<Tensor<B, 1>>,
+    ) -> Tensor<B, 2> {
+        crate::accumulate_transposed_gemv(acc, w_t, idx, h, bias).expect("shapes were made consistent")
     }
 }
 
@@ -167,6 +187,30 @@ impl<R: CubeRuntime> Launcher<Cube<R>> for Poisoned {
             residual.map(float_prim),
             DType::I32,
             float_prim(out),
+            &self.0,
+        );
+        Tensor::from_primitive(TensorPrimitive::Float(out))
+    }
+
+    /// `acc` is read and written, not poisoned: an element the kernel missed keeps its
+    /// old value, which differs from the expected sum.
+    fn accumulate_transposed_gemv(
+        &self,
+        acc: Tensor<Cube<R>, 2>,
+        w_t: Tensor<Cube<R>, 2>,
+        idx: Option<(Tensor<Cube<R>, 1, Int>, usize)>,
+        h: Tensor<Cube<R>, 2>,
+        bias: Option<Tensor<Cube<R>, 1>>,
+    ) -> Tensor<Cube<R>, 2> {
+        let block = idx.as_ref().map(|(_, b)| *b).unwrap_or(1);
+        let out = crate::cube::rows_transposed_gemv_accumulate(
+            float_prim(w_t),
+            idx.map(|(i, _)| i.into_primitive()),
+            block,
+            float_prim(h),
+            bias.map(float_prim),
+            float_prim(acc),
+            DType::I32,
             &self.0,
         );
         Tensor::from_primitive(TensorPrimitive::Float(out))
@@ -312,7 +356,7 @@ pub fn check_gemvs<B: SparseKernels, L: Launcher<B>>(
     // The residual add fused into the second pass (a decoder layer's `x + block(x)`).
     let residual = stored(uniform(&mut rng, batch * d, 0.0), dtype);
     let residual_dev = to_device::<B, 2>(&residual, [batch, d], dtype, device);
-    let got = read(launcher.rows_transposed_gemv(w_dev.clone(), None, h_dense_dev, Some(b2_dev.clone()), Some(residual_dev.clone())));
+    let got = read(launcher.rows_transposed_gemv(w_dev.clone(), None, h_dense_dev.clone(), Some(b2_dev.clone()), Some(residual_dev.clone())));
     let want = host::add(&host::rows_transposed_gemv(&w, rows, d, None, &h_dense, batch, Some(&b2)), &residual);
     out.push(outcome("transposed_gemv+bias+residual", case.to_string(), dtype, &got, &want, &[]));
     let got = read(launcher.rows_transposed_gemv(w_dev.clone(), Some((idx_dev.clone(), 1)), h_dev.clone(), None, Some(residual_dev)));
@@ -323,21 +367,26 @@ pub fn check_gemvs<B: SparseKernels, L: Launcher<B>>(
     // The sparse MLP: the hidden values are stored in `dtype` between the two launches,
     // so the host rounds them the same way.
     let hidden_dev = launcher.rows_gemv(w_dev.clone(), Some((idx_dev.clone(), 1)), x_dev, Some(b1_dev), true);
-    let got = read(launcher.rows_transposed_gemv(w_dev.clone(), Some((idx_dev, 1)), hidden_dev, Some(b2_dev), None));
+    let got = read(launcher.rows_transposed_gemv(w_dev.clone(), Some((idx_dev.clone(), 1)), hidden_dev, Some(b2_dev), None));
     let hidden = stored(host::rows_gemv(&w, rows, d, Some(&idx), &x, batch, Some(&b1), true), dtype);
     let want = host::rows_transposed_gemv(&w, rows, d, Some(&idx), &hidden, batch, Some(&b2));
-    // The device and the host may round a hidden value to opposite sides of a storage
-    // ulp (one from an f32 sum, the other from an f64 one): allow one ulp of every hidden
-    // value, times the weight it meets, on top of the usual tolerance.
-    let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<f32>>();
-    let spread = host::rows_transposed_gemv(&abs(&w), rows, d, Some(&idx), &abs(&hidden), batch, None);
-    let ulp = match dtype {
-        DType::F16 => 2f32.powi(-10),
-        DType::BF16 => 2f32.powi(-7),
-        _ => 2f32.powi(-22),
-    };
-    let slack: Vec<f32> = spread.iter().map(|s| ulp * s).collect();
+    let slack = hidden_rounding_slack(&w, rows, d, Some(&idx), &hidden, batch, dtype);
     out.push(outcome("sparse_mlp", case.to_string(), dtype, &got, &want, &slack));
+
+    // The same added into an f32 accumulator (one launch for fc2 with atomics), its buffer
+    // handed over (updated in place); the sum is not rounded to `dtype`, so f32's tolerance.
+    let acc = uniform(&mut rng, batch * d, 0.0);
+    let acc_dev = to_device::<B, 2>(&acc, [batch, d], DType::F32, device);
+    let hidden_dev = launcher.rows_gemv(w_dev.clone(), Some((idx_dev.clone(), 1)), x_dev2.clone(), Some(b1_dev2.clone()), true);
+    let got = read(launcher.accumulate_transposed_gemv(acc_dev, w_dev.clone(), Some((idx_dev.clone(), 1)), hidden_dev, Some(b2_dev2.clone())));
+    let want = host::add(&host::rows_transposed_gemv(&w, rows, d, Some(&idx), &hidden, batch, Some(&b2)), &acc);
+    out.push(outcome("sparse_mlp_accumulate", case.to_string(), DType::F32, &got, &want, &slack));
+    // Every row, no bias, the accumulator still held by the caller: it must not change.
+    let acc_dev = to_device::<B, 2>(&acc, [batch, d], DType::F32, device);
+    let got = read(launcher.accumulate_transposed_gemv(acc_dev.clone(), w_dev.clone(), None, h_dense_dev.clone(), None));
+    let want = host::add(&host::rows_transposed_gemv(&w, rows, d, None, &h_dense, batch, None), &acc);
+    out.push(outcome("accumulate_transposed_gemv", case.to_string(), DType::F32, &got, &want, &[]));
+    out.push(outcome("accumulate_transposed_gemv: the caller's accumulator kept", case.to_string(), DType::F32, &read(acc_dev), &acc, &[]));
 
     // Whole blocks of rows (attention heads): block ids in random order, one empty slot.
     let block = [8usize, 4, 2].into_iter().find(|b| rows % b == 0 && rows / b >= 3).unwrap_or(1);
@@ -355,6 +404,21 @@ pub fn check_gemvs<B: SparseKernels, L: Launcher<B>>(
     let want = host::rows_transposed_gemv(&w, rows, d, Some(&rows_idx), &hb, batch, Some(&b2));
     out.push(outcome("gather_blocks_transposed_gemv+bias", case.to_string(), dtype, &got, &want, &[]));
     out
+}
+
+/// Slack for hidden values stored in `dtype` between fc1 and fc2: the device and the host
+/// may round a hidden value to opposite sides of a storage ulp (one from an f32 sum, the
+/// other from an f64 one), so allow one ulp of every hidden value, times the weight it
+/// meets, on top of the usual tolerance.
+fn hidden_rounding_slack(w_t: &[f32], rows: usize, d: usize, idx: Option<&[i64]>, hidden: &[f32], batch: usize, dtype: DType) -> Vec<f32> {
+    let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<f32>>();
+    let spread = host::rows_transposed_gemv(&abs(w_t), rows, d, idx, &abs(hidden), batch, None);
+    let ulp = match dtype {
+        DType::F16 => 2f32.powi(-10),
+        DType::BF16 => 2f32.powi(-7),
+        _ => 2f32.powi(-22),
+    };
+    spread.iter().map(|s| ulp * s).collect()
 }
 
 /// Selection: the union over the batch, full capacity and a truncating one; indices and
@@ -828,7 +892,10 @@ pub fn check_predicted_mlp<B: SparseKernels>(device: &B::Device, rows: usize, d:
             )
             .expect("consistent shapes"),
         );
-        out.push(outcome("predicted_mlp", format!("{case} predictor {p_dtype:?}"), dtype, &got, &want, &[]));
+        // The reference path stores the hidden values in `dtype` (the CubeCL kernel keeps
+        // them in f32 on chip).
+        let slack = hidden_rounding_slack(&w2_t, rows, d, None, &hidden, 1, dtype);
+        out.push(outcome("predicted_mlp", format!("{case} predictor {p_dtype:?}"), dtype, &got, &want, &slack));
     }
     out
 }

@@ -120,6 +120,22 @@ pub trait SparseKernels: Backend {
         reference::rows_transposed_gemv::<Self>(w_t, idx, block, h, bias, residual)
     }
 
+    /// `acc + Σ_j h[b, j] · Wt[row_j, :] + bias` with `acc [B, d]` f32 (a residual kept in
+    /// f32), the rest as in [`SparseKernels::rows_transposed_gemv`]; the sum is not rounded
+    /// to the weights' dtype before it is added. `CubeBackend` adds into `acc` in place
+    /// with f32 atomics, in one launch, where the device has them.
+    fn rows_transposed_gemv_accumulate(
+        w_t: FloatTensor<Self>,
+        idx: Option<IntTensor<Self>>,
+        block: usize,
+        h: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        acc: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let f32 = |t| Self::float_cast(t, burn::tensor::FloatDType::F32);
+        reference::rows_transposed_gemv::<Self>(f32(w_t), idx, block, f32(h), bias.map(f32), Some(acc))
+    }
+
     /// Ascending indices `i` with `logits[b, i] > threshold` for some `b`, padded with `n`
     /// up to `capacity`; and the number selected (`[1]`, may exceed `capacity`).
     fn select_above_threshold(
@@ -351,6 +367,18 @@ where
     ) -> FloatTensor<Self> {
         let int_dtype = idx.as_ref().map(|i| i.dtype).unwrap_or(I::dtype());
         cube::rows_transposed_gemv_with(w_t, idx, block, h, bias, residual, int_dtype, &cube::LaunchConfig::default())
+    }
+
+    fn rows_transposed_gemv_accumulate(
+        w_t: FloatTensor<Self>,
+        idx: Option<IntTensor<Self>>,
+        block: usize,
+        h: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        acc: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let int_dtype = idx.as_ref().map(|i| i.dtype).unwrap_or(I::dtype());
+        cube::rows_transposed_gemv_accumulate(w_t, idx, block, h, bias, acc, int_dtype, &cube::LaunchConfig::default())
     }
 
     fn select_above_threshold(
@@ -1244,6 +1272,53 @@ fn check_kv_inputs<B: Backend>(
     check_rows_gemv(op, kv, x, bias)?;
     check_float(op, "the key cache", k_cache, kv.dtype())?;
     check_float(op, "the value cache", v_cache, kv.dtype())
+}
+
+/// `acc + Σ_j h[:, j] · Wt[row_j, :] + bias` ([`gather_rows_transposed_gemv`] or, with `idx`
+/// `None`, [`transposed_gemv`]) added into `acc [B, d]`, which is f32 whatever the weights'
+/// dtype: a residual stream kept in f32. On `CubeBackend` with f32 atomics (CUDA) one
+/// launch, adding into `acc`'s buffer in place when the caller gave up its last handle
+/// to it; the order of the f32 additions then depends on scheduling.
+pub fn accumulate_transposed_gemv<B: SparseKernels>(
+    acc: Tensor<B, 2>,
+    w_t: Tensor<B, 2>,
+    idx: Option<(Tensor<B, 1, Int>, usize)>,
+    h: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+) -> Result<Tensor<B, 2>, KernelError> {
+    let op = "accumulate_transposed_gemv";
+    let [rows, d] = w_t.dims();
+    let k = match &idx {
+        Some((idx, block)) => {
+            check_block(op, rows, *block)?;
+            idx.dims()[0] * block
+        }
+        None => rows,
+    };
+    check_transposed(op, &w_t, &h, k, bias.as_ref())?;
+    check_residual(op, Some(&acc), [h.dims()[0], d], burn::tensor::DType::F32)?;
+    let (idx, block) = match idx {
+        Some((idx, block)) => (Some(idx.into_primitive()), block),
+        None => (None, 1),
+    };
+    Ok(wrap(B::rows_transposed_gemv_accumulate(prim(w_t), idx, block, prim(h), bias.map(prim), prim(acc))))
+}
+
+/// [`sparse_mlp`] added into an f32 accumulator (a residual stream kept in f32): `acc +
+/// fc2ᵀ[idx]ᵀ · relu(fc1[idx] · x + b1[idx]) + b2`. Two launches on `CubeBackend` with
+/// f32 atomics, where [`sparse_mlp`]'s fc2 takes two of its own.
+#[allow(clippy::too_many_arguments)] // an MLP's weights, its input and the accumulator
+pub fn sparse_mlp_accumulate<B: SparseKernels>(
+    acc: Tensor<B, 2>,
+    x: Tensor<B, 2>,
+    w1: Tensor<B, 2>,
+    b1: Tensor<B, 1>,
+    w2_t: Tensor<B, 2>,
+    b2: Tensor<B, 1>,
+    idx: Tensor<B, 1, Int>,
+) -> Result<Tensor<B, 2>, KernelError> {
+    let h = gather_rows_gemv(w1, idx.clone(), x, Some(b1), Activation::Relu)?;
+    accumulate_transposed_gemv(acc, w2_t, Some((idx, 1)), h, Some(b2))
 }
 
 /// A sparse OPT MLP for the selected neurons: `fc2ᵀ[idx]ᵀ · relu(fc1[idx] · x + b1[idx]) + b2`.

@@ -27,6 +27,13 @@ fn cube_kernels_on_wgpu_match_host_loops() {
     } else {
         eprintln!("this wgpu device has no f16: checking f32 only");
     }
+    // Which form `accumulate_transposed_gemv` takes here (both are checked the same way).
+    let client = <WgpuRuntime as cubecl::Runtime>::client(&device);
+    if dejavu_kernels::cube::supports_atomic_f32_add(&client) {
+        eprintln!("f32 atomic adds: yes (the accumulating transposed GEMV runs its one-launch form)");
+    } else {
+        eprintln!("f32 atomic adds: no (the accumulating transposed GEMV runs its two passes)");
+    }
     let mut outcomes = Vec::new();
     for &dtype in &dtypes {
         // 96 and 256 columns take vectorised loads; 1036 also the 8-deep unrolled loop
@@ -36,10 +43,11 @@ fn cube_kernels_on_wgpu_match_host_loops() {
             let case = Case { rows, d, k, batch, dtype, seed };
             outcomes.extend(check_gemvs::<Cube<WgpuRuntime>, _>(&Poisoned(LaunchConfig::default()), &device, &case));
             // Odd grid shapes: partial cubes, many splits (the second pass's unrolled
-            // loop and its tail), one K lane.
+            // loop and its tail), one K lane; the accumulating GEMV's two passes (an f32
+            // output from f16 weights).
             for config in [
-                LaunchConfig { rows_per_cube: 3, cols_per_cube: 16, lanes_k: 4, rows_per_lane: 2, max_splits: 256, compact_rows: 0, fused_mlp_rows: 128, fused_mlp_threads: 1024 },
-                LaunchConfig { rows_per_cube: 1, cols_per_cube: 8, lanes_k: 1, rows_per_lane: 5, max_splits: 3, compact_rows: 0, fused_mlp_rows: 128, fused_mlp_threads: 1024 },
+                LaunchConfig { rows_per_cube: 3, cols_per_cube: 16, lanes_k: 4, rows_per_lane: 2, max_splits: 256, compact_rows: 0, fused_mlp_rows: 128, fused_mlp_threads: 1024, atomic_accumulate: true },
+                LaunchConfig { rows_per_cube: 1, cols_per_cube: 8, lanes_k: 1, rows_per_lane: 5, max_splits: 3, compact_rows: 0, fused_mlp_rows: 128, fused_mlp_threads: 1024, atomic_accumulate: false },
                 // The compacting transposed GEMV: several splits of 64 rows (two rows per
                 // unit), splits of 8 units × 32 rows (the most a unit scans), and 8 rows per unit with 4 lanes
                 // along K (several live rows per lane: the unrolled loop and its tail).

@@ -449,12 +449,101 @@ fn split_sum<N: Size>(
     sync_cube();
 }
 
+/// One lane's share of a split for column vector `c`: `Σ h[h_base + j] · Wt[row_j, c]`
+/// over `j = start + UNIT_POS_Y, … + lanes_k, … < end`, in f32. Rows whose `h` is exactly
+/// 0 are not read: after ReLU most of a dense fc2's rows are such rows, and the branch is
+/// uniform across a warp. Each lane issues eight rows' loads before it uses any, for the
+/// same reason as `rows_gemv_kernel`.
+#[cube]
+#[allow(clippy::too_many_arguments)] // a split's bounds and the kernel's inputs
+fn split_dot<F: Float, N: Size, I: Int>(
+    w: &Array<Vector<F, N>>,
+    idx: &Array<I>,
+    h: &Array<F>,
+    h_base: usize,
+    c: usize,
+    start: usize,
+    end: usize,
+    shape: TransposedShape,
+    block: usize,
+    #[comptime] gathered: bool,
+    #[comptime] lanes_k: usize,
+) -> Vector<f32, N> {
+    let rows = shape.rows;
+    let row_stride = shape.w_stride;
+    let mut acc = Vector::<f32, N>::new(0.0f32);
+    let mut j = start + UNIT_POS_Y as usize;
+    // Eight rows per iteration: their `h` (and index) loads all in flight, then
+    // their weight loads. A lane's share of a split is about eight rows, so this
+    // is one round trip for `h` and one for the weights, where four rows at a
+    // time took two of each (Nsight Compute: 19 µs for 10% of fc2's rows).
+    while j + 7 * lanes_k < end {
+        let r0 = row_of(idx, j, block, rows, gathered);
+        let r1 = row_of(idx, j + lanes_k, block, rows, gathered);
+        let r2 = row_of(idx, j + 2 * lanes_k, block, rows, gathered);
+        let r3 = row_of(idx, j + 3 * lanes_k, block, rows, gathered);
+        let r4 = row_of(idx, j + 4 * lanes_k, block, rows, gathered);
+        let r5 = row_of(idx, j + 5 * lanes_k, block, rows, gathered);
+        let r6 = row_of(idx, j + 6 * lanes_k, block, rows, gathered);
+        let r7 = row_of(idx, j + 7 * lanes_k, block, rows, gathered);
+        let h0 = f32::cast_from(h[h_base + j]);
+        let h1 = f32::cast_from(h[h_base + j + lanes_k]);
+        let h2 = f32::cast_from(h[h_base + j + 2 * lanes_k]);
+        let h3 = f32::cast_from(h[h_base + j + 3 * lanes_k]);
+        let h4 = f32::cast_from(h[h_base + j + 4 * lanes_k]);
+        let h5 = f32::cast_from(h[h_base + j + 5 * lanes_k]);
+        let h6 = f32::cast_from(h[h_base + j + 6 * lanes_k]);
+        let h7 = f32::cast_from(h[h_base + j + 7 * lanes_k]);
+        let w0 = load_row(w, r0, h0, c, rows, row_stride);
+        let w1 = load_row(w, r1, h1, c, rows, row_stride);
+        let w2 = load_row(w, r2, h2, c, rows, row_stride);
+        let w3 = load_row(w, r3, h3, c, rows, row_stride);
+        let w4 = load_row(w, r4, h4, c, rows, row_stride);
+        let w5 = load_row(w, r5, h5, c, rows, row_stride);
+        let w6 = load_row(w, r6, h6, c, rows, row_stride);
+        let w7 = load_row(w, r7, h7, c, rows, row_stride);
+        acc += w0 * Vector::<f32, N>::new(h0);
+        acc += w1 * Vector::<f32, N>::new(h1);
+        acc += w2 * Vector::<f32, N>::new(h2);
+        acc += w3 * Vector::<f32, N>::new(h3);
+        acc += w4 * Vector::<f32, N>::new(h4);
+        acc += w5 * Vector::<f32, N>::new(h5);
+        acc += w6 * Vector::<f32, N>::new(h6);
+        acc += w7 * Vector::<f32, N>::new(h7);
+        j += 8 * lanes_k;
+    }
+    while j + 3 * lanes_k < end {
+        let r0 = row_of(idx, j, block, rows, gathered);
+        let r1 = row_of(idx, j + lanes_k, block, rows, gathered);
+        let r2 = row_of(idx, j + 2 * lanes_k, block, rows, gathered);
+        let r3 = row_of(idx, j + 3 * lanes_k, block, rows, gathered);
+        let h0 = f32::cast_from(h[h_base + j]);
+        let h1 = f32::cast_from(h[h_base + j + lanes_k]);
+        let h2 = f32::cast_from(h[h_base + j + 2 * lanes_k]);
+        let h3 = f32::cast_from(h[h_base + j + 3 * lanes_k]);
+        let w0 = load_row(w, r0, h0, c, rows, row_stride);
+        let w1 = load_row(w, r1, h1, c, rows, row_stride);
+        let w2 = load_row(w, r2, h2, c, rows, row_stride);
+        let w3 = load_row(w, r3, h3, c, rows, row_stride);
+        acc += w0 * Vector::<f32, N>::new(h0);
+        acc += w1 * Vector::<f32, N>::new(h1);
+        acc += w2 * Vector::<f32, N>::new(h2);
+        acc += w3 * Vector::<f32, N>::new(h3);
+        j += 4 * lanes_k;
+    }
+    while j < end {
+        let r = row_of(idx, j, block, rows, gathered);
+        let hv = f32::cast_from(h[h_base + j]);
+        acc += load_row(w, r, hv, c, rows, row_stride) * Vector::<f32, N>::new(hv);
+        j += lanes_k;
+    }
+    acc
+}
+
 /// First pass of `out[b, :] = Σ_j h[b, j] · Wt[row_j, :] + bias`: cube `(c, s)` sums the
-/// rows of split `s` for the `CUBE_DIM_X` column vectors of block `c`, its `CUBE_DIM_Y`
-/// lanes along K reduce through shared memory, and the split's sum goes to
-/// `partial[s, b, :]` (f32). Rows whose `h` is exactly 0 are not read: after ReLU most of
-/// a dense fc2's rows are such rows, and the branch is uniform across a warp. Each lane
-/// issues eight rows' loads before it uses any, for the same reason as `rows_gemv_kernel`.
+/// rows of split `s` for the `CUBE_DIM_X` column vectors of block `c` ([`split_dot`]), its
+/// `CUBE_DIM_Y` lanes along K reduce through shared memory, and the split's sum goes to
+/// `partial[s, b, :]` (f32).
 #[cube(launch_unchecked)]
 pub(crate) fn rows_transposed_gemv_partial_kernel<F: Float, N: Size, I: Int>(
     w: &Array<Vector<F, N>>,
@@ -470,88 +559,76 @@ pub(crate) fn rows_transposed_gemv_partial_kernel<F: Float, N: Size, I: Int>(
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let mut scratch = SharedMemory::<Vector<f32, N>>::new(cols_per_cube * lanes_k);
-    let cx = UNIT_POS_X as usize;
-    let ky = UNIT_POS_Y as usize;
-    let c = CUBE_POS_X as usize * cols_per_cube + cx;
+    let c = CUBE_POS_X as usize * cols_per_cube + UNIT_POS_X as usize;
     let split = CUBE_POS_Y as usize;
-    let rows = shape.rows;
     let width = shape.width;
-    let row_stride = shape.w_stride;
     let start = split * chunk;
     let end = usize::min(start + chunk, shape.k);
     let col_live = c < width;
 
     for b in 0..shape.batch {
-        let h_base = b * shape.h_stride;
         let mut acc = Vector::<f32, N>::new(0.0f32);
         if col_live {
-            let mut j = start + ky;
-            // Eight rows per iteration: their `h` (and index) loads all in flight, then
-            // their weight loads. A lane's share of a split is about eight rows, so this
-            // is one round trip for `h` and one for the weights, where four rows at a
-            // time took two of each (Nsight Compute: 19 µs for 10% of fc2's rows).
-            while j + 7 * lanes_k < end {
-                let r0 = row_of(idx, j, block, rows, gathered);
-                let r1 = row_of(idx, j + lanes_k, block, rows, gathered);
-                let r2 = row_of(idx, j + 2 * lanes_k, block, rows, gathered);
-                let r3 = row_of(idx, j + 3 * lanes_k, block, rows, gathered);
-                let r4 = row_of(idx, j + 4 * lanes_k, block, rows, gathered);
-                let r5 = row_of(idx, j + 5 * lanes_k, block, rows, gathered);
-                let r6 = row_of(idx, j + 6 * lanes_k, block, rows, gathered);
-                let r7 = row_of(idx, j + 7 * lanes_k, block, rows, gathered);
-                let h0 = f32::cast_from(h[h_base + j]);
-                let h1 = f32::cast_from(h[h_base + j + lanes_k]);
-                let h2 = f32::cast_from(h[h_base + j + 2 * lanes_k]);
-                let h3 = f32::cast_from(h[h_base + j + 3 * lanes_k]);
-                let h4 = f32::cast_from(h[h_base + j + 4 * lanes_k]);
-                let h5 = f32::cast_from(h[h_base + j + 5 * lanes_k]);
-                let h6 = f32::cast_from(h[h_base + j + 6 * lanes_k]);
-                let h7 = f32::cast_from(h[h_base + j + 7 * lanes_k]);
-                let w0 = load_row(w, r0, h0, c, rows, row_stride);
-                let w1 = load_row(w, r1, h1, c, rows, row_stride);
-                let w2 = load_row(w, r2, h2, c, rows, row_stride);
-                let w3 = load_row(w, r3, h3, c, rows, row_stride);
-                let w4 = load_row(w, r4, h4, c, rows, row_stride);
-                let w5 = load_row(w, r5, h5, c, rows, row_stride);
-                let w6 = load_row(w, r6, h6, c, rows, row_stride);
-                let w7 = load_row(w, r7, h7, c, rows, row_stride);
-                acc += w0 * Vector::<f32, N>::new(h0);
-                acc += w1 * Vector::<f32, N>::new(h1);
-                acc += w2 * Vector::<f32, N>::new(h2);
-                acc += w3 * Vector::<f32, N>::new(h3);
-                acc += w4 * Vector::<f32, N>::new(h4);
-                acc += w5 * Vector::<f32, N>::new(h5);
-                acc += w6 * Vector::<f32, N>::new(h6);
-                acc += w7 * Vector::<f32, N>::new(h7);
-                j += 8 * lanes_k;
-            }
-            while j + 3 * lanes_k < end {
-                let r0 = row_of(idx, j, block, rows, gathered);
-                let r1 = row_of(idx, j + lanes_k, block, rows, gathered);
-                let r2 = row_of(idx, j + 2 * lanes_k, block, rows, gathered);
-                let r3 = row_of(idx, j + 3 * lanes_k, block, rows, gathered);
-                let h0 = f32::cast_from(h[h_base + j]);
-                let h1 = f32::cast_from(h[h_base + j + lanes_k]);
-                let h2 = f32::cast_from(h[h_base + j + 2 * lanes_k]);
-                let h3 = f32::cast_from(h[h_base + j + 3 * lanes_k]);
-                let w0 = load_row(w, r0, h0, c, rows, row_stride);
-                let w1 = load_row(w, r1, h1, c, rows, row_stride);
-                let w2 = load_row(w, r2, h2, c, rows, row_stride);
-                let w3 = load_row(w, r3, h3, c, rows, row_stride);
-                acc += w0 * Vector::<f32, N>::new(h0);
-                acc += w1 * Vector::<f32, N>::new(h1);
-                acc += w2 * Vector::<f32, N>::new(h2);
-                acc += w3 * Vector::<f32, N>::new(h3);
-                j += 4 * lanes_k;
-            }
-            while j < end {
-                let r = row_of(idx, j, block, rows, gathered);
-                let hv = f32::cast_from(h[h_base + j]);
-                acc += load_row(w, r, hv, c, rows, row_stride) * Vector::<f32, N>::new(hv);
-                j += lanes_k;
-            }
+            acc = split_dot(w, idx, h, b * shape.h_stride, c, start, end, shape, block, gathered, lanes_k);
         }
         split_sum(&mut scratch, acc, partial, (split * shape.batch + b) * width + c, col_live, cols_per_cube, lanes_k);
+    }
+}
+
+/// [`rows_transposed_gemv_partial_kernel`] adding each split's sum into `acc [batch,
+/// width·N]` (f32) with atomic adds, and split 0 adding the bias too: no partial sums and
+/// no second pass, one launch. The order of the additions into an element depends on
+/// scheduling, so results may differ between runs in the last bits of f32 (the deterministic
+/// two-pass form stays the default where an output must be reproducible bit for bit).
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)] // the kernel's inputs, as the two-pass form has them
+pub(crate) fn rows_transposed_gemv_atomic_kernel<F: Float, N: Size, I: Int>(
+    w: &Array<Vector<F, N>>,
+    idx: &Array<I>,
+    h: &Array<F>,
+    bias: &Array<Vector<F, N>>,
+    acc_out: &mut Array<Atomic<f32>>,
+    shape: TransposedShape,
+    chunk: usize,
+    block: usize,
+    acc_stride: usize,
+    #[comptime] gathered: bool,
+    #[comptime] has_bias: bool,
+    #[comptime] cols_per_cube: usize,
+    #[comptime] lanes_k: usize,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let mut scratch = SharedMemory::<Vector<f32, N>>::new(cols_per_cube * lanes_k);
+    let cx = UNIT_POS_X as usize;
+    let ky = UNIT_POS_Y as usize;
+    let c = CUBE_POS_X as usize * cols_per_cube + cx;
+    let split = CUBE_POS_Y as usize;
+    let start = split * chunk;
+    let end = usize::min(start + chunk, shape.k);
+    let col_live = c < shape.width;
+
+    for b in 0..shape.batch {
+        let mut acc = Vector::<f32, N>::new(0.0f32);
+        if col_live {
+            acc = split_dot(w, idx, h, b * shape.h_stride, c, start, end, shape, block, gathered, lanes_k);
+        }
+        scratch[ky * cols_per_cube + cx] = acc;
+        sync_cube();
+        if ky == 0 && col_live {
+            let mut total = scratch[cx];
+            for i in 1..lanes_k {
+                total += scratch[i * cols_per_cube + cx];
+            }
+            if has_bias && split == 0 {
+                total += Vector::<f32, N>::cast_from(bias[c]);
+            }
+            let at = b * acc_stride + c * N::value();
+            #[unroll]
+            for v in 0..N::value() {
+                acc_out[at + v].fetch_add(total[v]);
+            }
+        }
+        sync_cube();
     }
 }
 
@@ -713,11 +790,11 @@ pub(crate) fn rows_transposed_gemv_compact_kernel<F: Float, N: Size>(
 /// result does not depend on scheduling (no atomics). One thread per column vector
 /// instead made this pass latency-bound: 256 splits took ~60 µs on the H100.
 #[cube(launch_unchecked)]
-pub(crate) fn sum_partials_kernel<F: Float, N: Size>(
+pub(crate) fn sum_partials_kernel<F: Float, O: Float, N: Size>(
     partial: &Array<Vector<f32, N>>,
     bias: &Array<Vector<F, N>>,
-    residual: &Array<Vector<F, N>>,
-    out: &mut Array<Vector<F, N>>,
+    residual: &Array<Vector<O, N>>,
+    out: &mut Array<Vector<O, N>>,
     width: usize,
     batch: usize,
     splits: usize,
@@ -727,7 +804,7 @@ pub(crate) fn sum_partials_kernel<F: Float, N: Size>(
     #[comptime] has_residual: bool,
     #[comptime] cols_per_cube: usize,
     #[comptime] lanes_s: usize,
-    #[define(F)] _dtype: StorageType,
+    #[define(F, O)] _dtypes: [StorageType; 2],
 ) {
     let mut scratch = SharedMemory::<Vector<f32, N>>::new(cols_per_cube * lanes_s);
     let cx = UNIT_POS_X as usize;
@@ -764,7 +841,7 @@ pub(crate) fn sum_partials_kernel<F: Float, N: Size>(
         if has_residual {
             total += Vector::<f32, N>::cast_from(residual[b * residual_stride + c]);
         }
-        out[b * out_stride + c] = Vector::<F, N>::cast_from(total);
+        out[b * out_stride + c] = Vector::<O, N>::cast_from(total);
     }
 }
 

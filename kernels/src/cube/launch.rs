@@ -45,11 +45,14 @@ pub struct LaunchConfig {
     /// Units of each fused predicted MLP cube (whole lane groups, a power of two of them;
     /// at most the device's cube). 1024 leaves a unit 64 registers on CUDA.
     pub fused_mlp_threads: usize,
+    /// Whether `rows_transposed_gemv_accumulate` adds its splits' sums with f32 atomics
+    /// (one launch) where the device has them; `false` takes the two passes.
+    pub atomic_accumulate: bool,
 }
 
 impl Default for LaunchConfig {
     fn default() -> Self {
-        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512 }
+        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true }
     }
 }
 
@@ -409,8 +412,90 @@ fn transposed_gemv_launch<R: CubeRuntime>(
     sum_partials(partial, bias, residual, out, splits, vs)
 }
 
+/// Whether the device adds f32 atomically in its buffers (CUDA does; wgpu where the
+/// adapter has `SHADER_FLOAT32_ATOMIC`).
+pub fn supports_atomic_f32_add<R: CubeRuntime>(client: &ComputeClient<R>) -> bool {
+    use cubecl::ir::{ElemType, FloatKind, StorageType, Type};
+    let atomic = Type::new(StorageType::Atomic(ElemType::Float(FloatKind::F32)));
+    client.properties().atomic_type_usage(atomic).contains(cubecl::ir::features::AtomicUsage::Add)
+}
+
+/// `acc [B, d] (f32) + Σ_j h[b, j] · Wt[row_j, :] + bias` in one launch: the first pass's
+/// cubes add their split sums into `acc` with f32 atomics (split 0 adds the bias), where
+/// [`rows_transposed_gemv_with`] writes partial sums and a second launch adds them. `acc`
+/// is updated in place when nothing else holds its buffer (else copied first). The
+/// device must have f32 atomic adds ([`supports_atomic_f32_add`]).
+#[allow(clippy::too_many_arguments)] // the kernel's inputs, as the trait method has them
+pub fn rows_transposed_gemv_accumulate<R: CubeRuntime>(
+    w_t: CubeTensor<R>,
+    idx: Option<CubeTensor<R>>,
+    block: usize,
+    h: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    acc: CubeTensor<R>,
+    int_dtype: DType,
+    config: &LaunchConfig,
+) -> CubeTensor<R> {
+    let (w_t, h) = (into_contiguous(w_t), into_contiguous(h));
+    let cols = dims(&w_t)[1];
+    let (batch, k) = (dims(&h)[0], dims(&h)[1]);
+    assert_eq!(dims(&acc), vec![batch, cols], "rows_transposed_gemv_accumulate: accumulator shape");
+    assert_eq!(acc.dtype, DType::F32, "rows_transposed_gemv_accumulate: accumulator dtype");
+    if !config.atomic_accumulate || !supports_atomic_f32_add(&acc.client) {
+        // Both passes, the second adding `acc` into a new f32 output.
+        let (splits, _) = transposed_splits(k, config, idx.is_some());
+        let [out, partial] = empties(&h, [(vec![batch, cols], DType::F32), (vec![splits, batch, cols], DType::F32)]);
+        return transposed_gemv_launch(w_t, idx, block, h, bias, Some(acc), int_dtype, out, partial, config);
+    }
+    let acc = into_contiguous(acc);
+    let acc = if acc.can_mut() { acc } else { acc.copy() };
+    if batch == 0 || cols == 0 || k == 0 && bias.is_none() {
+        return acc;
+    }
+    let gathered = idx.is_some();
+    let idx = idx.map(into_contiguous).unwrap_or_else(|| unread(&h));
+    let has_bias = bias.is_some();
+    let bias = bias.map(into_contiguous);
+    let mut vectors = vec![&w_t];
+    vectors.extend(bias.iter());
+    let vs = vector_width(&vectors);
+    // The skipping kernel's splits, also for an input over every row: there is no second
+    // pass whose cost would favour the compacting kernel's fewer splits.
+    let plain = LaunchConfig { compact_rows: 0, ..*config };
+    let (splits, chunk) = transposed_splits(k, &plain, gathered);
+    let col_blocks = (cols / vs).div_ceil(config.cols_per_cube) as u32;
+    let dtype = w_t.dtype;
+    let idx_dtype = if gathered { idx.dtype } else { int_dtype };
+    let shape = TransposedShapeLaunch::new(dims(&w_t)[0], cols / vs, stride(&w_t, 0) / vs, k, batch, stride(&h, 0));
+    let acc_stride = stride(&acc, 0);
+    unsafe {
+        rows_transposed_gemv_atomic_kernel::launch_unchecked::<R>(
+            &acc.client,
+            CubeCount::Static(col_blocks, splits as u32, 1),
+            CubeDim::new_2d(config.cols_per_cube as u32, config.lanes_k as u32),
+            vs,
+            arg(w_t.clone()),
+            arg(idx),
+            arg(h),
+            arg(bias.unwrap_or_else(|| unread(&w_t))),
+            arg(acc.clone()),
+            shape,
+            chunk,
+            block.max(1),
+            acc_stride,
+            gathered,
+            has_bias,
+            config.cols_per_cube,
+            config.lanes_k,
+            [dtype.into(), idx_dtype.into()],
+        );
+    }
+    acc
+}
+
 /// The transposed GEMV's second pass: `out [B, d] = Σ_s partial[s] + bias + residual`
-/// (`partial [splits, B, d]` f32, the rest in `out`'s dtype, vectors of `vs`).
+/// (`partial [splits, B, d]` f32, the bias in the weights' dtype, the residual in `out`'s,
+/// vectors of `vs`).
 fn sum_partials<R: CubeRuntime>(
     partial: CubeTensor<R>,
     bias: Option<CubeTensor<R>>,
@@ -423,6 +508,9 @@ fn sum_partials<R: CubeRuntime>(
     let residual_stride = residual.as_ref().map_or(0, |r| stride(r, 0) / vs);
     let out_stride = stride(&out, 0) / vs;
     let (has_bias, has_residual) = (bias.is_some(), residual.is_some());
+    // The bias has the weights' dtype; the residual and the output may be f32 instead
+    // (`rows_transposed_gemv_accumulate` without atomics).
+    let bias_dtype = bias.as_ref().map_or(out.dtype, |b| b.dtype);
     // Lanes along the splits: enough that each adds a handful.
     let lanes_s = splits.div_ceil(4).next_power_of_two().clamp(1, 32);
     let sum_cols = (256 / lanes_s).max(1);
@@ -445,7 +533,7 @@ fn sum_partials<R: CubeRuntime>(
             has_residual,
             sum_cols,
             lanes_s,
-            out.dtype.into(),
+            [bias_dtype.into(), out.dtype.into()],
         );
     }
     out

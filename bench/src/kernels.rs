@@ -492,8 +492,16 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
     }
     // The gathered fc2ᵀ adding into an f32 accumulator with atomics: with no second pass
     // to feed, more splits (fewer rows per lane) cost only atomics.
-    for (cols_per_cube, lanes_k, rows_per_lane) in [(32, 8, 8), (32, 8, 4), (32, 8, 2), (32, 16, 4), (64, 4, 4), (16, 16, 4)] {
+    // Wider column blocks read longer runs of each row (a 6.7B row is 512 vectors: 512
+    // columns a cube read it whole, as fc1's lane groups do).
+    for (cols_per_cube, lanes_k, rows_per_lane) in [
+        (32, 8, 8), (32, 8, 4), (32, 8, 2), (32, 16, 4), (64, 4, 4), (16, 16, 4),
+        (128, 8, 4), (128, 4, 8), (256, 4, 4), (256, 2, 8), (512, 2, 4), (512, 2, 8), (512, 1, 8),
+    ] {
         variants.push(("fc2acc", LaunchConfig { cols_per_cube, lanes_k, rows_per_lane, ..base }));
+    }
+    for (cols_per_cube, lanes_k, rows_per_lane) in [(128, 8, 4), (256, 4, 4), (512, 2, 8)] {
+        variants.push(("fc2", LaunchConfig { cols_per_cube, lanes_k, rows_per_lane, ..base }));
     }
     for kernel in ["fc2skip", "fc2half"] {
         variants.push((kernel, LaunchConfig { compact_rows: 0, ..base }));

@@ -561,7 +561,9 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
                     "fc2acc" => "fc2t_accumulate",
                     _ => "fc2t",
                 };
-                let split = if cfg.compact_rows > 0 { format!("compact{}", cfg.compact_rows) } else { format!("rpl{}", cfg.rows_per_lane) };
+                // A gathered fc2 always takes the skipping kernel, whose splits `rows_per_lane` sets.
+                let gathered = kernel == "fc2" || kernel == "fc2acc";
+                let split = if cfg.compact_rows > 0 && !gathered { format!("compact{}", cfg.compact_rows) } else { format!("rpl{}", cfg.rows_per_lane) };
                 format!("tune_{what}_cols{}_lanes{}_{split}", cfg.cols_per_cube, cfg.lanes_k)
             }
         };

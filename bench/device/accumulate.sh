@@ -7,13 +7,15 @@
 #            ones included), then `dejavu-bench kernels` at 6.7B/13B/30B, density 0.1,
 #            rank 128, with the PyTorch peer — writes kernels.json/.log (~5 min);
 #   tune     grid shapes of the gathered kernels at 6.7B, density 0.1, each checked
-#            first (`--tune --check`) — writes tune.json/.log.
+#            first (`--tune --check`) — writes tune.json/.log;
+#   all      both, in one call (~5 min).
 set -uo pipefail
 export DEJAVU_COMMIT=${DEJAVU_COMMIT:-$(cat dist/commit 2>/dev/null || echo unknown)}
 source bench/device/setup.sh
 export CUBECL_AUTOTUNE_LEVEL=minimal
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-case "${PART:-kernels}" in
+run_part() {
+case "$1" in
 kernels)
     timeout 150 dejavu-bench kernels --check --models opt-6.7b --densities 0.1 --ranks 128 --contexts 256 \
         --head-densities 0.5 --calls 20 --samples 3 --peer-python "" --out "$OUT/checks.json" > "$OUT/checks.log" 2>&1
@@ -22,7 +24,7 @@ kernels)
     rm -f "$OUT/checks.json"
     time timeout 400 dejavu-bench kernels --densities 0.1 --ranks 128 --contexts \
         --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
-    grep -E "accumulate|sparse_mlp|fc2t_gather|\| opt-" "$OUT/kernels.log" | grep -vE "ours_attention|tune_|predicted" | tail -40
+    grep -E "accumulate|sparse_mlp|fc2t_gather|predicted_mlp|\| opt-" "$OUT/kernels.log" | grep -vE "ours_attention|tune_|select|norm" | tail -40
     ;;
 tune)
     time timeout 500 dejavu-bench kernels --tune --check --models opt-6.7b --densities 0.1 --ranks 128 --contexts \
@@ -31,3 +33,5 @@ tune)
     grep -E "tune_|sparse_mlp|fc2t_gather" "$OUT/tune.log" | tail -50
     ;;
 esac
+}
+if [ "${PART:-kernels}" = all ]; then run_part kernels; run_part tune; else run_part "${PART:-kernels}"; fi

@@ -630,38 +630,6 @@ pub(crate) fn rows_transposed_gemv_atomic_kernel<F: Float, N: Size, I: Int>(
     }
 }
 
-/// `live_rows[i]`, or `none` for a slot `i >= n` past the compacted list.
-#[cube]
-fn listed_row(live_rows: &SharedMemory<u32>, i: usize, n: usize, none: usize) -> usize {
-    let mut row = none;
-    if i < n {
-        row = usize::cast_from(live_rows[i]);
-    }
-    row
-}
-
-/// Column vector `c` of row `row` in f32, or zeros (nothing read) for `row >= rows`. Unlike
-/// [`load_row`] it does not wait for the row's `h`: the list holds only rows whose `h` is
-/// not 0.
-#[cube]
-fn listed_weights<F: Float, N: Size>(w: &Array<Vector<F, N>>, row: usize, c: usize, rows: usize, row_stride: usize) -> Vector<f32, N> {
-    let mut value = Vector::<f32, N>::new(0.0f32);
-    if row < rows {
-        value = Vector::<f32, N>::cast_from(w[row * row_stride + c]);
-    }
-    value
-}
-
-/// `h[h_base + row]` in f32, or 0 for `row >= rows` (an empty slot).
-#[cube]
-fn listed_h<F: Float>(h: &Array<F>, h_base: usize, row: usize, rows: usize) -> f32 {
-    let mut value = 0.0f32;
-    if row < rows {
-        value = f32::cast_from(h[h_base + row]);
-    }
-    value
-}
-
 /// A cube-wide exclusive count for compaction in unit order: unit `t` of `threads` holds
 /// `mine` live items; returns how many the units before it hold (where its first one
 /// goes). The counts before it in its group of 32 (shared reads of one address per step, a
@@ -737,7 +705,6 @@ pub(crate) fn rows_transposed_gemv_compact_kernel<F: Float, N: Size>(
     let split = CUBE_POS_Y as usize;
     let width = shape.width;
     let row_stride = shape.w_stride;
-    let rows = shape.rows;
     let col_live = c < width;
 
     // The scan: unit `t` owns rows `first .. first + per_unit` of the split.
@@ -776,35 +743,38 @@ pub(crate) fn rows_transposed_gemv_compact_kernel<F: Float, N: Size>(
         let mut acc = Vector::<f32, N>::new(0.0f32);
         if col_live {
             let mut i = ky;
-            // Eight listed rows per round, slots past `n` reading nothing: a split of
-            // 128 rows at 10% density lists ~13, one or two per lane, which in turn
-            // cost a round trip each.
-            while i < n {
-                let r0 = listed_row(&live_rows, i, n, rows);
-                let r1 = listed_row(&live_rows, i + lanes_k, n, rows);
-                let r2 = listed_row(&live_rows, i + 2 * lanes_k, n, rows);
-                let r3 = listed_row(&live_rows, i + 3 * lanes_k, n, rows);
-                let r4 = listed_row(&live_rows, i + 4 * lanes_k, n, rows);
-                let r5 = listed_row(&live_rows, i + 5 * lanes_k, n, rows);
-                let r6 = listed_row(&live_rows, i + 6 * lanes_k, n, rows);
-                let r7 = listed_row(&live_rows, i + 7 * lanes_k, n, rows);
-                let w0 = listed_weights(w, r0, c, rows, row_stride);
-                let w1 = listed_weights(w, r1, c, rows, row_stride);
-                let w2 = listed_weights(w, r2, c, rows, row_stride);
-                let w3 = listed_weights(w, r3, c, rows, row_stride);
-                let w4 = listed_weights(w, r4, c, rows, row_stride);
-                let w5 = listed_weights(w, r5, c, rows, row_stride);
-                let w6 = listed_weights(w, r6, c, rows, row_stride);
-                let w7 = listed_weights(w, r7, c, rows, row_stride);
-                acc += w0 * Vector::<f32, N>::new(listed_h(h, h_base, r0, rows));
-                acc += w1 * Vector::<f32, N>::new(listed_h(h, h_base, r1, rows));
-                acc += w2 * Vector::<f32, N>::new(listed_h(h, h_base, r2, rows));
-                acc += w3 * Vector::<f32, N>::new(listed_h(h, h_base, r3, rows));
-                acc += w4 * Vector::<f32, N>::new(listed_h(h, h_base, r4, rows));
-                acc += w5 * Vector::<f32, N>::new(listed_h(h, h_base, r5, rows));
-                acc += w6 * Vector::<f32, N>::new(listed_h(h, h_base, r6, rows));
-                acc += w7 * Vector::<f32, N>::new(listed_h(h, h_base, r7, rows));
+            while i + 7 * lanes_k < n {
+                let r0 = usize::cast_from(live_rows[i]);
+                let r1 = usize::cast_from(live_rows[i + lanes_k]);
+                let r2 = usize::cast_from(live_rows[i + 2 * lanes_k]);
+                let r3 = usize::cast_from(live_rows[i + 3 * lanes_k]);
+                let r4 = usize::cast_from(live_rows[i + 4 * lanes_k]);
+                let r5 = usize::cast_from(live_rows[i + 5 * lanes_k]);
+                let r6 = usize::cast_from(live_rows[i + 6 * lanes_k]);
+                let r7 = usize::cast_from(live_rows[i + 7 * lanes_k]);
+                let w0 = w[r0 * row_stride + c];
+                let w1 = w[r1 * row_stride + c];
+                let w2 = w[r2 * row_stride + c];
+                let w3 = w[r3 * row_stride + c];
+                let w4 = w[r4 * row_stride + c];
+                let w5 = w[r5 * row_stride + c];
+                let w6 = w[r6 * row_stride + c];
+                let w7 = w[r7 * row_stride + c];
+                acc += Vector::<f32, N>::cast_from(w0) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r0]));
+                acc += Vector::<f32, N>::cast_from(w1) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r1]));
+                acc += Vector::<f32, N>::cast_from(w2) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r2]));
+                acc += Vector::<f32, N>::cast_from(w3) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r3]));
+                acc += Vector::<f32, N>::cast_from(w4) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r4]));
+                acc += Vector::<f32, N>::cast_from(w5) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r5]));
+                acc += Vector::<f32, N>::cast_from(w6) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r6]));
+                acc += Vector::<f32, N>::cast_from(w7) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r7]));
                 i += 8 * lanes_k;
+            }
+            while i < n {
+                let r = usize::cast_from(live_rows[i]);
+                let hv = f32::cast_from(h[h_base + r]);
+                acc += Vector::<f32, N>::cast_from(w[r * row_stride + c]) * Vector::<f32, N>::new(hv);
+                i += lanes_k;
             }
         }
         split_sum(&mut scratch, acc, partial, (split * shape.batch + b) * width + c, col_live, cols_per_cube, lanes_k);
@@ -1752,52 +1722,32 @@ pub(crate) fn predicted_mlp_kernel<F: Float, P: Float, N: Size>(
     while c < width {
         let mut acc = Vector::<f32, N>::new(0.0f32);
         let mut i = 0usize;
-        // Eight rows' loads in flight per round, the last round's slots past `m` reading
-        // nothing: a cube holds only ~6 live rows at 10% density, which one at a time
-        // cost a round trip each.
-        while i < m {
-            let w0 = live_row(w2, &live_rows, i, m, w2_stride, c);
-            let w1v = live_row(w2, &live_rows, i + 1, m, w2_stride, c);
-            let w2v = live_row(w2, &live_rows, i + 2, m, w2_stride, c);
-            let w3 = live_row(w2, &live_rows, i + 3, m, w2_stride, c);
-            let w4 = live_row(w2, &live_rows, i + 4, m, w2_stride, c);
-            let w5 = live_row(w2, &live_rows, i + 5, m, w2_stride, c);
-            let w6 = live_row(w2, &live_rows, i + 6, m, w2_stride, c);
-            let w7 = live_row(w2, &live_rows, i + 7, m, w2_stride, c);
-            acc += w0 * Vector::<f32, N>::new(live_value(&live_h, i, m));
-            acc += w1v * Vector::<f32, N>::new(live_value(&live_h, i + 1, m));
-            acc += w2v * Vector::<f32, N>::new(live_value(&live_h, i + 2, m));
-            acc += w3 * Vector::<f32, N>::new(live_value(&live_h, i + 3, m));
-            acc += w4 * Vector::<f32, N>::new(live_value(&live_h, i + 4, m));
-            acc += w5 * Vector::<f32, N>::new(live_value(&live_h, i + 5, m));
-            acc += w6 * Vector::<f32, N>::new(live_value(&live_h, i + 6, m));
-            acc += w7 * Vector::<f32, N>::new(live_value(&live_h, i + 7, m));
+        while i + 7 < m {
+            let w0 = w2[usize::cast_from(live_rows[i]) * w2_stride + c];
+            let w1v = w2[usize::cast_from(live_rows[i + 1]) * w2_stride + c];
+            let w2v = w2[usize::cast_from(live_rows[i + 2]) * w2_stride + c];
+            let w3 = w2[usize::cast_from(live_rows[i + 3]) * w2_stride + c];
+            let w4 = w2[usize::cast_from(live_rows[i + 4]) * w2_stride + c];
+            let w5 = w2[usize::cast_from(live_rows[i + 5]) * w2_stride + c];
+            let w6 = w2[usize::cast_from(live_rows[i + 6]) * w2_stride + c];
+            let w7 = w2[usize::cast_from(live_rows[i + 7]) * w2_stride + c];
+            acc += Vector::<f32, N>::cast_from(w0) * Vector::<f32, N>::new(live_h[i]);
+            acc += Vector::<f32, N>::cast_from(w1v) * Vector::<f32, N>::new(live_h[i + 1]);
+            acc += Vector::<f32, N>::cast_from(w2v) * Vector::<f32, N>::new(live_h[i + 2]);
+            acc += Vector::<f32, N>::cast_from(w3) * Vector::<f32, N>::new(live_h[i + 3]);
+            acc += Vector::<f32, N>::cast_from(w4) * Vector::<f32, N>::new(live_h[i + 4]);
+            acc += Vector::<f32, N>::cast_from(w5) * Vector::<f32, N>::new(live_h[i + 5]);
+            acc += Vector::<f32, N>::cast_from(w6) * Vector::<f32, N>::new(live_h[i + 6]);
+            acc += Vector::<f32, N>::cast_from(w7) * Vector::<f32, N>::new(live_h[i + 7]);
             i += 8;
+        }
+        while i < m {
+            acc += Vector::<f32, N>::cast_from(w2[usize::cast_from(live_rows[i]) * w2_stride + c]) * Vector::<f32, N>::new(live_h[i]);
+            i += 1;
         }
         partial[CUBE_POS_X as usize * width + c] = acc;
         c += threads;
     }
-}
-
-/// Column vector `c` of the transposed weights' row `live_rows[i]` in f32, or zeros (and
-/// nothing read) for a slot `i >= m` past the compacted list.
-#[cube]
-fn live_row<F: Float, N: Size>(w: &Array<Vector<F, N>>, live_rows: &SharedMemory<u32>, i: usize, m: usize, stride: usize, c: usize) -> Vector<f32, N> {
-    let mut value = Vector::<f32, N>::new(0.0f32);
-    if i < m {
-        value = Vector::<f32, N>::cast_from(w[usize::cast_from(live_rows[i]) * stride + c]);
-    }
-    value
-}
-
-/// `live_h[i]`, or 0 for a slot `i >= m` past the compacted list.
-#[cube]
-fn live_value(live_h: &SharedMemory<f32>, i: usize, m: usize) -> f32 {
-    let mut value = 0.0f32;
-    if i < m {
-        value = live_h[i];
-    }
-    value
 }
 
 /// Head selection with its predictor in one cube: the logits `up · h` of `rows` heads

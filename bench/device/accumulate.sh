@@ -8,7 +8,9 @@
 #            rank 128, with the PyTorch peer — writes kernels.json/.log (~5 min);
 #   tune     grid shapes of the gathered kernels at 6.7B, density 0.1, each checked
 #            first (`--tune --check`) — writes tune.json/.log;
-#   all      both, in one call (~5 min).
+#   all      both, in one call (~5 min);
+#   sweep    the kernel checks at 6.7B (densities 0.05 and 0.1), then `dejavu-bench
+#            kernels` at densities 0.05–1.0 — writes kernels.json/.log.
 set -uo pipefail
 export DEJAVU_COMMIT=${DEJAVU_COMMIT:-$(cat dist/commit 2>/dev/null || echo unknown)}
 source bench/device/setup.sh
@@ -25,6 +27,15 @@ kernels)
     time timeout 400 dejavu-bench kernels --densities 0.1 --ranks 128 --contexts \
         --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
     grep -E "accumulate|sparse_mlp|fc2t_gather|predicted_mlp|\| opt-" "$OUT/kernels.log" | grep -vE "ours_attention|tune_|select|norm" | tail -40
+    ;;
+sweep)
+    timeout 150 dejavu-bench kernels --check --models opt-6.7b --densities 0.05,0.1 --ranks 128 --contexts 256 \
+        --head-densities 0.5 --calls 20 --samples 3 --peer-python "" --out "$OUT/checks.json" > "$OUT/checks.log" 2>&1
+    echo "kernel checks: $(grep -cE ' ok$' "$OUT/checks.log") ok, $(grep -ciE 'fail' "$OUT/checks.log") failing lines"
+    rm -f "$OUT/checks.json"
+    time timeout 420 dejavu-bench kernels --densities 0.05,0.1,0.25,0.5,1.0 --ranks 128 --contexts \
+        --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
+    grep -E "^\| opt-[0-9.]+b \| [0-9.]+ \|" "$OUT/kernels.log"
     ;;
 tune)
     time timeout 500 dejavu-bench kernels --tune --check --models opt-6.7b --densities 0.1 --ranks 128 --contexts \

@@ -187,8 +187,7 @@ pub fn rows_gemv_into<R: CubeRuntime>(
     let bias = bias.map(into_contiguous).unwrap_or_else(|| unread(&w));
     let vs = vector_width(&[&w, &x]);
     let (group, use_plane) = reduction_group(&w.client);
-    let rows_per_cube = rows_per_cube_for(&w.client, k, config.rows_per_cube);
-    let cubes = k.div_ceil(rows_per_cube) as u32;
+    let cubes = k.div_ceil(config.rows_per_cube) as u32;
     let (dtype, x_dtype) = (w.dtype, x.dtype);
     let idx_dtype = if gathered { idx.dtype } else { int_dtype };
     debug_assert_eq!(cols % vs, 0);
@@ -197,7 +196,7 @@ pub fn rows_gemv_into<R: CubeRuntime>(
         rows_gemv_kernel::launch_unchecked::<R>(
             &out.client,
             CubeCount::Static(cubes, 1, 1),
-            CubeDim::new_2d(group as u32, rows_per_cube as u32),
+            CubeDim::new_2d(group as u32, config.rows_per_cube as u32),
             vs,
             arg(w),
             arg(idx),
@@ -210,26 +209,12 @@ pub fn rows_gemv_into<R: CubeRuntime>(
             has_bias,
             relu,
             group,
-            rows_per_cube,
+            config.rows_per_cube,
             use_plane,
             [dtype.into(), x_dtype.into(), idx_dtype.into()],
         );
     }
     out
-}
-
-/// Rows per cube of the row GEMV for `k` output rows: `configured`, halved while that
-/// leaves fewer than two cubes per streaming multiprocessor (where the device says how
-/// many it has). A short list (5% of a 6.7B fc1: 819 rows) in cubes of 8 rows would
-/// leave a fifth of the H100's 132 SMs without a cube, and the HBM is then read by fewer
-/// SMs than it takes to keep it busy.
-fn rows_per_cube_for<R: CubeRuntime>(client: &ComputeClient<R>, k: usize, configured: usize) -> usize {
-    let sms = client.properties().hardware.num_streaming_multiprocessors.unwrap_or(0) as usize;
-    let mut rows = configured.max(1);
-    while rows > 1 && k.div_ceil(rows) < 2 * sms {
-        rows /= 2;
-    }
-    rows
 }
 
 /// `out [B, rows] = W[:, cols] · x + bias + residual` over the column blocks `idx` picks

@@ -741,8 +741,8 @@ pub fn residual_transposed_gemv<B: SparseKernels>(
 }
 
 /// What every transposed GEMV checks, then its launch: the rows of `w_t [rows, d]` that
-/// `idx` picks (whole blocks; every row when `None`) against `h`, the bias, and the
-/// residual `[B, d]` when there is one.
+/// `idx` picks against `h` and the bias ([`check_transposed_rows`]), and the residual
+/// `[B, d]` when there is one.
 fn checked_transposed_gemv<B: SparseKernels>(
     op: &'static str,
     w_t: Tensor<B, 2>,
@@ -751,7 +751,22 @@ fn checked_transposed_gemv<B: SparseKernels>(
     bias: Option<Tensor<B, 1>>,
     residual: Option<Tensor<B, 2>>,
 ) -> Result<Tensor<B, 2>, KernelError> {
-    let [rows, d] = w_t.dims();
+    let (idx, block) = check_transposed_rows(op, &w_t, idx, &h, bias.as_ref())?;
+    check_residual(op, residual.as_ref(), [h.dims()[0], w_t.dims()[1]], w_t.dtype())?;
+    Ok(wrap(B::rows_transposed_gemv(prim(w_t), idx, block, prim(h), bias.map(prim), residual.map(prim))))
+}
+
+/// The rows of `w_t [rows, d]` that `idx` picks (whole blocks; every row when `None`)
+/// against `h` and the bias; the index list as a primitive and its block size.
+#[allow(clippy::type_complexity)] // an optional index primitive and its block size
+fn check_transposed_rows<B: SparseKernels>(
+    op: &'static str,
+    w_t: &Tensor<B, 2>,
+    idx: Option<(Tensor<B, 1, Int>, usize)>,
+    h: &Tensor<B, 2>,
+    bias: Option<&Tensor<B, 1>>,
+) -> Result<(Option<IntTensor<B>>, usize), KernelError> {
+    let rows = w_t.dims()[0];
     let k = match &idx {
         Some((idx, block)) => {
             check_block(op, rows, *block)?;
@@ -759,13 +774,11 @@ fn checked_transposed_gemv<B: SparseKernels>(
         }
         None => rows,
     };
-    check_transposed(op, &w_t, &h, k, bias.as_ref())?;
-    check_residual(op, residual.as_ref(), [h.dims()[0], d], w_t.dtype())?;
-    let (idx, block) = match idx {
+    check_transposed(op, w_t, h, k, bias)?;
+    Ok(match idx {
         Some((idx, block)) => (Some(idx.into_primitive()), block),
         None => (None, 1),
-    };
-    Ok(wrap(B::rows_transposed_gemv(prim(w_t), idx, block, prim(h), bias.map(prim), residual.map(prim))))
+    })
 }
 
 /// A selection made on the device: `indices [capacity]` ascending and padded with the
@@ -1287,20 +1300,8 @@ pub fn accumulate_transposed_gemv<B: SparseKernels>(
     bias: Option<Tensor<B, 1>>,
 ) -> Result<Tensor<B, 2>, KernelError> {
     let op = "accumulate_transposed_gemv";
-    let [rows, d] = w_t.dims();
-    let k = match &idx {
-        Some((idx, block)) => {
-            check_block(op, rows, *block)?;
-            idx.dims()[0] * block
-        }
-        None => rows,
-    };
-    check_transposed(op, &w_t, &h, k, bias.as_ref())?;
-    check_residual(op, Some(&acc), [h.dims()[0], d], burn::tensor::DType::F32)?;
-    let (idx, block) = match idx {
-        Some((idx, block)) => (Some(idx.into_primitive()), block),
-        None => (None, 1),
-    };
+    let (idx, block) = check_transposed_rows(op, &w_t, idx, &h, bias.as_ref())?;
+    check_residual(op, Some(&acc), [h.dims()[0], w_t.dims()[1]], burn::tensor::DType::F32)?;
     Ok(wrap(B::rows_transposed_gemv_accumulate(prim(w_t), idx, block, prim(h), bias.map(prim), prim(acc))))
 }
 

@@ -8,7 +8,7 @@ use dejavu_kernels::checks::{
     check_attention, check_block_cols_gemv, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_qkv_lazy, check_norm_predict, check_predicted_mlp, check_predictor_kernels, check_selection, fresh_seed, Case,
     PublicApi,
 };
-use dejavu_kernels::{gather_rows_gemv, predict_select, predicted_mlp, predicted_rows_gemv, select_above_threshold, Activation, KernelError, MlpWeights};
+use dejavu_kernels::{accumulate_transposed_gemv, gather_rows_gemv, predict_select, predicted_mlp, predicted_rows_gemv, select_above_threshold, Activation, KernelError, MlpWeights};
 
 fn assert_all_passed(outcomes: Vec<dejavu_kernels::checks::Outcome>) {
     assert!(!outcomes.is_empty());
@@ -110,4 +110,16 @@ fn shape_and_dtype_errors_are_named() {
     let err = predicted_mlp(mlp(w.clone()), x.clone(), Some(residual), up.clone(), h.clone(), 0.0).err();
     assert!(matches!(err, Some(KernelError::Dtype { op: "predicted_mlp", .. })), "{err:?}");
     assert!(predicted_mlp(mlp(w.clone()), x, Some(Tensor::zeros([1, 4], &device)), up, h, 0.0).is_ok());
+
+    // The f32 accumulator: its dtype (f16 weights, an f16 accumulator) and its shape.
+    let w16 = w.clone().cast(DType::F16);
+    let h16 = Tensor::<Flex, 2>::zeros([1, 2], &device).cast(DType::F16);
+    let two = Tensor::<Flex, 1, Int>::from_ints([0, 5], &device);
+    let err = accumulate_transposed_gemv(Tensor::<Flex, 2>::zeros([1, 4], &device).cast(DType::F16), w16.clone(), Some((two.clone(), 1)), h16.clone(), None).err();
+    assert!(matches!(err, Some(KernelError::Dtype { op: "accumulate_transposed_gemv", .. })), "{err:?}");
+    let err = accumulate_transposed_gemv(Tensor::zeros([1, 3], &device), w16.clone(), Some((two.clone(), 1)), h16.clone(), None).unwrap_err();
+    assert_eq!(err, KernelError::Shape { op: "accumulate_transposed_gemv", what: "residual is [1, 3] for an output of [1, 4]".into() });
+    let err = accumulate_transposed_gemv(Tensor::zeros([1, 4], &device), w16.clone(), None, h16.clone(), None).unwrap_err();
+    assert_eq!(err, KernelError::Shape { op: "accumulate_transposed_gemv", what: "h has 2 columns but 8 rows are selected".into() });
+    assert!(accumulate_transposed_gemv(Tensor::zeros([1, 4], &device), w16, Some((two, 1)), h16, None).is_ok());
 }

@@ -302,7 +302,8 @@ fn measure_model<R: CubeRuntime>(
         let t = timer.time(|i| {
             let w = &weights[i % copies];
             let a = acc.take().expect("the accumulator is put back after each call");
-            acc = Some(sparse_mlp_accumulate(a, x.clone(), w.w1.clone(), w.b1.clone(), w.w2_t.clone(), w.b2.clone(), idx.clone()).unwrap());
+            let mlp = dejavu_kernels::MlpWeights { w1: w.w1.clone(), b1: Some(w.b1.clone()), w2_t: w.w2_t.clone(), b2: Some(w.b2.clone()) };
+            acc = Some(sparse_mlp_accumulate(a, x.clone(), mlp, idx.clone()).unwrap());
         })?;
         push_timed(out, name, "ours_sparse_mlp_accumulate", Some(density), Some(k), 2.0 * rows_bytes, t);
     }

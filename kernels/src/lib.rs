@@ -1308,18 +1308,15 @@ pub fn accumulate_transposed_gemv<B: SparseKernels>(
 /// [`sparse_mlp`] added into an f32 accumulator (a residual stream kept in f32): `acc +
 /// fc2ᵀ[idx]ᵀ · relu(fc1[idx] · x + b1[idx]) + b2`. Two launches on `CubeBackend` with
 /// f32 atomics, where [`sparse_mlp`]'s fc2 takes two of its own.
-#[allow(clippy::too_many_arguments)] // an MLP's weights, its input and the accumulator
 pub fn sparse_mlp_accumulate<B: SparseKernels>(
     acc: Tensor<B, 2>,
     x: Tensor<B, 2>,
-    w1: Tensor<B, 2>,
-    b1: Tensor<B, 1>,
-    w2_t: Tensor<B, 2>,
-    b2: Tensor<B, 1>,
+    mlp: MlpWeights<B>,
     idx: Tensor<B, 1, Int>,
 ) -> Result<Tensor<B, 2>, KernelError> {
-    let h = gather_rows_gemv(w1, idx.clone(), x, Some(b1), Activation::Relu)?;
-    accumulate_transposed_gemv(acc, w2_t, Some((idx, 1)), h, Some(b2))
+    let MlpWeights { w1, b1, w2_t, b2 } = mlp;
+    let h = gather_rows_gemv(w1, idx.clone(), x, b1, Activation::Relu)?;
+    accumulate_transposed_gemv(acc, w2_t, Some((idx, 1)), h, b2)
 }
 
 /// A sparse OPT MLP for the selected neurons: `fc2ᵀ[idx]ᵀ · relu(fc1[idx] · x + b1[idx]) + b2`.

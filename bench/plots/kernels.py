@@ -33,7 +33,8 @@ def main():
 
         for source, op, label, style in [
             (ncu, "ours_sparse_mlp", "ours: sparse MLP, kernel time (ncu)", "o-"),
-            (rows, "ours_sparse_mlp", "ours: sparse MLP as launched (host costs included)", "o:"),
+            (rows, "ours_sparse_mlp", "ours: sparse MLP, two-pass fc2 (primed GPU time)", "o:"),
+            (rows, "ours_sparse_mlp_accumulate", "ours: sparse MLP into f32, atomic fc2 (primed GPU time)", "d-"),
             (peer, "torch_slice_mlp", "torch: contiguous slice (ceiling)", "s--"),
             (peer, "torch_index_select_mlp", "torch: index_select + GEMV", "^:"),
         ]:

@@ -423,30 +423,29 @@ fn load_row<F: Float, N: Size>(
 }
 
 /// The transposed GEMV's first-pass epilogue: the cube's `CUBE_DIM_Y` lanes along K add
-/// their sums for column vector `UNIT_POS_X` in lane order (through shared memory), and
-/// lane 0 writes the split's sum to `partial[at]`.
+/// their sums `acc` for column vector `UNIT_POS_X` in lane order (through shared memory).
+/// Returns the split's sum on lane 0 along K (zeros on the others); the cube is synced
+/// after, so `scratch` can take the next batch row.
 #[cube]
-fn split_sum<N: Size>(
+fn lanes_total<N: Size>(
     scratch: &mut SharedMemory<Vector<f32, N>>,
     acc: Vector<f32, N>,
-    partial: &mut Array<Vector<f32, N>>,
-    at: usize,
-    col_live: bool,
     #[comptime] cols_per_cube: usize,
     #[comptime] lanes_k: usize,
-) {
+) -> Vector<f32, N> {
     let cx = UNIT_POS_X as usize;
     let ky = UNIT_POS_Y as usize;
     scratch[ky * cols_per_cube + cx] = acc;
     sync_cube();
-    if ky == 0 && col_live {
-        let mut total = scratch[cx];
+    let mut total = Vector::<f32, N>::new(0.0f32);
+    if ky == 0 {
+        total = scratch[cx];
         for i in 1..lanes_k {
             total += scratch[i * cols_per_cube + cx];
         }
-        partial[at] = total;
     }
     sync_cube();
+    total
 }
 
 /// One lane's share of a split for column vector `c`: `Σ h[h_base + j] · Wt[row_j, c]`
@@ -571,7 +570,10 @@ pub(crate) fn rows_transposed_gemv_partial_kernel<F: Float, N: Size, I: Int>(
         if col_live {
             acc = split_dot(w, idx, h, b * shape.h_stride, c, start, end, shape, block, gathered, lanes_k);
         }
-        split_sum(&mut scratch, acc, partial, (split * shape.batch + b) * width + c, col_live, cols_per_cube, lanes_k);
+        let total = lanes_total(&mut scratch, acc, cols_per_cube, lanes_k);
+        if UNIT_POS_Y == 0 && col_live {
+            partial[(split * shape.batch + b) * width + c] = total;
+        }
     }
 }
 
@@ -612,13 +614,8 @@ pub(crate) fn rows_transposed_gemv_atomic_kernel<F: Float, N: Size, I: Int>(
         if col_live {
             acc = split_dot(w, idx, h, b * shape.h_stride, c, start, end, shape, block, gathered, lanes_k);
         }
-        scratch[ky * cols_per_cube + cx] = acc;
-        sync_cube();
+        let mut total = lanes_total(&mut scratch, acc, cols_per_cube, lanes_k);
         if ky == 0 && col_live {
-            let mut total = scratch[cx];
-            for i in 1..lanes_k {
-                total += scratch[i * cols_per_cube + cx];
-            }
             if has_bias && split == 0 {
                 total += Vector::<f32, N>::cast_from(bias[c]);
             }
@@ -628,7 +625,6 @@ pub(crate) fn rows_transposed_gemv_atomic_kernel<F: Float, N: Size, I: Int>(
                 acc_out[at + v].fetch_add(total[v]);
             }
         }
-        sync_cube();
     }
 }
 
@@ -779,7 +775,10 @@ pub(crate) fn rows_transposed_gemv_compact_kernel<F: Float, N: Size>(
                 i += lanes_k;
             }
         }
-        split_sum(&mut scratch, acc, partial, (split * shape.batch + b) * width + c, col_live, cols_per_cube, lanes_k);
+        let total = lanes_total(&mut scratch, acc, cols_per_cube, lanes_k);
+        if UNIT_POS_Y == 0 && col_live {
+            partial[(split * shape.batch + b) * width + c] = total;
+        }
     }
 }
 

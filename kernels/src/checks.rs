@@ -387,6 +387,11 @@ pub fn check_gemvs<B: SparseKernels, L: Launcher<B>>(
     let want = host::add(&host::rows_transposed_gemv(&w, rows, d, None, &h_dense, batch, None), &acc);
     out.push(outcome("accumulate_transposed_gemv", case.to_string(), DType::F32, &got, &want, &[]));
     out.push(outcome("accumulate_transposed_gemv: the caller's accumulator kept", case.to_string(), DType::F32, &read(acc_dev), &acc, &[]));
+    // Every row with the bias (added once, by one split), the buffer handed over.
+    let acc_dev = to_device::<B, 2>(&acc, [batch, d], DType::F32, device);
+    let got = read(launcher.accumulate_transposed_gemv(acc_dev, w_dev.clone(), None, h_dense_dev.clone(), Some(b2_dev2.clone())));
+    let want = host::add(&host::rows_transposed_gemv(&w, rows, d, None, &h_dense, batch, Some(&b2)), &acc);
+    out.push(outcome("accumulate_transposed_gemv+bias", case.to_string(), DType::F32, &got, &want, &[]));
 
     // Whole blocks of rows (attention heads): block ids in random order, one empty slot.
     let block = [8usize, 4, 2].into_iter().find(|b| rows % b == 0 && rows / b >= 3).unwrap_or(1);
@@ -511,7 +516,25 @@ pub fn check_layer_norm<B: SparseKernels>(device: &B::Device, rows: usize, d: us
         .expect("consistent shapes"),
     );
     let want = host::layer_norm(&x, rows, d, &gamma, &beta, eps);
-    vec![outcome("layer_norm", format!("rows {rows} d {d} {dtype:?} seed {seed}"), dtype, &got, &want, &[])]
+    let case = format!("rows {rows} d {d} {dtype:?} seed {seed}");
+    let mut out = vec![outcome("layer_norm", case.clone(), dtype, &got, &want, &[])];
+    if dtype != DType::F32 {
+        // A residual stream kept in f32, normalized into `dtype`.
+        let x32: Vec<f32> = x.iter().enumerate().map(|(i, v)| v + 1e-3 * ((i % 7) as f32)).collect();
+        let got = read(
+            crate::layer_norm_to(
+                to_device::<B, 2>(&x32, [rows, d], DType::F32, device),
+                to_device::<B, 1>(&gamma, [d], DType::F32, device),
+                to_device::<B, 1>(&beta, [d], DType::F32, device),
+                eps,
+                dtype,
+            )
+            .expect("consistent shapes"),
+        );
+        let want = host::layer_norm(&x32, rows, d, &gamma, &beta, eps);
+        out.push(outcome("layer_norm: f32 in", case, dtype, &got, &want, &[]));
+    }
+    out
 }
 
 /// `kv_append` against the host GEMV: the new position holds the keys and values, every
@@ -758,12 +781,142 @@ pub fn check_block_cols_gemv<B: SparseKernels>(
     let want = |heads: Option<&[i64]>, x: &[f32], with_residual: bool| {
         host::block_cols_gemv(&w, rows, d, heads, hd, x, batch, Some(&bias), with_residual.then_some(&residual[..]))
     };
+    // An f32 residual (a residual stream kept in f32): the output is f32, not rounded.
+    let residual32: Vec<f32> = residual.iter().enumerate().map(|(i, v)| v + 1e-3 * ((i % 5) as f32)).collect();
+    let got32 = read(
+        crate::block_cols_gemv(
+            to_device::<B, 2>(&w, [rows, d], dtype, device),
+            Some((ints::<B>(&idx, device), hd)),
+            to_device::<B, 2>(&x, [batch, width], dtype, device),
+            Some(to_device::<B, 1>(&bias, [rows], dtype, device)),
+            Some(to_device::<B, 2>(&residual32, [batch, rows], DType::F32, device)),
+        )
+        .expect("consistent shapes"),
+    );
+    let want32 = host::block_cols_gemv(&w, rows, d, Some(&idx), hd, &x, batch, Some(&bias), Some(&residual32));
     vec![
         outcome("block_cols_gemv+bias+residual", case.clone(), dtype, &run(Some(&idx), &x, true), &want(Some(&idx), &x, true), &[]),
         outcome("block_cols_gemv+bias", case.clone(), dtype, &run(Some(&idx), &x, false), &want(Some(&idx), &x, false), &[]),
+        outcome("block_cols_gemv+bias+f32 residual", case.clone(), DType::F32, &got32, &want32, &[]),
         outcome("block_cols_gemv (every column)", case, dtype, &run(None, &x_all, true), &want(None, &x_all, true), &[]),
     ]
 }
+
+/// `attention_out_proj_accumulate` (attention over the selected heads, some in repeated
+/// order and one empty slot — slot 0, which adds the bias — then `out_proj` over their
+/// columns, added into an f32 accumulator) against the host's attention and GEMV. The
+/// host keeps the attention output in f32; a path that stores it in `dtype` between the
+/// two (the reference, the two-kernel fallback) gets one ulp of it times the weights as
+/// slack. Twice: the accumulator handed over, and still held by the caller (which must
+/// not change).
+pub fn check_attention_out_proj<B: SparseKernels>(
+    device: &B::Device,
+    dims: [usize; 4],
+    len: usize,
+    rows: usize,
+    dtype: DType,
+    seed: u64,
+) -> Vec<Outcome> {
+    let [batch, n_heads, cap, hd] = dims;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut heads = random_indices(&mut rng, n_heads, (n_heads / 2).max(2));
+    heads[0] = n_heads as i64;
+    let slots = heads.len();
+    let d = n_heads * hd;
+    let k = stored(uniform(&mut rng, batch * n_heads * cap * hd, 0.0), dtype);
+    let v = stored(uniform(&mut rng, batch * n_heads * cap * hd, 0.0), dtype);
+    let q = stored(
+        uniform(&mut rng, batch * slots * hd, 0.0)
+            .into_iter()
+            .map(|x| 2.0 * x)
+            .collect(),
+        dtype,
+    );
+    let w = stored(uniform(&mut rng, rows * d, 0.0), dtype);
+    let bias = stored(uniform(&mut rng, rows, 0.0), dtype);
+    let acc = uniform(&mut rng, batch * rows, 0.0);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let o = host::selected_heads_attention(&q, &heads, &k, &v, dims, len, scale);
+    let want = host::block_cols_gemv(
+        &w,
+        rows,
+        d,
+        Some(&heads),
+        hd,
+        &o,
+        batch,
+        Some(&bias),
+        Some(&acc),
+    );
+    let abs = |x: &[f32]| x.iter().map(|v| v.abs()).collect::<Vec<f32>>();
+    let ulp = match dtype {
+        DType::F16 => 2f32.powi(-10),
+        DType::BF16 => 2f32.powi(-7),
+        _ => 2f32.powi(-22),
+    };
+    let slack: Vec<f32> = host::block_cols_gemv(
+        &abs(&w),
+        rows,
+        d,
+        Some(&heads),
+        hd,
+        &abs(&o),
+        batch,
+        None,
+        None,
+    )
+    .iter()
+    .map(|s| ulp * s)
+    .collect();
+    let case = format!("batch {batch} heads {n_heads} cap {cap} hd {hd} len {len} rows {rows} slots {slots} {dtype:?} seed {seed}");
+    let mut out = Vec::new();
+    for handed_over in [true, false] {
+        let acc_dev = to_device::<B, 2>(&acc, [batch, rows], DType::F32, device);
+        let kept = (!handed_over).then(|| acc_dev.clone());
+        let got = crate::attention_out_proj_accumulate(
+            to_device::<B, 2>(&q, [batch, slots * hd], dtype, device),
+            ints::<B>(&heads, device),
+            to_device::<B, 4>(&k, dims, dtype, device),
+            to_device::<B, 4>(&v, dims, dtype, device),
+            len,
+            scale,
+            to_device::<B, 2>(&w, [rows, d], dtype, device),
+            Some(to_device::<B, 1>(&bias, [rows], dtype, device)),
+            acc_dev,
+        )
+        .expect("consistent shapes");
+        match kept {
+            None => out.push(outcome(
+                "attention_out_proj_accumulate",
+                case.clone(),
+                DType::F32,
+                &read(got),
+                &want,
+                &slack,
+            )),
+            Some(kept) => {
+                out.push(outcome(
+                    "attention_out_proj_accumulate (held)",
+                    case.clone(),
+                    DType::F32,
+                    &read(got),
+                    &want,
+                    &slack,
+                ));
+                out.push(outcome(
+                    "attention_out_proj_accumulate: the caller's accumulator kept",
+                    case.clone(),
+                    DType::F32,
+                    &read(kept),
+                    &acc,
+                    &[],
+                ));
+            }
+        }
+    }
+    out
+}
+
 
 /// The decode-step predictor kernels against host loops: the mixed-dtype GEMV (f32
 /// weights `[r, d]` reading an `x` stored in `dtype`, f32 out: the predictor's first
@@ -935,6 +1088,25 @@ pub fn check_norm_predict<B: SparseKernels>(device: &B::Device, d: usize, r: usi
         .expect("consistent shapes");
         let which = if with_select { "with selection" } else { "without selection" };
         out.push(outcome("norm_predict: LayerNorm", format!("{case} {which}"), dtype, &read(got.normed), &want_normed, &[]));
+        if dtype != DType::F32 && !with_select {
+            // A residual stream kept in f32, normalized into `dtype`; the first factor
+            // reads the f32 residual.
+            let x32: Vec<f32> = x.iter().enumerate().map(|(i, v)| v + 1e-3 * ((i % 7) as f32)).collect();
+            let got = crate::norm_predict_to(
+                to_device::<B, 2>(&x32, [1, d], DType::F32, device),
+                to_device::<B, 1>(&gamma, [d], DType::F32, device),
+                to_device::<B, 1>(&beta, [d], DType::F32, device),
+                eps,
+                to_device::<B, 2>(&down, [r, d], p_dtype, device),
+                None,
+                dtype,
+            )
+            .expect("consistent shapes");
+            let want_normed32 = host::layer_norm(&x32, 1, d, &gamma, &beta, eps);
+            let want_first32 = host::rows_gemv(&down, r, d, None, &x32, 1, None, false);
+            out.push(outcome("norm_predict: LayerNorm, f32 in", case.clone(), dtype, &read(got.normed), &want_normed32, &[]));
+            out.push(outcome("norm_predict: first factor, f32 in", case.clone(), DType::F32, &read(got.first), &want_first32, &[]));
+        }
         out.push(outcome("norm_predict: first factor", format!("{case} {which}"), DType::F32, &read(got.first), &want_first, &[]));
         match (got.selection, with_select) {
             (Some(sel), true) => {

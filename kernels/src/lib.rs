@@ -44,7 +44,7 @@ pub mod topk;
 
 use burn::prelude::*;
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::TensorPrimitive;
+use burn::tensor::{DType, TensorPrimitive};
 
 /// What [`gather_rows_gemv`] applies after the bias.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,10 +167,30 @@ pub trait SparseKernels: Backend {
         reference::selected_heads_attention::<Self>(q, heads, k_cache, v_cache, len, scale)
     }
 
+    /// [`SparseKernels::selected_heads_attention`], then `out_proj` over the selected
+    /// heads' columns ([`SparseKernels::block_cols_gemv`] of `w [rows, H·hd]` with `bias
+    /// [rows]`) added into `acc [B, rows]` (f32); returns the sum (f32).
+    #[allow(clippy::too_many_arguments)] // attention's inputs, out_proj's and the accumulator
+    fn attention_out_proj_accumulate(
+        q: FloatTensor<Self>,
+        heads: IntTensor<Self>,
+        k_cache: FloatTensor<Self>,
+        v_cache: FloatTensor<Self>,
+        len: usize,
+        scale: f32,
+        w: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        acc: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let hd = burn::tensor::TensorMetadata::shape(&k_cache)[3];
+        let out = Self::selected_heads_attention(q, heads.clone(), k_cache, v_cache, len, scale);
+        Self::block_cols_gemv(w, Some(heads), hd, out, bias, Some(acc))
+    }
+
     /// Row-wise LayerNorm of `x [rows, d]` (any float dtype) with f32 `gamma`, `beta`
-    /// `[d]`; statistics in f32, output in `x`'s dtype.
-    fn layer_norm_rows(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
-        reference::layer_norm::<Self>(x, gamma, beta, eps)
+    /// `[d]`; statistics in f32, output in `dtype`.
+    fn layer_norm_rows(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, eps: f32, dtype: DType) -> FloatTensor<Self> {
+        reference::layer_norm::<Self>(x, gamma, beta, eps, dtype)
     }
 
     /// `out [1, rows] = act(W · x + bias)` for the rows with `gate[row] > threshold` (f32
@@ -293,8 +313,9 @@ pub trait SparseKernels: Backend {
         eps: f32,
         down: FloatTensor<Self>,
         select: Option<(FloatTensor<Self>, FloatTensor<Self>, f32, usize)>,
+        normed_dtype: DType,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, Option<(IntTensor<Self>, IntTensor<Self>)>) {
-        let normed = Self::layer_norm_rows(x.clone(), gamma, beta, eps);
+        let normed = Self::layer_norm_rows(x.clone(), gamma, beta, eps, normed_dtype);
         // The first factor is summed and stored in f32 whatever `down`'s dtype, as the
         // kernel does it.
         let f32 = burn::tensor::DType::F32;
@@ -404,8 +425,22 @@ where
         cube::selected_heads_attention(q, heads, k_cache, v_cache, len, scale)
     }
 
-    fn layer_norm_rows(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
-        cube::layer_norm(x, gamma, beta, eps)
+    fn attention_out_proj_accumulate(
+        q: FloatTensor<Self>,
+        heads: IntTensor<Self>,
+        k_cache: FloatTensor<Self>,
+        v_cache: FloatTensor<Self>,
+        len: usize,
+        scale: f32,
+        w: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        acc: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        cube::attention_out_proj_accumulate(q, heads, k_cache, v_cache, len, scale, w, bias, acc, &cube::LaunchConfig::default())
+    }
+
+    fn layer_norm_rows(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, eps: f32, dtype: DType) -> FloatTensor<Self> {
+        cube::layer_norm(x, gamma, beta, eps, dtype)
     }
 
     fn kv_append(
@@ -509,9 +544,10 @@ where
         eps: f32,
         down: FloatTensor<Self>,
         select: Option<(FloatTensor<Self>, FloatTensor<Self>, f32, usize)>,
+        normed_dtype: DType,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, Option<(IntTensor<Self>, IntTensor<Self>)>) {
         let select = select.map(|(up, h, threshold, capacity)| cube::SelectArgs { up, h, threshold, capacity });
-        cube::norm_predict(x, gamma, beta, eps, down, select, I::dtype())
+        cube::norm_predict(x, gamma, beta, eps, down, select, normed_dtype, I::dtype())
     }
 }
 
@@ -688,7 +724,13 @@ pub fn block_cols_gemv<B: SparseKernels>(
     }
     check_float(op, "x", &x, w.dtype())?;
     check_bias(op, bias.as_ref(), rows, "rows", w.dtype())?;
-    check_residual(op, residual.as_ref(), [batch, rows], w.dtype())?;
+    // The residual in the weights' dtype, or in f32 (a residual stream kept in f32); the
+    // output has its dtype.
+    let residual_dtype = match &residual {
+        Some(r) if r.dtype() == DType::F32 => DType::F32,
+        _ => w.dtype(),
+    };
+    check_residual(op, residual.as_ref(), [batch, rows], residual_dtype)?;
     let idx = heads.map(|(idx, _)| idx.into_primitive());
     Ok(wrap(B::block_cols_gemv(prim(w), idx, block, prim(x), bias.map(prim), residual.map(prim))))
 }
@@ -829,19 +871,7 @@ pub fn selected_heads_attention<B: SparseKernels>(
     scale: f32,
 ) -> Result<Tensor<B, 2>, KernelError> {
     let op = "selected_heads_attention";
-    let [batch, _, cap, hd] = k_cache.dims();
-    if v_cache.dims() != k_cache.dims() {
-        return Err(shape_err(op, format!("key cache {:?} and value cache {:?} differ", k_cache.dims(), v_cache.dims())));
-    }
-    let slots = heads.dims()[0];
-    if q.dims() != [batch, slots * hd] {
-        return Err(shape_err(op, format!("q is {:?}, expected [{batch}, {}] for {slots} heads of {hd}", q.dims(), slots * hd)));
-    }
-    if len == 0 || len > cap {
-        return Err(shape_err(op, format!("length {len} outside 1..={cap} (the cache capacity)")));
-    }
-    check_float(op, "the key cache", &k_cache, q.dtype())?;
-    check_float(op, "the value cache", &v_cache, q.dtype())?;
+    check_attention(op, &q, &heads, &k_cache, &v_cache, len)?;
     Ok(wrap(B::selected_heads_attention(
         prim(q),
         heads.into_primitive(),
@@ -849,6 +879,93 @@ pub fn selected_heads_attention<B: SparseKernels>(
         prim(v_cache),
         len,
         scale,
+    )))
+}
+
+/// The inputs of a decode attention over the selected heads agree: caches alike, `q [B,
+/// slots·hd]` in their dtype, `len` within the capacity.
+fn check_attention<B: Backend>(
+    op: &'static str,
+    q: &Tensor<B, 2>,
+    heads: &Tensor<B, 1, Int>,
+    k_cache: &Tensor<B, 4>,
+    v_cache: &Tensor<B, 4>,
+    len: usize,
+) -> Result<(), KernelError> {
+    let [batch, _, cap, hd] = k_cache.dims();
+    if v_cache.dims() != k_cache.dims() {
+        return Err(shape_err(
+            op,
+            format!(
+                "key cache {:?} and value cache {:?} differ",
+                k_cache.dims(),
+                v_cache.dims()
+            ),
+        ));
+    }
+    let slots = heads.dims()[0];
+    if q.dims() != [batch, slots * hd] {
+        return Err(shape_err(
+            op,
+            format!(
+                "q is {:?}, expected [{batch}, {}] for {slots} heads of {hd}",
+                q.dims(),
+                slots * hd
+            ),
+        ));
+    }
+    if len == 0 || len > cap {
+        return Err(shape_err(
+            op,
+            format!("length {len} outside 1..={cap} (the cache capacity)"),
+        ));
+    }
+    check_float(op, "the key cache", k_cache, q.dtype())?;
+    check_float(op, "the value cache", v_cache, q.dtype())
+}
+
+/// [`selected_heads_attention`] followed by `out_proj` over the selected heads' columns
+/// ([`block_cols_gemv`] of `w [rows, H·hd]`, bias `[rows]`), added into `acc [B, rows]`,
+/// which is f32: a decode step's attention block into a residual stream kept in f32. On
+/// `CubeBackend` with f32 atomics one launch (each cube computes its head's attention and
+/// adds its rows of `out_proj` atomically; the order of the additions depends on
+/// scheduling) for contexts up to 256 positions, else the two kernels; `acc` is updated in
+/// place when the caller gave up its last handle to it.
+#[allow(clippy::too_many_arguments)] // attention's inputs, out_proj's and the accumulator
+pub fn attention_out_proj_accumulate<B: SparseKernels>(
+    q: Tensor<B, 2>,
+    heads: Tensor<B, 1, Int>,
+    k_cache: Tensor<B, 4>,
+    v_cache: Tensor<B, 4>,
+    len: usize,
+    scale: f32,
+    w: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    acc: Tensor<B, 2>,
+) -> Result<Tensor<B, 2>, KernelError> {
+    let op = "attention_out_proj_accumulate";
+    check_attention(op, &q, &heads, &k_cache, &v_cache, len)?;
+    let [batch, heads_total, _, hd] = k_cache.dims();
+    let [rows, cols] = w.dims();
+    if cols != heads_total * hd {
+        return Err(shape_err(
+            op,
+            format!("out_proj is {:?} for {heads_total} heads of {hd}", w.dims()),
+        ));
+    }
+    check_float(op, "out_proj", &w, q.dtype())?;
+    check_bias(op, bias.as_ref(), rows, "rows", w.dtype())?;
+    check_residual(op, Some(&acc), [batch, rows], DType::F32)?;
+    Ok(wrap(B::attention_out_proj_accumulate(
+        prim(q),
+        heads.into_primitive(),
+        prim(k_cache),
+        prim(v_cache),
+        len,
+        scale,
+        prim(w),
+        bias.map(prim),
+        prim(acc),
     )))
 }
 
@@ -861,8 +978,22 @@ pub fn layer_norm<B: SparseKernels>(
     beta: Tensor<B, 1>,
     eps: f32,
 ) -> Result<Tensor<B, 2>, KernelError> {
+    let dtype = x.dtype();
+    layer_norm_to(x, gamma, beta, eps, dtype)
+}
+
+/// [`layer_norm`] with its output in `dtype`: a residual stream kept in f32 normalized
+/// into the weights' dtype, in the same launch.
+pub fn layer_norm_to<B: SparseKernels>(
+    x: Tensor<B, 2>,
+    gamma: Tensor<B, 1>,
+    beta: Tensor<B, 1>,
+    eps: f32,
+    dtype: DType,
+) -> Result<Tensor<B, 2>, KernelError> {
     check_norm_params("layer_norm", x.dims()[1], &gamma, &beta)?;
-    Ok(wrap(B::layer_norm_rows(prim(x), prim(gamma), prim(beta), eps)))
+    check_any_float("layer_norm", "the output dtype", dtype)?;
+    Ok(wrap(B::layer_norm_rows(prim(x), prim(gamma), prim(beta), eps, dtype)))
 }
 
 /// A LayerNorm's `gamma` and `beta`: `[d]` each, f32.
@@ -1087,7 +1218,23 @@ pub fn norm_predict<B: SparseKernels>(
     down: Tensor<B, 2>,
     select: Option<HeadSelect<B>>,
 ) -> Result<NormPrediction<B>, KernelError> {
+    let dtype = x.dtype();
+    norm_predict_to(x, gamma, beta, eps, down, select, dtype)
+}
+
+/// [`norm_predict`] with the normalized row in `normed_dtype`: a residual stream kept in
+/// f32 (`x`) normalized into the weights' dtype for the layer's GEMVs.
+pub fn norm_predict_to<B: SparseKernels>(
+    x: Tensor<B, 2>,
+    gamma: Tensor<B, 1>,
+    beta: Tensor<B, 1>,
+    eps: f32,
+    down: Tensor<B, 2>,
+    select: Option<HeadSelect<B>>,
+    normed_dtype: DType,
+) -> Result<NormPrediction<B>, KernelError> {
     let op = "norm_predict";
+    check_any_float(op, "the output dtype", normed_dtype)?;
     let [rows, d] = x.dims();
     if rows != 1 {
         return Err(shape_err(op, format!("x has {rows} rows; norm_predict is for one token")));
@@ -1103,7 +1250,7 @@ pub fn norm_predict<B: SparseKernels>(
         check_float(op, "the head predictor's second factor", &s.up, down.dtype())?;
     }
     let select = select.map(|s| (prim(s.up), prim(s.h), s.threshold, s.capacity));
-    let (normed, first, selection) = B::norm_predict(prim(x), prim(gamma), prim(beta), eps, prim(down), select);
+    let (normed, first, selection) = B::norm_predict(prim(x), prim(gamma), prim(beta), eps, prim(down), select, normed_dtype);
     Ok(NormPrediction {
         normed: wrap(normed),
         first: wrap(first),

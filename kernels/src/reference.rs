@@ -95,7 +95,9 @@ pub fn block_cols_gemv<B: Backend>(
     residual: Option<FloatTensor<B>>,
 ) -> FloatTensor<B> {
     let w: Tensor<B, 2> = float(w);
-    let dtype = w.dtype();
+    // The output in the residual's dtype (a residual stream kept in f32), else the weights'.
+    let residual: Option<Tensor<B, 2>> = residual.map(float);
+    let dtype = residual.as_ref().map_or(w.dtype(), |r| r.dtype());
     let mut x: Tensor<B, 2> = float::<B, 2>(x).cast(DType::F32);
     // The selected columns as rows of Wᵀ; an empty slot's columns read as column 0, and
     // its inputs count as 0.
@@ -114,7 +116,7 @@ pub fn block_cols_gemv<B: Backend>(
         y = y + float::<B, 1>(b).cast(DType::F32).unsqueeze_dim(0);
     }
     if let Some(r) = residual {
-        y = y + float::<B, 2>(r).cast(DType::F32);
+        y = y + r.cast(DType::F32);
     }
     y.cast(dtype).into_primitive().tensor()
 }
@@ -212,9 +214,9 @@ pub fn layer_norm<B: Backend>(
     gamma: FloatTensor<B>,
     beta: FloatTensor<B>,
     eps: f32,
+    dtype: DType,
 ) -> FloatTensor<B> {
     let x: Tensor<B, 2> = float(x);
-    let dtype = x.dtype();
     let x = x.cast(DType::F32);
     let (var, mean) = x.clone().var_mean_bias(1);
     let gamma: Tensor<B, 1> = float(gamma);

@@ -5,7 +5,7 @@ use burn::backend::Flex;
 use burn::prelude::*;
 use burn::tensor::DType;
 use dejavu_kernels::checks::{
-    check_attention, check_block_cols_gemv, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_qkv_lazy, check_norm_predict, check_predicted_mlp, check_predictor_kernels, check_selection, fresh_seed, Case,
+    check_attention, check_attention_out_proj, check_block_cols_gemv, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_qkv_lazy, check_norm_predict, check_predicted_mlp, check_predictor_kernels, check_selection, fresh_seed, Case,
     PublicApi,
 };
 use dejavu_kernels::{accumulate_transposed_gemv, gather_rows_gemv, predict_select, predicted_mlp, predicted_rows_gemv, select_above_threshold, Activation, KernelError, MlpWeights};
@@ -44,6 +44,7 @@ fn reference_attention_matches_host() {
     let seed = fresh_seed();
     for dtype in [DType::F32, DType::F16] {
         assert_all_passed(check_attention::<Flex>(&device, [2, 6, 40, 16], 33, dtype, seed));
+        assert_all_passed(check_attention_out_proj::<Flex>(&device, [2, 6, 40, 16], 33, 30, dtype, seed));
     }
 }
 

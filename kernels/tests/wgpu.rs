@@ -9,7 +9,7 @@
 use burn::tensor::DType;
 use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
 use dejavu_kernels::checks::{
-    check_attention, check_block_cols_gemv, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_qkv_lazy, check_norm_predict, check_predicted_mlp, check_predictor_kernels, check_selection, cube_supports, fresh_seed, Case, Cube, Poisoned,
+    check_attention, check_attention_out_proj, check_block_cols_gemv, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_qkv_lazy, check_norm_predict, check_predicted_mlp, check_predictor_kernels, check_selection, cube_supports, fresh_seed, Case, Cube, Poisoned,
 };
 use dejavu_kernels::cube::LaunchConfig;
 
@@ -46,8 +46,8 @@ fn cube_kernels_on_wgpu_match_host_loops() {
             // loop and its tail), one K lane; the accumulating GEMV's two passes (an f32
             // output from f16 weights).
             for config in [
-                LaunchConfig { rows_per_cube: 3, cols_per_cube: 16, lanes_k: 4, rows_per_lane: 2, max_splits: 256, compact_rows: 0, fused_mlp_rows: 128, fused_mlp_threads: 1024, atomic_accumulate: true },
-                LaunchConfig { rows_per_cube: 1, cols_per_cube: 8, lanes_k: 1, rows_per_lane: 5, max_splits: 3, compact_rows: 0, fused_mlp_rows: 128, fused_mlp_threads: 1024, atomic_accumulate: false },
+                LaunchConfig { rows_per_cube: 3, cols_per_cube: 16, lanes_k: 4, rows_per_lane: 2, max_splits: 256, compact_rows: 0, fused_mlp_rows: 128, fused_mlp_threads: 1024, atomic_accumulate: true, attention_out_rows: 256 },
+                LaunchConfig { rows_per_cube: 1, cols_per_cube: 8, lanes_k: 1, rows_per_lane: 5, max_splits: 3, compact_rows: 0, fused_mlp_rows: 128, fused_mlp_threads: 1024, atomic_accumulate: false, attention_out_rows: 0 },
                 // The compacting transposed GEMV: several splits of 64 rows (two rows per
                 // unit), splits of 8 units × 32 rows (the most a unit scans), and 8 rows per unit with 4 lanes
                 // along K (several live rows per lane: the unrolled loop and its tail).
@@ -69,6 +69,12 @@ fn cube_kernels_on_wgpu_match_host_loops() {
         outcomes.extend(check_attention::<Cube<WgpuRuntime>>(&device, [1, 5, 300, 12], 300, dtype, seed));
         // Long enough for the value pass's 4-deep unrolled loop.
         outcomes.extend(check_attention::<Cube<WgpuRuntime>>(&device, [1, 3, 2048, 16], 2000, dtype, seed));
+        // Attention with out_proj into an f32 accumulator: one launch (rows in partial
+        // cubes, several row groups, batch 2; head dims of 16 and 32), and past 256
+        // positions the two kernels.
+        outcomes.extend(check_attention_out_proj::<Cube<WgpuRuntime>>(&device, [2, 6, 40, 16], 33, 300, dtype, seed));
+        outcomes.extend(check_attention_out_proj::<Cube<WgpuRuntime>>(&device, [1, 4, 256, 32], 256, 70, dtype, seed));
+        outcomes.extend(check_attention_out_proj::<Cube<WgpuRuntime>>(&device, [1, 5, 300, 16], 300, 40, dtype, seed));
         // Widths of at most a vector per unit (one pass), several vectors per unit (8196: more
         // than any cube's units), and odd (width-1 vectors).
         for (rows, d) in [(3, 64), (2, 2304), (1, 8196), (1, 37)] {

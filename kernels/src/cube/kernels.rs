@@ -276,7 +276,8 @@ fn load_col<F: Float, N: Size>(w: &Array<Vector<F, N>>, base: usize, col: usize,
     value
 }
 
-/// `out[b, j] = W[j, cols] · x[b, :] + bias[j] + residual[b, j]` where `cols` are the
+/// `out[b, j] = W[j, cols] · x[b, :] + bias[j] + residual[b, j]` (the residual and the
+/// output in `O`: the weights' dtype, or f32 for a residual stream kept in f32) where `cols` are the
 /// column blocks `idx` picks (all of them when not `gathered`) and `x [batch, width]` is
 /// their concatenation: `out_proj` over the selected heads, whose outputs the attention
 /// kernel writes side by side. `W` is row-major `[rows, limit]` (vectors), so each output
@@ -286,13 +287,13 @@ fn load_col<F: Float, N: Size>(w: &Array<Vector<F, N>>, base: usize, col: usize,
 /// plus 4.4 µs). The same lane layout as `rows_gemv_kernel`, eight loads in flight.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)] // the GEMV's inputs and the fused residual
-pub(crate) fn block_cols_gemv_kernel<F: Float, N: Size, I: Int>(
+pub(crate) fn block_cols_gemv_kernel<F: Float, O: Float, N: Size, I: Int>(
     w: &Array<Vector<F, N>>,
     idx: &Array<I>,
     x: &Array<Vector<F, N>>,
     bias: &Array<F>,
-    residual: &Array<F>,
-    out: &mut Array<F>,
+    residual: &Array<O>,
+    out: &mut Array<O>,
     shape: GemvShape,
     block: usize,
     limit: usize,
@@ -302,7 +303,7 @@ pub(crate) fn block_cols_gemv_kernel<F: Float, N: Size, I: Int>(
     #[comptime] group: usize,
     #[comptime] rows_per_cube: usize,
     #[comptime] use_plane: bool,
-    #[define(F, I)] _dtypes: [StorageType; 2],
+    #[define(F, O, I)] _dtypes: [StorageType; 3],
 ) {
     let mut scratch = SharedMemory::<f32>::new(group * rows_per_cube);
     let lane = UNIT_POS_X as usize;
@@ -363,7 +364,7 @@ pub(crate) fn block_cols_gemv_kernel<F: Float, N: Size, I: Int>(
             if has_residual {
                 y += f32::cast_from(residual[b * shape.out_stride + j]);
             }
-            out[b * shape.out_stride + j] = F::cast_from(y);
+            out[b * shape.out_stride + j] = O::cast_from(y);
         }
     }
 }
@@ -601,9 +602,7 @@ pub(crate) fn rows_transposed_gemv_atomic_kernel<F: Float, N: Size, I: Int>(
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let mut scratch = SharedMemory::<Vector<f32, N>>::new(cols_per_cube * lanes_k);
-    let cx = UNIT_POS_X as usize;
-    let ky = UNIT_POS_Y as usize;
-    let c = CUBE_POS_X as usize * cols_per_cube + cx;
+    let c = CUBE_POS_X as usize * cols_per_cube + UNIT_POS_X as usize;
     let split = CUBE_POS_Y as usize;
     let start = split * chunk;
     let end = usize::min(start + chunk, shape.k);
@@ -612,19 +611,31 @@ pub(crate) fn rows_transposed_gemv_atomic_kernel<F: Float, N: Size, I: Int>(
     for b in 0..shape.batch {
         let mut acc = Vector::<f32, N>::new(0.0f32);
         if col_live {
-            acc = split_dot(w, idx, h, b * shape.h_stride, c, start, end, shape, block, gathered, lanes_k);
+            acc = split_dot(
+                w,
+                idx,
+                h,
+                b * shape.h_stride,
+                c,
+                start,
+                end,
+                shape,
+                block,
+                gathered,
+                lanes_k,
+            );
         }
-        let mut total = lanes_total(&mut scratch, acc, cols_per_cube, lanes_k);
-        if ky == 0 && col_live {
-            if has_bias && split == 0 {
-                total += Vector::<f32, N>::cast_from(bias[c]);
-            }
-            let at = b * acc_stride + c * N::value();
-            #[unroll]
-            for v in 0..N::value() {
-                acc_out[at + v].fetch_add(total[v]);
-            }
-        }
+        let total = lanes_total(&mut scratch, acc, cols_per_cube, lanes_k);
+        add_split_total(
+            acc_out,
+            total,
+            bias,
+            b * acc_stride,
+            c,
+            split,
+            col_live,
+            has_bias,
+        );
     }
 }
 
@@ -672,13 +683,13 @@ fn total_count(totals: &SharedMemory<u32>, #[comptime] threads: usize) -> u32 {
 /// owns the `chunk` rows `s·chunk ..` of K (every row: no index list, which the launcher
 /// gives to the skipping kernel). Its units scan their `h` (any batch row nonzero),
 /// `per_unit` consecutive rows each, and write the live rows in ascending order to
-/// shared memory; then its `CUBE_DIM_Y` lanes along K
-/// take every `CUBE_DIM_Y`-th live row, loads eight rows at a time. After a ReLU most
-/// rows are zero: the skipping kernel spent a dependent `h` load on each of them and
-/// left most lanes' weight loads idle (16.5 µs for 10% of fc2 at the 6.7B shape, plus
-/// 6 µs to add 256 splits of partial sums); here a lane's loads are all live rows, and
-/// long splits leave few partial sums. The order of the sums is fixed by the row order,
-/// so the result does not depend on scheduling.
+/// shared memory ([`compact_live_rows`]); then its `CUBE_DIM_Y` lanes along K
+/// take every `CUBE_DIM_Y`-th live row, loads eight rows at a time ([`live_rows_dot`]).
+/// After a ReLU most rows are zero: the skipping kernel spent a dependent `h` load on
+/// each of them and left most lanes' weight loads idle (16.5 µs for 10% of fc2 at the
+/// 6.7B shape, plus 6 µs to add 256 splits of partial sums); here a lane's loads are all
+/// live rows, and long splits leave few partial sums. The order of the sums is fixed by
+/// the row order, so the result does not depend on scheduling.
 #[cube(launch_unchecked)]
 pub(crate) fn rows_transposed_gemv_compact_kernel<F: Float, N: Size>(
     w: &Array<Vector<F, N>>,
@@ -694,19 +705,132 @@ pub(crate) fn rows_transposed_gemv_compact_kernel<F: Float, N: Size>(
     let chunk = comptime!(cols_per_cube * lanes_k * per_unit);
     let mut scratch = SharedMemory::<Vector<f32, N>>::new(threads);
     let mut live_rows = SharedMemory::<u32>::new(chunk);
-    let mut counts = SharedMemory::<u32>::new(threads);
-    let mut totals = SharedMemory::<u32>::new(comptime!(threads.div_ceil(32)));
-    let cx = UNIT_POS_X as usize;
-    let ky = UNIT_POS_Y as usize;
-    let t = ky * cols_per_cube + cx;
-    let c = CUBE_POS_X as usize * cols_per_cube + cx;
+    let c = CUBE_POS_X as usize * cols_per_cube + UNIT_POS_X as usize;
     let split = CUBE_POS_Y as usize;
     let width = shape.width;
-    let row_stride = shape.w_stride;
     let col_live = c < width;
+    let n = compact_live_rows(h, shape, &mut live_rows, cols_per_cube, lanes_k, per_unit);
+    for b in 0..shape.batch {
+        let mut acc = Vector::<f32, N>::new(0.0f32);
+        if col_live {
+            acc = live_rows_dot(
+                w,
+                h,
+                b * shape.h_stride,
+                &live_rows,
+                n,
+                c,
+                shape.w_stride,
+                lanes_k,
+            );
+        }
+        let total = lanes_total(&mut scratch, acc, cols_per_cube, lanes_k);
+        if UNIT_POS_Y == 0 && col_live {
+            partial[(split * shape.batch + b) * width + c] = total;
+        }
+    }
+}
 
-    // The scan: unit `t` owns rows `first .. first + per_unit` of the split.
-    let first = split * chunk + t * per_unit;
+/// [`rows_transposed_gemv_compact_kernel`] adding each split's sum into `acc [batch,
+/// width·N]` (f32) with atomic adds, split 0 adding the bias too: fc2 over every row in
+/// one launch, into a residual stream kept in f32 (the decode step's dense and gated
+/// fc2). The additions' order depends on scheduling.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)] // the compacting kernel's inputs, the bias and the accumulator
+pub(crate) fn rows_transposed_gemv_compact_atomic_kernel<F: Float, N: Size>(
+    w: &Array<Vector<F, N>>,
+    h: &Array<F>,
+    bias: &Array<Vector<F, N>>,
+    acc_out: &mut Array<Atomic<f32>>,
+    shape: TransposedShape,
+    acc_stride: usize,
+    #[comptime] has_bias: bool,
+    #[comptime] cols_per_cube: usize,
+    #[comptime] lanes_k: usize,
+    #[comptime] per_unit: usize,
+    #[define(F)] _dtype: StorageType,
+) {
+    let threads = comptime!(cols_per_cube * lanes_k);
+    let chunk = comptime!(cols_per_cube * lanes_k * per_unit);
+    let mut scratch = SharedMemory::<Vector<f32, N>>::new(threads);
+    let mut live_rows = SharedMemory::<u32>::new(chunk);
+    let c = CUBE_POS_X as usize * cols_per_cube + UNIT_POS_X as usize;
+    let split = CUBE_POS_Y as usize;
+    let col_live = c < shape.width;
+    let n = compact_live_rows(h, shape, &mut live_rows, cols_per_cube, lanes_k, per_unit);
+    for b in 0..shape.batch {
+        let mut acc = Vector::<f32, N>::new(0.0f32);
+        if col_live {
+            acc = live_rows_dot(
+                w,
+                h,
+                b * shape.h_stride,
+                &live_rows,
+                n,
+                c,
+                shape.w_stride,
+                lanes_k,
+            );
+        }
+        let total = lanes_total(&mut scratch, acc, cols_per_cube, lanes_k);
+        add_split_total(
+            acc_out,
+            total,
+            bias,
+            b * acc_stride,
+            c,
+            split,
+            col_live,
+            has_bias,
+        );
+    }
+}
+
+/// The atomic first passes' epilogue: lane 0 along K adds its split's sum for column
+/// vector `c` (plus the bias, in split 0) into `acc_out[at + c·N ..]`, element by element.
+#[cube]
+#[allow(clippy::too_many_arguments)] // the sum, where it goes, and the bias
+fn add_split_total<F: Float, N: Size>(
+    acc_out: &mut Array<Atomic<f32>>,
+    total: Vector<f32, N>,
+    bias: &Array<Vector<F, N>>,
+    at: usize,
+    c: usize,
+    split: usize,
+    col_live: bool,
+    #[comptime] has_bias: bool,
+) {
+    if UNIT_POS_Y == 0 && col_live {
+        let mut sum = total;
+        if has_bias && split == 0 {
+            sum += Vector::<f32, N>::cast_from(bias[c]);
+        }
+        let first = at + c * N::value();
+        #[unroll]
+        for v in 0..N::value() {
+            acc_out[first + v].fetch_add(sum[v]);
+        }
+    }
+}
+
+/// The compacting kernels' scan: unit `t` owns rows `s·chunk + t·per_unit ..` of the
+/// cube's split `s`, and the rows whose `h` is nonzero in some batch row go, in
+/// ascending order, to `live_rows`. Returns how many there are (the cube is synced).
+#[cube]
+fn compact_live_rows<F: Float>(
+    h: &Array<F>,
+    shape: TransposedShape,
+    live_rows: &mut SharedMemory<u32>,
+    #[comptime] cols_per_cube: usize,
+    #[comptime] lanes_k: usize,
+    #[comptime] per_unit: usize,
+) -> usize {
+    let threads = comptime!(cols_per_cube * lanes_k);
+    let chunk = comptime!(cols_per_cube * lanes_k * per_unit);
+    let mut counts = SharedMemory::<u32>::new(threads);
+    let mut totals = SharedMemory::<u32>::new(comptime!(threads.div_ceil(32)));
+    let t = UNIT_POS_Y as usize * cols_per_cube + UNIT_POS_X as usize;
+    let first = CUBE_POS_Y as usize * chunk + t * per_unit;
     let mut mask = 0u32;
     #[unroll]
     for q in 0..per_unit {
@@ -734,52 +858,68 @@ pub(crate) fn rows_transposed_gemv_compact_kernel<F: Float, N: Size>(
         }
     }
     sync_cube();
+    usize::cast_from(live)
+}
 
-    let n = usize::cast_from(live);
-    for b in 0..shape.batch {
-        let h_base = b * shape.h_stride;
-        let mut acc = Vector::<f32, N>::new(0.0f32);
-        if col_live {
-            let mut i = ky;
-            while i + 7 * lanes_k < n {
-                let r0 = usize::cast_from(live_rows[i]);
-                let r1 = usize::cast_from(live_rows[i + lanes_k]);
-                let r2 = usize::cast_from(live_rows[i + 2 * lanes_k]);
-                let r3 = usize::cast_from(live_rows[i + 3 * lanes_k]);
-                let r4 = usize::cast_from(live_rows[i + 4 * lanes_k]);
-                let r5 = usize::cast_from(live_rows[i + 5 * lanes_k]);
-                let r6 = usize::cast_from(live_rows[i + 6 * lanes_k]);
-                let r7 = usize::cast_from(live_rows[i + 7 * lanes_k]);
-                let w0 = w[r0 * row_stride + c];
-                let w1 = w[r1 * row_stride + c];
-                let w2 = w[r2 * row_stride + c];
-                let w3 = w[r3 * row_stride + c];
-                let w4 = w[r4 * row_stride + c];
-                let w5 = w[r5 * row_stride + c];
-                let w6 = w[r6 * row_stride + c];
-                let w7 = w[r7 * row_stride + c];
-                acc += Vector::<f32, N>::cast_from(w0) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r0]));
-                acc += Vector::<f32, N>::cast_from(w1) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r1]));
-                acc += Vector::<f32, N>::cast_from(w2) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r2]));
-                acc += Vector::<f32, N>::cast_from(w3) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r3]));
-                acc += Vector::<f32, N>::cast_from(w4) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r4]));
-                acc += Vector::<f32, N>::cast_from(w5) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r5]));
-                acc += Vector::<f32, N>::cast_from(w6) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r6]));
-                acc += Vector::<f32, N>::cast_from(w7) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r7]));
-                i += 8 * lanes_k;
-            }
-            while i < n {
-                let r = usize::cast_from(live_rows[i]);
-                let hv = f32::cast_from(h[h_base + r]);
-                acc += Vector::<f32, N>::cast_from(w[r * row_stride + c]) * Vector::<f32, N>::new(hv);
-                i += lanes_k;
-            }
-        }
-        let total = lanes_total(&mut scratch, acc, cols_per_cube, lanes_k);
-        if UNIT_POS_Y == 0 && col_live {
-            partial[(split * shape.batch + b) * width + c] = total;
-        }
+/// One lane's share of a compacted split for column vector `c`: `Σ h[h_base + r] ·
+/// Wt[r, c]` over the live rows `live_rows[UNIT_POS_Y], … + lanes_k, … < n`, eight rows'
+/// loads in flight at a time.
+#[cube]
+#[allow(clippy::too_many_arguments)] // the weights, the input and the compacted rows
+fn live_rows_dot<F: Float, N: Size>(
+    w: &Array<Vector<F, N>>,
+    h: &Array<F>,
+    h_base: usize,
+    live_rows: &SharedMemory<u32>,
+    n: usize,
+    c: usize,
+    row_stride: usize,
+    #[comptime] lanes_k: usize,
+) -> Vector<f32, N> {
+    let mut acc = Vector::<f32, N>::new(0.0f32);
+    let mut i = UNIT_POS_Y as usize;
+    while i + 7 * lanes_k < n {
+        let r0 = usize::cast_from(live_rows[i]);
+        let r1 = usize::cast_from(live_rows[i + lanes_k]);
+        let r2 = usize::cast_from(live_rows[i + 2 * lanes_k]);
+        let r3 = usize::cast_from(live_rows[i + 3 * lanes_k]);
+        let r4 = usize::cast_from(live_rows[i + 4 * lanes_k]);
+        let r5 = usize::cast_from(live_rows[i + 5 * lanes_k]);
+        let r6 = usize::cast_from(live_rows[i + 6 * lanes_k]);
+        let r7 = usize::cast_from(live_rows[i + 7 * lanes_k]);
+        let w0 = w[r0 * row_stride + c];
+        let w1 = w[r1 * row_stride + c];
+        let w2 = w[r2 * row_stride + c];
+        let w3 = w[r3 * row_stride + c];
+        let w4 = w[r4 * row_stride + c];
+        let w5 = w[r5 * row_stride + c];
+        let w6 = w[r6 * row_stride + c];
+        let w7 = w[r7 * row_stride + c];
+        acc +=
+            Vector::<f32, N>::cast_from(w0) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r0]));
+        acc +=
+            Vector::<f32, N>::cast_from(w1) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r1]));
+        acc +=
+            Vector::<f32, N>::cast_from(w2) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r2]));
+        acc +=
+            Vector::<f32, N>::cast_from(w3) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r3]));
+        acc +=
+            Vector::<f32, N>::cast_from(w4) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r4]));
+        acc +=
+            Vector::<f32, N>::cast_from(w5) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r5]));
+        acc +=
+            Vector::<f32, N>::cast_from(w6) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r6]));
+        acc +=
+            Vector::<f32, N>::cast_from(w7) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r7]));
+        i += 8 * lanes_k;
     }
+    while i < n {
+        let r = usize::cast_from(live_rows[i]);
+        let hv = f32::cast_from(h[h_base + r]);
+        acc += Vector::<f32, N>::cast_from(w[r * row_stride + c]) * Vector::<f32, N>::new(hv);
+        i += lanes_k;
+    }
+    acc
 }
 
 /// Second pass: `out[b, c] = residual[b, c] + Σ_s partial[s, b, c] + bias[c]` (the residual
@@ -995,6 +1135,105 @@ fn cube_reduce(red: &mut SharedMemory<f32>, value: f32, tid: usize, #[comptime] 
     result
 }
 
+/// One cube's share of a head's decode attention: the scores of positions `start..end`
+/// against the query `q[q_base ..]` (f32, in `scores`), their max and the sum of their
+/// exponentials (returned), and each unit's unnormalised `Σ p·V` for its column vector
+/// in `acc_smem` (lane `(cv, tl)` sums positions `tl, tl + lanes, …`; the cube is synced
+/// after). A dead head (`live` false) leaves zeros.
+#[cube]
+#[allow(clippy::too_many_arguments)] // the query, the head's cache, its positions and the scratch
+fn attention_partials<F: Float, N: Size>(
+    q: &Array<Vector<F, N>>,
+    q_base: usize,
+    k_cache: &Array<Vector<F, N>>,
+    v_cache: &Array<Vector<F, N>>,
+    kv_base: usize,
+    pos_stride: usize,
+    start: usize,
+    end: usize,
+    scale: f32,
+    live: bool,
+    scores: &mut SharedMemory<f32>,
+    red: &mut SharedMemory<f32>,
+    acc_smem: &mut SharedMemory<Vector<f32, N>>,
+    #[comptime] threads: usize,
+    #[comptime] hd_vectors: usize,
+) -> (f32, f32) {
+    let tid = UNIT_POS_X as usize;
+    // Scores and their max.
+    let mut local_max = f32::new(-3.0e38);
+    if live {
+        let mut t = start + tid;
+        while t < end {
+            let mut dot = Vector::<f32, N>::new(0.0f32);
+            let row = kv_base + t * pos_stride;
+            // Unrolled: the whole key row's loads are in flight together.
+            #[unroll]
+            for v in 0..hd_vectors {
+                dot += Vector::<f32, N>::cast_from(q[q_base + v])
+                    * Vector::<f32, N>::cast_from(k_cache[row + v]);
+            }
+            let mut s = 0.0f32;
+            #[unroll]
+            for l in 0..N::value() {
+                s += dot[l];
+            }
+            s *= scale;
+            scores[t - start] = s;
+            local_max = f32::max(local_max, s);
+            t += threads;
+        }
+    }
+    // The shared-memory tree, not planes: with plane reductions this kernel took 9.6 µs
+    // against 8.5 (Nsight Compute, 6.7B decode step, runs 15 and 19).
+    let max = cube_reduce(red, local_max, tid, threads, true, 0usize);
+
+    // Exponentials and their sum.
+    let mut local_sum = 0.0f32;
+    if live {
+        let mut t = start + tid;
+        while t < end {
+            let e = f32::exp(scores[t - start] - max);
+            scores[t - start] = e;
+            local_sum += e;
+            t += threads;
+        }
+    }
+    let total = cube_reduce(red, local_sum, tid, threads, false, 0usize);
+
+    // p·V: lane (cv, tl) sums positions tl, tl + lanes, ... for column vector cv.
+    let lanes = threads / hd_vectors;
+    let cv = tid % hd_vectors;
+    let tl = tid / hd_vectors;
+    let mut acc = Vector::<f32, N>::new(0.0f32);
+    if live && tl < lanes {
+        let mut t = start + tl;
+        // Four positions' values in flight per iteration.
+        while t + 3 * lanes < end {
+            let v0 = v_cache[kv_base + t * pos_stride + cv];
+            let v1 = v_cache[kv_base + (t + lanes) * pos_stride + cv];
+            let v2 = v_cache[kv_base + (t + 2 * lanes) * pos_stride + cv];
+            let v3 = v_cache[kv_base + (t + 3 * lanes) * pos_stride + cv];
+            acc += Vector::<f32, N>::cast_from(v0) * Vector::<f32, N>::new(scores[t - start]);
+            acc +=
+                Vector::<f32, N>::cast_from(v1) * Vector::<f32, N>::new(scores[t + lanes - start]);
+            acc += Vector::<f32, N>::cast_from(v2)
+                * Vector::<f32, N>::new(scores[t + 2 * lanes - start]);
+            acc += Vector::<f32, N>::cast_from(v3)
+                * Vector::<f32, N>::new(scores[t + 3 * lanes - start]);
+            t += 4 * lanes;
+        }
+        while t < end {
+            acc += Vector::<f32, N>::cast_from(v_cache[kv_base + t * pos_stride + cv])
+                * Vector::<f32, N>::new(scores[t - start]);
+            t += lanes;
+        }
+    }
+    acc_smem[tid] = acc;
+    sync_cube();
+    (max, total)
+}
+
 /// Decode attention over the selected heads only: cube `(j, s, b)` takes head
 /// `heads[j]`, its query `q[b, j·hd ..]`, and reads that head's keys and values for its
 /// share of the positions, `s·chunk .. min((s+1)·chunk, len)` — no other head's cache is
@@ -1038,76 +1277,26 @@ pub(crate) fn selected_heads_attention_kernel<F: Float, N: Size, I: Int>(
     let live = head < shape.heads;
     let q_base = b * shape.q_stride + j * hd_vectors;
     let kv_base = b * shape.cache_batch_stride + head * shape.cache_head_stride;
-    let pos_stride = shape.cache_pos_stride;
     let start = usize::min(sp * chunk, len);
     let end = usize::min(start + chunk, len);
-
-    // Scores and their max.
-    let mut local_max = f32::new(-3.0e38);
-    if live {
-        let mut t = start + tid;
-        while t < end {
-            let mut dot = Vector::<f32, N>::new(0.0f32);
-            let row = kv_base + t * pos_stride;
-            // Unrolled: the whole key row's loads are in flight together.
-            #[unroll]
-            for v in 0..hd_vectors {
-                dot += Vector::<f32, N>::cast_from(q[q_base + v]) * Vector::<f32, N>::cast_from(k_cache[row + v]);
-            }
-            let mut s = 0.0f32;
-            #[unroll]
-            for l in 0..N::value() {
-                s += dot[l];
-            }
-            s *= scale;
-            scores[t - start] = s;
-            local_max = f32::max(local_max, s);
-            t += threads;
-        }
-    }
-    // The shared-memory tree, not planes: with plane reductions this kernel took 9.6 µs
-    // against 8.5 (Nsight Compute, 6.7B decode step, runs 15 and 19).
-    let max = cube_reduce(&mut red, local_max, tid, threads, true, 0usize);
-
-    // Exponentials and their sum.
-    let mut local_sum = 0.0f32;
-    if live {
-        let mut t = start + tid;
-        while t < end {
-            let e = f32::exp(scores[t - start] - max);
-            scores[t - start] = e;
-            local_sum += e;
-            t += threads;
-        }
-    }
-    let total = cube_reduce(&mut red, local_sum, tid, threads, false, 0usize);
-
-    // p·V: lane (cv, tl) sums positions tl, tl + lanes, ... for column vector cv.
+    let (max, total) = attention_partials(
+        q,
+        q_base,
+        k_cache,
+        v_cache,
+        kv_base,
+        shape.cache_pos_stride,
+        start,
+        end,
+        scale,
+        live,
+        &mut scores,
+        &mut red,
+        &mut acc_smem,
+        threads,
+        hd_vectors,
+    );
     let lanes = threads / hd_vectors;
-    let cv = tid % hd_vectors;
-    let tl = tid / hd_vectors;
-    let mut acc = Vector::<f32, N>::new(0.0f32);
-    if live && tl < lanes {
-        let mut t = start + tl;
-        // Four positions' values in flight per iteration.
-        while t + 3 * lanes < end {
-            let v0 = v_cache[kv_base + t * pos_stride + cv];
-            let v1 = v_cache[kv_base + (t + lanes) * pos_stride + cv];
-            let v2 = v_cache[kv_base + (t + 2 * lanes) * pos_stride + cv];
-            let v3 = v_cache[kv_base + (t + 3 * lanes) * pos_stride + cv];
-            acc += Vector::<f32, N>::cast_from(v0) * Vector::<f32, N>::new(scores[t - start]);
-            acc += Vector::<f32, N>::cast_from(v1) * Vector::<f32, N>::new(scores[t + lanes - start]);
-            acc += Vector::<f32, N>::cast_from(v2) * Vector::<f32, N>::new(scores[t + 2 * lanes - start]);
-            acc += Vector::<f32, N>::cast_from(v3) * Vector::<f32, N>::new(scores[t + 3 * lanes - start]);
-            t += 4 * lanes;
-        }
-        while t < end {
-            acc += Vector::<f32, N>::cast_from(v_cache[kv_base + t * pos_stride + cv]) * Vector::<f32, N>::new(scores[t - start]);
-            t += lanes;
-        }
-    }
-    acc_smem[tid] = acc;
-    sync_cube();
     if tid < hd_vectors {
         let mut sum = Vector::<f32, N>::new(0.0f32);
         if live {
@@ -1128,6 +1317,254 @@ pub(crate) fn selected_heads_attention_kernel<F: Float, N: Size, I: Int>(
             }
             out[b * shape.out_stride + j * hd_vectors + tid] = Vector::<F, N>::cast_from(sum);
         }
+    }
+}
+
+/// A decode step's attention over the selected heads with `out_proj` in the same launch,
+/// added into the residual stream kept in f32: cube `(r, j, b)` computes head `heads[j]`'s
+/// output for batch row `b` (as [`selected_heads_attention_kernel`] with one split, into
+/// shared memory), then for its `rows_per_cube` rows `i` of `out_proj` (`w [rows,
+/// H·hd]` row-major: a head's columns are one contiguous run of `hd_vectors` vectors)
+/// adds `W[i, head] · o` into `acc_out[b, i]` with an f32 atomic; slot 0 also adds the
+/// bias. The head's attention is computed once per row block (its keys and values read
+/// from L2 after the first), and the attention output never goes through memory: a sparse
+/// layer's attention and `out_proj` are one launch where they were two, whose output and
+/// input were a round trip. A group of `hd_vectors` units takes one row (one vector
+/// each), reduced by plane shuffles (`use_plane`) or shared memory; each unit keeps four
+/// rows' loads in flight. An empty slot adds nothing (slot 0 still adds the bias).
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)] // attention's inputs, out_proj's, and the accumulator
+pub(crate) fn attention_out_proj_atomic_kernel<F: Float, N: Size, I: Int>(
+    q: &Array<Vector<F, N>>,
+    heads: &Array<I>,
+    k_cache: &Array<Vector<F, N>>,
+    v_cache: &Array<Vector<F, N>>,
+    w: &Array<Vector<F, N>>,
+    bias: &Array<F>,
+    acc_out: &mut Array<Atomic<f32>>,
+    shape: AttentionShape,
+    rows: usize,
+    w_stride: usize,
+    acc_stride: usize,
+    len: usize,
+    scale: f32,
+    #[comptime] threads: usize,
+    #[comptime] max_chunk: usize,
+    #[comptime] hd_vectors: usize,
+    #[comptime] rows_per_cube: usize,
+    #[comptime] has_bias: bool,
+    #[comptime] use_plane: bool,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let mut scores = SharedMemory::<f32>::new(max_chunk);
+    let mut red = SharedMemory::<f32>::new(threads);
+    let mut acc_smem = SharedMemory::<Vector<f32, N>>::new(threads);
+    let mut o = SharedMemory::<Vector<f32, N>>::new(hd_vectors);
+    let tid = UNIT_POS_X as usize;
+    let j = CUBE_POS_Y as usize;
+    let b = CUBE_POS_Z as usize;
+    let head = usize::cast_from(heads[j]);
+    let live = head < shape.heads;
+    let q_base = b * shape.q_stride + j * hd_vectors;
+    let kv_base = b * shape.cache_batch_stride + head * shape.cache_head_stride;
+    let (_max, total) = attention_partials(
+        q,
+        q_base,
+        k_cache,
+        v_cache,
+        kv_base,
+        shape.cache_pos_stride,
+        0,
+        len,
+        scale,
+        live,
+        &mut scores,
+        &mut red,
+        &mut acc_smem,
+        threads,
+        hd_vectors,
+    );
+    if tid < hd_vectors {
+        let mut sum = Vector::<f32, N>::new(0.0f32);
+        if live {
+            for l in 0..comptime!(threads / hd_vectors) {
+                sum += acc_smem[l * hd_vectors + tid];
+            }
+            sum /= Vector::<f32, N>::new(total);
+        }
+        o[tid] = sum;
+    }
+    sync_cube();
+
+    // out_proj: group `g` of `hd_vectors` units takes rows first + g, + groups, ...
+    let groups = comptime!(threads / hd_vectors);
+    let per_group = comptime!(rows_per_cube.div_ceil(threads / hd_vectors));
+    let lane = tid % hd_vectors;
+    let g = tid / hd_vectors;
+    let first = CUBE_POS_X as usize * rows_per_cube + g;
+    let col = head * hd_vectors + lane;
+    let ov = o[lane];
+    let add_bias = has_bias && j == 0;
+    let mut i = 0usize;
+    while i < per_group {
+        // Four rows' loads in flight; rows past the end (or a dead head's) read nothing.
+        let r0 = first + i * groups;
+        let r1 = r0 + groups;
+        let r2 = r0 + 2 * groups;
+        let r3 = r0 + 3 * groups;
+        let w0 = load_head_cols(w, r0, w_stride, col, rows, live);
+        let w1 = load_head_cols(w, r1, w_stride, col, rows, live && i + 1 < per_group);
+        let w2 = load_head_cols(w, r2, w_stride, col, rows, live && i + 2 < per_group);
+        let w3 = load_head_cols(w, r3, w_stride, col, rows, live && i + 3 < per_group);
+        let s0 = segment_sum(vector_dot(w0, ov), &mut red, lane, hd_vectors, use_plane);
+        let s1 = segment_sum(vector_dot(w1, ov), &mut red, lane, hd_vectors, use_plane);
+        let s2 = segment_sum(vector_dot(w2, ov), &mut red, lane, hd_vectors, use_plane);
+        let s3 = segment_sum(vector_dot(w3, ov), &mut red, lane, hd_vectors, use_plane);
+        if lane == 0 {
+            add_row(
+                acc_out,
+                bias,
+                b * acc_stride,
+                r0,
+                rows,
+                s0,
+                live || add_bias,
+                add_bias,
+            );
+            if i + 1 < per_group {
+                add_row(
+                    acc_out,
+                    bias,
+                    b * acc_stride,
+                    r1,
+                    rows,
+                    s1,
+                    live || add_bias,
+                    add_bias,
+                );
+            }
+            if i + 2 < per_group {
+                add_row(
+                    acc_out,
+                    bias,
+                    b * acc_stride,
+                    r2,
+                    rows,
+                    s2,
+                    live || add_bias,
+                    add_bias,
+                );
+            }
+            if i + 3 < per_group {
+                add_row(
+                    acc_out,
+                    bias,
+                    b * acc_stride,
+                    r3,
+                    rows,
+                    s3,
+                    live || add_bias,
+                    add_bias,
+                );
+            }
+        }
+        i += 4;
+    }
+}
+
+/// Row `row` of `out_proj` at the head's column vector `col` (f32), or zeros for a row
+/// past the end or when `read` is false — then nothing is read.
+#[cube]
+fn load_head_cols<F: Float, N: Size>(
+    w: &Array<Vector<F, N>>,
+    row: usize,
+    w_stride: usize,
+    col: usize,
+    rows: usize,
+    read: bool,
+) -> Vector<f32, N> {
+    let mut value = Vector::<f32, N>::new(0.0f32);
+    if read && row < rows {
+        value = Vector::<f32, N>::cast_from(w[row * w_stride + col]);
+    }
+    value
+}
+
+/// The sum of the `N` products of two vectors.
+#[cube]
+fn vector_dot<N: Size>(a: Vector<f32, N>, b: Vector<f32, N>) -> f32 {
+    let p = a * b;
+    let mut sum = 0.0f32;
+    #[unroll]
+    for l in 0..N::value() {
+        sum += p[l];
+    }
+    sum
+}
+
+/// The sum over each run of `width` consecutive units (`lane` = unit mod `width`, a power
+/// of two no wider than a plane) of their `value`, on lane 0 of the run: plane shuffles
+/// within the run, or (`use_plane` false) shared memory, one barrier pair — every unit of
+/// the cube must call it.
+#[cube]
+fn segment_sum(
+    value: f32,
+    scratch: &mut SharedMemory<f32>,
+    lane: usize,
+    #[comptime] width: usize,
+    #[comptime] use_plane: bool,
+) -> f32 {
+    let mut v = value;
+    if use_plane {
+        if comptime!(width > 16) {
+            v += plane_shuffle_xor(v, 16u32);
+        }
+        if comptime!(width > 8) {
+            v += plane_shuffle_xor(v, 8u32);
+        }
+        if comptime!(width > 4) {
+            v += plane_shuffle_xor(v, 4u32);
+        }
+        if comptime!(width > 2) {
+            v += plane_shuffle_xor(v, 2u32);
+        }
+        if comptime!(width > 1) {
+            v += plane_shuffle_xor(v, 1u32);
+        }
+    } else {
+        let tid = UNIT_POS_X as usize;
+        scratch[tid] = value;
+        sync_cube();
+        if lane == 0 {
+            for l in 1..width {
+                v += scratch[tid + l];
+            }
+        }
+        sync_cube();
+    }
+    v
+}
+
+/// Adds one row's sum (and its bias with `add_bias`) into `acc_out[at + row]`, for a row
+/// inside the output when `any` says there is something to add.
+#[cube]
+#[allow(clippy::too_many_arguments)] // the sum, where it goes, and the bias
+fn add_row<F: Float>(
+    acc_out: &mut Array<Atomic<f32>>,
+    bias: &Array<F>,
+    at: usize,
+    row: usize,
+    rows: usize,
+    sum: f32,
+    any: bool,
+    add_bias: bool,
+) {
+    if any && row < rows {
+        let mut y = sum;
+        if add_bias {
+            y += f32::cast_from(bias[row]);
+        }
+        acc_out[at + row].fetch_add(y);
     }
 }
 
@@ -1171,11 +1608,11 @@ pub(crate) fn combine_attention_splits_kernel<F: Float, N: Size>(
 /// reads from cache), `gamma` and `beta` f32 as OPT keeps them. One cube per row; a decode
 /// step's LayerNorm is one launch instead of the eight or so of composed tensor ops.
 #[cube(launch_unchecked)]
-pub(crate) fn layer_norm_kernel<F: Float, N: Size>(
+pub(crate) fn layer_norm_kernel<F: Float, O: Float, N: Size>(
     x: &Array<Vector<F, N>>,
     gamma: &Array<Vector<f32, N>>,
     beta: &Array<Vector<f32, N>>,
-    out: &mut Array<Vector<F, N>>,
+    out: &mut Array<Vector<O, N>>,
     width: usize,
     x_stride: usize,
     out_stride: usize,
@@ -1183,7 +1620,7 @@ pub(crate) fn layer_norm_kernel<F: Float, N: Size>(
     eps: f32,
     #[comptime] threads: usize,
     #[comptime] plane: usize,
-    #[define(F)] _dtype: StorageType,
+    #[define(F, O)] _dtypes: [StorageType; 2],
 ) {
     let mut red = SharedMemory::<f32>::new(threads);
     let r = CUBE_POS_X as usize;
@@ -1193,11 +1630,11 @@ pub(crate) fn layer_norm_kernel<F: Float, N: Size>(
 /// One row of [`layer_norm_kernel`], by the cube's `threads` units (`tid` each).
 #[cube]
 #[allow(clippy::too_many_arguments)] // the row, its parameters and the cube's layout
-fn layer_norm_row<F: Float, N: Size>(
+fn layer_norm_row<F: Float, O: Float, N: Size>(
     x: &Array<Vector<F, N>>,
     gamma: &Array<Vector<f32, N>>,
     beta: &Array<Vector<f32, N>>,
-    out: &mut Array<Vector<F, N>>,
+    out: &mut Array<Vector<O, N>>,
     width: usize,
     x_base: usize,
     o_base: usize,
@@ -1239,7 +1676,7 @@ fn layer_norm_row<F: Float, N: Size>(
         let var = cube_reduce(red, squares, tid, threads, false, plane) * inv_width;
         let inv_std = 1.0f32 / f32::sqrt(var + eps);
         if live {
-            out[o_base + tid] = Vector::<F, N>::cast_from(centered * Vector::<f32, N>::new(inv_std) * g + b);
+            out[o_base + tid] = Vector::<O, N>::cast_from(centered * Vector::<f32, N>::new(inv_std) * g + b);
         }
     } else {
         // Wider rows: each unit strides over the row, three passes (the second and third
@@ -1272,7 +1709,7 @@ fn layer_norm_row<F: Float, N: Size>(
         c = tid;
         while c < width {
             let v = (Vector::<f32, N>::cast_from(x[x_base + c]) - Vector::<f32, N>::new(mean)) * Vector::<f32, N>::new(inv_std);
-            out[o_base + c] = Vector::<F, N>::cast_from(v * gamma[c] + beta[c]);
+            out[o_base + c] = Vector::<O, N>::cast_from(v * gamma[c] + beta[c]);
             c += threads;
         }
     }
@@ -1838,11 +2275,11 @@ fn select_by_predictor<P: Float, I: Int>(
 /// another's output, so the sparse path's predictors cost no launches of their own.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)] // three jobs' inputs and outputs
-pub(crate) fn norm_predict_kernel<F: Float, P: Float, N: Size, I: Int>(
+pub(crate) fn norm_predict_kernel<F: Float, O: Float, P: Float, N: Size, I: Int>(
     x: &Array<Vector<F, N>>,
     gamma: &Array<Vector<f32, N>>,
     beta: &Array<Vector<f32, N>>,
-    normed: &mut Array<Vector<F, N>>,
+    normed: &mut Array<Vector<O, N>>,
     down: &Array<Vector<P, N>>,
     first: &mut Array<f32>,
     up: &Array<P>,
@@ -1864,7 +2301,7 @@ pub(crate) fn norm_predict_kernel<F: Float, P: Float, N: Size, I: Int>(
     #[comptime] use_plane: bool,
     #[comptime] has_select: bool,
     #[comptime] max_rows: usize,
-    #[define(F, P, I)] _dtypes: [StorageType; 3],
+    #[define(F, O, P, I)] _dtypes: [StorageType; 4],
 ) {
     let mut scratch = SharedMemory::<f32>::new(group * rows_per_cube);
     let cube = CUBE_POS_X as usize;

@@ -48,11 +48,15 @@ pub struct LaunchConfig {
     /// Whether `rows_transposed_gemv_accumulate` adds its splits' sums with f32 atomics
     /// (one launch) where the device has them; `false` takes the two passes.
     pub atomic_accumulate: bool,
+    /// Rows of `out_proj` per cube of the fused attention and `out_proj`
+    /// (`attention_out_proj_accumulate`); each cube computes its head's attention once.
+    /// 0 takes the separate kernels (attention, then `block_cols_gemv`).
+    pub attention_out_rows: usize,
 }
 
 impl Default for LaunchConfig {
     fn default() -> Self {
-        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true }
+        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, attention_out_rows: 256 }
     }
 }
 
@@ -72,6 +76,12 @@ fn vector_width<R: CubeRuntime>(tensors: &[&CubeTensor<R>]) -> usize {
         .min()
         .unwrap_or(1)
         .max(1)
+}
+
+/// [`vector_width`] of a contiguous row of `width` elements of `dtype` (an output not
+/// allocated yet).
+fn row_vector_width<R: CubeRuntime>(client: &ComputeClient<R>, dtype: DType, width: usize) -> usize {
+    client.io_optimized_vector_sizes(dtype.size()).filter(|v| width.is_multiple_of(*v)).max().unwrap_or(1).max(1)
 }
 
 /// Whether row groups can reduce with plane (warp) shuffles, and the group size: one
@@ -231,7 +241,9 @@ pub fn block_cols_gemv<R: CubeRuntime>(
 ) -> CubeTensor<R> {
     let (w, x) = (into_contiguous(w), into_contiguous(x));
     let (rows, cols, batch, width) = (dims(&w)[0], dims(&w)[1], dims(&x)[0], dims(&x)[1]);
-    let out = empty(&x, vec![batch, rows], w.dtype);
+    // The output in the residual's dtype (f32 for a residual stream kept in f32).
+    let out_dtype = residual.as_ref().map_or(w.dtype, |r| r.dtype);
+    let out = empty(&x, vec![batch, rows], out_dtype);
     if rows == 0 || batch == 0 {
         return out;
     }
@@ -271,7 +283,7 @@ pub fn block_cols_gemv<R: CubeRuntime>(
             group,
             rows_per_cube,
             use_plane,
-            [dtype.into(), idx_dtype.into()],
+            [dtype.into(), out_dtype.into(), idx_dtype.into()],
         );
     }
     out
@@ -464,20 +476,43 @@ pub fn rows_transposed_gemv_accumulate<R: CubeRuntime>(
     let mut vectors = vec![&w_t];
     vectors.extend(bias.iter());
     let vs = vector_width(&vectors);
-    // The skipping kernel's splits, also for an input over every row: there is no second
-    // pass whose cost would favour the compacting kernel's fewer splits.
-    let plain = LaunchConfig { compact_rows: 0, ..*config };
-    let (splits, chunk) = transposed_splits(k, &plain, gathered);
+    let (splits, chunk) = transposed_splits(k, config, gathered);
     let col_blocks = (cols / vs).div_ceil(config.cols_per_cube) as u32;
     let dtype = w_t.dtype;
     let idx_dtype = if gathered { idx.dtype } else { int_dtype };
     let shape = TransposedShapeLaunch::new(dims(&w_t)[0], cols / vs, stride(&w_t, 0) / vs, k, batch, stride(&h, 0));
     let acc_stride = stride(&acc, 0);
+    let cubes = CubeCount::Static(col_blocks, splits as u32, 1);
+    let cube_dim = CubeDim::new_2d(config.cols_per_cube as u32, config.lanes_k as u32);
+    if let Some(per_unit) = compact_per_unit(config, gathered) {
+        // Over every row (a dense or gated fc2, its `h` mostly zeros after the ReLU): the
+        // compacting first pass, as in the two-pass form.
+        unsafe {
+            rows_transposed_gemv_compact_atomic_kernel::launch_unchecked::<R>(
+                &acc.client,
+                cubes,
+                cube_dim,
+                vs,
+                arg(w_t.clone()),
+                arg(h),
+                arg(bias.unwrap_or_else(|| unread(&w_t))),
+                arg(acc.clone()),
+                shape,
+                acc_stride,
+                has_bias,
+                config.cols_per_cube,
+                config.lanes_k,
+                per_unit,
+                dtype.into(),
+            );
+        }
+        return acc;
+    }
     unsafe {
         rows_transposed_gemv_atomic_kernel::launch_unchecked::<R>(
             &acc.client,
-            CubeCount::Static(col_blocks, splits as u32, 1),
-            CubeDim::new_2d(config.cols_per_cube as u32, config.lanes_k as u32),
+            cubes,
+            cube_dim,
             vs,
             arg(w_t.clone()),
             arg(idx),
@@ -690,6 +725,127 @@ pub fn selected_heads_attention<R: CubeRuntime>(
     out
 }
 
+/// Units of each cube of the fused attention and `out_proj`.
+const ATTENTION_OUT_THREADS: usize = 256;
+
+/// Decode attention over the selected heads with `out_proj` over their columns added into
+/// `acc [B, rows]` (f32, the residual stream), bias included; see
+/// [`crate::SparseKernels::attention_out_proj_accumulate`]. One launch
+/// (`attention_out_proj_atomic_kernel`) where the device adds f32 atomically, the context
+/// fits one cube per head and `config.attention_out_rows` > 0; else the attention kernel
+/// and `block_cols_gemv` into a new f32 output. `acc` is updated in place when nothing else
+/// holds its buffer (else copied first).
+#[allow(clippy::too_many_arguments)] // attention's inputs, out_proj's and the accumulator
+pub fn attention_out_proj_accumulate<R: CubeRuntime>(
+    q: CubeTensor<R>,
+    heads: CubeTensor<R>,
+    k_cache: CubeTensor<R>,
+    v_cache: CubeTensor<R>,
+    len: usize,
+    scale: f32,
+    w: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    acc: CubeTensor<R>,
+    config: &LaunchConfig,
+) -> CubeTensor<R> {
+    assert_eq!(
+        acc.dtype,
+        DType::F32,
+        "attention_out_proj_accumulate: accumulator dtype"
+    );
+    let [batch, _, cap, hd] = [
+        dims(&k_cache)[0],
+        dims(&k_cache)[1],
+        dims(&k_cache)[2],
+        dims(&k_cache)[3],
+    ];
+    let len = len.min(cap);
+    let (q, heads, w) = (
+        into_contiguous(q),
+        into_contiguous(heads),
+        into_contiguous(w),
+    );
+    let (k_cache, v_cache) = (into_contiguous(k_cache), into_contiguous(v_cache));
+    let vs = vector_width(&[&q, &k_cache, &v_cache, &w]);
+    let hd_vectors = hd / vs.max(1);
+    let (plane, use_plane) = reduction_group(&q.client);
+    let threads = ATTENTION_OUT_THREADS.min(client_units(&q));
+    let fused = config.attention_out_rows > 0
+        && len <= ONE_CUBE_MAX_LEN
+        && supports_atomic_f32_add(&acc.client)
+        && hd.is_multiple_of(vs)
+        && hd_vectors.is_power_of_two()
+        && hd_vectors <= 32
+        && threads.is_multiple_of(hd_vectors)
+        && threads >= hd_vectors;
+    if !fused {
+        let out = selected_heads_attention(q, heads.clone(), k_cache, v_cache, len, scale);
+        let int_dtype = heads.dtype;
+        return block_cols_gemv(w, Some(heads), hd, out, bias, Some(acc), int_dtype);
+    }
+    let acc = into_contiguous(acc);
+    let acc = if acc.can_mut() { acc } else { acc.copy() };
+    let slots = dims(&heads)[0];
+    let rows = dims(&w)[0];
+    if batch == 0 || rows == 0 || slots == 0 {
+        return acc;
+    }
+    // Shuffles within a run of `hd_vectors` units stay inside one plane.
+    let use_plane = use_plane && plane.is_multiple_of(hd_vectors);
+    let has_bias = bias.is_some();
+    let bias = bias.map(into_contiguous).unwrap_or_else(|| unread(&w));
+    let rows_per_cube = config.attention_out_rows;
+    let shape = AttentionShapeLaunch::new(
+        slots,
+        dims(&k_cache)[1],
+        stride(&q, 0) / vs,
+        0,
+        stride(&k_cache, 0) / vs,
+        stride(&k_cache, 1) / vs,
+        stride(&k_cache, 2) / vs,
+    );
+    assert_eq!(
+        k_cache.meta.strides(),
+        v_cache.meta.strides(),
+        "attention_out_proj_accumulate: keys and values laid out alike"
+    );
+    let (dtype, idx_dtype) = (q.dtype, heads.dtype);
+    let (w_stride, acc_stride) = (stride(&w, 0) / vs, stride(&acc, 0));
+    unsafe {
+        attention_out_proj_atomic_kernel::launch_unchecked::<R>(
+            &acc.client,
+            CubeCount::Static(
+                rows.div_ceil(rows_per_cube) as u32,
+                slots as u32,
+                batch as u32,
+            ),
+            CubeDim::new_1d(threads as u32),
+            vs,
+            arg(q),
+            arg(heads),
+            arg(k_cache),
+            arg(v_cache),
+            arg(w),
+            arg(bias),
+            arg(acc.clone()),
+            shape,
+            rows,
+            w_stride,
+            acc_stride,
+            len,
+            scale,
+            threads,
+            cap.max(1),
+            hd_vectors,
+            rows_per_cube,
+            has_bias,
+            use_plane,
+            [dtype.into(), idx_dtype.into()],
+        );
+    }
+    acc
+}
+
 /// LayerNorm of each row of `x [rows, d]` with f32 `gamma`, `beta` `[d]`; see
 /// [`crate::SparseKernels::layer_norm`].
 pub fn layer_norm<R: CubeRuntime>(
@@ -697,14 +853,15 @@ pub fn layer_norm<R: CubeRuntime>(
     gamma: CubeTensor<R>,
     beta: CubeTensor<R>,
     eps: f32,
+    out_dtype: DType,
 ) -> CubeTensor<R> {
     let (x, gamma, beta) = (into_contiguous(x), into_contiguous(gamma), into_contiguous(beta));
     let [rows, d] = [dims(&x)[0], dims(&x)[1]];
-    let out = empty(&x, vec![rows, d], x.dtype);
+    let out = empty(&x, vec![rows, d], out_dtype);
     if rows == 0 || d == 0 {
         return out;
     }
-    let vs = vector_width(&[&x, &gamma, &beta]);
+    let vs = vector_width(&[&x, &gamma, &beta, &out]);
     // A power of two (the reduction's tree), at most 1024: up to that width a unit holds one
     // vector of the row (`layer_norm_row`'s one-pass path).
     let threads = (d / vs).next_power_of_two().clamp(32, 1024).min(client_units(&x));
@@ -728,7 +885,7 @@ pub fn layer_norm<R: CubeRuntime>(
             eps,
             threads,
             reduce_plane(&client, threads),
-            dtype.into(),
+            [dtype.into(), out_dtype.into()],
         );
     }
     out
@@ -1163,12 +1320,16 @@ pub fn norm_predict<R: CubeRuntime>(
     eps: f32,
     down: CubeTensor<R>,
     select: Option<SelectArgs<R>>,
+    normed_dtype: DType,
     int_dtype: DType,
 ) -> (CubeTensor<R>, CubeTensor<R>, Option<(CubeTensor<R>, CubeTensor<R>)>) {
     let (x, gamma, beta, down) = (into_contiguous(x), into_contiguous(gamma), into_contiguous(beta), into_contiguous(down));
     let d = dims(&x)[1];
     let r = dims(&down)[0];
-    let vs = vector_width(&[&x, &gamma, &beta, &down]);
+    // The widest vector that every tensor read, and the output, take (an f32 residual
+    // and an f16 output: the narrower of the two).
+    let out_vs = row_vector_width(&x.client, normed_dtype, d);
+    let vs = vector_width(&[&x, &gamma, &beta, &down]).min(out_vs);
     let (group, use_plane) = reduction_group(&x.client);
     // A cube of up to 1024 units (a power of two: the reductions are trees), about one
     // vector of the row each: the LayerNorm and each row of `down` are then one round
@@ -1185,12 +1346,12 @@ pub fn norm_predict<R: CubeRuntime>(
             let (up, h) = (into_contiguous(up), into_contiguous(h));
             let rows = dims(&up)[0];
             let [normed, first, idx, count] =
-                empties(&x, [(vec![1, d], x.dtype), (vec![1, r], DType::F32), (vec![capacity.max(1)], int_dtype), (vec![1], int_dtype)]);
+                empties(&x, [(vec![1, d], normed_dtype), (vec![1, r], DType::F32), (vec![capacity.max(1)], int_dtype), (vec![1], int_dtype)]);
             let predictor = PredictorShapeLaunch::new(dims(&up)[1], stride(&up, 0));
             (normed, first, up, h, threshold, capacity.max(1), rows, predictor, Some((idx, count)))
         }
         None => {
-            let [normed, first] = empties(&x, [(vec![1, d], x.dtype), (vec![1, r], DType::F32)]);
+            let [normed, first] = empties(&x, [(vec![1, d], normed_dtype), (vec![1, r], DType::F32)]);
             (normed, first, unread(&gamma), unread(&gamma), 0.0, 1, 0, PredictorShapeLaunch::new(0, 0), None)
         }
     };
@@ -1234,7 +1395,7 @@ pub fn norm_predict<R: CubeRuntime>(
             use_plane,
             has_select,
             max_rows,
-            [dtype.into(), down_dtype.into(), int_dtype.into()],
+            [dtype.into(), normed_dtype.into(), down_dtype.into(), int_dtype.into()],
         );
     }
     (normed, first, selection)

@@ -89,6 +89,12 @@ struct SparseArgs {
     /// the same result up to f32 summation order. Faster on the H100 only at the 6.7B shape
     #[arg(long, requires = "predictors")]
     fused_mlp: bool,
+    /// Decoding one sequence (pre-LN models, not with --fused-mlp), keep each step's
+    /// residual stream in f32: attention and out_proj in one launch and fc2 in one launch,
+    /// both adding into it with f32 atomics (two launches a layer fewer; the order of
+    /// the f32 additions varies between runs)
+    #[arg(long, requires = "predictors", conflicts_with = "fused_mlp")]
+    f32_residual: bool,
 }
 
 /// The sparse path's settings once the command line is read.
@@ -116,6 +122,7 @@ impl SparseArgs {
                 lazy_kv_window: self.lazy_kv_window,
                 predictors_in_model_dtype: self.predictors_in_model_dtype,
                 fused_mlp: self.fused_mlp,
+                f32_residual: self.f32_residual,
             },
         })
     }
@@ -134,6 +141,7 @@ impl SparseChoice {
             "lazy_kv_window": self.options.lazy_kv_window,
             "predictors_in_model_dtype": self.options.predictors_in_model_dtype,
             "fused_mlp": self.options.fused_mlp,
+            "f32_residual": self.options.f32_residual,
             "kept": kept,
         })
     }

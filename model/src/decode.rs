@@ -128,9 +128,16 @@ const SHAPES: &str = "decode weights are made from this very model";
 
 /// LayerNorm through the one-launch kernel, statistics in f32 (as [`crate::layer::norm`]).
 pub fn kernel_norm<B: SparseKernels>(ln: &LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let dtype = x.dtype();
+    kernel_norm_to(ln, x, dtype)
+}
+
+/// [`kernel_norm`] with its output in `dtype` (a residual stream kept in f32, normalized
+/// into the weights' dtype).
+pub(crate) fn kernel_norm_to<B: SparseKernels>(ln: &LayerNorm<B>, x: Tensor<B, 3>, dtype: DType) -> Tensor<B, 3> {
     let [batch, n, d] = x.dims();
     let (gamma, beta) = norm_params(ln, d);
-    dejavu_kernels::layer_norm(x.reshape([batch * n, d]), gamma, beta, LAYER_NORM_EPS as f32)
+    dejavu_kernels::layer_norm_to(x.reshape([batch * n, d]), gamma, beta, LAYER_NORM_EPS as f32, dtype)
         .expect(SHAPES)
         .reshape([batch, n, d])
 }
@@ -260,16 +267,29 @@ pub(crate) fn settle_lazy_kv<B: SparseKernels>(
 
 /// fc2 (`w_t`, transposed) of `h [batch, K]` over the rows `idx` picks (all
 /// when `None`), plus bias, plus `residual [batch, 1, d]` when given: the add happens in the
-/// kernel's second pass, not in a launch of its own. `[batch, 1, d]`.
+/// kernel's second pass, not in a launch of its own. With `accumulate`, or a residual in
+/// f32 under half-precision weights (a residual stream kept in f32), the sum is added into
+/// the residual in f32 (`accumulate_transposed_gemv`: one launch with f32 atomics).
+/// `[batch, 1, d]`.
 pub(crate) fn output_projection<B: SparseKernels>(
     w_t: Tensor<B, 2>,
     idx: Option<Tensor<B, 1, Int>>,
     h: Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
     residual: Option<Tensor<B, 3>>,
+    accumulate: bool,
 ) -> Tensor<B, 3> {
     let batch = h.dims()[0];
     let d = w_t.dims()[1];
+    let residual = match residual {
+        Some(r) if accumulate || (r.dtype() == DType::F32 && w_t.dtype() != DType::F32) => {
+            let acc = if r.dtype() == DType::F32 { r } else { r.cast(DType::F32) };
+            return dejavu_kernels::accumulate_transposed_gemv(acc.reshape([batch, d]), w_t, idx.map(|i| (i, 1)), h, bias)
+                .expect(SHAPES)
+                .reshape([batch, 1, d]);
+        }
+        r => r,
+    };
     let y = match (residual, idx) {
         (Some(r), idx) => dejavu_kernels::residual_transposed_gemv(r.reshape([batch, d]), w_t, idx.map(|i| (i, 1)), h, bias),
         (None, Some(idx)) => dejavu_kernels::gather_rows_transposed_gemv(w_t, idx, h, bias),
@@ -278,9 +298,14 @@ pub(crate) fn output_projection<B: SparseKernels>(
     y.expect(SHAPES).reshape([batch, 1, d])
 }
 
-/// `residual + y` when there is a residual (a tensor-op path's add), else `y`.
+/// `residual + y` when there is a residual (a tensor-op path's add), else `y`; in the
+/// residual's dtype (f32 for a residual stream kept in f32).
 pub(crate) fn plus_residual<B: Backend>(y: Tensor<B, 3>, residual: Option<Tensor<B, 3>>) -> Tensor<B, 3> {
     match residual {
+        Some(r) if r.dtype() != y.dtype() => {
+            let dtype = r.dtype();
+            r + y.cast(dtype)
+        }
         Some(r) => r + y,
         None => y,
     }
@@ -327,23 +352,24 @@ pub(crate) fn attention_output<B: SparseKernels>(
 
 /// One decode step of the dense MLP (`x [batch, 1, d]`): fc1 with bias and ReLU fused,
 /// then fc2 by the transposed GEMV, which skips the rows whose input the ReLU zeroed; plus
-/// `residual` when given.
+/// `residual` when given (`accumulate`: see [`output_projection`]).
 pub(crate) fn dense_mlp<B: SparseKernels>(
     mlp: &OptMlp<B>,
     weights: &DecodeLayer<B>,
     x: Tensor<B, 3>,
     residual: Option<Tensor<B, 3>>,
+    accumulate: bool,
 ) -> Tensor<B, 3> {
     let [batch, _, d] = x.dims();
     let h = dejavu_kernels::gemv(weights.fc1_rows.clone(), x.reshape([batch, d]), bias(&mlp.fc1), Act::Relu).expect(SHAPES);
-    fc2(mlp, h, residual)
+    fc2(mlp, h, residual, accumulate)
 }
 
 /// fc2 of one step's fc1 outputs `h [batch, ffn]` (zeros where the ReLU, or a gate, left
 /// nothing: the transposed GEMV skips those rows), plus `residual` when given, as
-/// `[batch, 1, d]`.
-pub(crate) fn fc2<B: SparseKernels>(mlp: &OptMlp<B>, h: Tensor<B, 2>, residual: Option<Tensor<B, 3>>) -> Tensor<B, 3> {
-    output_projection(mlp.fc2.weight.val(), None, h, bias(&mlp.fc2), residual)
+/// `[batch, 1, d]` (`accumulate`: see [`output_projection`]).
+pub(crate) fn fc2<B: SparseKernels>(mlp: &OptMlp<B>, h: Tensor<B, 2>, residual: Option<Tensor<B, 3>>, accumulate: bool) -> Tensor<B, 3> {
+    output_projection(mlp.fc2.weight.val(), None, h, bias(&mlp.fc2), residual, accumulate)
 }
 
 /// The dense model, with one-token steps through the kernels (see the module comment).
@@ -417,7 +443,7 @@ impl<B: SparseKernels> KernelDecode<'_, B> {
         if x.dims()[1] != 1 {
             return plus_residual(Dense.mlp(layer, mlp, x), residual);
         }
-        dense_mlp(mlp, &self.weights.layers[layer], x, residual)
+        dense_mlp(mlp, &self.weights.layers[layer], x, residual, false)
     }
 }
 

@@ -42,7 +42,7 @@ use burn::nn::LayerNorm;
 use crate::attention::OptAttention;
 use crate::cache::{KvCache, LayerKvCache, Step};
 use crate::decode::{
-    attention_output, blocks_with_residual, bias, dense_attention, dense_mlp, fc2, kernel_norm, norm_params, output_projection, plus_residual, project_qkv, project_qkv_lazy, rows_of, settle_lazy_kv, DecodeWeights,
+    attention_output, blocks_with_residual, bias, dense_attention, dense_mlp, fc2, kernel_norm_to, norm_params, output_projection, plus_residual, project_qkv, project_qkv_lazy, rows_of, settle_lazy_kv, DecodeWeights,
 };
 use crate::hooks::NormSite;
 use crate::layer::LAYER_NORM_EPS;
@@ -96,6 +96,15 @@ pub struct SparseOptions {
     /// shape (kernel 27.0 against 28.9 µs, decode 3.33 against 3.40 ms/token) and slower at
     /// 13B and 30B (43.9 against 36.0 µs and 62.6 against 53.6; decode 5.90 against 5.72).
     pub fused_mlp: bool,
+    /// Keep a decode step's residual stream in f32 (one token of one sequence, pre-LN;
+    /// not with `fused_mlp`): each sparse layer's attention runs with `out_proj` in one
+    /// launch that adds into the residual (`attention_out_proj_accumulate`), and fc2 adds
+    /// into it in one launch too (`accumulate_transposed_gemv`), both with f32 atomics
+    /// where the device has them — two launches a layer fewer, and no attention output or
+    /// partial sums through memory. The LayerNorms read the f32 residual and write the
+    /// weights' dtype. The order of the atomic additions depends on scheduling, so logits
+    /// may differ between runs in f32's last bits (and a greedy token at a near tie).
+    pub f32_residual: bool,
 }
 
 /// Predictors, plan and kernel-ready weights for one model.
@@ -447,6 +456,19 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
         self.model.pre_ln && batch == 1 && n == 1
     }
 
+    /// Whether this one-token step keeps its residual stream in f32
+    /// ([`SparseOptions::f32_residual`]); `x` is a block's normalized input or the
+    /// residual, `[1, 1, d]`.
+    fn f32_residual(&self, x: &Tensor<B, 3>) -> bool {
+        let options = &self.model.options;
+        options.f32_residual && !options.fused_mlp && self.fused_with_norm(x)
+    }
+
+    /// The weights' float dtype, which a LayerNorm of an f32 residual writes.
+    fn weights_dtype(&self) -> DType {
+        self.model.weights.layers[0].q_rows.dtype()
+    }
+
     /// The LayerNorm of layer `layer`'s attention input (`is_attention`) or MLP input `x`
     /// `[1, 1, d]`, with the first factor of the predictor that reads it (layer `layer +
     /// lookahead`'s) and, for the attention input, this layer's head selection from the
@@ -454,7 +476,8 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
     fn norm_and_predict(&mut self, layer: usize, is_attention: bool, ln: &LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let model = self.model;
         let d = x.dims()[2];
-        let Some((target, predictor)) = model.predictor_reading(layer, is_attention) else { return kernel_norm(ln, x) };
+        let dtype = self.weights_dtype();
+        let Some((target, predictor)) = model.predictor_reading(layer, is_attention) else { return kernel_norm_to(ln, x, dtype) };
         // This layer's heads, from the first factor the layer before left.
         let select = match (is_attention, &self.attention_pending[layer], model.plan.layers[layer].attention) {
             (true, Some(Prediction::FirstFactor(h)), Selection::Threshold { threshold }) => model.predictors[layer][1]
@@ -463,7 +486,7 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
             _ => None,
         };
         let (gamma, beta) = norm_params(ln, d);
-        let fused = dejavu_kernels::norm_predict(x.reshape([1, d]), gamma, beta, LAYER_NORM_EPS as f32, predictor.down_decode.clone(), select)
+        let fused = dejavu_kernels::norm_predict_to(x.reshape([1, d]), gamma, beta, LAYER_NORM_EPS as f32, predictor.down_decode.clone(), select, dtype)
             .expect(KERNEL_SHAPES);
         let pending = if is_attention { &mut self.attention_pending } else { &mut self.mlp_pending };
         pending[target] = Some(Prediction::FirstFactor(fused.first));
@@ -529,6 +552,9 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
     ) -> Tensor<B, 3> {
         let selection = self.model.plan.layers[layer].attention;
         let [batch, n, d] = x.dims();
+        // A residual stream kept in f32 starts at the first layer's attention.
+        let accumulate = residual.is_some() && self.f32_residual(&x);
+        let residual = residual.map(|r| if accumulate && r.dtype() != DType::F32 { r.cast(DType::F32) } else { r });
         let weights = &self.model.weights;
         let oracle = self.model.options.oracle_attention && self.sparse_call(n) && !selection.is_dense();
         // Whether this call takes the kernel path below for one sequence with lazy keys
@@ -605,6 +631,26 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
             false => project_qkv(attention, &weights.layers[layer], Some(heads.clone()), x, cache, step),
         };
         let scale = (hd as f32).powf(-0.5);
+        let residual = match (accumulate, residual) {
+            // Attention and out_proj in one launch, added into the f32 residual (its
+            // buffer handed over: updated in place).
+            (true, Some(r)) => {
+            let out_rows = self.model.weights.layers[layer].out_rows.clone();
+            let y = dejavu_kernels::attention_out_proj_accumulate(
+                q,
+                heads,
+                keys,
+                values,
+                step.start + 1,
+                scale,
+                out_rows,
+                bias(&attention.out_proj),
+                r.reshape([batch, d]),
+            );
+            return y.expect(KERNEL_SHAPES).reshape([batch, 1, d]);
+            }
+            (_, residual) => residual,
+        };
         let out = dejavu_kernels::selected_heads_attention(q, heads.clone(), keys, values, step.start + 1, scale)
             .expect(KERNEL_SHAPES);
         attention_output(&self.model.weights.layers[layer], Some((heads, hd)), out, bias(&attention.out_proj), residual)
@@ -615,8 +661,10 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
         let selection = self.model.plan.layers[layer].mlp;
         let [batch, n, d] = x.dims();
         let weights = &self.model.weights.layers[layer];
+        // fc2 adds into a residual stream kept in f32 (see the attention block).
+        let accumulate = residual.is_some() && self.f32_residual(&x);
         if !self.sparse_call(n) || selection.is_dense() {
-            return if n == 1 { dense_mlp(mlp, weights, x, residual) } else { plus_residual(mlp.forward(x), residual) };
+            return if n == 1 { dense_mlp(mlp, weights, x, residual, accumulate) } else { plus_residual(mlp.forward(x), residual) };
         }
         // The oracle scores neurons by fc1's own pre-activation, kept for the masked path.
         let oracle = self.model.options.oracle_mlp.then(|| mlp.fc1.forward(x.clone()));
@@ -627,7 +675,7 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
             }
             None => match self.mlp_pending[layer].take() {
                 Some(p) => p,
-                None if n == 1 => return dense_mlp(mlp, weights, x, residual),
+                None if n == 1 => return dense_mlp(mlp, weights, x, residual, accumulate),
                 None => return plus_residual(mlp.forward(x), residual),
             },
         };
@@ -666,7 +714,7 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
                 }
                 Prediction::Selected(_) => unreachable!("neurons are selected inside fc1, never with the LayerNorm"),
             };
-            return fc2(mlp, h.expect(KERNEL_SHAPES), residual);
+            return fc2(mlp, h.expect(KERNEL_SHAPES), residual, accumulate);
         }
         let logits = logits_of(prediction);
         if n > 1 {
@@ -680,7 +728,7 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
         let idx = Self::indices(kept, logits, selection, count_kept);
         let fc1_rows = weights.fc1_rows.clone();
         let h = dejavu_kernels::gather_rows_gemv(fc1_rows, idx.clone(), x, bias(&mlp.fc1), Act::Relu).expect(KERNEL_SHAPES);
-        output_projection(mlp.fc2.weight.val(), Some(idx), h, bias(&mlp.fc2), residual)
+        output_projection(mlp.fc2.weight.val(), Some(idx), h, bias(&mlp.fc2), residual, accumulate)
     }
 }
 
@@ -708,13 +756,16 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
     blocks_with_residual!();
 
     fn norm(&mut self, site: NormSite, ln: &LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        // A residual stream kept in f32 is normalized into the weights' dtype (the last
+        // LayerNorm's output goes to the LM head).
+        let dtype = if self.f32_residual(&x) { self.weights_dtype() } else { x.dtype() };
         let (layer, is_attention) = match site {
             NormSite::AttentionInput(layer) => (layer, true),
             NormSite::MlpInput(layer) => (layer, false),
-            _ => return kernel_norm(ln, x),
+            _ => return kernel_norm_to(ln, x, dtype),
         };
         if !self.fused_with_norm(&x) {
-            return kernel_norm(ln, x);
+            return kernel_norm_to(ln, x, dtype);
         }
         self.norm_and_predict(layer, is_attention, ln, x)
     }

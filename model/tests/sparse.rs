@@ -347,3 +347,33 @@ fn the_attention_oracle_keeps_the_heads_of_largest_output() {
     assert!(max_abs_diff(&dense, &got) > 1e-3, "keeping {k} of {heads} heads changed nothing");
     assert_eq!(hooks.stats().attention[0], Some(k as f64 / heads as f64));
 }
+
+/// A decode step's residual stream kept in f32 (attention with `out_proj` and fc2 adding
+/// into it, the LayerNorms writing the weights' dtype), every neuron and head selected:
+/// in f32 the dense model; in f16, as close to the f32 dense model as the plain f16
+/// sparse decode is, or closer (the residual is rounded once per step instead of twice per
+/// layer).
+#[test]
+fn a_residual_stream_kept_in_f32_gives_the_dense_model() {
+    use burn::tensor::DType;
+    let (config, model) = load(MODEL);
+    let ids = ids();
+    let dense = dense_logits(&model, &ids);
+    let all = (Selection::TopK { k: config.ffn_dim }, Selection::TopK { k: config.num_attention_heads });
+    let f32_residual = SparseOptions { f32_residual: true, ..Default::default() };
+    let kernels = sparse(&model, 1, all.0, all.1, f32_residual);
+    let err = max_abs_diff(&dense, &stepped_logits(&model, &mut kernels.hooks(), &ids));
+    assert!(err < 1e-4, "f32 residual, full width, f32 model vs dense: {err}");
+
+    let half = model.cast(DType::F16);
+    let (hash, manifest, modules) = setup(1);
+    let plan = plan(&manifest, all.0, all.1);
+    let run = |options: SparseOptions| {
+        let sparse = SparseModel::new(&half, &hash, plan.clone(), modules.clone(), options).unwrap();
+        stepped_logits(&half, &mut sparse.hooks(), &ids)
+    };
+    let err_f32_residual = max_abs_diff(&dense, &run(f32_residual));
+    let err_half = max_abs_diff(&dense, &run(SparseOptions::default()));
+    eprintln!("f16 model against the f32 dense logits: residual in f32 {err_f32_residual}, in f16 {err_half}");
+    assert!(err_f32_residual <= 1.1 * err_half + 1e-3, "f32 residual {err_f32_residual} against f16 residual {err_half}");
+}

@@ -481,6 +481,18 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
     let h_half_values: Vec<f32> = (0..ffn).map(|_| if rng.random_bool(0.5) { rng.random_range(0.1f32..1.0) } else { 0.0 }).collect();
     let h_half = Tensor::<Cube<R>, 2>::from_data(TensorData::new(h_half_values, [1, ffn]), device).cast(dtype);
     let prim = |t: Tensor<Cube<R>, 2>| t.into_primitive().tensor();
+    // Attention at half the heads over 192 positions (a decode step of prompt 128), out_proj
+    // `[d, d]` row-major; rotated like the MLP weights.
+    let n_heads = config.num_attention_heads;
+    let hd = d / n_heads;
+    let (attn_len, attn_cap) = (192usize, 256usize);
+    let slots = n_heads / 2;
+    let attn_heads = Tensor::<Cube<R>, 1, Int>::from_data(TensorData::new((0..slots as i32).map(|h| 2 * h).collect::<Vec<i32>>(), [slots]), device);
+    let attn_q = random::<Cube<R>, 2>([1, slots * hd], dtype, device);
+    let attn_copies = rotation_copies(args, (d * d) as f64 * bytes_per_value(dtype) * 0.5, 16);
+    let attn_w: Vec<(Tensor<Cube<R>, 2>, Tensor<Cube<R>, 4>, Tensor<Cube<R>, 4>)> = (0..attn_copies)
+        .map(|_| (random([d, d], dtype, device), random([1, n_heads, attn_cap, hd], dtype, device), random([1, n_heads, attn_cap, hd], dtype, device)))
+        .collect();
     let base = LaunchConfig::default();
     let mut variants = Vec::new();
     for rows_per_cube in [4, 8] {
@@ -504,6 +516,18 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
     for (cols_per_cube, lanes_k, rows_per_lane) in [(128, 8, 4), (256, 4, 4), (512, 2, 8)] {
         variants.push(("fc2", LaunchConfig { cols_per_cube, lanes_k, rows_per_lane, ..base }));
     }
+    // fc2ᵀ over every row (the gated fc1's output) added into an f32 accumulator: the
+    // compacting kernel with atomic adds, by rows per split.
+    for (cols_per_cube, lanes_k) in [(32, 8), (64, 4), (16, 16)] {
+        for accumulate_compact_rows in [128, 256, 512, 1024, 2048] {
+            variants.push(("fc2skipacc", LaunchConfig { cols_per_cube, lanes_k, accumulate_compact_rows, ..base }));
+        }
+    }
+    // Attention with out_proj into an f32 residual, by rows of out_proj per cube (0: the
+    // attention kernel, then block_cols_gemv).
+    for attention_out_rows in [0, 64, 128, 256, 512] {
+        variants.push(("attnout", LaunchConfig { attention_out_rows, ..base }));
+    }
     for kernel in ["fc2skip", "fc2half"] {
         variants.push((kernel, LaunchConfig { compact_rows: 0, ..base }));
         for (cols_per_cube, lanes_k) in [(32, 8), (16, 16), (64, 4)] {
@@ -521,7 +545,27 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
             let case = Case { rows: ffn / 4, d, k: ffn / 40, batch: 1, dtype, seed: fresh_seed() };
             outcomes.extend(check_gemvs::<Cube<R>, _>(&Poisoned(cfg), device, &case));
         }
-        let t = if kernel == "fc1" {
+        let t = if kernel == "attnout" {
+            let mut acc = Some(prim(Tensor::<Cube<R>, 2>::zeros([1, d], device).cast(DType::F32)));
+            timer.time(|i| {
+                let (w, kc, vc) = &attn_w[i % attn_copies];
+                let a = acc.take().expect("the accumulator is put back after each call");
+                let p4 = |t: &Tensor<Cube<R>, 4>| t.clone().into_primitive().tensor();
+                acc = Some(dejavu_kernels::cube::attention_out_proj_accumulate(
+                    prim(attn_q.clone()), attn_heads.clone().into_primitive(), p4(kc), p4(vc), attn_len, 0.088,
+                    prim(w.clone()), Some(bias2.clone().into_primitive().tensor()), a, &cfg,
+                ));
+            })?
+        } else if kernel == "fc2skipacc" {
+            let mut acc = Some(prim(Tensor::<Cube<R>, 2>::zeros([1, d], device).cast(DType::F32)));
+            timer.time(|i| {
+                let a = acc.take().expect("the accumulator is put back after each call");
+                acc = Some(dejavu_kernels::cube::rows_transposed_gemv_accumulate(
+                    prim(ws[i % copies].clone()), None, 1, prim(h_all.clone()),
+                    Some(bias2.clone().into_primitive().tensor()), a, DType::I32, &cfg,
+                ));
+            })?
+        } else if kernel == "fc1" {
             timer.time(|i| {
                 let _ = dejavu_kernels::cube::rows_gemv_with(
                     prim(ws[i % copies].clone()), Some(idx.clone().into_primitive()), 1, prim(x.clone()),
@@ -555,6 +599,8 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
         };
         let op = match kernel {
             "fc1" => format!("tune_fc1_rows{}", cfg.rows_per_cube),
+            "attnout" => format!("tune_attention_out_proj_rows{}", cfg.attention_out_rows),
+            "fc2skipacc" => format!("tune_fc2t_skip_accumulate_cols{}_lanes{}_compact{}", cfg.cols_per_cube, cfg.lanes_k, cfg.accumulate_compact_rows),
             _ => {
                 let what = match kernel {
                     "fc2skip" => "fc2t_skip",
@@ -568,9 +614,10 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
                 format!("tune_{what}_cols{}_lanes{}_{split}", cfg.cols_per_cube, cfg.lanes_k)
             }
         };
-        // Weight bytes read: the selected rows (half of them for the half-zero input).
+        // Weight bytes read: the selected rows (half of them for the half-zero input); for
+        // the attention, its heads' columns of out_proj.
         let rows_read = if kernel == "fc2half" { ffn / 2 } else { k };
-        let bytes = rows_read as f64 * d as f64 * bytes_per_value(dtype);
+        let bytes = if kernel == "attnout" { (d * slots * hd) as f64 } else { rows_read as f64 * d as f64 } * bytes_per_value(dtype);
         push_timed(out, name, &op, Some(density), Some(k), bytes, t);
     }
     Ok(outcomes)

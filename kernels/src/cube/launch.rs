@@ -48,6 +48,9 @@ pub struct LaunchConfig {
     /// Whether `rows_transposed_gemv_accumulate` adds its splits' sums with f32 atomics
     /// (one launch) where the device has them; `false` takes the two passes.
     pub atomic_accumulate: bool,
+    /// `compact_rows` of the one-launch accumulating form (atomic adds, no second pass:
+    /// fewer, longer splits mean fewer atomic adds per output).
+    pub accumulate_compact_rows: usize,
     /// Rows of `out_proj` per cube of the fused attention and `out_proj`
     /// (`attention_out_proj_accumulate`); each cube computes its head's attention once.
     /// 0 takes the separate kernels (attention, then `block_cols_gemv`).
@@ -56,7 +59,7 @@ pub struct LaunchConfig {
 
 impl Default for LaunchConfig {
     fn default() -> Self {
-        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, attention_out_rows: 256 }
+        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 512, attention_out_rows: 256 }
     }
 }
 
@@ -469,6 +472,7 @@ pub fn rows_transposed_gemv_accumulate<R: CubeRuntime>(
     if batch == 0 || cols == 0 || k == 0 && bias.is_none() {
         return acc;
     }
+    let config = &LaunchConfig { compact_rows: config.accumulate_compact_rows, ..*config };
     let gathered = idx.is_some();
     let idx = idx.map(into_contiguous).unwrap_or_else(|| unread(&h));
     let has_bias = bias.is_some();

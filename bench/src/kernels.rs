@@ -737,8 +737,11 @@ fn run_checks<R: CubeRuntime>(args: &KernelArgs, device: &R::Device) -> anyhow::
         outcomes.extend(check_block_cols_gemv::<Cube<R>>(device, d, config.num_attention_heads, hd, 1, args.dtype.dtype(), seed));
         // Attention with out_proj into an f32 residual: one launch (200 positions), and
         // the two kernels past 256.
-        outcomes.extend(check_attention_out_proj::<Cube<R>>(device, [1, config.num_attention_heads, 256, hd], 200, d, args.dtype.dtype(), seed));
-        outcomes.extend(check_attention_out_proj::<Cube<R>>(device, [1, config.num_attention_heads, 512, hd], 300, d, args.dtype.dtype(), seed));
+        for attention_out_rows in [0, 256] {
+            let launcher = Poisoned(LaunchConfig { attention_out_rows, ..LaunchConfig::default() });
+            outcomes.extend(check_attention_out_proj::<Cube<R>, _>(&launcher, device, [1, config.num_attention_heads, 256, hd], 200, d, args.dtype.dtype(), seed));
+            outcomes.extend(check_attention_out_proj::<Cube<R>, _>(&launcher, device, [1, config.num_attention_heads, 512, hd], 300, d, args.dtype.dtype(), seed));
+        }
     }
     print_outcomes(&outcomes);
     Ok(outcomes)

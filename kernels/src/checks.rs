@@ -77,6 +77,17 @@ pub trait Launcher<B: Backend> {
         h: Tensor<B, 2>,
         bias: Option<Tensor<B, 1>>,
     ) -> Tensor<B, 2>;
+    /// [`crate::attention_out_proj_accumulate`]: `(q, heads, k_cache, v_cache)`, `len`,
+    /// `scale`, `(w, bias)`, `acc`.
+    #[allow(clippy::type_complexity)] // the attention's four inputs, out_proj's two
+    fn attention_out_proj_accumulate(
+        &self,
+        attention: (Tensor<B, 2>, Tensor<B, 1, Int>, Tensor<B, 4>, Tensor<B, 4>),
+        len: usize,
+        scale: f32,
+        out_proj: (Tensor<B, 2>, Option<Tensor<B, 1>>),
+        acc: Tensor<B, 2>,
+    ) -> Tensor<B, 2>;
 }
 
 /// Through the checked public functions.
@@ -124,6 +135,17 @@ impl<B: SparseKernels> Launcher<B> for PublicApi {
         bias: Option<Tensor<B, 1>>,
     ) -> Tensor<B, 2> {
         crate::accumulate_transposed_gemv(acc, w_t, idx, h, bias).expect("shapes were made consistent")
+    }
+
+    fn attention_out_proj_accumulate(
+        &self,
+        (q, heads, k, v): (Tensor<B, 2>, Tensor<B, 1, Int>, Tensor<B, 4>, Tensor<B, 4>),
+        len: usize,
+        scale: f32,
+        (w, bias): (Tensor<B, 2>, Option<Tensor<B, 1>>),
+        acc: Tensor<B, 2>,
+    ) -> Tensor<B, 2> {
+        crate::attention_out_proj_accumulate(q, heads, k, v, len, scale, w, bias, acc).expect("shapes were made consistent")
     }
 }
 
@@ -211,6 +233,30 @@ impl<R: CubeRuntime> Launcher<Cube<R>> for Poisoned {
             bias.map(float_prim),
             float_prim(acc),
             DType::I32,
+            &self.0,
+        );
+        Tensor::from_primitive(TensorPrimitive::Float(out))
+    }
+
+    /// `acc` is read and written, as in `accumulate_transposed_gemv`.
+    fn attention_out_proj_accumulate(
+        &self,
+        (q, heads, k, v): (Tensor<Cube<R>, 2>, Tensor<Cube<R>, 1, Int>, Tensor<Cube<R>, 4>, Tensor<Cube<R>, 4>),
+        len: usize,
+        scale: f32,
+        (w, bias): (Tensor<Cube<R>, 2>, Option<Tensor<Cube<R>, 1>>),
+        acc: Tensor<Cube<R>, 2>,
+    ) -> Tensor<Cube<R>, 2> {
+        let out = crate::cube::attention_out_proj_accumulate(
+            float_prim(q),
+            heads.into_primitive(),
+            float_prim(k),
+            float_prim(v),
+            len,
+            scale,
+            float_prim(w),
+            bias.map(float_prim),
+            float_prim(acc),
             &self.0,
         );
         Tensor::from_primitive(TensorPrimitive::Float(out))
@@ -809,7 +855,8 @@ pub fn check_block_cols_gemv<B: SparseKernels>(
 /// two (the reference, the two-kernel fallback) gets one ulp of it times the weights as
 /// slack. Twice: the accumulator handed over, and still held by the caller (which must
 /// not change).
-pub fn check_attention_out_proj<B: SparseKernels>(
+pub fn check_attention_out_proj<B: SparseKernels, L: Launcher<B>>(
+    launcher: &L,
     device: &B::Device,
     dims: [usize; 4],
     len: usize,
@@ -873,18 +920,18 @@ pub fn check_attention_out_proj<B: SparseKernels>(
     for handed_over in [true, false] {
         let acc_dev = to_device::<B, 2>(&acc, [batch, rows], DType::F32, device);
         let kept = (!handed_over).then(|| acc_dev.clone());
-        let got = crate::attention_out_proj_accumulate(
-            to_device::<B, 2>(&q, [batch, slots * hd], dtype, device),
-            ints::<B>(&heads, device),
-            to_device::<B, 4>(&k, dims, dtype, device),
-            to_device::<B, 4>(&v, dims, dtype, device),
+        let got = launcher.attention_out_proj_accumulate(
+            (
+                to_device::<B, 2>(&q, [batch, slots * hd], dtype, device),
+                ints::<B>(&heads, device),
+                to_device::<B, 4>(&k, dims, dtype, device),
+                to_device::<B, 4>(&v, dims, dtype, device),
+            ),
             len,
             scale,
-            to_device::<B, 2>(&w, [rows, d], dtype, device),
-            Some(to_device::<B, 1>(&bias, [rows], dtype, device)),
+            (to_device::<B, 2>(&w, [rows, d], dtype, device), Some(to_device::<B, 1>(&bias, [rows], dtype, device))),
             acc_dev,
-        )
-        .expect("consistent shapes");
+        );
         match kept {
             None => out.push(outcome(
                 "attention_out_proj_accumulate",

@@ -44,7 +44,7 @@ fn reference_attention_matches_host() {
     let seed = fresh_seed();
     for dtype in [DType::F32, DType::F16] {
         assert_all_passed(check_attention::<Flex>(&device, [2, 6, 40, 16], 33, dtype, seed));
-        assert_all_passed(check_attention_out_proj::<Flex>(&device, [2, 6, 40, 16], 33, 30, dtype, seed));
+        assert_all_passed(check_attention_out_proj::<Flex, _>(&PublicApi, &device, [2, 6, 40, 16], 33, 30, dtype, seed));
     }
 }
 

@@ -69,12 +69,15 @@ fn cube_kernels_on_wgpu_match_host_loops() {
         outcomes.extend(check_attention::<Cube<WgpuRuntime>>(&device, [1, 5, 300, 12], 300, dtype, seed));
         // Long enough for the value pass's 4-deep unrolled loop.
         outcomes.extend(check_attention::<Cube<WgpuRuntime>>(&device, [1, 3, 2048, 16], 2000, dtype, seed));
-        // Attention with out_proj into an f32 accumulator: one launch (rows in partial
-        // cubes, several row groups, batch 2; head dims of 16 and 32), and past 256
-        // positions the two kernels.
-        outcomes.extend(check_attention_out_proj::<Cube<WgpuRuntime>>(&device, [2, 6, 40, 16], 33, 300, dtype, seed));
-        outcomes.extend(check_attention_out_proj::<Cube<WgpuRuntime>>(&device, [1, 4, 256, 32], 256, 70, dtype, seed));
-        outcomes.extend(check_attention_out_proj::<Cube<WgpuRuntime>>(&device, [1, 5, 300, 16], 300, 40, dtype, seed));
+        // Attention with out_proj into an f32 accumulator: the two kernels (the default),
+        // and one launch with 256 and 64 rows per cube (rows in partial cubes, several row
+        // groups, batch 2; head dims of 16 and 32); past 256 positions always the two.
+        for attention_out_rows in [0, 256, 64] {
+            let launcher = Poisoned(LaunchConfig { attention_out_rows, ..LaunchConfig::default() });
+            outcomes.extend(check_attention_out_proj::<Cube<WgpuRuntime>, _>(&launcher, &device, [2, 6, 40, 16], 33, 300, dtype, seed));
+            outcomes.extend(check_attention_out_proj::<Cube<WgpuRuntime>, _>(&launcher, &device, [1, 4, 256, 32], 256, 70, dtype, seed));
+            outcomes.extend(check_attention_out_proj::<Cube<WgpuRuntime>, _>(&launcher, &device, [1, 5, 300, 16], 300, 40, dtype, seed));
+        }
         // Widths of at most a vector per unit (one pass), several vectors per unit (8196: more
         // than any cube's units), and odd (width-1 vectors).
         for (rows, d) in [(3, 64), (2, 2304), (1, 8196), (1, 37)] {

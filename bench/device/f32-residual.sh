@@ -7,35 +7,38 @@
 #   e2e     transformers fp16 eager at 6.7B and 13B, prompt 128, then `dejavu-bench e2e`
 #           with the default step and with --f32-residual, token kept on the device —
 #           hf.json, e2e-f16res.json/.log, e2e-f32res.json/.log (~8 min);
-#   repeat  every kernel checked against host loops at the 6.7B shape (the fused attention
-#           and out_proj included), then both e2e variants again, in the other order —
-#           checks.log, e2e-*-2.json/.log (~8 min).
+#   ab      --f32-residual --fused-attention (attention and out_proj in one launch), then
+#           the default step again — e2e-f32fused.json/.log, e2e-f16res-2.json/.log;
+#   checks  every kernel checked against host loops at the 6.7B shape (the fused attention
+#           and out_proj included) — checks.log (~3 min).
 set -uo pipefail
 export DEJAVU_COMMIT=${DEJAVU_COMMIT:-$(cat dist/commit 2>/dev/null || echo unknown)}
 source bench/device/setup.sh
 export CUBECL_AUTOTUNE_LEVEL=minimal
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 e2e() { # variant suffix
-    extra=""; [ "$1" = f32res ] && extra="--f32-residual"
+    extra=""; [ "$1" = f32res ] && extra="--f32-residual"; [ "$1" = f32fused ] && extra="--f32-residual --fused-attention"
     peer=""; [ -f "$OUT/hf.json" ] && peer="--peer-json $OUT/hf.json"
-    timeout 200 dejavu-bench e2e --models opt-6.7b,opt-13b --prompt-lens 128 --runs 3 --backend cuda --dtype f16 \
+    timeout 240 dejavu-bench e2e --models opt-6.7b,opt-13b --prompt-lens 128 --runs 3 --backend cuda --dtype f16 \
         --readback end $extra $peer --out "$OUT/e2e-$1$2.json" > "$OUT/e2e-$1$2.log" 2>&1
-    echo "--- $1$2 (exit $?)"; grep -E "ms/token|floor" "$OUT/e2e-$1$2.log" | tail -8
+    echo "--- $1$2 (exit $?)"; grep -E "ms/token|floor|sparse.*(host|device)" "$OUT/e2e-$1$2.log" | tail -10
 }
 case "${PART:-e2e}" in
 e2e)
-    timeout 150 python3 bench/peers/hf_decode.py --models opt-6.7b,opt-13b --prompt-lens 128 --new-tokens 128 --runs 3 \
+    timeout 120 python3 bench/peers/hf_decode.py --models opt-6.7b,opt-13b --prompt-lens 128 --new-tokens 128 --runs 3 \
         --json "$OUT/hf.json" > "$OUT/hf.log" 2>&1; tail -2 "$OUT/hf.log"
     e2e f16res ""
     e2e f32res ""
     ;;
-repeat)
+ab)
+    e2e f32fused ""
+    e2e f16res -2
+    ;;
+checks)
     timeout 150 dejavu-bench kernels --check --models opt-6.7b --densities 0.1 --ranks 128 --contexts 256 \
         --head-densities 0.5 --calls 20 --samples 3 --peer-python "" --out "$OUT/checks.json" > "$OUT/checks.log" 2>&1
     echo "kernel checks: $(grep -cE ' ok$' "$OUT/checks.log") ok, $(grep -ciE 'fail' "$OUT/checks.log") failing lines"
     grep -E "attention_out_proj|f32 in|f32 residual|accumulate_transposed_gemv\+bias" "$OUT/checks.log" | head -12
     rm -f "$OUT/checks.json"
-    e2e f32res -2
-    e2e f16res -2
     ;;
 esac

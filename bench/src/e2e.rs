@@ -67,11 +67,13 @@ pub struct E2eArgs {
     /// the separate kernels (gated fc1, then fc2's two passes)
     #[arg(long)]
     fused_mlp: bool,
-    /// Sparse rows: the decode step's residual stream in f32, attention with out_proj in
-    /// one launch and fc2 in one launch adding into it with f32 atomics (not with
-    /// --fused-mlp)
+    /// Sparse rows: the decode step's residual stream in f32, out_proj and fc2 adding into
+    /// it (fc2 in one launch, with f32 atomics; not with --fused-mlp)
     #[arg(long, conflicts_with = "fused_mlp")]
     f32_residual: bool,
+    /// Sparse rows, with --f32-residual: attention and out_proj in one launch
+    #[arg(long, requires = "f32_residual")]
+    fused_attention: bool,
     /// The paper's latency setting for the synthetic models: MLP density in sparse layers
     #[arg(long, default_value_t = 0.1)]
     mlp_density: f64,
@@ -196,6 +198,7 @@ fn sparse_options(args: &E2eArgs) -> SparseOptions {
         predictors_in_model_dtype: args.predictors_in_model_dtype,
         fused_mlp: args.fused_mlp,
         f32_residual: args.f32_residual,
+        fused_attention: args.fused_attention,
         ..Default::default()
     }
 }
@@ -937,6 +940,7 @@ fn write_report(
         "predictors_in_model_dtype": args.predictors_in_model_dtype,
         "fused_mlp": args.fused_mlp,
         "f32_residual": args.f32_residual,
+        "fused_attention": args.fused_attention,
         "note": "per-token latency = decode time of the last new_tokens-1 steps / (new_tokens-1), median over runs \
                  after one warm-up run; prompts prefilled in 128-token chunks into one cache per model. kept_* come \
                  from the warm-up run (the timed runs repeat its greedy tokens without counting). Published shapes: random weights and random predictors (latency does not \

@@ -90,11 +90,14 @@ struct SparseArgs {
     #[arg(long, requires = "predictors")]
     fused_mlp: bool,
     /// Decoding one sequence (pre-LN models, not with --fused-mlp), keep each step's
-    /// residual stream in f32: attention and out_proj in one launch and fc2 in one launch,
-    /// both adding into it with f32 atomics (two launches a layer fewer; the order of
-    /// the f32 additions varies between runs)
+    /// residual stream in f32: out_proj adds into it, and fc2 too in one launch with f32
+    /// atomics (a launch a layer fewer; the order of the f32 additions varies between runs)
     #[arg(long, requires = "predictors", conflicts_with = "fused_mlp")]
     f32_residual: bool,
+    /// With --f32-residual: each sparse layer's attention and out_proj in one launch
+    /// (each cube computes its head's attention, then adds its rows of out_proj)
+    #[arg(long, requires = "f32_residual")]
+    fused_attention: bool,
 }
 
 /// The sparse path's settings once the command line is read.
@@ -123,6 +126,7 @@ impl SparseArgs {
                 predictors_in_model_dtype: self.predictors_in_model_dtype,
                 fused_mlp: self.fused_mlp,
                 f32_residual: self.f32_residual,
+                fused_attention: self.fused_attention,
             },
         })
     }
@@ -142,6 +146,7 @@ impl SparseChoice {
             "predictors_in_model_dtype": self.options.predictors_in_model_dtype,
             "fused_mlp": self.options.fused_mlp,
             "f32_residual": self.options.f32_residual,
+            "fused_attention": self.options.fused_attention,
             "kept": kept,
         })
     }

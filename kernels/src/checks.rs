@@ -145,7 +145,7 @@ impl<B: SparseKernels> Launcher<B> for PublicApi {
         (w, bias): (Tensor<B, 2>, Option<Tensor<B, 1>>),
         acc: Tensor<B, 2>,
     ) -> Tensor<B, 2> {
-        crate::attention_out_proj_accumulate(q, heads, k, v, len, scale, w, bias, acc).expect("shapes were made consistent")
+        crate::attention_out_proj_accumulate(q, heads, k, v, len, scale, w, bias, acc, true).expect("shapes were made consistent")
     }
 }
 

@@ -169,7 +169,8 @@ pub trait SparseKernels: Backend {
 
     /// [`SparseKernels::selected_heads_attention`], then `out_proj` over the selected
     /// heads' columns ([`SparseKernels::block_cols_gemv`] of `w [rows, H·hd]` with `bias
-    /// [rows]`) added into `acc [B, rows]` (f32); returns the sum (f32).
+    /// [rows]`) added into `acc [B, rows]` (f32); returns the sum (f32). `one_launch`: in
+    /// one launch where a backend can (the reference takes the two ops either way).
     #[allow(clippy::too_many_arguments)] // attention's inputs, out_proj's and the accumulator
     fn attention_out_proj_accumulate(
         q: FloatTensor<Self>,
@@ -181,6 +182,7 @@ pub trait SparseKernels: Backend {
         w: FloatTensor<Self>,
         bias: Option<FloatTensor<Self>>,
         acc: FloatTensor<Self>,
+        _one_launch: bool,
     ) -> FloatTensor<Self> {
         let hd = burn::tensor::TensorMetadata::shape(&k_cache)[3];
         let out = Self::selected_heads_attention(q, heads.clone(), k_cache, v_cache, len, scale);
@@ -435,8 +437,11 @@ where
         w: FloatTensor<Self>,
         bias: Option<FloatTensor<Self>>,
         acc: FloatTensor<Self>,
+        one_launch: bool,
     ) -> FloatTensor<Self> {
-        cube::attention_out_proj_accumulate(q, heads, k_cache, v_cache, len, scale, w, bias, acc, &cube::LaunchConfig::default())
+        let default = cube::LaunchConfig::default();
+        let config = cube::LaunchConfig { attention_out_rows: if one_launch { default.attention_out_rows } else { 0 }, ..default };
+        cube::attention_out_proj_accumulate(q, heads, k_cache, v_cache, len, scale, w, bias, acc, &config)
     }
 
     fn layer_norm_rows(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, eps: f32, dtype: DType) -> FloatTensor<Self> {
@@ -929,8 +934,11 @@ fn check_attention<B: Backend>(
 /// which is f32: a decode step's attention block into a residual stream kept in f32. On
 /// `CubeBackend` with f32 atomics one launch (each cube computes its head's attention and
 /// adds its rows of `out_proj` atomically; the order of the additions depends on
-/// scheduling) for contexts up to 256 positions, else the two kernels; `acc` is updated in
-/// place when the caller gave up its last handle to it.
+/// scheduling) for contexts up to 256 positions when `one_launch` is asked, else the two
+/// kernels (the attention's output rounded to the weights' dtype between them); `acc` is
+/// updated in place when the caller gave up its last handle to it. On the H100 the one
+/// launch cost as much GPU time as the two within a decode step and saves the host a
+/// launch (see `cube::LaunchConfig::attention_out_rows`).
 #[allow(clippy::too_many_arguments)] // attention's inputs, out_proj's and the accumulator
 pub fn attention_out_proj_accumulate<B: SparseKernels>(
     q: Tensor<B, 2>,
@@ -942,6 +950,7 @@ pub fn attention_out_proj_accumulate<B: SparseKernels>(
     w: Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
     acc: Tensor<B, 2>,
+    one_launch: bool,
 ) -> Result<Tensor<B, 2>, KernelError> {
     let op = "attention_out_proj_accumulate";
     check_attention(op, &q, &heads, &k_cache, &v_cache, len)?;
@@ -966,6 +975,7 @@ pub fn attention_out_proj_accumulate<B: SparseKernels>(
         prim(w),
         bias.map(prim),
         prim(acc),
+        one_launch,
     )))
 }
 

@@ -1339,8 +1339,8 @@ pub(crate) fn selected_heads_attention_kernel<F: Float, N: Size, I: Int>(
 /// attention and then its rows, one after the other, and every row block of a head
 /// recomputes the head's attention. Loading a unit's rows into registers before the
 /// attention, to overlap the two, was slower still (31.3 µs in the step: fewer cubes
-/// resident). So the decode step takes the two kernels (`LaunchConfig::attention_out_rows`
-/// 0); this one saves a launch where the host, not the GPU, bounds a step.
+/// resident). What it saves is a launch, where the host, not the GPU, bounds a step
+/// (`SparseOptions::fused_attention` in the model).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)] // attention's inputs, out_proj's, and the accumulator
 pub(crate) fn attention_out_proj_atomic_kernel<F: Float, N: Size, I: Int>(

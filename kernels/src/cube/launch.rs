@@ -55,14 +55,14 @@ pub struct LaunchConfig {
     pub accumulate_compact_rows: usize,
     /// Rows of `out_proj` per cube of the fused attention and `out_proj`
     /// (`attention_out_proj_accumulate`); each cube computes its head's attention once.
-    /// 0 (the default) takes the separate kernels (attention, then `block_cols_gemv`),
-    /// faster on the H100 (see `attention_out_proj_atomic_kernel`).
+    /// 0 takes the separate kernels (attention, then `block_cols_gemv`); see
+    /// `attention_out_proj_atomic_kernel` for what each costs on the H100.
     pub attention_out_rows: usize,
 }
 
 impl Default for LaunchConfig {
     fn default() -> Self {
-        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 1024, attention_out_rows: 0 }
+        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 1024, attention_out_rows: 256 }
     }
 }
 

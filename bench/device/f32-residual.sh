@@ -7,7 +7,7 @@
 #   e2e     transformers fp16 eager at 6.7B and 13B, prompt 128, then `dejavu-bench e2e`
 #           with the default step and with --f32-residual, token kept on the device —
 #           hf.json, e2e-f16res.json/.log, e2e-f32res.json/.log (~8 min);
-#   ab      --f32-residual --fused-attention (attention and out_proj in one launch), then
+#   ab      transformers as in e2e, --f32-residual --fused-attention (attention and out_proj in one launch), then
 #           the default step again — e2e-f32fused.json/.log, e2e-f16res-2.json/.log;
 #   checks  every kernel checked against host loops at the 6.7B shape (the fused attention
 #           and out_proj included) — checks.log (~3 min).
@@ -23,14 +23,18 @@ e2e() { # variant suffix
         --readback end $extra $peer --out "$OUT/e2e-$1$2.json" > "$OUT/e2e-$1$2.log" 2>&1
     echo "--- $1$2 (exit $?)"; grep -E "ms/token|floor|sparse.*(host|device)" "$OUT/e2e-$1$2.log" | tail -10
 }
-case "${PART:-e2e}" in
-e2e)
+hf() {
     timeout 120 python3 bench/peers/hf_decode.py --models opt-6.7b,opt-13b --prompt-lens 128 --new-tokens 128 --runs 3 \
         --json "$OUT/hf.json" > "$OUT/hf.log" 2>&1; tail -2 "$OUT/hf.log"
+}
+case "${PART:-e2e}" in
+e2e)
+    hf
     e2e f16res ""
     e2e f32res ""
     ;;
 ab)
+    hf
     e2e f32fused ""
     e2e f16res -2
     ;;

@@ -5,8 +5,9 @@
 # passes as separate launches). Expects dist/dejavu-bench.xz and dist/commit (carried).
 # PART picks the call:
 #   e2e     transformers fp16 eager at 6.7B and 13B, prompt 128, then `dejavu-bench e2e`
-#           with the default step and with --f32-residual, token kept on the device —
-#           hf.json, e2e-f16res.json/.log, e2e-f32res.json/.log (~8 min);
+#           for each of VARIANTS (default "f16res f32res": the default step, then
+#           --f32-residual; f32fused: --f32-residual --fused-attention), token kept on the
+#           device — hf.json, e2e-<variant>.json/.log (~4 min);
 #   ab      transformers as in e2e, --f32-residual --fused-attention (attention and out_proj in one launch), then
 #           the default step again — e2e-f32fused.json/.log, e2e-f16res-2.json/.log;
 #   checks  every kernel checked against host loops at the 6.7B shape (the fused attention
@@ -30,8 +31,7 @@ hf() {
 case "${PART:-e2e}" in
 e2e)
     hf
-    e2e f16res ""
-    e2e f32res ""
+    for v in ${VARIANTS:-f16res f32res}; do e2e "$v" ""; done
     ;;
 ab)
     hf

@@ -507,6 +507,27 @@ fn selection_outcome<B: Backend>(op: &'static str, case: String, got: crate::Sel
     }
 }
 
+/// A decode attention's random inputs: half the heads (or two) selected, slot 0 empty;
+/// caches of `dims` `[batch, heads, cap, hd]`, the selected heads' queries, the scale.
+struct AttentionInputs {
+    heads: Vec<i64>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    q: Vec<f32>,
+    scale: f32,
+}
+
+fn attention_inputs(rng: &mut StdRng, dims: [usize; 4], dtype: DType) -> AttentionInputs {
+    let [batch, n_heads, cap, hd] = dims;
+    let mut heads = random_indices(rng, n_heads, (n_heads / 2).max(2));
+    heads[0] = n_heads as i64;
+    let slots = heads.len();
+    let k = stored(uniform(rng, batch * n_heads * cap * hd, 0.0), dtype);
+    let v = stored(uniform(rng, batch * n_heads * cap * hd, 0.0), dtype);
+    let q = stored(uniform(rng, batch * slots * hd, 0.0).into_iter().map(|x| 2.0 * x).collect(), dtype);
+    AttentionInputs { heads, k, v, q, scale: 1.0 / (hd as f32).sqrt() }
+}
+
 /// Decode attention over selected heads (some repeated order, one empty slot) against the
 /// host loop, on random caches of `[batch, heads, cap, hd]` with `len` valid positions.
 pub fn check_attention<B: SparseKernels>(
@@ -518,13 +539,8 @@ pub fn check_attention<B: SparseKernels>(
 ) -> Vec<Outcome> {
     let [batch, n_heads, cap, hd] = dims;
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut heads = random_indices(&mut rng, n_heads, (n_heads / 2).max(2));
-    heads[0] = n_heads as i64;
+    let AttentionInputs { heads, k, v, q, scale } = attention_inputs(&mut rng, dims, dtype);
     let slots = heads.len();
-    let k = stored(uniform(&mut rng, batch * n_heads * cap * hd, 0.0), dtype);
-    let v = stored(uniform(&mut rng, batch * n_heads * cap * hd, 0.0), dtype);
-    let q = stored(uniform(&mut rng, batch * slots * hd, 0.0).into_iter().map(|x| 2.0 * x).collect(), dtype);
-    let scale = 1.0 / (hd as f32).sqrt();
     let got = read(
         crate::selected_heads_attention(
             to_device::<B, 2>(&q, [batch, slots * hd], dtype, device),
@@ -866,23 +882,12 @@ pub fn check_attention_out_proj<B: SparseKernels, L: Launcher<B>>(
 ) -> Vec<Outcome> {
     let [batch, n_heads, cap, hd] = dims;
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut heads = random_indices(&mut rng, n_heads, (n_heads / 2).max(2));
-    heads[0] = n_heads as i64;
+    let AttentionInputs { heads, k, v, q, scale } = attention_inputs(&mut rng, dims, dtype);
     let slots = heads.len();
     let d = n_heads * hd;
-    let k = stored(uniform(&mut rng, batch * n_heads * cap * hd, 0.0), dtype);
-    let v = stored(uniform(&mut rng, batch * n_heads * cap * hd, 0.0), dtype);
-    let q = stored(
-        uniform(&mut rng, batch * slots * hd, 0.0)
-            .into_iter()
-            .map(|x| 2.0 * x)
-            .collect(),
-        dtype,
-    );
     let w = stored(uniform(&mut rng, rows * d, 0.0), dtype);
     let bias = stored(uniform(&mut rng, rows, 0.0), dtype);
     let acc = uniform(&mut rng, batch * rows, 0.0);
-    let scale = 1.0 / (hd as f32).sqrt();
     let o = host::selected_heads_attention(&q, &heads, &k, &v, dims, len, scale);
     let want = host::block_cols_gemv(
         &w,

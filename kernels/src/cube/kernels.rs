@@ -711,20 +711,7 @@ pub(crate) fn rows_transposed_gemv_compact_kernel<F: Float, N: Size>(
     let col_live = c < width;
     let n = compact_live_rows(h, shape, &mut live_rows, cols_per_cube, lanes_k, per_unit);
     for b in 0..shape.batch {
-        let mut acc = Vector::<f32, N>::new(0.0f32);
-        if col_live {
-            acc = live_rows_dot(
-                w,
-                h,
-                b * shape.h_stride,
-                &live_rows,
-                n,
-                c,
-                shape.w_stride,
-                lanes_k,
-            );
-        }
-        let total = lanes_total(&mut scratch, acc, cols_per_cube, lanes_k);
+        let total = compact_split_total(w, h, b, shape, &live_rows, n, c, col_live, &mut scratch, cols_per_cube, lanes_k);
         if UNIT_POS_Y == 0 && col_live {
             partial[(split * shape.batch + b) * width + c] = total;
         }
@@ -759,20 +746,7 @@ pub(crate) fn rows_transposed_gemv_compact_atomic_kernel<F: Float, N: Size>(
     let col_live = c < shape.width;
     let n = compact_live_rows(h, shape, &mut live_rows, cols_per_cube, lanes_k, per_unit);
     for b in 0..shape.batch {
-        let mut acc = Vector::<f32, N>::new(0.0f32);
-        if col_live {
-            acc = live_rows_dot(
-                w,
-                h,
-                b * shape.h_stride,
-                &live_rows,
-                n,
-                c,
-                shape.w_stride,
-                lanes_k,
-            );
-        }
-        let total = lanes_total(&mut scratch, acc, cols_per_cube, lanes_k);
+        let total = compact_split_total(w, h, b, shape, &live_rows, n, c, col_live, &mut scratch, cols_per_cube, lanes_k);
         add_split_total(
             acc_out,
             total,
@@ -784,6 +758,30 @@ pub(crate) fn rows_transposed_gemv_compact_atomic_kernel<F: Float, N: Size>(
             has_bias,
         );
     }
+}
+
+/// The compacting kernels' sum of the cube's split for batch row `b` and column vector `c`
+/// ([`live_rows_dot`] on each lane along K, then [`lanes_total`]): on lane 0 along K.
+#[cube]
+#[allow(clippy::too_many_arguments)] // the weights, the input, the compacted rows and the scratch
+fn compact_split_total<F: Float, N: Size>(
+    w: &Array<Vector<F, N>>,
+    h: &Array<F>,
+    b: usize,
+    shape: TransposedShape,
+    live_rows: &SharedMemory<u32>,
+    n: usize,
+    c: usize,
+    col_live: bool,
+    scratch: &mut SharedMemory<Vector<f32, N>>,
+    #[comptime] cols_per_cube: usize,
+    #[comptime] lanes_k: usize,
+) -> Vector<f32, N> {
+    let mut acc = Vector::<f32, N>::new(0.0f32);
+    if col_live {
+        acc = live_rows_dot(w, h, b * shape.h_stride, live_rows, n, c, shape.w_stride, lanes_k);
+    }
+    lanes_total(scratch, acc, cols_per_cube, lanes_k)
 }
 
 /// The atomic first passes' epilogue: lane 0 along K adds its split's sum for column

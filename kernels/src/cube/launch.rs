@@ -679,16 +679,7 @@ pub fn selected_heads_attention<R: CubeRuntime>(
     let (ws_o, ws_ml) = ws.unwrap_or_else(|| (unread(&out), unread(&out)));
     let (dtype, idx_dtype) = (q.dtype, heads.dtype);
     let client = q.client.clone();
-    assert_eq!(k_cache.meta.strides(), v_cache.meta.strides(), "selected_heads_attention: keys and values laid out alike");
-    let shape = AttentionShapeLaunch::new(
-        slots,
-        dims(&k_cache)[1],
-        stride(&q, 0) / vs,
-        stride(&out, 0) / vs,
-        stride(&k_cache, 0) / vs,
-        stride(&k_cache, 1) / vs,
-        stride(&k_cache, 2) / vs,
-    );
+    let shape = attention_shape(&q, &k_cache, &v_cache, slots, stride(&out, 0) / vs, vs);
     let out_stride = stride(&out, 0) / vs;
     unsafe {
         selected_heads_attention_kernel::launch_unchecked::<R>(
@@ -730,6 +721,28 @@ pub fn selected_heads_attention<R: CubeRuntime>(
         }
     }
     out
+}
+
+/// The attention kernels' sizes for `slots` selected heads (strides in vectors of `vs`);
+/// the keys and values must be laid out alike.
+fn attention_shape<R: CubeRuntime>(
+    q: &CubeTensor<R>,
+    k_cache: &CubeTensor<R>,
+    v_cache: &CubeTensor<R>,
+    slots: usize,
+    out_stride: usize,
+    vs: usize,
+) -> AttentionShapeLaunch<R> {
+    assert_eq!(k_cache.meta.strides(), v_cache.meta.strides(), "decode attention: keys and values laid out alike");
+    AttentionShapeLaunch::new(
+        slots,
+        dims(k_cache)[1],
+        stride(q, 0) / vs,
+        out_stride,
+        stride(k_cache, 0) / vs,
+        stride(k_cache, 1) / vs,
+        stride(k_cache, 2) / vs,
+    )
 }
 
 /// Units of each cube of the fused attention and `out_proj`.
@@ -802,20 +815,7 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
     let has_bias = bias.is_some();
     let bias = bias.map(into_contiguous).unwrap_or_else(|| unread(&w));
     let rows_per_cube = config.attention_out_rows;
-    let shape = AttentionShapeLaunch::new(
-        slots,
-        dims(&k_cache)[1],
-        stride(&q, 0) / vs,
-        0,
-        stride(&k_cache, 0) / vs,
-        stride(&k_cache, 1) / vs,
-        stride(&k_cache, 2) / vs,
-    );
-    assert_eq!(
-        k_cache.meta.strides(),
-        v_cache.meta.strides(),
-        "attention_out_proj_accumulate: keys and values laid out alike"
-    );
+    let shape = attention_shape(&q, &k_cache, &v_cache, slots, 0, vs);
     let (dtype, idx_dtype) = (q.dtype, heads.dtype);
     let (w_stride, acc_stride) = (stride(&w, 0) / vs, stride(&acc, 0));
     unsafe {
@@ -1320,6 +1320,7 @@ pub struct SelectArgs<R: CubeRuntime> {
 /// selection, in one launch; see [`crate::SparseKernels::norm_predict`]. Returns the
 /// normalized row, the first factor `[1, r]` and the selection's indices and count.
 #[allow(clippy::type_complexity)] // three outputs, one optional pair
+#[allow(clippy::too_many_arguments)] // the LayerNorm's, the predictor's and the selection's inputs, two dtypes
 pub fn norm_predict<R: CubeRuntime>(
     x: CubeTensor<R>,
     gamma: CubeTensor<R>,

@@ -21,6 +21,10 @@
 //! - [`predicted_rows_gemv`] / [`predicted_mlp`]: a decode step's fc1 gated by its low-rank
 //!   predictor in the same launch; and the whole MLP from the predictor to the residual,
 //!   with predictor, selection, fc1 and fc2's split sums in one launch.
+//! - For a residual stream kept in f32: [`accumulate_transposed_gemv`] (fc2 adding into it,
+//!   one launch with f32 atomics), [`attention_out_proj_accumulate`] (attention and
+//!   `out_proj` adding into it, optionally in one launch), [`layer_norm_to`] /
+//!   [`norm_predict_to`] (its LayerNorms, written in the weights' dtype).
 //!
 //! Which backend runs what: `CubeBackend<R, ..>` (CUDA and wgpu without Burn's fusion
 //! layer) runs the CubeCL kernels. Every other backend — Flex on the CPU, and the fused

@@ -854,7 +854,7 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
 }
 
 /// LayerNorm of each row of `x [rows, d]` with f32 `gamma`, `beta` `[d]`; see
-/// [`crate::SparseKernels::layer_norm`].
+/// [`crate::SparseKernels::layer_norm_rows`].
 pub fn layer_norm<R: CubeRuntime>(
     x: CubeTensor<R>,
     gamma: CubeTensor<R>,

@@ -7,7 +7,8 @@
 #   e2e     transformers fp16 eager at 6.7B and 13B, prompt 128, then `dejavu-bench e2e`
 #           for each of VARIANTS (default "f16res f32res": the default step, then
 #           --f32-residual; f32fused: --f32-residual --fused-attention), token kept on the
-#           device — hf.json, e2e-<variant>.json/.log (~4 min);
+#           device — hf.json, e2e-<variant>.json/.log (~4 min); PROMPTS sets the prompt
+#           lengths (default 128), HF=0 leaves transformers out;
 #   ab      transformers as in e2e, --f32-residual --fused-attention (attention and out_proj in one launch), then
 #           the default step again — e2e-f32fused.json/.log, e2e-f16res-2.json/.log;
 #   checks  every kernel checked against host loops at the 6.7B shape (the fused attention
@@ -20,7 +21,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 e2e() { # variant suffix
     extra=""; [ "$1" = f32res ] && extra="--f32-residual"; [ "$1" = f32fused ] && extra="--f32-residual --fused-attention"
     peer=""; [ -f "$OUT/hf.json" ] && peer="--peer-json $OUT/hf.json"
-    timeout 240 dejavu-bench e2e --models opt-6.7b,opt-13b --prompt-lens 128 --runs 3 --backend cuda --dtype f16 \
+    timeout 240 dejavu-bench e2e --models opt-6.7b,opt-13b --prompt-lens ${PROMPTS:-128} --runs 3 --backend cuda --dtype f16 \
         --readback end $extra $peer --out "$OUT/e2e-$1$2.json" > "$OUT/e2e-$1$2.log" 2>&1
     echo "--- $1$2 (exit $?)"; grep -E "ms/token|floor|sparse.*(host|device)" "$OUT/e2e-$1$2.log" | tail -10
 }
@@ -30,7 +31,7 @@ hf() {
 }
 case "${PART:-e2e}" in
 e2e)
-    hf
+    [ "${HF:-1}" = 1 ] && hf
     for v in ${VARIANTS:-f16res f32res}; do e2e "$v" ""; done
     ;;
 ab)

@@ -20,7 +20,7 @@ export CUBECL_AUTOTUNE_LEVEL=minimal
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 e2e() { # variant suffix
     extra=""; [ "$1" = f32res ] && extra="--f32-residual"; [ "$1" = f32fused ] && extra="--f32-residual --fused-attention"
-    peer=""; [ -f "$OUT/hf.json" ] && peer="--peer-json $OUT/hf.json"
+    peer=""; [ -f "$OUT/hf.json" ] && peer="--peer-json $OUT/hf.json"; [ "${HF:-1}" = 0 ] && peer="--peer-python="
     timeout 240 dejavu-bench e2e --models opt-6.7b,opt-13b --prompt-lens ${PROMPTS:-128} --runs 3 --backend cuda --dtype f16 \
         --readback end $extra $peer --out "$OUT/e2e-$1$2.json" > "$OUT/e2e-$1$2.log" 2>&1
     echo "--- $1$2 (exit $?)"; grep -E "ms/token|floor|sparse.*(host|device)" "$OUT/e2e-$1$2.log" | tail -10

@@ -556,12 +556,14 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
                     prim(w.clone()), Some(bias2.clone().into_primitive().tensor()), a, &cfg,
                 ));
             })?
-        } else if kernel == "fc2skipacc" {
+        } else if kernel == "fc2acc" || kernel == "fc2skipacc" {
+            // The gathered rows, or every row of the gated fc1's output.
+            let (rows_idx, h_in) = if kernel == "fc2acc" { (Some(&idx), &h) } else { (None, &h_all) };
             let mut acc = Some(prim(Tensor::<Cube<R>, 2>::zeros([1, d], device).cast(DType::F32)));
             timer.time(|i| {
                 let a = acc.take().expect("the accumulator is put back after each call");
                 acc = Some(dejavu_kernels::cube::rows_transposed_gemv_accumulate(
-                    prim(ws[i % copies].clone()), None, 1, prim(h_all.clone()),
+                    prim(ws[i % copies].clone()), rows_idx.map(|i| i.clone().into_primitive()), 1, prim(h_in.clone()),
                     Some(bias2.clone().into_primitive().tensor()), a, DType::I32, &cfg,
                 ));
             })?
@@ -579,15 +581,6 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
                     prim(ws[i % copies].clone()), None, 1, prim(h.clone()),
                     Some(bias2.clone().into_primitive().tensor()), None, DType::I32, &cfg,
                 );
-            })?
-        } else if kernel == "fc2acc" {
-            let mut acc = Some(prim(Tensor::<Cube<R>, 2>::zeros([1, d], device).cast(DType::F32)));
-            timer.time(|i| {
-                let a = acc.take().expect("the accumulator is put back after each call");
-                acc = Some(dejavu_kernels::cube::rows_transposed_gemv_accumulate(
-                    prim(ws[i % copies].clone()), Some(idx.clone().into_primitive()), 1, prim(h.clone()),
-                    Some(bias2.clone().into_primitive().tensor()), a, DType::I32, &cfg,
-                ));
             })?
         } else {
             timer.time(|i| {

@@ -462,14 +462,24 @@ pub fn check_gemvs<B: SparseKernels, L: Launcher<B>>(
 /// other from an f64 one), so allow one ulp of every hidden value, times the weight it
 /// meets, on top of the usual tolerance.
 fn hidden_rounding_slack(w_t: &[f32], rows: usize, d: usize, idx: Option<&[i64]>, hidden: &[f32], batch: usize, dtype: DType) -> Vec<f32> {
-    let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<f32>>();
     let spread = host::rows_transposed_gemv(&abs(w_t), rows, d, idx, &abs(hidden), batch, None);
-    let ulp = match dtype {
+    let ulp = storage_ulp(dtype);
+    spread.iter().map(|s| ulp * s).collect()
+}
+
+/// Every value's magnitude.
+fn abs(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|x| x.abs()).collect()
+}
+
+/// The relative rounding step of a value stored in `dtype` (one ulp at 1.0, with f32's
+/// taken at its sums' precision).
+fn storage_ulp(dtype: DType) -> f32 {
+    match dtype {
         DType::F16 => 2f32.powi(-10),
         DType::BF16 => 2f32.powi(-7),
         _ => 2f32.powi(-22),
-    };
-    spread.iter().map(|s| ulp * s).collect()
+    }
 }
 
 /// Selection: the union over the batch, full capacity and a truncating one; indices and
@@ -889,37 +899,9 @@ pub fn check_attention_out_proj<B: SparseKernels, L: Launcher<B>>(
     let bias = stored(uniform(&mut rng, rows, 0.0), dtype);
     let acc = uniform(&mut rng, batch * rows, 0.0);
     let o = host::selected_heads_attention(&q, &heads, &k, &v, dims, len, scale);
-    let want = host::block_cols_gemv(
-        &w,
-        rows,
-        d,
-        Some(&heads),
-        hd,
-        &o,
-        batch,
-        Some(&bias),
-        Some(&acc),
-    );
-    let abs = |x: &[f32]| x.iter().map(|v| v.abs()).collect::<Vec<f32>>();
-    let ulp = match dtype {
-        DType::F16 => 2f32.powi(-10),
-        DType::BF16 => 2f32.powi(-7),
-        _ => 2f32.powi(-22),
-    };
-    let slack: Vec<f32> = host::block_cols_gemv(
-        &abs(&w),
-        rows,
-        d,
-        Some(&heads),
-        hd,
-        &abs(&o),
-        batch,
-        None,
-        None,
-    )
-    .iter()
-    .map(|s| ulp * s)
-    .collect();
+    let want = host::block_cols_gemv(&w, rows, d, Some(&heads), hd, &o, batch, Some(&bias), Some(&acc));
+    let ulp = storage_ulp(dtype);
+    let slack: Vec<f32> = host::block_cols_gemv(&abs(&w), rows, d, Some(&heads), hd, &abs(&o), batch, None, None).iter().map(|s| ulp * s).collect();
     let case = format!("batch {batch} heads {n_heads} cap {cap} hd {hd} len {len} rows {rows} slots {slots} {dtype:?} seed {seed}");
     let mut out = Vec::new();
     for handed_over in [true, false] {
@@ -938,37 +920,15 @@ pub fn check_attention_out_proj<B: SparseKernels, L: Launcher<B>>(
             acc_dev,
         );
         match kept {
-            None => out.push(outcome(
-                "attention_out_proj_accumulate",
-                case.clone(),
-                DType::F32,
-                &read(got),
-                &want,
-                &slack,
-            )),
+            None => out.push(outcome("attention_out_proj_accumulate", case.clone(), DType::F32, &read(got), &want, &slack)),
             Some(kept) => {
-                out.push(outcome(
-                    "attention_out_proj_accumulate (held)",
-                    case.clone(),
-                    DType::F32,
-                    &read(got),
-                    &want,
-                    &slack,
-                ));
-                out.push(outcome(
-                    "attention_out_proj_accumulate: the caller's accumulator kept",
-                    case.clone(),
-                    DType::F32,
-                    &read(kept),
-                    &acc,
-                    &[],
-                ));
+                out.push(outcome("attention_out_proj_accumulate (held)", case.clone(), DType::F32, &read(got), &want, &slack));
+                out.push(outcome("attention_out_proj_accumulate: the caller's accumulator kept", case.clone(), DType::F32, &read(kept), &acc, &[]));
             }
         }
     }
     out
 }
-
 
 /// The decode-step predictor kernels against host loops: the mixed-dtype GEMV (f32
 /// weights `[r, d]` reading an `x` stored in `dtype`, f32 out: the predictor's first

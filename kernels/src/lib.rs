@@ -1146,7 +1146,7 @@ fn check_predictor<B: Backend>(op: &'static str, up: &Tensor<B, 2>, h: &Tensor<B
     check_float(op, "h", h, burn::tensor::DType::F32)
 }
 
-/// A residual the kernel adds in its last pass: the output's shape, the weights' dtype.
+/// A residual the kernel adds in its last pass: the output's shape, in `dtype`.
 fn check_residual<B: Backend>(op: &'static str, residual: Option<&Tensor<B, 2>>, out: [usize; 2], dtype: burn::tensor::DType) -> Result<(), KernelError> {
     if let Some(r) = residual {
         if r.dims() != out {

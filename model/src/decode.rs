@@ -267,10 +267,9 @@ pub(crate) fn settle_lazy_kv<B: SparseKernels>(
 
 /// fc2 (`w_t`, transposed) of `h [batch, K]` over the rows `idx` picks (all
 /// when `None`), plus bias, plus `residual [batch, 1, d]` when given: the add happens in the
-/// kernel's second pass, not in a launch of its own. With `accumulate`, or a residual in
-/// f32 under half-precision weights (a residual stream kept in f32), the sum is added into
-/// the residual in f32 (`accumulate_transposed_gemv`: one launch with f32 atomics).
-/// `[batch, 1, d]`.
+/// kernel's second pass, not in a launch of its own. With `accumulate` (a residual stream
+/// kept in f32) the sum is added into the residual in f32 (`accumulate_transposed_gemv`:
+/// one launch with f32 atomics). `[batch, 1, d]`.
 pub(crate) fn output_projection<B: SparseKernels>(
     w_t: Tensor<B, 2>,
     idx: Option<Tensor<B, 1, Int>>,
@@ -282,7 +281,7 @@ pub(crate) fn output_projection<B: SparseKernels>(
     let batch = h.dims()[0];
     let d = w_t.dims()[1];
     let residual = match residual {
-        Some(r) if accumulate || (r.dtype() == DType::F32 && w_t.dtype() != DType::F32) => {
+        Some(r) if accumulate => {
             let acc = if r.dtype() == DType::F32 { r } else { r.cast(DType::F32) };
             return dejavu_kernels::accumulate_transposed_gemv(acc.reshape([batch, d]), w_t, idx.map(|i| (i, 1)), h, bias)
                 .expect(SHAPES)

@@ -641,20 +641,10 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
             // Attention and out_proj in one launch, added into the f32 residual (its
             // buffer handed over: updated in place).
             (true, Some(r)) => {
-            let out_rows = self.model.weights.layers[layer].out_rows.clone();
-            let y = dejavu_kernels::attention_out_proj_accumulate(
-                q,
-                heads,
-                keys,
-                values,
-                step.start + 1,
-                scale,
-                out_rows,
-                bias(&attention.out_proj),
-                r.reshape([batch, d]),
-                self.model.options.fused_attention,
-            );
-            return y.expect(KERNEL_SHAPES).reshape([batch, 1, d]);
+                let out_rows = self.model.weights.layers[layer].out_rows.clone();
+                let one_launch = self.model.options.fused_attention;
+                let y = dejavu_kernels::attention_out_proj_accumulate(q, heads, keys, values, step.start + 1, scale, out_rows, bias(&attention.out_proj), r.reshape([batch, d]), one_launch);
+                return y.expect(KERNEL_SHAPES).reshape([batch, 1, d]);
             }
             (_, residual) => residual,
         };

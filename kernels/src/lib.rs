@@ -903,31 +903,14 @@ fn check_attention<B: Backend>(
 ) -> Result<(), KernelError> {
     let [batch, _, cap, hd] = k_cache.dims();
     if v_cache.dims() != k_cache.dims() {
-        return Err(shape_err(
-            op,
-            format!(
-                "key cache {:?} and value cache {:?} differ",
-                k_cache.dims(),
-                v_cache.dims()
-            ),
-        ));
+        return Err(shape_err(op, format!("key cache {:?} and value cache {:?} differ", k_cache.dims(), v_cache.dims())));
     }
     let slots = heads.dims()[0];
     if q.dims() != [batch, slots * hd] {
-        return Err(shape_err(
-            op,
-            format!(
-                "q is {:?}, expected [{batch}, {}] for {slots} heads of {hd}",
-                q.dims(),
-                slots * hd
-            ),
-        ));
+        return Err(shape_err(op, format!("q is {:?}, expected [{batch}, {}] for {slots} heads of {hd}", q.dims(), slots * hd)));
     }
     if len == 0 || len > cap {
-        return Err(shape_err(
-            op,
-            format!("length {len} outside 1..={cap} (the cache capacity)"),
-        ));
+        return Err(shape_err(op, format!("length {len} outside 1..={cap} (the cache capacity)")));
     }
     check_float(op, "the key cache", k_cache, q.dtype())?;
     check_float(op, "the value cache", v_cache, q.dtype())
@@ -961,10 +944,7 @@ pub fn attention_out_proj_accumulate<B: SparseKernels>(
     let [batch, heads_total, _, hd] = k_cache.dims();
     let [rows, cols] = w.dims();
     if cols != heads_total * hd {
-        return Err(shape_err(
-            op,
-            format!("out_proj is {:?} for {heads_total} heads of {hd}", w.dims()),
-        ));
+        return Err(shape_err(op, format!("out_proj is {:?} for {heads_total} heads of {hd}", w.dims())));
     }
     check_float(op, "out_proj", &w, q.dtype())?;
     check_bias(op, bias.as_ref(), rows, "rows", w.dtype())?;
@@ -1462,7 +1442,7 @@ pub fn accumulate_transposed_gemv<B: SparseKernels>(
 ) -> Result<Tensor<B, 2>, KernelError> {
     let op = "accumulate_transposed_gemv";
     let (idx, block) = check_transposed_rows(op, &w_t, idx, &h, bias.as_ref())?;
-    check_residual(op, Some(&acc), [h.dims()[0], w_t.dims()[1]], burn::tensor::DType::F32)?;
+    check_residual(op, Some(&acc), [h.dims()[0], w_t.dims()[1]], DType::F32)?;
     Ok(wrap(B::rows_transposed_gemv_accumulate(prim(w_t), idx, block, prim(h), bias.map(prim), prim(acc))))
 }
 

@@ -611,31 +611,10 @@ pub(crate) fn rows_transposed_gemv_atomic_kernel<F: Float, N: Size, I: Int>(
     for b in 0..shape.batch {
         let mut acc = Vector::<f32, N>::new(0.0f32);
         if col_live {
-            acc = split_dot(
-                w,
-                idx,
-                h,
-                b * shape.h_stride,
-                c,
-                start,
-                end,
-                shape,
-                block,
-                gathered,
-                lanes_k,
-            );
+            acc = split_dot(w, idx, h, b * shape.h_stride, c, start, end, shape, block, gathered, lanes_k);
         }
         let total = lanes_total(&mut scratch, acc, cols_per_cube, lanes_k);
-        add_split_total(
-            acc_out,
-            total,
-            bias,
-            b * acc_stride,
-            c,
-            split,
-            col_live,
-            has_bias,
-        );
+        add_split_total(acc_out, total, bias, b * acc_stride, c, split, col_live, has_bias);
     }
 }
 
@@ -747,16 +726,7 @@ pub(crate) fn rows_transposed_gemv_compact_atomic_kernel<F: Float, N: Size>(
     let n = compact_live_rows(h, shape, &mut live_rows, cols_per_cube, lanes_k, per_unit);
     for b in 0..shape.batch {
         let total = compact_split_total(w, h, b, shape, &live_rows, n, c, col_live, &mut scratch, cols_per_cube, lanes_k);
-        add_split_total(
-            acc_out,
-            total,
-            bias,
-            b * acc_stride,
-            c,
-            split,
-            col_live,
-            has_bias,
-        );
+        add_split_total(acc_out, total, bias, b * acc_stride, c, split, col_live, has_bias);
     }
 }
 
@@ -893,22 +863,14 @@ fn live_rows_dot<F: Float, N: Size>(
         let w5 = w[r5 * row_stride + c];
         let w6 = w[r6 * row_stride + c];
         let w7 = w[r7 * row_stride + c];
-        acc +=
-            Vector::<f32, N>::cast_from(w0) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r0]));
-        acc +=
-            Vector::<f32, N>::cast_from(w1) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r1]));
-        acc +=
-            Vector::<f32, N>::cast_from(w2) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r2]));
-        acc +=
-            Vector::<f32, N>::cast_from(w3) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r3]));
-        acc +=
-            Vector::<f32, N>::cast_from(w4) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r4]));
-        acc +=
-            Vector::<f32, N>::cast_from(w5) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r5]));
-        acc +=
-            Vector::<f32, N>::cast_from(w6) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r6]));
-        acc +=
-            Vector::<f32, N>::cast_from(w7) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r7]));
+        acc += Vector::<f32, N>::cast_from(w0) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r0]));
+        acc += Vector::<f32, N>::cast_from(w1) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r1]));
+        acc += Vector::<f32, N>::cast_from(w2) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r2]));
+        acc += Vector::<f32, N>::cast_from(w3) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r3]));
+        acc += Vector::<f32, N>::cast_from(w4) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r4]));
+        acc += Vector::<f32, N>::cast_from(w5) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r5]));
+        acc += Vector::<f32, N>::cast_from(w6) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r6]));
+        acc += Vector::<f32, N>::cast_from(w7) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r7]));
         i += 8 * lanes_k;
     }
     while i < n {
@@ -1168,8 +1130,7 @@ fn attention_partials<F: Float, N: Size>(
             // Unrolled: the whole key row's loads are in flight together.
             #[unroll]
             for v in 0..hd_vectors {
-                dot += Vector::<f32, N>::cast_from(q[q_base + v])
-                    * Vector::<f32, N>::cast_from(k_cache[row + v]);
+                dot += Vector::<f32, N>::cast_from(q[q_base + v]) * Vector::<f32, N>::cast_from(k_cache[row + v]);
             }
             let mut s = 0.0f32;
             #[unroll]
@@ -1213,17 +1174,13 @@ fn attention_partials<F: Float, N: Size>(
             let v2 = v_cache[kv_base + (t + 2 * lanes) * pos_stride + cv];
             let v3 = v_cache[kv_base + (t + 3 * lanes) * pos_stride + cv];
             acc += Vector::<f32, N>::cast_from(v0) * Vector::<f32, N>::new(scores[t - start]);
-            acc +=
-                Vector::<f32, N>::cast_from(v1) * Vector::<f32, N>::new(scores[t + lanes - start]);
-            acc += Vector::<f32, N>::cast_from(v2)
-                * Vector::<f32, N>::new(scores[t + 2 * lanes - start]);
-            acc += Vector::<f32, N>::cast_from(v3)
-                * Vector::<f32, N>::new(scores[t + 3 * lanes - start]);
+            acc += Vector::<f32, N>::cast_from(v1) * Vector::<f32, N>::new(scores[t + lanes - start]);
+            acc += Vector::<f32, N>::cast_from(v2) * Vector::<f32, N>::new(scores[t + 2 * lanes - start]);
+            acc += Vector::<f32, N>::cast_from(v3) * Vector::<f32, N>::new(scores[t + 3 * lanes - start]);
             t += 4 * lanes;
         }
         while t < end {
-            acc += Vector::<f32, N>::cast_from(v_cache[kv_base + t * pos_stride + cv])
-                * Vector::<f32, N>::new(scores[t - start]);
+            acc += Vector::<f32, N>::cast_from(v_cache[kv_base + t * pos_stride + cv]) * Vector::<f32, N>::new(scores[t - start]);
             t += lanes;
         }
     }
@@ -1277,23 +1234,7 @@ pub(crate) fn selected_heads_attention_kernel<F: Float, N: Size, I: Int>(
     let kv_base = b * shape.cache_batch_stride + head * shape.cache_head_stride;
     let start = usize::min(sp * chunk, len);
     let end = usize::min(start + chunk, len);
-    let (max, total) = attention_partials(
-        q,
-        q_base,
-        k_cache,
-        v_cache,
-        kv_base,
-        shape.cache_pos_stride,
-        start,
-        end,
-        scale,
-        live,
-        &mut scores,
-        &mut red,
-        &mut acc_smem,
-        threads,
-        hd_vectors,
-    );
+    let (max, total) = attention_partials(q, q_base, k_cache, v_cache, kv_base, shape.cache_pos_stride, start, end, scale, live, &mut scores, &mut red, &mut acc_smem, threads, hd_vectors);
     let lanes = threads / hd_vectors;
     if tid < hd_vectors {
         let mut sum = Vector::<f32, N>::new(0.0f32);
@@ -1374,23 +1315,7 @@ pub(crate) fn attention_out_proj_atomic_kernel<F: Float, N: Size, I: Int>(
     let live = head < shape.heads;
     let q_base = b * shape.q_stride + j * hd_vectors;
     let kv_base = b * shape.cache_batch_stride + head * shape.cache_head_stride;
-    let (_max, total) = attention_partials(
-        q,
-        q_base,
-        k_cache,
-        v_cache,
-        kv_base,
-        shape.cache_pos_stride,
-        0,
-        len,
-        scale,
-        live,
-        &mut scores,
-        &mut red,
-        &mut acc_smem,
-        threads,
-        hd_vectors,
-    );
+    let (_max, total) = attention_partials(q, q_base, k_cache, v_cache, kv_base, shape.cache_pos_stride, 0, len, scale, live, &mut scores, &mut red, &mut acc_smem, threads, hd_vectors);
     if tid < hd_vectors {
         let mut sum = Vector::<f32, N>::new(0.0f32);
         if live {
@@ -1428,51 +1353,15 @@ pub(crate) fn attention_out_proj_atomic_kernel<F: Float, N: Size, I: Int>(
         let s2 = segment_sum(vector_dot(w2, ov), &mut red, lane, hd_vectors, use_plane);
         let s3 = segment_sum(vector_dot(w3, ov), &mut red, lane, hd_vectors, use_plane);
         if lane == 0 {
-            add_row(
-                acc_out,
-                bias,
-                b * acc_stride,
-                r0,
-                rows,
-                s0,
-                live || add_bias,
-                add_bias,
-            );
+            add_row(acc_out, bias, b * acc_stride, r0, rows, s0, live || add_bias, add_bias);
             if i + 1 < per_group {
-                add_row(
-                    acc_out,
-                    bias,
-                    b * acc_stride,
-                    r1,
-                    rows,
-                    s1,
-                    live || add_bias,
-                    add_bias,
-                );
+                add_row(acc_out, bias, b * acc_stride, r1, rows, s1, live || add_bias, add_bias);
             }
             if i + 2 < per_group {
-                add_row(
-                    acc_out,
-                    bias,
-                    b * acc_stride,
-                    r2,
-                    rows,
-                    s2,
-                    live || add_bias,
-                    add_bias,
-                );
+                add_row(acc_out, bias, b * acc_stride, r2, rows, s2, live || add_bias, add_bias);
             }
             if i + 3 < per_group {
-                add_row(
-                    acc_out,
-                    bias,
-                    b * acc_stride,
-                    r3,
-                    rows,
-                    s3,
-                    live || add_bias,
-                    add_bias,
-                );
+                add_row(acc_out, bias, b * acc_stride, r3, rows, s3, live || add_bias, add_bias);
             }
         }
         i += 4;

@@ -768,23 +768,10 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
     acc: CubeTensor<R>,
     config: &LaunchConfig,
 ) -> CubeTensor<R> {
-    assert_eq!(
-        acc.dtype,
-        DType::F32,
-        "attention_out_proj_accumulate: accumulator dtype"
-    );
-    let [batch, _, cap, hd] = [
-        dims(&k_cache)[0],
-        dims(&k_cache)[1],
-        dims(&k_cache)[2],
-        dims(&k_cache)[3],
-    ];
+    assert_eq!(acc.dtype, DType::F32, "attention_out_proj_accumulate: accumulator dtype");
+    let [batch, _, cap, hd] = [dims(&k_cache)[0], dims(&k_cache)[1], dims(&k_cache)[2], dims(&k_cache)[3]];
     let len = len.min(cap);
-    let (q, heads, w) = (
-        into_contiguous(q),
-        into_contiguous(heads),
-        into_contiguous(w),
-    );
+    let (q, heads, w) = (into_contiguous(q), into_contiguous(heads), into_contiguous(w));
     let (k_cache, v_cache) = (into_contiguous(k_cache), into_contiguous(v_cache));
     let vs = vector_width(&[&q, &k_cache, &v_cache, &w]);
     let hd_vectors = hd / vs.max(1);
@@ -821,11 +808,7 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
     unsafe {
         attention_out_proj_atomic_kernel::launch_unchecked::<R>(
             &acc.client,
-            CubeCount::Static(
-                rows.div_ceil(rows_per_cube) as u32,
-                slots as u32,
-                batch as u32,
-            ),
+            CubeCount::Static(rows.div_ceil(rows_per_cube) as u32, slots as u32, batch as u32),
             CubeDim::new_1d(threads as u32),
             vs,
             arg(q),

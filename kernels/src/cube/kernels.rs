@@ -1272,13 +1272,13 @@ pub(crate) fn selected_heads_attention_kernel<F: Float, N: Size, I: Int>(
 /// each), reduced by plane shuffles (`use_plane`) or shared memory; each unit keeps four
 /// rows' loads in flight. An empty slot adds nothing (slot 0 still adds the bias).
 ///
-/// Measured on the H100 (6.7B shape, half the heads, 192 positions; `kernels --tune`):
-/// 25.7 µs against 19.4 for the attention kernel and `block_cols_gemv` back to back, and
-/// 22.5 µs in a decode step against 8.5 + 13.7 (Nsight Compute) — each cube runs its
-/// attention and then its rows, one after the other, and every row block of a head
-/// recomputes the head's attention. Loading a unit's rows into registers before the
-/// attention, to overlap the two, was slower still (31.3 µs in the step: fewer cubes
-/// resident). What it saves is a launch, where the host, not the GPU, bounds a step
+/// Measured on the H100 (6.7B shape, half the heads; Nsight Compute on a decode step): 22.5
+/// µs, where the attention kernel and `block_cols_gemv` took 8.5 + 13.7 (an earlier
+/// step's profile) — each cube runs its attention and then its rows, one after the other,
+/// and every row block of a head recomputes the head's attention. Loading a unit's rows
+/// into registers before the attention, to overlap the two, was slower (31.3 µs in the
+/// step; in isolation, `kernels --tune` at 192 positions, 25.7 µs against 19.4 for the two
+/// kernels back to back) and was reverted. What it saves is a launch, where the host, not the GPU, bounds a step
 /// (`SparseOptions::fused_attention` in the model).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)] // attention's inputs, out_proj's, and the accumulator

@@ -201,6 +201,8 @@ fn bytes_per_value(dtype: DType) -> f64 {
 type Pair<B, const D: usize> = (Tensor<B, D>, Tensor<B, D>);
 /// Stacked QKV weight `[3d, d]` and bias, transposed `out_proj` `[d, d]` and bias.
 type AttentionWeights<B> = (Tensor<B, 2>, Tensor<B, 1>, Tensor<B, 2>, Tensor<B, 1>);
+/// `out_proj` (row-major) with a key cache and a value cache.
+type OutProjAndCaches<B> = (Tensor<B, 2>, Pair<B, 4>);
 
 struct MlpWeights<B: Backend> {
     /// fc1 in PyTorch layout `[ffn, d]`.
@@ -490,8 +492,8 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
     let attn_heads = Tensor::<Cube<R>, 1, Int>::from_data(TensorData::new((0..slots as i32).map(|h| 2 * h).collect::<Vec<i32>>(), [slots]), device);
     let attn_q = random::<Cube<R>, 2>([1, slots * hd], dtype, device);
     let attn_copies = rotation_copies(args, (d * d) as f64 * bytes_per_value(dtype) * 0.5, 16);
-    let attn_w: Vec<(Tensor<Cube<R>, 2>, Tensor<Cube<R>, 4>, Tensor<Cube<R>, 4>)> = (0..attn_copies)
-        .map(|_| (random([d, d], dtype, device), random([1, n_heads, attn_cap, hd], dtype, device), random([1, n_heads, attn_cap, hd], dtype, device)))
+    let attn_w: Vec<OutProjAndCaches<Cube<R>>> = (0..attn_copies)
+        .map(|_| (random([d, d], dtype, device), (random([1, n_heads, attn_cap, hd], dtype, device), random([1, n_heads, attn_cap, hd], dtype, device))))
         .collect();
     let base = LaunchConfig::default();
     let mut variants = Vec::new();
@@ -548,7 +550,7 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
         let t = if kernel == "attnout" {
             let mut acc = Some(prim(Tensor::<Cube<R>, 2>::zeros([1, d], device).cast(DType::F32)));
             timer.time(|i| {
-                let (w, kc, vc) = &attn_w[i % attn_copies];
+                let (w, (kc, vc)) = &attn_w[i % attn_copies];
                 let a = acc.take().expect("the accumulator is put back after each call");
                 let p4 = |t: &Tensor<Cube<R>, 4>| t.clone().into_primitive().tensor();
                 acc = Some(dejavu_kernels::cube::attention_out_proj_accumulate(

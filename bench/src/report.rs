@@ -2,17 +2,11 @@
 
 use std::process::Command;
 
+/// The commit this binary was built from (`build.rs`; "-dirty" when built from a tree with
+/// uncommitted changes), unless `DEJAVU_COMMIT` says otherwise. Not the git HEAD of where it
+/// runs: the GPU machine's copy of the tree can be older than the binary handed to it.
 pub fn commit() -> String {
-    if let Ok(c) = std::env::var("DEJAVU_COMMIT") {
-        return c;
-    }
-    Command::new("git")
-        .args(["rev-parse", "--short=12", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into())
+    std::env::var("DEJAVU_COMMIT").unwrap_or_else(|_| env!("DEJAVU_BUILD_COMMIT").to_string())
 }
 
 /// The GPU's name from nvidia-smi, or what the caller knows.

@@ -13,6 +13,7 @@ mod launch;
 mod primer;
 mod quality;
 mod report;
+mod threadcpu;
 
 use clap::{Parser, Subcommand};
 

@@ -29,7 +29,6 @@ use serde_json::{json, Value};
 use crate::dense::{bytes_per_value, copy_bandwidth};
 use crate::primer::Primer;
 use crate::report::{commit, device_name, median, read_json, run_peer_script, write_benchmark};
-use crate::threadcpu::ThreadCpu;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct E2eArgs {
@@ -157,9 +156,6 @@ struct Row {
     over_floor: f64,
     /// µs per decode step by hook (see `ProfiledHooks`), when profiled.
     profile: Option<Value>,
-    /// CPU µs per decode step of the timed runs by thread: the model's, CubeCL's device
-    /// server's, the rest (`threadcpu`; Linux only).
-    cpu_per_step: Option<ThreadCpu>,
     /// Trained models only: the first step at which a timed run's greedy token differed
     /// from the warm-up run's (none: every run repeated its tokens).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -318,7 +314,6 @@ struct Timing {
     runs_ms: Vec<f64>,
     stats: Option<SparsityStats>,
     profile: Option<Value>,
-    cpu_per_step: Option<ThreadCpu>,
     tokens_first_difference: Option<usize>,
 }
 
@@ -341,8 +336,7 @@ fn prefill<B: SparseKernels>(model: &Opt<B>, cache: &mut KvCache<B>, hooks: &mut
 
 /// One greedy run with the library's loop spelled out (as `generate` does it, token read
 /// back each step) over a cache made once for every prompt length: prefill in chunks, then
-/// `new_tokens` steps; returns ms per decode step over the last `new_tokens − 1`, the tokens,
-/// and the threads' CPU time per step over the same steps (see `threadcpu`).
+/// `new_tokens` steps; returns ms per decode step over the last `new_tokens − 1`.
 fn decode_run<B: SparseKernels>(
     model: &Opt<B>,
     cache: &mut KvCache<B>,
@@ -350,7 +344,7 @@ fn decode_run<B: SparseKernels>(
     prompt: &[u32],
     new_tokens: usize,
     readback: Readback,
-) -> anyhow::Result<(f64, Vec<u32>, Option<ThreadCpu>)> {
+) -> anyhow::Result<(f64, Vec<u32>)> {
     let device = model.device();
     let hidden = prefill(model, cache, hooks, prompt)?;
     let [_, n, width] = hidden.dims();
@@ -358,7 +352,6 @@ fn decode_run<B: SparseKernels>(
     let first = argmax(hidden.slice([0..1, n - 1..n, 0..width]));
     let mut tokens = vec![first.clone().into_scalar().elem::<i64>() as u32];
     let started = Instant::now();
-    let cpu_before = ThreadCpu::now();
     match readback {
         Readback::Step => {
             for _ in 1..new_tokens {
@@ -376,10 +369,7 @@ fn decode_run<B: SparseKernels>(
             tokens.extend(read.into_iter().map(|t| t as u32));
         }
     }
-    let steps = (new_tokens - 1).max(1);
-    let ms = started.elapsed().as_secs_f64() * 1e3 / steps as f64;
-    let cpu = cpu_before.zip(ThreadCpu::now()).map(|(before, after)| after.per_step_since(&before, steps));
-    Ok((ms, tokens, cpu))
+    Ok((started.elapsed().as_secs_f64() * 1e3 / (new_tokens - 1).max(1) as f64, tokens))
 }
 
 /// A sparse row's hooks for [`time_decode`]: counting what steps keep or not, with the
@@ -409,15 +399,13 @@ fn time_decode<'h, B: SparseKernels>(
     // a shape may run while its kernels are still being autotuned, and on opt-mini (a
     // trained model whose top logits can lie within f16 rounding of each other) that
     // changed a greedy token.
-    let (_, warm_tokens, _) = decode_run(model, cache, hooks(false).as_hooks(), prompt, args.new_tokens, Readback::Step)?;
+    let (_, warm_tokens) = decode_run(model, cache, hooks(false).as_hooks(), prompt, args.new_tokens, Readback::Step)?;
     eprintln!("  warm-up runs {:.1} s", warm.elapsed().as_secs_f64());
     let mut runs_ms = Vec::new();
     let mut tokens_first_difference = None;
-    let mut cpu_runs = Vec::new();
     for _ in 0..args.runs {
         let mut h = hooks(false);
-        let (ms, tokens, cpu) = decode_run(model, cache, h.as_hooks(), prompt, args.new_tokens, args.readback)?;
-        cpu_runs.extend(cpu);
+        let (ms, tokens) = decode_run(model, cache, h.as_hooks(), prompt, args.new_tokens, args.readback)?;
         // The same greedy tokens, or the timed runs did other work than the warm-up's.
         if tokens != warm_tokens {
             let at = tokens.iter().zip(&warm_tokens).position(|(a, b)| a != b).unwrap_or(tokens.len().min(warm_tokens.len()));
@@ -434,11 +422,6 @@ fn time_decode<'h, B: SparseKernels>(
         }
         runs_ms.push(ms);
     }
-    // The timed runs' mean (each already per step).
-    let cpu_per_step = (!cpu_runs.is_empty()).then(|| ThreadCpu::mean(&cpu_runs));
-    if let Some(cpu) = cpu_per_step {
-        eprintln!("  CPU µs per step: model thread {:.0}, device server {:.0}, other {:.0}", cpu.model_us, cpu.device_server_us, cpu.other_us);
-    }
     if let Some(out) = args.host_profile.as_ref().filter(|_| args.prompt_lens.first() == Some(&prompt.len())) {
         let label = format!("{label}, prompt {}, {:?} readback, 3 runs of {} tokens", prompt.len(), args.readback, args.new_tokens);
         crate::hostprof::profile(out, &label, || {
@@ -449,7 +432,7 @@ fn time_decode<'h, B: SparseKernels>(
         })?;
     }
     let profile = if args.profile { Some(profile_decode(model, cache, hooks, prompt, args.readback)?) } else { None };
-    Ok(Timing { runs_ms, stats, profile, cpu_per_step, tokens_first_difference })
+    Ok(Timing { runs_ms, stats, profile, tokens_first_difference })
 }
 
 /// Where a decode step's time goes, hook by hook (decode steps only: calls with one new
@@ -550,7 +533,7 @@ fn profile_decode<'h, B: SparseKernels>(
     let mut host_step_us = 0.0;
     for synced in [false, true] {
         let mut h = ProfiledHooks { inner: hooks(false), device: model.device(), synced, us: [0.0; 4] };
-        let (step_ms, _, _) = decode_run(model, cache, &mut h, prompt, PROFILE_TOKENS, readback)?;
+        let (step_ms, _) = decode_run(model, cache, &mut h, prompt, PROFILE_TOKENS, readback)?;
         // decode_run times the PROFILE_TOKENS − 1 one-token forwards after the prefill; the
         // hooks count exactly those calls.
         let steps = (PROFILE_TOKENS - 1) as f64;
@@ -829,7 +812,6 @@ impl BackendTask for E2eTask {
                         floor_ms,
                         over_floor: ms / floor_ms,
                         profile: t.profile,
-                        cpu_per_step: t.cpu_per_step,
                         tokens_first_difference: t.tokens_first_difference,
                     });
                 };

@@ -13,7 +13,6 @@ mod launch;
 mod primer;
 mod quality;
 mod report;
-mod threadcpu;
 
 use clap::{Parser, Subcommand};
 

@@ -74,11 +74,6 @@ pub struct E2eArgs {
     /// Sparse rows, with --f32-residual: attention and out_proj in one launch
     #[arg(long, requires = "f32_residual")]
     fused_attention: bool,
-    /// Decode steps take their buffers from the allocator's default pool, without the pool
-    /// of fixed sizes the decode hooks turn on for a run's first step (the allocator is the
-    /// process's: compare the two in separate processes)
-    #[arg(long)]
-    no_step_buffer_pool: bool,
     /// The paper's latency setting for the synthetic models: MLP density in sparse layers
     #[arg(long, default_value_t = 0.1)]
     mlp_density: f64,
@@ -370,13 +365,6 @@ fn decode_run<B: SparseKernels>(
         }
     }
     Ok((started.elapsed().as_secs_f64() * 1e3 / (new_tokens - 1).max(1) as f64, tokens))
-}
-
-/// A sparse row's hooks for [`time_decode`]: counting what steps keep or not, with the
-/// step buffer pool or without (`--no-step-buffer-pool`).
-fn sparse_hooks<B: SparseKernels>(sparse: &SparseModel<B>, count: bool, pool: bool) -> Box<dyn ForwardHooksWithStats<B> + '_> {
-    let hooks = if count { sparse.hooks() } else { sparse.hooks().without_counts() };
-    Box::new(if pool { hooks } else { hooks.without_step_buffer_pool() })
 }
 
 /// Warm-up run, then `runs` timed runs: ms per decode step.
@@ -832,12 +820,7 @@ impl BackendTask for E2eTask {
                         "kernels": kernels,
                     }));
                 }
-                let pool = !args.no_step_buffer_pool;
-                let mut dense_hooks = |_| -> Box<dyn ForwardHooksWithStats<B>> {
-                    let hooks = KernelDecode::new(&weights);
-                    Box::new(if pool { hooks } else { hooks.without_step_buffer_pool() })
-                };
-                let dense = time_decode(&model, &mut cache, &mut dense_hooks, &prompt, args, &format!("{name} dense"), trained)?;
+                let dense = time_decode(&model, &mut cache, &mut |_| Box::new(KernelDecode::new(&weights)), &prompt, args, &format!("{name} dense"), trained)?;
                 push(&mut rows, "dense".into(), dense, 0.0);
                 if trained {
                     let hash = content_hash(&args.opt_mini)?;
@@ -847,7 +830,7 @@ impl BackendTask for E2eTask {
                         let plan = SparsityPlan::new(&set.manifest, point, &DenseLayers::default())?;
                         let sparse = SparseModel::with_weights(&model, &hash, plan, set.modules.clone(), sparse_options(args), weights.clone())?;
                         let label = format!("sparse {point}");
-                        let t = time_decode(&model, &mut cache, &mut |count| sparse_hooks(&sparse, count, pool), &prompt, args, &format!("{name} {label}"), trained)?;
+                        let t = time_decode(&model, &mut cache, &mut |count| Box::new(if count { sparse.hooks() } else { sparse.hooks().without_counts() }), &prompt, args, &format!("{name} {label}"), trained)?;
                         push(&mut rows, label, t, predictor_bytes);
                     }
                 } else {
@@ -855,7 +838,7 @@ impl BackendTask for E2eTask {
                     let (sparse, predictor_bytes) = synthetic_sparse(&model, &config, &weights, &mut cache, &prompt, args)?;
                     eprintln!("  synthetic predictors and thresholds {:.1} s", setup.elapsed().as_secs_f64());
                     let label = format!("sparse paper (mlp {}, attention {})", args.mlp_density, args.attention_density);
-                    let t = time_decode(&model, &mut cache, &mut |count| sparse_hooks(&sparse, count, pool), &prompt, args, &format!("{name} {label}"), trained)?;
+                    let t = time_decode(&model, &mut cache, &mut |count| Box::new(if count { sparse.hooks() } else { sparse.hooks().without_counts() }), &prompt, args, &format!("{name} {label}"), trained)?;
                     push(&mut rows, label, t, predictor_bytes);
                 }
                 report(&rows, &checks, None, false)?;

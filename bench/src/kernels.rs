@@ -526,12 +526,9 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
         }
     }
     // Attention with out_proj into an f32 residual, by rows of out_proj per cube (0: the
-    // attention kernel, then block_cols_gemv) and rows whose loads a unit issues together.
-    variants.push(("attnout", LaunchConfig { attention_out_rows: 0, ..base }));
-    for attention_out_rows in [64, 128, 256, 512] {
-        for attention_out_inflight in [4, 8, 16] {
-            variants.push(("attnout", LaunchConfig { attention_out_rows, attention_out_inflight, ..base }));
-        }
+    // attention kernel, then block_cols_gemv).
+    for attention_out_rows in [0, 64, 128, 256, 512] {
+        variants.push(("attnout", LaunchConfig { attention_out_rows, ..base }));
     }
     for kernel in ["fc2skip", "fc2half"] {
         variants.push((kernel, LaunchConfig { compact_rows: 0, ..base }));
@@ -597,8 +594,7 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
         };
         let op = match kernel {
             "fc1" => format!("tune_fc1_rows{}", cfg.rows_per_cube),
-            "attnout" if cfg.attention_out_rows == 0 => "tune_attention_out_proj_rows0".to_string(),
-            "attnout" => format!("tune_attention_out_proj_rows{}_inflight{}", cfg.attention_out_rows, cfg.attention_out_inflight),
+            "attnout" => format!("tune_attention_out_proj_rows{}", cfg.attention_out_rows),
             "fc2skipacc" => format!("tune_fc2t_skip_accumulate_cols{}_lanes{}_compact{}", cfg.cols_per_cube, cfg.lanes_k, cfg.accumulate_compact_rows),
             _ => {
                 let what = match kernel {

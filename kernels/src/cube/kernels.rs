@@ -1300,7 +1300,6 @@ pub(crate) fn attention_out_proj_atomic_kernel<F: Float, N: Size, I: Int>(
     #[comptime] max_chunk: usize,
     #[comptime] hd_vectors: usize,
     #[comptime] rows_per_cube: usize,
-    #[comptime] inflight: usize,
     #[comptime] has_bias: bool,
     #[comptime] use_plane: bool,
     #[define(F, I)] _dtypes: [StorageType; 2],
@@ -1340,26 +1339,37 @@ pub(crate) fn attention_out_proj_atomic_kernel<F: Float, N: Size, I: Int>(
     let add_bias = has_bias && j == 0;
     let mut i = 0usize;
     while i < per_group {
-        // `inflight` rows' loads issued together (kept in the weights' dtype until used:
-        // half the registers of f32); rows past the end (or a dead head's) read nothing.
-        let mut loaded = Array::<Vector<F, N>>::new(inflight);
-        #[unroll]
-        for k in 0..inflight {
-            loaded[k] = load_head_cols(w, first + (i + k) * groups, w_stride, col, rows, live && i + k < per_group);
-        }
-        #[unroll]
-        for k in 0..inflight {
-            let s = segment_sum(vector_dot(Vector::<f32, N>::cast_from(loaded[k]), ov), &mut red, lane, hd_vectors, use_plane);
-            if lane == 0 && i + k < per_group {
-                add_row(acc_out, bias, b * acc_stride, first + (i + k) * groups, rows, s, live || add_bias, add_bias);
+        // Four rows' loads in flight; rows past the end (or a dead head's) read nothing.
+        let r0 = first + i * groups;
+        let r1 = r0 + groups;
+        let r2 = r0 + 2 * groups;
+        let r3 = r0 + 3 * groups;
+        let w0 = load_head_cols(w, r0, w_stride, col, rows, live);
+        let w1 = load_head_cols(w, r1, w_stride, col, rows, live && i + 1 < per_group);
+        let w2 = load_head_cols(w, r2, w_stride, col, rows, live && i + 2 < per_group);
+        let w3 = load_head_cols(w, r3, w_stride, col, rows, live && i + 3 < per_group);
+        let s0 = segment_sum(vector_dot(w0, ov), &mut red, lane, hd_vectors, use_plane);
+        let s1 = segment_sum(vector_dot(w1, ov), &mut red, lane, hd_vectors, use_plane);
+        let s2 = segment_sum(vector_dot(w2, ov), &mut red, lane, hd_vectors, use_plane);
+        let s3 = segment_sum(vector_dot(w3, ov), &mut red, lane, hd_vectors, use_plane);
+        if lane == 0 {
+            add_row(acc_out, bias, b * acc_stride, r0, rows, s0, live || add_bias, add_bias);
+            if i + 1 < per_group {
+                add_row(acc_out, bias, b * acc_stride, r1, rows, s1, live || add_bias, add_bias);
+            }
+            if i + 2 < per_group {
+                add_row(acc_out, bias, b * acc_stride, r2, rows, s2, live || add_bias, add_bias);
+            }
+            if i + 3 < per_group {
+                add_row(acc_out, bias, b * acc_stride, r3, rows, s3, live || add_bias, add_bias);
             }
         }
-        i += inflight;
+        i += 4;
     }
 }
 
-/// Row `row` of `out_proj` at the head's column vector `col`, or zeros for a row past the
-/// end or when `read` is false — then nothing is read.
+/// Row `row` of `out_proj` at the head's column vector `col` (f32), or zeros for a row
+/// past the end or when `read` is false — then nothing is read.
 #[cube]
 fn load_head_cols<F: Float, N: Size>(
     w: &Array<Vector<F, N>>,
@@ -1368,10 +1378,10 @@ fn load_head_cols<F: Float, N: Size>(
     col: usize,
     rows: usize,
     read: bool,
-) -> Vector<F, N> {
-    let mut value = Vector::<F, N>::new(F::new(0.0));
+) -> Vector<f32, N> {
+    let mut value = Vector::<f32, N>::new(0.0f32);
     if read && row < rows {
-        value = w[row * w_stride + col];
+        value = Vector::<f32, N>::cast_from(w[row * w_stride + col]);
     }
     value
 }

@@ -58,14 +58,11 @@ pub struct LaunchConfig {
     /// 0 takes the separate kernels (attention, then `block_cols_gemv`); see
     /// `attention_out_proj_atomic_kernel` for what each costs on the H100.
     pub attention_out_rows: usize,
-    /// The one-launch attention with `out_proj`: how many of a unit's `out_proj` rows have
-    /// their loads issued together (one round of memory latency each such batch).
-    pub attention_out_inflight: usize,
 }
 
 impl Default for LaunchConfig {
     fn default() -> Self {
-        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 1024, attention_out_rows: 256, attention_out_inflight: 16 }
+        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 1024, attention_out_rows: 256 }
     }
 }
 
@@ -831,7 +828,6 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
             cap.max(1),
             hd_vectors,
             rows_per_cube,
-            config.attention_out_inflight.clamp(1, rows_per_cube.div_ceil(threads / hd_vectors)),
             has_bias,
             use_plane,
             [dtype.into(), idx_dtype.into()],

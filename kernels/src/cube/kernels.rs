@@ -1284,7 +1284,10 @@ pub(crate) fn selected_heads_attention_kernel<F: Float, N: Size, I: Int>(
 /// Measured on the H100 (6.7B shape, half the heads; Nsight Compute on a decode step): 22.5
 /// µs, where the attention kernel and `block_cols_gemv` took 8.5 + 13.7 (an earlier
 /// step's profile) — each cube runs its attention and then its rows, one after the other,
-/// and every row block of a head recomputes the head's attention. Loading a unit's rows
+/// and every row block of a head recomputes the head's attention. At 98 registers a unit
+/// (the query held in registers) two cubes fit an SM, 25% occupancy; with the query in
+/// shared memory, 52 registers and 20.8 µs (run 42). Issuing all of a unit's 16 rows'
+/// loads in one round instead of four was no faster (22.5 against 22.3 µs, run 41). Loading a unit's rows
 /// into registers before the attention, to overlap the two, was slower (31.3 µs in the
 /// step; in isolation, `kernels --tune` at 192 positions, 25.7 µs against 19.4 for the two
 /// kernels back to back) and was reverted. What it saves is a launch, where the host, not the GPU, bounds a step

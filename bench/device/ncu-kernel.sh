@@ -11,7 +11,6 @@ set -uo pipefail
 source bench/device/setup.sh
 exec > >(tee -a "$OUT/ncu-kernel.log") 2>&1
 export CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal}
-ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
 DEJAVU_NCU_CAPTURE=1 timeout "${LIMIT:-300}" "$ncu" --clock-control none --profile-from-start off \
   -k "regex:${KERNEL:-attention_out_proj}" --launch-skip "${SKIP:-10}" --launch-count "${COUNT:-2}" \
   --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \

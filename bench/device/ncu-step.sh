@@ -10,7 +10,6 @@ set -uo pipefail
 source bench/device/setup.sh
 exec > >(tee -a "$OUT/ncu-step.log") 2>&1
 export CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal}
-ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
 echo "ncu: $ncu"
 DEJAVU_NCU_CAPTURE=1 timeout "${LIMIT:-300}" "$ncu" --clock-control none --profile-from-start off \
   --metrics gpu__time_duration.sum,dram__bytes_read.sum,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active \

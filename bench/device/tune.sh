@@ -3,7 +3,6 @@
 # checked against host loops, outputs poisoned), then the tune rows sorted by time.
 # Expects dist/dejavu-bench.xz (carried). Writes $OUT/tune.json and $OUT/tune.log.
 set -uo pipefail
-export DEJAVU_COMMIT=${DEJAVU_COMMIT:-$(cat dist/commit 2>/dev/null || echo unknown)}
 source bench/device/setup.sh
 exec > >(tee -a "$OUT/tune.log") 2>&1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv

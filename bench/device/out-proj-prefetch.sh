@@ -27,9 +27,12 @@ tune)
 e2e)
     for b in ${ORDER:-new base}; do
         bin=dejavu-bench; [ "$b" = base ] && bin=dejavu-bench-base
+        # The baseline binary may predate the embedded commit: BASE_COMMIT names it.
+        [ "$b" = base ] && export DEJAVU_COMMIT=${BASE_COMMIT:-87dddd7}
         timeout "${E2E_LIMIT:-240}" "$bin" e2e --models "${MODELS:-opt-6.7b,opt-13b}" --prompt-lens 128 --runs 3 --backend cuda --dtype f16 \
             --readback end --breakdown "" --peer-python= --f32-residual --fused-attention --out "$OUT/e2e-$b.json" > "$OUT/e2e-$b.log" 2>&1
         echo "--- $b ($bin, exit $?)"; grep -E "^\| opt" "$OUT/e2e-$b.log" | head -4
+        unset DEJAVU_COMMIT
     done
     ;;
 ncu)

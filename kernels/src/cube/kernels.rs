@@ -1321,6 +1321,8 @@ pub(crate) fn attention_out_proj_atomic_kernel<F: Float, N: Size, I: Int>(
     heads: &Array<I>,
     k_cache: &Array<Vector<F, N>>,
     v_cache: &Array<Vector<F, N>>,
+    k_elems: &Array<F>,
+    v_elems: &Array<F>,
     w: &Array<Vector<F, N>>,
     w_elems: &Array<F>,
     bias: &Array<F>,
@@ -1340,6 +1342,7 @@ pub(crate) fn attention_out_proj_atomic_kernel<F: Float, N: Size, I: Int>(
     #[comptime] prefetch: u32,
     #[comptime] sectors: usize,
     #[comptime] sector_elems: usize,
+    #[comptime] max_len: usize,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let mut scores = SharedMemory::<f32>::new(max_chunk);
@@ -1354,25 +1357,32 @@ pub(crate) fn attention_out_proj_atomic_kernel<F: Float, N: Size, I: Int>(
     let q_base = b * shape.q_stride + j * hd_vectors;
     let kv_base = b * shape.cache_batch_stride + head * shape.cache_head_stride;
     let mut q_smem = SharedMemory::<Vector<f32, N>>::new(hd_vectors);
-    // The cube's rows of out_proj, touched into the caches while the attention runs (see
-    // `OutProjPrefetch`): one element of every 32-byte sector, held unread until after it.
-    let touches = comptime!((rows_per_cube * sectors).div_ceil(threads));
-    let mut touched = Array::<F>::new(comptime!(touches.max(1)));
-    let touch_first = CUBE_POS_X as usize * rows_per_cube;
-    let touch_col = head * hd_vectors * N::value();
-    let touch_stride = w_stride * N::value();
+    // Bytes touched into the caches ahead of their reads (see `AttentionPrefetch`): one
+    // element of every 32-byte sector, held unread until the attention is done.
+    let out_touches = comptime!(if prefetch == 1 || prefetch == 2 { (rows_per_cube * sectors).div_ceil(threads) } else { 0 });
+    let kv_touches = comptime!(if prefetch == 3 { (max_len * sectors).div_ceil(threads) } else { 0 });
+    let mut touched = Array::<F>::new(comptime!((out_touches + 2 * kv_touches).max(1)));
+    let out_first = CUBE_POS_X as usize * rows_per_cube;
+    let out_col = head * hd_vectors * N::value();
+    let out_stride = w_stride * N::value();
+    let kv_col = kv_base * N::value();
+    let kv_stride = shape.cache_pos_stride * N::value();
     if comptime!(prefetch == 1) {
-        touch_head_rows(w_elems, &mut touched, touch_first, rows, touch_stride, touch_col, live, threads, rows_per_cube, sectors, sector_elems);
+        touch_rows(w_elems, &mut touched, 0, out_first, usize::min(out_first + rows_per_cube, rows), out_stride, out_col, live, threads, rows_per_cube, sectors, sector_elems);
+    }
+    if comptime!(prefetch == 3) {
+        touch_rows(k_elems, &mut touched, 0, 0, len, kv_stride, kv_col, live, threads, max_len, sectors, sector_elems);
+        touch_rows(v_elems, &mut touched, kv_touches, 0, len, kv_stride, kv_col, live, threads, max_len, sectors, sector_elems);
     }
     let local_max = attention_scores(q, q_base, k_cache, kv_base, shape.cache_pos_stride, 0, len, scale, live, &mut scores, &mut q_smem, threads, hd_vectors);
     if comptime!(prefetch == 2) {
-        touch_head_rows(w_elems, &mut touched, touch_first, rows, touch_stride, touch_col, live, threads, rows_per_cube, sectors, sector_elems);
+        touch_rows(w_elems, &mut touched, 0, out_first, usize::min(out_first + rows_per_cube, rows), out_stride, out_col, live, threads, rows_per_cube, sectors, sector_elems);
     }
     let (_max, total) = attention_partials(local_max, v_cache, kv_base, shape.cache_pos_stride, 0, len, live, &mut scores, &mut red, &mut acc_smem, threads, hd_vectors);
     if comptime!(prefetch > 0) {
         let mut sink = 0.0f32;
         #[unroll]
-        for k in 0..touches {
+        for k in 0..comptime!(out_touches + 2 * kv_touches) {
             sink += f32::cast_from(touched[k]);
         }
         // Never taken (`scale` is positive), but the compiler cannot know it: the touched
@@ -1434,35 +1444,36 @@ pub(crate) fn attention_out_proj_atomic_kernel<F: Float, N: Size, I: Int>(
 }
 
 /// Loads one element of every 32-byte sector (`sector_elems` elements) of rows `first ..
-/// first + rows_per_cube` (those below `rows`) of `w` (`w_stride` elements a row) at the
-/// columns `col .. col + sectors·sector_elems`, into `touched`, without using them: the
+/// end` (at most `block_rows` of them) of `w` (`stride` elements a row) at the columns
+/// `col .. col + sectors·sector_elems`, into `touched[at ..]`, without using them: the
 /// loads only bring those bytes into the caches for loads that follow later in the
 /// kernel. Unit `tid`'s `k`-th load takes sector `k·threads + tid` of the block (the
 /// sectors of a row side by side), so a plane's loads cover whole rows. Zeros where
 /// nothing is read (`live` false, or past the end).
 #[cube]
-#[allow(clippy::too_many_arguments)] // the weights, the block and its shape
-fn touch_head_rows<F: Float>(
+#[allow(clippy::too_many_arguments)] // the buffer, the block and its shape
+fn touch_rows<F: Float>(
     w: &Array<F>,
     touched: &mut Array<F>,
+    at: usize,
     first: usize,
-    rows: usize,
-    w_stride: usize,
+    end: usize,
+    stride: usize,
     col: usize,
     live: bool,
     #[comptime] threads: usize,
-    #[comptime] rows_per_cube: usize,
+    #[comptime] block_rows: usize,
     #[comptime] sectors: usize,
     #[comptime] sector_elems: usize,
 ) {
     let tid = UNIT_POS_X as usize;
     #[unroll]
-    for k in 0..comptime!((rows_per_cube * sectors).div_ceil(threads)) {
-        touched[k] = F::new(0.0);
+    for k in 0..comptime!((block_rows * sectors).div_ceil(threads)) {
+        touched[at + k] = F::new(0.0);
         let s = k * threads + tid;
         let row = first + s / sectors;
-        if live && s < rows_per_cube * sectors && row < rows {
-            touched[k] = w[row * w_stride + col + (s % sectors) * sector_elems];
+        if live && s < block_rows * sectors && row < end {
+            touched[at + k] = w[row * stride + col + (s % sectors) * sector_elems];
         }
     }
 }

@@ -58,41 +58,46 @@ pub struct LaunchConfig {
     /// 0 takes the separate kernels (attention, then `block_cols_gemv`); see
     /// `attention_out_proj_atomic_kernel` for what each costs on the H100.
     pub attention_out_rows: usize,
-    /// When the one-launch attention with `out_proj` touches its rows of `out_proj` into
-    /// the caches, so that their reads overlap the attention instead of following it.
-    pub attention_out_prefetch: OutProjPrefetch,
+    /// What the one-launch attention with `out_proj` touches into the caches ahead of its
+    /// reads, and when.
+    pub attention_prefetch: AttentionPrefetch,
 }
 
-/// When each cube of the one-launch attention with `out_proj`
-/// (`attention_out_proj_atomic_kernel`) issues loads of one element of every 32-byte
-/// sector of its rows of `out_proj`, held unread until its attention is done: the GPU's
-/// memory is otherwise idle while every cube computes its attention (a chain of dependent
-/// reductions over a few KB of keys and values), and then all cubes read their rows at
-/// once. Rows are the same bytes either way; only when they move changes.
+/// What each cube of the one-launch attention with `out_proj`
+/// (`attention_out_proj_atomic_kernel`) touches into the caches ahead of its reads: loads
+/// of one element of every 32-byte sector, issued early and held unread until its
+/// attention is done, so that the later reads of those bytes find them on chip. The bytes
+/// read are the same either way; only when they move changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub enum OutProjPrefetch {
-    /// No touch: the rows are read after the attention.
+pub enum AttentionPrefetch {
+    /// Nothing touched.
     None,
-    /// Before the query and keys are read (their loads queue behind the rows').
-    AtStart,
-    /// Once the scores are computed (the keys read), before the softmax's reductions.
-    AfterScores,
+    /// The cube's rows of `out_proj`, before the query and keys are read: the memory is
+    /// otherwise idle while every cube computes its attention, and then all cubes read
+    /// their rows at once.
+    OutProjAtStart,
+    /// The cube's rows of `out_proj`, once the scores are computed (the keys read).
+    OutProjAfterScores,
+    /// The head's keys and values, before the query is read: the scores' and the values'
+    /// loads then find them on chip instead of waiting on memory in turn.
+    KeysValues,
 }
 
-impl OutProjPrefetch {
+impl AttentionPrefetch {
     /// The kernel's comptime code for it.
     fn code(self) -> u32 {
         match self {
             Self::None => 0,
-            Self::AtStart => 1,
-            Self::AfterScores => 2,
+            Self::OutProjAtStart => 1,
+            Self::OutProjAfterScores => 2,
+            Self::KeysValues => 3,
         }
     }
 }
 
 impl Default for LaunchConfig {
     fn default() -> Self {
-        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 1024, attention_out_rows: 256, attention_out_prefetch: OutProjPrefetch::AfterScores }
+        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 1024, attention_out_rows: 256, attention_prefetch: AttentionPrefetch::KeysValues }
     }
 }
 
@@ -843,6 +848,8 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
             vs,
             arg(q),
             arg(heads),
+            arg(k_cache.clone()),
+            arg(v_cache.clone()),
             arg(k_cache),
             arg(v_cache),
             arg(w.clone()),
@@ -861,9 +868,10 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
             rows_per_cube,
             has_bias,
             use_plane,
-            config.attention_out_prefetch.code(),
+            config.attention_prefetch.code(),
             (hd * dtype.size()).div_ceil(32),
             (32 / dtype.size()).max(1),
+            ONE_CUBE_MAX_LEN,
             [dtype.into(), idx_dtype.into()],
         );
     }

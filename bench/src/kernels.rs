@@ -25,7 +25,7 @@ use dejavu_kernels::checks::{
     check_attention, check_attention_out_proj, check_block_cols_gemv, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_qkv_lazy, check_norm_predict, check_predicted_mlp, check_predictor_kernels, check_selection, fresh_seed, Case,
     Cube, Outcome, Poisoned,
 };
-use dejavu_kernels::cube::{LaunchConfig, AttentionPrefetch};
+use dejavu_kernels::cube::LaunchConfig;
 use dejavu_kernels::{
     accumulate_transposed_gemv, gather_rows_gemv, gather_rows_transposed_gemv, gemv, layer_norm, norm_predict, predicted_rows_gemv, select_above_threshold, sparse_mlp, sparse_mlp_accumulate,
     transposed_gemv, Activation, HeadSelect,
@@ -526,15 +526,9 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
         }
     }
     // Attention with out_proj into an f32 residual, by rows of out_proj per cube (0: the
-    // attention kernel, then block_cols_gemv), and what it touches into the caches
-    // ahead of its reads.
+    // attention kernel, then block_cols_gemv).
     for attention_out_rows in [0, 64, 128, 256, 512] {
-        variants.push(("attnout", LaunchConfig { attention_out_rows, attention_prefetch: AttentionPrefetch::None, ..base }));
-        if attention_out_rows == 128 || attention_out_rows == 256 {
-            for attention_prefetch in [AttentionPrefetch::OutProjAtStart, AttentionPrefetch::OutProjAfterScores, AttentionPrefetch::KeysValues] {
-                variants.push(("attnout", LaunchConfig { attention_out_rows, attention_prefetch, ..base }));
-            }
-        }
+        variants.push(("attnout", LaunchConfig { attention_out_rows, ..base }));
     }
     for kernel in ["fc2skip", "fc2half"] {
         variants.push((kernel, LaunchConfig { compact_rows: 0, ..base }));
@@ -600,7 +594,7 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
         };
         let op = match kernel {
             "fc1" => format!("tune_fc1_rows{}", cfg.rows_per_cube),
-            "attnout" => format!("tune_attention_out_proj_rows{}_prefetch_{:?}", cfg.attention_out_rows, cfg.attention_prefetch),
+            "attnout" => format!("tune_attention_out_proj_rows{}", cfg.attention_out_rows),
             "fc2skipacc" => format!("tune_fc2t_skip_accumulate_cols{}_lanes{}_compact{}", cfg.cols_per_cube, cfg.lanes_k, cfg.accumulate_compact_rows),
             _ => {
                 let what = match kernel {
@@ -738,9 +732,8 @@ fn run_checks<R: CubeRuntime>(args: &KernelArgs, device: &R::Device) -> anyhow::
         outcomes.extend(check_block_cols_gemv::<Cube<R>>(device, d, config.num_attention_heads, hd, 1, args.dtype.dtype(), seed));
         // Attention with out_proj into an f32 residual: one launch (200 positions), and
         // the two kernels past 256.
-        let prefetches = [AttentionPrefetch::None, AttentionPrefetch::OutProjAtStart, AttentionPrefetch::OutProjAfterScores, AttentionPrefetch::KeysValues];
-        for (attention_out_rows, attention_prefetch) in [(0, AttentionPrefetch::None)].into_iter().chain(prefetches.map(|p| (256, p))) {
-            let launcher = Poisoned(LaunchConfig { attention_out_rows, attention_prefetch, ..LaunchConfig::default() });
+        for attention_out_rows in [0, 256] {
+            let launcher = Poisoned(LaunchConfig { attention_out_rows, ..LaunchConfig::default() });
             outcomes.extend(check_attention_out_proj::<Cube<R>, _>(&launcher, device, [1, config.num_attention_heads, 256, hd], 200, d, args.dtype.dtype(), seed));
             outcomes.extend(check_attention_out_proj::<Cube<R>, _>(&launcher, device, [1, config.num_attention_heads, 512, hd], 300, d, args.dtype.dtype(), seed));
         }

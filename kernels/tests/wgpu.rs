@@ -11,7 +11,7 @@ use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
 use dejavu_kernels::checks::{
     check_attention, check_attention_out_proj, check_block_cols_gemv, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_qkv_lazy, check_norm_predict, check_predicted_mlp, check_predictor_kernels, check_selection, cube_supports, fresh_seed, Case, Cube, Poisoned,
 };
-use dejavu_kernels::cube::{LaunchConfig, AttentionPrefetch};
+use dejavu_kernels::cube::LaunchConfig;
 
 #[test]
 fn cube_kernels_on_wgpu_match_host_loops() {
@@ -46,8 +46,8 @@ fn cube_kernels_on_wgpu_match_host_loops() {
             // loop and its tail), one K lane; the accumulating GEMV's two passes (an f32
             // output from f16 weights).
             for config in [
-                LaunchConfig { rows_per_cube: 3, cols_per_cube: 16, lanes_k: 4, rows_per_lane: 2, max_splits: 256, compact_rows: 0, fused_mlp_rows: 128, fused_mlp_threads: 1024, atomic_accumulate: true, accumulate_compact_rows: 64, attention_out_rows: 256, attention_prefetch: AttentionPrefetch::OutProjAtStart },
-                LaunchConfig { rows_per_cube: 1, cols_per_cube: 8, lanes_k: 1, rows_per_lane: 5, max_splits: 3, compact_rows: 0, fused_mlp_rows: 128, fused_mlp_threads: 1024, atomic_accumulate: false, accumulate_compact_rows: 0, attention_out_rows: 0, attention_prefetch: AttentionPrefetch::None },
+                LaunchConfig { rows_per_cube: 3, cols_per_cube: 16, lanes_k: 4, rows_per_lane: 2, max_splits: 256, compact_rows: 0, fused_mlp_rows: 128, fused_mlp_threads: 1024, atomic_accumulate: true, accumulate_compact_rows: 64, attention_out_rows: 256 },
+                LaunchConfig { rows_per_cube: 1, cols_per_cube: 8, lanes_k: 1, rows_per_lane: 5, max_splits: 3, compact_rows: 0, fused_mlp_rows: 128, fused_mlp_threads: 1024, atomic_accumulate: false, accumulate_compact_rows: 0, attention_out_rows: 0 },
                 // The compacting transposed GEMV: several splits of 64 rows (two rows per
                 // unit), splits of 8 units × 32 rows (the most a unit scans), and 8 rows per unit with 4 lanes
                 // along K (several live rows per lane: the unrolled loop and its tail).
@@ -71,11 +71,9 @@ fn cube_kernels_on_wgpu_match_host_loops() {
         outcomes.extend(check_attention::<Cube<WgpuRuntime>>(&device, [1, 3, 2048, 16], 2000, dtype, seed));
         // Attention with out_proj into an f32 accumulator: the two kernels (the default),
         // and one launch with 256 and 64 rows per cube (rows in partial cubes, several row
-        // groups, batch 2; head dims of 16 and 32), each with its rows of out_proj touched
-        // at each point or not at all; past 256 positions always the two.
-        let prefetches = [AttentionPrefetch::None, AttentionPrefetch::OutProjAtStart, AttentionPrefetch::OutProjAfterScores, AttentionPrefetch::KeysValues];
-        for (attention_out_rows, attention_prefetch) in [0, 256, 64].into_iter().flat_map(|rows| prefetches.map(|p| (rows, p))) {
-            let launcher = Poisoned(LaunchConfig { attention_out_rows, attention_prefetch, ..LaunchConfig::default() });
+        // groups, batch 2; head dims of 16 and 32); past 256 positions always the two.
+        for attention_out_rows in [0, 256, 64] {
+            let launcher = Poisoned(LaunchConfig { attention_out_rows, ..LaunchConfig::default() });
             outcomes.extend(check_attention_out_proj::<Cube<WgpuRuntime>, _>(&launcher, &device, [2, 6, 40, 16], 33, 300, dtype, seed));
             outcomes.extend(check_attention_out_proj::<Cube<WgpuRuntime>, _>(&launcher, &device, [1, 4, 256, 32], 256, 70, dtype, seed));
             outcomes.extend(check_attention_out_proj::<Cube<WgpuRuntime>, _>(&launcher, &device, [1, 5, 300, 16], 300, 40, dtype, seed));

@@ -1095,16 +1095,18 @@ fn cube_reduce(red: &mut SharedMemory<f32>, value: f32, tid: usize, #[comptime] 
     result
 }
 
-/// The first half of one cube's share of a head's decode attention: the scores of
-/// positions `start..end` against the query `q[q_base ..]` (f32, into `scores`), and this
-/// unit's max of them (returned; [`attention_partials`] goes on from there). A dead head
-/// (`live` false) reads nothing.
+/// One cube's share of a head's decode attention: the scores of positions `start..end`
+/// against the query `q[q_base ..]` (f32, in `scores`), their max and the sum of their
+/// exponentials (returned), and each unit's unnormalised `Σ p·V` for its column vector
+/// in `acc_smem` (lane `(cv, tl)` sums positions `tl, tl + lanes, …`; the cube is synced
+/// after). A dead head (`live` false) leaves zeros.
 #[cube]
-#[allow(clippy::too_many_arguments)] // the query, the head's keys, its positions and the scratch
-fn attention_scores<F: Float, N: Size>(
+#[allow(clippy::too_many_arguments)] // the query, the head's cache, its positions and the scratch
+fn attention_partials<F: Float, N: Size>(
     q: &Array<Vector<F, N>>,
     q_base: usize,
     k_cache: &Array<Vector<F, N>>,
+    v_cache: &Array<Vector<F, N>>,
     kv_base: usize,
     pos_stride: usize,
     start: usize,
@@ -1112,10 +1114,12 @@ fn attention_scores<F: Float, N: Size>(
     scale: f32,
     live: bool,
     scores: &mut SharedMemory<f32>,
+    red: &mut SharedMemory<f32>,
+    acc_smem: &mut SharedMemory<Vector<f32, N>>,
     q_smem: &mut SharedMemory<Vector<f32, N>>,
     #[comptime] threads: usize,
     #[comptime] hd_vectors: usize,
-) -> f32 {
+) -> (f32, f32) {
     let tid = UNIT_POS_X as usize;
     // The query in shared memory (f32), read by every unit from there: held in each
     // unit's registers beside a key row's loads, it took the one-launch attention with
@@ -1147,31 +1151,6 @@ fn attention_scores<F: Float, N: Size>(
             t += threads;
         }
     }
-    local_max
-}
-
-/// The rest of one cube's share of a head's decode attention after [`attention_scores`]
-/// (whose unit max is `local_max`): the scores' max and the sum of their exponentials
-/// (returned), and each unit's unnormalised `Σ p·V` for its column vector in `acc_smem`
-/// (lane `(cv, tl)` sums positions `tl, tl + lanes, …`; the cube is synced after). A dead
-/// head (`live` false) leaves zeros.
-#[cube]
-#[allow(clippy::too_many_arguments)] // the head's values, its positions and the scratch
-fn attention_partials<F: Float, N: Size>(
-    local_max: f32,
-    v_cache: &Array<Vector<F, N>>,
-    kv_base: usize,
-    pos_stride: usize,
-    start: usize,
-    end: usize,
-    live: bool,
-    scores: &mut SharedMemory<f32>,
-    red: &mut SharedMemory<f32>,
-    acc_smem: &mut SharedMemory<Vector<f32, N>>,
-    #[comptime] threads: usize,
-    #[comptime] hd_vectors: usize,
-) -> (f32, f32) {
-    let tid = UNIT_POS_X as usize;
     // The shared-memory tree, not planes: with plane reductions this kernel took 9.6 µs
     // against 8.5 (Nsight Compute, 6.7B decode step, runs 15 and 19).
     let max = cube_reduce(red, local_max, tid, threads, true, 0usize);
@@ -1264,8 +1243,7 @@ pub(crate) fn selected_heads_attention_kernel<F: Float, N: Size, I: Int>(
     let start = usize::min(sp * chunk, len);
     let end = usize::min(start + chunk, len);
     let mut q_smem = SharedMemory::<Vector<f32, N>>::new(hd_vectors);
-    let local_max = attention_scores(q, q_base, k_cache, kv_base, shape.cache_pos_stride, start, end, scale, live, &mut scores, &mut q_smem, threads, hd_vectors);
-    let (max, total) = attention_partials(local_max, v_cache, kv_base, shape.cache_pos_stride, start, end, live, &mut scores, &mut red, &mut acc_smem, threads, hd_vectors);
+    let (max, total) = attention_partials(q, q_base, k_cache, v_cache, kv_base, shape.cache_pos_stride, start, end, scale, live, &mut scores, &mut red, &mut acc_smem, &mut q_smem, threads, hd_vectors);
     let lanes = threads / hd_vectors;
     if tid < hd_vectors {
         let mut sum = Vector::<f32, N>::new(0.0f32);
@@ -1321,10 +1299,7 @@ pub(crate) fn attention_out_proj_atomic_kernel<F: Float, N: Size, I: Int>(
     heads: &Array<I>,
     k_cache: &Array<Vector<F, N>>,
     v_cache: &Array<Vector<F, N>>,
-    k_elems: &Array<F>,
-    v_elems: &Array<F>,
     w: &Array<Vector<F, N>>,
-    w_elems: &Array<F>,
     bias: &Array<F>,
     acc_out: &mut Array<Atomic<f32>>,
     shape: AttentionShape,
@@ -1339,10 +1314,6 @@ pub(crate) fn attention_out_proj_atomic_kernel<F: Float, N: Size, I: Int>(
     #[comptime] rows_per_cube: usize,
     #[comptime] has_bias: bool,
     #[comptime] use_plane: bool,
-    #[comptime] prefetch: u32,
-    #[comptime] sectors: usize,
-    #[comptime] sector_elems: usize,
-    #[comptime] max_len: usize,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let mut scores = SharedMemory::<f32>::new(max_chunk);
@@ -1357,40 +1328,7 @@ pub(crate) fn attention_out_proj_atomic_kernel<F: Float, N: Size, I: Int>(
     let q_base = b * shape.q_stride + j * hd_vectors;
     let kv_base = b * shape.cache_batch_stride + head * shape.cache_head_stride;
     let mut q_smem = SharedMemory::<Vector<f32, N>>::new(hd_vectors);
-    // Bytes touched into the caches ahead of their reads (see `AttentionPrefetch`): one
-    // element of every 32-byte sector, held unread until the attention is done.
-    let out_touches = comptime!(if prefetch == 1 || prefetch == 2 { (rows_per_cube * sectors).div_ceil(threads) } else { 0 });
-    let kv_touches = comptime!(if prefetch == 3 { (max_len * sectors).div_ceil(threads) } else { 0 });
-    let mut touched = Array::<F>::new(comptime!((out_touches + 2 * kv_touches).max(1)));
-    let out_first = CUBE_POS_X as usize * rows_per_cube;
-    let out_col = head * hd_vectors * N::value();
-    let out_stride = w_stride * N::value();
-    let kv_col = kv_base * N::value();
-    let kv_stride = shape.cache_pos_stride * N::value();
-    if comptime!(prefetch == 1) {
-        touch_rows(w_elems, &mut touched, 0, out_first, usize::min(out_first + rows_per_cube, rows), out_stride, out_col, live, threads, rows_per_cube, sectors, sector_elems);
-    }
-    if comptime!(prefetch == 3) {
-        touch_rows(k_elems, &mut touched, 0, 0, len, kv_stride, kv_col, live, threads, max_len, sectors, sector_elems);
-        touch_rows(v_elems, &mut touched, kv_touches, 0, len, kv_stride, kv_col, live, threads, max_len, sectors, sector_elems);
-    }
-    let local_max = attention_scores(q, q_base, k_cache, kv_base, shape.cache_pos_stride, 0, len, scale, live, &mut scores, &mut q_smem, threads, hd_vectors);
-    if comptime!(prefetch == 2) {
-        touch_rows(w_elems, &mut touched, 0, out_first, usize::min(out_first + rows_per_cube, rows), out_stride, out_col, live, threads, rows_per_cube, sectors, sector_elems);
-    }
-    let (_max, total) = attention_partials(local_max, v_cache, kv_base, shape.cache_pos_stride, 0, len, live, &mut scores, &mut red, &mut acc_smem, threads, hd_vectors);
-    if comptime!(prefetch > 0) {
-        let mut sink = 0.0f32;
-        #[unroll]
-        for k in 0..comptime!(out_touches + 2 * kv_touches) {
-            sink += f32::cast_from(touched[k]);
-        }
-        // Never taken (`scale` is positive), but the compiler cannot know it: the touched
-        // values count as used, so their loads stay where they were issued.
-        if scale < 0.0 {
-            acc_out[b * acc_stride].fetch_add(sink);
-        }
-    }
+    let (_max, total) = attention_partials(q, q_base, k_cache, v_cache, kv_base, shape.cache_pos_stride, 0, len, scale, live, &mut scores, &mut red, &mut acc_smem, &mut q_smem, threads, hd_vectors);
     if tid < hd_vectors {
         let mut sum = Vector::<f32, N>::new(0.0f32);
         if live {
@@ -1440,41 +1378,6 @@ pub(crate) fn attention_out_proj_atomic_kernel<F: Float, N: Size, I: Int>(
             }
         }
         i += 4;
-    }
-}
-
-/// Loads one element of every 32-byte sector (`sector_elems` elements) of rows `first ..
-/// end` (at most `block_rows` of them) of `w` (`stride` elements a row) at the columns
-/// `col .. col + sectors·sector_elems`, into `touched[at ..]`, without using them: the
-/// loads only bring those bytes into the caches for loads that follow later in the
-/// kernel. Unit `tid`'s `k`-th load takes sector `k·threads + tid` of the block (the
-/// sectors of a row side by side), so a plane's loads cover whole rows. Zeros where
-/// nothing is read (`live` false, or past the end).
-#[cube]
-#[allow(clippy::too_many_arguments)] // the buffer, the block and its shape
-fn touch_rows<F: Float>(
-    w: &Array<F>,
-    touched: &mut Array<F>,
-    at: usize,
-    first: usize,
-    end: usize,
-    stride: usize,
-    col: usize,
-    live: bool,
-    #[comptime] threads: usize,
-    #[comptime] block_rows: usize,
-    #[comptime] sectors: usize,
-    #[comptime] sector_elems: usize,
-) {
-    let tid = UNIT_POS_X as usize;
-    #[unroll]
-    for k in 0..comptime!((block_rows * sectors).div_ceil(threads)) {
-        touched[at + k] = F::new(0.0);
-        let s = k * threads + tid;
-        let row = first + s / sectors;
-        if live && s < block_rows * sectors && row < end {
-            touched[at + k] = w[row * stride + col + (s % sectors) * sector_elems];
-        }
     }
 }
 

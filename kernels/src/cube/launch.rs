@@ -58,46 +58,11 @@ pub struct LaunchConfig {
     /// 0 takes the separate kernels (attention, then `block_cols_gemv`); see
     /// `attention_out_proj_atomic_kernel` for what each costs on the H100.
     pub attention_out_rows: usize,
-    /// What the one-launch attention with `out_proj` touches into the caches ahead of its
-    /// reads, and when.
-    pub attention_prefetch: AttentionPrefetch,
-}
-
-/// What each cube of the one-launch attention with `out_proj`
-/// (`attention_out_proj_atomic_kernel`) touches into the caches ahead of its reads: loads
-/// of one element of every 32-byte sector, issued early and held unread until its
-/// attention is done, so that the later reads of those bytes find them on chip. The bytes
-/// read are the same either way; only when they move changes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub enum AttentionPrefetch {
-    /// Nothing touched.
-    None,
-    /// The cube's rows of `out_proj`, before the query and keys are read: the memory is
-    /// otherwise idle while every cube computes its attention, and then all cubes read
-    /// their rows at once.
-    OutProjAtStart,
-    /// The cube's rows of `out_proj`, once the scores are computed (the keys read).
-    OutProjAfterScores,
-    /// The head's keys and values, before the query is read: the scores' and the values'
-    /// loads then find them on chip instead of waiting on memory in turn.
-    KeysValues,
-}
-
-impl AttentionPrefetch {
-    /// The kernel's comptime code for it.
-    fn code(self) -> u32 {
-        match self {
-            Self::None => 0,
-            Self::OutProjAtStart => 1,
-            Self::OutProjAfterScores => 2,
-            Self::KeysValues => 3,
-        }
-    }
 }
 
 impl Default for LaunchConfig {
     fn default() -> Self {
-        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 1024, attention_out_rows: 256, attention_prefetch: AttentionPrefetch::KeysValues }
+        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 1024, attention_out_rows: 256 }
     }
 }
 
@@ -848,11 +813,8 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
             vs,
             arg(q),
             arg(heads),
-            arg(k_cache.clone()),
-            arg(v_cache.clone()),
             arg(k_cache),
             arg(v_cache),
-            arg(w.clone()),
             arg(w),
             arg(bias),
             arg(acc.clone()),
@@ -868,10 +830,6 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
             rows_per_cube,
             has_bias,
             use_plane,
-            config.attention_prefetch.code(),
-            (hd * dtype.size()).div_ceil(32),
-            (32 / dtype.size()).max(1),
-            ONE_CUBE_MAX_LEN,
             [dtype.into(), idx_dtype.into()],
         );
     }

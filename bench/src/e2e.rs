@@ -343,22 +343,27 @@ fn decode_run<B: SparseKernels>(
     let device = model.device();
     let hidden = prefill(model, cache, hooks, prompt)?;
     let [_, n, width] = hidden.dims();
-    let argmax = |h: Tensor<B, 3>| -> Tensor<B, 2, Int> { model.logits(h).argmax(2).reshape([1, 1]) };
-    let first = argmax(hidden.slice([0..1, n - 1..n, 0..width]));
+    // Greedy: the library's argmax (two launches on CubeBackend), as `generate` does.
+    let argmax = |h: Tensor<B, 3>| -> anyhow::Result<Tensor<B, 2, Int>> {
+        let logits = model.logits(h);
+        let vocab = logits.dims()[2];
+        Ok(dejavu_kernels::argmax_rows(logits.reshape([1, vocab]))?.reshape([1, 1]))
+    };
+    let first = argmax(hidden.slice([0..1, n - 1..n, 0..width]))?;
     let mut tokens = vec![first.clone().into_scalar().elem::<i64>() as u32];
     let started = Instant::now();
     match readback {
         Readback::Step => {
             for _ in 1..new_tokens {
                 let h = model.forward_with(token_tensor::<B>(&tokens[tokens.len() - 1..], &device), cache, hooks)?;
-                tokens.push(argmax(h).into_scalar().elem::<i64>() as u32);
+                tokens.push(argmax(h)?.into_scalar().elem::<i64>() as u32);
             }
         }
         Readback::End => {
             let mut on_device = vec![first];
             for _ in 1..new_tokens {
                 let h = model.forward_with(on_device[on_device.len() - 1].clone(), cache, hooks)?;
-                on_device.push(argmax(h));
+                on_device.push(argmax(h)?);
             }
             let read: Vec<i64> = Tensor::cat(on_device.split_off(1), 1).into_data().convert::<i64>().into_vec::<i64>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
             tokens.extend(read.into_iter().map(|t| t as u32));
@@ -570,7 +575,7 @@ fn device_step_us<B: SparseKernels>(
         let t = Instant::now();
         primer.prime(n);
         let h = model.forward_with(token_tensor::<B>(&[token], &device), cache, hooks)?;
-        let _next = model.logits(h).argmax(2);
+        let _next = dejavu_kernels::argmax_rows(model.logits(h).squeeze_dim::<2>(0))?;
         primer.sync()?;
         let both = t.elapsed().as_secs_f64();
         if rep > 0 {
@@ -581,7 +586,7 @@ fn device_step_us<B: SparseKernels>(
     // Compute's window.
     crate::capture::ncu_window(|| {
         let h = model.forward_with(token_tensor::<B>(&[token], &device), cache, hooks)?;
-        let _next = model.logits(h).argmax(2);
+        let _next = dejavu_kernels::argmax_rows(model.logits(h).squeeze_dim::<2>(0))?;
         primer.sync()
     })?;
     Ok(median(&mut diffs))

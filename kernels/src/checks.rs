@@ -500,6 +500,34 @@ pub fn check_selection<B: SparseKernels>(device: &B::Device, n: usize, batch: us
     out
 }
 
+/// The row-wise argmax (greedy decoding's next token) of `[rows, width]` random values
+/// against the host's first largest index, with each row's largest value planted twice
+/// (at a random place and, where the row is long enough, one part of the kernel's split
+/// further on), so that the first occurrence must win inside a cube and across parts.
+pub fn check_argmax<B: SparseKernels>(device: &B::Device, rows: usize, width: usize, dtype: DType, seed: u64) -> Vec<Outcome> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut values: Vec<f32> = (0..rows * width).map(|_| rng.random_range(-8.0f32..8.0)).collect();
+    for r in 0..rows {
+        let at = rng.random_range(0..width);
+        values[r * width + at] = 9.5;
+        values[r * width + (at + 1100).min(width - 1)] = 9.5;
+    }
+    let values = stored(values, dtype);
+    let want: Vec<i64> = values
+        .chunks(width)
+        .map(|row| row.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0 as i64)
+        .collect();
+    let got = read_ints(crate::argmax_rows(to_device::<B, 2>(&values, [rows, width], dtype, device)).expect("a non-empty row"));
+    let mismatches = got.iter().zip(&want).filter(|(a, b)| a != b).count() + usize::from(got.len() != want.len());
+    vec![Outcome {
+        op: "argmax_rows",
+        case: format!("rows {rows} width {width} {dtype:?} seed {seed}"),
+        worst_ratio: mismatches as f32,
+        worst_index: got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0),
+        passed: mismatches == 0,
+    }]
+}
+
 /// A selection against the host's: every index and the count must be equal (the ratio is
 /// the number of mismatches).
 fn selection_outcome<B: Backend>(op: &'static str, case: String, got: crate::Selection<B>, want_idx: &[i64], want_count: usize) -> Outcome {

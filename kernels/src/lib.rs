@@ -150,6 +150,14 @@ pub trait SparseKernels: Backend {
         reference::select_above_threshold::<Self>(logits, threshold, capacity)
     }
 
+    /// The index of each row's largest value of `x [rows, width]` (the first on a tie),
+    /// `[rows]`: greedy decoding's next token. The reference is Burn's `argmax`.
+    fn argmax_rows(x: FloatTensor<Self>) -> IntTensor<Self> {
+        let x: Tensor<Self, 2> = wrap(x);
+        let rows = x.dims()[0];
+        x.argmax(1).reshape([rows]).into_primitive()
+    }
+
     /// `[rows, width]` 0/1: each row's `k` largest logits. The reference sorts (on the host
     /// for backends without a device sort); `CubeBackend` counts instead
     /// ([`topk::topk_mask_multisection`]).
@@ -414,6 +422,10 @@ where
         capacity: usize,
     ) -> (IntTensor<Self>, IntTensor<Self>) {
         cube::select_above_threshold(logits, threshold, capacity, I::dtype())
+    }
+
+    fn argmax_rows(x: FloatTensor<Self>) -> IntTensor<Self> {
+        cube::argmax_rows(x, I::dtype())
     }
 
     fn topk_mask(logits: FloatTensor<Self>, k: usize) -> FloatTensor<Self> {
@@ -852,6 +864,17 @@ pub fn select_above_threshold<B: SparseKernels>(
     }
     let (indices, count) = B::select_above_threshold(prim(logits), threshold, capacity);
     Ok(Selection { indices: Tensor::from_primitive(indices), count: Tensor::from_primitive(count) })
+}
+
+/// The index of each row's largest value of `x [rows, width]` (the first on a tie),
+/// `[rows]`, on the device: greedy decoding's next token. On `CubeBackend` two launches
+/// ([`cube::argmax_rows`]) where Burn's `argmax` runs a row in one cube (26.5 µs for OPT's
+/// 50,272 logits on the H100, plus 3.3 µs to cast f16 to f32 first).
+pub fn argmax_rows<B: SparseKernels>(x: Tensor<B, 2>) -> Result<Tensor<B, 1, Int>, KernelError> {
+    if x.dims()[1] == 0 {
+        return Err(shape_err("argmax_rows", "the rows are empty".into()));
+    }
+    Ok(Tensor::from_primitive(B::argmax_rows(prim(x))))
 }
 
 /// `[rows, width]` 0/1 mask of each row's `k` largest logits (`1 ≤ k < width`), made on

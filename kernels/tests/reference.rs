@@ -5,7 +5,7 @@ use burn::backend::Flex;
 use burn::prelude::*;
 use burn::tensor::DType;
 use dejavu_kernels::checks::{
-    check_attention, check_attention_out_proj, check_block_cols_gemv, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_qkv_lazy, check_norm_predict, check_predicted_mlp, check_predictor_kernels, check_selection, fresh_seed, Case,
+    check_attention, check_attention_out_proj, check_block_cols_gemv, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_qkv_lazy, check_norm_predict, check_predicted_mlp, check_predictor_kernels, check_selection, check_argmax, fresh_seed, Case,
     PublicApi,
 };
 use dejavu_kernels::{accumulate_transposed_gemv, gather_rows_gemv, predict_select, predicted_mlp, predicted_rows_gemv, select_above_threshold, Activation, KernelError, MlpWeights};
@@ -35,6 +35,10 @@ fn reference_selection_matches_host() {
     let seed = fresh_seed();
     for (n, batch) in [(1000, 1), (777, 3)] {
         assert_all_passed(check_selection::<Flex>(&device, n, batch, DType::F32, seed));
+    }
+    // Burn's argmax, the reference greedy step: the first of two planted maxima.
+    for (rows, width) in [(1, 50272), (3, 1037)] {
+        assert_all_passed(check_argmax::<Flex>(&device, rows, width, DType::F32, seed));
     }
 }
 

@@ -9,7 +9,7 @@
 use burn::tensor::DType;
 use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
 use dejavu_kernels::checks::{
-    check_attention, check_attention_out_proj, check_block_cols_gemv, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_qkv_lazy, check_norm_predict, check_predicted_mlp, check_predictor_kernels, check_selection, cube_supports, fresh_seed, Case, Cube, Poisoned,
+    check_attention, check_attention_out_proj, check_block_cols_gemv, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_qkv_lazy, check_norm_predict, check_predicted_mlp, check_predictor_kernels, check_selection, check_argmax, cube_supports, fresh_seed, Case, Cube, Poisoned,
 };
 use dejavu_kernels::cube::LaunchConfig;
 
@@ -62,6 +62,11 @@ fn cube_kernels_on_wgpu_match_host_loops() {
         outcomes.extend(check_selection::<Cube<WgpuRuntime>>(&device, 1000, 1, dtype, seed));
         outcomes.extend(check_selection::<Cube<WgpuRuntime>>(&device, 777, 3, dtype, seed));
         outcomes.extend(check_selection::<Cube<WgpuRuntime>>(&device, 40000, 2, dtype, seed));
+        // OPT's vocabulary (several parts of the split), a few rows, an odd width (width-1
+        // vectors), a row shorter than one part.
+        for (rows, width) in [(1, 50272), (3, 5000), (2, 1037), (1, 40)] {
+            outcomes.extend(check_argmax::<Cube<WgpuRuntime>>(&device, rows, width, dtype, seed));
+        }
         // Head dims of 16 (vectors of 4 or 8) and 12; lengths below and at the capacity; one
         // cube per head up to 256 positions, split beyond.
         outcomes.extend(check_attention::<Cube<WgpuRuntime>>(&device, [2, 6, 40, 16], 33, dtype, seed));

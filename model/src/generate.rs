@@ -8,6 +8,8 @@ use burn::tensor::TensorData;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use dejavu_kernels::SparseKernels;
+
 use crate::error::ModelError;
 use crate::hooks::ForwardHooks;
 use crate::opt::Opt;
@@ -99,13 +101,13 @@ impl Sampler {
     }
 
     /// The next token for the last position of `logits` (`[1, n, vocab]`). Greedy
-    /// selection runs on the device and reads back one id.
-    pub fn next<B: Backend>(&mut self, logits: Tensor<B, 3>) -> u32 {
+    /// selection runs on the device ([`dejavu_kernels::argmax_rows`]) and reads back one id.
+    pub fn next<B: SparseKernels>(&mut self, logits: Tensor<B, 3>) -> u32 {
         let [_, n, vocab] = logits.dims();
         let last = logits.slice([0..1, n - 1..n, 0..vocab]).reshape([vocab]);
         match self.sampling.clone() {
             Sampling::Greedy => {
-                let id = last.argmax(0).into_data();
+                let id = dejavu_kernels::argmax_rows(last.reshape([1, vocab])).expect("a model's vocabulary is not empty").into_data();
                 let id = id.iter::<i64>().next().expect("argmax of a non-empty row");
                 id as u32
             }
@@ -166,7 +168,7 @@ pub fn token_tensor<B: Backend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2,
 
 /// Generates up to `options.max_new_tokens` after `prompt`, calling `on_token` with each
 /// new token as soon as it is chosen; `on_token` returning `false` stops early.
-pub fn generate<B: Backend, H: ForwardHooks<B> + ?Sized>(
+pub fn generate<B: SparseKernels, H: ForwardHooks<B> + ?Sized>(
     model: &Opt<B>,
     hooks: &mut H,
     prompt: &[u32],

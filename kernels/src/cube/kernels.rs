@@ -944,6 +944,119 @@ pub(crate) fn sum_partials_kernel<F: Float, O: Float, N: Size>(
     }
 }
 
+/// The better of two (value, index) candidates for an argmax: the larger value, the
+/// smaller index on a tie (the first occurrence, as Burn's and PyTorch's argmax).
+#[cube]
+fn argmax_pick(value: f32, index: u32, other_value: f32, other_index: u32) -> (f32, u32) {
+    let mut v = value;
+    let mut i = index;
+    if other_value > value || (other_value == value && other_index < index) {
+        v = other_value;
+        i = other_index;
+    }
+    (v, i)
+}
+
+/// The cube-wide argmax of each unit's candidate, in shared memory (a tree; every unit
+/// must call it); unit 0 gets the result.
+#[cube]
+fn cube_argmax(value: f32, index: u32, vals: &mut SharedMemory<f32>, idxs: &mut SharedMemory<u32>, #[comptime] threads: usize) -> (f32, u32) {
+    let tid = UNIT_POS_X as usize;
+    vals[tid] = value;
+    idxs[tid] = index;
+    sync_cube();
+    let mut stride = 0usize;
+    stride += threads / 2;
+    while stride > 0 {
+        if tid < stride {
+            let (v, i) = argmax_pick(vals[tid], idxs[tid], vals[tid + stride], idxs[tid + stride]);
+            vals[tid] = v;
+            idxs[tid] = i;
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    (vals[0], idxs[0])
+}
+
+/// First pass of a row-wise argmax of `x [rows, width]` (`width_vectors` vectors a row,
+/// `x_stride` between rows): cube `(c, r)` takes the `threads · per_unit` vectors of row
+/// `r` from `c · threads · per_unit` on (each unit `per_unit` of them, their loads in
+/// flight together) and writes its best value and index to `part_vals[r · parts + c]` and
+/// `part_idxs[..]`. [`argmax_finish_kernel`] picks among a row's parts. Burn's argmax of
+/// one row runs in one cube: 26.5 µs for the 50,272 logits of OPT's vocabulary on the H100
+/// (and 3.3 µs more to cast f16 to f32 first).
+#[cube(launch_unchecked)]
+pub(crate) fn argmax_parts_kernel<F: Float, N: Size>(
+    x: &Array<Vector<F, N>>,
+    part_vals: &mut Array<f32>,
+    part_idxs: &mut Array<u32>,
+    width_vectors: usize,
+    x_stride: usize,
+    #[comptime] threads: usize,
+    #[comptime] per_unit: usize,
+    #[define(F)] _dtype: StorageType,
+) {
+    let mut vals = SharedMemory::<f32>::new(threads);
+    let mut idxs = SharedMemory::<u32>::new(threads);
+    let tid = UNIT_POS_X as usize;
+    let c = CUBE_POS_X as usize;
+    let r = CUBE_POS_Y as usize;
+    let parts = CUBE_COUNT_X as usize;
+    let first = c * threads * per_unit;
+    let mut best = f32::new(-3.4e38);
+    let mut best_idx = 4294967295u32;
+    #[unroll]
+    for k in 0..per_unit {
+        // Unit-contiguous runs of vectors across the cube: a plane's loads are coalesced.
+        let at = first + k * threads + tid;
+        if at < width_vectors {
+            let v = x[r * x_stride + at];
+            #[unroll]
+            for l in 0..N::value() {
+                let (bv, bi) = argmax_pick(best, best_idx, f32::cast_from(v[l]), u32::cast_from(at * N::value() + l));
+                best = bv;
+                best_idx = bi;
+            }
+        }
+    }
+    let (v, i) = cube_argmax(best, best_idx, &mut vals, &mut idxs, threads);
+    if tid == 0 {
+        part_vals[r * parts + c] = v;
+        part_idxs[r * parts + c] = i;
+    }
+}
+
+/// Second pass of the row-wise argmax: cube `r` picks among row `r`'s `parts` candidates
+/// from [`argmax_parts_kernel`] and writes the index to `out[r]`.
+#[cube(launch_unchecked)]
+pub(crate) fn argmax_finish_kernel<I: Int>(
+    part_vals: &Array<f32>,
+    part_idxs: &Array<u32>,
+    out: &mut Array<I>,
+    parts: usize,
+    #[comptime] threads: usize,
+    #[define(I)] _dtype: StorageType,
+) {
+    let mut vals = SharedMemory::<f32>::new(threads);
+    let mut idxs = SharedMemory::<u32>::new(threads);
+    let tid = UNIT_POS_X as usize;
+    let r = CUBE_POS_X as usize;
+    let mut best = f32::new(-3.4e38);
+    let mut best_idx = 4294967295u32;
+    let mut p = tid;
+    while p < parts {
+        let (bv, bi) = argmax_pick(best, best_idx, part_vals[r * parts + p], part_idxs[r * parts + p]);
+        best = bv;
+        best_idx = bi;
+        p += threads;
+    }
+    let (_v, i) = cube_argmax(best, best_idx, &mut vals, &mut idxs, threads);
+    if tid == 0 {
+        out[r] = I::cast_from(i);
+    }
+}
+
 /// Selection without a sort: one cube scans `logits [batch, n]` and writes, in ascending
 /// order, every index `i` with `logits[b, i] > threshold` for some `b` (the union a batch
 /// needs), then pads `idx` to its capacity with `n` (an empty slot for the gather

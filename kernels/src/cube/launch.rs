@@ -586,6 +586,60 @@ fn sum_partials<R: CubeRuntime>(
     out
 }
 
+/// Units of each argmax cube and vectors each unit reads.
+const ARGMAX_THREADS: usize = 256;
+const ARGMAX_PER_UNIT: usize = 4;
+
+/// The index of each row's largest value of `x [rows, width]` (the first on a tie), as
+/// `int_dtype` `[rows]`; see [`crate::SparseKernels::argmax_rows`]. Two launches: cubes
+/// over each row's parts, then one cube a row over its parts.
+pub fn argmax_rows<R: CubeRuntime>(x: CubeTensor<R>, int_dtype: DType) -> CubeTensor<R> {
+    let x = into_contiguous(x);
+    let [rows, width] = [dims(&x)[0], dims(&x)[1]];
+    let out = empty(&x, vec![rows], int_dtype);
+    if rows == 0 || width == 0 {
+        return out;
+    }
+    let vs = vector_width(&[&x]);
+    let width_vectors = width / vs;
+    let threads = ARGMAX_THREADS.min(client_units(&x));
+    let parts = width_vectors.div_ceil(threads * ARGMAX_PER_UNIT);
+    let part_vals = empty(&x, vec![rows * parts], DType::F32);
+    let part_idxs = empty(&x, vec![rows * parts], DType::U32);
+    let (dtype, x_stride) = (x.dtype, stride(&x, 0) / vs);
+    let client = x.client.clone();
+    unsafe {
+        argmax_parts_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(parts as u32, rows as u32, 1),
+            CubeDim::new_1d(threads as u32),
+            vs,
+            arg(x),
+            arg(part_vals.clone()),
+            arg(part_idxs.clone()),
+            width_vectors,
+            x_stride,
+            threads,
+            ARGMAX_PER_UNIT,
+            dtype.into(),
+        );
+        // Parts are few (13 for OPT's vocabulary): a cube of 32 units a row.
+        let finish_threads = parts.next_power_of_two().clamp(32, threads);
+        argmax_finish_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(rows as u32, 1, 1),
+            CubeDim::new_1d(finish_threads as u32),
+            arg(part_vals),
+            arg(part_idxs),
+            arg(out.clone()),
+            parts,
+            finish_threads,
+            int_dtype.into(),
+        );
+    }
+    out
+}
+
 /// Indices (ascending) of the logits above `threshold` in any batch row, padded with `n`
 /// to `capacity`, and the number selected; see [`crate::SparseKernels::select_above_threshold`].
 pub fn select_above_threshold<R: CubeRuntime>(

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Device call: a dejavu-bench binary against a baseline, end to end. Expects
+# dist/dejavu-bench.xz (the binary under test) and dist/dejavu-bench-base.xz (the
+# baseline; BASE_COMMIT names it when it predates the embedded commit), both carried.
+# PART picks the steps, in order (default "e2e"):
+#   e2e     `dejavu-bench e2e` at MODELS (default 6.7B and 13B), prompt 128, f32 residual +
+#           fused attention, token kept on the device, one process per binary in ORDER
+#           (default "new base") — e2e-<bin>[-<k>].json/.log, k counting repeats;
+#   checks  every kernel of the binary under test checked against host loops at the 6.7B
+#           shape — checks.log (~3 min);
+#   tune    bench/device/tune.sh with the binary under test — tune.json, tune.log;
+#   ncu     the 6.7B step of the binary under test under Nsight Compute
+#           (bench/device/ncu-step.sh) — ncu.csv.xz, ncu-summary.md.
+set -uo pipefail
+source bench/device/setup.sh
+if [ -f dist/dejavu-bench-base.xz ] && [ ! -x /tmp/bin/dejavu-bench-base ]; then
+    xz -dc dist/dejavu-bench-base.xz > /tmp/bin/dejavu-bench-base && chmod +x /tmp/bin/dejavu-bench-base
+fi
+export CUBECL_AUTOTUNE_LEVEL=minimal
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+for part in ${PART:-e2e}; do
+case "$part" in
+e2e)
+    declare -A seen=()
+    for b in ${ORDER:-new base}; do
+        seen[$b]=$(( ${seen[$b]:-0} + 1 )); name="e2e-$b"; [ "${seen[$b]}" -gt 1 ] && name="$name-${seen[$b]}"
+        bin=dejavu-bench; [ "$b" = base ] && { bin=dejavu-bench-base; [ -n "${BASE_COMMIT:-}" ] && export DEJAVU_COMMIT=$BASE_COMMIT; }
+        timeout "${E2E_LIMIT:-240}" "$bin" e2e --models "${MODELS:-opt-6.7b,opt-13b}" --prompt-lens 128 --runs 3 --backend cuda --dtype f16 \
+            --readback end --breakdown "" --peer-python= --f32-residual --fused-attention --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+        echo "--- $name ($bin, exit $?)"; grep -E "^\| opt" "$OUT/$name.log" | head -4
+        unset DEJAVU_COMMIT
+    done
+    ;;
+checks)
+    timeout "${CHECK_LIMIT:-180}" dejavu-bench kernels --check --models opt-6.7b --densities 0.1 --ranks 128 --contexts 256 \
+        --head-densities 0.5 --calls 20 --samples 3 --peer-python "" --out "$OUT/checks.json" > "$OUT/checks.log" 2>&1
+    echo "kernel checks: $(grep -cE ' ok$' "$OUT/checks.log") ok, $(grep -ciE 'fail' "$OUT/checks.log") failing lines"
+    grep -E "argmax" "$OUT/checks.log" | head -4
+    rm -f "$OUT/checks.json"
+    ;;
+tune)
+    LIMIT=${TUNE_LIMIT:-220} bash bench/device/tune.sh > /dev/null 2>&1
+    echo "tune: $(grep -cE ' ok$' "$OUT/tune.log") ok lines, $(grep -ciE 'fail' "$OUT/tune.log") failing"
+    ;;
+ncu)
+    EXTRA="--f32-residual --fused-attention" LIMIT=${NCU_LIMIT:-240} bash bench/device/ncu-step.sh > /dev/null 2>&1
+    xz -f "$OUT/ncu.csv"; rm -f "$OUT/e2e-ncu.json"
+    sed -n '/^step 1/,$p' "$OUT/ncu-summary.md" | grep -E "^step|argmax|reduce|cast"
+    ;;
+esac
+done

@@ -960,7 +960,9 @@ fn argmax_pick(value: f32, index: u32, other_value: f32, other_index: u32) -> (f
 /// The cube-wide argmax of each unit's candidate, in shared memory (a tree; every unit
 /// must call it); unit 0 gets the result.
 #[cube]
-fn cube_argmax(value: f32, index: u32, vals: &mut SharedMemory<f32>, idxs: &mut SharedMemory<u32>, #[comptime] threads: usize) -> (f32, u32) {
+fn cube_argmax(value: f32, index: u32, #[comptime] threads: usize) -> (f32, u32) {
+    let mut vals = SharedMemory::<f32>::new(threads);
+    let mut idxs = SharedMemory::<u32>::new(threads);
     let tid = UNIT_POS_X as usize;
     vals[tid] = value;
     idxs[tid] = index;
@@ -997,8 +999,6 @@ pub(crate) fn argmax_parts_kernel<F: Float, N: Size>(
     #[comptime] per_unit: usize,
     #[define(F)] _dtype: StorageType,
 ) {
-    let mut vals = SharedMemory::<f32>::new(threads);
-    let mut idxs = SharedMemory::<u32>::new(threads);
     let tid = UNIT_POS_X as usize;
     let c = CUBE_POS_X as usize;
     let r = CUBE_POS_Y as usize;
@@ -1020,7 +1020,7 @@ pub(crate) fn argmax_parts_kernel<F: Float, N: Size>(
             }
         }
     }
-    let (v, i) = cube_argmax(best, best_idx, &mut vals, &mut idxs, threads);
+    let (v, i) = cube_argmax(best, best_idx, threads);
     if tid == 0 {
         part_vals[r * parts + c] = v;
         part_idxs[r * parts + c] = i;
@@ -1038,8 +1038,6 @@ pub(crate) fn argmax_finish_kernel<I: Int>(
     #[comptime] threads: usize,
     #[define(I)] _dtype: StorageType,
 ) {
-    let mut vals = SharedMemory::<f32>::new(threads);
-    let mut idxs = SharedMemory::<u32>::new(threads);
     let tid = UNIT_POS_X as usize;
     let r = CUBE_POS_X as usize;
     let mut best = f32::new(-3.4e38);
@@ -1051,7 +1049,7 @@ pub(crate) fn argmax_finish_kernel<I: Int>(
         best_idx = bi;
         p += threads;
     }
-    let (_v, i) = cube_argmax(best, best_idx, &mut vals, &mut idxs, threads);
+    let (_v, i) = cube_argmax(best, best_idx, threads);
     if tid == 0 {
         out[r] = I::cast_from(i);
     }

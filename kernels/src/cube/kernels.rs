@@ -1266,24 +1266,24 @@ fn attention_partials<F: Float, N: Size>(
     // against 8.5 (Nsight Compute, 6.7B decode step, runs 15 and 19).
     let max = cube_reduce(red, local_max, tid, threads, true, 0usize);
 
-    // Exponentials and their sum.
-    let mut local_sum = 0.0f32;
+    // Exponentials. Their sum is taken by the value lanes below (each lane sums its
+    // positions' weights beside their values), not by a cube-wide reduction of its own:
+    // one barrier where the tree took eight.
     if live {
         let mut t = start + tid;
         while t < end {
-            let e = f32::exp(scores[t - start] - max);
-            scores[t - start] = e;
-            local_sum += e;
+            scores[t - start] = f32::exp(scores[t - start] - max);
             t += threads;
         }
     }
-    let total = cube_reduce(red, local_sum, tid, threads, false, 0usize);
+    sync_cube();
 
     // p·V: lane (cv, tl) sums positions tl, tl + lanes, ... for column vector cv.
     let lanes = threads / hd_vectors;
     let cv = tid % hd_vectors;
     let tl = tid / hd_vectors;
     let mut acc = Vector::<f32, N>::new(0.0f32);
+    let mut weights = 0.0f32;
     if live && tl < lanes {
         let mut t = start + tl;
         // Four positions' values in flight per iteration.
@@ -1292,19 +1292,32 @@ fn attention_partials<F: Float, N: Size>(
             let v1 = v_cache[kv_base + (t + lanes) * pos_stride + cv];
             let v2 = v_cache[kv_base + (t + 2 * lanes) * pos_stride + cv];
             let v3 = v_cache[kv_base + (t + 3 * lanes) * pos_stride + cv];
-            acc += Vector::<f32, N>::cast_from(v0) * Vector::<f32, N>::new(scores[t - start]);
-            acc += Vector::<f32, N>::cast_from(v1) * Vector::<f32, N>::new(scores[t + lanes - start]);
-            acc += Vector::<f32, N>::cast_from(v2) * Vector::<f32, N>::new(scores[t + 2 * lanes - start]);
-            acc += Vector::<f32, N>::cast_from(v3) * Vector::<f32, N>::new(scores[t + 3 * lanes - start]);
+            let (p0, p1, p2, p3) = (scores[t - start], scores[t + lanes - start], scores[t + 2 * lanes - start], scores[t + 3 * lanes - start]);
+            acc += Vector::<f32, N>::cast_from(v0) * Vector::<f32, N>::new(p0);
+            acc += Vector::<f32, N>::cast_from(v1) * Vector::<f32, N>::new(p1);
+            acc += Vector::<f32, N>::cast_from(v2) * Vector::<f32, N>::new(p2);
+            acc += Vector::<f32, N>::cast_from(v3) * Vector::<f32, N>::new(p3);
+            weights += p0 + p1 + p2 + p3;
             t += 4 * lanes;
         }
         while t < end {
-            acc += Vector::<f32, N>::cast_from(v_cache[kv_base + t * pos_stride + cv]) * Vector::<f32, N>::new(scores[t - start]);
+            let p = scores[t - start];
+            acc += Vector::<f32, N>::cast_from(v_cache[kv_base + t * pos_stride + cv]) * Vector::<f32, N>::new(p);
+            weights += p;
             t += lanes;
         }
     }
     acc_smem[tid] = acc;
+    // Every lane of a position group summed the same weights: its first lane reports them.
+    // (`red` is free: the max's reduction read it and synced.)
+    if cv == 0 && tl < lanes {
+        red[tl] = weights;
+    }
     sync_cube();
+    let mut total = 0.0f32;
+    for l in 0..lanes {
+        total += red[l];
+    }
     (max, total)
 }
 

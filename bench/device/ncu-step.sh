@@ -5,7 +5,8 @@
 # profiled; the peer is skipped.
 # Writes under $OUT: ncu.csv (one row per kernel launch), ncu-summary.md (per kernel, per
 # step: bench/device/ncu_summary.py), ncu-step.log. TOKENS must cover the profile runs (33).
-# EXTRA: more e2e arguments (say --f32-residual).
+# EXTRA: more e2e arguments (say --f32-residual). BIN: the binary (default dejavu-bench;
+# setup.sh puts /tmp/bin first on PATH, so another binary must be named here).
 set -uo pipefail
 source bench/device/setup.sh
 exec > >(tee -a "$OUT/ncu-step.log") 2>&1
@@ -14,7 +15,7 @@ echo "ncu: $ncu"
 DEJAVU_NCU_CAPTURE=1 timeout "${LIMIT:-300}" "$ncu" --clock-control none --profile-from-start off \
   --metrics gpu__time_duration.sum,dram__bytes_read.sum,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active \
   --export "$OUT/prof" --force-overwrite \
-  dejavu-bench e2e --models "${MODELS:-opt-6.7b}" --prompt-lens 128 --new-tokens "${TOKENS:-40}" --runs 1 \
+  "${BIN:-dejavu-bench}" e2e --models "${MODELS:-opt-6.7b}" --prompt-lens 128 --new-tokens "${TOKENS:-40}" --runs 1 \
   --profile true --breakdown "" --peer-python "" ${EXTRA:-} --out "$OUT/e2e-ncu.json" | tail -20
 "$ncu" --import "$OUT/prof.ncu-rep" --csv --page raw \
   --metrics gpu__time_duration.sum,dram__bytes_read.sum,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active > "$OUT/ncu.csv"

@@ -88,6 +88,11 @@ pub struct E2eArgs {
     /// Rank of the synthetic predictors
     #[arg(long, default_value_t = 128)]
     rank: usize,
+    /// Seed of the published shapes' random weights and predictors: with the same seed
+    /// every process (and every binary) builds the same model and keeps the same neurons
+    /// and heads, so two processes' rows differ only by their code and the machine
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     /// Operating points of opt-mini's trained predictors to time (threshold selection is a
     /// single kernel; top-K ones go through the multisection kernels)
     #[arg(long, value_delimiter = ';', default_value = "threshold;calibrated")]
@@ -771,6 +776,7 @@ impl BackendTask for E2eTask {
                 let Some(config) = OptConfig::named(name) else {
                     bail!("unknown model {name:?}: use opt-mini or a published OPT size such as opt-6.7b");
                 };
+                B::seed(&device, args.seed);
                 let model = Opt::<B>::new(&config, &device).cast(dtype);
                 (config, model)
             };
@@ -840,6 +846,7 @@ impl BackendTask for E2eTask {
                     }
                 } else {
                     let setup = Instant::now();
+                    B::seed(&device, args.seed.wrapping_add(1));
                     let (sparse, predictor_bytes) = synthetic_sparse(&model, &config, &weights, &mut cache, &prompt, args)?;
                     eprintln!("  synthetic predictors and thresholds {:.1} s", setup.elapsed().as_secs_f64());
                     let label = format!("sparse paper (mlp {}, attention {})", args.mlp_density, args.attention_density);
@@ -946,6 +953,7 @@ fn write_report(
         "fused_mlp": args.fused_mlp,
         "f32_residual": args.f32_residual,
         "fused_attention": args.fused_attention,
+        "seed": args.seed,
         "note": "per-token latency = decode time of the last new_tokens-1 steps / (new_tokens-1), median over runs \
                  after one warm-up run; prompts prefilled in 128-token chunks into one cache per model. kept_* come \
                  from the warm-up run (the timed runs repeat its greedy tokens without counting). Published shapes: random weights and random predictors (latency does not \

@@ -1286,30 +1286,7 @@ fn attention_partials<F: Float, N: Size>(
     let mut weights = 0.0f32;
     if live && tl < lanes {
         let mut t = start + tl;
-        // Eight positions' values in flight per iteration, then four, then one: at 129
-        // positions and 16 position lanes, two rounds of loads where four a round took three.
-        while t + 7 * lanes < end {
-            let v0 = v_cache[kv_base + t * pos_stride + cv];
-            let v1 = v_cache[kv_base + (t + lanes) * pos_stride + cv];
-            let v2 = v_cache[kv_base + (t + 2 * lanes) * pos_stride + cv];
-            let v3 = v_cache[kv_base + (t + 3 * lanes) * pos_stride + cv];
-            let v4 = v_cache[kv_base + (t + 4 * lanes) * pos_stride + cv];
-            let v5 = v_cache[kv_base + (t + 5 * lanes) * pos_stride + cv];
-            let v6 = v_cache[kv_base + (t + 6 * lanes) * pos_stride + cv];
-            let v7 = v_cache[kv_base + (t + 7 * lanes) * pos_stride + cv];
-            let (p0, p1, p2, p3) = (scores[t - start], scores[t + lanes - start], scores[t + 2 * lanes - start], scores[t + 3 * lanes - start]);
-            let (p4, p5, p6, p7) = (scores[t + 4 * lanes - start], scores[t + 5 * lanes - start], scores[t + 6 * lanes - start], scores[t + 7 * lanes - start]);
-            acc += Vector::<f32, N>::cast_from(v0) * Vector::<f32, N>::new(p0);
-            acc += Vector::<f32, N>::cast_from(v1) * Vector::<f32, N>::new(p1);
-            acc += Vector::<f32, N>::cast_from(v2) * Vector::<f32, N>::new(p2);
-            acc += Vector::<f32, N>::cast_from(v3) * Vector::<f32, N>::new(p3);
-            acc += Vector::<f32, N>::cast_from(v4) * Vector::<f32, N>::new(p4);
-            acc += Vector::<f32, N>::cast_from(v5) * Vector::<f32, N>::new(p5);
-            acc += Vector::<f32, N>::cast_from(v6) * Vector::<f32, N>::new(p6);
-            acc += Vector::<f32, N>::cast_from(v7) * Vector::<f32, N>::new(p7);
-            weights += p0 + p1 + p2 + p3 + p4 + p5 + p6 + p7;
-            t += 8 * lanes;
-        }
+        // Four positions' values in flight per iteration.
         while t + 3 * lanes < end {
             let v0 = v_cache[kv_base + t * pos_stride + cv];
             let v1 = v_cache[kv_base + (t + lanes) * pos_stride + cv];

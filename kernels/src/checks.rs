@@ -503,7 +503,8 @@ pub fn check_selection<B: SparseKernels>(device: &B::Device, n: usize, batch: us
 /// The row-wise argmax (greedy decoding's next token) of `[rows, width]` random values
 /// against the host's first largest index, with each row's largest value planted twice
 /// (at a random place and, where the row is long enough, one part of the kernel's split
-/// further on), so that the first occurrence must win inside a cube and across parts.
+/// further on), so that the first occurrence must win inside a cube and across parts; with
+/// several rows, the first is all -∞.
 pub fn check_argmax<B: SparseKernels>(device: &B::Device, rows: usize, width: usize, dtype: DType, seed: u64) -> Vec<Outcome> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut values: Vec<f32> = (0..rows * width).map(|_| rng.random_range(-8.0f32..8.0)).collect();
@@ -511,6 +512,10 @@ pub fn check_argmax<B: SparseKernels>(device: &B::Device, rows: usize, width: us
         let at = rng.random_range(0..width);
         values[r * width + at] = 9.5;
         values[r * width + (at + 1100).min(width - 1)] = 9.5;
+    }
+    // A row of -∞ (every logit masked) gives its first index.
+    if rows > 1 {
+        values[..width].fill(f32::NEG_INFINITY);
     }
     let values = stored(values, dtype);
     let want: Vec<i64> = values

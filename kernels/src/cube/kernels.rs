@@ -945,12 +945,15 @@ pub(crate) fn sum_partials_kernel<F: Float, O: Float, N: Size>(
 }
 
 /// The better of two (value, index) candidates for an argmax: the larger value, the
-/// smaller index on a tie (the first occurrence, as Burn's and PyTorch's argmax).
+/// smaller index on a tie (the first occurrence, as Burn's and PyTorch's argmax). Index
+/// `u32::MAX` is no candidate yet, which any candidate replaces (so a row of -∞ gives its
+/// first index).
 #[cube]
 fn argmax_pick(value: f32, index: u32, other_value: f32, other_index: u32) -> (f32, u32) {
     let mut v = value;
     let mut i = index;
-    if other_value > value || (other_value == value && other_index < index) {
+    let none = 4294967295u32;
+    if other_index != none && (index == none || other_value > value || (other_value == value && other_index < index)) {
         v = other_value;
         i = other_index;
     }

@@ -348,12 +348,7 @@ fn decode_run<B: SparseKernels>(
     let device = model.device();
     let hidden = prefill(model, cache, hooks, prompt)?;
     let [_, n, width] = hidden.dims();
-    // Greedy: the library's argmax (two launches on CubeBackend), as `generate` does.
-    let argmax = |h: Tensor<B, 3>| -> anyhow::Result<Tensor<B, 2, Int>> {
-        let logits = model.logits(h);
-        let vocab = logits.dims()[2];
-        Ok(dejavu_kernels::argmax_rows(logits.reshape([1, vocab]))?.reshape([1, 1]))
-    };
+    let argmax = |h: Tensor<B, 3>| greedy_token(model, h);
     let first = argmax(hidden.slice([0..1, n - 1..n, 0..width]))?;
     let mut tokens = vec![first.clone().into_scalar().elem::<i64>() as u32];
     let started = Instant::now();
@@ -375,6 +370,19 @@ fn decode_run<B: SparseKernels>(
         }
     }
     Ok((started.elapsed().as_secs_f64() * 1e3 / (new_tokens - 1).max(1) as f64, tokens))
+}
+
+/// The greedy next token `[1, 1]` on the device for one position's hidden state `[1, 1,
+/// d]`: the library's argmax (two launches on CubeBackend), as `generate` does.
+fn greedy_token<B: SparseKernels>(model: &Opt<B>, h: Tensor<B, 3>) -> anyhow::Result<Tensor<B, 2, Int>> {
+    let logits = model.logits(h);
+    let vocab = logits.dims()[2];
+    Ok(dejavu_kernels::argmax_rows(logits.reshape([1, vocab]))?.reshape([1, 1]))
+}
+
+/// A sparse row's hooks for [`time_decode`], counting what steps keep or not.
+fn sparse_hooks<B: SparseKernels>(sparse: &SparseModel<B>, count: bool) -> Box<dyn ForwardHooksWithStats<B> + '_> {
+    Box::new(if count { sparse.hooks() } else { sparse.hooks().without_counts() })
 }
 
 /// Warm-up run, then `runs` timed runs: ms per decode step.
@@ -580,7 +588,7 @@ fn device_step_us<B: SparseKernels>(
         let t = Instant::now();
         primer.prime(n);
         let h = model.forward_with(token_tensor::<B>(&[token], &device), cache, hooks)?;
-        let _next = dejavu_kernels::argmax_rows(model.logits(h).squeeze_dim::<2>(0))?;
+        let _next = greedy_token(model, h)?;
         primer.sync()?;
         let both = t.elapsed().as_secs_f64();
         if rep > 0 {
@@ -591,7 +599,7 @@ fn device_step_us<B: SparseKernels>(
     // Compute's window.
     crate::capture::ncu_window(|| {
         let h = model.forward_with(token_tensor::<B>(&[token], &device), cache, hooks)?;
-        let _next = dejavu_kernels::argmax_rows(model.logits(h).squeeze_dim::<2>(0))?;
+        let _next = greedy_token(model, h)?;
         primer.sync()
     })?;
     Ok(median(&mut diffs))
@@ -841,7 +849,7 @@ impl BackendTask for E2eTask {
                         let plan = SparsityPlan::new(&set.manifest, point, &DenseLayers::default())?;
                         let sparse = SparseModel::with_weights(&model, &hash, plan, set.modules.clone(), sparse_options(args), weights.clone())?;
                         let label = format!("sparse {point}");
-                        let t = time_decode(&model, &mut cache, &mut |count| Box::new(if count { sparse.hooks() } else { sparse.hooks().without_counts() }), &prompt, args, &format!("{name} {label}"), trained)?;
+                        let t = time_decode(&model, &mut cache, &mut |count| sparse_hooks(&sparse, count), &prompt, args, &format!("{name} {label}"), trained)?;
                         push(&mut rows, label, t, predictor_bytes);
                     }
                 } else {
@@ -850,7 +858,7 @@ impl BackendTask for E2eTask {
                     let (sparse, predictor_bytes) = synthetic_sparse(&model, &config, &weights, &mut cache, &prompt, args)?;
                     eprintln!("  synthetic predictors and thresholds {:.1} s", setup.elapsed().as_secs_f64());
                     let label = format!("sparse paper (mlp {}, attention {})", args.mlp_density, args.attention_density);
-                    let t = time_decode(&model, &mut cache, &mut |count| Box::new(if count { sparse.hooks() } else { sparse.hooks().without_counts() }), &prompt, args, &format!("{name} {label}"), trained)?;
+                    let t = time_decode(&model, &mut cache, &mut |count| sparse_hooks(&sparse, count), &prompt, args, &format!("{name} {label}"), trained)?;
                     push(&mut rows, label, t, predictor_bytes);
                 }
                 report(&rows, &checks, None, false)?;

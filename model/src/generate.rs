@@ -104,10 +104,10 @@ impl Sampler {
     /// selection runs on the device ([`dejavu_kernels::argmax_rows`]) and reads back one id.
     pub fn next<B: SparseKernels>(&mut self, logits: Tensor<B, 3>) -> u32 {
         let [_, n, vocab] = logits.dims();
-        let last = logits.slice([0..1, n - 1..n, 0..vocab]).reshape([vocab]);
+        let last = logits.slice([0..1, n - 1..n, 0..vocab]).reshape([1, vocab]);
         match self.sampling.clone() {
             Sampling::Greedy => {
-                let id = dejavu_kernels::argmax_rows(last.reshape([1, vocab])).expect("a model's vocabulary is not empty").into_data();
+                let id = dejavu_kernels::argmax_rows(last).expect("a model's vocabulary is not empty").into_data();
                 let id = id.iter::<i64>().next().expect("argmax of a non-empty row");
                 id as u32
             }

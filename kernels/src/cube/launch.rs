@@ -596,16 +596,15 @@ const ARGMAX_PER_UNIT: usize = 4;
 pub fn argmax_rows<R: CubeRuntime>(x: CubeTensor<R>, int_dtype: DType) -> CubeTensor<R> {
     let x = into_contiguous(x);
     let [rows, width] = [dims(&x)[0], dims(&x)[1]];
-    let out = empty(&x, vec![rows], int_dtype);
     if rows == 0 || width == 0 {
-        return out;
+        return empty(&x, vec![rows], int_dtype);
     }
     let vs = vector_width(&[&x]);
     let width_vectors = width / vs;
     let threads = ARGMAX_THREADS.min(client_units(&x));
     let parts = width_vectors.div_ceil(threads * ARGMAX_PER_UNIT);
-    let part_vals = empty(&x, vec![rows * parts], DType::F32);
-    let part_idxs = empty(&x, vec![rows * parts], DType::U32);
+    // A decode step's argmax: its output and the parts' workspace in one allocation.
+    let [out, part_vals, part_idxs] = empties(&x, [(vec![rows], int_dtype), (vec![rows * parts], DType::F32), (vec![rows * parts], DType::U32)]);
     let (dtype, x_stride) = (x.dtype, stride(&x, 0) / vs);
     let client = x.client.clone();
     unsafe {

@@ -74,6 +74,11 @@ pub struct E2eArgs {
     /// Sparse rows, with --f32-residual: attention and out_proj in one launch
     #[arg(long, requires = "f32_residual")]
     fused_attention: bool,
+    /// Sparse rows, with --f32-residual: the LayerNorms written by the launch that
+    /// finishes the residual (its last cube), the next layer's predictors riding in the
+    /// next launches: no LayerNorm launches in sparse layers
+    #[arg(long, requires = "f32_residual")]
+    fused_norms: bool,
     /// The paper's latency setting for the synthetic models: MLP density in sparse layers
     #[arg(long, default_value_t = 0.1)]
     mlp_density: f64,
@@ -204,6 +209,7 @@ fn sparse_options(args: &E2eArgs) -> SparseOptions {
         fused_mlp: args.fused_mlp,
         f32_residual: args.f32_residual,
         fused_attention: args.fused_attention,
+        fused_norms: args.fused_norms,
         ..Default::default()
     }
 }
@@ -961,6 +967,7 @@ fn write_report(
         "fused_mlp": args.fused_mlp,
         "f32_residual": args.f32_residual,
         "fused_attention": args.fused_attention,
+        "fused_norms": args.fused_norms,
         "seed": args.seed,
         "note": "per-token latency = decode time of the last new_tokens-1 steps / (new_tokens-1), median over runs \
                  after one warm-up run; prompts prefilled in 128-token chunks into one cache per model. kept_* come \

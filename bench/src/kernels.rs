@@ -22,7 +22,7 @@ use burn::prelude::*;
 use burn::tensor::{DType, Distribution, TensorData};
 use burn_cubecl::CubeRuntime;
 use dejavu_kernels::checks::{
-    check_attention, check_attention_out_proj, check_block_cols_gemv, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_qkv_lazy, check_norm_predict, check_predicted_mlp, check_predictor_kernels, check_selection, check_argmax, fresh_seed, Case,
+    check_attention, check_attention_out_proj, check_block_cols_gemv, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_qkv_lazy, check_norm_predict, check_norms_ahead, check_predicted_mlp, check_predictor_kernels, check_selection, check_argmax, fresh_seed, Case,
     Cube, Outcome, Poisoned,
 };
 use dejavu_kernels::cube::LaunchConfig;
@@ -728,6 +728,7 @@ fn run_checks<R: CubeRuntime>(args: &KernelArgs, device: &R::Device) -> anyhow::
         outcomes.extend(check_predictor_kernels::<Cube<R>>(device, ffn, d, 128, config.num_attention_heads, args.dtype.dtype(), seed));
         outcomes.extend(check_predicted_mlp::<Cube<R>>(device, ffn, d, 128, args.dtype.dtype(), seed));
         outcomes.extend(check_norm_predict::<Cube<R>>(device, d, 128, config.num_attention_heads, args.dtype.dtype(), seed));
+        outcomes.extend(check_norms_ahead::<Cube<R>>(device, config.num_attention_heads, hd, ffn, 128, 256, 200, args.dtype.dtype(), seed));
         outcomes.extend(check_kv_append::<Cube<R>>(device, [1, config.num_attention_heads, 64, hd], d, 17, args.dtype.dtype(), seed));
         outcomes.extend(check_qkv_lazy::<Cube<R>>(device, config.num_attention_heads, hd, d, 16, 40, args.dtype.dtype(), seed));
         outcomes.extend(check_block_cols_gemv::<Cube<R>>(device, d, config.num_attention_heads, hd, 1, args.dtype.dtype(), seed));

@@ -98,6 +98,12 @@ struct SparseArgs {
     /// (each cube computes its head's attention, then adds its rows of out_proj)
     #[arg(long, requires = "f32_residual")]
     fused_attention: bool,
+    /// With --f32-residual: no LayerNorm launches in sparse layers (the launch that
+    /// finishes the residual writes its LayerNorm from its last cube, and the next layer's
+    /// predictors ride in the next launches); four launches a sparse layer with
+    /// --fused-attention
+    #[arg(long, requires = "f32_residual")]
+    fused_norms: bool,
 }
 
 /// The sparse path's settings once the command line is read.
@@ -127,6 +133,7 @@ impl SparseArgs {
                 fused_mlp: self.fused_mlp,
                 f32_residual: self.f32_residual,
                 fused_attention: self.fused_attention,
+                fused_norms: self.fused_norms,
             },
         })
     }
@@ -147,6 +154,7 @@ impl SparseChoice {
             "fused_mlp": self.options.fused_mlp,
             "f32_residual": self.options.f32_residual,
             "fused_attention": self.options.fused_attention,
+            "fused_norms": self.options.fused_norms,
             "kept": kept,
         })
     }

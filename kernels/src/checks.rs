@@ -232,9 +232,11 @@ impl<R: CubeRuntime> Launcher<Cube<R>> for Poisoned {
             float_prim(h),
             bias.map(float_prim),
             float_prim(acc),
+            None,
             DType::I32,
             &self.0,
-        );
+        )
+        .0;
         Tensor::from_primitive(TensorPrimitive::Float(out))
     }
 
@@ -257,8 +259,10 @@ impl<R: CubeRuntime> Launcher<Cube<R>> for Poisoned {
             float_prim(w),
             bias.map(float_prim),
             float_prim(acc),
+            None,
             &self.0,
-        );
+        )
+        .0;
         Tensor::from_primitive(TensorPrimitive::Float(out))
     }
 }
@@ -1205,4 +1209,141 @@ pub fn cube_supports<R: CubeRuntime>(device: &R::Device, dtype: DType) -> bool {
     let client = <R as Runtime>::client(device);
     let storage: StorageType = dtype.into();
     client.properties().supports_type(storage)
+}
+
+/// The LayerNorms written by the launch that finishes the residual and the predictors that
+/// ride in the next launches ([`crate::attention_out_proj_accumulate_norm`],
+/// [`crate::accumulate_transposed_gemv_norm`], [`crate::predicted_rows_gemv_with`],
+/// [`crate::qkv_append_first`]), batch 1, against host loops: the residual and its
+/// LayerNorm (each accumulating op run twice with one counter, which must come back to 0
+/// each time: the second run's LayerNorm needs it), fc1 with the next layer's first factor
+/// and head selection, and the queries with the next layer's attention first factor. The
+/// residual has a mean of about 3, so the LayerNorm's centring matters. `heads × hd = d`,
+/// `len` positions of `cap`.
+#[allow(clippy::too_many_arguments)] // the model's shape and the case
+pub fn check_norms_ahead<B: SparseKernels>(device: &B::Device, heads: usize, hd: usize, ffn: usize, r: usize, cap: usize, len: usize, dtype: DType, seed: u64) -> Vec<Outcome> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let d = heads * hd;
+    let eps = 1e-5;
+    let case = format!("d {d} heads {heads} ffn {ffn} r {r} len {len} {dtype:?} seed {seed}");
+    let (gamma, beta) = (uniform(&mut rng, d, 0.0), uniform(&mut rng, d, 0.0));
+    let norm = |done: &Tensor<B, 1, Int>| crate::NormAfter {
+        gamma: to_device::<B, 1>(&gamma, [d], DType::F32, device),
+        beta: to_device::<B, 1>(&beta, [d], DType::F32, device),
+        eps,
+        dtype,
+        done: done.clone(),
+    };
+    let residual: Vec<f32> = uniform(&mut rng, d, 0.0).into_iter().map(|v| 3.0 + 2.0 * v).collect();
+    let mut out = Vec::new();
+    let done = crate::NormAfter::<B>::counter(device);
+    let counter_outcome = |op: &'static str, done: &Tensor<B, 1, Int>| {
+        let left = read_ints::<B>(done.clone());
+        Outcome { op, case: format!("{case}: counter left at {left:?}"), worst_ratio: if left == [0] { 0.0 } else { f32::INFINITY }, worst_index: 0, passed: left == [0] }
+    };
+
+    // Attention with out_proj into the residual, its LayerNorm from the last cube.
+    let dims = [1, heads, cap, hd];
+    let AttentionInputs { heads: ids, k, v, q, scale } = attention_inputs(&mut rng, dims, dtype);
+    let slots = ids.len();
+    let w = stored(uniform(&mut rng, d * d, 0.0), dtype);
+    let bias = stored(uniform(&mut rng, d, 0.0), dtype);
+    let o = host::selected_heads_attention(&q, &ids, &k, &v, dims, len, scale);
+    let want = host::block_cols_gemv(&w, d, d, Some(&ids), hd, &o, 1, Some(&bias), Some(&residual));
+    let want_normed = host::layer_norm(&want, 1, d, &gamma, &beta, eps);
+    let slack: Vec<f32> = host::block_cols_gemv(&abs(&w), d, d, Some(&ids), hd, &abs(&o), 1, None, None).iter().map(|s| storage_ulp(dtype) * s).collect();
+    for run in ["first run", "second run"] {
+        let (acc, normed) = crate::attention_out_proj_accumulate_norm(
+            to_device::<B, 2>(&q, [1, slots * hd], dtype, device),
+            ints::<B>(&ids, device),
+            to_device::<B, 4>(&k, dims, dtype, device),
+            to_device::<B, 4>(&v, dims, dtype, device),
+            len,
+            scale,
+            to_device::<B, 2>(&w, [d, d], dtype, device),
+            Some(to_device::<B, 1>(&bias, [d], dtype, device)),
+            to_device::<B, 2>(&residual, [1, d], DType::F32, device),
+            norm(&done),
+        )
+        .expect("consistent shapes");
+        out.push(outcome("attention_out_proj_accumulate_norm: residual", format!("{case} {run}"), DType::F32, &read(acc), &want, &slack));
+        out.push(outcome("attention_out_proj_accumulate_norm: LayerNorm", format!("{case} {run}"), dtype, &read(normed), &want_normed, &[]));
+    }
+    out.push(counter_outcome("attention_out_proj_accumulate_norm: counter", &done));
+
+    // fc2 over every row (90% of h zero) into the residual, its LayerNorm from the last cube.
+    let w_t = stored(uniform(&mut rng, ffn * d, 0.0), dtype);
+    let h = stored(uniform(&mut rng, ffn, 0.9), dtype);
+    let b2 = stored(uniform(&mut rng, d, 0.0), dtype);
+    let want = host::add(&host::rows_transposed_gemv(&w_t, ffn, d, None, &h, 1, Some(&b2)), &residual);
+    let want_normed = host::layer_norm(&want, 1, d, &gamma, &beta, eps);
+    for run in ["first run", "second run"] {
+        let (acc, normed) = crate::accumulate_transposed_gemv_norm(
+            to_device::<B, 2>(&residual, [1, d], DType::F32, device),
+            to_device::<B, 2>(&w_t, [ffn, d], dtype, device),
+            to_device::<B, 2>(&h, [1, ffn], dtype, device),
+            Some(to_device::<B, 1>(&b2, [d], dtype, device)),
+            norm(&done),
+        )
+        .expect("consistent shapes");
+        out.push(outcome("accumulate_transposed_gemv_norm: residual", format!("{case} {run}"), DType::F32, &read(acc), &want, &[]));
+        out.push(outcome("accumulate_transposed_gemv_norm: LayerNorm", format!("{case} {run}"), dtype, &read(normed), &want_normed, &[]));
+    }
+    out.push(counter_outcome("accumulate_transposed_gemv_norm: counter", &done));
+
+    // fc1 gated by its predictor, with the next layer's MLP first factor and head selection.
+    let w1 = stored(uniform(&mut rng, ffn * d, 0.0), dtype);
+    let b1 = stored(uniform(&mut rng, ffn, 0.0), dtype);
+    let x = stored(uniform(&mut rng, d, 0.0), dtype);
+    let (up, hf) = (uniform(&mut rng, ffn * r, 0.0), uniform(&mut rng, r, 0.0));
+    let logits = host::rows_gemv(&up, ffn, r, None, &hf, 1, None, false);
+    let threshold = threshold_in_gap(&logits);
+    let dense = host::rows_gemv(&w1, ffn, d, None, &x, 1, Some(&b1), true);
+    let want_h: Vec<f32> = dense.iter().zip(&logits).map(|(v, l)| if *l > threshold { *v } else { 0.0 }).collect();
+    let down = uniform(&mut rng, r * d, 0.0);
+    let want_first = host::rows_gemv(&down, r, d, None, &residual, 1, None, false);
+    let (sel_up, sel_h) = (uniform(&mut rng, heads * r, 0.0), uniform(&mut rng, r, 0.0));
+    let sel_logits = host::rows_gemv(&sel_up, heads, r, None, &sel_h, 1, None, false);
+    let sel_threshold = threshold_in_gap(&sel_logits);
+    let got = crate::predicted_rows_gemv_with(
+        to_device::<B, 2>(&w1, [ffn, d], dtype, device),
+        to_device::<B, 2>(&x, [1, d], dtype, device),
+        Some(to_device::<B, 1>(&b1, [ffn], dtype, device)),
+        Activation::Relu,
+        to_device::<B, 2>(&up, [ffn, r], DType::F32, device),
+        to_device::<B, 2>(&hf, [1, r], DType::F32, device),
+        threshold,
+        Some(crate::FirstFactor { down: to_device::<B, 2>(&down, [r, d], DType::F32, device), residual: to_device::<B, 2>(&residual, [1, d], DType::F32, device) }),
+        Some(crate::HeadSelect { up: to_device::<B, 2>(&sel_up, [heads, r], DType::F32, device), h: to_device::<B, 2>(&sel_h, [1, r], DType::F32, device), threshold: sel_threshold, capacity: heads }),
+    )
+    .expect("consistent shapes");
+    out.push(outcome("predicted_rows_gemv_with: fc1", case.clone(), dtype, &read(got.out), &want_h, &[]));
+    match (got.first, got.selection) {
+        (Some(first), Some(sel)) => {
+            out.push(outcome("predicted_rows_gemv_with: first factor", case.clone(), DType::F32, &read(first), &want_first, &[]));
+            let (want_idx, want_count) = host::select_above_threshold(&sel_logits, 1, heads, sel_threshold, heads);
+            out.push(selection_outcome("predicted_rows_gemv_with: head selection", case.clone(), sel, &want_idx, want_count));
+        }
+        _ => out.push(Outcome { op: "predicted_rows_gemv_with", case: format!("{case}: a rider asked for was not returned"), worst_ratio: f32::INFINITY, worst_index: 0, passed: false }),
+    }
+
+    // The queries of the selected heads with the next layer's attention first factor.
+    let wq = stored(uniform(&mut rng, d * d, 0.0), dtype);
+    let kv = stored(uniform(&mut rng, 2 * d * d, 0.0), dtype);
+    let rows_idx = host::block_rows(&ids, hd, d);
+    let query = crate::QueryRows { w: to_device::<B, 2>(&wq, [d, d], dtype, device), heads: Some(ints::<B>(&ids, device)), head_dim: hd, bias: None };
+    let (q_got, _, _, first) = crate::qkv_append_first(
+        query,
+        to_device::<B, 2>(&kv, [2 * d, d], dtype, device),
+        to_device::<B, 2>(&x, [1, d], dtype, device),
+        None,
+        Tensor::<B, 4>::zeros(dims, (device, dtype)),
+        Tensor::<B, 4>::zeros(dims, (device, dtype)),
+        len.min(cap - 1),
+        crate::FirstFactor { down: to_device::<B, 2>(&down, [r, d], DType::F32, device), residual: to_device::<B, 2>(&residual, [1, d], DType::F32, device) },
+    )
+    .expect("consistent shapes");
+    out.push(outcome("qkv_append_first: queries", case.clone(), dtype, &read(q_got), &host::rows_gemv(&wq, d, d, Some(&rows_idx), &x, 1, None, false), &[]));
+    out.push(outcome("qkv_append_first: first factor", case, DType::F32, &read(first), &want_first, &[]));
+    out
 }

@@ -351,6 +351,109 @@ pub trait SparseKernels: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         reference::kv_append::<Self>(kv, x, bias, k_cache, v_cache, pos)
     }
+
+    /// [`SparseKernels::attention_out_proj_accumulate`] in one launch (batch 1), returning
+    /// also the LayerNorm of the finished sum ([`SparseKernels::layer_norm_rows`] with
+    /// `norm`'s parameters): `CubeBackend` writes it from the launch's last cube (counted
+    /// in `norm`'s `done`), so the MLP after needs no LayerNorm launch of its own.
+    #[allow(clippy::too_many_arguments)] // attention's inputs, out_proj's, the accumulator and the LayerNorm after
+    fn attention_out_proj_accumulate_norm(
+        q: FloatTensor<Self>,
+        heads: IntTensor<Self>,
+        k_cache: FloatTensor<Self>,
+        v_cache: FloatTensor<Self>,
+        len: usize,
+        scale: f32,
+        w: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        acc: FloatTensor<Self>,
+        norm: NormParams<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let acc = Self::attention_out_proj_accumulate(q, heads, k_cache, v_cache, len, scale, w, bias, acc, true);
+        let normed = Self::layer_norm_rows(acc.clone(), norm.gamma, norm.beta, norm.eps, norm.dtype);
+        (acc, normed)
+    }
+
+    /// [`SparseKernels::rows_transposed_gemv_accumulate`] over every row (batch 1),
+    /// returning also the LayerNorm of the finished sum, as
+    /// [`SparseKernels::attention_out_proj_accumulate_norm`]: the next layer's first
+    /// LayerNorm (or the final one) without a launch of its own.
+    fn rows_transposed_gemv_accumulate_norm(
+        w_t: FloatTensor<Self>,
+        h: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        acc: FloatTensor<Self>,
+        norm: NormParams<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let acc = Self::rows_transposed_gemv_accumulate(w_t, None, 1, h, bias, acc);
+        let normed = Self::layer_norm_rows(acc.clone(), norm.gamma, norm.beta, norm.eps, norm.dtype);
+        (acc, normed)
+    }
+
+    /// [`SparseKernels::predicted_rows_gemv`] with two riders on cubes of their own in the
+    /// same launch on `CubeBackend` (batch 1): the first factor `down [r, d] · residual`
+    /// (f32 out, `residual [1, d]` f32) of the next layer's MLP predictor, and a head
+    /// selection ([`SparseKernels::predict_select`] of `(up, h, threshold, capacity)`).
+    #[allow(clippy::too_many_arguments)] // fc1's and the predictor's inputs, and the riders'
+    #[allow(clippy::type_complexity)] // fc1's output and the riders'
+    fn predicted_rows_gemv_with(
+        w: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        relu: bool,
+        up: FloatTensor<Self>,
+        h: FloatTensor<Self>,
+        threshold: f32,
+        first: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        select: Option<(FloatTensor<Self>, FloatTensor<Self>, f32, usize)>,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>, Option<(IntTensor<Self>, IntTensor<Self>)>) {
+        let out = Self::predicted_rows_gemv(w, x, bias, relu, up, h, threshold);
+        let first = first.map(|(down, residual)| first_factor::<Self>(down, residual));
+        let selection = select.map(|(up, h, threshold, capacity)| Self::predict_select(up, h, threshold, capacity));
+        (out, first, selection)
+    }
+
+    /// [`SparseKernels::qkv_append`] with the first factor `down [r, d] · residual` of the
+    /// next layer's attention predictor (f32 out, `residual [1, d]` f32) on cubes of its own
+    /// in the same launch on `CubeBackend` (batch 1). Returns `q`, the caches and the
+    /// first factor.
+    #[allow(clippy::too_many_arguments)] // the queries', keys' and values' inputs and the rider's
+    #[allow(clippy::type_complexity)] // the queries, the caches, the first factor
+    fn qkv_append_first(
+        q_w: FloatTensor<Self>,
+        q_idx: Option<IntTensor<Self>>,
+        block: usize,
+        q_bias: Option<FloatTensor<Self>>,
+        kv: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        kv_bias: Option<FloatTensor<Self>>,
+        k_cache: FloatTensor<Self>,
+        v_cache: FloatTensor<Self>,
+        pos: usize,
+        first: (FloatTensor<Self>, FloatTensor<Self>),
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (q, k, v) = Self::qkv_append(q_w, q_idx, block, q_bias, kv, x, kv_bias, k_cache, v_cache, pos);
+        (q, k, v, first_factor::<Self>(first.0, first.1))
+    }
+}
+
+/// The LayerNorm an accumulating op applies to its finished row
+/// ([`SparseKernels::attention_out_proj_accumulate_norm`]): f32 `gamma`, `beta` `[d]`,
+/// epsilon, the output dtype, and `done`, a zeroed int counter (`[1]` or more) that the op
+/// leaves zeroed — one per sequence: ops that share one must run one after another.
+pub struct NormParams<B: Backend> {
+    pub gamma: FloatTensor<B>,
+    pub beta: FloatTensor<B>,
+    pub eps: f32,
+    pub dtype: DType,
+    pub done: IntTensor<B>,
+}
+
+/// A predictor's first factor `down [r, d] · residual [1, d]`, summed and stored in f32
+/// whatever `down`'s dtype (as the kernels do it).
+fn first_factor<B: SparseKernels>(down: FloatTensor<B>, residual: FloatTensor<B>) -> FloatTensor<B> {
+    let down: Tensor<B, 2> = wrap(down);
+    B::rows_gemv(prim(down.cast(DType::F32)), None, 1, residual, None, false)
 }
 
 impl SparseKernels for burn::backend::Flex {}
@@ -413,7 +516,22 @@ where
         acc: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         let int_dtype = idx.as_ref().map(|i| i.dtype).unwrap_or(I::dtype());
-        cube::rows_transposed_gemv_accumulate(w_t, idx, block, h, bias, acc, int_dtype, &cube::LaunchConfig::default())
+        cube::rows_transposed_gemv_accumulate(w_t, idx, block, h, bias, acc, None, int_dtype, &cube::LaunchConfig::default()).0
+    }
+
+    fn rows_transposed_gemv_accumulate_norm(
+        w_t: FloatTensor<Self>,
+        h: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        acc: FloatTensor<Self>,
+        norm: NormParams<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let NormParams { gamma, beta, eps, dtype, done } = norm;
+        let args = cube::NormArgs { gamma: gamma.clone(), beta: beta.clone(), eps, done };
+        let (acc, normed) = cube::rows_transposed_gemv_accumulate(w_t, None, 1, h, bias, acc, Some(args), I::dtype(), &cube::LaunchConfig::default());
+        // Where the epilogue does not apply (no f32 atomics, a row too wide), its own launch.
+        let normed = normed.unwrap_or_else(|| cube::layer_norm(acc.clone(), gamma, beta, eps, dtype));
+        (acc, normed)
     }
 
     fn select_above_threshold(
@@ -457,7 +575,26 @@ where
     ) -> FloatTensor<Self> {
         let default = cube::LaunchConfig::default();
         let config = cube::LaunchConfig { attention_out_rows: if one_launch { default.attention_out_rows } else { 0 }, ..default };
-        cube::attention_out_proj_accumulate(q, heads, k_cache, v_cache, len, scale, w, bias, acc, &config)
+        cube::attention_out_proj_accumulate(q, heads, k_cache, v_cache, len, scale, w, bias, acc, None, &config).0
+    }
+
+    fn attention_out_proj_accumulate_norm(
+        q: FloatTensor<Self>,
+        heads: IntTensor<Self>,
+        k_cache: FloatTensor<Self>,
+        v_cache: FloatTensor<Self>,
+        len: usize,
+        scale: f32,
+        w: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        acc: FloatTensor<Self>,
+        norm: NormParams<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let NormParams { gamma, beta, eps, dtype, done } = norm;
+        let args = cube::NormArgs { gamma: gamma.clone(), beta: beta.clone(), eps, done };
+        let (acc, normed) = cube::attention_out_proj_accumulate(q, heads, k_cache, v_cache, len, scale, w, bias, acc, Some(args), &cube::LaunchConfig::default());
+        let normed = normed.unwrap_or_else(|| cube::layer_norm(acc.clone(), gamma, beta, eps, dtype));
+        (acc, normed)
     }
 
     fn layer_norm_rows(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, eps: f32, dtype: DType) -> FloatTensor<Self> {
@@ -495,7 +632,23 @@ where
         h: FloatTensor<Self>,
         threshold: f32,
     ) -> FloatTensor<Self> {
-        cube::predicted_rows_gemv(w, x, bias, relu, up, h, threshold)
+        cube::predicted_rows_gemv(w, x, bias, relu, up, h, threshold, None, None, I::dtype()).0
+    }
+
+    fn predicted_rows_gemv_with(
+        w: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        relu: bool,
+        up: FloatTensor<Self>,
+        h: FloatTensor<Self>,
+        threshold: f32,
+        first: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        select: Option<(FloatTensor<Self>, FloatTensor<Self>, f32, usize)>,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>, Option<(IntTensor<Self>, IntTensor<Self>)>) {
+        let first = first.map(|(down, residual)| cube::FirstArgs { down, residual });
+        let select = select.map(|(up, h, threshold, capacity)| cube::SelectArgs { up, h, threshold, capacity });
+        cube::predicted_rows_gemv(w, x, bias, relu, up, h, threshold, first, select, I::dtype())
     }
 
     fn predicted_mlp(
@@ -534,8 +687,27 @@ where
         pos: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let query = cube::QueryArgs { w: q_w, idx: q_idx, block, bias: q_bias };
-        let (q, k, v) = cube::qkv_append(Some(query), kv, x, kv_bias, k_cache, v_cache, pos, I::dtype());
+        let (q, k, v, _) = cube::qkv_append(Some(query), kv, x, kv_bias, k_cache, v_cache, pos, I::dtype(), None);
         (q.expect("a query was asked for"), k, v)
+    }
+
+    fn qkv_append_first(
+        q_w: FloatTensor<Self>,
+        q_idx: Option<IntTensor<Self>>,
+        block: usize,
+        q_bias: Option<FloatTensor<Self>>,
+        kv: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        kv_bias: Option<FloatTensor<Self>>,
+        k_cache: FloatTensor<Self>,
+        v_cache: FloatTensor<Self>,
+        pos: usize,
+        first: (FloatTensor<Self>, FloatTensor<Self>),
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let query = cube::QueryArgs { w: q_w, idx: q_idx, block, bias: q_bias };
+        let first = cube::FirstArgs { down: first.0, residual: first.1 };
+        let (q, k, v, first) = cube::qkv_append(Some(query), kv, x, kv_bias, k_cache, v_cache, pos, I::dtype(), Some(first));
+        (q.expect("a query was asked for"), k, v, first.expect("a first factor was asked for"))
     }
 
     fn qkv_append_lazy(
@@ -1496,4 +1668,192 @@ pub fn sparse_mlp<B: SparseKernels>(
 ) -> Result<Tensor<B, 2>, KernelError> {
     let h = gather_rows_gemv(w1, idx.clone(), x, Some(b1), Activation::Relu)?;
     gather_rows_transposed_gemv(w2_t, idx, h, Some(b2))
+}
+
+/// The LayerNorm that [`attention_out_proj_accumulate_norm`] and
+/// [`accumulate_transposed_gemv_norm`] apply to the row they finish: f32 `gamma`, `beta`
+/// `[d]`, epsilon, the output dtype, and `done`, a zeroed int counter (`[1]` or more,
+/// [`NormAfter::counter`]) that they leave zeroed. One counter per sequence: the ops that
+/// share one must run one after another (as a sequence's decode steps do).
+pub struct NormAfter<B: Backend> {
+    pub gamma: Tensor<B, 1>,
+    pub beta: Tensor<B, 1>,
+    pub eps: f32,
+    pub dtype: DType,
+    pub done: Tensor<B, 1, Int>,
+}
+
+impl<B: Backend> NormAfter<B> {
+    /// A zeroed counter for [`NormAfter::done`].
+    pub fn counter(device: &B::Device) -> Tensor<B, 1, Int> {
+        Tensor::zeros([1], device)
+    }
+}
+
+fn check_norm_after<B: Backend>(op: &'static str, norm: &NormAfter<B>, d: usize, batch: usize) -> Result<(), KernelError> {
+    if batch != 1 {
+        return Err(shape_err(op, format!("batch {batch}; the LayerNorm after is for one sequence")));
+    }
+    check_norm_params(op, d, &norm.gamma, &norm.beta)?;
+    check_any_float(op, "the LayerNorm's output dtype", norm.dtype)?;
+    if norm.done.dims()[0] == 0 {
+        return Err(shape_err(op, "the counter is empty".into()));
+    }
+    Ok(())
+}
+
+fn norm_params<B: Backend>(norm: NormAfter<B>) -> NormParams<B> {
+    NormParams { gamma: prim(norm.gamma), beta: prim(norm.beta), eps: norm.eps, dtype: norm.dtype, done: norm.done.into_primitive() }
+}
+
+/// [`attention_out_proj_accumulate`] in one launch (batch 1) that also returns the
+/// LayerNorm ([`NormAfter`]) of the finished residual `[1, rows]`: on `CubeBackend` with
+/// f32 atomics the launch's last cube writes it, so the MLP's LayerNorm needs no launch of
+/// its own. Returns the residual and its LayerNorm.
+#[allow(clippy::too_many_arguments)] // attention's inputs, out_proj's, the accumulator and the LayerNorm after
+pub fn attention_out_proj_accumulate_norm<B: SparseKernels>(
+    q: Tensor<B, 2>,
+    heads: Tensor<B, 1, Int>,
+    k_cache: Tensor<B, 4>,
+    v_cache: Tensor<B, 4>,
+    len: usize,
+    scale: f32,
+    w: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    acc: Tensor<B, 2>,
+    norm: NormAfter<B>,
+) -> Result<(Tensor<B, 2>, Tensor<B, 2>), KernelError> {
+    let op = "attention_out_proj_accumulate_norm";
+    check_attention(op, &q, &heads, &k_cache, &v_cache, len)?;
+    let [batch, heads_total, _, hd] = k_cache.dims();
+    let [rows, cols] = w.dims();
+    if cols != heads_total * hd {
+        return Err(shape_err(op, format!("out_proj is {:?} for {heads_total} heads of {hd}", w.dims())));
+    }
+    check_float(op, "out_proj", &w, q.dtype())?;
+    check_bias(op, bias.as_ref(), rows, "rows", w.dtype())?;
+    check_residual(op, Some(&acc), [batch, rows], DType::F32)?;
+    check_norm_after(op, &norm, rows, batch)?;
+    let (acc, normed) =
+        B::attention_out_proj_accumulate_norm(prim(q), heads.into_primitive(), prim(k_cache), prim(v_cache), len, scale, prim(w), bias.map(prim), prim(acc), norm_params(norm));
+    Ok((wrap(acc), wrap(normed)))
+}
+
+/// [`accumulate_transposed_gemv`] over every row (batch 1) that also returns the LayerNorm
+/// ([`NormAfter`]) of the finished residual, as [`attention_out_proj_accumulate_norm`]:
+/// the next layer's first LayerNorm, or the final one, without a launch of its own.
+pub fn accumulate_transposed_gemv_norm<B: SparseKernels>(
+    acc: Tensor<B, 2>,
+    w_t: Tensor<B, 2>,
+    h: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    norm: NormAfter<B>,
+) -> Result<(Tensor<B, 2>, Tensor<B, 2>), KernelError> {
+    let op = "accumulate_transposed_gemv_norm";
+    check_transposed_rows(op, &w_t, None, &h, bias.as_ref())?;
+    let [batch, d] = [h.dims()[0], w_t.dims()[1]];
+    check_residual(op, Some(&acc), [batch, d], DType::F32)?;
+    check_norm_after(op, &norm, d, batch)?;
+    let (acc, normed) = B::rows_transposed_gemv_accumulate_norm(prim(w_t), prim(h), bias.map(prim), prim(acc), norm_params(norm));
+    Ok((wrap(acc), wrap(normed)))
+}
+
+/// A predictor's first factor for another op to compute beside its own work (batch 1):
+/// `down [r, d]` (f32 or the model's dtype) times the residual `[1, d]` (f32).
+pub struct FirstFactor<B: Backend> {
+    pub down: Tensor<B, 2>,
+    pub residual: Tensor<B, 2>,
+}
+
+fn check_first_factor<B: Backend>(op: &'static str, first: &FirstFactor<B>) -> Result<(), KernelError> {
+    let d = first.down.dims()[1];
+    if first.residual.dims() != [1, d] {
+        return Err(shape_err(op, format!("the residual is {:?} for a first factor {:?}", first.residual.dims(), first.down.dims())));
+    }
+    check_float(op, "the residual", &first.residual, DType::F32)?;
+    check_any_float(op, "the predictor's first factor", first.down.dtype())
+}
+
+/// What [`predicted_rows_gemv_with`] returns: fc1's output `[1, rows]`, the next layer's
+/// MLP first factor `[1, r]` and head selection, when asked for.
+pub struct PredictedRows<B: Backend> {
+    pub out: Tensor<B, 2>,
+    pub first: Option<Tensor<B, 2>>,
+    pub selection: Option<Selection<B>>,
+}
+
+/// [`predicted_rows_gemv`] with up to two riders on cubes of their own in the same launch
+/// on `CubeBackend` (batch 1): `first`, the first factor of the next layer's MLP
+/// predictor from the same residual, and `select`, the next layer's head selection
+/// ([`HeadSelect`], from the first factor its attention predictor left). Neither needs
+/// fc1's output, so the predictors of the next layer cost no launches of their own. Both
+/// riders' predictor factors must share `up`'s dtype (the kernel reads them as one type).
+#[allow(clippy::too_many_arguments)] // fc1's inputs, the predictor's and the riders'
+pub fn predicted_rows_gemv_with<B: SparseKernels>(
+    w: Tensor<B, 2>,
+    x: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    act: Activation,
+    up: Tensor<B, 2>,
+    h: Tensor<B, 2>,
+    threshold: f32,
+    first: Option<FirstFactor<B>>,
+    select: Option<HeadSelect<B>>,
+) -> Result<PredictedRows<B>, KernelError> {
+    let op = "predicted_rows_gemv_with";
+    check_gated_rows(op, &w, &x, bias.as_ref())?;
+    check_predictor(op, &up, &h, Some(w.dims()[0]))?;
+    if let Some(f) = &first {
+        check_first_factor(op, f)?;
+        check_float(op, "the next MLP predictor's first factor", &f.down, up.dtype())?;
+    }
+    if let Some(s) = &select {
+        check_head_select(op, &s.up, &s.h, s.capacity)?;
+        check_float(op, "the head predictor's second factor", &s.up, up.dtype())?;
+    }
+    let first = first.map(|f| (prim(f.down), prim(f.residual)));
+    let select = select.map(|s| (prim(s.up), prim(s.h), s.threshold, s.capacity));
+    let (out, first, selection) = B::predicted_rows_gemv_with(prim(w), prim(x), bias.map(prim), act == Activation::Relu, prim(up), prim(h), threshold, first, select);
+    Ok(PredictedRows {
+        out: wrap(out),
+        first: first.map(wrap),
+        selection: selection.map(|(indices, count)| Selection { indices: Tensor::from_primitive(indices), count: Tensor::from_primitive(count) }),
+    })
+}
+
+/// [`qkv_append`] with the first factor of the next layer's attention predictor (`first`,
+/// from the layer's residual, batch 1) on cubes of its own in the same launch on
+/// `CubeBackend`. Returns `q`, the caches and the first factor `[1, r]` (f32).
+#[allow(clippy::type_complexity)] // the queries, the caches, the first factor
+#[allow(clippy::too_many_arguments)] // the queries', keys' and values' inputs and the rider's
+pub fn qkv_append_first<B: SparseKernels>(
+    query: QueryRows<B>,
+    kv: Tensor<B, 2>,
+    x: Tensor<B, 2>,
+    kv_bias: Option<Tensor<B, 1>>,
+    k_cache: Tensor<B, 4>,
+    v_cache: Tensor<B, 4>,
+    pos: usize,
+    first: FirstFactor<B>,
+) -> Result<(Tensor<B, 2>, Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 2>), KernelError> {
+    let op = "qkv_append_first";
+    let block = check_qkv_inputs(op, &query, &kv, &x, kv_bias.as_ref(), &k_cache, &v_cache, pos)?;
+    check_first_factor(op, &first)?;
+    if x.dims()[0] != 1 || first.down.dims()[1] != x.dims()[1] {
+        return Err(shape_err(op, format!("x {:?} and a first factor {:?}: one sequence, one width", x.dims(), first.down.dims())));
+    }
+    let (q, k, v, f) = B::qkv_append_first(
+        prim(query.w),
+        query.heads.map(|h| h.into_primitive()),
+        block,
+        query.bias.map(prim),
+        prim(kv),
+        prim(x),
+        kv_bias.map(prim),
+        prim(k_cache),
+        prim(v_cache),
+        pos,
+        (prim(first.down), prim(first.residual)),
+    );
+    Ok((wrap(q), wrap(k), wrap(v), wrap(f)))
 }

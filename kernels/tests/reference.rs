@@ -5,7 +5,7 @@ use burn::backend::Flex;
 use burn::prelude::*;
 use burn::tensor::DType;
 use dejavu_kernels::checks::{
-    check_attention, check_attention_out_proj, check_block_cols_gemv, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_qkv_lazy, check_norm_predict, check_predicted_mlp, check_predictor_kernels, check_selection, check_argmax, fresh_seed, Case,
+    check_attention, check_attention_out_proj, check_block_cols_gemv, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_qkv_lazy, check_norm_predict, check_norms_ahead, check_predicted_mlp, check_predictor_kernels, check_selection, check_argmax, fresh_seed, Case,
     PublicApi,
 };
 use dejavu_kernels::{accumulate_transposed_gemv, gather_rows_gemv, predict_select, predicted_mlp, predicted_rows_gemv, select_above_threshold, Activation, KernelError, MlpWeights};
@@ -64,6 +64,7 @@ fn reference_layer_norm_matches_host() {
         assert_all_passed(check_predictor_kernels::<Flex>(&device, 50, 40, 12, 7, dtype, seed));
         assert_all_passed(check_predicted_mlp::<Flex>(&device, 50, 40, 12, dtype, seed));
         assert_all_passed(check_norm_predict::<Flex>(&device, 40, 12, 7, dtype, seed));
+        assert_all_passed(check_norms_ahead::<Flex>(&device, 4, 8, 100, 6, 20, 13, dtype, seed));
         assert_all_passed(check_block_cols_gemv::<Flex>(&device, 12, 10, 4, 2, dtype, seed));
     }
 }

@@ -9,7 +9,7 @@
 use burn::tensor::DType;
 use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
 use dejavu_kernels::checks::{
-    check_attention, check_attention_out_proj, check_block_cols_gemv, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_qkv_lazy, check_norm_predict, check_predicted_mlp, check_predictor_kernels, check_selection, check_argmax, cube_supports, fresh_seed, Case, Cube, Poisoned,
+    check_attention, check_attention_out_proj, check_block_cols_gemv, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_qkv_lazy, check_norm_predict, check_norms_ahead, check_predicted_mlp, check_predictor_kernels, check_selection, check_argmax, cube_supports, fresh_seed, Case, Cube, Poisoned,
 };
 use dejavu_kernels::cube::LaunchConfig;
 
@@ -111,6 +111,11 @@ fn cube_kernels_on_wgpu_match_host_loops() {
         outcomes.extend(check_norm_predict::<Cube<WgpuRuntime>>(&device, 64, 130, 41, dtype, seed));
         // Rows of several vectors per unit of the cube (the dot's four-deep loop, its tail).
         outcomes.extend(check_norm_predict::<Cube<WgpuRuntime>>(&device, 4100, 9, 7, dtype, seed));
+        // LayerNorms from the last cube and the predictors riding along: a row narrower
+        // than the cube, and one of several elements a unit (1040 = 65 × 16; 130 rows of
+        // fc1 with a partial cube, 41 ranks).
+        outcomes.extend(check_norms_ahead::<Cube<WgpuRuntime>>(&device, 4, 16, 100, 9, 40, 33, dtype, seed));
+        outcomes.extend(check_norms_ahead::<Cube<WgpuRuntime>>(&device, 65, 16, 130, 41, 32, 20, dtype, seed));
         // out_proj over selected heads: head dims of 16 (whole vectors) and 12, empty slots
         // (10 heads), a row of more than 8 × 32 vectors (the unrolled loop), batch 2.
         outcomes.extend(check_block_cols_gemv::<Cube<WgpuRuntime>>(&device, 37, 10, 16, 1, dtype, seed));

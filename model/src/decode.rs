@@ -192,6 +192,35 @@ pub(crate) fn project_qkv<B: SparseKernels>(
     (q, keys, values)
 }
 
+/// [`project_qkv`] with the first factor of the next layer's attention predictor in the
+/// same launch (`first`, one sequence: [`dejavu_kernels::qkv_append_first`]). Returns the
+/// queries, the caches and the first factor `[1, r]`.
+pub(crate) fn project_qkv_first<B: SparseKernels>(
+    attention: &OptAttention<B>,
+    weights: &DecodeLayer<B>,
+    heads: Option<Tensor<B, 1, Int>>,
+    x: Tensor<B, 2>,
+    cache: &mut LayerKvCache<B>,
+    step: &Step<B>,
+    first: dejavu_kernels::FirstFactor<B>,
+) -> (Tensor<B, 2>, Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 2>) {
+    let query = dejavu_kernels::QueryRows { w: weights.q_rows.clone(), heads, head_dim: attention.head_dim, bias: bias(&attention.q_proj) };
+    let (q, keys, values, first) = dejavu_kernels::qkv_append_first(
+        query,
+        weights.kv_rows.clone(),
+        x,
+        weights.kv_bias.clone(),
+        cache.key.clone(),
+        cache.value.clone(),
+        step.start,
+        first,
+    )
+    .expect(SHAPES);
+    cache.key = keys.clone();
+    cache.value = values.clone();
+    (q, keys, values, first)
+}
+
 /// [`project_qkv`] for the selected `heads` of one sequence with the keys and values
 /// written lazily ([`dejavu_kernels::qkv_append_lazy`]): only the heads this step reads,
 /// each brought up to date, plus any head about to lose an input from the ring of the last

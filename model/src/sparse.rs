@@ -42,7 +42,7 @@ use burn::nn::LayerNorm;
 use crate::attention::OptAttention;
 use crate::cache::{KvCache, LayerKvCache, Step};
 use crate::decode::{
-    attention_output, blocks_with_residual, bias, dense_attention, dense_mlp, fc2, kernel_norm_to, norm_params, output_projection, plus_residual, project_qkv, project_qkv_lazy, rows_of, settle_lazy_kv, DecodeWeights,
+    attention_output, blocks_with_residual, bias, dense_attention, dense_mlp, fc2, kernel_norm_to, norm_params, output_projection, plus_residual, project_qkv, project_qkv_first, project_qkv_lazy, rows_of, settle_lazy_kv, DecodeWeights,
 };
 use crate::hooks::NormSite;
 use crate::layer::LAYER_NORM_EPS;
@@ -111,6 +111,16 @@ pub struct SparseOptions {
     /// (6.7B shape) the one launch took as much GPU time as the two in a decode step
     /// (22.5 µs against 8.5 + 13.7) and saves the host a launch per layer.
     pub fused_attention: bool,
+    /// With `f32_residual`: the LayerNorms of a sparse layer without launches of their
+    /// own. The launch that finishes the residual (the one-launch attention with
+    /// `out_proj`, with `fused_attention`; fc2's atomic form) also writes its LayerNorm
+    /// from its last cube, and the predictors that read that residual ride in the next
+    /// launch on cubes of their own: the next layer's attention first factor in
+    /// `qkv_append`, its MLP first factor and head selection in the predicted fc1 (with the
+    /// lookahead; without it the MLP first factor keeps a launch of its own). Four launches
+    /// a sparse layer where `f32_residual` with `fused_attention` takes six. The same sums
+    /// as without; the atomics' order varies as with `f32_residual`.
+    pub fused_norms: bool,
 }
 
 /// Predictors, plan and kernel-ready weights for one model.
@@ -124,6 +134,11 @@ pub struct SparseModel<B: Backend> {
     /// Pre-LN layers: a decode step's predictors run in the launch of the LayerNorm of the
     /// layer input they read (`norm_predict`). Post-LN layers normalize other values.
     pre_ln: bool,
+    /// Each layer's two LayerNorms' `gamma` and `beta` in f32 (attention's, then the
+    /// MLP's) and the final one's, for the launches that apply them to the residual they
+    /// finish ([`SparseOptions::fused_norms`]).
+    norms: Vec<[(Tensor<B, 1>, Tensor<B, 1>); 2]>,
+    final_norm: Option<(Tensor<B, 1>, Tensor<B, 1>)>,
 }
 
 /// A low-rank predictor in f32 (as trained: in f16 the low-rank sums of a large residual
@@ -256,7 +271,10 @@ impl<B: SparseKernels> SparseModel<B> {
         let at = |v: &Vec<Option<LowRankClassifier<B>>>, l: usize| v.get(l).and_then(Option::as_ref).map(|p| RowPredictor::new(p, decode_dtype));
         let predictors = (0..dims.num_layers).map(|l| [at(&predictors.mlp, l), at(&predictors.attention, l)]).collect();
         let pre_ln = model.decoder.layers.first().is_none_or(|l| l.do_layer_norm_before);
-        Ok(Self { plan, predictors, weights, options, pre_ln })
+        let d = dims.hidden_size;
+        let norms = model.decoder.layers.iter().map(|l| [norm_params(&l.self_attn_layer_norm, d), norm_params(&l.final_layer_norm, d)]).collect();
+        let final_norm = model.decoder.final_layer_norm.as_ref().map(|ln| norm_params(ln, d));
+        Ok(Self { plan, predictors, weights, options, pre_ln, norms, final_norm })
     }
 
     /// The predictor that reads layer `layer`'s attention input (`is_attention`) or MLP
@@ -323,8 +341,37 @@ impl<B: SparseKernels> SparseModel<B> {
             mlp_kept: vec![Kept::default(); n],
             attention_kept: vec![Kept::default(); n],
             count_kept: true,
+            normed_ahead: None,
+            first_due: None,
+            done: None,
         }
     }
+
+    /// The LayerNorm for the launch that finishes the residual entering `site` to apply
+    /// ([`SparseOptions::fused_norms`]), with the sequence's counter (made on first use).
+    fn norm_after(&self, done: &mut Option<Tensor<B, 1, Int>>, site: NormSite, device: &B::Device) -> Option<dejavu_kernels::NormAfter<B>> {
+        let (gamma, beta) = match site {
+            NormSite::AttentionInput(l) => self.norms.get(l)?[0].clone(),
+            NormSite::MlpInput(l) => self.norms.get(l)?[1].clone(),
+            NormSite::Final => self.final_norm.clone()?,
+            _ => return None,
+        };
+        let done = done.get_or_insert_with(|| dejavu_kernels::NormAfter::counter(device)).clone();
+        let dtype = self.weights.layers[0].q_rows.dtype();
+        Some(dejavu_kernels::NormAfter { gamma, beta, eps: LAYER_NORM_EPS as f32, dtype, done })
+    }
+}
+
+/// A predictor's first factor still owed: the residual it reads was normalized by the
+/// launch before ([`SparseOptions::fused_norms`]), so no `norm_predict` computed it. The
+/// next launch carries it where it can, else it gets a GEMV of its own.
+#[derive(Debug)]
+struct FirstDue<B: Backend> {
+    /// The layer the predictor scores.
+    target: usize,
+    is_attention: bool,
+    /// The residual it reads, `[1, d]` f32.
+    residual: Tensor<B, 2>,
 }
 
 /// Per-token counts of what was kept, summed on the device (no sync per layer).
@@ -409,6 +456,12 @@ pub struct SparseHooks<'a, B: Backend> {
     mlp_kept: Vec<Kept<B>>,
     attention_kept: Vec<Kept<B>>,
     count_kept: bool,
+    /// A LayerNorm the launch before wrote for `site` ([`SparseOptions::fused_norms`]),
+    /// taken by the next [`ForwardHooks::norm`] of that site.
+    normed_ahead: Option<(NormSite, Tensor<B, 3>)>,
+    first_due: Option<FirstDue<B>>,
+    /// The counter of the launches that write a LayerNorm from their last cube.
+    done: Option<Tensor<B, 1, Int>>,
 }
 
 /// 0/1 mask `[rows, width]` of what `selection` keeps for each row of `logits`: top-K
@@ -473,6 +526,43 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
     /// The weights' float dtype, which a LayerNorm of an f32 residual writes.
     fn weights_dtype(&self) -> DType {
         self.model.weights.layers[0].q_rows.dtype()
+    }
+
+    /// Whether the LayerNorm of the residual this one-token block finishes comes from the
+    /// block's last launch ([`SparseOptions::fused_norms`]).
+    fn fused_norms(&self, x: &Tensor<B, 3>) -> bool {
+        self.model.options.fused_norms && self.f32_residual(x)
+    }
+
+    /// Gives a first factor still owed ([`FirstDue`]) a GEMV launch of its own, where no
+    /// launch of the block carries it.
+    fn settle_first(&mut self, due: Option<FirstDue<B>>) {
+        let Some(FirstDue { target, is_attention, residual }) = due else { return };
+        let predictor = self.model.predictors[target][usize::from(is_attention)].as_ref().expect("a first factor owed has its predictor");
+        let [_, d] = residual.dims();
+        let prediction = Some(predictor.predict(&residual.reshape([1, 1, d])));
+        match is_attention {
+            true => self.attention_pending[target] = prediction,
+            false => self.mlp_pending[target] = prediction,
+        }
+    }
+
+    /// fc2 added into the residual; with [`SparseOptions::fused_norms`] (an f32 residual
+    /// stream, one token) its launch also writes the LayerNorm of the next layer's input
+    /// (or the final one), which the next [`ForwardHooks::norm`] takes.
+    fn fc2_and_norm(&mut self, layer: usize, mlp: &OptMlp<B>, h: Tensor<B, 2>, residual: Option<Tensor<B, 3>>, accumulate: bool) -> Tensor<B, 3> {
+        let next = if layer + 1 < self.model.plan.layers.len() { NormSite::AttentionInput(layer + 1) } else { NormSite::Final };
+        let fused = accumulate && self.model.options.fused_norms;
+        let norm = match &residual {
+            Some(r) if fused => self.model.norm_after(&mut self.done, next, &r.device()),
+            _ => None,
+        };
+        let (Some(r), Some(norm)) = (residual.clone(), norm) else { return fc2(mlp, h, residual, accumulate) };
+        let [_, _, d] = r.dims();
+        let r = if r.dtype() == DType::F32 { r } else { r.cast(DType::F32) };
+        let (y, normed) = dejavu_kernels::accumulate_transposed_gemv_norm(r.reshape([1, d]), mlp.fc2.weight.val(), h, bias(&mlp.fc2), norm).expect(KERNEL_SHAPES);
+        self.normed_ahead = Some((next, normed.reshape([1, 1, d])));
+        y.reshape([1, 1, d])
     }
 
     /// The LayerNorm of layer `layer`'s attention input (`is_attention`) or MLP input `x`
@@ -576,6 +666,16 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
         if !lazy {
             settle_lazy_kv(attention, &weights.layers[layer], &weights.all_heads, cache, step.start);
         }
+        // A first factor still owed rides in `qkv_append` on the kernel path below, else
+        // gets its own launch now.
+        let kernel_path = !lazy && !oracle && batch == 1 && n == 1 && self.sparse_call(n) && !selection.is_dense() && self.attention_pending[layer].is_some();
+        let due = match self.first_due.take() {
+            Some(due) if kernel_path && due.is_attention && due.target != layer => Some(due),
+            other => {
+                self.settle_first(other);
+                None
+            }
+        };
         if oracle {
             // The oracle: every head computed, then masked by its output norm.
             let dtype = x.dtype();
@@ -632,9 +732,16 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
         let hd = attention.head_dim;
         // The selected heads' queries, and every head's key and value (see the module
         // comment) or, lazily, those of the heads read, in one launch.
-        let (q, keys, values) = match lazy {
-            true => project_qkv_lazy(attention, &weights.layers[layer], heads.clone(), x, cache, step, window),
-            false => project_qkv(attention, &weights.layers[layer], Some(heads.clone()), x, cache, step),
+        let (q, keys, values) = match (lazy, due) {
+            (true, _) => project_qkv_lazy(attention, &weights.layers[layer], heads.clone(), x, cache, step, window),
+            (false, Some(FirstDue { target, residual, .. })) => {
+                let down = self.model.predictors[target][1].as_ref().expect("a first factor owed has its predictor").down_decode.clone();
+                let first = dejavu_kernels::FirstFactor { down, residual };
+                let (q, keys, values, first) = project_qkv_first(attention, &weights.layers[layer], Some(heads.clone()), x, cache, step, first);
+                self.attention_pending[target] = Some(Prediction::FirstFactor(first));
+                (q, keys, values)
+            }
+            (false, None) => project_qkv(attention, &weights.layers[layer], Some(heads.clone()), x, cache, step),
         };
         let scale = (hd as f32).powf(-0.5);
         let residual = match (accumulate, residual) {
@@ -643,6 +750,18 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
             (true, Some(r)) => {
                 let out_rows = self.model.weights.layers[layer].out_rows.clone();
                 let one_launch = self.model.options.fused_attention;
+                // With fused_norms the launch's last cube also writes the MLP's LayerNorm.
+                let norm = match one_launch && self.model.options.fused_norms && batch == 1 {
+                    true => self.model.norm_after(&mut self.done, NormSite::MlpInput(layer), &r.device()),
+                    false => None,
+                };
+                if let Some(norm) = norm {
+                    let out_bias = bias(&attention.out_proj);
+                    let (y, normed) = dejavu_kernels::attention_out_proj_accumulate_norm(q, heads, keys, values, step.start + 1, scale, out_rows, out_bias, r.reshape([batch, d]), norm)
+                        .expect(KERNEL_SHAPES);
+                    self.normed_ahead = Some((NormSite::MlpInput(layer), normed.reshape([batch, 1, d])));
+                    return y.reshape([batch, 1, d]);
+                }
                 let y = dejavu_kernels::attention_out_proj_accumulate(q, heads, keys, values, step.start + 1, scale, out_rows, bias(&attention.out_proj), r.reshape([batch, d]), one_launch);
                 return y.expect(KERNEL_SHAPES).reshape([batch, 1, d]);
             }
@@ -657,10 +776,32 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
     fn mlp_block(&mut self, layer: usize, mlp: &OptMlp<B>, x: Tensor<B, 3>, residual: Option<Tensor<B, 3>>) -> Tensor<B, 3> {
         let selection = self.model.plan.layers[layer].mlp;
         let [batch, n, d] = x.dims();
-        let weights = &self.model.weights.layers[layer];
+        let model = self.model;
+        let weights = &model.weights.layers[layer];
         // fc2 adds into a residual stream kept in f32 (see the attention block).
         let accumulate = residual.is_some() && self.f32_residual(&x);
+        // A first factor still owed (the next layer's, with the lookahead) rides in the
+        // predicted fc1 below; else (this layer's own, or another path) its own launch now.
+        let fc1_path = matches!(selection, Selection::Threshold { .. })
+            && batch == 1
+            && n == 1
+            && self.sparse_call(n)
+            && !model.options.oracle_mlp
+            && !model.options.fused_mlp
+            && matches!(self.mlp_pending[layer], Some(Prediction::FirstFactor(_)));
+        let due = match self.first_due.take() {
+            Some(due) if fc1_path && !due.is_attention && due.target != layer => Some(due),
+            other => {
+                self.settle_first(other);
+                None
+            }
+        };
         if !self.sparse_call(n) || selection.is_dense() {
+            if n == 1 && self.fused_norms(&x) {
+                let [_, _, d] = x.dims();
+                let h = dejavu_kernels::gemv(weights.fc1_rows.clone(), x.reshape([1, d]), bias(&mlp.fc1), Act::Relu).expect(KERNEL_SHAPES);
+                return self.fc2_and_norm(layer, mlp, h, residual, accumulate);
+            }
             return if n == 1 { dense_mlp(mlp, weights, x, residual, accumulate) } else { plus_residual(mlp.forward(x), residual) };
         }
         // The oracle scores neurons by fc1's own pre-activation, kept for the masked path.
@@ -701,6 +842,32 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
                     return y.expect(KERNEL_SHAPES).reshape([batch, 1, d]);
                 }
                 // The predictor's second factor runs in the same launch: no logits in memory.
+                // With fused_norms the next layer's MLP first factor and head selection ride
+                // along on cubes of their own.
+                Prediction::FirstFactor(h) if model.options.fused_norms => {
+                    let first = due.map(|FirstDue { target, residual, .. }| {
+                        let down = model.predictors[target][0].as_ref().expect("a first factor owed has its predictor").down_decode.clone();
+                        (target, dejavu_kernels::FirstFactor { down, residual })
+                    });
+                    let next = layer + 1;
+                    let select = match (self.attention_pending.get(next), model.plan.layers.get(next).map(|p| p.attention), model.predictors.get(next)) {
+                        (Some(Some(Prediction::FirstFactor(h))), Some(Selection::Threshold { threshold }), Some([_, Some(p)])) => {
+                            Some(dejavu_kernels::HeadSelect { up: p.up_decode.clone(), h: h.clone(), threshold, capacity: model.plan.dims.num_heads })
+                        }
+                        _ => None,
+                    };
+                    let target = first.as_ref().map(|(t, _)| *t);
+                    let up = predictor().up_decode.clone();
+                    let rows = dejavu_kernels::predicted_rows_gemv_with(fc1_rows, x, bias(&mlp.fc1), Act::Relu, up, h, threshold, first.map(|(_, f)| f), select)
+                        .expect(KERNEL_SHAPES);
+                    if let (Some(target), Some(first)) = (target, rows.first) {
+                        self.mlp_pending[target] = Some(Prediction::FirstFactor(first));
+                    }
+                    if let Some(selected) = rows.selection {
+                        self.attention_pending[next] = Some(Prediction::Selected(selected));
+                    }
+                    return self.fc2_and_norm(layer, mlp, rows.out, residual, accumulate);
+                }
                 Prediction::FirstFactor(h) => {
                     dejavu_kernels::predicted_rows_gemv(fc1_rows, x, bias(&mlp.fc1), Act::Relu, predictor().up_decode.clone(), h, threshold)
                 }
@@ -756,6 +923,22 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
         // A residual stream kept in f32 is normalized into the weights' dtype (the last
         // LayerNorm's output goes to the LM head).
         let dtype = if self.f32_residual(&x) { self.weights_dtype() } else { x.dtype() };
+        // Written by the launch that finished this residual: the predictor that reads it
+        // is still owed its first factor, which the next launch carries.
+        if let Some((ahead, normed)) = self.normed_ahead.take() {
+            if ahead == site {
+                let reading = match site {
+                    NormSite::AttentionInput(layer) => Some((layer, true)),
+                    NormSite::MlpInput(layer) => Some((layer, false)),
+                    _ => None,
+                };
+                if let Some((target, is_attention)) = reading.and_then(|(l, a)| self.model.predictor_reading(l, a).map(|(t, _)| (t, a))) {
+                    let d = x.dims()[2];
+                    self.first_due = Some(FirstDue { target, is_attention, residual: x.reshape([1, d]) });
+                }
+                return normed;
+            }
+        }
         let (layer, is_attention) = match site {
             NormSite::AttentionInput(layer) => (layer, true),
             NormSite::MlpInput(layer) => (layer, false),

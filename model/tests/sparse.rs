@@ -348,6 +348,52 @@ fn the_attention_oracle_keeps_the_heads_of_largest_output() {
     assert_eq!(hooks.stats().attention[0], Some(k as f64 / heads as f64));
 }
 
+/// The LayerNorms written by the launches that finish the residual
+/// (`SparseOptions::fused_norms`), the next layer's first factors and head selection
+/// riding in the following launches: the same logits as the f32 residual without it, with
+/// threshold selection (the rider path) and with the lookahead (the next layers'
+/// predictors) or without it (the MLP's own first factor then takes its own launch), and
+/// the same selections (kept fractions).
+#[test]
+fn layer_norms_written_ahead_give_the_same_decode() {
+    // Four layers (the fixtures have two), so that the next layers' predictors ride in the
+    // launches before them: random weights, random LayerNorm parameters.
+    use burn::module::Param;
+    use burn::tensor::Distribution;
+    let (mut config, _) = load(MODEL);
+    config.num_hidden_layers = 4;
+    let device = Default::default();
+    let mut model = Opt::<B>::new(&config, &device);
+    let d = config.hidden_size;
+    let random = |mean: f64| Param::from_tensor(Tensor::<B, 1>::random([d], Distribution::Normal(mean, 0.3), &device));
+    for layer in model.decoder.layers.iter_mut() {
+        for ln in [&mut layer.self_attn_layer_norm, &mut layer.final_layer_norm] {
+            ln.gamma = random(1.0);
+            ln.beta = Some(random(0.0));
+        }
+    }
+    let ids = ids();
+    let threshold = Selection::Threshold { threshold: 0.0 };
+    for lookahead in [1, 0] {
+        let base = SparseOptions { f32_residual: true, fused_attention: true, ..Default::default() };
+        // One set of (random) predictors for both.
+        let hash = "four-layers";
+        let (manifest, modules) = predictors(&config, lookahead, hash);
+        let plan = plan(&manifest, threshold, threshold);
+        let plain = SparseModel::new(&model, hash, plan.clone(), modules.clone(), base).unwrap();
+        let ahead = SparseModel::new(&model, hash, plan, modules, SparseOptions { fused_norms: true, ..base }).unwrap();
+        let (mut plain_hooks, mut ahead_hooks) = (plain.hooks(), ahead.hooks());
+        let want = stepped_logits(&model, &mut plain_hooks, &ids);
+        let got = stepped_logits(&model, &mut ahead_hooks, &ids);
+        let err = max_abs_diff(&want, &got);
+        assert!(err < 1e-5, "lookahead {lookahead}: LayerNorms written ahead vs in their own launches: {err}");
+        let (a, b) = (plain_hooks.stats(), ahead_hooks.stats());
+        assert_eq!(a.mlp, b.mlp, "lookahead {lookahead}: MLP kept");
+        assert_eq!(a.attention, b.attention, "lookahead {lookahead}: heads kept");
+        assert!(b.mean_mlp_density() < 0.9 && b.mean_attention_density() < 0.9, "lookahead {lookahead}: nothing skipped: {b:?}");
+    }
+}
+
 /// A decode step's residual stream kept in f32 (attention with `out_proj` and fc2 adding
 /// into it, the LayerNorms writing the weights' dtype), every neuron and head selected:
 /// in f32 the dense model; in f16, as close to the f32 dense model as the plain f16
@@ -377,3 +423,4 @@ fn a_residual_stream_kept_in_f32_gives_the_dense_model() {
     eprintln!("f16 model against the f32 dense logits: residual in f32 {err_f32_residual}, in f16 {err_half}");
     assert!(err_f32_residual <= 1.1 * err_half + 1e-3, "f32 residual {err_f32_residual} against f16 residual {err_half}");
 }
+

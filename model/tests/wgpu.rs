@@ -109,15 +109,18 @@ fn wgpu_sparse_decode_matches_the_cpu_reference() {
     let gpu_set = PredictorSet::<C>::load(&predictors, &device).unwrap();
     // The MLP as the separate kernels (the default) and as the fused predicted-MLP kernel;
     // the residual stream kept in f32 (out_proj and fc2 adding into it, fc2 with f32
-    // atomics: lavapipe has them), with attention and out_proj as two launches and as one.
-    for (fused_mlp, f32_residual, fused_attention) in [(false, false, false), (true, false, false), (false, true, false), (false, true, true)] {
-        let lazy = SparseOptions { lazy_kv_window: 4, fused_mlp, f32_residual, fused_attention, ..Default::default() };
-        let gpu_sparse = SparseModel::with_weights(&gpu, &hash, plan.clone(), gpu_set.modules.clone(), lazy, weights.clone()).unwrap();
+    // atomics: lavapipe has them), with attention and out_proj as two launches and as one;
+    // and with the LayerNorms written by the launches that finish the residual (every head
+    // written each step, so the next layer's attention first factor rides in qkv_append).
+    let variants = [(4, false, false, false, false), (4, true, false, false, false), (4, false, true, false, false), (4, false, true, true, false), (0, false, true, true, true), (0, false, true, false, true)];
+    for (window, fused_mlp, f32_residual, fused_attention, fused_norms) in variants {
+        let options = SparseOptions { lazy_kv_window: window, fused_mlp, f32_residual, fused_attention, fused_norms, ..Default::default() };
+        let gpu_sparse = SparseModel::with_weights(&gpu, &hash, plan.clone(), gpu_set.modules.clone(), options, weights.clone()).unwrap();
         let mut hooks = gpu_sparse.hooks();
         let got = stepped_logits(&gpu, &mut hooks, &ids);
         let stats = hooks.stats();
         let err = max_abs_diff(&got, &want);
-        assert!(err < 1e-3, "sparse decode on wgpu (fused MLP: {fused_mlp}, f32 residual: {f32_residual}, fused attention: {fused_attention}) vs the CPU reference: max abs err {err}");
+        assert!(err < 1e-3, "sparse decode on wgpu ({options:?}) vs the CPU reference: max abs err {err}");
         // The plan was sparse where it had predictors: something was skipped.
         assert!(stats.mean_mlp_density() < 0.9 && stats.mean_attention_density() < 0.9, "{stats:?}");
     }

@@ -56,6 +56,15 @@ pub struct AttentionShape {
     pub cache_pos_stride: usize,
 }
 
+/// The LayerNorm a one-launch accumulating kernel applies to its finished row in its last
+/// cube ([`last_cube_layer_norm`]): the row's width, `1 / width` and epsilon.
+#[derive(CubeType, CubeLaunch, Clone, Copy)]
+pub struct NormShape {
+    pub width: usize,
+    pub inv_width: f32,
+    pub eps: f32,
+}
+
 /// `kv_append`'s sizes: `kv [rows, width]` (vectors), `x [batch, ..]` (vectors), caches
 /// `[batch, heads, capacity, head_dim]` with strides in elements (the last one 1).
 #[derive(CubeType, CubeLaunch, Clone, Copy)]
@@ -700,20 +709,31 @@ pub(crate) fn rows_transposed_gemv_compact_kernel<F: Float, N: Size>(
 /// [`rows_transposed_gemv_compact_kernel`] adding each split's sum into `acc [batch,
 /// width·N]` (f32) with atomic adds, split 0 adding the bias too: fc2 over every row in
 /// one launch, into a residual stream kept in f32 (the decode step's dense and gated
-/// fc2). The additions' order depends on scheduling.
+/// fc2). The additions' order depends on scheduling. With `has_norm` (batch 1) the last
+/// cube to finish also writes the LayerNorm of the finished residual into `normed`
+/// ([`last_cube_layer_norm`]): the next layer's first LayerNorm (or the final one)
+/// without a launch of its own.
 #[cube(launch_unchecked)]
-#[allow(clippy::too_many_arguments)] // the compacting kernel's inputs, the bias and the accumulator
+#[allow(clippy::too_many_arguments)] // the compacting kernel's inputs, the bias, the accumulator and the LayerNorm after
 pub(crate) fn rows_transposed_gemv_compact_atomic_kernel<F: Float, N: Size>(
     w: &Array<Vector<F, N>>,
     h: &Array<F>,
     bias: &Array<Vector<F, N>>,
     acc_out: &mut Array<Atomic<f32>>,
+    done: &mut Array<Atomic<u32>>,
+    gamma: &Array<f32>,
+    beta: &Array<f32>,
+    normed: &mut Array<F>,
     shape: TransposedShape,
+    norm: NormShape,
     acc_stride: usize,
     #[comptime] has_bias: bool,
     #[comptime] cols_per_cube: usize,
     #[comptime] lanes_k: usize,
     #[comptime] per_unit: usize,
+    #[comptime] has_norm: bool,
+    #[comptime] norm_plane: usize,
+    #[comptime] norm_row: usize,
     #[define(F)] _dtype: StorageType,
 ) {
     let threads = comptime!(cols_per_cube * lanes_k);
@@ -724,9 +744,16 @@ pub(crate) fn rows_transposed_gemv_compact_atomic_kernel<F: Float, N: Size>(
     let split = CUBE_POS_Y as usize;
     let col_live = c < shape.width;
     let n = compact_live_rows(h, shape, &mut live_rows, cols_per_cube, lanes_k, per_unit);
+    let mut pending = 0.0f32;
     for b in 0..shape.batch {
         let total = compact_split_total(w, h, b, shape, &live_rows, n, c, col_live, &mut scratch, cols_per_cube, lanes_k);
-        add_split_total(acc_out, total, bias, b * acc_stride, c, split, col_live, has_bias);
+        pending += add_split_total(acc_out, total, bias, b * acc_stride, c, split, col_live, has_bias);
+    }
+    if has_norm {
+        let mut red = SharedMemory::<f32>::new(threads);
+        let mut row = SharedMemory::<f32>::new(norm_row);
+        let norm_units = comptime!(norm_row.div_ceil(threads));
+        last_cube_layer_norm(acc_out, done, gamma, beta, normed, pending, norm, &mut red, &mut row, threads, norm_plane, norm_units);
     }
 }
 
@@ -756,6 +783,7 @@ fn compact_split_total<F: Float, N: Size>(
 
 /// The atomic first passes' epilogue: lane 0 along K adds its split's sum for column
 /// vector `c` (plus the bias, in split 0) into `acc_out[at + c·N ..]`, element by element.
+/// Returns the sum of the values the adds found (for [`last_cube_layer_norm`] to wait on).
 #[cube]
 #[allow(clippy::too_many_arguments)] // the sum, where it goes, and the bias
 fn add_split_total<F: Float, N: Size>(
@@ -767,7 +795,8 @@ fn add_split_total<F: Float, N: Size>(
     split: usize,
     col_live: bool,
     #[comptime] has_bias: bool,
-) {
+) -> f32 {
+    let mut found = 0.0f32;
     if UNIT_POS_Y == 0 && col_live {
         let mut sum = total;
         if has_bias && split == 0 {
@@ -776,9 +805,10 @@ fn add_split_total<F: Float, N: Size>(
         let first = at + c * N::value();
         #[unroll]
         for v in 0..N::value() {
-            acc_out[first + v].fetch_add(sum[v]);
+            found += acc_out[first + v].fetch_add(sum[v]);
         }
     }
+    found
 }
 
 /// The compacting kernels' scan: unit `t` owns rows `s·chunk + t·per_unit ..` of the
@@ -1209,6 +1239,87 @@ fn cube_reduce(red: &mut SharedMemory<f32>, value: f32, tid: usize, #[comptime] 
     result
 }
 
+/// The LayerNorm of a launch's finished output row, by its last cube: the epilogue of the
+/// one-launch kernels that add into a residual stream kept in f32 (`acc [1, width]`), so
+/// that the block after needs no LayerNorm launch of its own. Each cube counts itself done
+/// in `done[0]` once its own adds are back (`pending` sums what they returned: writing it
+/// waits for them, where an add whose result goes unused is fire-and-forget); the cube
+/// that counts last reads the row, which every other cube's adds have then reached, writes
+/// `(x − mean) / sqrt(var + eps) · gamma + beta` into `normed` (the statistics in f32, two
+/// passes over the row kept in `row`, as `layer_norm_row`) and sets `done[0]` back to 0
+/// for the next launch. The row is read with atomic adds of 0, which see every add
+/// (plain loads may be served by a cache that has not). Every cube runs the reductions'
+/// barriers, so none sits in a branch that depends on a value read at run time.
+#[cube]
+#[allow(clippy::too_many_arguments)] // the row, the counter, the LayerNorm's parameters and output, the scratch
+fn last_cube_layer_norm<F: Float>(
+    acc: &mut Array<Atomic<f32>>,
+    done: &mut Array<Atomic<u32>>,
+    gamma: &Array<f32>,
+    beta: &Array<f32>,
+    normed: &mut Array<F>,
+    pending: f32,
+    norm: NormShape,
+    red: &mut SharedMemory<f32>,
+    row: &mut SharedMemory<f32>,
+    #[comptime] threads: usize,
+    #[comptime] plane: usize,
+    #[comptime] per_unit: usize,
+) {
+    let tid = UNIT_POS as usize;
+    red[tid] = pending;
+    sync_cube();
+    if tid == 0 {
+        let before = usize::cast_from(done[0].fetch_add(1u32));
+        let mut last = 0.0f32;
+        if before + 1 == CUBE_COUNT {
+            last = 1.0;
+            done[0].store(0u32);
+        }
+        red[0] = last;
+    }
+    sync_cube();
+    let last = red[0] > 0.5;
+    sync_cube();
+    let width = norm.width;
+    // Unrolled: a unit's reads of the row are in flight together.
+    let mut sum = 0.0f32;
+    if last {
+        #[unroll]
+        for i in 0..per_unit {
+            let c = tid + i * threads;
+            if c < width {
+                let v = acc[c].fetch_add(0.0f32);
+                row[c] = v;
+                sum += v;
+            }
+        }
+    }
+    let mean = cube_reduce(red, sum, tid, threads, false, plane) * norm.inv_width;
+    let mut squares = 0.0f32;
+    if last {
+        #[unroll]
+        for i in 0..per_unit {
+            let c = tid + i * threads;
+            if c < width {
+                let v = row[c] - mean;
+                squares += v * v;
+            }
+        }
+    }
+    let var = cube_reduce(red, squares, tid, threads, false, plane) * norm.inv_width;
+    let inv_std = 1.0f32 / f32::sqrt(var + norm.eps);
+    if last {
+        #[unroll]
+        for i in 0..per_unit {
+            let c = tid + i * threads;
+            if c < width {
+                normed[c] = F::cast_from((row[c] - mean) * inv_std * gamma[c] + beta[c]);
+            }
+        }
+    }
+}
+
 /// One cube's share of a head's decode attention: the scores of positions `start..end`
 /// against the query `q[q_base ..]` (f32, in `scores`), their max and the sum of their
 /// exponentials (returned), and each unit's unnormalised `Σ p·V` for its column vector
@@ -1419,8 +1530,12 @@ pub(crate) fn selected_heads_attention_kernel<F: Float, N: Size, I: Int>(
 /// step; in isolation, `kernels --tune` at 192 positions, 25.7 µs against 19.4 for the two
 /// kernels back to back) and was reverted. What it saves is a launch, where the host, not the GPU, bounds a step
 /// (`SparseOptions::fused_attention` in the model).
+///
+/// With `has_norm` (batch 1) the last cube to finish also writes the LayerNorm of the
+/// finished residual into `normed` ([`last_cube_layer_norm`]): the MLP's LayerNorm
+/// without a launch of its own.
 #[cube(launch_unchecked)]
-#[allow(clippy::too_many_arguments)] // attention's inputs, out_proj's, and the accumulator
+#[allow(clippy::too_many_arguments)] // attention's inputs, out_proj's, the accumulator and the LayerNorm after
 pub(crate) fn attention_out_proj_atomic_kernel<F: Float, N: Size, I: Int>(
     q: &Array<Vector<F, N>>,
     heads: &Array<I>,
@@ -1429,7 +1544,12 @@ pub(crate) fn attention_out_proj_atomic_kernel<F: Float, N: Size, I: Int>(
     w: &Array<Vector<F, N>>,
     bias: &Array<F>,
     acc_out: &mut Array<Atomic<f32>>,
+    done: &mut Array<Atomic<u32>>,
+    gamma: &Array<f32>,
+    beta: &Array<f32>,
+    normed: &mut Array<F>,
     shape: AttentionShape,
+    norm: NormShape,
     rows: usize,
     w_stride: usize,
     acc_stride: usize,
@@ -1441,6 +1561,9 @@ pub(crate) fn attention_out_proj_atomic_kernel<F: Float, N: Size, I: Int>(
     #[comptime] rows_per_cube: usize,
     #[comptime] has_bias: bool,
     #[comptime] use_plane: bool,
+    #[comptime] has_norm: bool,
+    #[comptime] norm_plane: usize,
+    #[comptime] norm_row: usize,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let mut scores = SharedMemory::<f32>::new(max_chunk);
@@ -1477,6 +1600,7 @@ pub(crate) fn attention_out_proj_atomic_kernel<F: Float, N: Size, I: Int>(
     let col = head * hd_vectors + lane;
     let ov = o[lane];
     let add_bias = has_bias && j == 0;
+    let mut pending = 0.0f32;
     let mut i = 0usize;
     while i < per_group {
         // Four rows' loads in flight; rows past the end (or a dead head's) read nothing.
@@ -1493,18 +1617,23 @@ pub(crate) fn attention_out_proj_atomic_kernel<F: Float, N: Size, I: Int>(
         let s2 = segment_sum(vector_dot(w2, ov), &mut red, lane, hd_vectors, use_plane);
         let s3 = segment_sum(vector_dot(w3, ov), &mut red, lane, hd_vectors, use_plane);
         if lane == 0 {
-            add_row(acc_out, bias, b * acc_stride, r0, rows, s0, live || add_bias, add_bias);
+            pending += add_row(acc_out, bias, b * acc_stride, r0, rows, s0, live || add_bias, add_bias);
             if i + 1 < per_group {
-                add_row(acc_out, bias, b * acc_stride, r1, rows, s1, live || add_bias, add_bias);
+                pending += add_row(acc_out, bias, b * acc_stride, r1, rows, s1, live || add_bias, add_bias);
             }
             if i + 2 < per_group {
-                add_row(acc_out, bias, b * acc_stride, r2, rows, s2, live || add_bias, add_bias);
+                pending += add_row(acc_out, bias, b * acc_stride, r2, rows, s2, live || add_bias, add_bias);
             }
             if i + 3 < per_group {
-                add_row(acc_out, bias, b * acc_stride, r3, rows, s3, live || add_bias, add_bias);
+                pending += add_row(acc_out, bias, b * acc_stride, r3, rows, s3, live || add_bias, add_bias);
             }
         }
         i += 4;
+    }
+    if has_norm {
+        let mut row = SharedMemory::<f32>::new(norm_row);
+        let per_unit = comptime!(norm_row.div_ceil(threads));
+        last_cube_layer_norm(acc_out, done, gamma, beta, normed, pending, norm, &mut red, &mut row, threads, norm_plane, per_unit);
     }
 }
 
@@ -1582,7 +1711,8 @@ fn segment_sum(
 }
 
 /// Adds one row's sum (and its bias with `add_bias`) into `acc_out[at + row]`, for a row
-/// inside the output when `any` says there is something to add.
+/// inside the output when `any` says there is something to add. Returns the value the add
+/// found (0 when nothing was added), for [`last_cube_layer_norm`] to wait on.
 #[cube]
 #[allow(clippy::too_many_arguments)] // the sum, where it goes, and the bias
 fn add_row<F: Float>(
@@ -1594,14 +1724,16 @@ fn add_row<F: Float>(
     sum: f32,
     any: bool,
     add_bias: bool,
-) {
+) -> f32 {
+    let mut found = 0.0f32;
     if any && row < rows {
         let mut y = sum;
         if add_bias {
             y += f32::cast_from(bias[row]);
         }
-        acc_out[at + row].fetch_add(y);
+        found = acc_out[at + row].fetch_add(y);
     }
+    found
 }
 
 /// Merges the splits of [`selected_heads_attention_kernel`]: with `M` the largest split
@@ -1784,10 +1916,12 @@ fn write_kv<F: Float>(
 /// same lane layout as `rows_gemv_kernel`. With `has_query` the first `query.cubes` cubes
 /// compute the queries instead (`rows_gemv_kernel` of `q_w`, all heads or the selected
 /// ones): q, k and v of a decode step in one launch. Each cube does one job, so the
-/// reductions never diverge inside a cube.
+/// reductions never diverge inside a cube. With `has_first` (batch 1), cubes after those
+/// write the first factor of the next layer's attention predictor from the layer's
+/// residual (`down`, `residual`, `first`; [`first_factor_row`]).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)] // the keys', values' and queries' inputs
-pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int>(
+pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int, P: Float>(
     kv: &Array<Vector<F, N>>,
     x: &Array<Vector<F, N>>,
     bias: &Array<F>,
@@ -1800,9 +1934,13 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int>(
     pending_in: &Array<I>,
     pending_out: &mut Array<I>,
     ring: &mut Array<Vector<F, N>>,
+    down: &Array<P>,
+    residual: &Array<f32>,
+    first: &mut Array<f32>,
     shape: KvShape,
     query: QueryShape,
     lazy_shape: LazyShape,
+    first_shape: FirstFactorShape,
     pos: usize,
     #[comptime] has_bias: bool,
     #[comptime] has_query: bool,
@@ -1812,11 +1950,17 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int>(
     #[comptime] group: usize,
     #[comptime] rows_per_cube: usize,
     #[comptime] use_plane: bool,
-    #[define(F, I)] _dtypes: [StorageType; 2],
+    #[comptime] has_first: bool,
+    #[define(F, I, P)] _dtypes: [StorageType; 3],
 ) {
     let mut scratch = SharedMemory::<f32>::new(group * rows_per_cube);
     let lane = UNIT_POS_X as usize;
     let mut cube = CUBE_POS_X as usize;
+    if has_first && cube >= first_shape.after {
+        let plane = comptime!(if use_plane && rows_per_cube <= group { group } else { 0 });
+        first_factor_row(down, residual, first, cube - first_shape.after, first_shape, &mut scratch, group * rows_per_cube, plane);
+        terminate!();
+    }
     if has_query {
         if cube < query.cubes {
             let j = cube * rows_per_cube + UNIT_POS_Y as usize;
@@ -2040,6 +2184,44 @@ fn predicted_logit<P: Float>(
     logit
 }
 
+/// A predictor's first factor on cubes of their own inside another launch (batch 1): cube
+/// `j` of them writes `first[j] = down[j, :] · x` (f32), every unit of the cube on the row
+/// (`down [rows, width]` row-major, `x` the residual `[width]` in f32). The launch that
+/// reads a residual for its own work carries the predictor that reads the same residual,
+/// so the predictor needs no launch of its own.
+#[derive(CubeType, CubeLaunch, Clone, Copy)]
+pub struct FirstFactorShape {
+    pub rows: usize,
+    pub width: usize,
+    /// Cubes of the launch's own work, before the first factor's.
+    pub after: usize,
+}
+
+/// Row `j` of a first factor ([`FirstFactorShape`]) by one cube of `threads` units.
+#[cube]
+#[allow(clippy::too_many_arguments)] // the factor, the residual, the output and the cube's layout
+fn first_factor_row<P: Float>(
+    down: &Array<P>,
+    x: &Array<f32>,
+    first: &mut Array<f32>,
+    j: usize,
+    shape: FirstFactorShape,
+    red: &mut SharedMemory<f32>,
+    #[comptime] threads: usize,
+    #[comptime] plane: usize,
+) {
+    let tid = UNIT_POS as usize;
+    let live = j < shape.rows;
+    let mut partial = 0.0f32;
+    if live {
+        partial = strided_dot(down, j * shape.width, x, tid, threads, shape.width);
+    }
+    let total = cube_reduce(red, partial, tid, threads, false, plane);
+    if tid == 0 && live {
+        first[j] = total;
+    }
+}
+
 /// [`gated_rows_gemv_kernel`] with the gate computed in the same launch: row `j`'s group
 /// first takes its predictor logit `up[j, :] · h` (the low-rank predictor's second
 /// factor, f32 `[rows, r]`, `h` its first factor's output `[r]`) and reads fc1's row only
@@ -2047,27 +2229,61 @@ fn predicted_logit<P: Float>(
 /// or index list in memory. (Several rows per lane group, their logits' loads issued
 /// together, was slower on the H100: 24.6 µs against 13.7 at the 6.7B shape, `kernels
 /// --tune`.)
+///
+/// Two more jobs may ride in the same launch, on cubes of their own after fc1's: with
+/// `has_first`, the first factor of the next layer's MLP predictor from the same
+/// residual ([`first_factor_row`], `down`, `residual`, `first`); with `has_select`, the
+/// next layer's head selection from the first factor its attention predictor left
+/// (`select_by_predictor`: `sel_up`, `sel_h`, `idx`, `count`), on the last cube.
 #[cube(launch_unchecked)]
-pub(crate) fn predicted_rows_gemv_kernel<F: Float, P: Float, N: Size>(
+#[allow(clippy::too_many_arguments)] // fc1's, the predictor's, and the riders' inputs
+pub(crate) fn predicted_rows_gemv_kernel<F: Float, P: Float, N: Size, I: Int>(
     w: &Array<Vector<F, N>>,
     up: &Array<P>,
     h: &Array<f32>,
     x: &Array<Vector<F, N>>,
     bias: &Array<F>,
     out: &mut Array<F>,
+    down: &Array<P>,
+    residual: &Array<f32>,
+    first: &mut Array<f32>,
+    sel_up: &Array<P>,
+    sel_h: &Array<f32>,
+    idx: &mut Array<I>,
+    count: &mut Array<I>,
     shape: GemvShape,
     predictor: PredictorShape,
+    first_shape: FirstFactorShape,
+    sel_predictor: PredictorShape,
     threshold: f32,
+    sel_rows: usize,
+    sel_capacity: usize,
+    sel_threshold: f32,
     #[comptime] has_bias: bool,
     #[comptime] relu: bool,
     #[comptime] group: usize,
     #[comptime] rows_per_cube: usize,
     #[comptime] use_plane: bool,
-    #[define(F, P)] _dtypes: [StorageType; 2],
+    #[comptime] has_first: bool,
+    #[comptime] has_select: bool,
+    #[comptime] sel_max_rows: usize,
+    #[define(F, P, I)] _dtypes: [StorageType; 3],
 ) {
     let mut scratch = SharedMemory::<f32>::new(group * rows_per_cube);
+    let cube = CUBE_POS_X as usize;
+    if (has_first || has_select) && cube >= first_shape.after {
+        let j = cube - first_shape.after;
+        if has_first && j < first_shape.rows {
+            let plane = comptime!(if use_plane && rows_per_cube <= group { group } else { 0 });
+            first_factor_row(down, residual, first, j, first_shape, &mut scratch, group * rows_per_cube, plane);
+        } else if has_select {
+            let mut logits = SharedMemory::<f32>::new(sel_max_rows);
+            select_by_predictor(sel_up, sel_h, idx, count, sel_predictor, sel_rows, sel_capacity, sel_threshold, &mut scratch, &mut logits, group, rows_per_cube, use_plane);
+        }
+        terminate!();
+    }
     let lane = UNIT_POS_X as usize;
-    let j = CUBE_POS_X as usize * rows_per_cube + UNIT_POS_Y as usize;
+    let j = cube * rows_per_cube + UNIT_POS_Y as usize;
     let logit = predicted_logit(up, h, predictor, j, shape.rows, lane, &mut scratch, group, use_plane);
     // Every lane of the group holds the same logit, so `live` is uniform.
     gated_row(w, x, bias, out, shape, j, logit > threshold, lane, &mut scratch, has_bias, relu, group, use_plane);

@@ -456,9 +456,10 @@ pub fn rows_transposed_gemv_accumulate<R: CubeRuntime>(
     h: CubeTensor<R>,
     bias: Option<CubeTensor<R>>,
     acc: CubeTensor<R>,
+    norm: Option<NormArgs<R>>,
     int_dtype: DType,
     config: &LaunchConfig,
-) -> CubeTensor<R> {
+) -> (CubeTensor<R>, Option<CubeTensor<R>>) {
     let (w_t, h) = (into_contiguous(w_t), into_contiguous(h));
     let cols = dims(&w_t)[1];
     let (batch, k) = (dims(&h)[0], dims(&h)[1]);
@@ -468,12 +469,12 @@ pub fn rows_transposed_gemv_accumulate<R: CubeRuntime>(
         // Both passes, the second adding `acc` into a new f32 output.
         let (splits, _) = transposed_splits(k, config, idx.is_some());
         let [out, partial] = empties(&h, [(vec![batch, cols], DType::F32), (vec![splits, batch, cols], DType::F32)]);
-        return transposed_gemv_launch(w_t, idx, block, h, bias, Some(acc), int_dtype, out, partial, config);
+        return (transposed_gemv_launch(w_t, idx, block, h, bias, Some(acc), int_dtype, out, partial, config), None);
     }
     let acc = into_contiguous(acc);
     let acc = if acc.can_mut() { acc } else { acc.copy() };
     if batch == 0 || cols == 0 || k == 0 && bias.is_none() {
-        return acc;
+        return (acc, None);
     }
     let config = &LaunchConfig { compact_rows: config.accumulate_compact_rows, ..*config };
     let gathered = idx.is_some();
@@ -494,6 +495,17 @@ pub fn rows_transposed_gemv_accumulate<R: CubeRuntime>(
     if let Some(per_unit) = compact_per_unit(config, gathered) {
         // Over every row (a dense or gated fc2, its `h` mostly zeros after the ReLU): the
         // compacting first pass, as in the two-pass form.
+        let threads = config.cols_per_cube * config.lanes_k;
+        // The kernel's own shared memory: the lanes' sums and the compacted row list.
+        let used = threads * vs * 4 + threads * per_unit * 4;
+        let epilogue = norm_epilogue(norm, &acc, w_t.dtype, threads, used);
+        let has_norm = epilogue.is_some();
+        let ([done, gamma, beta, normed], norm_shape, norm_plane, norm_row) = match epilogue {
+            Some(e) => (e.0.map(Some), e.1, e.2, e.3),
+            None => ([None, None, None, None], NormShapeLaunch::new(0, 0.0, 0.0), 0, 1),
+        };
+        let normed_out = normed.clone();
+        let bound = || unread(&acc);
         unsafe {
             rows_transposed_gemv_compact_atomic_kernel::launch_unchecked::<R>(
                 &acc.client,
@@ -504,16 +516,24 @@ pub fn rows_transposed_gemv_accumulate<R: CubeRuntime>(
                 arg(h),
                 arg(bias.unwrap_or_else(|| unread(&w_t))),
                 arg(acc.clone()),
+                arg(done.unwrap_or_else(bound)),
+                arg(gamma.unwrap_or_else(bound)),
+                arg(beta.unwrap_or_else(bound)),
+                arg(normed.unwrap_or_else(bound)),
                 shape,
+                norm_shape,
                 acc_stride,
                 has_bias,
                 config.cols_per_cube,
                 config.lanes_k,
                 per_unit,
+                has_norm,
+                norm_plane,
+                norm_row,
                 dtype.into(),
             );
         }
-        return acc;
+        return (acc, normed_out);
     }
     unsafe {
         rows_transposed_gemv_atomic_kernel::launch_unchecked::<R>(
@@ -537,7 +557,7 @@ pub fn rows_transposed_gemv_accumulate<R: CubeRuntime>(
             [dtype.into(), idx_dtype.into()],
         );
     }
-    acc
+    (acc, None)
 }
 
 /// The transposed GEMV's second pass: `out [B, d] = Σ_s partial[s] + bias + residual`
@@ -801,6 +821,44 @@ fn attention_shape<R: CubeRuntime>(
 /// Units of each cube of the fused attention and `out_proj`.
 const ATTENTION_OUT_THREADS: usize = 256;
 
+/// The LayerNorm an accumulating launch applies to its finished row in its last cube
+/// (batch 1): f32 `gamma`, `beta` `[d]`, epsilon, and `done`, a zeroed `u32` (or `i32`)
+/// counter of at least one element that the launch leaves zeroed — one per sequence, as
+/// launches that share it must run one after another.
+pub struct NormArgs<R: CubeRuntime> {
+    pub gamma: CubeTensor<R>,
+    pub beta: CubeTensor<R>,
+    pub eps: f32,
+    pub done: CubeTensor<R>,
+}
+
+/// Static shared memory a CUDA cube may declare; the LayerNorm epilogue keeps its row
+/// there and is left out (the caller then runs the LayerNorm itself) where it would not
+/// fit beside the kernel's own.
+const SHARED_BYTES: usize = 48 * 1024;
+
+/// The epilogue's launch arguments for a row of `width` f32 beside `used` bytes of the
+/// kernel's own shared memory on cubes of `threads` units, or `None` where it does not
+/// apply (no norm asked, batch > 1, too wide a row). Returns the bindings (counter,
+/// gamma, beta, normed output), the shape, the comptime plane and the row length.
+#[allow(clippy::type_complexity)] // the bindings and the comptime values of one epilogue
+fn norm_epilogue<R: CubeRuntime>(
+    norm: Option<NormArgs<R>>,
+    acc: &CubeTensor<R>,
+    normed_dtype: DType,
+    threads: usize,
+    used: usize,
+) -> Option<([CubeTensor<R>; 4], NormShapeLaunch<R>, usize, usize)> {
+    let NormArgs { gamma, beta, eps, done } = norm?;
+    let [batch, width] = [dims(acc)[0], dims(acc)[1]];
+    if batch != 1 || width == 0 || used + 4 * width > SHARED_BYTES || dims(&gamma) != vec![width] || dims(&beta) != vec![width] {
+        return None;
+    }
+    let normed = empty(acc, vec![1, width], normed_dtype);
+    let plane = reduce_plane(&acc.client, threads);
+    Some(([into_contiguous(done), into_contiguous(gamma), into_contiguous(beta), normed], NormShapeLaunch::new(width, 1.0 / width as f32, eps), plane, width))
+}
+
 /// Decode attention over the selected heads with `out_proj` over their columns added into
 /// `acc [B, rows]` (f32, the residual stream), bias included; see
 /// [`crate::SparseKernels::attention_out_proj_accumulate`]. One launch
@@ -819,8 +877,9 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
     w: CubeTensor<R>,
     bias: Option<CubeTensor<R>>,
     acc: CubeTensor<R>,
+    norm: Option<NormArgs<R>>,
     config: &LaunchConfig,
-) -> CubeTensor<R> {
+) -> (CubeTensor<R>, Option<CubeTensor<R>>) {
     assert_eq!(acc.dtype, DType::F32, "attention_out_proj_accumulate: accumulator dtype");
     let [batch, _, cap, hd] = [dims(&k_cache)[0], dims(&k_cache)[1], dims(&k_cache)[2], dims(&k_cache)[3]];
     let len = len.min(cap);
@@ -841,15 +900,18 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
     if !fused {
         let out = selected_heads_attention(q, heads.clone(), k_cache, v_cache, len, scale);
         let int_dtype = heads.dtype;
-        return block_cols_gemv(w, Some(heads), hd, out, bias, Some(acc), int_dtype);
+        return (block_cols_gemv(w, Some(heads), hd, out, bias, Some(acc), int_dtype), None);
     }
     let acc = into_contiguous(acc);
     let acc = if acc.can_mut() { acc } else { acc.copy() };
     let slots = dims(&heads)[0];
     let rows = dims(&w)[0];
     if batch == 0 || rows == 0 || slots == 0 {
-        return acc;
+        return (acc, None);
     }
+    // The kernel's own shared memory: scores, the reduction, the value lanes, o and q.
+    let used = 4 * (cap.max(1) + threads + threads * vs + 2 * hd);
+    let epilogue = norm_epilogue(norm, &acc, w.dtype, threads, used);
     // Shuffles within a run of `hd_vectors` units stay inside one plane.
     let use_plane = use_plane && plane.is_multiple_of(hd_vectors);
     let has_bias = bias.is_some();
@@ -858,6 +920,13 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
     let shape = attention_shape(&q, &k_cache, &v_cache, slots, 0, vs);
     let (dtype, idx_dtype) = (q.dtype, heads.dtype);
     let (w_stride, acc_stride) = (stride(&w, 0) / vs, stride(&acc, 0));
+    let has_norm = epilogue.is_some();
+    let ([done, gamma, beta, normed], norm_shape, norm_plane, norm_row) = match epilogue {
+        Some(e) => (e.0.map(Some), e.1, e.2, e.3),
+        None => ([None, None, None, None], NormShapeLaunch::new(0, 0.0, 0.0), 0, 1),
+    };
+    let normed_out = normed.clone();
+    let bound = || unread(&acc);
     unsafe {
         attention_out_proj_atomic_kernel::launch_unchecked::<R>(
             &acc.client,
@@ -871,7 +940,12 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
             arg(w),
             arg(bias),
             arg(acc.clone()),
+            arg(done.unwrap_or_else(bound)),
+            arg(gamma.unwrap_or_else(bound)),
+            arg(beta.unwrap_or_else(bound)),
+            arg(normed.unwrap_or_else(bound)),
             shape,
+            norm_shape,
             rows,
             w_stride,
             acc_stride,
@@ -883,10 +957,13 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
             rows_per_cube,
             has_bias,
             use_plane,
+            has_norm,
+            norm_plane,
+            norm_row,
             [dtype.into(), idx_dtype.into()],
         );
     }
-    acc
+    (acc, normed_out)
 }
 
 /// LayerNorm of each row of `x [rows, d]` with f32 `gamma`, `beta` `[d]`; see
@@ -945,7 +1022,7 @@ pub fn kv_append<R: CubeRuntime>(
     v_cache: CubeTensor<R>,
     pos: usize,
 ) -> (CubeTensor<R>, CubeTensor<R>) {
-    let (_, k, v) = qkv_append(None, kv, x, bias, k_cache, v_cache, pos, DType::I32);
+    let (_, k, v, _) = qkv_append(None, kv, x, bias, k_cache, v_cache, pos, DType::I32, None);
     (k, v)
 }
 
@@ -958,10 +1035,12 @@ pub struct QueryArgs<R: CubeRuntime> {
     pub bias: Option<CubeTensor<R>>,
 }
 
-/// [`kv_append`] with the queries of the same step in the same launch; see
-/// [`crate::SparseKernels::qkv_append`]. Returns `q [B, outputs]` (when asked) and the
-/// caches.
+/// [`kv_append`] with the queries of the same step in the same launch, and optionally the
+/// next layer's attention first factor on cubes of their own (`first`, batch 1); see
+/// [`crate::SparseKernels::qkv_append`]. Returns `q [B, outputs]` (when asked), the
+/// caches and the first factor `[1, r]`.
 #[allow(clippy::too_many_arguments)] // the queries' and the keys' and values' inputs
+#[allow(clippy::type_complexity)] // the queries, the caches, the first factor
 pub fn qkv_append<R: CubeRuntime>(
     query: Option<QueryArgs<R>>,
     kv: CubeTensor<R>,
@@ -971,9 +1050,10 @@ pub fn qkv_append<R: CubeRuntime>(
     v_cache: CubeTensor<R>,
     pos: usize,
     int_dtype: DType,
-) -> (Option<CubeTensor<R>>, CubeTensor<R>, CubeTensor<R>) {
-    let (q, k, v, _) = qkv_append_launch(query, kv, x, bias, k_cache, v_cache, pos, int_dtype, None);
-    (q, k, v)
+    first: Option<FirstArgs<R>>,
+) -> (Option<CubeTensor<R>>, CubeTensor<R>, CubeTensor<R>, Option<CubeTensor<R>>) {
+    let (q, k, v, _, first) = qkv_append_launch(query, kv, x, bias, k_cache, v_cache, pos, int_dtype, None, first);
+    (q, k, v, first)
 }
 
 /// The lazy K/V state [`qkv_append_lazy`] reads: each head's first unwritten position
@@ -1001,7 +1081,7 @@ pub fn qkv_append_lazy<R: CubeRuntime>(
 ) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
     assert!(query.idx.is_some(), "qkv_append_lazy: the selected heads' index list");
     let int_dtype = lazy.pending.dtype;
-    let (q, k, v, pending) = qkv_append_launch(Some(query), kv, x, bias, k_cache, v_cache, pos, int_dtype, Some(lazy));
+    let (q, k, v, pending, _) = qkv_append_launch(Some(query), kv, x, bias, k_cache, v_cache, pos, int_dtype, Some(lazy), None);
     (q.expect("a query was asked for"), k, v, pending.expect("the lazy launch's next pending"))
 }
 
@@ -1017,7 +1097,8 @@ fn qkv_append_launch<R: CubeRuntime>(
     pos: usize,
     int_dtype: DType,
     lazy: Option<LazyArgs<R>>,
-) -> (Option<CubeTensor<R>>, CubeTensor<R>, CubeTensor<R>, Option<CubeTensor<R>>) {
+    first: Option<FirstArgs<R>>,
+) -> (Option<CubeTensor<R>>, CubeTensor<R>, CubeTensor<R>, Option<CubeTensor<R>>, Option<CubeTensor<R>>) {
     let (kv, x) = (into_contiguous(kv), into_contiguous(x));
     let rows = dims(&kv)[0];
     let batch = dims(&x)[0];
@@ -1076,10 +1157,15 @@ fn qkv_append_launch<R: CubeRuntime>(
         stride(&k_cache, 1),
         stride(&k_cache, 2),
     );
+    let kv_cubes = query_cubes + rows.div_ceil(rows_per_cube);
+    let has_first = first.is_some();
+    let first_dtype = first.as_ref().map_or(DType::F32, |f| f.down.dtype);
+    let ([down, residual, first_out], first_shape, first) = first_factor(first, kv_cubes, &x);
+    let first_cubes = first.as_ref().map_or(0, |f| dims(f)[1]);
     unsafe {
         kv_append_kernel::launch_unchecked::<R>(
             &client,
-            CubeCount::Static((query_cubes + rows.div_ceil(rows_per_cube)) as u32, 1, 1),
+            CubeCount::Static((kv_cubes + first_cubes) as u32, 1, 1),
             CubeDim::new_2d(group as u32, rows_per_cube as u32),
             vs,
             arg(kv),
@@ -1094,9 +1180,13 @@ fn qkv_append_launch<R: CubeRuntime>(
             arg(pending_in),
             arg(pending_out.clone().unwrap_or_else(|| unread(&k_cache))),
             arg(ring),
+            arg(down),
+            arg(residual),
+            arg(first_out),
             shape,
             query_shape,
             lazy_shape,
+            first_shape,
             pos,
             has_bias,
             has_query,
@@ -1106,10 +1196,11 @@ fn qkv_append_launch<R: CubeRuntime>(
             group,
             rows_per_cube,
             use_plane,
-            [dtype.into(), idx_dtype.into()],
+            has_first,
+            [dtype.into(), idx_dtype.into(), first_dtype.into()],
         );
     }
-    (q_out, k_cache, v_cache, pending_out)
+    (q_out, k_cache, v_cache, pending_out, first)
 }
 
 /// How the one-row-per-lane-group fc1 kernels of batch 1 (gated and predicted) launch:
@@ -1186,9 +1277,36 @@ pub fn gated_rows_gemv<R: CubeRuntime>(
     l.out
 }
 
-/// fc1 gated by its low-rank predictor, computed in the same launch; see
-/// [`crate::SparseKernels::predicted_rows_gemv`].
+/// A predictor's first factor for a launch to compute on cubes of its own beside its own
+/// work (batch 1): `down [r, d]` (in the dtype of the launch's predictor, or f32) and the
+/// residual it reads, `[1, d]` f32.
+pub struct FirstArgs<R: CubeRuntime> {
+    pub down: CubeTensor<R>,
+    pub residual: CubeTensor<R>,
+}
+
+/// The first factor's bindings (down, residual, output `[1, r]`) and shape after `after`
+/// cubes, or unread bindings and no cubes.
+fn first_factor<R: CubeRuntime>(first: Option<FirstArgs<R>>, after: usize, bound: &CubeTensor<R>) -> ([CubeTensor<R>; 3], FirstFactorShapeLaunch<R>, Option<CubeTensor<R>>) {
+    match first {
+        Some(FirstArgs { down, residual }) => {
+            let (down, residual) = (into_contiguous(down), into_contiguous(residual));
+            let [r, d] = [dims(&down)[0], dims(&down)[1]];
+            assert_eq!(dims(&residual), vec![1, d], "first factor: a residual [1, d] for down [r, d]");
+            assert_eq!(residual.dtype, DType::F32, "first factor: the residual in f32");
+            let out = empty(&residual, vec![1, r], DType::F32);
+            ([down, residual, out.clone()], FirstFactorShapeLaunch::new(r, d, after), Some(out))
+        }
+        None => ([unread(bound), unread(bound), unread(bound)], FirstFactorShapeLaunch::new(0, 0, after), None),
+    }
+}
+
+/// fc1 gated by its low-rank predictor, computed in the same launch, with the next layer's
+/// MLP first factor (`first`) and head selection (`select`) on cubes of their own; see
+/// [`crate::SparseKernels::predicted_rows_gemv`]. Returns fc1's output, the first factor
+/// `[1, r]` and the selection's indices and count.
 #[allow(clippy::too_many_arguments)] // the kernel's inputs, as the trait method has them
+#[allow(clippy::type_complexity)] // fc1's output and the riders'
 pub fn predicted_rows_gemv<R: CubeRuntime>(
     w: CubeTensor<R>,
     x: CubeTensor<R>,
@@ -1197,36 +1315,70 @@ pub fn predicted_rows_gemv<R: CubeRuntime>(
     up: CubeTensor<R>,
     h: CubeTensor<R>,
     threshold: f32,
-) -> CubeTensor<R> {
+    first: Option<FirstArgs<R>>,
+    select: Option<SelectArgs<R>>,
+    int_dtype: DType,
+) -> (CubeTensor<R>, Option<CubeTensor<R>>, Option<(CubeTensor<R>, CubeTensor<R>)>) {
     let (w, x) = (into_contiguous(w), into_contiguous(x));
     let (up, h) = (into_contiguous(up), into_contiguous(h));
     let l = GatedRows::new(&w, &x, bias);
     let (dtype, up_dtype, client) = (w.dtype, up.dtype, w.client.clone());
     let predictor = PredictorShapeLaunch::new(dims(&up)[1], stride(&up, 0));
+    let CubeCount::Static(fc1_cubes, _, _) = l.count else { unreachable!("GatedRows makes a static grid") };
+    let (has_first, has_select) = (first.is_some(), select.is_some());
+    let ([down, residual, first_out], first_shape, first) = first_factor(first, fc1_cubes as usize, &x);
+    let first_cubes = first.as_ref().map_or(0, |f| dims(f)[1]);
+    let (sel_up, sel_h, idx, count, sel_predictor, sel_rows, sel_capacity, sel_threshold) = match select {
+        Some(SelectArgs { up: sel_up, h: sel_h, threshold, capacity }) => {
+            let (sel_up, sel_h) = (into_contiguous(sel_up), into_contiguous(sel_h));
+            let [idx, count] = empties(&x, [(vec![capacity.max(1)], int_dtype), (vec![1], int_dtype)]);
+            let shape = PredictorShapeLaunch::new(dims(&sel_up)[1], stride(&sel_up, 0));
+            let rows = dims(&sel_up)[0];
+            (sel_up, sel_h, Some(idx), Some(count), shape, rows, capacity.max(1), threshold)
+        }
+        None => (unread(&up), unread(&h), None, None, PredictorShapeLaunch::new(0, 0), 0, 1, 0.0),
+    };
+    let selection = idx.clone().zip(count.clone());
+    let cubes = fc1_cubes as usize + first_cubes + usize::from(has_select);
     unsafe {
         predicted_rows_gemv_kernel::launch_unchecked::<R>(
             &client,
-            l.count,
+            CubeCount::Static(cubes as u32, 1, 1),
             l.dim,
             l.vs,
             arg(w),
-            arg(up),
-            arg(h),
-            arg(x),
+            arg(up.clone()),
+            arg(h.clone()),
+            arg(x.clone()),
             arg(l.bias),
             arg(l.out.clone()),
+            arg(down),
+            arg(residual),
+            arg(first_out),
+            arg(sel_up),
+            arg(sel_h),
+            arg(idx.unwrap_or_else(|| unread(&x))),
+            arg(count.unwrap_or_else(|| unread(&x))),
             l.shape,
             predictor,
+            first_shape,
+            sel_predictor,
             threshold,
+            sel_rows,
+            sel_capacity,
+            sel_threshold,
             l.has_bias,
             relu,
             l.group,
             l.rows_per_cube,
             l.use_plane,
-            [dtype.into(), up_dtype.into()],
+            has_first,
+            has_select,
+            sel_rows.max(1).next_power_of_two(),
+            [dtype.into(), up_dtype.into(), int_dtype.into()],
         );
     }
-    l.out
+    (l.out, first, selection)
 }
 
 /// The decode step's sparse MLP, predictor to residual, in two launches (batch 1):

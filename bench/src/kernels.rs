@@ -555,8 +555,8 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
                 let p4 = |t: &Tensor<Cube<R>, 4>| t.clone().into_primitive().tensor();
                 acc = Some(dejavu_kernels::cube::attention_out_proj_accumulate(
                     prim(attn_q.clone()), attn_heads.clone().into_primitive(), p4(kc), p4(vc), attn_len, 0.088,
-                    prim(w.clone()), Some(bias2.clone().into_primitive().tensor()), a, &cfg,
-                ));
+                    prim(w.clone()), Some(bias2.clone().into_primitive().tensor()), a, None, &cfg,
+                ).0);
             })?
         } else if kernel == "fc2acc" || kernel == "fc2skipacc" {
             // The gathered rows, or every row of the gated fc1's output.
@@ -566,8 +566,8 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
                 let a = acc.take().expect("the accumulator is put back after each call");
                 acc = Some(dejavu_kernels::cube::rows_transposed_gemv_accumulate(
                     prim(ws[i % copies].clone()), rows_idx.map(|i| i.clone().into_primitive()), 1, prim(h_in.clone()),
-                    Some(bias2.clone().into_primitive().tensor()), a, DType::I32, &cfg,
-                ));
+                    Some(bias2.clone().into_primitive().tensor()), a, None, DType::I32, &cfg,
+                ).0);
             })?
         } else if kernel == "fc1" {
             timer.time(|i| {

@@ -557,7 +557,11 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
             Some(r) if fused => self.model.norm_after(&mut self.done, next, &r.device()),
             _ => None,
         };
-        let (Some(r), Some(norm)) = (residual.clone(), norm) else { return fc2(mlp, h, residual, accumulate) };
+        // The residual handed over, not cloned: a second handle would make the launch copy
+        // it before adding into it.
+        let (Some(r), Some(norm)) = (&residual, norm) else { return fc2(mlp, h, residual, accumulate) };
+        let r = r.clone();
+        drop(residual);
         let [_, _, d] = r.dims();
         let r = if r.dtype() == DType::F32 { r } else { r.cast(DType::F32) };
         let (y, normed) = dejavu_kernels::accumulate_transposed_gemv_norm(r.reshape([1, d]), mlp.fc2.weight.val(), h, bias(&mlp.fc2), norm).expect(KERNEL_SHAPES);

@@ -803,9 +803,15 @@ fn add_split_total<F: Float, N: Size>(
             sum += Vector::<f32, N>::cast_from(bias[c]);
         }
         let first = at + c * N::value();
+        // Every add issued before any result is used (see `last_cube_layer_norm`).
+        let mut got = Vector::<f32, N>::new(0.0f32);
         #[unroll]
         for v in 0..N::value() {
-            found += acc_out[first + v].fetch_add(sum[v]);
+            got[v] = acc_out[first + v].fetch_add(sum[v]);
+        }
+        #[unroll]
+        for v in 0..N::value() {
+            found += got[v];
         }
     }
     found
@@ -1282,16 +1288,25 @@ fn last_cube_layer_norm<F: Float>(
     let last = red[0] > 0.5;
     sync_cube();
     let width = norm.width;
-    // Unrolled: a unit's reads of the row are in flight together.
+    // All of a unit's reads issued before any is used (an atomic's result used at once
+    // would hold the unit for its round trip before the next is issued).
     let mut sum = 0.0f32;
     if last {
+        let mut got = Array::<f32>::new(per_unit);
+        #[unroll]
+        for i in 0..per_unit {
+            let c = tid + i * threads;
+            got[i] = 0.0f32;
+            if c < width {
+                got[i] = acc[c].fetch_add(0.0f32);
+            }
+        }
         #[unroll]
         for i in 0..per_unit {
             let c = tid + i * threads;
             if c < width {
-                let v = acc[c].fetch_add(0.0f32);
-                row[c] = v;
-                sum += v;
+                row[c] = got[i];
+                sum += got[i];
             }
         }
     }
@@ -1601,6 +1616,11 @@ pub(crate) fn attention_out_proj_atomic_kernel<F: Float, N: Size, I: Int>(
     let ov = o[lane];
     let add_bias = has_bias && j == 0;
     let mut pending = 0.0f32;
+    // With `has_norm` the rows' sums wait in shared memory and each unit adds at most a
+    // row after the loop: the epilogue needs the adds' results, and a result waited for
+    // inside the loop would hold the unit a round trip per round of rows.
+    let mut sums = SharedMemory::<f32>::new(comptime!(if has_norm { rows_per_cube } else { 1 }));
+    let block_first = CUBE_POS_X as usize * rows_per_cube;
     let mut i = 0usize;
     while i < per_group {
         // Four rows' loads in flight; rows past the end (or a dead head's) read nothing.
@@ -1617,20 +1637,39 @@ pub(crate) fn attention_out_proj_atomic_kernel<F: Float, N: Size, I: Int>(
         let s2 = segment_sum(vector_dot(w2, ov), &mut red, lane, hd_vectors, use_plane);
         let s3 = segment_sum(vector_dot(w3, ov), &mut red, lane, hd_vectors, use_plane);
         if lane == 0 {
-            pending += add_row(acc_out, bias, b * acc_stride, r0, rows, s0, live || add_bias, add_bias);
-            if i + 1 < per_group {
-                pending += add_row(acc_out, bias, b * acc_stride, r1, rows, s1, live || add_bias, add_bias);
-            }
-            if i + 2 < per_group {
-                pending += add_row(acc_out, bias, b * acc_stride, r2, rows, s2, live || add_bias, add_bias);
-            }
-            if i + 3 < per_group {
-                pending += add_row(acc_out, bias, b * acc_stride, r3, rows, s3, live || add_bias, add_bias);
+            if has_norm {
+                stash_row(&mut sums, r0 - block_first, s0, rows_per_cube);
+                if i + 1 < per_group {
+                    stash_row(&mut sums, r1 - block_first, s1, rows_per_cube);
+                }
+                if i + 2 < per_group {
+                    stash_row(&mut sums, r2 - block_first, s2, rows_per_cube);
+                }
+                if i + 3 < per_group {
+                    stash_row(&mut sums, r3 - block_first, s3, rows_per_cube);
+                }
+            } else {
+                add_row(acc_out, bias, b * acc_stride, r0, rows, s0, live || add_bias, add_bias);
+                if i + 1 < per_group {
+                    add_row(acc_out, bias, b * acc_stride, r1, rows, s1, live || add_bias, add_bias);
+                }
+                if i + 2 < per_group {
+                    add_row(acc_out, bias, b * acc_stride, r2, rows, s2, live || add_bias, add_bias);
+                }
+                if i + 3 < per_group {
+                    add_row(acc_out, bias, b * acc_stride, r3, rows, s3, live || add_bias, add_bias);
+                }
             }
         }
         i += 4;
     }
     if has_norm {
+        sync_cube();
+        let mut t = tid;
+        while t < rows_per_cube {
+            pending += add_row(acc_out, bias, b * acc_stride, block_first + t, rows, sums[t], live || add_bias, add_bias);
+            t += threads;
+        }
         let mut row = SharedMemory::<f32>::new(norm_row);
         let per_unit = comptime!(norm_row.div_ceil(threads));
         last_cube_layer_norm(acc_out, done, gamma, beta, normed, pending, norm, &mut red, &mut row, threads, norm_plane, per_unit);
@@ -1708,6 +1747,15 @@ fn segment_sum(
         sync_cube();
     }
     v
+}
+
+/// Keeps a row's sum at `local` of the cube's block of rows (a row past the block is
+/// dropped: past the output, it is never added).
+#[cube]
+fn stash_row(sums: &mut SharedMemory<f32>, local: usize, sum: f32, #[comptime] rows_per_cube: usize) {
+    if local < rows_per_cube {
+        sums[local] = sum;
+    }
 }
 
 /// Adds one row's sum (and its bias with `add_bias`) into `acc_out[at + row]`, for a row

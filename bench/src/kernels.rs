@@ -530,6 +530,12 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
     for attention_out_rows in [0, 64, 128, 256, 512] {
         variants.push(("attnout", LaunchConfig { attention_out_rows, ..base }));
     }
+    // The same two accumulating launches writing the LayerNorm of the finished residual
+    // from their last cube (`--fused-norms`), against the plain ones above.
+    variants.push(("attnoutnorm", base));
+    for accumulate_compact_rows in [1024, 2048] {
+        variants.push(("fc2skipaccnorm", LaunchConfig { accumulate_compact_rows, ..base }));
+    }
     for kernel in ["fc2skip", "fc2half"] {
         variants.push((kernel, LaunchConfig { compact_rows: 0, ..base }));
         for (cols_per_cube, lanes_k) in [(32, 8), (16, 16), (64, 4)] {
@@ -547,7 +553,18 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
             let case = Case { rows: ffn / 4, d, k: ffn / 40, batch: 1, dtype, seed: fresh_seed() };
             outcomes.extend(check_gemvs::<Cube<R>, _>(&Poisoned(cfg), device, &case));
         }
-        let t = if kernel == "attnout" {
+        // The LayerNorm the `...norm` variants apply (its counter shared by their calls).
+        let with_norm = kernel.ends_with("norm");
+        let done = dejavu_kernels::NormAfter::<Cube<R>>::counter(device);
+        let norm = || {
+            with_norm.then(|| dejavu_kernels::cube::NormArgs {
+                gamma: Tensor::<Cube<R>, 1>::ones([d], (device, DType::F32)).into_primitive().tensor(),
+                beta: Tensor::<Cube<R>, 1>::zeros([d], (device, DType::F32)).into_primitive().tensor(),
+                eps: 1e-5,
+                done: done.clone().into_primitive(),
+            })
+        };
+        let t = if kernel == "attnout" || kernel == "attnoutnorm" {
             let mut acc = Some(prim(Tensor::<Cube<R>, 2>::zeros([1, d], device).cast(DType::F32)));
             timer.time(|i| {
                 let (w, (kc, vc)) = &attn_w[i % attn_copies];
@@ -555,10 +572,10 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
                 let p4 = |t: &Tensor<Cube<R>, 4>| t.clone().into_primitive().tensor();
                 acc = Some(dejavu_kernels::cube::attention_out_proj_accumulate(
                     prim(attn_q.clone()), attn_heads.clone().into_primitive(), p4(kc), p4(vc), attn_len, 0.088,
-                    prim(w.clone()), Some(bias2.clone().into_primitive().tensor()), a, None, &cfg,
+                    prim(w.clone()), Some(bias2.clone().into_primitive().tensor()), a, norm(), &cfg,
                 ).0);
             })?
-        } else if kernel == "fc2acc" || kernel == "fc2skipacc" {
+        } else if kernel == "fc2acc" || kernel == "fc2skipacc" || kernel == "fc2skipaccnorm" {
             // The gathered rows, or every row of the gated fc1's output.
             let (rows_idx, h_in) = if kernel == "fc2acc" { (Some(&idx), &h) } else { (None, &h_all) };
             let mut acc = Some(prim(Tensor::<Cube<R>, 2>::zeros([1, d], device).cast(DType::F32)));
@@ -566,7 +583,7 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
                 let a = acc.take().expect("the accumulator is put back after each call");
                 acc = Some(dejavu_kernels::cube::rows_transposed_gemv_accumulate(
                     prim(ws[i % copies].clone()), rows_idx.map(|i| i.clone().into_primitive()), 1, prim(h_in.clone()),
-                    Some(bias2.clone().into_primitive().tensor()), a, None, DType::I32, &cfg,
+                    Some(bias2.clone().into_primitive().tensor()), a, norm(), DType::I32, &cfg,
                 ).0);
             })?
         } else if kernel == "fc1" {
@@ -595,7 +612,9 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
         let op = match kernel {
             "fc1" => format!("tune_fc1_rows{}", cfg.rows_per_cube),
             "attnout" => format!("tune_attention_out_proj_rows{}", cfg.attention_out_rows),
+            "attnoutnorm" => format!("tune_attention_out_proj_rows{}_norm", cfg.attention_out_rows),
             "fc2skipacc" => format!("tune_fc2t_skip_accumulate_cols{}_lanes{}_compact{}", cfg.cols_per_cube, cfg.lanes_k, cfg.accumulate_compact_rows),
+            "fc2skipaccnorm" => format!("tune_fc2t_skip_accumulate_cols{}_lanes{}_compact{}_norm", cfg.cols_per_cube, cfg.lanes_k, cfg.accumulate_compact_rows),
             _ => {
                 let what = match kernel {
                     "fc2skip" => "fc2t_skip",
@@ -612,7 +631,7 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
         // Weight bytes read: the selected rows (half of them for the half-zero input); for
         // the attention, its heads' columns of out_proj.
         let rows_read = if kernel == "fc2half" { ffn / 2 } else { k };
-        let bytes = if kernel == "attnout" { (d * slots * hd) as f64 } else { rows_read as f64 * d as f64 } * bytes_per_value(dtype);
+        let bytes = if kernel.starts_with("attnout") { (d * slots * hd) as f64 } else { rows_read as f64 * d as f64 } * bytes_per_value(dtype);
         push_timed(out, name, &op, Some(density), Some(k), bytes, t);
     }
     Ok(outcomes)

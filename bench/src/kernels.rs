@@ -532,9 +532,11 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
     }
     // The same two accumulating launches writing the LayerNorm of the finished residual
     // from their last cube (`--fused-norms`), against the plain ones above.
-    variants.push(("attnoutnorm", base));
-    for accumulate_compact_rows in [1024, 2048] {
-        variants.push(("fc2skipaccnorm", LaunchConfig { accumulate_compact_rows, ..base }));
+    for norm_plain_reads in [false, true] {
+        variants.push(("attnoutnorm", LaunchConfig { norm_plain_reads, ..base }));
+        for accumulate_compact_rows in [1024, 2048] {
+            variants.push(("fc2skipaccnorm", LaunchConfig { accumulate_compact_rows, norm_plain_reads, ..base }));
+        }
     }
     for kernel in ["fc2skip", "fc2half"] {
         variants.push((kernel, LaunchConfig { compact_rows: 0, ..base }));
@@ -612,9 +614,15 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
         let op = match kernel {
             "fc1" => format!("tune_fc1_rows{}", cfg.rows_per_cube),
             "attnout" => format!("tune_attention_out_proj_rows{}", cfg.attention_out_rows),
-            "attnoutnorm" => format!("tune_attention_out_proj_rows{}_norm", cfg.attention_out_rows),
+            "attnoutnorm" => format!("tune_attention_out_proj_rows{}_norm{}", cfg.attention_out_rows, if cfg.norm_plain_reads { "_plain" } else { "_atomic" }),
             "fc2skipacc" => format!("tune_fc2t_skip_accumulate_cols{}_lanes{}_compact{}", cfg.cols_per_cube, cfg.lanes_k, cfg.accumulate_compact_rows),
-            "fc2skipaccnorm" => format!("tune_fc2t_skip_accumulate_cols{}_lanes{}_compact{}_norm", cfg.cols_per_cube, cfg.lanes_k, cfg.accumulate_compact_rows),
+            "fc2skipaccnorm" => format!(
+                "tune_fc2t_skip_accumulate_cols{}_lanes{}_compact{}_norm{}",
+                cfg.cols_per_cube,
+                cfg.lanes_k,
+                cfg.accumulate_compact_rows,
+                if cfg.norm_plain_reads { "_plain" } else { "_atomic" }
+            ),
             _ => {
                 let what = match kernel {
                     "fc2skip" => "fc2t_skip",

@@ -720,6 +720,7 @@ pub(crate) fn rows_transposed_gemv_compact_atomic_kernel<F: Float, N: Size>(
     h: &Array<F>,
     bias: &Array<Vector<F, N>>,
     acc_out: &mut Array<Atomic<f32>>,
+    acc_plain: &Array<f32>,
     done: &mut Array<Atomic<u32>>,
     gamma: &Array<f32>,
     beta: &Array<f32>,
@@ -734,6 +735,7 @@ pub(crate) fn rows_transposed_gemv_compact_atomic_kernel<F: Float, N: Size>(
     #[comptime] has_norm: bool,
     #[comptime] norm_plane: usize,
     #[comptime] norm_row: usize,
+    #[comptime] plain_reads: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let threads = comptime!(cols_per_cube * lanes_k);
@@ -753,7 +755,7 @@ pub(crate) fn rows_transposed_gemv_compact_atomic_kernel<F: Float, N: Size>(
         let mut red = SharedMemory::<f32>::new(threads);
         let mut row = SharedMemory::<f32>::new(norm_row);
         let norm_units = comptime!(norm_row.div_ceil(threads));
-        last_cube_layer_norm(acc_out, done, gamma, beta, normed, pending, norm, &mut red, &mut row, threads, norm_plane, norm_units);
+        last_cube_layer_norm(acc_out, acc_plain, done, gamma, beta, normed, pending, norm, &mut red, &mut row, threads, norm_plane, norm_units, plain_reads);
     }
 }
 
@@ -1253,13 +1255,16 @@ fn cube_reduce(red: &mut SharedMemory<f32>, value: f32, tid: usize, #[comptime] 
 /// that counts last reads the row, which every other cube's adds have then reached, writes
 /// `(x − mean) / sqrt(var + eps) · gamma + beta` into `normed` (the statistics in f32, two
 /// passes over the row kept in `row`, as `layer_norm_row`) and sets `done[0]` back to 0
-/// for the next launch. The row is read with atomic adds of 0, which see every add
-/// (plain loads may be served by a cache that has not). Every cube runs the reductions'
+/// for the next launch. The row is read with atomic adds of 0, which see every add, or
+/// with `plain_reads` through `plain`, a second binding of the same buffer (CUDA: the
+/// adds were made in L2, and no cube of the launch loaded the row before, so no cache
+/// above holds an old copy). Every cube runs the reductions'
 /// barriers, so none sits in a branch that depends on a value read at run time.
 #[cube]
 #[allow(clippy::too_many_arguments)] // the row, the counter, the LayerNorm's parameters and output, the scratch
 fn last_cube_layer_norm<F: Float>(
     acc: &mut Array<Atomic<f32>>,
+    plain: &Array<f32>,
     done: &mut Array<Atomic<u32>>,
     gamma: &Array<f32>,
     beta: &Array<f32>,
@@ -1271,6 +1276,7 @@ fn last_cube_layer_norm<F: Float>(
     #[comptime] threads: usize,
     #[comptime] plane: usize,
     #[comptime] per_unit: usize,
+    #[comptime] plain_reads: bool,
 ) {
     let tid = UNIT_POS as usize;
     red[tid] = pending;
@@ -1298,7 +1304,11 @@ fn last_cube_layer_norm<F: Float>(
             let c = tid + i * threads;
             got[i] = 0.0f32;
             if c < width {
-                got[i] = acc[c].fetch_add(0.0f32);
+                if plain_reads {
+                    got[i] = plain[c];
+                } else {
+                    got[i] = acc[c].fetch_add(0.0f32);
+                }
             }
         }
         #[unroll]
@@ -1559,6 +1569,7 @@ pub(crate) fn attention_out_proj_atomic_kernel<F: Float, N: Size, I: Int>(
     w: &Array<Vector<F, N>>,
     bias: &Array<F>,
     acc_out: &mut Array<Atomic<f32>>,
+    acc_plain: &Array<f32>,
     done: &mut Array<Atomic<u32>>,
     gamma: &Array<f32>,
     beta: &Array<f32>,
@@ -1579,6 +1590,7 @@ pub(crate) fn attention_out_proj_atomic_kernel<F: Float, N: Size, I: Int>(
     #[comptime] has_norm: bool,
     #[comptime] norm_plane: usize,
     #[comptime] norm_row: usize,
+    #[comptime] plain_reads: bool,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let mut scores = SharedMemory::<f32>::new(max_chunk);
@@ -1672,7 +1684,7 @@ pub(crate) fn attention_out_proj_atomic_kernel<F: Float, N: Size, I: Int>(
         }
         let mut row = SharedMemory::<f32>::new(norm_row);
         let per_unit = comptime!(norm_row.div_ceil(threads));
-        last_cube_layer_norm(acc_out, done, gamma, beta, normed, pending, norm, &mut red, &mut row, threads, norm_plane, per_unit);
+        last_cube_layer_norm(acc_out, acc_plain, done, gamma, beta, normed, pending, norm, &mut red, &mut row, threads, norm_plane, per_unit, plain_reads);
     }
 }
 

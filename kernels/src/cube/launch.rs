@@ -58,11 +58,15 @@ pub struct LaunchConfig {
     /// 0 takes the separate kernels (attention, then `block_cols_gemv`); see
     /// `attention_out_proj_atomic_kernel` for what each costs on the H100.
     pub attention_out_rows: usize,
+    /// Whether the LayerNorm epilogue of the accumulating launches (`NormArgs`) reads the
+    /// finished row with plain loads through a second binding of the accumulator, on CUDA
+    /// only (elsewhere, and with `false`, with atomic adds of 0).
+    pub norm_plain_reads: bool,
 }
 
 impl Default for LaunchConfig {
     fn default() -> Self {
-        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 1024, attention_out_rows: 256 }
+        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 1024, attention_out_rows: 256, norm_plain_reads: true }
     }
 }
 
@@ -516,6 +520,7 @@ pub fn rows_transposed_gemv_accumulate<R: CubeRuntime>(
                 arg(h),
                 arg(bias.unwrap_or_else(|| unread(&w_t))),
                 arg(acc.clone()),
+                arg(acc.clone()),
                 arg(done.unwrap_or_else(bound)),
                 arg(gamma.unwrap_or_else(bound)),
                 arg(beta.unwrap_or_else(bound)),
@@ -530,6 +535,7 @@ pub fn rows_transposed_gemv_accumulate<R: CubeRuntime>(
                 has_norm,
                 norm_plane,
                 norm_row,
+                has_norm && plain_reads(&acc.client, config),
                 dtype.into(),
             );
         }
@@ -832,6 +838,13 @@ pub struct NormArgs<R: CubeRuntime> {
     pub done: CubeTensor<R>,
 }
 
+/// Whether the LayerNorm epilogue reads with plain loads ([`LaunchConfig::norm_plain_reads`]):
+/// on CUDA only, where binding one buffer twice is allowed (WebGPU forbids a writable
+/// binding that aliases another).
+fn plain_reads<R: CubeRuntime>(client: &ComputeClient<R>, config: &LaunchConfig) -> bool {
+    config.norm_plain_reads && R::name(client) == "cuda"
+}
+
 /// Static shared memory a CUDA cube may declare; the LayerNorm epilogue keeps its row
 /// there and is left out (the caller then runs the LayerNorm itself) where it would not
 /// fit beside the kernel's own.
@@ -856,6 +869,7 @@ fn norm_epilogue<R: CubeRuntime>(
     }
     let normed = empty(acc, vec![1, width], normed_dtype);
     let plane = reduce_plane(&acc.client, threads);
+    // (The plain reads' binding is `acc` itself, bound by the caller.)
     Some(([into_contiguous(done), into_contiguous(gamma), into_contiguous(beta), normed], NormShapeLaunch::new(width, 1.0 / width as f32, eps), plane, width))
 }
 
@@ -940,6 +954,7 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
             arg(w),
             arg(bias),
             arg(acc.clone()),
+            arg(acc.clone()),
             arg(done.unwrap_or_else(bound)),
             arg(gamma.unwrap_or_else(bound)),
             arg(beta.unwrap_or_else(bound)),
@@ -960,6 +975,7 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
             has_norm,
             norm_plane,
             norm_row,
+            has_norm && plain_reads(&acc.client, config),
             [dtype.into(), idx_dtype.into()],
         );
     }

@@ -161,8 +161,11 @@ pub(crate) fn bias<B: Backend>(linear: &burn::nn::Linear<B>) -> Option<Tensor<B,
 
 /// One step's queries (every head, or the selected `heads` — blocks of `head_dim` rows of
 /// `q_proj`) and every head's keys and values (`x [batch, d]`), the keys and values
-/// written into `cache`: one launch. Returns the queries `[batch, slots · hd]` and the whole
-/// caches.
+/// written into `cache`: one launch. With `first` (one sequence) the first factor of the
+/// next layer's attention predictor rides in the same launch
+/// ([`dejavu_kernels::qkv_append_first`]). Returns the queries `[batch, slots · hd]`, the
+/// whole caches and the first factor `[1, r]` when asked for.
+#[allow(clippy::type_complexity)] // the queries, the caches, the first factor
 pub(crate) fn project_qkv<B: SparseKernels>(
     attention: &OptAttention<B>,
     weights: &DecodeLayer<B>,
@@ -170,52 +173,20 @@ pub(crate) fn project_qkv<B: SparseKernels>(
     x: Tensor<B, 2>,
     cache: &mut LayerKvCache<B>,
     step: &Step<B>,
-) -> (Tensor<B, 2>, Tensor<B, 4>, Tensor<B, 4>) {
-    let query = dejavu_kernels::QueryRows {
-        w: weights.q_rows.clone(),
-        heads,
-        head_dim: attention.head_dim,
-        bias: bias(&attention.q_proj),
-    };
-    let (q, keys, values) = dejavu_kernels::qkv_append(
-        query,
-        weights.kv_rows.clone(),
-        x,
-        weights.kv_bias.clone(),
-        cache.key.clone(),
-        cache.value.clone(),
-        step.start,
-    )
-    .expect(SHAPES);
-    cache.key = keys.clone();
-    cache.value = values.clone();
-    (q, keys, values)
-}
-
-/// [`project_qkv`] with the first factor of the next layer's attention predictor in the
-/// same launch (`first`, one sequence: [`dejavu_kernels::qkv_append_first`]). Returns the
-/// queries, the caches and the first factor `[1, r]`.
-pub(crate) fn project_qkv_first<B: SparseKernels>(
-    attention: &OptAttention<B>,
-    weights: &DecodeLayer<B>,
-    heads: Option<Tensor<B, 1, Int>>,
-    x: Tensor<B, 2>,
-    cache: &mut LayerKvCache<B>,
-    step: &Step<B>,
-    first: dejavu_kernels::FirstFactor<B>,
-) -> (Tensor<B, 2>, Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 2>) {
+    first: Option<dejavu_kernels::FirstFactor<B>>,
+) -> (Tensor<B, 2>, Tensor<B, 4>, Tensor<B, 4>, Option<Tensor<B, 2>>) {
     let query = dejavu_kernels::QueryRows { w: weights.q_rows.clone(), heads, head_dim: attention.head_dim, bias: bias(&attention.q_proj) };
-    let (q, keys, values, first) = dejavu_kernels::qkv_append_first(
-        query,
-        weights.kv_rows.clone(),
-        x,
-        weights.kv_bias.clone(),
-        cache.key.clone(),
-        cache.value.clone(),
-        step.start,
-        first,
-    )
-    .expect(SHAPES);
+    let (kv, kv_bias, key, value) = (weights.kv_rows.clone(), weights.kv_bias.clone(), cache.key.clone(), cache.value.clone());
+    let (q, keys, values, first) = match first {
+        Some(first) => {
+            let (q, k, v, f) = dejavu_kernels::qkv_append_first(query, kv, x, kv_bias, key, value, step.start, first).expect(SHAPES);
+            (q, k, v, Some(f))
+        }
+        None => {
+            let (q, k, v) = dejavu_kernels::qkv_append(query, kv, x, kv_bias, key, value, step.start).expect(SHAPES);
+            (q, k, v, None)
+        }
+    };
     cache.key = keys.clone();
     cache.value = values.clone();
     (q, keys, values, first)
@@ -353,7 +324,7 @@ pub(crate) fn dense_attention<B: SparseKernels>(
     let [batch, _, d] = x.dims();
     let x = x.reshape([batch, d]);
     settle_lazy_kv(attention, weights, all_heads, cache, step.start);
-    let (q, keys, values) = project_qkv(attention, weights, None, x, cache, step);
+    let (q, keys, values, _) = project_qkv(attention, weights, None, x, cache, step, None);
     let scale = (attention.head_dim as f32).powf(-0.5);
     let heads = dejavu_kernels::selected_heads_attention(q, all_heads.clone(), keys, values, step.start + 1, scale)
         .expect(SHAPES);

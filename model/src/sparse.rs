@@ -42,7 +42,7 @@ use burn::nn::LayerNorm;
 use crate::attention::OptAttention;
 use crate::cache::{KvCache, LayerKvCache, Step};
 use crate::decode::{
-    attention_output, blocks_with_residual, bias, dense_attention, dense_mlp, fc2, kernel_norm_to, norm_params, output_projection, plus_residual, project_qkv, project_qkv_first, project_qkv_lazy, rows_of, settle_lazy_kv, DecodeWeights,
+    attention_output, blocks_with_residual, bias, dense_attention, dense_mlp, fc2, kernel_norm_to, norm_params, output_projection, plus_residual, project_qkv, project_qkv_lazy, rows_of, settle_lazy_kv, DecodeWeights,
 };
 use crate::hooks::NormSite;
 use crate::layer::LAYER_NORM_EPS;
@@ -736,16 +736,21 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
         let hd = attention.head_dim;
         // The selected heads' queries, and every head's key and value (see the module
         // comment) or, lazily, those of the heads read, in one launch.
-        let (q, keys, values) = match (lazy, due) {
-            (true, _) => project_qkv_lazy(attention, &weights.layers[layer], heads.clone(), x, cache, step, window),
-            (false, Some(FirstDue { target, residual, .. })) => {
-                let down = self.model.predictors[target][1].as_ref().expect("a first factor owed has its predictor").down_decode.clone();
-                let first = dejavu_kernels::FirstFactor { down, residual };
-                let (q, keys, values, first) = project_qkv_first(attention, &weights.layers[layer], Some(heads.clone()), x, cache, step, first);
-                self.attention_pending[target] = Some(Prediction::FirstFactor(first));
+        let (q, keys, values) = match lazy {
+            true => project_qkv_lazy(attention, &weights.layers[layer], heads.clone(), x, cache, step, window),
+            false => {
+                // A first factor owed rides along (see above).
+                let first = due.map(|FirstDue { target, residual, .. }| {
+                    let down = self.model.predictors[target][1].as_ref().expect("a first factor owed has its predictor").down_decode.clone();
+                    (target, dejavu_kernels::FirstFactor { down, residual })
+                });
+                let target = first.as_ref().map(|(t, _)| *t);
+                let (q, keys, values, first) = project_qkv(attention, &weights.layers[layer], Some(heads.clone()), x, cache, step, first.map(|(_, f)| f));
+                if let (Some(target), Some(first)) = (target, first) {
+                    self.attention_pending[target] = Some(Prediction::FirstFactor(first));
+                }
                 (q, keys, values)
             }
-            (false, None) => project_qkv(attention, &weights.layers[layer], Some(heads.clone()), x, cache, step),
         };
         let scale = (hd as f32).powf(-0.5);
         let residual = match (accumulate, residual) {

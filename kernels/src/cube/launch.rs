@@ -502,14 +502,8 @@ pub fn rows_transposed_gemv_accumulate<R: CubeRuntime>(
         let threads = config.cols_per_cube * config.lanes_k;
         // The kernel's own shared memory: the lanes' sums and the compacted row list.
         let used = threads * vs * 4 + threads * per_unit * 4;
-        let epilogue = norm_epilogue(norm, &acc, w_t.dtype, threads, used);
-        let has_norm = epilogue.is_some();
-        let ([done, gamma, beta, normed], norm_shape, norm_plane, norm_row) = match epilogue {
-            Some(e) => (e.0.map(Some), e.1, e.2, e.3),
-            None => ([None, None, None, None], NormShapeLaunch::new(0, 0.0, 0.0), 0, 1),
-        };
-        let normed_out = normed.clone();
-        let bound = || unread(&acc);
+        let e = norm_epilogue(norm, &acc, w_t.dtype, threads, used);
+        let plain = e.has_norm && plain_reads(&acc.client, config);
         unsafe {
             rows_transposed_gemv_compact_atomic_kernel::launch_unchecked::<R>(
                 &acc.client,
@@ -521,25 +515,25 @@ pub fn rows_transposed_gemv_accumulate<R: CubeRuntime>(
                 arg(bias.unwrap_or_else(|| unread(&w_t))),
                 arg(acc.clone()),
                 arg(acc.clone()),
-                arg(done.unwrap_or_else(bound)),
-                arg(gamma.unwrap_or_else(bound)),
-                arg(beta.unwrap_or_else(bound)),
-                arg(normed.unwrap_or_else(bound)),
+                arg(e.done),
+                arg(e.gamma),
+                arg(e.beta),
+                arg(e.normed),
                 shape,
-                norm_shape,
+                e.shape,
                 acc_stride,
                 has_bias,
                 config.cols_per_cube,
                 config.lanes_k,
                 per_unit,
-                has_norm,
-                norm_plane,
-                norm_row,
-                has_norm && plain_reads(&acc.client, config),
+                e.has_norm,
+                e.plane,
+                e.row,
+                plain,
                 dtype.into(),
             );
         }
-        return (acc, normed_out);
+        return (acc, e.out);
     }
     unsafe {
         rows_transposed_gemv_atomic_kernel::launch_unchecked::<R>(
@@ -850,27 +844,55 @@ fn plain_reads<R: CubeRuntime>(client: &ComputeClient<R>, config: &LaunchConfig)
 /// fit beside the kernel's own.
 const SHARED_BYTES: usize = 48 * 1024;
 
-/// The epilogue's launch arguments for a row of `width` f32 beside `used` bytes of the
-/// kernel's own shared memory on cubes of `threads` units, or `None` where it does not
-/// apply (no norm asked, batch > 1, too wide a row). Returns the bindings (counter,
-/// gamma, beta, normed output), the shape, the comptime plane and the row length.
-#[allow(clippy::type_complexity)] // the bindings and the comptime values of one epilogue
-fn norm_epilogue<R: CubeRuntime>(
-    norm: Option<NormArgs<R>>,
-    acc: &CubeTensor<R>,
-    normed_dtype: DType,
-    threads: usize,
-    used: usize,
-) -> Option<([CubeTensor<R>; 4], NormShapeLaunch<R>, usize, usize)> {
-    let NormArgs { gamma, beta, eps, done } = norm?;
+/// The LayerNorm epilogue's launch arguments ([`NormArgs`]): its bindings (the accumulator
+/// itself in each slot where there is no epilogue, never read then), its shape, comptime
+/// plane and row length, and the normalized row when there is one.
+struct NormEpilogue<R: CubeRuntime> {
+    has_norm: bool,
+    done: CubeTensor<R>,
+    gamma: CubeTensor<R>,
+    beta: CubeTensor<R>,
+    normed: CubeTensor<R>,
+    shape: NormShapeLaunch<R>,
+    plane: usize,
+    row: usize,
+    out: Option<CubeTensor<R>>,
+}
+
+/// [`NormEpilogue`] for a row of `width` f32 beside `used` bytes of the kernel's own shared
+/// memory on cubes of `threads` units; none where no norm is asked, the batch is not 1 or
+/// the row would not fit.
+fn norm_epilogue<R: CubeRuntime>(norm: Option<NormArgs<R>>, acc: &CubeTensor<R>, normed_dtype: DType, threads: usize, used: usize) -> NormEpilogue<R> {
     let [batch, width] = [dims(acc)[0], dims(acc)[1]];
-    if batch != 1 || width == 0 || used + 4 * width > SHARED_BYTES || dims(&gamma) != vec![width] || dims(&beta) != vec![width] {
-        return None;
+    match norm {
+        Some(NormArgs { gamma, beta, eps, done })
+            if batch == 1 && width > 0 && used + 4 * width <= SHARED_BYTES && dims(&gamma) == vec![width] && dims(&beta) == vec![width] =>
+        {
+            let normed = empty(acc, vec![1, width], normed_dtype);
+            NormEpilogue {
+                has_norm: true,
+                done: into_contiguous(done),
+                gamma: into_contiguous(gamma),
+                beta: into_contiguous(beta),
+                normed: normed.clone(),
+                shape: NormShapeLaunch::new(width, 1.0 / width as f32, eps),
+                plane: reduce_plane(&acc.client, threads),
+                row: width,
+                out: Some(normed),
+            }
+        }
+        _ => NormEpilogue {
+            has_norm: false,
+            done: unread(acc),
+            gamma: unread(acc),
+            beta: unread(acc),
+            normed: unread(acc),
+            shape: NormShapeLaunch::new(0, 0.0, 0.0),
+            plane: 0,
+            row: 1,
+            out: None,
+        },
     }
-    let normed = empty(acc, vec![1, width], normed_dtype);
-    let plane = reduce_plane(&acc.client, threads);
-    // (The plain reads' binding is `acc` itself, bound by the caller.)
-    Some(([into_contiguous(done), into_contiguous(gamma), into_contiguous(beta), normed], NormShapeLaunch::new(width, 1.0 / width as f32, eps), plane, width))
 }
 
 /// Decode attention over the selected heads with `out_proj` over their columns added into
@@ -925,7 +947,8 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
     }
     // The kernel's own shared memory: scores, the reduction, the value lanes, o and q.
     let used = 4 * (cap.max(1) + threads + threads * vs + 2 * hd);
-    let epilogue = norm_epilogue(norm, &acc, w.dtype, threads, used);
+    let e = norm_epilogue(norm, &acc, w.dtype, threads, used);
+    let plain = e.has_norm && plain_reads(&acc.client, config);
     // Shuffles within a run of `hd_vectors` units stay inside one plane.
     let use_plane = use_plane && plane.is_multiple_of(hd_vectors);
     let has_bias = bias.is_some();
@@ -934,13 +957,6 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
     let shape = attention_shape(&q, &k_cache, &v_cache, slots, 0, vs);
     let (dtype, idx_dtype) = (q.dtype, heads.dtype);
     let (w_stride, acc_stride) = (stride(&w, 0) / vs, stride(&acc, 0));
-    let has_norm = epilogue.is_some();
-    let ([done, gamma, beta, normed], norm_shape, norm_plane, norm_row) = match epilogue {
-        Some(e) => (e.0.map(Some), e.1, e.2, e.3),
-        None => ([None, None, None, None], NormShapeLaunch::new(0, 0.0, 0.0), 0, 1),
-    };
-    let normed_out = normed.clone();
-    let bound = || unread(&acc);
     unsafe {
         attention_out_proj_atomic_kernel::launch_unchecked::<R>(
             &acc.client,
@@ -955,12 +971,12 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
             arg(bias),
             arg(acc.clone()),
             arg(acc.clone()),
-            arg(done.unwrap_or_else(bound)),
-            arg(gamma.unwrap_or_else(bound)),
-            arg(beta.unwrap_or_else(bound)),
-            arg(normed.unwrap_or_else(bound)),
+            arg(e.done),
+            arg(e.gamma),
+            arg(e.beta),
+            arg(e.normed),
             shape,
-            norm_shape,
+            e.shape,
             rows,
             w_stride,
             acc_stride,
@@ -972,14 +988,14 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
             rows_per_cube,
             has_bias,
             use_plane,
-            has_norm,
-            norm_plane,
-            norm_row,
-            has_norm && plain_reads(&acc.client, config),
+            e.has_norm,
+            e.plane,
+            e.row,
+            plain,
             [dtype.into(), idx_dtype.into()],
         );
     }
-    (acc, normed_out)
+    (acc, e.out)
 }
 
 /// LayerNorm of each row of `x [rows, d]` with f32 `gamma`, `beta` `[d]`; see

@@ -49,6 +49,7 @@ pub mod topk;
 use burn::prelude::*;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{DType, TensorPrimitive};
+use burn_cubecl::tensor::CubeTensor;
 
 /// What [`gather_rows_gemv`] applies after the bias.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -330,11 +331,7 @@ pub trait SparseKernels: Backend {
         normed_dtype: DType,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, Option<(IntTensor<Self>, IntTensor<Self>)>) {
         let normed = Self::layer_norm_rows(x.clone(), gamma, beta, eps, normed_dtype);
-        // The first factor is summed and stored in f32 whatever `down`'s dtype, as the
-        // kernel does it.
-        let f32 = burn::tensor::DType::F32;
-        let down: Tensor<Self, 2> = wrap(down);
-        let first = Self::rows_gemv(prim(down.cast(f32)), None, 1, x, None, false);
+        let first = first_factor::<Self>(down, x);
         let selection = select.map(|(up, h, threshold, capacity)| Self::predict_select(up, h, threshold, capacity));
         (normed, first, selection)
     }
@@ -449,6 +446,25 @@ pub struct NormParams<B: Backend> {
     pub done: IntTensor<B>,
 }
 
+/// An accumulating launch `op` with the LayerNorm `norm` as its epilogue; where the
+/// launcher leaves the epilogue out (no f32 atomics, a row too wide), the LayerNorm in its
+/// own launch. Returns the residual and its LayerNorm.
+fn with_norm_after<R, F, I, BT>(
+    norm: NormParams<burn_cubecl::CubeBackend<R, F, I, BT>>,
+    op: impl FnOnce(cube::NormArgs<R>) -> (CubeTensor<R>, Option<CubeTensor<R>>),
+) -> (CubeTensor<R>, CubeTensor<R>)
+where
+    R: burn_cubecl::CubeRuntime,
+    F: burn_cubecl::FloatElement,
+    I: burn_cubecl::IntElement,
+    BT: burn_cubecl::BoolElement,
+{
+    let NormParams { gamma, beta, eps, dtype, done } = norm;
+    let (acc, normed) = op(cube::NormArgs { gamma: gamma.clone(), beta: beta.clone(), eps, done });
+    let normed = normed.unwrap_or_else(|| cube::layer_norm(acc.clone(), gamma, beta, eps, dtype));
+    (acc, normed)
+}
+
 /// A predictor's first factor `down [r, d] · residual [1, d]`, summed and stored in f32
 /// whatever `down`'s dtype (as the kernels do it).
 fn first_factor<B: SparseKernels>(down: FloatTensor<B>, residual: FloatTensor<B>) -> FloatTensor<B> {
@@ -526,12 +542,7 @@ where
         acc: FloatTensor<Self>,
         norm: NormParams<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let NormParams { gamma, beta, eps, dtype, done } = norm;
-        let args = cube::NormArgs { gamma: gamma.clone(), beta: beta.clone(), eps, done };
-        let (acc, normed) = cube::rows_transposed_gemv_accumulate(w_t, None, 1, h, bias, acc, Some(args), I::dtype(), &cube::LaunchConfig::default());
-        // Where the epilogue does not apply (no f32 atomics, a row too wide), its own launch.
-        let normed = normed.unwrap_or_else(|| cube::layer_norm(acc.clone(), gamma, beta, eps, dtype));
-        (acc, normed)
+        with_norm_after(norm, |args| cube::rows_transposed_gemv_accumulate(w_t, None, 1, h, bias, acc, Some(args), I::dtype(), &cube::LaunchConfig::default()))
     }
 
     fn select_above_threshold(
@@ -590,11 +601,7 @@ where
         acc: FloatTensor<Self>,
         norm: NormParams<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let NormParams { gamma, beta, eps, dtype, done } = norm;
-        let args = cube::NormArgs { gamma: gamma.clone(), beta: beta.clone(), eps, done };
-        let (acc, normed) = cube::attention_out_proj_accumulate(q, heads, k_cache, v_cache, len, scale, w, bias, acc, Some(args), &cube::LaunchConfig::default());
-        let normed = normed.unwrap_or_else(|| cube::layer_norm(acc.clone(), gamma, beta, eps, dtype));
-        (acc, normed)
+        with_norm_after(norm, |args| cube::attention_out_proj_accumulate(q, heads, k_cache, v_cache, len, scale, w, bias, acc, Some(args), &cube::LaunchConfig::default()))
     }
 
     fn layer_norm_rows(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, eps: f32, dtype: DType) -> FloatTensor<Self> {

@@ -359,9 +359,14 @@ pub(crate) fn dense_mlp<B: SparseKernels>(
     residual: Option<Tensor<B, 3>>,
     accumulate: bool,
 ) -> Tensor<B, 3> {
+    fc2(mlp, dense_fc1(mlp, weights, x), residual, accumulate)
+}
+
+/// One decode step's fc1 with bias and ReLU fused over every row (`x [batch, 1, d]`):
+/// `[batch, ffn]`.
+pub(crate) fn dense_fc1<B: SparseKernels>(mlp: &OptMlp<B>, weights: &DecodeLayer<B>, x: Tensor<B, 3>) -> Tensor<B, 2> {
     let [batch, _, d] = x.dims();
-    let h = dejavu_kernels::gemv(weights.fc1_rows.clone(), x.reshape([batch, d]), bias(&mlp.fc1), Act::Relu).expect(SHAPES);
-    fc2(mlp, h, residual, accumulate)
+    dejavu_kernels::gemv(weights.fc1_rows.clone(), x.reshape([batch, d]), bias(&mlp.fc1), Act::Relu).expect(SHAPES)
 }
 
 /// fc2 of one step's fc1 outputs `h [batch, ffn]` (zeros where the ReLU, or a gate, left

@@ -42,7 +42,7 @@ use burn::nn::LayerNorm;
 use crate::attention::OptAttention;
 use crate::cache::{KvCache, LayerKvCache, Step};
 use crate::decode::{
-    attention_output, blocks_with_residual, bias, dense_attention, dense_mlp, fc2, kernel_norm_to, norm_params, output_projection, plus_residual, project_qkv, project_qkv_lazy, rows_of, settle_lazy_kv, DecodeWeights,
+    attention_output, blocks_with_residual, bias, dense_attention, dense_fc1, dense_mlp, fc2, kernel_norm_to, norm_params, output_projection, plus_residual, project_qkv, project_qkv_lazy, rows_of, settle_lazy_kv, DecodeWeights,
 };
 use crate::hooks::NormSite;
 use crate::layer::LAYER_NORM_EPS;
@@ -357,8 +357,12 @@ impl<B: SparseKernels> SparseModel<B> {
             _ => return None,
         };
         let done = done.get_or_insert_with(|| dejavu_kernels::NormAfter::counter(device)).clone();
-        let dtype = self.weights.layers[0].q_rows.dtype();
-        Some(dejavu_kernels::NormAfter { gamma, beta, eps: LAYER_NORM_EPS as f32, dtype, done })
+        Some(dejavu_kernels::NormAfter { gamma, beta, eps: LAYER_NORM_EPS as f32, dtype: self.weights_dtype(), done })
+    }
+
+    /// The weights' float dtype, which a LayerNorm of an f32 residual writes.
+    fn weights_dtype(&self) -> DType {
+        self.weights.layers[0].q_rows.dtype()
     }
 }
 
@@ -372,6 +376,19 @@ struct FirstDue<B: Backend> {
     is_attention: bool,
     /// The residual it reads, `[1, d]` f32.
     residual: Tensor<B, 2>,
+}
+
+impl<B: SparseKernels> FirstDue<B> {
+    fn predictor<'m>(&self, model: &'m SparseModel<B>) -> &'m RowPredictor<B> {
+        model.predictors[self.target][usize::from(self.is_attention)].as_ref().expect("a first factor owed has its predictor")
+    }
+
+    /// What a launch needs to carry it: its predictor's first factor (in the decode
+    /// kernels' dtype) and the residual, with the layer it scores.
+    fn rider(self, model: &SparseModel<B>) -> (usize, dejavu_kernels::FirstFactor<B>) {
+        let down = self.predictor(model).down_decode.clone();
+        (self.target, dejavu_kernels::FirstFactor { down, residual: self.residual })
+    }
 }
 
 /// Per-token counts of what was kept, summed on the device (no sync per layer).
@@ -525,25 +542,18 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
 
     /// The weights' float dtype, which a LayerNorm of an f32 residual writes.
     fn weights_dtype(&self) -> DType {
-        self.model.weights.layers[0].q_rows.dtype()
-    }
-
-    /// Whether the LayerNorm of the residual this one-token block finishes comes from the
-    /// block's last launch ([`SparseOptions::fused_norms`]).
-    fn fused_norms(&self, x: &Tensor<B, 3>) -> bool {
-        self.model.options.fused_norms && self.f32_residual(x)
+        self.model.weights_dtype()
     }
 
     /// Gives a first factor still owed ([`FirstDue`]) a GEMV launch of its own, where no
     /// launch of the block carries it.
     fn settle_first(&mut self, due: Option<FirstDue<B>>) {
-        let Some(FirstDue { target, is_attention, residual }) = due else { return };
-        let predictor = self.model.predictors[target][usize::from(is_attention)].as_ref().expect("a first factor owed has its predictor");
-        let [_, d] = residual.dims();
-        let prediction = Some(predictor.predict(&residual.reshape([1, 1, d])));
-        match is_attention {
-            true => self.attention_pending[target] = prediction,
-            false => self.mlp_pending[target] = prediction,
+        let Some(due) = due else { return };
+        let [_, d] = due.residual.dims();
+        let prediction = Some(due.predictor(self.model).predict(&due.residual.clone().reshape([1, 1, d])));
+        match due.is_attention {
+            true => self.attention_pending[due.target] = prediction,
+            false => self.mlp_pending[due.target] = prediction,
         }
     }
 
@@ -559,9 +569,10 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
         };
         // The residual handed over, not cloned: a second handle would make the launch copy
         // it before adding into it.
-        let (Some(r), Some(norm)) = (&residual, norm) else { return fc2(mlp, h, residual, accumulate) };
-        let r = r.clone();
-        drop(residual);
+        let (r, norm) = match (residual, norm) {
+            (Some(r), Some(norm)) => (r, norm),
+            (residual, _) => return fc2(mlp, h, residual, accumulate),
+        };
         let [_, _, d] = r.dims();
         let r = if r.dtype() == DType::F32 { r } else { r.cast(DType::F32) };
         let (y, normed) = dejavu_kernels::accumulate_transposed_gemv_norm(r.reshape([1, d]), mlp.fc2.weight.val(), h, bias(&mlp.fc2), norm).expect(KERNEL_SHAPES);
@@ -740,10 +751,7 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
             true => project_qkv_lazy(attention, &weights.layers[layer], heads.clone(), x, cache, step, window),
             false => {
                 // A first factor owed rides along (see above).
-                let first = due.map(|FirstDue { target, residual, .. }| {
-                    let down = self.model.predictors[target][1].as_ref().expect("a first factor owed has its predictor").down_decode.clone();
-                    (target, dejavu_kernels::FirstFactor { down, residual })
-                });
+                let first = due.map(|due| due.rider(self.model));
                 let target = first.as_ref().map(|(t, _)| *t);
                 let (q, keys, values, first) = project_qkv(attention, &weights.layers[layer], Some(heads.clone()), x, cache, step, first.map(|(_, f)| f));
                 if let (Some(target), Some(first)) = (target, first) {
@@ -806,12 +814,8 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
             }
         };
         if !self.sparse_call(n) || selection.is_dense() {
-            if n == 1 && self.fused_norms(&x) {
-                let [_, _, d] = x.dims();
-                let h = dejavu_kernels::gemv(weights.fc1_rows.clone(), x.reshape([1, d]), bias(&mlp.fc1), Act::Relu).expect(KERNEL_SHAPES);
-                return self.fc2_and_norm(layer, mlp, h, residual, accumulate);
-            }
-            return if n == 1 { dense_mlp(mlp, weights, x, residual, accumulate) } else { plus_residual(mlp.forward(x), residual) };
+            // One token: the dense MLP's fc2 (with fused_norms, writing the next LayerNorm).
+            return if n == 1 { self.fc2_and_norm(layer, mlp, dense_fc1(mlp, weights, x), residual, accumulate) } else { plus_residual(mlp.forward(x), residual) };
         }
         // The oracle scores neurons by fc1's own pre-activation, kept for the masked path.
         let oracle = self.model.options.oracle_mlp.then(|| mlp.fc1.forward(x.clone()));
@@ -853,14 +857,12 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
                 // The predictor's second factor runs in the same launch: no logits in memory.
                 // With fused_norms the next layer's MLP first factor and head selection ride
                 // along on cubes of their own.
-                Prediction::FirstFactor(h) if model.options.fused_norms => {
-                    let first = due.map(|FirstDue { target, residual, .. }| {
-                        let down = model.predictors[target][0].as_ref().expect("a first factor owed has its predictor").down_decode.clone();
-                        (target, dejavu_kernels::FirstFactor { down, residual })
-                    });
+                Prediction::FirstFactor(h) => {
+                    let first = due.map(|due| due.rider(model));
                     let next = layer + 1;
-                    let select = match (self.attention_pending.get(next), model.plan.layers.get(next).map(|p| p.attention), model.predictors.get(next)) {
-                        (Some(Some(Prediction::FirstFactor(h))), Some(Selection::Threshold { threshold }), Some([_, Some(p)])) => {
+                    let next_heads = (self.attention_pending.get(next), model.plan.layers.get(next).map(|p| p.attention), model.predictors.get(next));
+                    let select = match next_heads {
+                        (Some(Some(Prediction::FirstFactor(h))), Some(Selection::Threshold { threshold }), Some([_, Some(p)])) if model.options.fused_norms => {
                             Some(dejavu_kernels::HeadSelect { up: p.up_decode.clone(), h: h.clone(), threshold, capacity: model.plan.dims.num_heads })
                         }
                         _ => None,
@@ -876,9 +878,6 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
                         self.attention_pending[next] = Some(Prediction::Selected(selected));
                     }
                     return self.fc2_and_norm(layer, mlp, rows.out, residual, accumulate);
-                }
-                Prediction::FirstFactor(h) => {
-                    dejavu_kernels::predicted_rows_gemv(fc1_rows, x, bias(&mlp.fc1), Act::Relu, predictor().up_decode.clone(), h, threshold)
                 }
                 // The oracle's logits.
                 Prediction::Logits(logits) => {

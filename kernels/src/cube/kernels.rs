@@ -1649,28 +1649,17 @@ pub(crate) fn attention_out_proj_atomic_kernel<F: Float, N: Size, I: Int>(
         let s2 = segment_sum(vector_dot(w2, ov), &mut red, lane, hd_vectors, use_plane);
         let s3 = segment_sum(vector_dot(w3, ov), &mut red, lane, hd_vectors, use_plane);
         if lane == 0 {
-            if has_norm {
-                stash_row(&mut sums, r0 - block_first, s0, rows_per_cube);
-                if i + 1 < per_group {
-                    stash_row(&mut sums, r1 - block_first, s1, rows_per_cube);
-                }
-                if i + 2 < per_group {
-                    stash_row(&mut sums, r2 - block_first, s2, rows_per_cube);
-                }
-                if i + 3 < per_group {
-                    stash_row(&mut sums, r3 - block_first, s3, rows_per_cube);
-                }
-            } else {
-                add_row(acc_out, bias, b * acc_stride, r0, rows, s0, live || add_bias, add_bias);
-                if i + 1 < per_group {
-                    add_row(acc_out, bias, b * acc_stride, r1, rows, s1, live || add_bias, add_bias);
-                }
-                if i + 2 < per_group {
-                    add_row(acc_out, bias, b * acc_stride, r2, rows, s2, live || add_bias, add_bias);
-                }
-                if i + 3 < per_group {
-                    add_row(acc_out, bias, b * acc_stride, r3, rows, s3, live || add_bias, add_bias);
-                }
+            let at = b * acc_stride;
+            let any = live || add_bias;
+            put_row(acc_out, &mut sums, bias, at, r0, rows, block_first, s0, any, add_bias, has_norm, rows_per_cube);
+            if i + 1 < per_group {
+                put_row(acc_out, &mut sums, bias, at, r1, rows, block_first, s1, any, add_bias, has_norm, rows_per_cube);
+            }
+            if i + 2 < per_group {
+                put_row(acc_out, &mut sums, bias, at, r2, rows, block_first, s2, any, add_bias, has_norm, rows_per_cube);
+            }
+            if i + 3 < per_group {
+                put_row(acc_out, &mut sums, bias, at, r3, rows, block_first, s3, any, add_bias, has_norm, rows_per_cube);
             }
         }
         i += 4;
@@ -1761,12 +1750,33 @@ fn segment_sum(
     v
 }
 
-/// Keeps a row's sum at `local` of the cube's block of rows (a row past the block is
-/// dropped: past the output, it is never added).
+/// One row's sum of the one-launch attention's `out_proj`: added into `acc_out` now
+/// ([`add_row`]), or with `has_norm` kept in `sums` at its place in the cube's block of
+/// rows (from `block_first`; a row past the block is dropped: past the output, it is never
+/// added) for the add after the loop.
 #[cube]
-fn stash_row(sums: &mut SharedMemory<f32>, local: usize, sum: f32, #[comptime] rows_per_cube: usize) {
-    if local < rows_per_cube {
-        sums[local] = sum;
+#[allow(clippy::too_many_arguments)] // add_row's arguments, the stash and its block
+fn put_row<F: Float>(
+    acc_out: &mut Array<Atomic<f32>>,
+    sums: &mut SharedMemory<f32>,
+    bias: &Array<F>,
+    at: usize,
+    row: usize,
+    rows: usize,
+    block_first: usize,
+    sum: f32,
+    any: bool,
+    add_bias: bool,
+    #[comptime] has_norm: bool,
+    #[comptime] rows_per_cube: usize,
+) {
+    if has_norm {
+        let local = row - block_first;
+        if local < rows_per_cube {
+            sums[local] = sum;
+        }
+    } else {
+        add_row(acc_out, bias, at, row, rows, sum, any, add_bias);
     }
 }
 

@@ -123,6 +123,11 @@ fn dims<R: CubeRuntime>(t: &CubeTensor<R>) -> Vec<usize> {
     t.meta.shape().iter().copied().collect()
 }
 
+/// The shape a kernel reads a predictor's second factor `up [rows, r]` by.
+fn predictor_shape<R: CubeRuntime>(up: &CubeTensor<R>) -> PredictorShapeLaunch<R> {
+    PredictorShapeLaunch::new(dims(up)[1], stride(up, 0))
+}
+
 /// Stride of dimension `dim`, in elements.
 fn stride<R: CubeRuntime>(t: &CubeTensor<R>, dim: usize) -> usize {
     t.meta.strides()[dim]
@@ -500,8 +505,9 @@ pub fn rows_transposed_gemv_accumulate<R: CubeRuntime>(
         // Over every row (a dense or gated fc2, its `h` mostly zeros after the ReLU): the
         // compacting first pass, as in the two-pass form.
         let threads = config.cols_per_cube * config.lanes_k;
-        // The kernel's own shared memory: the lanes' sums and the compacted row list.
-        let used = threads * vs * 4 + threads * per_unit * 4;
+        // The kernel's own shared memory: the lanes' sums and the compacted row list, and
+        // with the epilogue its reduction's.
+        let used = 4 * (threads * vs + threads * per_unit + threads);
         let e = norm_epilogue(norm, &acc, w_t.dtype, threads, used);
         let plain = e.has_norm && plain_reads(&acc.client, config);
         unsafe {
@@ -833,8 +839,9 @@ pub struct NormArgs<R: CubeRuntime> {
 }
 
 /// Whether the LayerNorm epilogue reads with plain loads ([`LaunchConfig::norm_plain_reads`]):
-/// on CUDA only, where binding one buffer twice is allowed (WebGPU forbids a writable
-/// binding that aliases another).
+/// on CUDA only, where the adds are made in L2 and no cube of the launch has loaded the
+/// row before, so no cache above L2 holds an old copy; elsewhere the row is read with
+/// atomics.
 fn plain_reads<R: CubeRuntime>(client: &ComputeClient<R>, config: &LaunchConfig) -> bool {
     config.norm_plain_reads && R::name(client) == "cuda"
 }
@@ -945,8 +952,9 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
     if batch == 0 || rows == 0 || slots == 0 {
         return (acc, None);
     }
-    // The kernel's own shared memory: scores, the reduction, the value lanes, o and q.
-    let used = 4 * (cap.max(1) + threads + threads * vs + 2 * hd);
+    // The kernel's own shared memory: scores, the reduction, the value lanes, o and q, and
+    // with the epilogue the rows' sums.
+    let used = 4 * (cap.max(1) + threads + threads * vs + 2 * hd + config.attention_out_rows);
     let e = norm_epilogue(norm, &acc, w.dtype, threads, used);
     let plain = e.has_norm && plain_reads(&acc.client, config);
     // Shuffles within a run of `hd_vectors` units stay inside one plane.
@@ -1190,9 +1198,8 @@ fn qkv_append_launch<R: CubeRuntime>(
         stride(&k_cache, 2),
     );
     let kv_cubes = query_cubes + rows.div_ceil(rows_per_cube);
-    let has_first = first.is_some();
-    let first_dtype = first.as_ref().map_or(DType::F32, |f| f.down.dtype);
     let ([down, residual, first_out], first_shape, first) = first_factor(first, kv_cubes, &x);
+    let (has_first, first_dtype) = (first.is_some(), down.dtype);
     let first_cubes = first.as_ref().map_or(0, |f| dims(f)[1]);
     unsafe {
         kv_append_kernel::launch_unchecked::<R>(
@@ -1355,16 +1362,17 @@ pub fn predicted_rows_gemv<R: CubeRuntime>(
     let (up, h) = (into_contiguous(up), into_contiguous(h));
     let l = GatedRows::new(&w, &x, bias);
     let (dtype, up_dtype, client) = (w.dtype, up.dtype, w.client.clone());
-    let predictor = PredictorShapeLaunch::new(dims(&up)[1], stride(&up, 0));
+    let predictor = predictor_shape(&up);
     let CubeCount::Static(fc1_cubes, _, _) = l.count else { unreachable!("GatedRows makes a static grid") };
-    let (has_first, has_select) = (first.is_some(), select.is_some());
+    let has_select = select.is_some();
     let ([down, residual, first_out], first_shape, first) = first_factor(first, fc1_cubes as usize, &x);
+    let has_first = first.is_some();
     let first_cubes = first.as_ref().map_or(0, |f| dims(f)[1]);
     let (sel_up, sel_h, idx, count, sel_predictor, sel_rows, sel_capacity, sel_threshold) = match select {
         Some(SelectArgs { up: sel_up, h: sel_h, threshold, capacity }) => {
             let (sel_up, sel_h) = (into_contiguous(sel_up), into_contiguous(sel_h));
             let [idx, count] = empties(&x, [(vec![capacity.max(1)], int_dtype), (vec![1], int_dtype)]);
-            let shape = PredictorShapeLaunch::new(dims(&sel_up)[1], stride(&sel_up, 0));
+            let shape = predictor_shape(&sel_up);
             let rows = dims(&sel_up)[0];
             (sel_up, sel_h, Some(idx), Some(count), shape, rows, capacity.max(1), threshold)
         }
@@ -1379,8 +1387,8 @@ pub fn predicted_rows_gemv<R: CubeRuntime>(
             l.dim,
             l.vs,
             arg(w),
-            arg(up.clone()),
-            arg(h.clone()),
+            arg(up),
+            arg(h),
             arg(x.clone()),
             arg(l.bias),
             arg(l.out.clone()),
@@ -1450,7 +1458,7 @@ pub fn predicted_mlp<R: CubeRuntime>(
     let vs = vector_width(&vectors);
     let [out, partial] = empties(&x, [(vec![1, d], w1.dtype), (vec![splits, 1, d], DType::F32)]);
     let shape = GemvShapeLaunch::new(rows, d / vs, stride(&w1, 0) / vs, 1, stride(&x, 0) / vs, rows, rows);
-    let predictor = PredictorShapeLaunch::new(dims(&up)[1], stride(&up, 0));
+    let predictor = predictor_shape(&up);
     let has_bias = b1.is_some();
     let b1 = b1.map(into_contiguous).unwrap_or_else(|| unread(&w1));
     let (dtype, up_dtype, client) = (w1.dtype, up.dtype, w1.client.clone());
@@ -1502,7 +1510,7 @@ pub fn predict_select<R: CubeRuntime>(
     let (group, use_plane) = reduction_group(&up.client);
     let groups = PREDICT_SELECT_GROUPS.min(client_units(&up) / group).max(1);
     let (client, up_dtype) = (up.client.clone(), up.dtype);
-    let predictor = PredictorShapeLaunch::new(dims(&up)[1], stride(&up, 0));
+    let predictor = predictor_shape(&up);
     unsafe {
         predict_select_kernel::launch_unchecked::<R>(
             &client,
@@ -1575,7 +1583,7 @@ pub fn norm_predict<R: CubeRuntime>(
             let rows = dims(&up)[0];
             let [normed, first, idx, count] =
                 empties(&x, [(vec![1, d], normed_dtype), (vec![1, r], DType::F32), (vec![capacity.max(1)], int_dtype), (vec![1], int_dtype)]);
-            let predictor = PredictorShapeLaunch::new(dims(&up)[1], stride(&up, 0));
+            let predictor = predictor_shape(&up);
             (normed, first, up, h, threshold, capacity.max(1), rows, predictor, Some((idx, count)))
         }
         None => {

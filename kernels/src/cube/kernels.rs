@@ -1677,6 +1677,221 @@ pub(crate) fn attention_out_proj_atomic_kernel<F: Float, N: Size, I: Int>(
     }
 }
 
+/// [`attention_out_proj_atomic_kernel`] with its LayerNorm epilogue, split into producer
+/// and consumer cubes (batch 1): cubes `0 .. slots` each compute one selected head's
+/// attention once and hand it over through memory; the other cubes, `row_blocks` a slot,
+/// each own `rows_per_cube` rows of `out_proj` for one head. A consumer first loads its
+/// rows into shared memory, so the memory reads them while the producers run their
+/// chains of dependent round trips (the one-launch kernel runs each head's attention in
+/// every row block, 16 times over, and reads its rows only after it), then waits for its
+/// head, dots its rows with the head's output and adds them into `acc_out`.
+///
+/// The hand-over, without memory fences (CubeCL 0.10 has none): a producer writes its
+/// output into `o_buf` (the f32 bits as u32) with atomic swaps and waits for their
+/// results, so the writes are made in L2 before its unit 0 adds `row_blocks` to
+/// `flags[slot]`. A consumer's unit 0 polls the flag (atomic reads) until it reads a count
+/// in `1 .. 2³¹`, then takes 1 from it: every launch leaves the flags at 0. The consumer
+/// reads `o_buf` after that (plain loads with `plain_reads`: no cube of the launch read
+/// those bytes before). A consumer that polls `spin_limit` times without seeing its head
+/// (a producer not yet scheduled: CUDA dispatches lower cubes first but does not promise
+/// they run first) computes the head's attention itself, as the one-launch kernel does,
+/// and still takes its 1: the count then dips below 0 (2³¹ and up) until the producer
+/// adds, which no reader takes for ready. The swaps overwrite, so `o_buf` needs no
+/// clearing. With `spin_limit` 0 (the launcher's choice off CUDA) no consumer waits.
+/// Producers and dead slots add nothing; every cube counts itself done for the epilogue.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)] // attention's inputs, out_proj's, the hand-over, the accumulator and the LayerNorm after
+pub(crate) fn attention_out_proj_split_kernel<F: Float, N: Size, I: Int>(
+    q: &Array<Vector<F, N>>,
+    heads: &Array<I>,
+    k_cache: &Array<Vector<F, N>>,
+    v_cache: &Array<Vector<F, N>>,
+    w: &Array<Vector<F, N>>,
+    bias: &Array<F>,
+    acc_out: &mut Array<Atomic<f32>>,
+    acc_plain: &Array<f32>,
+    done: &mut Array<Atomic<u32>>,
+    gamma: &Array<f32>,
+    beta: &Array<f32>,
+    normed: &mut Array<F>,
+    flags: &mut Array<Atomic<u32>>,
+    o_buf: &mut Array<Atomic<u32>>,
+    o_plain: &Array<u32>,
+    shape: AttentionShape,
+    norm: NormShape,
+    rows: usize,
+    row_blocks: usize,
+    w_stride: usize,
+    len: usize,
+    scale: f32,
+    spin_limit: u32,
+    #[comptime] threads: usize,
+    #[comptime] max_chunk: usize,
+    #[comptime] hd_vectors: usize,
+    #[comptime] head_dim: usize,
+    #[comptime] rows_per_cube: usize,
+    #[comptime] has_bias: bool,
+    #[comptime] use_plane: bool,
+    #[comptime] norm_plane: usize,
+    #[comptime] norm_row: usize,
+    #[comptime] plain_reads: bool,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let mut scores = SharedMemory::<f32>::new(max_chunk);
+    let mut red = SharedMemory::<f32>::new(threads);
+    let mut acc_smem = SharedMemory::<Vector<f32, N>>::new(threads);
+    // The head's output as scalars (`head_dim` = `hd_vectors · N`): a unit reads or writes
+    // one element of it.
+    let mut o = SharedMemory::<f32>::new(head_dim);
+    let mut q_smem = SharedMemory::<Vector<f32, N>>::new(hd_vectors);
+    let mut w_smem = SharedMemory::<Vector<F, N>>::new(comptime!(rows_per_cube * hd_vectors));
+    let mut sums = SharedMemory::<f32>::new(rows_per_cube);
+    let tid = UNIT_POS_X as usize;
+    let slots = shape.slots;
+    // `row_blocks` = ⌈rows / rows_per_cube⌉ comes from the host: `div_ceil` is not a cube
+    // operation (in the kernel it gave the floor, and the last block's rows went missing).
+    let cube = CUBE_POS_X as usize;
+    let producer = cube < slots;
+    let mut j = cube;
+    let mut block = 0usize;
+    if !producer {
+        j = (cube - slots) / row_blocks;
+        block = (cube - slots) % row_blocks;
+    }
+    let head = usize::cast_from(heads[j]);
+    let live = head < shape.heads;
+    let q_base = j * hd_vectors;
+    let kv_base = head * shape.cache_head_stride;
+    let n = comptime!(head_dim / hd_vectors);
+    let mut pending = 0.0f32;
+    let groups = comptime!(threads / hd_vectors);
+    let per_group = comptime!(rows_per_cube.div_ceil(threads / hd_vectors));
+    let lane = tid % hd_vectors;
+    let g = tid / hd_vectors;
+    let block_first = block * rows_per_cube;
+    let col = head * hd_vectors + lane;
+    if producer {
+        let (_max, total) = attention_partials(q, q_base, k_cache, v_cache, kv_base, shape.cache_pos_stride, 0, len, scale, live, &mut scores, &mut red, &mut acc_smem, &mut q_smem, threads, hd_vectors);
+        let mut found = 0u32;
+        if live && tid < hd_vectors {
+            let mut sum = Vector::<f32, N>::new(0.0f32);
+            for l in 0..groups {
+                sum += acc_smem[l * hd_vectors + tid];
+            }
+            sum /= Vector::<f32, N>::new(total);
+            #[unroll]
+            for e in 0..n {
+                found += o_buf[(j * hd_vectors + tid) * n + e].swap(u32::reinterpret(sum[e]));
+            }
+        }
+        // The swaps' results are stored before the second barrier: each swap has come back
+        // (been made in L2) before unit 0 raises the flag. (The first keeps `red` until
+        // every unit has read its sums.)
+        sync_cube();
+        red[tid] = f32::cast_from(found);
+        sync_cube();
+        if tid == 0 && live {
+            flags[j].fetch_add(u32::cast_from(row_blocks));
+        }
+    } else {
+        // This cube's rows into shared memory, eight rows' loads in flight per unit.
+        let batch_rows = comptime!(if per_group < 8 { per_group } else { 8 });
+        let rounds = comptime!(per_group.div_ceil(if per_group < 8 { per_group } else { 8 }));
+        #[unroll]
+        for rd in 0..rounds {
+            let mut got = Array::<Vector<F, N>>::new(batch_rows);
+            #[unroll]
+            for k in 0..batch_rows {
+                let local = g + (rd * batch_rows + k) * groups;
+                let row = block_first + local;
+                got[k] = Vector::<F, N>::new(F::new(0.0));
+                if live && local < rows_per_cube && row < rows {
+                    got[k] = w[row * w_stride + col];
+                }
+            }
+            #[unroll]
+            for k in 0..batch_rows {
+                let local = g + (rd * batch_rows + k) * groups;
+                if local < rows_per_cube {
+                    w_smem[local * hd_vectors + lane] = got[k];
+                }
+            }
+        }
+        if tid == 0 {
+            let mut ready = 0.0f32;
+            if live {
+                let mut tries = 0u32;
+                while ready < 0.5 && tries < spin_limit {
+                    let count = flags[j].load();
+                    if count > 0u32 && count < 2147483648u32 {
+                        ready = 1.0;
+                    }
+                    tries += 1;
+                }
+                flags[j].fetch_sub(1u32);
+            }
+            red[0] = ready;
+        }
+        sync_cube();
+        let ready = red[0] > 0.5;
+        sync_cube();
+        // A consumer that gave up waiting computes the head's attention itself; the
+        // others run the same barriers with nothing to read.
+        let (_max, total) = attention_partials(q, q_base, k_cache, v_cache, kv_base, shape.cache_pos_stride, 0, len, scale, live && !ready, &mut scores, &mut red, &mut acc_smem, &mut q_smem, threads, hd_vectors);
+        if !ready && tid < hd_vectors {
+            let mut sum = Vector::<f32, N>::new(0.0f32);
+            if live {
+                for l in 0..groups {
+                    sum += acc_smem[l * hd_vectors + tid];
+                }
+                sum /= Vector::<f32, N>::new(total);
+            }
+            #[unroll]
+            for e in 0..n {
+                o[tid * n + e] = sum[e];
+            }
+        }
+        if ready && tid < hd_vectors * n {
+            let at = j * hd_vectors * n + tid;
+            if plain_reads {
+                o[tid] = f32::reinterpret(o_plain[at]);
+            } else {
+                o[tid] = f32::reinterpret(o_buf[at].load());
+            }
+        }
+        sync_cube();
+        let add_bias = has_bias && j == 0;
+        #[unroll]
+        for i in 0..per_group {
+            let local = g + i * groups;
+            let mut wv = Vector::<f32, N>::new(0.0f32);
+            if local < rows_per_cube {
+                wv = Vector::<f32, N>::cast_from(w_smem[local * hd_vectors + lane]);
+            }
+            // Element by element from shared memory: a vector built by assigning its
+            // elements read back wrong on lavapipe.
+            let mut dot = 0.0f32;
+            #[unroll]
+            for e in 0..n {
+                dot += wv[e] * o[lane * n + e];
+            }
+            let s = segment_sum(dot, &mut red, lane, hd_vectors, use_plane);
+            if lane == 0 && local < rows_per_cube {
+                sums[local] = s;
+            }
+        }
+        sync_cube();
+        let mut t = tid;
+        while t < rows_per_cube {
+            pending += add_row(acc_out, bias, 0, block_first + t, rows, sums[t], live || add_bias, add_bias);
+            t += threads;
+        }
+    }
+    let mut row = SharedMemory::<f32>::new(norm_row);
+    let per_unit = comptime!(norm_row.div_ceil(threads));
+    last_cube_layer_norm(acc_out, acc_plain, done, gamma, beta, normed, pending, norm, &mut red, &mut row, threads, norm_plane, per_unit, plain_reads);
+}
+
 /// Row `row` of `out_proj` at the head's column vector `col` (f32), or zeros for a row
 /// past the end or when `read` is false — then nothing is read.
 #[cube]

@@ -79,11 +79,6 @@ pub struct E2eArgs {
     /// next launches: no LayerNorm launches in sparse layers
     #[arg(long, requires = "f32_residual")]
     fused_norms: bool,
-    /// Sparse rows, with --fused-norms and --fused-attention: each selected head's
-    /// attention computed once (producer cubes) and handed to the cubes that own its rows
-    /// of out_proj, which load their rows while they wait
-    #[arg(long, requires_all = ["fused_norms", "fused_attention"])]
-    split_attention: bool,
     /// The paper's latency setting for the synthetic models: MLP density in sparse layers
     #[arg(long, default_value_t = 0.1)]
     mlp_density: f64,
@@ -215,7 +210,6 @@ fn sparse_options(args: &E2eArgs) -> SparseOptions {
         f32_residual: args.f32_residual,
         fused_attention: args.fused_attention,
         fused_norms: args.fused_norms,
-        split_attention: args.split_attention,
         ..Default::default()
     }
 }
@@ -974,7 +968,6 @@ fn write_report(
         "f32_residual": args.f32_residual,
         "fused_attention": args.fused_attention,
         "fused_norms": args.fused_norms,
-        "split_attention": args.split_attention,
         "seed": args.seed,
         "note": "per-token latency = decode time of the last new_tokens-1 steps / (new_tokens-1), median over runs \
                  after one warm-up run; prompts prefilled in 128-token chunks into one cache per model. kept_* come \

@@ -532,13 +532,6 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
     }
     // The same two accumulating launches writing the LayerNorm of the finished residual
     // from their last cube (`--fused-norms`), against the plain ones above.
-    // The split form (`--split-attention`): producer cubes hand each head's attention to
-    // the cubes of its rows; a spin limit of 0 makes every consumer compute it instead.
-    for attention_out_rows in [128, 256] {
-        for attention_spin_limit in [0, 1 << 16] {
-            variants.push(("attnoutsplitnorm", LaunchConfig { attention_out_rows, attention_spin_limit, ..base }));
-        }
-    }
     for norm_plain_reads in [false, true] {
         variants.push(("attnoutnorm", LaunchConfig { norm_plain_reads, ..base }));
         for accumulate_compact_rows in [1024, 2048] {
@@ -565,18 +558,15 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
         // The LayerNorm the `...norm` variants apply (its counter shared by their calls).
         let with_norm = kernel.ends_with("norm");
         let done = dejavu_kernels::NormAfter::<Cube<R>>::counter(device);
-        let split = kernel == "attnoutsplitnorm";
-        let flags = dejavu_kernels::NormAfter::<Cube<R>>::head_flags(if split { slots } else { 1 }, device);
         let norm = || {
             with_norm.then(|| dejavu_kernels::cube::NormArgs {
                 gamma: Tensor::<Cube<R>, 1>::ones([d], (device, DType::F32)).into_primitive().tensor(),
                 beta: Tensor::<Cube<R>, 1>::zeros([d], (device, DType::F32)).into_primitive().tensor(),
                 eps: 1e-5,
                 done: done.clone().into_primitive(),
-                head_flags: split.then(|| flags.clone().into_primitive()),
             })
         };
-        let t = if kernel.starts_with("attnout") {
+        let t = if kernel == "attnout" || kernel == "attnoutnorm" {
             let mut acc = Some(prim(Tensor::<Cube<R>, 2>::zeros([1, d], device).cast(DType::F32)));
             timer.time(|i| {
                 let (w, (kc, vc)) = &attn_w[i % attn_copies];
@@ -624,7 +614,6 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
         let op = match kernel {
             "fc1" => format!("tune_fc1_rows{}", cfg.rows_per_cube),
             "attnout" => format!("tune_attention_out_proj_rows{}", cfg.attention_out_rows),
-            "attnoutsplitnorm" => format!("tune_attention_out_proj_split_rows{}_spin{}", cfg.attention_out_rows, cfg.attention_spin_limit),
             "attnoutnorm" => format!("tune_attention_out_proj_rows{}_norm{}", cfg.attention_out_rows, if cfg.norm_plain_reads { "_plain" } else { "_atomic" }),
             "fc2skipacc" => format!("tune_fc2t_skip_accumulate_cols{}_lanes{}_compact{}", cfg.cols_per_cube, cfg.lanes_k, cfg.accumulate_compact_rows),
             "fc2skipaccnorm" => format!(

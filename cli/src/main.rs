@@ -104,11 +104,6 @@ struct SparseArgs {
     /// --fused-attention
     #[arg(long, requires = "f32_residual")]
     fused_norms: bool,
-    /// With --fused-norms and --fused-attention: each selected head's attention computed
-    /// once and handed to the cubes that own its rows of out_proj (which load their rows
-    /// meanwhile), where every row block recomputes it without (CUDA only)
-    #[arg(long, requires_all = ["fused_norms", "fused_attention"])]
-    split_attention: bool,
 }
 
 /// The sparse path's settings once the command line is read.
@@ -139,7 +134,6 @@ impl SparseArgs {
                 f32_residual: self.f32_residual,
                 fused_attention: self.fused_attention,
                 fused_norms: self.fused_norms,
-                split_attention: self.split_attention,
             },
         })
     }
@@ -161,7 +155,6 @@ impl SparseChoice {
             "f32_residual": self.options.f32_residual,
             "fused_attention": self.options.fused_attention,
             "fused_norms": self.options.fused_norms,
-            "split_attention": self.options.split_attention,
             "kept": kept,
         })
     }

@@ -1227,22 +1227,19 @@ pub fn check_norms_ahead<B: SparseKernels>(device: &B::Device, heads: usize, hd:
     let eps = 1e-5;
     let case = format!("d {d} heads {heads} ffn {ffn} r {r} len {len} {dtype:?} seed {seed}");
     let (gamma, beta) = (uniform(&mut rng, d, 0.0), uniform(&mut rng, d, 0.0));
-    let norm_flagged = |done: &Tensor<B, 1, Int>, head_flags: Option<&Tensor<B, 1, Int>>| crate::NormAfter {
+    let norm = |done: &Tensor<B, 1, Int>| crate::NormAfter {
         gamma: to_device::<B, 1>(&gamma, [d], DType::F32, device),
         beta: to_device::<B, 1>(&beta, [d], DType::F32, device),
         eps,
         dtype,
         done: done.clone(),
-        head_flags: head_flags.cloned(),
     };
-    let norm = |done: &Tensor<B, 1, Int>| norm_flagged(done, None);
     let residual: Vec<f32> = uniform(&mut rng, d, 0.0).into_iter().map(|v| 3.0 + 2.0 * v).collect();
     let mut out = Vec::new();
     let done = crate::NormAfter::<B>::counter(device);
     let counter_outcome = |op: &'static str, done: &Tensor<B, 1, Int>| {
         let left = read_ints::<B>(done.clone());
-        let zero = left.iter().all(|&c| c == 0);
-        Outcome { op, case: format!("{case}: counter left at {left:?}"), worst_ratio: if zero { 0.0 } else { f32::INFINITY }, worst_index: 0, passed: zero }
+        Outcome { op, case: format!("{case}: counter left at {left:?}"), worst_ratio: if left == [0] { 0.0 } else { f32::INFINITY }, worst_index: 0, passed: left == [0] }
     };
 
     // Attention with out_proj into the residual, its LayerNorm from the last cube.
@@ -1255,10 +1252,7 @@ pub fn check_norms_ahead<B: SparseKernels>(device: &B::Device, heads: usize, hd:
     let want = host::block_cols_gemv(&w, d, d, Some(&ids), hd, &o, 1, Some(&bias), Some(&residual));
     let want_normed = host::layer_norm(&want, 1, d, &gamma, &beta, eps);
     let slack: Vec<f32> = host::block_cols_gemv(&abs(&w), d, d, Some(&ids), hd, &abs(&o), 1, None, None).iter().map(|s| storage_ulp(dtype) * s).collect();
-    // Each selected head's attention computed once and handed over (`head_flags`), where
-    // the device takes the split form (else the same launch as without them).
-    let flags = crate::NormAfter::<B>::head_flags(slots, device);
-    for (run, head_flags) in [("first run", None), ("second run", None), ("split, first run", Some(&flags)), ("split, second run", Some(&flags))] {
+    for run in ["first run", "second run"] {
         let (acc, normed) = crate::attention_out_proj_accumulate_norm(
             to_device::<B, 2>(&q, [1, slots * hd], dtype, device),
             ints::<B>(&ids, device),
@@ -1269,14 +1263,13 @@ pub fn check_norms_ahead<B: SparseKernels>(device: &B::Device, heads: usize, hd:
             to_device::<B, 2>(&w, [d, d], dtype, device),
             Some(to_device::<B, 1>(&bias, [d], dtype, device)),
             to_device::<B, 2>(&residual, [1, d], DType::F32, device),
-            norm_flagged(&done, head_flags),
+            norm(&done),
         )
         .expect("consistent shapes");
         out.push(outcome("attention_out_proj_accumulate_norm: residual", format!("{case} {run}"), DType::F32, &read(acc), &want, &slack));
         out.push(outcome("attention_out_proj_accumulate_norm: LayerNorm", format!("{case} {run}"), dtype, &read(normed), &want_normed, &[]));
     }
     out.push(counter_outcome("attention_out_proj_accumulate_norm: counter", &done));
-    out.push(counter_outcome("attention_out_proj_accumulate_norm: head flags", &flags));
 
     // fc2 over every row (90% of h zero) into the residual, its LayerNorm from the last cube.
     let w_t = stored(uniform(&mut rng, ffn * d, 0.0), dtype);

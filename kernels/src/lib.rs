@@ -444,7 +444,6 @@ pub struct NormParams<B: Backend> {
     pub eps: f32,
     pub dtype: DType,
     pub done: IntTensor<B>,
-    pub head_flags: Option<IntTensor<B>>,
 }
 
 /// An accumulating launch `op` with the LayerNorm `norm` as its epilogue; where the
@@ -460,8 +459,8 @@ where
     I: burn_cubecl::IntElement,
     BT: burn_cubecl::BoolElement,
 {
-    let NormParams { gamma, beta, eps, dtype, done, head_flags } = norm;
-    let (acc, normed) = op(cube::NormArgs { gamma: gamma.clone(), beta: beta.clone(), eps, done, head_flags });
+    let NormParams { gamma, beta, eps, dtype, done } = norm;
+    let (acc, normed) = op(cube::NormArgs { gamma: gamma.clone(), beta: beta.clone(), eps, done });
     let normed = normed.unwrap_or_else(|| cube::layer_norm(acc.clone(), gamma, beta, eps, dtype));
     (acc, normed)
 }
@@ -1683,29 +1682,18 @@ pub fn sparse_mlp<B: SparseKernels>(
 /// `[d]`, epsilon, the output dtype, and `done`, a zeroed int counter (`[1]` or more,
 /// [`NormAfter::counter`]) that they leave zeroed. One counter per sequence: the ops that
 /// share one must run one after another (as a sequence's decode steps do).
-/// `head_flags` (zeroed, at least one element per head slot, [`NormAfter::head_flags`],
-/// left zeroed likewise) lets [`attention_out_proj_accumulate_norm`] compute each selected
-/// head's attention once and hand it to the cubes that own its rows of `out_proj`
-/// (`LaunchConfig::attention_spin_limit`), where without them every row block of a head
-/// recomputes it; the other ops ignore it.
 pub struct NormAfter<B: Backend> {
     pub gamma: Tensor<B, 1>,
     pub beta: Tensor<B, 1>,
     pub eps: f32,
     pub dtype: DType,
     pub done: Tensor<B, 1, Int>,
-    pub head_flags: Option<Tensor<B, 1, Int>>,
 }
 
 impl<B: Backend> NormAfter<B> {
     /// A zeroed counter for [`NormAfter::done`].
     pub fn counter(device: &B::Device) -> Tensor<B, 1, Int> {
         Tensor::zeros([1], device)
-    }
-
-    /// Zeroed flags for [`NormAfter::head_flags`], one per head slot of `slots`.
-    pub fn head_flags(slots: usize, device: &B::Device) -> Tensor<B, 1, Int> {
-        Tensor::zeros([slots.max(1)], device)
     }
 }
 
@@ -1718,14 +1706,11 @@ fn check_norm_after<B: Backend>(op: &'static str, norm: &NormAfter<B>, d: usize,
     if norm.done.dims()[0] == 0 {
         return Err(shape_err(op, "the counter is empty".into()));
     }
-    if norm.head_flags.as_ref().is_some_and(|f| f.dims()[0] == 0) {
-        return Err(shape_err(op, "the head flags are empty".into()));
-    }
     Ok(())
 }
 
 fn norm_params<B: Backend>(norm: NormAfter<B>) -> NormParams<B> {
-    NormParams { gamma: prim(norm.gamma), beta: prim(norm.beta), eps: norm.eps, dtype: norm.dtype, done: norm.done.into_primitive(), head_flags: norm.head_flags.map(Tensor::into_primitive) }
+    NormParams { gamma: prim(norm.gamma), beta: prim(norm.beta), eps: norm.eps, dtype: norm.dtype, done: norm.done.into_primitive() }
 }
 
 /// [`attention_out_proj_accumulate`] in one launch (batch 1) that also returns the

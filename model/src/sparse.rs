@@ -121,14 +121,6 @@ pub struct SparseOptions {
     /// a sparse layer where `f32_residual` with `fused_attention` takes six. The same sums
     /// as without; the atomics' order varies as with `f32_residual`.
     pub fused_norms: bool,
-    /// With `fused_norms` (and `fused_attention`): the one-launch attention with `out_proj`
-    /// computes each selected head's attention once, in a producer cube, and hands it to
-    /// the cubes that own the head's rows of `out_proj`, which load their rows while they
-    /// wait (`attention_out_proj_split_kernel`; CUDA: elsewhere every consumer computes
-    /// its head's attention itself). Without it every row block of a head recomputes the
-    /// head's attention and reads its rows only after. The same sums; the atomics' order
-    /// varies as with `f32_residual`.
-    pub split_attention: bool,
 }
 
 /// Predictors, plan and kernel-ready weights for one model.
@@ -352,7 +344,6 @@ impl<B: SparseKernels> SparseModel<B> {
             normed_ahead: None,
             first_due: None,
             done: None,
-            head_flags: None,
         }
     }
 
@@ -366,7 +357,7 @@ impl<B: SparseKernels> SparseModel<B> {
             _ => return None,
         };
         let done = done.get_or_insert_with(|| dejavu_kernels::NormAfter::counter(device)).clone();
-        Some(dejavu_kernels::NormAfter { gamma, beta, eps: LAYER_NORM_EPS as f32, dtype: self.weights_dtype(), done, head_flags: None })
+        Some(dejavu_kernels::NormAfter { gamma, beta, eps: LAYER_NORM_EPS as f32, dtype: self.weights_dtype(), done })
     }
 
     /// The weights' float dtype, which a LayerNorm of an f32 residual writes.
@@ -488,8 +479,6 @@ pub struct SparseHooks<'a, B: Backend> {
     first_due: Option<FirstDue<B>>,
     /// The counter of the launches that write a LayerNorm from their last cube.
     done: Option<Tensor<B, 1, Int>>,
-    /// The split attention's head flags ([`SparseOptions::split_attention`]).
-    head_flags: Option<Tensor<B, 1, Int>>,
 }
 
 /// 0/1 mask `[rows, width]` of what `selection` keeps for each row of `logits`: top-K
@@ -783,15 +772,7 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
                     true => self.model.norm_after(&mut self.done, NormSite::MlpInput(layer), &r.device()),
                     false => None,
                 };
-                if let Some(mut norm) = norm {
-                    if self.model.options.split_attention {
-                        let slots = heads.dims()[0];
-                        let fits = self.head_flags.as_ref().is_some_and(|f| f.dims()[0] >= slots);
-                        if !fits {
-                            self.head_flags = Some(dejavu_kernels::NormAfter::head_flags(slots, &r.device()));
-                        }
-                        norm.head_flags = self.head_flags.clone();
-                    }
+                if let Some(norm) = norm {
                     let out_bias = bias(&attention.out_proj);
                     let (y, normed) = dejavu_kernels::attention_out_proj_accumulate_norm(q, heads, keys, values, step.start + 1, scale, out_rows, out_bias, r.reshape([batch, d]), norm)
                         .expect(KERNEL_SHAPES);

@@ -111,12 +111,10 @@ fn wgpu_sparse_decode_matches_the_cpu_reference() {
     // the residual stream kept in f32 (out_proj and fc2 adding into it, fc2 with f32
     // atomics: lavapipe has them), with attention and out_proj as two launches and as one;
     // and with the LayerNorms written by the launches that finish the residual (every head
-    // written each step, so the next layer's attention first factor rides in qkv_append),
-    // the last also with the split attention (on wgpu its consumers compute each head
-    // themselves: the split form's layout, not its hand-over).
-    let variants = [(4, false, false, false, false, false), (4, true, false, false, false, false), (4, false, true, false, false, false), (4, false, true, true, false, false), (0, false, true, true, true, false), (0, false, true, false, true, false), (0, false, true, true, true, true)];
-    for (window, fused_mlp, f32_residual, fused_attention, fused_norms, split_attention) in variants {
-        let options = SparseOptions { lazy_kv_window: window, fused_mlp, f32_residual, fused_attention, fused_norms, split_attention, ..Default::default() };
+    // written each step, so the next layer's attention first factor rides in qkv_append).
+    let variants = [(4, false, false, false, false), (4, true, false, false, false), (4, false, true, false, false), (4, false, true, true, false), (0, false, true, true, true), (0, false, true, false, true)];
+    for (window, fused_mlp, f32_residual, fused_attention, fused_norms) in variants {
+        let options = SparseOptions { lazy_kv_window: window, fused_mlp, f32_residual, fused_attention, fused_norms, ..Default::default() };
         let gpu_sparse = SparseModel::with_weights(&gpu, &hash, plan.clone(), gpu_set.modules.clone(), options, weights.clone()).unwrap();
         let mut hooks = gpu_sparse.hooks();
         let got = stepped_logits(&gpu, &mut hooks, &ids);

@@ -62,15 +62,11 @@ pub struct LaunchConfig {
     /// finished row with plain loads through a second binding of the accumulator, on CUDA
     /// only (elsewhere, and with `false`, with atomic adds of 0).
     pub norm_plain_reads: bool,
-    /// How many times a consumer cube of the split attention with `out_proj` polls its
-    /// head's flag before it computes the head's attention itself (0: at once, every
-    /// consumer does; the launch's result is the same either way).
-    pub attention_spin_limit: u32,
 }
 
 impl Default for LaunchConfig {
     fn default() -> Self {
-        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 1024, attention_out_rows: 256, norm_plain_reads: true, attention_spin_limit: 1 << 16 }
+        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 1024, attention_out_rows: 256, norm_plain_reads: true }
     }
 }
 
@@ -834,16 +830,12 @@ const ATTENTION_OUT_THREADS: usize = 256;
 /// The LayerNorm an accumulating launch applies to its finished row in its last cube
 /// (batch 1): f32 `gamma`, `beta` `[d]`, epsilon, and `done`, a zeroed `u32` (or `i32`)
 /// counter of at least one element that the launch leaves zeroed — one per sequence, as
-/// launches that share it must run one after another. `head_flags`, zeroed `u32` (or
-/// `i32`) flags of at least one element per head slot that the launch leaves zeroed,
-/// turns on the split attention with `out_proj` (`attention_out_proj_split_kernel`,
-/// producer and consumer cubes) where the device allows it; other launches ignore it.
+/// launches that share it must run one after another.
 pub struct NormArgs<R: CubeRuntime> {
     pub gamma: CubeTensor<R>,
     pub beta: CubeTensor<R>,
     pub eps: f32,
     pub done: CubeTensor<R>,
-    pub head_flags: Option<CubeTensor<R>>,
 }
 
 /// Whether the LayerNorm epilogue reads with plain loads ([`LaunchConfig::norm_plain_reads`]):
@@ -880,7 +872,7 @@ struct NormEpilogue<R: CubeRuntime> {
 fn norm_epilogue<R: CubeRuntime>(norm: Option<NormArgs<R>>, acc: &CubeTensor<R>, normed_dtype: DType, threads: usize, used: usize) -> NormEpilogue<R> {
     let [batch, width] = [dims(acc)[0], dims(acc)[1]];
     match norm {
-        Some(NormArgs { gamma, beta, eps, done, .. })
+        Some(NormArgs { gamma, beta, eps, done })
             if batch == 1 && width > 0 && used + 4 * width <= SHARED_BYTES && dims(&gamma) == vec![width] && dims(&beta) == vec![width] =>
         {
             let normed = empty(acc, vec![1, width], normed_dtype);
@@ -963,17 +955,7 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
     // The kernel's own shared memory: scores, the reduction, the value lanes, o and q, and
     // with the epilogue the rows' sums.
     let used = 4 * (cap.max(1) + threads + threads * vs + 2 * hd + config.attention_out_rows);
-    let mut norm = norm;
-    let head_flags = norm.as_mut().and_then(|n| n.head_flags.take());
     let e = norm_epilogue(norm, &acc, w.dtype, threads, used);
-    // The split form keeps its rows of out_proj in shared memory beside the rest.
-    let split_bytes = used + 4 * dims(&acc)[1] + config.attention_out_rows * hd * w.dtype.size();
-    let split_flags = head_flags.filter(|f| {
-        e.has_norm
-            && batch == 1
-            && dims(f)[0] >= slots
-            && split_bytes <= acc.client.properties().hardware.max_shared_memory_size
-    });
     let plain = e.has_norm && plain_reads(&acc.client, config);
     // Shuffles within a run of `hd_vectors` units stay inside one plane.
     let use_plane = use_plane && plane.is_multiple_of(hd_vectors);
@@ -983,61 +965,6 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
     let shape = attention_shape(&q, &k_cache, &v_cache, slots, 0, vs);
     let (dtype, idx_dtype) = (q.dtype, heads.dtype);
     let (w_stride, acc_stride) = (stride(&w, 0) / vs, stride(&acc, 0));
-    if let Some(flags) = split_flags {
-        // The heads' outputs, f32 bits held as u32.
-        let o_buf = empty(&acc, vec![slots * hd], DType::U32);
-        // Consumers wait for their producers on CUDA only; elsewhere every consumer
-        // computes its head's attention at once. On lavapipe, launches whose consumers
-        // waited came out wrong (`check_norms_ahead`), even where each consumer then
-        // computed its own head and where it waited on a counter nothing changed: a long
-        // wait in a workgroup alone broke the sums there. We did not find why; a Vulkan
-        // workgroup is not promised progress while another waits on it in any case.
-        let spin_limit = if R::name(&acc.client) == "cuda" { config.attention_spin_limit } else { 0 };
-        let row_blocks = rows.div_ceil(rows_per_cube);
-        unsafe {
-            attention_out_proj_split_kernel::launch_unchecked::<R>(
-                &acc.client,
-                CubeCount::Static((slots + slots * row_blocks) as u32, 1, 1),
-                CubeDim::new_1d(threads as u32),
-                vs,
-                arg(q),
-                arg(heads),
-                arg(k_cache),
-                arg(v_cache),
-                arg(w),
-                arg(bias),
-                arg(acc.clone()),
-                arg(acc.clone()),
-                arg(e.done),
-                arg(e.gamma),
-                arg(e.beta),
-                arg(e.normed),
-                arg(flags),
-                arg(o_buf.clone()),
-                arg(o_buf),
-                shape,
-                e.shape,
-                rows,
-                row_blocks,
-                w_stride,
-                len,
-                scale,
-                spin_limit,
-                threads,
-                cap.max(1),
-                hd_vectors,
-                hd,
-                rows_per_cube,
-                has_bias,
-                use_plane,
-                e.plane,
-                e.row,
-                plain,
-                [dtype.into(), idx_dtype.into()],
-            );
-        }
-        return (acc, e.out);
-    }
     unsafe {
         attention_out_proj_atomic_kernel::launch_unchecked::<R>(
             &acc.client,

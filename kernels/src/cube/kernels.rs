@@ -1983,12 +1983,12 @@ fn write_kv<F: Float>(
 /// `kv [2·H·hd, d]` (k_proj's rows, then v_proj's) dotted with `x[b, :]` plus `bias[j]`
 /// goes to `k_cache[b, h, pos, c]` (`j < H·hd`) or `v_cache[b, h, pos, c]`, with
 /// `h·hd + c = j mod H·hd`. One launch instead of two GEMVs and two cache writes; the
-/// same lane layout as `rows_gemv_kernel`. With `has_first` (batch 1), the launch's first
-/// cubes write the first factor of the next layer's attention predictor from the layer's
-/// residual (`down`, `residual`, `first`; [`first_factor_row`]). With `has_query` the next
-/// `query.cubes` cubes compute the queries (`rows_gemv_kernel` of `q_w`, all heads or the
-/// selected ones): q, k and v of a decode step in one launch. Each cube does one job, so
-/// the reductions never diverge inside a cube.
+/// same lane layout as `rows_gemv_kernel`. With `has_query` the first `query.cubes` cubes
+/// compute the queries instead (`rows_gemv_kernel` of `q_w`, all heads or the selected
+/// ones): q, k and v of a decode step in one launch. Each cube does one job, so the
+/// reductions never diverge inside a cube. With `has_first` (batch 1), cubes after those
+/// write the first factor of the next layer's attention predictor from the layer's
+/// residual (`down`, `residual`, `first`; [`first_factor_row`]).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)] // the keys', values' and queries' inputs
 pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int, P: Float>(
@@ -2026,13 +2026,10 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int, P: Float>(
     let mut scratch = SharedMemory::<f32>::new(group * rows_per_cube);
     let lane = UNIT_POS_X as usize;
     let mut cube = CUBE_POS_X as usize;
-    if has_first {
-        if cube < first_shape.riders {
-            let plane = comptime!(if use_plane && rows_per_cube <= group { group } else { 0 });
-            first_factor_row(down, residual, first, cube, first_shape, &mut scratch, group * rows_per_cube, plane);
-            terminate!();
-        }
-        cube -= first_shape.riders;
+    if has_first && cube >= first_shape.after {
+        let plane = comptime!(if use_plane && rows_per_cube <= group { group } else { 0 });
+        first_factor_row(down, residual, first, cube - first_shape.after, first_shape, &mut scratch, group * rows_per_cube, plane);
+        terminate!();
     }
     if has_query {
         if cube < query.cubes {
@@ -2266,10 +2263,8 @@ fn predicted_logit<P: Float>(
 pub struct FirstFactorShape {
     pub rows: usize,
     pub width: usize,
-    /// Rider cubes at the start of the launch (the first factor's rows, then any other
-    /// rider's), before the launch's own work: dispatched first, their short chains of
-    /// round trips overlap the bulk of the launch instead of trailing it.
-    pub riders: usize,
+    /// Cubes of the launch's own work, before the first factor's.
+    pub after: usize,
 }
 
 /// Row `j` of a first factor ([`FirstFactorShape`]) by one cube of `threads` units.
@@ -2305,12 +2300,11 @@ fn first_factor_row<P: Float>(
 /// together, was slower on the H100: 24.6 µs against 13.7 at the 6.7B shape, `kernels
 /// --tune`.)
 ///
-/// Two more jobs may ride in the same launch, on cubes of their own before fc1's: with
+/// Two more jobs may ride in the same launch, on cubes of their own after fc1's: with
 /// `has_first`, the first factor of the next layer's MLP predictor from the same
 /// residual ([`first_factor_row`], `down`, `residual`, `first`); with `has_select`, the
 /// next layer's head selection from the first factor its attention predictor left
-/// (`select_by_predictor`: `sel_up`, `sel_h`, `idx`, `count`), on the cube after the
-/// first factor's.
+/// (`select_by_predictor`: `sel_up`, `sel_h`, `idx`, `count`), on the last cube.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)] // fc1's, the predictor's, and the riders' inputs
 pub(crate) fn predicted_rows_gemv_kernel<F: Float, P: Float, N: Size, I: Int>(
@@ -2346,9 +2340,9 @@ pub(crate) fn predicted_rows_gemv_kernel<F: Float, P: Float, N: Size, I: Int>(
     #[define(F, P, I)] _dtypes: [StorageType; 3],
 ) {
     let mut scratch = SharedMemory::<f32>::new(group * rows_per_cube);
-    let mut cube = CUBE_POS_X as usize;
-    if (has_first || has_select) && cube < first_shape.riders {
-        let j = cube;
+    let cube = CUBE_POS_X as usize;
+    if (has_first || has_select) && cube >= first_shape.after {
+        let j = cube - first_shape.after;
         if has_first && j < first_shape.rows {
             let plane = comptime!(if use_plane && rows_per_cube <= group { group } else { 0 });
             first_factor_row(down, residual, first, j, first_shape, &mut scratch, group * rows_per_cube, plane);
@@ -2357,9 +2351,6 @@ pub(crate) fn predicted_rows_gemv_kernel<F: Float, P: Float, N: Size, I: Int>(
             select_by_predictor(sel_up, sel_h, idx, count, sel_predictor, sel_rows, sel_capacity, sel_threshold, &mut scratch, &mut logits, group, rows_per_cube, use_plane);
         }
         terminate!();
-    }
-    if has_first || has_select {
-        cube -= first_shape.riders;
     }
     let lane = UNIT_POS_X as usize;
     let j = cube * rows_per_cube + UNIT_POS_Y as usize;

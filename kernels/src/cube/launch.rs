@@ -1198,7 +1198,7 @@ fn qkv_append_launch<R: CubeRuntime>(
         stride(&k_cache, 2),
     );
     let kv_cubes = query_cubes + rows.div_ceil(rows_per_cube);
-    let ([down, residual, first_out], first_shape, first) = first_factor(first, 0, &x);
+    let ([down, residual, first_out], first_shape, first) = first_factor(first, kv_cubes, &x);
     let (has_first, first_dtype) = (first.is_some(), down.dtype);
     let first_cubes = first.as_ref().map_or(0, |f| dims(f)[1]);
     unsafe {
@@ -1324,10 +1324,9 @@ pub struct FirstArgs<R: CubeRuntime> {
     pub residual: CubeTensor<R>,
 }
 
-/// The first factor's bindings (down, residual, output `[1, r]`) and shape: its `r` cubes
-/// first, then `other_riders` more rider cubes, before the launch's own work (or unread
-/// bindings and only the other riders).
-fn first_factor<R: CubeRuntime>(first: Option<FirstArgs<R>>, other_riders: usize, bound: &CubeTensor<R>) -> ([CubeTensor<R>; 3], FirstFactorShapeLaunch<R>, Option<CubeTensor<R>>) {
+/// The first factor's bindings (down, residual, output `[1, r]`) and shape after `after`
+/// cubes, or unread bindings and no cubes.
+fn first_factor<R: CubeRuntime>(first: Option<FirstArgs<R>>, after: usize, bound: &CubeTensor<R>) -> ([CubeTensor<R>; 3], FirstFactorShapeLaunch<R>, Option<CubeTensor<R>>) {
     match first {
         Some(FirstArgs { down, residual }) => {
             let (down, residual) = (into_contiguous(down), into_contiguous(residual));
@@ -1335,9 +1334,9 @@ fn first_factor<R: CubeRuntime>(first: Option<FirstArgs<R>>, other_riders: usize
             assert_eq!(dims(&residual), vec![1, d], "first factor: a residual [1, d] for down [r, d]");
             assert_eq!(residual.dtype, DType::F32, "first factor: the residual in f32");
             let out = empty(&residual, vec![1, r], DType::F32);
-            ([down, residual, out.clone()], FirstFactorShapeLaunch::new(r, d, r + other_riders), Some(out))
+            ([down, residual, out.clone()], FirstFactorShapeLaunch::new(r, d, after), Some(out))
         }
-        None => ([unread(bound), unread(bound), unread(bound)], FirstFactorShapeLaunch::new(0, 0, other_riders), None),
+        None => ([unread(bound), unread(bound), unread(bound)], FirstFactorShapeLaunch::new(0, 0, after), None),
     }
 }
 
@@ -1366,7 +1365,7 @@ pub fn predicted_rows_gemv<R: CubeRuntime>(
     let predictor = predictor_shape(&up);
     let CubeCount::Static(fc1_cubes, _, _) = l.count else { unreachable!("GatedRows makes a static grid") };
     let has_select = select.is_some();
-    let ([down, residual, first_out], first_shape, first) = first_factor(first, usize::from(has_select), &x);
+    let ([down, residual, first_out], first_shape, first) = first_factor(first, fc1_cubes as usize, &x);
     let has_first = first.is_some();
     let first_cubes = first.as_ref().map_or(0, |f| dims(f)[1]);
     let (sel_up, sel_h, idx, count, sel_predictor, sel_rows, sel_capacity, sel_threshold) = match select {

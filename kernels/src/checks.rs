@@ -1315,6 +1315,7 @@ pub fn check_norms_ahead<B: SparseKernels>(device: &B::Device, heads: usize, hd:
         threshold,
         Some(crate::FirstFactor { down: to_device::<B, 2>(&down, [r, d], DType::F32, device), residual: to_device::<B, 2>(&residual, [1, d], DType::F32, device) }),
         Some(crate::HeadSelect { up: to_device::<B, 2>(&sel_up, [heads, r], DType::F32, device), h: to_device::<B, 2>(&sel_h, [1, r], DType::F32, device), threshold: sel_threshold, capacity: heads }),
+        None,
     )
     .expect("consistent shapes");
     out.push(outcome("predicted_rows_gemv_with: fc1", case.clone(), dtype, &read(got.out), &want_h, &[]));
@@ -1341,9 +1342,67 @@ pub fn check_norms_ahead<B: SparseKernels>(device: &B::Device, heads: usize, hd:
         Tensor::<B, 4>::zeros(dims, (device, dtype)),
         len.min(cap - 1),
         crate::FirstFactor { down: to_device::<B, 2>(&down, [r, d], DType::F32, device), residual: to_device::<B, 2>(&residual, [1, d], DType::F32, device) },
+        None,
     )
     .expect("consistent shapes");
     out.push(outcome("qkv_append_first: queries", case.clone(), dtype, &read(q_got), &host::rows_gemv(&wq, d, d, Some(&rows_idx), &x, 1, None, false), &[]));
-    out.push(outcome("qkv_append_first: first factor", case, DType::F32, &read(first), &want_first, &[]));
+    out.push(outcome("qkv_append_first: first factor", case.clone(), DType::F32, &read(first), &want_first, &[]));
+
+    // The same two launches applying the LayerNorm of the f32 residual themselves
+    // (`NormIn`, the rows' folds holding gamma · W, beta · W and the bias): against the
+    // host's LayerNorm in f32, then the GEMVs. The slack covers the default
+    // implementations' rounding of the LayerNorm to the weights' dtype.
+    let normed = host::layer_norm(&residual, 1, d, &gamma, &beta, eps);
+    let norm_in = crate::NormIn { gamma: to_device::<B, 1>(&gamma, [d], DType::F32, device), beta: to_device::<B, 1>(&beta, [d], DType::F32, device), eps };
+    let (w1_dev, b1_dev) = (to_device::<B, 2>(&w1, [ffn, d], dtype, device), to_device::<B, 1>(&b1, [ffn], dtype, device));
+    let fc1_fold = crate::RowFold::new(&w1_dev, &norm_in, Some(&b1_dev));
+    let dense = host::rows_gemv(&w1, ffn, d, None, &normed, 1, Some(&b1), true);
+    let want_h: Vec<f32> = dense.iter().zip(&logits).map(|(v, l)| if *l > threshold { *v } else { 0.0 }).collect();
+    let slack_h: Vec<f32> = host::rows_gemv(&abs(&w1), ffn, d, None, &abs(&normed), 1, None, false).iter().map(|s| storage_ulp(dtype) * s).collect();
+    let got = crate::predicted_rows_gemv_with(
+        w1_dev,
+        to_device::<B, 2>(&residual, [1, d], DType::F32, device),
+        Some(b1_dev),
+        Activation::Relu,
+        to_device::<B, 2>(&up, [ffn, r], DType::F32, device),
+        to_device::<B, 2>(&hf, [1, r], DType::F32, device),
+        threshold,
+        Some(crate::FirstFactor { down: to_device::<B, 2>(&down, [r, d], DType::F32, device), residual: to_device::<B, 2>(&residual, [1, d], DType::F32, device) }),
+        None,
+        Some((norm_in.clone(), fc1_fold)),
+    )
+    .expect("consistent shapes");
+    out.push(outcome("predicted_rows_gemv_with, LayerNorm in the launch: fc1", case.clone(), dtype, &read(got.out), &want_h, &slack_h));
+    if let Some(first) = got.first {
+        out.push(outcome("predicted_rows_gemv_with, LayerNorm in the launch: first factor", case.clone(), DType::F32, &read(first), &want_first, &[]));
+    }
+    let (bq, bkv) = (stored(uniform(&mut rng, d, 0.0), dtype), stored(uniform(&mut rng, 2 * d, 0.0), dtype));
+    let (wq_dev, bq_dev) = (to_device::<B, 2>(&wq, [d, d], dtype, device), to_device::<B, 1>(&bq, [d], dtype, device));
+    let (kv_dev, bkv_dev) = (to_device::<B, 2>(&kv, [2 * d, d], dtype, device), to_device::<B, 1>(&bkv, [2 * d], dtype, device));
+    let (q_fold, kv_fold) = (crate::RowFold::new(&wq_dev, &norm_in, Some(&bq_dev)), crate::RowFold::new(&kv_dev, &norm_in, Some(&bkv_dev)));
+    let query = crate::QueryRows { w: wq_dev, heads: Some(ints::<B>(&ids, device)), head_dim: hd, bias: Some(bq_dev) };
+    let pos = len.min(cap - 1);
+    let (q_got, k_got, v_got, first) = crate::qkv_append_first(
+        query,
+        kv_dev,
+        to_device::<B, 2>(&residual, [1, d], DType::F32, device),
+        Some(bkv_dev),
+        Tensor::<B, 4>::zeros(dims, (device, dtype)),
+        Tensor::<B, 4>::zeros(dims, (device, dtype)),
+        pos,
+        crate::FirstFactor { down: to_device::<B, 2>(&down, [r, d], DType::F32, device), residual: to_device::<B, 2>(&residual, [1, d], DType::F32, device) },
+        Some((norm_in, q_fold, kv_fold)),
+    )
+    .expect("consistent shapes");
+    let want_q = host::rows_gemv(&wq, d, d, Some(&rows_idx), &normed, 1, Some(&bq), false);
+    let slack_q: Vec<f32> = host::rows_gemv(&abs(&wq), d, d, Some(&rows_idx), &abs(&normed), 1, None, false).iter().map(|s| storage_ulp(dtype) * s).collect();
+    out.push(outcome("qkv_append_first, LayerNorm in the launch: queries", case.clone(), dtype, &read(q_got), &want_q, &slack_q));
+    let kv_vals = host::rows_gemv(&kv, 2 * d, d, None, &normed, 1, Some(&bkv), false);
+    let kv_slack: Vec<f32> = host::rows_gemv(&abs(&kv), 2 * d, d, None, &abs(&normed), 1, None, false).iter().map(|s| storage_ulp(dtype) * s).collect();
+    // Position `pos` of every head's row in the caches (the rest stays 0).
+    let at_pos = |cache: Vec<f32>| -> Vec<f32> { (0..heads).flat_map(|h| cache[(h * cap + pos) * hd..(h * cap + pos + 1) * hd].to_vec()).collect() };
+    out.push(outcome("qkv_append_first, LayerNorm in the launch: keys", case.clone(), dtype, &at_pos(read(k_got)), &kv_vals[..d], &kv_slack[..d]));
+    out.push(outcome("qkv_append_first, LayerNorm in the launch: values", case.clone(), dtype, &at_pos(read(v_got)), &kv_vals[d..], &kv_slack[d..]));
+    out.push(outcome("qkv_append_first, LayerNorm in the launch: first factor", case, DType::F32, &read(first), &want_first, &[]));
     out
 }

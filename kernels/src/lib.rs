@@ -403,7 +403,9 @@ pub trait SparseKernels: Backend {
         threshold: f32,
         first: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
         select: Option<(FloatTensor<Self>, FloatTensor<Self>, f32, usize)>,
+        norm_in: Option<NormInParams<Self>>,
     ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>, Option<(IntTensor<Self>, IntTensor<Self>)>) {
+        let x = normed_input::<Self>(x, norm_in, burn::tensor::TensorMetadata::dtype(&w));
         let out = Self::predicted_rows_gemv(w, x, bias, relu, up, h, threshold);
         let first = first.map(|(down, residual)| first_factor::<Self>(down, residual));
         let selection = select.map(|(up, h, threshold, capacity)| Self::predict_select(up, h, threshold, capacity));
@@ -428,9 +430,34 @@ pub trait SparseKernels: Backend {
         v_cache: FloatTensor<Self>,
         pos: usize,
         first: (FloatTensor<Self>, FloatTensor<Self>),
+        norm_in: Option<NormInParams<Self>>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let x = normed_input::<Self>(x, norm_in, burn::tensor::TensorMetadata::dtype(&kv));
         let (q, k, v) = Self::qkv_append(q_w, q_idx, block, q_bias, kv, x, kv_bias, k_cache, v_cache, pos);
         (q, k, v, first_factor::<Self>(first.0, first.1))
+    }
+}
+
+/// A LayerNorm that an op applies to its f32 residual input itself (batch 1), so that no
+/// launch before it writes one ([`NormIn`]): `gamma`, `beta` `[d]` f32, epsilon, and the
+/// folds of the op's weight rows ([`RowFold`]; `q_fold` the queries' in `qkv_append`),
+/// which `CubeBackend`'s kernels read in place of `gamma` after the dot, `beta` and the
+/// bias. The default implementations normalize first (`gamma`, `beta`) and run the op as
+/// it is, biases included.
+pub struct NormInParams<B: Backend> {
+    pub gamma: FloatTensor<B>,
+    pub beta: FloatTensor<B>,
+    pub eps: f32,
+    pub fold: FloatTensor<B>,
+    pub q_fold: Option<FloatTensor<B>>,
+}
+
+/// The default implementations' input under [`NormInParams`]: the LayerNorm of the f32
+/// residual in the weights' dtype (or `x` as it is without one).
+fn normed_input<B: SparseKernels>(x: FloatTensor<B>, norm_in: Option<NormInParams<B>>, dtype: DType) -> FloatTensor<B> {
+    match norm_in {
+        Some(n) => B::layer_norm_rows(x, n.gamma, n.beta, n.eps, dtype),
+        None => x,
     }
 }
 
@@ -639,7 +666,7 @@ where
         h: FloatTensor<Self>,
         threshold: f32,
     ) -> FloatTensor<Self> {
-        cube::predicted_rows_gemv(w, x, bias, relu, up, h, threshold, None, None, I::dtype()).0
+        cube::predicted_rows_gemv(w, x, bias, relu, up, h, threshold, None, None, I::dtype(), None).0
     }
 
     fn predicted_rows_gemv_with(
@@ -652,10 +679,12 @@ where
         threshold: f32,
         first: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
         select: Option<(FloatTensor<Self>, FloatTensor<Self>, f32, usize)>,
+        norm_in: Option<NormInParams<Self>>,
     ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>, Option<(IntTensor<Self>, IntTensor<Self>)>) {
         let first = first.map(|(down, residual)| cube::FirstArgs { down, residual });
         let select = select.map(|(up, h, threshold, capacity)| cube::SelectArgs { up, h, threshold, capacity });
-        cube::predicted_rows_gemv(w, x, bias, relu, up, h, threshold, first, select, I::dtype())
+        let norm_in = norm_in.map(|n| cube::NormInArgs { gamma: n.gamma, eps: n.eps, fold: n.fold, q_fold: n.q_fold });
+        cube::predicted_rows_gemv(w, x, bias, relu, up, h, threshold, first, select, I::dtype(), norm_in)
     }
 
     fn predicted_mlp(
@@ -694,7 +723,7 @@ where
         pos: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let query = cube::QueryArgs { w: q_w, idx: q_idx, block, bias: q_bias };
-        let (q, k, v, _) = cube::qkv_append(Some(query), kv, x, kv_bias, k_cache, v_cache, pos, I::dtype(), None);
+        let (q, k, v, _) = cube::qkv_append(Some(query), kv, x, kv_bias, k_cache, v_cache, pos, I::dtype(), None, None);
         (q.expect("a query was asked for"), k, v)
     }
 
@@ -710,10 +739,12 @@ where
         v_cache: FloatTensor<Self>,
         pos: usize,
         first: (FloatTensor<Self>, FloatTensor<Self>),
+        norm_in: Option<NormInParams<Self>>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let query = cube::QueryArgs { w: q_w, idx: q_idx, block, bias: q_bias };
         let first = cube::FirstArgs { down: first.0, residual: first.1 };
-        let (q, k, v, first) = cube::qkv_append(Some(query), kv, x, kv_bias, k_cache, v_cache, pos, I::dtype(), Some(first));
+        let norm_in = norm_in.map(|n| cube::NormInArgs { gamma: n.gamma, eps: n.eps, fold: n.fold, q_fold: n.q_fold });
+        let (q, k, v, first) = cube::qkv_append(Some(query), kv, x, kv_bias, k_cache, v_cache, pos, I::dtype(), Some(first), norm_in);
         (q.expect("a query was asked for"), k, v, first.expect("a first factor was asked for"))
     }
 
@@ -1781,6 +1812,60 @@ fn check_first_factor<B: Backend>(op: &'static str, first: &FirstFactor<B>) -> R
     check_any_float(op, "the predictor's first factor", first.down.dtype())
 }
 
+/// A LayerNorm an op applies to its input itself ([`qkv_append_first`],
+/// [`predicted_rows_gemv_with`]; batch 1): the op then reads the f32 residual `[1, d]`
+/// where it read the LayerNorm's output, so the launch that finished the residual writes
+/// no LayerNorm. `gamma`, `beta` `[d]` f32.
+#[derive(Clone)]
+pub struct NormIn<B: Backend> {
+    pub gamma: Tensor<B, 1>,
+    pub beta: Tensor<B, 1>,
+    pub eps: f32,
+}
+
+/// A weight's rows folded with the LayerNorm before it, for an op that applies that
+/// LayerNorm itself ([`NormIn`]): `[s_0, c_0, s_1, c_1, ..]` (f32) with `s = W[row] ·
+/// gamma` and `c = W[row] · beta + bias[row]`, so that `W[row] · LayerNorm(x) + bias[row]
+/// = (Σ W[row]·gamma·x − mean(x) · s) / std(x) + c`.
+#[derive(Clone)]
+pub struct RowFold<B: Backend>(pub Tensor<B, 1>);
+
+impl<B: Backend> RowFold<B> {
+    /// The fold of `w [rows, d]` (row-major: the kernels' layout) with `gamma`, `beta`
+    /// `[d]` and the bias `[rows]`, computed in f32.
+    pub fn new(w: &Tensor<B, 2>, norm: &NormIn<B>, bias: Option<&Tensor<B, 1>>) -> Self {
+        let [rows, d] = w.dims();
+        let w = w.clone().cast(DType::F32);
+        let s = w.clone().matmul(norm.gamma.clone().cast(DType::F32).reshape([d, 1]));
+        let mut c = w.matmul(norm.beta.clone().cast(DType::F32).reshape([d, 1]));
+        if let Some(b) = bias {
+            c = c + b.clone().cast(DType::F32).reshape([rows, 1]);
+        }
+        Self(Tensor::cat(vec![s, c], 1).reshape([rows * 2]))
+    }
+}
+
+fn check_norm_in<B: Backend>(op: &'static str, norm: &NormIn<B>, folds: &[(&RowFold<B>, usize)], x: &Tensor<B, 2>) -> Result<(), KernelError> {
+    let d = x.dims()[1];
+    if x.dims()[0] != 1 {
+        return Err(shape_err(op, format!("x is {:?}: a LayerNorm in the op takes one sequence", x.dims())));
+    }
+    check_float(op, "the residual (a LayerNorm in the op)", x, DType::F32)?;
+    for (name, t) in [("gamma", &norm.gamma), ("beta", &norm.beta)] {
+        if t.dims() != [d] {
+            return Err(shape_err(op, format!("the LayerNorm's {name} is {:?} for a residual of width {d}", t.dims())));
+        }
+        check_float(op, name, t, DType::F32)?;
+    }
+    for (fold, rows) in folds {
+        if fold.0.dims() != [2 * rows] {
+            return Err(shape_err(op, format!("a row fold is {:?} for {rows} rows (expected [{}])", fold.0.dims(), 2 * rows)));
+        }
+        check_float(op, "a row fold", &fold.0, DType::F32)?;
+    }
+    Ok(())
+}
+
 /// What [`predicted_rows_gemv_with`] returns: fc1's output `[1, rows]`, the next layer's
 /// MLP first factor `[1, r]` and head selection, when asked for.
 pub struct PredictedRows<B: Backend> {
@@ -1806,9 +1891,16 @@ pub fn predicted_rows_gemv_with<B: SparseKernels>(
     threshold: f32,
     first: Option<FirstFactor<B>>,
     select: Option<HeadSelect<B>>,
+    norm_in: Option<(NormIn<B>, RowFold<B>)>,
 ) -> Result<PredictedRows<B>, KernelError> {
     let op = "predicted_rows_gemv_with";
-    check_gated_rows(op, &w, &x, bias.as_ref())?;
+    match &norm_in {
+        Some((norm, fold)) => {
+            check_norm_in(op, norm, &[(fold, w.dims()[0])], &x)?;
+            check_gated_rows(op, &w, &x.clone().cast(w.dtype()), bias.as_ref())?;
+        }
+        None => check_gated_rows(op, &w, &x, bias.as_ref())?,
+    }
     check_predictor(op, &up, &h, Some(w.dims()[0]))?;
     if let Some(f) = &first {
         check_first_factor(op, f)?;
@@ -1820,7 +1912,8 @@ pub fn predicted_rows_gemv_with<B: SparseKernels>(
     }
     let first = first.map(|f| (prim(f.down), prim(f.residual)));
     let select = select.map(|s| (prim(s.up), prim(s.h), s.threshold, s.capacity));
-    let (out, first, selection) = B::predicted_rows_gemv_with(prim(w), prim(x), bias.map(prim), act == Activation::Relu, prim(up), prim(h), threshold, first, select);
+    let norm_in = norm_in.map(|(n, fold)| NormInParams { gamma: prim(n.gamma), beta: prim(n.beta), eps: n.eps, fold: prim(fold.0), q_fold: None });
+    let (out, first, selection) = B::predicted_rows_gemv_with(prim(w), prim(x), bias.map(prim), act == Activation::Relu, prim(up), prim(h), threshold, first, select, norm_in);
     Ok(PredictedRows {
         out: wrap(out),
         first: first.map(wrap),
@@ -1842,9 +1935,16 @@ pub fn qkv_append_first<B: SparseKernels>(
     v_cache: Tensor<B, 4>,
     pos: usize,
     first: FirstFactor<B>,
+    norm_in: Option<(NormIn<B>, RowFold<B>, RowFold<B>)>,
 ) -> Result<(Tensor<B, 2>, Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 2>), KernelError> {
     let op = "qkv_append_first";
-    let block = check_qkv_inputs(op, &query, &kv, &x, kv_bias.as_ref(), &k_cache, &v_cache, pos)?;
+    let block = match &norm_in {
+        Some((norm, q_fold, kv_fold)) => {
+            check_norm_in(op, norm, &[(q_fold, query.w.dims()[0]), (kv_fold, kv.dims()[0])], &x)?;
+            check_qkv_inputs(op, &query, &kv, &x.clone().cast(kv.dtype()), kv_bias.as_ref(), &k_cache, &v_cache, pos)?
+        }
+        None => check_qkv_inputs(op, &query, &kv, &x, kv_bias.as_ref(), &k_cache, &v_cache, pos)?,
+    };
     check_first_factor(op, &first)?;
     if x.dims()[0] != 1 || first.down.dims()[1] != x.dims()[1] {
         return Err(shape_err(op, format!("x {:?} and a first factor {:?}: one sequence, one width", x.dims(), first.down.dims())));
@@ -1861,6 +1961,7 @@ pub fn qkv_append_first<B: SparseKernels>(
         prim(v_cache),
         pos,
         (prim(first.down), prim(first.residual)),
+        norm_in.map(|(n, q_fold, kv_fold)| NormInParams { gamma: prim(n.gamma), beta: prim(n.beta), eps: n.eps, fold: prim(kv_fold.0), q_fold: Some(prim(q_fold.0)) }),
     );
     Ok((wrap(q), wrap(k), wrap(v), wrap(f)))
 }

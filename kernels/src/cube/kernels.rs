@@ -221,6 +221,92 @@ fn lane_dot<F: Float, X: Float, N: Size>(
     partial
 }
 
+/// [`lane_dot`] of a row with the LayerNorm of an f32 residual `x` that no launch wrote
+/// (deferred to its consumer): one lane's `Σ w·gamma·x`, `Σ x` and `Σ x²` over its
+/// vectors. Every lane group reads all of `x` for its dot anyway, so the statistics cost
+/// no loads of their own. Eight vectors' loads in flight a round.
+#[cube]
+fn lane_dot_norm<F: Float, N: Size>(
+    w: &Array<Vector<F, N>>,
+    w_base: usize,
+    x: &Array<Vector<f32, N>>,
+    gamma: &Array<Vector<f32, N>>,
+    lane: usize,
+    group: usize,
+    width: usize,
+) -> (f32, f32, f32) {
+    let mut acc = Vector::<f32, N>::new(0.0f32);
+    let mut sx = Vector::<f32, N>::new(0.0f32);
+    let mut sxx = Vector::<f32, N>::new(0.0f32);
+    let mut t = lane;
+    while t < width {
+        #[unroll]
+        for k in 0..8usize {
+            let at = t + k * group;
+            if at < width {
+                let xv = x[at];
+                acc += Vector::<f32, N>::cast_from(w[w_base + at]) * gamma[at] * xv;
+                sx += xv;
+                sxx += xv * xv;
+            }
+        }
+        t += 8 * group;
+    }
+    let mut dot = 0.0f32;
+    let mut s1 = 0.0f32;
+    let mut s2 = 0.0f32;
+    #[unroll]
+    for v in 0..N::value() {
+        dot += acc[v];
+        s1 += sx[v];
+        s2 += sxx[v];
+    }
+    (dot, s1, s2)
+}
+
+/// Row `row` of `W · LayerNorm(x) + bias` for a lane group, the LayerNorm deferred to here
+/// ([`lane_dot_norm`]): with `mean`, `inv_std` of `x` and the row's fold
+/// `(s, c) = (W[row] · gamma, W[row] · beta + bias[row])` (f32, `fold[2·row ..]`),
+/// `W[row] · ((x − mean) · inv_std ⊙ gamma + beta) + bias[row] = inv_std · (Σ w·gamma·x −
+/// mean · s) + c`. On lane 0 (every lane with plane reductions); 0 where `live` is false.
+#[cube]
+#[allow(clippy::too_many_arguments)] // the row, the residual, the LayerNorm and the layout
+fn normed_row_total<F: Float, N: Size>(
+    w: &Array<Vector<F, N>>,
+    w_base: usize,
+    x: &Array<Vector<f32, N>>,
+    gamma: &Array<Vector<f32, N>>,
+    fold: &Array<f32>,
+    row: usize,
+    live: bool,
+    lane: usize,
+    width: usize,
+    norm: NormShape,
+    scratch: &mut SharedMemory<f32>,
+    #[comptime] group: usize,
+    #[comptime] use_plane: bool,
+) -> f32 {
+    let mut p = 0.0f32;
+    let mut px = 0.0f32;
+    let mut pxx = 0.0f32;
+    if live {
+        let (a, b, c) = lane_dot_norm(w, w_base, x, gamma, lane, group, width);
+        p = a;
+        px = b;
+        pxx = c;
+    }
+    let dot = group_sum(p, scratch, group, use_plane);
+    let sx = group_sum(px, scratch, group, use_plane);
+    let sxx = group_sum(pxx, scratch, group, use_plane);
+    let mut y = 0.0f32;
+    if live {
+        let mean = sx * norm.inv_width;
+        let var = f32::max(sxx * norm.inv_width - mean * mean, 0.0f32);
+        y = (dot - mean * fold[2 * row]) / f32::sqrt(var + norm.eps) + fold[2 * row + 1];
+    }
+    y
+}
+
 /// `out[b, j] = act(W[row_j, :] · x[b, :] + bias[row_j])` with `row_j = idx[j]` when
 /// `gathered`, else `j`. One group of `CUBE_DIM_X` lanes per output row, `CUBE_DIM_Y` rows
 /// per cube. Each lane keeps eight loads in flight per iteration: at batch 1 a 10%-dense
@@ -911,11 +997,17 @@ fn live_rows_dot<F: Float, N: Size>(
         acc += Vector::<f32, N>::cast_from(w7) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r7]));
         i += 8 * lanes_k;
     }
-    while i < n {
-        let r = usize::cast_from(live_rows[i]);
-        let hv = f32::cast_from(h[h_base + r]);
-        acc += Vector::<f32, N>::cast_from(w[r * row_stride + c]) * Vector::<f32, N>::new(hv);
-        i += lanes_k;
+    // The rest (at most seven rows a lane) with all their loads in flight together: a
+    // split of 1024 rows at 10% leaves each of 8 lanes about 12 live rows, and one by
+    // one the last four or five each waited a round trip.
+    #[unroll]
+    for k in 0..7usize {
+        let at = i + k * lanes_k;
+        if at < n {
+            let r = usize::cast_from(live_rows[at]);
+            let hv = f32::cast_from(h[h_base + r]);
+            acc += Vector::<f32, N>::cast_from(w[r * row_stride + c]) * Vector::<f32, N>::new(hv);
+        }
     }
     acc
 }
@@ -1988,7 +2080,10 @@ fn write_kv<F: Float>(
 /// ones): q, k and v of a decode step in one launch. Each cube does one job, so the
 /// reductions never diverge inside a cube. With `has_first` (batch 1), cubes after those
 /// write the first factor of the next layer's attention predictor from the layer's
-/// residual (`down`, `residual`, `first`; [`first_factor_row`]).
+/// residual (`down`, `residual`, `first`; [`first_factor_row`]). With `norm_in` (batch 1,
+/// not lazy) the input is the f32 residual `xf` itself and its LayerNorm is applied here
+/// ([`normed_row_total`] with `gamma` and the rows' folds `q_fold`, `kv_fold`, which hold
+/// the biases): no launch before had to write it.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)] // the keys', values' and queries' inputs
 pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int, P: Float>(
@@ -2007,10 +2102,15 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int, P: Float>(
     down: &Array<P>,
     residual: &Array<f32>,
     first: &mut Array<f32>,
+    xf: &Array<Vector<f32, N>>,
+    gamma: &Array<Vector<f32, N>>,
+    q_fold: &Array<f32>,
+    kv_fold: &Array<f32>,
     shape: KvShape,
     query: QueryShape,
     lazy_shape: LazyShape,
     first_shape: FirstFactorShape,
+    norm: NormShape,
     pos: usize,
     #[comptime] has_bias: bool,
     #[comptime] has_query: bool,
@@ -2021,6 +2121,7 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int, P: Float>(
     #[comptime] rows_per_cube: usize,
     #[comptime] use_plane: bool,
     #[comptime] has_first: bool,
+    #[comptime] norm_in: bool,
     #[define(F, I, P)] _dtypes: [StorageType; 3],
 ) {
     let mut scratch = SharedMemory::<f32>::new(group * rows_per_cube);
@@ -2040,14 +2141,21 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int, P: Float>(
                 row = row_of(q_idx, j, query.block, query.rows, q_gathered);
             }
             let live = row < query.rows;
-            for b in 0..shape.batch {
-                let mut partial = 0.0f32;
-                if live {
-                    partial = lane_dot(q_w, row * query.w_stride, x, b * shape.x_stride, lane, group, shape.width);
-                }
-                let total = group_sum(partial, &mut scratch, group, use_plane);
+            if norm_in {
+                let total = normed_row_total(q_w, row * query.w_stride, xf, gamma, q_fold, row, live, lane, shape.width, norm, &mut scratch, group, use_plane);
                 if lane == 0 && in_range {
-                    q_out[b * query.out_stride + j] = F::cast_from(finish_row(total, q_bias, row, live, has_q_bias, false));
+                    q_out[j] = F::cast_from(total);
+                }
+            } else {
+                for b in 0..shape.batch {
+                    let mut partial = 0.0f32;
+                    if live {
+                        partial = lane_dot(q_w, row * query.w_stride, x, b * shape.x_stride, lane, group, shape.width);
+                    }
+                    let total = group_sum(partial, &mut scratch, group, use_plane);
+                    if lane == 0 && in_range {
+                        q_out[b * query.out_stride + j] = F::cast_from(finish_row(total, q_bias, row, live, has_q_bias, false));
+                    }
                 }
             }
             terminate!();
@@ -2115,6 +2223,12 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int, P: Float>(
                 let offset = h * shape.cache_head_stride + p * shape.cache_pos_stride + c;
                 write_kv(total, bias, j, half, offset, k_cache, v_cache, has_bias);
             }
+        }
+    } else if norm_in {
+        let total = normed_row_total(kv, w_base, xf, gamma, kv_fold, j, in_range, lane, shape.width, norm, &mut scratch, group, use_plane);
+        if lane == 0 && in_range {
+            let offset = h * shape.cache_head_stride + pos * shape.cache_pos_stride + c;
+            write_kv(total, bias, j, half, offset, k_cache, v_cache, false);
         }
     } else {
         for b in 0..shape.batch {
@@ -2304,7 +2418,9 @@ fn first_factor_row<P: Float>(
 /// `has_first`, the first factor of the next layer's MLP predictor from the same
 /// residual ([`first_factor_row`], `down`, `residual`, `first`); with `has_select`, the
 /// next layer's head selection from the first factor its attention predictor left
-/// (`select_by_predictor`: `sel_up`, `sel_h`, `idx`, `count`), on the last cube.
+/// (`select_by_predictor`: `sel_up`, `sel_h`, `idx`, `count`), on the last cube. With
+/// `norm_in` fc1 reads the f32 residual `xf` and applies its LayerNorm itself
+/// ([`normed_row_total`], `gamma`, `fold`).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)] // fc1's, the predictor's, and the riders' inputs
 pub(crate) fn predicted_rows_gemv_kernel<F: Float, P: Float, N: Size, I: Int>(
@@ -2321,10 +2437,14 @@ pub(crate) fn predicted_rows_gemv_kernel<F: Float, P: Float, N: Size, I: Int>(
     sel_h: &Array<f32>,
     idx: &mut Array<I>,
     count: &mut Array<I>,
+    xf: &Array<Vector<f32, N>>,
+    gamma: &Array<Vector<f32, N>>,
+    fold: &Array<f32>,
     shape: GemvShape,
     predictor: PredictorShape,
     first_shape: FirstFactorShape,
     sel_predictor: PredictorShape,
+    norm: NormShape,
     threshold: f32,
     sel_rows: usize,
     sel_capacity: usize,
@@ -2337,6 +2457,7 @@ pub(crate) fn predicted_rows_gemv_kernel<F: Float, P: Float, N: Size, I: Int>(
     #[comptime] has_first: bool,
     #[comptime] has_select: bool,
     #[comptime] sel_max_rows: usize,
+    #[comptime] norm_in: bool,
     #[define(F, P, I)] _dtypes: [StorageType; 3],
 ) {
     let mut scratch = SharedMemory::<f32>::new(group * rows_per_cube);
@@ -2356,7 +2477,17 @@ pub(crate) fn predicted_rows_gemv_kernel<F: Float, P: Float, N: Size, I: Int>(
     let j = cube * rows_per_cube + UNIT_POS_Y as usize;
     let logit = predicted_logit(up, h, predictor, j, shape.rows, lane, &mut scratch, group, use_plane);
     // Every lane of the group holds the same logit, so `live` is uniform.
-    gated_row(w, x, bias, out, shape, j, logit > threshold, lane, &mut scratch, has_bias, relu, group, use_plane);
+    if norm_in {
+        // The LayerNorm deferred to here: `x` is unread, `xf` the f32 residual, and the
+        // bias is in the rows' folds.
+        let live = logit > threshold;
+        let total = normed_row_total(w, j * shape.w_stride, xf, gamma, fold, j, live, lane, shape.width, norm, &mut scratch, group, use_plane);
+        if lane == 0 && j < shape.rows {
+            out[j] = F::cast_from(finish_row(total, bias, j, live, false, relu));
+        }
+    } else {
+        gated_row(w, x, bias, out, shape, j, logit > threshold, lane, &mut scratch, has_bias, relu, group, use_plane);
+    }
 }
 
 /// The decode step's sparse MLP up to fc2's split sums in one launch (batch 1): cube `s`

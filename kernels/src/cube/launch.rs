@@ -1062,8 +1062,36 @@ pub fn kv_append<R: CubeRuntime>(
     v_cache: CubeTensor<R>,
     pos: usize,
 ) -> (CubeTensor<R>, CubeTensor<R>) {
-    let (_, k, v, _) = qkv_append(None, kv, x, bias, k_cache, v_cache, pos, DType::I32, None);
+    let (_, k, v, _) = qkv_append(None, kv, x, bias, k_cache, v_cache, pos, DType::I32, None, None);
     (k, v)
+}
+
+/// A LayerNorm that a GEMV-like launch applies to its input itself (batch 1), so that no
+/// launch before has to write it: `x` is then the f32 residual `[1, d]`, `gamma` `[d]`
+/// f32, and `fold` (`q_fold`: the queries' rows in `qkv_append`) holds `(W[row] · gamma,
+/// W[row] · beta + bias[row])` per row, f32 `[2 · rows]` ([`crate::RowFold`]), which
+/// replaces the bias.
+pub struct NormInArgs<R: CubeRuntime> {
+    pub gamma: CubeTensor<R>,
+    pub eps: f32,
+    pub fold: CubeTensor<R>,
+    pub q_fold: Option<CubeTensor<R>>,
+}
+
+/// The bindings of an optional [`NormInArgs`]: `xf` (the residual as read), `gamma`, the
+/// folds and the shape, or unread bindings.
+fn norm_in_bindings<R: CubeRuntime>(norm_in: Option<NormInArgs<R>>, x: &CubeTensor<R>) -> ([CubeTensor<R>; 4], NormShapeLaunch<R>, bool) {
+    match norm_in {
+        Some(NormInArgs { gamma, eps, fold, q_fold }) => {
+            let d = dims(x)[1];
+            assert_eq!(dims(x)[0], 1, "a LayerNorm applied in the launch: one sequence");
+            assert_eq!(x.dtype, DType::F32, "a LayerNorm applied in the launch: the residual in f32");
+            let (gamma, fold) = (into_contiguous(gamma), into_contiguous(fold));
+            let q_fold = q_fold.map(into_contiguous).unwrap_or_else(|| fold.clone());
+            ([x.clone(), gamma, fold, q_fold], NormShapeLaunch::new(d, 1.0 / d as f32, eps), true)
+        }
+        None => ([unread(x), unread(x), unread(x), unread(x)], NormShapeLaunch::new(0, 0.0, 0.0), false),
+    }
 }
 
 /// The query rows for [`qkv_append`]: `w [rows, d]`, the selected heads (`idx`, blocks of
@@ -1091,8 +1119,9 @@ pub fn qkv_append<R: CubeRuntime>(
     pos: usize,
     int_dtype: DType,
     first: Option<FirstArgs<R>>,
+    norm_in: Option<NormInArgs<R>>,
 ) -> (Option<CubeTensor<R>>, CubeTensor<R>, CubeTensor<R>, Option<CubeTensor<R>>) {
-    let (q, k, v, _, first) = qkv_append_launch(query, kv, x, bias, k_cache, v_cache, pos, int_dtype, None, first);
+    let (q, k, v, _, first) = qkv_append_launch(query, kv, x, bias, k_cache, v_cache, pos, int_dtype, None, first, norm_in);
     (q, k, v, first)
 }
 
@@ -1121,7 +1150,7 @@ pub fn qkv_append_lazy<R: CubeRuntime>(
 ) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
     assert!(query.idx.is_some(), "qkv_append_lazy: the selected heads' index list");
     let int_dtype = lazy.pending.dtype;
-    let (q, k, v, pending, _) = qkv_append_launch(Some(query), kv, x, bias, k_cache, v_cache, pos, int_dtype, Some(lazy), None);
+    let (q, k, v, pending, _) = qkv_append_launch(Some(query), kv, x, bias, k_cache, v_cache, pos, int_dtype, Some(lazy), None, None);
     (q.expect("a query was asked for"), k, v, pending.expect("the lazy launch's next pending"))
 }
 
@@ -1138,6 +1167,7 @@ fn qkv_append_launch<R: CubeRuntime>(
     int_dtype: DType,
     lazy: Option<LazyArgs<R>>,
     first: Option<FirstArgs<R>>,
+    norm_in: Option<NormInArgs<R>>,
 ) -> (Option<CubeTensor<R>>, CubeTensor<R>, CubeTensor<R>, Option<CubeTensor<R>>, Option<CubeTensor<R>>) {
     let (kv, x) = (into_contiguous(kv), into_contiguous(x));
     let rows = dims(&kv)[0];
@@ -1201,6 +1231,10 @@ fn qkv_append_launch<R: CubeRuntime>(
     let ([down, residual, first_out], first_shape, first) = first_factor(first, kv_cubes, &x);
     let (has_first, first_dtype) = (first.is_some(), down.dtype);
     let first_cubes = first.as_ref().map_or(0, |f| dims(f)[1]);
+    assert!(norm_in.is_none() || !is_lazy, "qkv_append: a LayerNorm applied in the launch is not lazy");
+    let ([xf, gamma, kv_fold, q_fold], norm_shape, has_norm_in) = norm_in_bindings(norm_in, &x);
+    // With the LayerNorm applied in the launch, `x` (the weights' dtype) is not read.
+    let x = if has_norm_in { unread(&kv) } else { x };
     unsafe {
         kv_append_kernel::launch_unchecked::<R>(
             &client,
@@ -1222,20 +1256,26 @@ fn qkv_append_launch<R: CubeRuntime>(
             arg(down),
             arg(residual),
             arg(first_out),
+            arg(xf),
+            arg(gamma),
+            arg(q_fold),
+            arg(kv_fold),
             shape,
             query_shape,
             lazy_shape,
             first_shape,
+            norm_shape,
             pos,
-            has_bias,
+            has_bias && !has_norm_in,
             has_query,
             q_gathered,
-            has_q_bias,
+            has_q_bias && !has_norm_in,
             is_lazy,
             group,
             rows_per_cube,
             use_plane,
             has_first,
+            has_norm_in,
             [dtype.into(), idx_dtype.into(), first_dtype.into()],
         );
     }
@@ -1357,6 +1397,7 @@ pub fn predicted_rows_gemv<R: CubeRuntime>(
     first: Option<FirstArgs<R>>,
     select: Option<SelectArgs<R>>,
     int_dtype: DType,
+    norm_in: Option<NormInArgs<R>>,
 ) -> (CubeTensor<R>, Option<CubeTensor<R>>, Option<(CubeTensor<R>, CubeTensor<R>)>) {
     let (w, x) = (into_contiguous(w), into_contiguous(x));
     let (up, h) = (into_contiguous(up), into_contiguous(h));
@@ -1380,6 +1421,9 @@ pub fn predicted_rows_gemv<R: CubeRuntime>(
     };
     let selection = idx.clone().zip(count.clone());
     let cubes = fc1_cubes as usize + first_cubes + usize::from(has_select);
+    let ([xf, gamma, fold, _], norm_shape, has_norm_in) = norm_in_bindings(norm_in, &x);
+    // With the LayerNorm applied in the launch, `x` (the weights' dtype) is not read.
+    let x = if has_norm_in { unread(&w) } else { x };
     unsafe {
         predicted_rows_gemv_kernel::launch_unchecked::<R>(
             &client,
@@ -1399,15 +1443,19 @@ pub fn predicted_rows_gemv<R: CubeRuntime>(
             arg(sel_h),
             arg(idx.unwrap_or_else(|| unread(&x))),
             arg(count.unwrap_or_else(|| unread(&x))),
+            arg(xf),
+            arg(gamma),
+            arg(fold),
             l.shape,
             predictor,
             first_shape,
             sel_predictor,
+            norm_shape,
             threshold,
             sel_rows,
             sel_capacity,
             sel_threshold,
-            l.has_bias,
+            l.has_bias && !has_norm_in,
             relu,
             l.group,
             l.rows_per_cube,
@@ -1415,6 +1463,7 @@ pub fn predicted_rows_gemv<R: CubeRuntime>(
             has_first,
             has_select,
             sel_rows.max(1).next_power_of_two(),
+            has_norm_in,
             [dtype.into(), up_dtype.into(), int_dtype.into()],
         );
     }

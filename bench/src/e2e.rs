@@ -79,6 +79,10 @@ pub struct E2eArgs {
     /// next launches: no LayerNorm launches in sparse layers
     #[arg(long, requires = "f32_residual")]
     fused_norms: bool,
+    /// With --fused-norms: where a sparse layer's qkv_append or predicted fc1 reads it, no
+    /// launch writes the LayerNorm; those launches apply it to the f32 residual themselves
+    #[arg(long, requires = "fused_norms")]
+    deferred_norms: bool,
     /// The paper's latency setting for the synthetic models: MLP density in sparse layers
     #[arg(long, default_value_t = 0.1)]
     mlp_density: f64,
@@ -210,6 +214,7 @@ fn sparse_options(args: &E2eArgs) -> SparseOptions {
         f32_residual: args.f32_residual,
         fused_attention: args.fused_attention,
         fused_norms: args.fused_norms,
+        deferred_norms: args.deferred_norms,
         ..Default::default()
     }
 }
@@ -968,6 +973,7 @@ fn write_report(
         "f32_residual": args.f32_residual,
         "fused_attention": args.fused_attention,
         "fused_norms": args.fused_norms,
+        "deferred_norms": args.deferred_norms,
         "seed": args.seed,
         "note": "per-token latency = decode time of the last new_tokens-1 steps / (new_tokens-1), median over runs \
                  after one warm-up run; prompts prefilled in 128-token chunks into one cache per model. kept_* come \

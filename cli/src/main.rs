@@ -104,6 +104,10 @@ struct SparseArgs {
     /// --fused-attention
     #[arg(long, requires = "f32_residual")]
     fused_norms: bool,
+    /// With --fused-norms: where a sparse layer's qkv_append or predicted fc1 reads it, no
+    /// launch writes the LayerNorm; those launches apply it to the f32 residual themselves
+    #[arg(long, requires = "fused_norms")]
+    deferred_norms: bool,
 }
 
 /// The sparse path's settings once the command line is read.
@@ -134,6 +138,7 @@ impl SparseArgs {
                 f32_residual: self.f32_residual,
                 fused_attention: self.fused_attention,
                 fused_norms: self.fused_norms,
+                deferred_norms: self.deferred_norms,
             },
         })
     }
@@ -155,6 +160,7 @@ impl SparseChoice {
             "f32_residual": self.options.f32_residual,
             "fused_attention": self.options.fused_attention,
             "fused_norms": self.options.fused_norms,
+            "deferred_norms": self.options.deferred_norms,
             "kept": kept,
         })
     }

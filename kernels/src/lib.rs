@@ -1816,7 +1816,7 @@ fn check_first_factor<B: Backend>(op: &'static str, first: &FirstFactor<B>) -> R
 /// [`predicted_rows_gemv_with`]; batch 1): the op then reads the f32 residual `[1, d]`
 /// where it read the LayerNorm's output, so the launch that finished the residual writes
 /// no LayerNorm. `gamma`, `beta` `[d]` f32.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct NormIn<B: Backend> {
     pub gamma: Tensor<B, 1>,
     pub beta: Tensor<B, 1>,
@@ -1827,7 +1827,7 @@ pub struct NormIn<B: Backend> {
 /// LayerNorm itself ([`NormIn`]): `[s_0, c_0, s_1, c_1, ..]` (f32) with `s = W[row] ·
 /// gamma` and `c = W[row] · beta + bias[row]`, so that `W[row] · LayerNorm(x) + bias[row]
 /// = (Σ W[row]·gamma·x − mean(x) · s) / std(x) + c`.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct RowFold<B: Backend>(pub Tensor<B, 1>);
 
 impl<B: Backend> RowFold<B> {

@@ -164,8 +164,10 @@ pub(crate) fn bias<B: Backend>(linear: &burn::nn::Linear<B>) -> Option<Tensor<B,
 /// written into `cache`: one launch. With `first` (one sequence) the first factor of the
 /// next layer's attention predictor rides in the same launch
 /// ([`dejavu_kernels::qkv_append_first`]). Returns the queries `[batch, slots · hd]`, the
-/// whole caches and the first factor `[1, r]` when asked for.
+/// whole caches and the first factor `[1, r]` when asked for. With `norm_in` (and
+/// `first`), `x` is the f32 residual and the launch applies its LayerNorm itself.
 #[allow(clippy::type_complexity)] // the queries, the caches, the first factor
+#[allow(clippy::too_many_arguments)] // the layer, its input, cache and step, and the two riders
 pub(crate) fn project_qkv<B: SparseKernels>(
     attention: &OptAttention<B>,
     weights: &DecodeLayer<B>,
@@ -174,15 +176,21 @@ pub(crate) fn project_qkv<B: SparseKernels>(
     cache: &mut LayerKvCache<B>,
     step: &Step<B>,
     first: Option<dejavu_kernels::FirstFactor<B>>,
+    norm_in: Option<(dejavu_kernels::NormIn<B>, dejavu_kernels::RowFold<B>, dejavu_kernels::RowFold<B>)>,
 ) -> (Tensor<B, 2>, Tensor<B, 4>, Tensor<B, 4>, Option<Tensor<B, 2>>) {
     let query = dejavu_kernels::QueryRows { w: weights.q_rows.clone(), heads, head_dim: attention.head_dim, bias: bias(&attention.q_proj) };
     let (kv, kv_bias, key, value) = (weights.kv_rows.clone(), weights.kv_bias.clone(), cache.key.clone(), cache.value.clone());
     let (q, keys, values, first) = match first {
         Some(first) => {
-            let (q, k, v, f) = dejavu_kernels::qkv_append_first(query, kv, x, kv_bias, key, value, step.start, first).expect(SHAPES);
+            let (q, k, v, f) = dejavu_kernels::qkv_append_first(query, kv, x, kv_bias, key, value, step.start, first, norm_in).expect(SHAPES);
             (q, k, v, Some(f))
         }
         None => {
+            // `x` is the residual a LayerNorm in the launch would have read: normalize it here.
+            let x = match norm_in {
+                Some((n, _, _)) => dejavu_kernels::layer_norm_to(x, n.gamma, n.beta, n.eps, kv.dtype()).expect(SHAPES),
+                None => x,
+            };
             let (q, k, v) = dejavu_kernels::qkv_append(query, kv, x, kv_bias, key, value, step.start).expect(SHAPES);
             (q, k, v, None)
         }
@@ -324,7 +332,7 @@ pub(crate) fn dense_attention<B: SparseKernels>(
     let [batch, _, d] = x.dims();
     let x = x.reshape([batch, d]);
     settle_lazy_kv(attention, weights, all_heads, cache, step.start);
-    let (q, keys, values, _) = project_qkv(attention, weights, None, x, cache, step, None);
+    let (q, keys, values, _) = project_qkv(attention, weights, None, x, cache, step, None, None);
     let scale = (attention.head_dim as f32).powf(-0.5);
     let heads = dejavu_kernels::selected_heads_attention(q, all_heads.clone(), keys, values, step.start + 1, scale)
         .expect(SHAPES);

@@ -121,6 +121,14 @@ pub struct SparseOptions {
     /// a sparse layer where `f32_residual` with `fused_attention` takes six. The same sums
     /// as without; the atomics' order varies as with `f32_residual`.
     pub fused_norms: bool,
+    /// With `fused_norms` (lookahead 1): where the launch after reads it through a
+    /// sparse layer's `qkv_append` or predicted fc1, no launch writes the LayerNorm at all —
+    /// those two read the f32 residual and apply the LayerNorm themselves
+    /// (`dejavu_kernels::NormIn`: the statistics from the loads of their own dots, gamma,
+    /// beta and the bias folded into two f32 numbers per weight row, made once here), so
+    /// the launch that finishes the residual ends with its atomic adds and no last cube's
+    /// LayerNorm. The LayerNorm's output is never rounded to the weights' dtype.
+    pub deferred_norms: bool,
 }
 
 /// Predictors, plan and kernel-ready weights for one model.
@@ -139,6 +147,20 @@ pub struct SparseModel<B: Backend> {
     /// finish ([`SparseOptions::fused_norms`]).
     norms: Vec<[(Tensor<B, 1>, Tensor<B, 1>); 2]>,
     final_norm: Option<(Tensor<B, 1>, Tensor<B, 1>)>,
+    /// Per layer, its weight rows folded with the LayerNorms before them
+    /// ([`SparseOptions::deferred_norms`]); `None` for layers dense in the plan.
+    folds: Vec<Option<LayerFolds<B>>>,
+}
+
+/// A layer's LayerNorms and the weight rows that read them, folded for launches that
+/// apply the LayerNorm themselves ([`SparseOptions::deferred_norms`]).
+#[derive(Debug)]
+struct LayerFolds<B: Backend> {
+    attention: dejavu_kernels::NormIn<B>,
+    q: dejavu_kernels::RowFold<B>,
+    kv: dejavu_kernels::RowFold<B>,
+    mlp: dejavu_kernels::NormIn<B>,
+    fc1: dejavu_kernels::RowFold<B>,
 }
 
 /// A low-rank predictor in f32 (as trained: in f16 the low-rank sums of a large residual
@@ -272,9 +294,27 @@ impl<B: SparseKernels> SparseModel<B> {
         let predictors = (0..dims.num_layers).map(|l| [at(&predictors.mlp, l), at(&predictors.attention, l)]).collect();
         let pre_ln = model.decoder.layers.first().is_none_or(|l| l.do_layer_norm_before);
         let d = dims.hidden_size;
-        let norms = model.decoder.layers.iter().map(|l| [norm_params(&l.self_attn_layer_norm, d), norm_params(&l.final_layer_norm, d)]).collect();
+        let norms: Vec<[(Tensor<B, 1>, Tensor<B, 1>); 2]> = model.decoder.layers.iter().map(|l| [norm_params(&l.self_attn_layer_norm, d), norm_params(&l.final_layer_norm, d)]).collect();
         let final_norm = model.decoder.final_layer_norm.as_ref().map(|ln| norm_params(ln, d));
-        Ok(Self { plan, predictors, weights, options, pre_ln, norms, final_norm })
+        let folds = (0..dims.num_layers)
+            .map(|l| {
+                let sparse = !plan.layers[l].attention.is_dense() || !plan.layers[l].mlp.is_dense();
+                (options.deferred_norms && pre_ln && sparse).then(|| {
+                    let (layer, rows) = (&model.decoder.layers[l], &weights.layers[l]);
+                    let norm_in = |(gamma, beta): &(Tensor<B, 1>, Tensor<B, 1>)| dejavu_kernels::NormIn { gamma: gamma.clone(), beta: beta.clone(), eps: LAYER_NORM_EPS as f32 };
+                    let [attention, mlp] = &norms[l];
+                    let (attention, mlp) = (norm_in(attention), norm_in(mlp));
+                    LayerFolds {
+                        q: dejavu_kernels::RowFold::new(&rows.q_rows, &attention, bias(&layer.self_attn.q_proj).as_ref()),
+                        kv: dejavu_kernels::RowFold::new(&rows.kv_rows, &attention, rows.kv_bias.as_ref()),
+                        fc1: dejavu_kernels::RowFold::new(&rows.fc1_rows, &mlp, bias(&layer.mlp.fc1).as_ref()),
+                        attention,
+                        mlp,
+                    }
+                })
+            })
+            .collect();
+        Ok(Self { plan, predictors, weights, options, pre_ln, norms, final_norm, folds })
     }
 
     /// The predictor that reads layer `layer`'s attention input (`is_attention`) or MLP
@@ -342,8 +382,42 @@ impl<B: SparseKernels> SparseModel<B> {
             attention_kept: vec![Kept::default(); n],
             count_kept: true,
             normed_ahead: None,
+            deferred: None,
+            norm_in: None,
+            norms_in_launch: 0,
             first_due: None,
             done: None,
+        }
+    }
+
+    /// Whether the launch that finishes the residual entering `site` leaves its LayerNorm
+    /// to the launch that reads it ([`SparseOptions::deferred_norms`]): that launch is a
+    /// sparse layer's `qkv_append` carrying the next layer's attention first factor
+    /// (lookahead 1), or its predicted fc1. `attention_pending`, `mlp_pending`: what the
+    /// hooks hold for the layer now.
+    fn defers(&self, site: NormSite, attention_pending: bool, mlp_first_factor: bool) -> bool {
+        let options = &self.options;
+        if !(options.deferred_norms && options.fused_norms) {
+            return false;
+        }
+        match site {
+            NormSite::AttentionInput(l) => {
+                self.folds.get(l).is_some_and(Option::is_some)
+                    && !self.plan.layers[l].attention.is_dense()
+                    && options.lazy_kv_window == 0
+                    && !options.oracle_attention
+                    && attention_pending
+                    && self.plan.lookahead == 1
+                    && self.predictor_reading(l, true).is_some()
+            }
+            NormSite::MlpInput(l) => {
+                self.folds.get(l).is_some_and(Option::is_some)
+                    && matches!(self.plan.layers[l].mlp, Selection::Threshold { .. })
+                    && !options.oracle_mlp
+                    && !options.fused_mlp
+                    && mlp_first_factor
+            }
+            _ => false,
         }
     }
 
@@ -476,6 +550,14 @@ pub struct SparseHooks<'a, B: Backend> {
     /// A LayerNorm the launch before wrote for `site` ([`SparseOptions::fused_norms`]),
     /// taken by the next [`ForwardHooks::norm`] of that site.
     normed_ahead: Option<(NormSite, Tensor<B, 3>)>,
+    /// A LayerNorm the launch before left to the launch that reads it
+    /// ([`SparseOptions::deferred_norms`]), taken by the next [`ForwardHooks::norm`] of
+    /// that site, which hands the residual on as it is and moves it to `norm_in`.
+    deferred: Option<NormSite>,
+    /// The site whose block gets the residual instead of its LayerNorm, to apply itself.
+    norm_in: Option<NormSite>,
+    /// How many LayerNorms blocks applied in their own launches (`norm_in` taken).
+    norms_in_launch: usize,
     first_due: Option<FirstDue<B>>,
     /// The counter of the launches that write a LayerNorm from their last cube.
     done: Option<Tensor<B, 1, Int>>,
@@ -519,6 +601,12 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
         }
     }
 
+    /// How many LayerNorms the blocks applied in their own launches so far
+    /// ([`SparseOptions::deferred_norms`]).
+    pub fn norms_in_launch(&self) -> usize {
+        self.norms_in_launch
+    }
+
     fn sparse_call(&self, n: usize) -> bool {
         n == 1 || self.model.options.every_token
     }
@@ -545,6 +633,32 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
         self.model.weights_dtype()
     }
 
+    /// Records the first factor owed to the predictor that reads the residual `x` entering
+    /// `site`, whose LayerNorm no `norm_predict` launch computed ([`FirstDue`]).
+    fn owe_first_factor(&mut self, site: NormSite, x: &Tensor<B, 3>) {
+        let reading = match site {
+            NormSite::AttentionInput(layer) => Some((layer, true)),
+            NormSite::MlpInput(layer) => Some((layer, false)),
+            _ => None,
+        };
+        if let Some((target, is_attention)) = reading.and_then(|(l, a)| self.model.predictor_reading(l, a).map(|(t, _)| (t, a))) {
+            let d = x.dims()[2];
+            self.first_due = Some(FirstDue { target, is_attention, residual: x.clone().reshape([1, d]) });
+        }
+    }
+
+    /// The LayerNorm of the residual `x` entering `site` that its block could not apply in
+    /// its own launch after all ([`SparseHooks::norm_in`]), in the weights' dtype.
+    fn normalize_here(&self, site: NormSite, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [batch, n, d] = x.dims();
+        let (gamma, beta) = match site {
+            NormSite::AttentionInput(l) => self.model.norms[l][0].clone(),
+            NormSite::MlpInput(l) => self.model.norms[l][1].clone(),
+            _ => unreachable!("only a layer's two LayerNorms are left to their blocks"),
+        };
+        dejavu_kernels::layer_norm_to(x.reshape([batch * n, d]), gamma, beta, LAYER_NORM_EPS as f32, self.weights_dtype()).expect(KERNEL_SHAPES).reshape([batch, n, d])
+    }
+
     /// Gives a first factor still owed ([`FirstDue`]) a GEMV launch of its own, where no
     /// launch of the block carries it.
     fn settle_first(&mut self, due: Option<FirstDue<B>>) {
@@ -563,6 +677,15 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
     fn fc2_and_norm(&mut self, layer: usize, mlp: &OptMlp<B>, h: Tensor<B, 2>, residual: Option<Tensor<B, 3>>, accumulate: bool) -> Tensor<B, 3> {
         let next = if layer + 1 < self.model.plan.layers.len() { NormSite::AttentionInput(layer + 1) } else { NormSite::Final };
         let fused = accumulate && self.model.options.fused_norms;
+        let pending = |p: &Option<Prediction<B>>| p.is_some();
+        let (attention_next, mlp_next) = match next {
+            NormSite::AttentionInput(l) => (self.attention_pending.get(l).is_some_and(pending), false),
+            _ => (false, false),
+        };
+        if fused && residual.is_some() && self.model.defers(next, attention_next, mlp_next) {
+            self.deferred = Some(next);
+            return fc2(mlp, h, residual, accumulate);
+        }
         let norm = match &residual {
             Some(r) if fused => self.model.norm_after(&mut self.done, next, &r.device()),
             _ => None,
@@ -684,6 +807,17 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
         // A first factor still owed rides in `qkv_append` on the kernel path below, else
         // gets its own launch now.
         let kernel_path = !lazy && !oracle && batch == 1 && n == 1 && self.sparse_call(n) && !selection.is_dense() && self.attention_pending[layer].is_some();
+        // `x` may be the residual whose LayerNorm `qkv_append` is to apply
+        // ([`SparseOptions::deferred_norms`]); any other path normalizes it first.
+        let site = NormSite::AttentionInput(layer);
+        let (x, norm_in) = match self.norm_in.take_if(|s| *s == site).is_some() {
+            true if kernel_path && self.model.folds[layer].is_some() => {
+                self.norms_in_launch += 1;
+                (x, self.model.folds[layer].as_ref().map(|f| (f.attention.clone(), f.q.clone(), f.kv.clone())))
+            }
+            true => (self.normalize_here(site, x), None),
+            false => (x, None),
+        };
         let due = match self.first_due.take() {
             Some(due) if kernel_path && due.is_attention && due.target != layer => Some(due),
             other => {
@@ -753,7 +887,7 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
                 // A first factor owed rides along (see above).
                 let first = due.map(|due| due.rider(self.model));
                 let target = first.as_ref().map(|(t, _)| *t);
-                let (q, keys, values, first) = project_qkv(attention, &weights.layers[layer], Some(heads.clone()), x, cache, step, first.map(|(_, f)| f));
+                let (q, keys, values, first) = project_qkv(attention, &weights.layers[layer], Some(heads.clone()), x, cache, step, first.map(|(_, f)| f), norm_in);
                 if let (Some(target), Some(first)) = (target, first) {
                     self.attention_pending[target] = Some(Prediction::FirstFactor(first));
                 }
@@ -768,7 +902,13 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
                 let out_rows = self.model.weights.layers[layer].out_rows.clone();
                 let one_launch = self.model.options.fused_attention;
                 // With fused_norms the launch's last cube also writes the MLP's LayerNorm.
-                let norm = match one_launch && self.model.options.fused_norms && batch == 1 {
+                let fused_norms = one_launch && self.model.options.fused_norms && batch == 1;
+                let mlp_first = matches!(self.mlp_pending[layer], Some(Prediction::FirstFactor(_)));
+                let norm = match fused_norms {
+                    true if self.model.defers(NormSite::MlpInput(layer), false, mlp_first) => {
+                        self.deferred = Some(NormSite::MlpInput(layer));
+                        None
+                    }
                     true => self.model.norm_after(&mut self.done, NormSite::MlpInput(layer), &r.device()),
                     false => None,
                 };
@@ -812,6 +952,17 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
                 self.settle_first(other);
                 None
             }
+        };
+        // `x` may be the residual whose LayerNorm the predicted fc1 is to apply
+        // ([`SparseOptions::deferred_norms`]); any other path normalizes it first.
+        let site = NormSite::MlpInput(layer);
+        let (x, norm_in) = match self.norm_in.take_if(|s| *s == site).is_some() {
+            true if fc1_path && self.model.folds[layer].is_some() => {
+                self.norms_in_launch += 1;
+                (x, self.model.folds[layer].as_ref().map(|f| (f.mlp.clone(), f.fc1.clone())))
+            }
+            true => (self.normalize_here(site, x), None),
+            false => (x, None),
         };
         if !self.sparse_call(n) || selection.is_dense() {
             // One token: the dense MLP's fc2 (with fused_norms, writing the next LayerNorm).
@@ -869,7 +1020,7 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
                     };
                     let target = first.as_ref().map(|(t, _)| *t);
                     let up = predictor().up_decode.clone();
-                    let rows = dejavu_kernels::predicted_rows_gemv_with(fc1_rows, x, bias(&mlp.fc1), Act::Relu, up, h, threshold, first.map(|(_, f)| f), select)
+                    let rows = dejavu_kernels::predicted_rows_gemv_with(fc1_rows, x, bias(&mlp.fc1), Act::Relu, up, h, threshold, first.map(|(_, f)| f), select, norm_in)
                         .expect(KERNEL_SHAPES);
                     if let (Some(target), Some(first)) = (target, rows.first) {
                         self.mlp_pending[target] = Some(Prediction::FirstFactor(first));
@@ -931,19 +1082,19 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
         // A residual stream kept in f32 is normalized into the weights' dtype (the last
         // LayerNorm's output goes to the LM head).
         let dtype = if self.f32_residual(&x) { self.weights_dtype() } else { x.dtype() };
-        // Written by the launch that finished this residual: the predictor that reads it
-        // is still owed its first factor, which the next launch carries.
+        // No launch wrote this LayerNorm: the block's launch applies it to the residual,
+        // handed on as it is. The predictor that reads the residual is still owed its first
+        // factor, which the next launch carries.
+        if self.deferred == Some(site) {
+            self.deferred = None;
+            self.norm_in = Some(site);
+            self.owe_first_factor(site, &x);
+            return x;
+        }
+        // Written by the launch that finished this residual; the first factor as above.
         if let Some((ahead, normed)) = self.normed_ahead.take() {
             if ahead == site {
-                let reading = match site {
-                    NormSite::AttentionInput(layer) => Some((layer, true)),
-                    NormSite::MlpInput(layer) => Some((layer, false)),
-                    _ => None,
-                };
-                if let Some((target, is_attention)) = reading.and_then(|(l, a)| self.model.predictor_reading(l, a).map(|(t, _)| (t, a))) {
-                    let d = x.dims()[2];
-                    self.first_due = Some(FirstDue { target, is_attention, residual: x.reshape([1, d]) });
-                }
+                self.owe_first_factor(site, &x);
                 return normed;
             }
         }

@@ -381,16 +381,34 @@ fn layer_norms_written_ahead_give_the_same_decode() {
         let (manifest, modules) = predictors(&config, lookahead, hash);
         let plan = plan(&manifest, threshold, threshold);
         let plain = SparseModel::new(&model, hash, plan.clone(), modules.clone(), base).unwrap();
-        let ahead = SparseModel::new(&model, hash, plan, modules, SparseOptions { fused_norms: true, ..base }).unwrap();
-        let (mut plain_hooks, mut ahead_hooks) = (plain.hooks(), ahead.hooks());
+        let ahead = SparseModel::new(&model, hash, plan.clone(), modules.clone(), SparseOptions { fused_norms: true, ..base }).unwrap();
+        let deferred = SparseModel::new(&model, hash, plan, modules, SparseOptions { fused_norms: true, deferred_norms: true, ..base }).unwrap();
+        let mut plain_hooks = plain.hooks();
         let want = stepped_logits(&model, &mut plain_hooks, &ids);
-        let got = stepped_logits(&model, &mut ahead_hooks, &ids);
-        let err = max_abs_diff(&want, &got);
-        assert!(err < 1e-5, "lookahead {lookahead}: LayerNorms written ahead vs in their own launches: {err}");
-        let (a, b) = (plain_hooks.stats(), ahead_hooks.stats());
-        assert_eq!(a.mlp, b.mlp, "lookahead {lookahead}: MLP kept");
-        assert_eq!(a.attention, b.attention, "lookahead {lookahead}: heads kept");
-        assert!(b.mean_mlp_density() < 0.9 && b.mean_attention_density() < 0.9, "lookahead {lookahead}: nothing skipped: {b:?}");
+        let a = plain_hooks.stats();
+        for (name, sparse, deferring) in [("written ahead", &ahead, false), ("applied by the launches that read them", &deferred, true)] {
+            let mut hooks = sparse.hooks();
+            let got = stepped_logits(&model, &mut hooks, &ids);
+            let err = max_abs_diff(&want, &got);
+            assert!(err < 1e-5, "lookahead {lookahead}: LayerNorms {name} vs in their own launches: {err}");
+            let b = hooks.stats();
+            assert_eq!(a.mlp, b.mlp, "lookahead {lookahead}, LayerNorms {name}: MLP kept");
+            assert_eq!(a.attention, b.attention, "lookahead {lookahead}, LayerNorms {name}: heads kept");
+            assert!(b.mean_mlp_density() < 0.9 && b.mean_attention_density() < 0.9, "lookahead {lookahead}: nothing skipped: {b:?}");
+            // With the lookahead, each decode step's layers 1-3 apply both their LayerNorms
+            // in their qkv_append and predicted fc1 (layer 0 reads the embeddings' residual,
+            // normalized by its own launch); without it the MLP's first factor is the layer's
+            // own, so nothing is deferred.
+            if deferring {
+                let steps = ids.len() - 1;
+                match lookahead {
+                    1 => assert!(hooks.norms_in_launch() >= 2 * steps, "lookahead 1: {} LayerNorms applied in launches in {steps} steps", hooks.norms_in_launch()),
+                    _ => assert_eq!(hooks.norms_in_launch(), 0, "lookahead 0"),
+                }
+            } else {
+                assert_eq!(hooks.norms_in_launch(), 0, "{name}");
+            }
+        }
     }
 }
 

@@ -1247,7 +1247,7 @@ pub fn gated_rows_gemv<B: SparseKernels>(
     threshold: f32,
 ) -> Result<Tensor<B, 2>, KernelError> {
     let op = "gated_rows_gemv";
-    check_gated_rows(op, &w, &x, bias.as_ref())?;
+    check_gated_rows(op, &w, &x, bias.as_ref(), false)?;
     if gate.dims()[0] != w.dims()[0] {
         return Err(shape_err(op, format!("gate has {} logits for {} rows", gate.dims()[0], w.dims()[0])));
     }
@@ -1272,7 +1272,7 @@ pub fn predicted_rows_gemv<B: SparseKernels>(
     threshold: f32,
 ) -> Result<Tensor<B, 2>, KernelError> {
     let op = "predicted_rows_gemv";
-    check_gated_rows(op, &w, &x, bias.as_ref())?;
+    check_gated_rows(op, &w, &x, bias.as_ref(), false)?;
     check_predictor(op, &up, &h, Some(w.dims()[0]))?;
     Ok(wrap(B::predicted_rows_gemv(
         prim(w),
@@ -1312,7 +1312,7 @@ pub fn predicted_mlp<B: SparseKernels>(
 ) -> Result<Tensor<B, 2>, KernelError> {
     let op = "predicted_mlp";
     let MlpWeights { w1, b1, w2_t, b2 } = mlp;
-    check_gated_rows(op, &w1, &x, b1.as_ref())?;
+    check_gated_rows(op, &w1, &x, b1.as_ref(), false)?;
     check_predictor(op, &up, &h, Some(w1.dims()[0]))?;
     let d = x.dims()[1];
     if w2_t.dims() != w1.dims() {
@@ -1335,8 +1335,12 @@ pub fn predicted_mlp<B: SparseKernels>(
 }
 
 /// [`check_rows_gemv`] for the gated GEMVs, which take one token (`x [1, d]`).
-fn check_gated_rows<B: Backend>(op: &'static str, w: &Tensor<B, 2>, x: &Tensor<B, 2>, bias: Option<&Tensor<B, 1>>) -> Result<(), KernelError> {
-    check_rows_gemv(op, w, x, bias)?;
+/// With `x_f32`, `x` is the f32 residual whose LayerNorm the op applies itself ([`NormIn`]).
+fn check_gated_rows<B: Backend>(op: &'static str, w: &Tensor<B, 2>, x: &Tensor<B, 2>, bias: Option<&Tensor<B, 1>>, x_f32: bool) -> Result<(), KernelError> {
+    match x_f32 {
+        true => check_mixed_rows_gemv(op, w, x, bias)?,
+        false => check_rows_gemv(op, w, x, bias)?,
+    }
     if x.dims()[0] != 1 {
         return Err(shape_err(op, format!("x has {} rows; the gated GEMV is for batch 1", x.dims()[0])));
     }
@@ -1498,7 +1502,7 @@ pub fn kv_append<B: SparseKernels>(
     v_cache: Tensor<B, 4>,
     pos: usize,
 ) -> Result<(Tensor<B, 4>, Tensor<B, 4>), KernelError> {
-    check_kv_inputs("kv_append", &kv, &x, bias.as_ref(), &k_cache, &v_cache, pos)?;
+    check_kv_inputs("kv_append", &kv, &x, bias.as_ref(), &k_cache, &v_cache, pos, false)?;
     let (k, v) = B::kv_append(prim(kv), prim(x), bias.map(prim), prim(k_cache), prim(v_cache), pos);
     Ok((wrap(k), wrap(v)))
 }
@@ -1527,7 +1531,7 @@ pub fn qkv_append<B: SparseKernels>(
     pos: usize,
 ) -> Result<(Tensor<B, 2>, Tensor<B, 4>, Tensor<B, 4>), KernelError> {
     let op = "qkv_append";
-    let block = check_qkv_inputs(op, &query, &kv, &x, kv_bias.as_ref(), &k_cache, &v_cache, pos)?;
+    let block = check_qkv_inputs(op, &query, &kv, &x, kv_bias.as_ref(), &k_cache, &v_cache, pos, false)?;
     let (q, k, v) = B::qkv_append(
         prim(query.w),
         query.heads.map(|h| h.into_primitive()),
@@ -1580,7 +1584,7 @@ pub fn qkv_append_lazy<B: SparseKernels>(
     state: LazyKv<B>,
 ) -> Result<(Tensor<B, 2>, Tensor<B, 4>, Tensor<B, 4>, LazyKv<B>), KernelError> {
     let op = "qkv_append_lazy";
-    let block = check_qkv_inputs(op, &query, &kv, &x, kv_bias.as_ref(), &k_cache, &v_cache, pos)?;
+    let block = check_qkv_inputs(op, &query, &kv, &x, kv_bias.as_ref(), &k_cache, &v_cache, pos, false)?;
     let Some(heads) = query.heads else {
         return Err(shape_err(op, "needs the selected heads' index list".into()));
     };
@@ -1625,9 +1629,13 @@ fn check_qkv_inputs<B: Backend>(
     k_cache: &Tensor<B, 4>,
     v_cache: &Tensor<B, 4>,
     pos: usize,
+    x_f32: bool,
 ) -> Result<usize, KernelError> {
-    check_kv_inputs(op, kv, x, kv_bias, k_cache, v_cache, pos)?;
-    check_rows_gemv(op, &query.w, x, query.bias.as_ref())?;
+    check_kv_inputs(op, kv, x, kv_bias, k_cache, v_cache, pos, x_f32)?;
+    match x_f32 {
+        true => check_mixed_rows_gemv(op, &query.w, x, query.bias.as_ref())?,
+        false => check_rows_gemv(op, &query.w, x, query.bias.as_ref())?,
+    }
     let block = if query.heads.is_some() { query.head_dim.max(1) } else { 1 };
     check_block(op, query.w.dims()[0], block)?;
     Ok(block)
@@ -1642,6 +1650,7 @@ fn check_kv_inputs<B: Backend>(
     k_cache: &Tensor<B, 4>,
     v_cache: &Tensor<B, 4>,
     pos: usize,
+    x_f32: bool,
 ) -> Result<(), KernelError> {
     let [batch, heads, cap, hd] = k_cache.dims();
     if v_cache.dims() != k_cache.dims() {
@@ -1656,7 +1665,10 @@ fn check_kv_inputs<B: Backend>(
     if pos >= cap {
         return Err(shape_err(op, format!("position {pos} outside the cache's {cap}")));
     }
-    check_rows_gemv(op, kv, x, bias)?;
+    match x_f32 {
+        true => check_mixed_rows_gemv(op, kv, x, bias)?,
+        false => check_rows_gemv(op, kv, x, bias)?,
+    }
     check_float(op, "the key cache", k_cache, kv.dtype())?;
     check_float(op, "the value cache", v_cache, kv.dtype())
 }
@@ -1897,9 +1909,9 @@ pub fn predicted_rows_gemv_with<B: SparseKernels>(
     match &norm_in {
         Some((norm, fold)) => {
             check_norm_in(op, norm, &[(fold, w.dims()[0])], &x)?;
-            check_gated_rows(op, &w, &x.clone().cast(w.dtype()), bias.as_ref())?;
+            check_gated_rows(op, &w, &x, bias.as_ref(), true)?;
         }
-        None => check_gated_rows(op, &w, &x, bias.as_ref())?,
+        None => check_gated_rows(op, &w, &x, bias.as_ref(), false)?,
     }
     check_predictor(op, &up, &h, Some(w.dims()[0]))?;
     if let Some(f) = &first {
@@ -1941,9 +1953,9 @@ pub fn qkv_append_first<B: SparseKernels>(
     let block = match &norm_in {
         Some((norm, q_fold, kv_fold)) => {
             check_norm_in(op, norm, &[(q_fold, query.w.dims()[0]), (kv_fold, kv.dims()[0])], &x)?;
-            check_qkv_inputs(op, &query, &kv, &x.clone().cast(kv.dtype()), kv_bias.as_ref(), &k_cache, &v_cache, pos)?
+            check_qkv_inputs(op, &query, &kv, &x, kv_bias.as_ref(), &k_cache, &v_cache, pos, true)?
         }
-        None => check_qkv_inputs(op, &query, &kv, &x, kv_bias.as_ref(), &k_cache, &v_cache, pos)?,
+        None => check_qkv_inputs(op, &query, &kv, &x, kv_bias.as_ref(), &k_cache, &v_cache, pos, false)?,
     };
     check_first_factor(op, &first)?;
     if x.dims()[0] != 1 || first.down.dims()[1] != x.dims()[1] {

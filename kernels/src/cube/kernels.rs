@@ -997,17 +997,11 @@ fn live_rows_dot<F: Float, N: Size>(
         acc += Vector::<f32, N>::cast_from(w7) * Vector::<f32, N>::new(f32::cast_from(h[h_base + r7]));
         i += 8 * lanes_k;
     }
-    // The rest (at most seven rows a lane) with all their loads in flight together: a
-    // split of 1024 rows at 10% leaves each of 8 lanes about 12 live rows, and one by
-    // one the last four or five each waited a round trip.
-    #[unroll]
-    for k in 0..7usize {
-        let at = i + k * lanes_k;
-        if at < n {
-            let r = usize::cast_from(live_rows[at]);
-            let hv = f32::cast_from(h[h_base + r]);
-            acc += Vector::<f32, N>::cast_from(w[r * row_stride + c]) * Vector::<f32, N>::new(hv);
-        }
+    while i < n {
+        let r = usize::cast_from(live_rows[i]);
+        let hv = f32::cast_from(h[h_base + r]);
+        acc += Vector::<f32, N>::cast_from(w[r * row_stride + c]) * Vector::<f32, N>::new(hv);
+        i += lanes_k;
     }
     acc
 }

@@ -88,6 +88,17 @@ fn vector_width<R: CubeRuntime>(tensors: &[&CubeTensor<R>]) -> usize {
         .max(1)
 }
 
+/// [`vector_width`] of the weights `w` alone, for a launch that reads an f32 `x` of the
+/// same width in vectors of as many elements (twice the bytes of the weights' f16 ones).
+fn weights_vector_width<R: CubeRuntime>(w: &CubeTensor<R>, x: &CubeTensor<R>) -> usize {
+    let width = dims(x)[dims(x).len() - 1];
+    let mut vs = vector_width(&[w]);
+    while vs > 1 && !width.is_multiple_of(vs) {
+        vs /= 2;
+    }
+    vs
+}
+
 /// [`vector_width`] of a contiguous row of `width` elements of `dtype` (an output not
 /// allocated yet).
 fn row_vector_width<R: CubeRuntime>(client: &ComputeClient<R>, dtype: DType, width: usize) -> usize {
@@ -1174,7 +1185,12 @@ fn qkv_append_launch<R: CubeRuntime>(
     let batch = dims(&x)[0];
     let has_bias = bias.is_some();
     let bias = bias.map(into_contiguous).unwrap_or_else(|| x.clone());
-    let vs = vector_width(&[&kv, &x]);
+    // An f32 residual read with the LayerNorm in the launch takes the weights' vector width
+    // (its own would be half that, and would halve the weights' loads).
+    let vs = match norm_in {
+        Some(_) => weights_vector_width(&kv, &x),
+        None => vector_width(&[&kv, &x]),
+    };
     let (group, use_plane) = reduction_group(&kv.client);
     // Lazily, a cube's rows must be one head's (they loop over that head's positions).
     let rows_per_cube = match LaunchConfig::default().rows_per_cube {
@@ -1299,11 +1315,13 @@ struct GatedRows<R: CubeRuntime> {
 }
 
 impl<R: CubeRuntime> GatedRows<R> {
-    fn new(w: &CubeTensor<R>, x: &CubeTensor<R>, bias: Option<CubeTensor<R>>) -> Self {
+    /// `x_f32`: `x` is an f32 residual read with the LayerNorm in the launch
+    /// ([`weights_vector_width`]).
+    fn new(w: &CubeTensor<R>, x: &CubeTensor<R>, bias: Option<CubeTensor<R>>, x_f32: bool) -> Self {
         let rows = dims(w)[0];
         let (group, use_plane) = reduction_group(&w.client);
         let rows_per_cube = LaunchConfig::default().rows_per_cube;
-        let vs = vector_width(&[w, x]);
+        let vs = if x_f32 { weights_vector_width(w, x) } else { vector_width(&[w, x]) };
         Self {
             out: empty(x, vec![1, rows], w.dtype),
             shape: GemvShapeLaunch::new(rows, dims(w)[1] / vs, stride(w, 0) / vs, 1, stride(x, 0) / vs, rows, rows),
@@ -1330,7 +1348,7 @@ pub fn gated_rows_gemv<R: CubeRuntime>(
     threshold: f32,
 ) -> CubeTensor<R> {
     let (w, x, gate) = (into_contiguous(w), into_contiguous(x), into_contiguous(gate));
-    let l = GatedRows::new(&w, &x, bias);
+    let l = GatedRows::new(&w, &x, bias, false);
     let (dtype, client) = (w.dtype, w.client.clone());
     unsafe {
         gated_rows_gemv_kernel::launch_unchecked::<R>(
@@ -1401,7 +1419,7 @@ pub fn predicted_rows_gemv<R: CubeRuntime>(
 ) -> (CubeTensor<R>, Option<CubeTensor<R>>, Option<(CubeTensor<R>, CubeTensor<R>)>) {
     let (w, x) = (into_contiguous(w), into_contiguous(x));
     let (up, h) = (into_contiguous(up), into_contiguous(h));
-    let l = GatedRows::new(&w, &x, bias);
+    let l = GatedRows::new(&w, &x, bias, norm_in.is_some());
     let (dtype, up_dtype, client) = (w.dtype, up.dtype, w.client.clone());
     let predictor = predictor_shape(&up);
     let CubeCount::Static(fc1_cubes, _, _) = l.count else { unreachable!("GatedRows makes a static grid") };

@@ -441,9 +441,9 @@ pub trait SparseKernels: Backend {
 /// A LayerNorm that an op applies to its f32 residual input itself (batch 1), so that no
 /// launch before it writes one ([`NormIn`]): `gamma`, `beta` `[d]` f32, epsilon, and the
 /// folds of the op's weight rows ([`RowFold`]; `q_fold` the queries' in `qkv_append`),
-/// which `CubeBackend`'s kernels read in place of `gamma` after the dot, `beta` and the
-/// bias. The default implementations normalize first (`gamma`, `beta`) and run the op as
-/// it is, biases included.
+/// which `CubeBackend`'s kernels add in place of `beta`'s share and the bias. The default
+/// implementations normalize first (`gamma`, `beta`) and run the op as it is, biases
+/// included.
 pub struct NormInParams<B: Backend> {
     pub gamma: FloatTensor<B>,
     pub beta: FloatTensor<B>,
@@ -1836,24 +1836,21 @@ pub struct NormIn<B: Backend> {
 }
 
 /// A weight's rows folded with the LayerNorm before it, for an op that applies that
-/// LayerNorm itself ([`NormIn`]): `[s_0, c_0, s_1, c_1, ..]` (f32) with `s = W[row] ·
-/// gamma` and `c = W[row] · beta + bias[row]`, so that `W[row] · LayerNorm(x) + bias[row]
-/// = (Σ W[row]·gamma·x − mean(x) · s) / std(x) + c`.
+/// LayerNorm itself ([`NormIn`]): `c = W · beta + bias` (f32 `[rows]`), so that `W[row] ·
+/// LayerNorm(x) + bias[row] = W[row] · (gamma ⊙ (x − mean(x))) / std(x) + c[row]`.
 #[derive(Clone, Debug)]
 pub struct RowFold<B: Backend>(pub Tensor<B, 1>);
 
 impl<B: Backend> RowFold<B> {
-    /// The fold of `w [rows, d]` (row-major: the kernels' layout) with `gamma`, `beta`
-    /// `[d]` and the bias `[rows]`, computed in f32.
+    /// The fold of `w [rows, d]` (row-major: the kernels' layout) with the LayerNorm's
+    /// `beta` `[d]` and the bias `[rows]`, computed in f32.
     pub fn new(w: &Tensor<B, 2>, norm: &NormIn<B>, bias: Option<&Tensor<B, 1>>) -> Self {
         let [rows, d] = w.dims();
-        let w = w.clone().cast(DType::F32);
-        let s = w.clone().matmul(norm.gamma.clone().cast(DType::F32).reshape([d, 1]));
-        let mut c = w.matmul(norm.beta.clone().cast(DType::F32).reshape([d, 1]));
-        if let Some(b) = bias {
-            c = c + b.clone().cast(DType::F32).reshape([rows, 1]);
-        }
-        Self(Tensor::cat(vec![s, c], 1).reshape([rows * 2]))
+        let c = w.clone().cast(DType::F32).matmul(norm.beta.clone().cast(DType::F32).reshape([d, 1])).reshape([rows]);
+        Self(match bias {
+            Some(b) => c + b.clone().cast(DType::F32),
+            None => c,
+        })
     }
 }
 
@@ -1870,8 +1867,8 @@ fn check_norm_in<B: Backend>(op: &'static str, norm: &NormIn<B>, folds: &[(&RowF
         check_float(op, name, t, DType::F32)?;
     }
     for (fold, rows) in folds {
-        if fold.0.dims() != [2 * rows] {
-            return Err(shape_err(op, format!("a row fold is {:?} for {rows} rows (expected [{}])", fold.0.dims(), 2 * rows)));
+        if fold.0.dims() != [*rows] {
+            return Err(shape_err(op, format!("a row fold is {:?} for {rows} rows", fold.0.dims())));
         }
         check_float(op, "a row fold", &fold.0, DType::F32)?;
     }

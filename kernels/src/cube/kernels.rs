@@ -221,88 +221,114 @@ fn lane_dot<F: Float, X: Float, N: Size>(
     partial
 }
 
-/// [`lane_dot`] of a row with the LayerNorm of an f32 residual `x` that no launch wrote
-/// (deferred to its consumer): one lane's `Σ w·gamma·x`, `Σ x` and `Σ x²` over its
-/// vectors. Every lane group reads all of `x` for its dot anyway, so the statistics cost
-/// no loads of their own. Eight vectors' loads in flight a round.
+/// The LayerNorm of an f32 residual that no launch wrote, by one cube for its own rows
+/// (deferred to the launch that reads it): the mean and variance of `x` (`width` vectors,
+/// every unit of the cube, one pass and two cube reductions), then `gamma ⊙ (x − mean)`
+/// in the weights' dtype into `xs` (the cube synced after). Returns `1 / std`: a row's
+/// `W[row] · LayerNorm(x) + bias[row]` is then `(W[row] · xs) / std + c[row]` with `c =
+/// W · beta + bias` ([`lane_dot_shared`]). `xs` rounds as a written LayerNorm would, before
+/// the division by `std`.
 #[cube]
-fn lane_dot_norm<F: Float, N: Size>(
-    w: &Array<Vector<F, N>>,
-    w_base: usize,
+#[allow(clippy::too_many_arguments)] // the residual, the LayerNorm and the scratch
+fn cube_layer_norm_shared<F: Float, N: Size>(
     x: &Array<Vector<f32, N>>,
     gamma: &Array<Vector<f32, N>>,
-    lane: usize,
-    group: usize,
     width: usize,
-) -> (f32, f32, f32) {
-    let mut acc = Vector::<f32, N>::new(0.0f32);
-    let mut sx = Vector::<f32, N>::new(0.0f32);
-    let mut sxx = Vector::<f32, N>::new(0.0f32);
-    let mut t = lane;
-    while t < width {
-        #[unroll]
-        for k in 0..8usize {
-            let at = t + k * group;
-            if at < width {
-                let xv = x[at];
-                acc += Vector::<f32, N>::cast_from(w[w_base + at]) * gamma[at] * xv;
-                sx += xv;
-                sxx += xv * xv;
-            }
-        }
-        t += 8 * group;
-    }
-    let mut dot = 0.0f32;
+    norm: NormShape,
+    xs: &mut SharedMemory<Vector<F, N>>,
+    red: &mut SharedMemory<f32>,
+    #[comptime] threads: usize,
+    #[comptime] plane: usize,
+) -> f32 {
+    let tid = UNIT_POS as usize;
     let mut s1 = 0.0f32;
     let mut s2 = 0.0f32;
-    #[unroll]
-    for v in 0..N::value() {
-        dot += acc[v];
-        s1 += sx[v];
-        s2 += sxx[v];
+    let mut t = tid;
+    while t < width {
+        let v = x[t];
+        #[unroll]
+        for k in 0..N::value() {
+            s1 += v[k];
+            s2 += v[k] * v[k];
+        }
+        t += threads;
     }
-    (dot, s1, s2)
+    let mean = cube_reduce(red, s1, tid, threads, false, plane) * norm.inv_width;
+    let squares = cube_reduce(red, s2, tid, threads, false, plane) * norm.inv_width;
+    let var = f32::max(squares - mean * mean, 0.0f32);
+    let mut t = tid;
+    while t < width {
+        xs[t] = Vector::<F, N>::cast_from((x[t] - Vector::<f32, N>::new(mean)) * gamma[t]);
+        t += threads;
+    }
+    sync_cube();
+    1.0f32 / f32::sqrt(var + norm.eps)
 }
 
-/// Row `row` of `W · LayerNorm(x) + bias` for a lane group, the LayerNorm deferred to here
-/// ([`lane_dot_norm`]): with `mean`, `inv_std` of `x` and the row's fold
-/// `(s, c) = (W[row] · gamma, W[row] · beta + bias[row])` (f32, `fold[2·row ..]`),
-/// `W[row] · ((x − mean) · inv_std ⊙ gamma + beta) + bias[row] = inv_std · (Σ w·gamma·x −
-/// mean · s) + c`. On lane 0 (every lane with plane reductions); 0 where `live` is false.
+/// [`lane_dot`] against `x` in shared memory (the cube's [`cube_layer_norm_shared`]).
 #[cube]
-#[allow(clippy::too_many_arguments)] // the row, the residual, the LayerNorm and the layout
+fn lane_dot_shared<F: Float, N: Size>(w: &Array<Vector<F, N>>, w_base: usize, x: &SharedMemory<Vector<F, N>>, lane: usize, group: usize, width: usize) -> f32 {
+    let mut acc = Vector::<f32, N>::new(0.0f32);
+    let mut t = lane;
+    while t + 7 * group < width {
+        let w0 = w[w_base + t];
+        let w1 = w[w_base + t + group];
+        let w2 = w[w_base + t + 2 * group];
+        let w3 = w[w_base + t + 3 * group];
+        let w4 = w[w_base + t + 4 * group];
+        let w5 = w[w_base + t + 5 * group];
+        let w6 = w[w_base + t + 6 * group];
+        let w7 = w[w_base + t + 7 * group];
+        acc += Vector::<f32, N>::cast_from(w0) * Vector::<f32, N>::cast_from(x[t]);
+        acc += Vector::<f32, N>::cast_from(w1) * Vector::<f32, N>::cast_from(x[t + group]);
+        acc += Vector::<f32, N>::cast_from(w2) * Vector::<f32, N>::cast_from(x[t + 2 * group]);
+        acc += Vector::<f32, N>::cast_from(w3) * Vector::<f32, N>::cast_from(x[t + 3 * group]);
+        acc += Vector::<f32, N>::cast_from(w4) * Vector::<f32, N>::cast_from(x[t + 4 * group]);
+        acc += Vector::<f32, N>::cast_from(w5) * Vector::<f32, N>::cast_from(x[t + 5 * group]);
+        acc += Vector::<f32, N>::cast_from(w6) * Vector::<f32, N>::cast_from(x[t + 6 * group]);
+        acc += Vector::<f32, N>::cast_from(w7) * Vector::<f32, N>::cast_from(x[t + 7 * group]);
+        t += 8 * group;
+    }
+    while t < width {
+        acc += Vector::<f32, N>::cast_from(w[w_base + t]) * Vector::<f32, N>::cast_from(x[t]);
+        t += group;
+    }
+    let mut partial = 0.0f32;
+    #[unroll]
+    for v in 0..N::value() {
+        partial += acc[v];
+    }
+    partial
+}
+
+/// Row `row` of `W · LayerNorm(x) + bias` for a lane group, the LayerNorm's centred and
+/// scaled input in `xs` ([`cube_layer_norm_shared`]), `inv_std` its `1 / std` and `c`
+/// the rows' `W · beta + bias` (f32). On lane 0 (every lane with plane reductions); 0
+/// where `live` is false.
+#[cube]
+#[allow(clippy::too_many_arguments)] // the row, the normalized input and the layout
 fn normed_row_total<F: Float, N: Size>(
     w: &Array<Vector<F, N>>,
     w_base: usize,
-    x: &Array<Vector<f32, N>>,
-    gamma: &Array<Vector<f32, N>>,
-    fold: &Array<f32>,
+    xs: &SharedMemory<Vector<F, N>>,
+    inv_std: f32,
+    c: &Array<f32>,
     row: usize,
     live: bool,
     lane: usize,
     width: usize,
-    norm: NormShape,
     scratch: &mut SharedMemory<f32>,
     #[comptime] group: usize,
     #[comptime] use_plane: bool,
 ) -> f32 {
     let mut p = 0.0f32;
-    let mut px = 0.0f32;
-    let mut pxx = 0.0f32;
     if live {
-        let (a, b, c) = lane_dot_norm(w, w_base, x, gamma, lane, group, width);
-        p = a;
-        px = b;
-        pxx = c;
+        p = lane_dot_shared(w, w_base, xs, lane, group, width);
     }
     let dot = group_sum(p, scratch, group, use_plane);
-    let sx = group_sum(px, scratch, group, use_plane);
-    let sxx = group_sum(pxx, scratch, group, use_plane);
     let mut y = 0.0f32;
     if live {
-        let mean = sx * norm.inv_width;
-        let var = f32::max(sxx * norm.inv_width - mean * mean, 0.0f32);
-        y = (dot - mean * fold[2 * row]) / f32::sqrt(var + norm.eps) + fold[2 * row + 1];
+        y = dot * inv_std + c[row];
     }
     y
 }
@@ -2075,9 +2101,10 @@ fn write_kv<F: Float>(
 /// reductions never diverge inside a cube. With `has_first` (batch 1), cubes after those
 /// write the first factor of the next layer's attention predictor from the layer's
 /// residual (`down`, `residual`, `first`; [`first_factor_row`]). With `norm_in` (batch 1,
-/// not lazy) the input is the f32 residual `xf` itself and its LayerNorm is applied here
-/// ([`normed_row_total`] with `gamma` and the rows' folds `q_fold`, `kv_fold`, which hold
-/// the biases): no launch before had to write it.
+/// not lazy) the input is the f32 residual `xf` itself: each cube applies its LayerNorm
+/// for its own rows ([`cube_layer_norm_shared`] with `gamma`, then [`normed_row_total`]
+/// with the rows' `W · beta + bias` in `q_fold`, `kv_fold`), so no launch before had to
+/// write it.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)] // the keys', values' and queries' inputs
 pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int, P: Float>(
@@ -2116,15 +2143,21 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int, P: Float>(
     #[comptime] use_plane: bool,
     #[comptime] has_first: bool,
     #[comptime] norm_in: bool,
+    #[comptime] norm_vectors: usize,
     #[define(F, I, P)] _dtypes: [StorageType; 3],
 ) {
     let mut scratch = SharedMemory::<f32>::new(group * rows_per_cube);
     let lane = UNIT_POS_X as usize;
     let mut cube = CUBE_POS_X as usize;
+    let plane = comptime!(if use_plane && rows_per_cube <= group { group } else { 0 });
     if has_first && cube >= first_shape.after {
-        let plane = comptime!(if use_plane && rows_per_cube <= group { group } else { 0 });
         first_factor_row(down, residual, first, cube - first_shape.after, first_shape, &mut scratch, group * rows_per_cube, plane);
         terminate!();
+    }
+    let mut xs = SharedMemory::<Vector<F, N>>::new(norm_vectors);
+    let mut inv_std = 0.0f32;
+    if norm_in {
+        inv_std = cube_layer_norm_shared(xf, gamma, shape.width, norm, &mut xs, &mut scratch, group * rows_per_cube, plane);
     }
     if has_query {
         if cube < query.cubes {
@@ -2136,7 +2169,7 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int, P: Float>(
             }
             let live = row < query.rows;
             if norm_in {
-                let total = normed_row_total(q_w, row * query.w_stride, xf, gamma, q_fold, row, live, lane, shape.width, norm, &mut scratch, group, use_plane);
+                let total = normed_row_total(q_w, row * query.w_stride, &xs, inv_std, q_fold, row, live, lane, shape.width, &mut scratch, group, use_plane);
                 if lane == 0 && in_range {
                     q_out[j] = F::cast_from(total);
                 }
@@ -2219,7 +2252,7 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int, P: Float>(
             }
         }
     } else if norm_in {
-        let total = normed_row_total(kv, w_base, xf, gamma, kv_fold, j, in_range, lane, shape.width, norm, &mut scratch, group, use_plane);
+        let total = normed_row_total(kv, w_base, &xs, inv_std, kv_fold, j, in_range, lane, shape.width, &mut scratch, group, use_plane);
         if lane == 0 && in_range {
             let offset = h * shape.cache_head_stride + pos * shape.cache_pos_stride + c;
             write_kv(total, bias, j, half, offset, k_cache, v_cache, false);
@@ -2413,8 +2446,8 @@ fn first_factor_row<P: Float>(
 /// residual ([`first_factor_row`], `down`, `residual`, `first`); with `has_select`, the
 /// next layer's head selection from the first factor its attention predictor left
 /// (`select_by_predictor`: `sel_up`, `sel_h`, `idx`, `count`), on the last cube. With
-/// `norm_in` fc1 reads the f32 residual `xf` and applies its LayerNorm itself
-/// ([`normed_row_total`], `gamma`, `fold`).
+/// `norm_in` fc1 reads the f32 residual `xf` and each cube applies its LayerNorm itself
+/// ([`cube_layer_norm_shared`], [`normed_row_total`]; `gamma`, `fold`).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)] // fc1's, the predictor's, and the riders' inputs
 pub(crate) fn predicted_rows_gemv_kernel<F: Float, P: Float, N: Size, I: Int>(
@@ -2452,6 +2485,7 @@ pub(crate) fn predicted_rows_gemv_kernel<F: Float, P: Float, N: Size, I: Int>(
     #[comptime] has_select: bool,
     #[comptime] sel_max_rows: usize,
     #[comptime] norm_in: bool,
+    #[comptime] norm_vectors: usize,
     #[define(F, P, I)] _dtypes: [StorageType; 3],
 ) {
     let mut scratch = SharedMemory::<f32>::new(group * rows_per_cube);
@@ -2475,7 +2509,10 @@ pub(crate) fn predicted_rows_gemv_kernel<F: Float, P: Float, N: Size, I: Int>(
         // The LayerNorm deferred to here: `x` is unread, `xf` the f32 residual, and the
         // bias is in the rows' folds.
         let live = logit > threshold;
-        let total = normed_row_total(w, j * shape.w_stride, xf, gamma, fold, j, live, lane, shape.width, norm, &mut scratch, group, use_plane);
+        let mut xs = SharedMemory::<Vector<F, N>>::new(norm_vectors);
+        let plane = comptime!(if use_plane && rows_per_cube <= group { group } else { 0 });
+        let inv_std = cube_layer_norm_shared(xf, gamma, shape.width, norm, &mut xs, &mut scratch, group * rows_per_cube, plane);
+        let total = normed_row_total(w, j * shape.w_stride, &xs, inv_std, fold, j, live, lane, shape.width, &mut scratch, group, use_plane);
         if lane == 0 && j < shape.rows {
             out[j] = F::cast_from(finish_row(total, bias, j, live, false, relu));
         }

@@ -1079,9 +1079,8 @@ pub fn kv_append<R: CubeRuntime>(
 
 /// A LayerNorm that a GEMV-like launch applies to its input itself (batch 1), so that no
 /// launch before has to write it: `x` is then the f32 residual `[1, d]`, `gamma` `[d]`
-/// f32, and `fold` (`q_fold`: the queries' rows in `qkv_append`) holds `(W[row] · gamma,
-/// W[row] · beta + bias[row])` per row, f32 `[2 · rows]` ([`crate::RowFold`]), which
-/// replaces the bias.
+/// f32, and `fold` (`q_fold`: the queries' rows in `qkv_append`) holds `W[row] · beta +
+/// bias[row]` per row, f32 `[rows]` ([`crate::RowFold`]), which replaces the bias.
 pub struct NormInArgs<R: CubeRuntime> {
     pub gamma: CubeTensor<R>,
     pub eps: f32,
@@ -1249,6 +1248,8 @@ fn qkv_append_launch<R: CubeRuntime>(
     let first_cubes = first.as_ref().map_or(0, |f| dims(f)[1]);
     assert!(norm_in.is_none() || !is_lazy, "qkv_append: a LayerNorm applied in the launch is not lazy");
     let ([xf, gamma, kv_fold, q_fold], norm_shape, has_norm_in) = norm_in_bindings(norm_in, &x);
+    // The cubes' LayerNorm in shared memory: the row in vectors.
+    let norm_vectors = if has_norm_in { dims(&kv)[1] / vs } else { 1 };
     // With the LayerNorm applied in the launch, `x` (the weights' dtype) is not read.
     let x = if has_norm_in { unread(&kv) } else { x };
     unsafe {
@@ -1292,6 +1293,7 @@ fn qkv_append_launch<R: CubeRuntime>(
             use_plane,
             has_first,
             has_norm_in,
+            norm_vectors,
             [dtype.into(), idx_dtype.into(), first_dtype.into()],
         );
     }
@@ -1440,6 +1442,7 @@ pub fn predicted_rows_gemv<R: CubeRuntime>(
     let selection = idx.clone().zip(count.clone());
     let cubes = fc1_cubes as usize + first_cubes + usize::from(has_select);
     let ([xf, gamma, fold, _], norm_shape, has_norm_in) = norm_in_bindings(norm_in, &x);
+    let norm_vectors = if has_norm_in { dims(&w)[1] / l.vs } else { 1 };
     // With the LayerNorm applied in the launch, `x` (the weights' dtype) is not read.
     let x = if has_norm_in { unread(&w) } else { x };
     unsafe {
@@ -1482,6 +1485,7 @@ pub fn predicted_rows_gemv<R: CubeRuntime>(
             has_select,
             sel_rows.max(1).next_power_of_two(),
             has_norm_in,
+            norm_vectors,
             [dtype.into(), up_dtype.into(), int_dtype.into()],
         );
     }

@@ -79,8 +79,8 @@ pub struct E2eArgs {
     /// next launches: no LayerNorm launches in sparse layers
     #[arg(long, requires = "f32_residual")]
     fused_norms: bool,
-    /// With --fused-norms: where a sparse layer's qkv_append or predicted fc1 reads it, no
-    /// launch writes the LayerNorm; those launches apply it to the f32 residual themselves
+    /// With --fused-norms: no launch writes a sparse layer's attention LayerNorm; its
+    /// qkv_append applies it to the f32 residual itself (fc2 before it then ends with its adds)
     #[arg(long, requires = "fused_norms")]
     deferred_norms: bool,
     /// The paper's latency setting for the synthetic models: MLP density in sparse layers

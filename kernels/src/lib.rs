@@ -403,9 +403,7 @@ pub trait SparseKernels: Backend {
         threshold: f32,
         first: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
         select: Option<(FloatTensor<Self>, FloatTensor<Self>, f32, usize)>,
-        norm_in: Option<NormInParams<Self>>,
     ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>, Option<(IntTensor<Self>, IntTensor<Self>)>) {
-        let x = normed_input::<Self>(x, norm_in, burn::tensor::TensorMetadata::dtype(&w));
         let out = Self::predicted_rows_gemv(w, x, bias, relu, up, h, threshold);
         let first = first.map(|(down, residual)| first_factor::<Self>(down, residual));
         let selection = select.map(|(up, h, threshold, capacity)| Self::predict_select(up, h, threshold, capacity));
@@ -438,18 +436,18 @@ pub trait SparseKernels: Backend {
     }
 }
 
-/// A LayerNorm that an op applies to its f32 residual input itself (batch 1), so that no
-/// launch before it writes one ([`NormIn`]): `gamma`, `beta` `[d]` f32, epsilon, and the
-/// folds of the op's weight rows ([`RowFold`]; `q_fold` the queries' in `qkv_append`),
-/// which `CubeBackend`'s kernels add in place of `beta`'s share and the bias. The default
-/// implementations normalize first (`gamma`, `beta`) and run the op as it is, biases
+/// A LayerNorm that `qkv_append` applies to its f32 residual input itself (batch 1), so
+/// that no launch before it writes one ([`NormIn`]): `gamma`, `beta` `[d]` f32, epsilon,
+/// and the folds of the queries' and the keys' and values' rows ([`RowFold`]), which
+/// `CubeBackend`'s kernel adds in place of `beta`'s share and the bias. The default
+/// implementation normalizes first (`gamma`, `beta`) and runs the op as it is, biases
 /// included.
 pub struct NormInParams<B: Backend> {
     pub gamma: FloatTensor<B>,
     pub beta: FloatTensor<B>,
     pub eps: f32,
-    pub fold: FloatTensor<B>,
-    pub q_fold: Option<FloatTensor<B>>,
+    pub q_fold: FloatTensor<B>,
+    pub kv_fold: FloatTensor<B>,
 }
 
 /// The default implementations' input under [`NormInParams`]: the LayerNorm of the f32
@@ -666,7 +664,7 @@ where
         h: FloatTensor<Self>,
         threshold: f32,
     ) -> FloatTensor<Self> {
-        cube::predicted_rows_gemv(w, x, bias, relu, up, h, threshold, None, None, I::dtype(), None).0
+        cube::predicted_rows_gemv(w, x, bias, relu, up, h, threshold, None, None, I::dtype()).0
     }
 
     fn predicted_rows_gemv_with(
@@ -679,12 +677,10 @@ where
         threshold: f32,
         first: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
         select: Option<(FloatTensor<Self>, FloatTensor<Self>, f32, usize)>,
-        norm_in: Option<NormInParams<Self>>,
     ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>, Option<(IntTensor<Self>, IntTensor<Self>)>) {
         let first = first.map(|(down, residual)| cube::FirstArgs { down, residual });
         let select = select.map(|(up, h, threshold, capacity)| cube::SelectArgs { up, h, threshold, capacity });
-        let norm_in = norm_in.map(|n| cube::NormInArgs { gamma: n.gamma, eps: n.eps, fold: n.fold, q_fold: n.q_fold });
-        cube::predicted_rows_gemv(w, x, bias, relu, up, h, threshold, first, select, I::dtype(), norm_in)
+        cube::predicted_rows_gemv(w, x, bias, relu, up, h, threshold, first, select, I::dtype())
     }
 
     fn predicted_mlp(
@@ -743,7 +739,7 @@ where
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let query = cube::QueryArgs { w: q_w, idx: q_idx, block, bias: q_bias };
         let first = cube::FirstArgs { down: first.0, residual: first.1 };
-        let norm_in = norm_in.map(|n| cube::NormInArgs { gamma: n.gamma, eps: n.eps, fold: n.fold, q_fold: n.q_fold });
+        let norm_in = norm_in.map(|n| cube::NormInArgs { gamma: n.gamma, eps: n.eps, q_fold: n.q_fold, kv_fold: n.kv_fold });
         let (q, k, v, first) = cube::qkv_append(Some(query), kv, x, kv_bias, k_cache, v_cache, pos, I::dtype(), Some(first), norm_in);
         (q.expect("a query was asked for"), k, v, first.expect("a first factor was asked for"))
     }
@@ -1247,7 +1243,7 @@ pub fn gated_rows_gemv<B: SparseKernels>(
     threshold: f32,
 ) -> Result<Tensor<B, 2>, KernelError> {
     let op = "gated_rows_gemv";
-    check_gated_rows(op, &w, &x, bias.as_ref(), false)?;
+    check_gated_rows(op, &w, &x, bias.as_ref())?;
     if gate.dims()[0] != w.dims()[0] {
         return Err(shape_err(op, format!("gate has {} logits for {} rows", gate.dims()[0], w.dims()[0])));
     }
@@ -1272,7 +1268,7 @@ pub fn predicted_rows_gemv<B: SparseKernels>(
     threshold: f32,
 ) -> Result<Tensor<B, 2>, KernelError> {
     let op = "predicted_rows_gemv";
-    check_gated_rows(op, &w, &x, bias.as_ref(), false)?;
+    check_gated_rows(op, &w, &x, bias.as_ref())?;
     check_predictor(op, &up, &h, Some(w.dims()[0]))?;
     Ok(wrap(B::predicted_rows_gemv(
         prim(w),
@@ -1312,7 +1308,7 @@ pub fn predicted_mlp<B: SparseKernels>(
 ) -> Result<Tensor<B, 2>, KernelError> {
     let op = "predicted_mlp";
     let MlpWeights { w1, b1, w2_t, b2 } = mlp;
-    check_gated_rows(op, &w1, &x, b1.as_ref(), false)?;
+    check_gated_rows(op, &w1, &x, b1.as_ref())?;
     check_predictor(op, &up, &h, Some(w1.dims()[0]))?;
     let d = x.dims()[1];
     if w2_t.dims() != w1.dims() {
@@ -1335,12 +1331,8 @@ pub fn predicted_mlp<B: SparseKernels>(
 }
 
 /// [`check_rows_gemv`] for the gated GEMVs, which take one token (`x [1, d]`).
-/// With `x_f32`, `x` is the f32 residual whose LayerNorm the op applies itself ([`NormIn`]).
-fn check_gated_rows<B: Backend>(op: &'static str, w: &Tensor<B, 2>, x: &Tensor<B, 2>, bias: Option<&Tensor<B, 1>>, x_f32: bool) -> Result<(), KernelError> {
-    match x_f32 {
-        true => check_mixed_rows_gemv(op, w, x, bias)?,
-        false => check_rows_gemv(op, w, x, bias)?,
-    }
+fn check_gated_rows<B: Backend>(op: &'static str, w: &Tensor<B, 2>, x: &Tensor<B, 2>, bias: Option<&Tensor<B, 1>>) -> Result<(), KernelError> {
+    check_rows_gemv(op, w, x, bias)?;
     if x.dims()[0] != 1 {
         return Err(shape_err(op, format!("x has {} rows; the gated GEMV is for batch 1", x.dims()[0])));
     }
@@ -1824,10 +1816,9 @@ fn check_first_factor<B: Backend>(op: &'static str, first: &FirstFactor<B>) -> R
     check_any_float(op, "the predictor's first factor", first.down.dtype())
 }
 
-/// A LayerNorm an op applies to its input itself ([`qkv_append_first`],
-/// [`predicted_rows_gemv_with`]; batch 1): the op then reads the f32 residual `[1, d]`
-/// where it read the LayerNorm's output, so the launch that finished the residual writes
-/// no LayerNorm. `gamma`, `beta` `[d]` f32.
+/// A LayerNorm an op applies to its input itself ([`qkv_append_first`], batch 1): the op
+/// then reads the f32 residual `[1, d]` where it read the LayerNorm's output, so the
+/// launch that finished the residual writes no LayerNorm. `gamma`, `beta` `[d]` f32.
 #[derive(Clone, Debug)]
 pub struct NormIn<B: Backend> {
     pub gamma: Tensor<B, 1>,
@@ -1900,16 +1891,9 @@ pub fn predicted_rows_gemv_with<B: SparseKernels>(
     threshold: f32,
     first: Option<FirstFactor<B>>,
     select: Option<HeadSelect<B>>,
-    norm_in: Option<(NormIn<B>, RowFold<B>)>,
 ) -> Result<PredictedRows<B>, KernelError> {
     let op = "predicted_rows_gemv_with";
-    match &norm_in {
-        Some((norm, fold)) => {
-            check_norm_in(op, norm, &[(fold, w.dims()[0])], &x)?;
-            check_gated_rows(op, &w, &x, bias.as_ref(), true)?;
-        }
-        None => check_gated_rows(op, &w, &x, bias.as_ref(), false)?,
-    }
+    check_gated_rows(op, &w, &x, bias.as_ref())?;
     check_predictor(op, &up, &h, Some(w.dims()[0]))?;
     if let Some(f) = &first {
         check_first_factor(op, f)?;
@@ -1921,8 +1905,7 @@ pub fn predicted_rows_gemv_with<B: SparseKernels>(
     }
     let first = first.map(|f| (prim(f.down), prim(f.residual)));
     let select = select.map(|s| (prim(s.up), prim(s.h), s.threshold, s.capacity));
-    let norm_in = norm_in.map(|(n, fold)| NormInParams { gamma: prim(n.gamma), beta: prim(n.beta), eps: n.eps, fold: prim(fold.0), q_fold: None });
-    let (out, first, selection) = B::predicted_rows_gemv_with(prim(w), prim(x), bias.map(prim), act == Activation::Relu, prim(up), prim(h), threshold, first, select, norm_in);
+    let (out, first, selection) = B::predicted_rows_gemv_with(prim(w), prim(x), bias.map(prim), act == Activation::Relu, prim(up), prim(h), threshold, first, select);
     Ok(PredictedRows {
         out: wrap(out),
         first: first.map(wrap),
@@ -1970,7 +1953,7 @@ pub fn qkv_append_first<B: SparseKernels>(
         prim(v_cache),
         pos,
         (prim(first.down), prim(first.residual)),
-        norm_in.map(|(n, q_fold, kv_fold)| NormInParams { gamma: prim(n.gamma), beta: prim(n.beta), eps: n.eps, fold: prim(kv_fold.0), q_fold: Some(prim(q_fold.0)) }),
+        norm_in.map(|(n, q_fold, kv_fold)| NormInParams { gamma: prim(n.gamma), beta: prim(n.beta), eps: n.eps, q_fold: prim(q_fold.0), kv_fold: prim(kv_fold.0) }),
     );
     Ok((wrap(q), wrap(k), wrap(v), wrap(f)))
 }

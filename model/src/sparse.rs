@@ -121,13 +121,13 @@ pub struct SparseOptions {
     /// a sparse layer where `f32_residual` with `fused_attention` takes six. The same sums
     /// as without; the atomics' order varies as with `f32_residual`.
     pub fused_norms: bool,
-    /// With `fused_norms` (lookahead 1): where the launch after reads it through a
-    /// sparse layer's `qkv_append` or predicted fc1, no launch writes the LayerNorm at all —
-    /// those two read the f32 residual and apply the LayerNorm themselves
-    /// (`dejavu_kernels::NormIn`: the statistics from the loads of their own dots, gamma,
-    /// beta and the bias folded into two f32 numbers per weight row, made once here), so
-    /// the launch that finishes the residual ends with its atomic adds and no last cube's
-    /// LayerNorm. The LayerNorm's output is never rounded to the weights' dtype.
+    /// With `fused_norms` (lookahead 1): a sparse layer's attention LayerNorm is written by
+    /// no launch — fc2 of the layer before ends with its atomic adds, with no last cube's
+    /// LayerNorm — and the layer's `qkv_append` applies it to the f32 residual itself: each
+    /// cube normalizes it once into shared memory (`dejavu_kernels::NormIn`; `beta` and
+    /// the biases folded into one f32 number per weight row, made once here). The MLP's
+    /// LayerNorm stays the attention launch's epilogue (applied by the predicted fc1's
+    /// cubes it cost more than it saved on the H100).
     pub deferred_norms: bool,
 }
 
@@ -159,8 +159,6 @@ struct LayerFolds<B: Backend> {
     attention: dejavu_kernels::NormIn<B>,
     q: dejavu_kernels::RowFold<B>,
     kv: dejavu_kernels::RowFold<B>,
-    mlp: dejavu_kernels::NormIn<B>,
-    fc1: dejavu_kernels::RowFold<B>,
 }
 
 /// A low-rank predictor in f32 (as trained: in f16 the low-rank sums of a large residual
@@ -298,18 +296,14 @@ impl<B: SparseKernels> SparseModel<B> {
         let final_norm = model.decoder.final_layer_norm.as_ref().map(|ln| norm_params(ln, d));
         let folds = (0..dims.num_layers)
             .map(|l| {
-                let sparse = !plan.layers[l].attention.is_dense() || !plan.layers[l].mlp.is_dense();
-                (options.deferred_norms && pre_ln && sparse).then(|| {
+                (options.deferred_norms && pre_ln && !plan.layers[l].attention.is_dense()).then(|| {
                     let (layer, rows) = (&model.decoder.layers[l], &weights.layers[l]);
-                    let norm_in = |(gamma, beta): &(Tensor<B, 1>, Tensor<B, 1>)| dejavu_kernels::NormIn { gamma: gamma.clone(), beta: beta.clone(), eps: LAYER_NORM_EPS as f32 };
-                    let [attention, mlp] = &norms[l];
-                    let (attention, mlp) = (norm_in(attention), norm_in(mlp));
+                    let (gamma, beta) = norms[l][0].clone();
+                    let attention = dejavu_kernels::NormIn { gamma, beta, eps: LAYER_NORM_EPS as f32 };
                     LayerFolds {
                         q: dejavu_kernels::RowFold::new(&rows.q_rows, &attention, bias(&layer.self_attn.q_proj).as_ref()),
                         kv: dejavu_kernels::RowFold::new(&rows.kv_rows, &attention, rows.kv_bias.as_ref()),
-                        fc1: dejavu_kernels::RowFold::new(&rows.fc1_rows, &mlp, bias(&layer.mlp.fc1).as_ref()),
                         attention,
-                        mlp,
                     }
                 })
             })
@@ -390,35 +384,22 @@ impl<B: SparseKernels> SparseModel<B> {
         }
     }
 
-    /// Whether the launch that finishes the residual entering `site` leaves its LayerNorm
-    /// to the launch that reads it ([`SparseOptions::deferred_norms`]): that launch is a
-    /// sparse layer's `qkv_append` carrying the next layer's attention first factor
-    /// (lookahead 1), or its predicted fc1. `attention_pending`, `mlp_pending`: what the
-    /// hooks hold for the layer now.
-    fn defers(&self, site: NormSite, attention_pending: bool, mlp_first_factor: bool) -> bool {
+    /// Whether the launch that finishes the residual entering layer `l` (fc2 of the layer
+    /// before) leaves its LayerNorm to the launch that reads it
+    /// ([`SparseOptions::deferred_norms`]): layer `l`'s `qkv_append` on its sparse path,
+    /// carrying the next layer's attention first factor (lookahead 1).
+    /// `attention_pending`: whether the hooks hold a prediction for layer `l`'s heads.
+    fn defers_attention_norm(&self, l: usize, attention_pending: bool) -> bool {
         let options = &self.options;
-        if !(options.deferred_norms && options.fused_norms) {
-            return false;
-        }
-        match site {
-            NormSite::AttentionInput(l) => {
-                self.folds.get(l).is_some_and(Option::is_some)
-                    && !self.plan.layers[l].attention.is_dense()
-                    && options.lazy_kv_window == 0
-                    && !options.oracle_attention
-                    && attention_pending
-                    && self.plan.lookahead == 1
-                    && self.predictor_reading(l, true).is_some()
-            }
-            NormSite::MlpInput(l) => {
-                self.folds.get(l).is_some_and(Option::is_some)
-                    && matches!(self.plan.layers[l].mlp, Selection::Threshold { .. })
-                    && !options.oracle_mlp
-                    && !options.fused_mlp
-                    && mlp_first_factor
-            }
-            _ => false,
-        }
+        options.deferred_norms
+            && options.fused_norms
+            && self.folds.get(l).is_some_and(Option::is_some)
+            && !self.plan.layers[l].attention.is_dense()
+            && options.lazy_kv_window == 0
+            && !options.oracle_attention
+            && attention_pending
+            && self.plan.lookahead == 1
+            && self.predictor_reading(l, true).is_some()
     }
 
     /// The LayerNorm for the launch that finishes the residual entering `site` to apply
@@ -677,12 +658,11 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
     fn fc2_and_norm(&mut self, layer: usize, mlp: &OptMlp<B>, h: Tensor<B, 2>, residual: Option<Tensor<B, 3>>, accumulate: bool) -> Tensor<B, 3> {
         let next = if layer + 1 < self.model.plan.layers.len() { NormSite::AttentionInput(layer + 1) } else { NormSite::Final };
         let fused = accumulate && self.model.options.fused_norms;
-        let pending = |p: &Option<Prediction<B>>| p.is_some();
-        let (attention_next, mlp_next) = match next {
-            NormSite::AttentionInput(l) => (self.attention_pending.get(l).is_some_and(pending), false),
-            _ => (false, false),
+        let defers = match next {
+            NormSite::AttentionInput(l) => self.model.defers_attention_norm(l, self.attention_pending.get(l).is_some_and(Option::is_some)),
+            _ => false,
         };
-        if fused && residual.is_some() && self.model.defers(next, attention_next, mlp_next) {
+        if fused && residual.is_some() && defers {
             self.deferred = Some(next);
             return fc2(mlp, h, residual, accumulate);
         }
@@ -902,13 +882,7 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
                 let out_rows = self.model.weights.layers[layer].out_rows.clone();
                 let one_launch = self.model.options.fused_attention;
                 // With fused_norms the launch's last cube also writes the MLP's LayerNorm.
-                let fused_norms = one_launch && self.model.options.fused_norms && batch == 1;
-                let mlp_first = matches!(self.mlp_pending[layer], Some(Prediction::FirstFactor(_)));
-                let norm = match fused_norms {
-                    true if self.model.defers(NormSite::MlpInput(layer), false, mlp_first) => {
-                        self.deferred = Some(NormSite::MlpInput(layer));
-                        None
-                    }
+                let norm = match one_launch && self.model.options.fused_norms && batch == 1 {
                     true => self.model.norm_after(&mut self.done, NormSite::MlpInput(layer), &r.device()),
                     false => None,
                 };
@@ -952,17 +926,6 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
                 self.settle_first(other);
                 None
             }
-        };
-        // `x` may be the residual whose LayerNorm the predicted fc1 is to apply
-        // ([`SparseOptions::deferred_norms`]); any other path normalizes it first.
-        let site = NormSite::MlpInput(layer);
-        let (x, norm_in) = match self.norm_in.take_if(|s| *s == site).is_some() {
-            true if fc1_path && self.model.folds[layer].is_some() => {
-                self.norms_in_launch += 1;
-                (x, self.model.folds[layer].as_ref().map(|f| (f.mlp.clone(), f.fc1.clone())))
-            }
-            true => (self.normalize_here(site, x), None),
-            false => (x, None),
         };
         if !self.sparse_call(n) || selection.is_dense() {
             // One token: the dense MLP's fc2 (with fused_norms, writing the next LayerNorm).
@@ -1020,7 +983,7 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
                     };
                     let target = first.as_ref().map(|(t, _)| *t);
                     let up = predictor().up_decode.clone();
-                    let rows = dejavu_kernels::predicted_rows_gemv_with(fc1_rows, x, bias(&mlp.fc1), Act::Relu, up, h, threshold, first.map(|(_, f)| f), select, norm_in)
+                    let rows = dejavu_kernels::predicted_rows_gemv_with(fc1_rows, x, bias(&mlp.fc1), Act::Relu, up, h, threshold, first.map(|(_, f)| f), select)
                         .expect(KERNEL_SHAPES);
                     if let (Some(target), Some(first)) = (target, rows.first) {
                         self.mlp_pending[target] = Some(Prediction::FirstFactor(first));

@@ -395,10 +395,9 @@ fn layer_norms_written_ahead_give_the_same_decode() {
             assert_eq!(a.mlp, b.mlp, "lookahead {lookahead}, LayerNorms {name}: MLP kept");
             assert_eq!(a.attention, b.attention, "lookahead {lookahead}, LayerNorms {name}: heads kept");
             assert!(b.mean_mlp_density() < 0.9 && b.mean_attention_density() < 0.9, "lookahead {lookahead}: nothing skipped: {b:?}");
-            // With the lookahead, each decode step's layers 1-3 apply both their LayerNorms
-            // in their qkv_append and predicted fc1 (layer 0 reads the embeddings' residual,
-            // normalized by its own launch); without it the MLP's first factor is the layer's
-            // own, so nothing is deferred.
+            // With the lookahead, each decode step's layers 1 and 2 apply their attention
+            // LayerNorm in their qkv_append (layer 0 reads the embeddings' residual; layer 3
+            // carries no next layer's first factor); without it nothing is deferred.
             if deferring {
                 let steps = ids.len() - 1;
                 match lookahead {

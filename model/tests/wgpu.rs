@@ -112,24 +112,16 @@ fn wgpu_sparse_decode_matches_the_cpu_reference() {
     // atomics: lavapipe has them), with attention and out_proj as two launches and as one;
     // and with the LayerNorms written by the launches that finish the residual (every head
     // written each step, so the next layer's attention first factor rides in qkv_append).
-    // Last, the LayerNorms applied by the launches that read them (qkv_append, the
-    // predicted fc1) instead.
-    let variants = [
-        (4, false, false, false, false, false),
-        (4, true, false, false, false, false),
-        (4, false, true, false, false, false),
-        (4, false, true, true, false, false),
-        (0, false, true, true, true, false),
-        (0, false, true, false, true, false),
-        (0, false, true, true, true, true),
-    ];
-    for (window, fused_mlp, f32_residual, fused_attention, fused_norms, deferred_norms) in variants {
-        let options = SparseOptions { lazy_kv_window: window, fused_mlp, f32_residual, fused_attention, fused_norms, deferred_norms, ..Default::default() };
+    // (The LayerNorms applied by qkv_append, `deferred_norms`, need a layer with a next
+    // layer's predictor after it: the fixture's two layers have none; the kernel is checked
+    // on lavapipe in kernels/tests/wgpu.rs and the path on the CPU in tests/sparse.rs.)
+    let variants = [(4, false, false, false, false), (4, true, false, false, false), (4, false, true, false, false), (4, false, true, true, false), (0, false, true, true, true), (0, false, true, false, true)];
+    for (window, fused_mlp, f32_residual, fused_attention, fused_norms) in variants {
+        let options = SparseOptions { lazy_kv_window: window, fused_mlp, f32_residual, fused_attention, fused_norms, ..Default::default() };
         let gpu_sparse = SparseModel::with_weights(&gpu, &hash, plan.clone(), gpu_set.modules.clone(), options, weights.clone()).unwrap();
         let mut hooks = gpu_sparse.hooks();
         let got = stepped_logits(&gpu, &mut hooks, &ids);
         let stats = hooks.stats();
-        assert_eq!(hooks.norms_in_launch() > 0, deferred_norms, "LayerNorms applied in launches: {}", hooks.norms_in_launch());
         let err = max_abs_diff(&got, &want);
         assert!(err < 1e-3, "sparse decode on wgpu ({options:?}) vs the CPU reference: max abs err {err}");
         // The plan was sparse where it had predictors: something was skipped.

@@ -2445,9 +2445,7 @@ fn first_factor_row<P: Float>(
 /// `has_first`, the first factor of the next layer's MLP predictor from the same
 /// residual ([`first_factor_row`], `down`, `residual`, `first`); with `has_select`, the
 /// next layer's head selection from the first factor its attention predictor left
-/// (`select_by_predictor`: `sel_up`, `sel_h`, `idx`, `count`), on the last cube. With
-/// `norm_in` fc1 reads the f32 residual `xf` and each cube applies its LayerNorm itself
-/// ([`cube_layer_norm_shared`], [`normed_row_total`]; `gamma`, `fold`).
+/// (`select_by_predictor`: `sel_up`, `sel_h`, `idx`, `count`), on the last cube.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)] // fc1's, the predictor's, and the riders' inputs
 pub(crate) fn predicted_rows_gemv_kernel<F: Float, P: Float, N: Size, I: Int>(
@@ -2464,14 +2462,10 @@ pub(crate) fn predicted_rows_gemv_kernel<F: Float, P: Float, N: Size, I: Int>(
     sel_h: &Array<f32>,
     idx: &mut Array<I>,
     count: &mut Array<I>,
-    xf: &Array<Vector<f32, N>>,
-    gamma: &Array<Vector<f32, N>>,
-    fold: &Array<f32>,
     shape: GemvShape,
     predictor: PredictorShape,
     first_shape: FirstFactorShape,
     sel_predictor: PredictorShape,
-    norm: NormShape,
     threshold: f32,
     sel_rows: usize,
     sel_capacity: usize,
@@ -2484,8 +2478,6 @@ pub(crate) fn predicted_rows_gemv_kernel<F: Float, P: Float, N: Size, I: Int>(
     #[comptime] has_first: bool,
     #[comptime] has_select: bool,
     #[comptime] sel_max_rows: usize,
-    #[comptime] norm_in: bool,
-    #[comptime] norm_vectors: usize,
     #[define(F, P, I)] _dtypes: [StorageType; 3],
 ) {
     let mut scratch = SharedMemory::<f32>::new(group * rows_per_cube);
@@ -2505,20 +2497,7 @@ pub(crate) fn predicted_rows_gemv_kernel<F: Float, P: Float, N: Size, I: Int>(
     let j = cube * rows_per_cube + UNIT_POS_Y as usize;
     let logit = predicted_logit(up, h, predictor, j, shape.rows, lane, &mut scratch, group, use_plane);
     // Every lane of the group holds the same logit, so `live` is uniform.
-    if norm_in {
-        // The LayerNorm deferred to here: `x` is unread, `xf` the f32 residual, and the
-        // bias is in the rows' folds.
-        let live = logit > threshold;
-        let mut xs = SharedMemory::<Vector<F, N>>::new(norm_vectors);
-        let plane = comptime!(if use_plane && rows_per_cube <= group { group } else { 0 });
-        let inv_std = cube_layer_norm_shared(xf, gamma, shape.width, norm, &mut xs, &mut scratch, group * rows_per_cube, plane);
-        let total = normed_row_total(w, j * shape.w_stride, &xs, inv_std, fold, j, live, lane, shape.width, &mut scratch, group, use_plane);
-        if lane == 0 && j < shape.rows {
-            out[j] = F::cast_from(finish_row(total, bias, j, live, false, relu));
-        }
-    } else {
-        gated_row(w, x, bias, out, shape, j, logit > threshold, lane, &mut scratch, has_bias, relu, group, use_plane);
-    }
+    gated_row(w, x, bias, out, shape, j, logit > threshold, lane, &mut scratch, has_bias, relu, group, use_plane);
 }
 
 /// The decode step's sparse MLP up to fc2's split sums in one launch (batch 1): cube `s`

@@ -1077,28 +1077,26 @@ pub fn kv_append<R: CubeRuntime>(
     (k, v)
 }
 
-/// A LayerNorm that a GEMV-like launch applies to its input itself (batch 1), so that no
-/// launch before has to write it: `x` is then the f32 residual `[1, d]`, `gamma` `[d]`
-/// f32, and `fold` (`q_fold`: the queries' rows in `qkv_append`) holds `W[row] · beta +
-/// bias[row]` per row, f32 `[rows]` ([`crate::RowFold`]), which replaces the bias.
+/// A LayerNorm that `qkv_append` applies to its input itself (batch 1), so that no launch
+/// before has to write it: `x` is then the f32 residual `[1, d]`, `gamma` `[d]` f32, and
+/// `q_fold`, `kv_fold` hold `W[row] · beta + bias[row]` per row of the queries' and the
+/// keys' and values' weights, f32 ([`crate::RowFold`]), which replace the biases.
 pub struct NormInArgs<R: CubeRuntime> {
     pub gamma: CubeTensor<R>,
     pub eps: f32,
-    pub fold: CubeTensor<R>,
-    pub q_fold: Option<CubeTensor<R>>,
+    pub q_fold: CubeTensor<R>,
+    pub kv_fold: CubeTensor<R>,
 }
 
 /// The bindings of an optional [`NormInArgs`]: `xf` (the residual as read), `gamma`, the
-/// folds and the shape, or unread bindings.
+/// keys' and values' fold, the queries' fold and the shape, or unread bindings.
 fn norm_in_bindings<R: CubeRuntime>(norm_in: Option<NormInArgs<R>>, x: &CubeTensor<R>) -> ([CubeTensor<R>; 4], NormShapeLaunch<R>, bool) {
     match norm_in {
-        Some(NormInArgs { gamma, eps, fold, q_fold }) => {
+        Some(NormInArgs { gamma, eps, q_fold, kv_fold }) => {
             let d = dims(x)[1];
             assert_eq!(dims(x)[0], 1, "a LayerNorm applied in the launch: one sequence");
             assert_eq!(x.dtype, DType::F32, "a LayerNorm applied in the launch: the residual in f32");
-            let (gamma, fold) = (into_contiguous(gamma), into_contiguous(fold));
-            let q_fold = q_fold.map(into_contiguous).unwrap_or_else(|| fold.clone());
-            ([x.clone(), gamma, fold, q_fold], NormShapeLaunch::new(d, 1.0 / d as f32, eps), true)
+            ([x.clone(), into_contiguous(gamma), into_contiguous(kv_fold), into_contiguous(q_fold)], NormShapeLaunch::new(d, 1.0 / d as f32, eps), true)
         }
         None => ([unread(x), unread(x), unread(x), unread(x)], NormShapeLaunch::new(0, 0.0, 0.0), false),
     }
@@ -1317,13 +1315,11 @@ struct GatedRows<R: CubeRuntime> {
 }
 
 impl<R: CubeRuntime> GatedRows<R> {
-    /// `x_f32`: `x` is an f32 residual read with the LayerNorm in the launch
-    /// ([`weights_vector_width`]).
-    fn new(w: &CubeTensor<R>, x: &CubeTensor<R>, bias: Option<CubeTensor<R>>, x_f32: bool) -> Self {
+    fn new(w: &CubeTensor<R>, x: &CubeTensor<R>, bias: Option<CubeTensor<R>>) -> Self {
         let rows = dims(w)[0];
         let (group, use_plane) = reduction_group(&w.client);
         let rows_per_cube = LaunchConfig::default().rows_per_cube;
-        let vs = if x_f32 { weights_vector_width(w, x) } else { vector_width(&[w, x]) };
+        let vs = vector_width(&[w, x]);
         Self {
             out: empty(x, vec![1, rows], w.dtype),
             shape: GemvShapeLaunch::new(rows, dims(w)[1] / vs, stride(w, 0) / vs, 1, stride(x, 0) / vs, rows, rows),
@@ -1350,7 +1346,7 @@ pub fn gated_rows_gemv<R: CubeRuntime>(
     threshold: f32,
 ) -> CubeTensor<R> {
     let (w, x, gate) = (into_contiguous(w), into_contiguous(x), into_contiguous(gate));
-    let l = GatedRows::new(&w, &x, bias, false);
+    let l = GatedRows::new(&w, &x, bias);
     let (dtype, client) = (w.dtype, w.client.clone());
     unsafe {
         gated_rows_gemv_kernel::launch_unchecked::<R>(
@@ -1417,11 +1413,10 @@ pub fn predicted_rows_gemv<R: CubeRuntime>(
     first: Option<FirstArgs<R>>,
     select: Option<SelectArgs<R>>,
     int_dtype: DType,
-    norm_in: Option<NormInArgs<R>>,
 ) -> (CubeTensor<R>, Option<CubeTensor<R>>, Option<(CubeTensor<R>, CubeTensor<R>)>) {
     let (w, x) = (into_contiguous(w), into_contiguous(x));
     let (up, h) = (into_contiguous(up), into_contiguous(h));
-    let l = GatedRows::new(&w, &x, bias, norm_in.is_some());
+    let l = GatedRows::new(&w, &x, bias);
     let (dtype, up_dtype, client) = (w.dtype, up.dtype, w.client.clone());
     let predictor = predictor_shape(&up);
     let CubeCount::Static(fc1_cubes, _, _) = l.count else { unreachable!("GatedRows makes a static grid") };
@@ -1441,10 +1436,6 @@ pub fn predicted_rows_gemv<R: CubeRuntime>(
     };
     let selection = idx.clone().zip(count.clone());
     let cubes = fc1_cubes as usize + first_cubes + usize::from(has_select);
-    let ([xf, gamma, fold, _], norm_shape, has_norm_in) = norm_in_bindings(norm_in, &x);
-    let norm_vectors = if has_norm_in { dims(&w)[1] / l.vs } else { 1 };
-    // With the LayerNorm applied in the launch, `x` (the weights' dtype) is not read.
-    let x = if has_norm_in { unread(&w) } else { x };
     unsafe {
         predicted_rows_gemv_kernel::launch_unchecked::<R>(
             &client,
@@ -1464,19 +1455,15 @@ pub fn predicted_rows_gemv<R: CubeRuntime>(
             arg(sel_h),
             arg(idx.unwrap_or_else(|| unread(&x))),
             arg(count.unwrap_or_else(|| unread(&x))),
-            arg(xf),
-            arg(gamma),
-            arg(fold),
             l.shape,
             predictor,
             first_shape,
             sel_predictor,
-            norm_shape,
             threshold,
             sel_rows,
             sel_capacity,
             sel_threshold,
-            l.has_bias && !has_norm_in,
+            l.has_bias,
             relu,
             l.group,
             l.rows_per_cube,
@@ -1484,8 +1471,6 @@ pub fn predicted_rows_gemv<R: CubeRuntime>(
             has_first,
             has_select,
             sel_rows.max(1).next_power_of_two(),
-            has_norm_in,
-            norm_vectors,
             [dtype.into(), up_dtype.into(), int_dtype.into()],
         );
     }

@@ -265,74 +265,11 @@ fn cube_layer_norm_shared<F: Float, N: Size>(
     1.0f32 / f32::sqrt(var + norm.eps)
 }
 
-/// A lane's first round of a row's loads for [`normed_row_total`]: its vectors `lane,
-/// lane + group, ..` (eight), zeros past the row or where `live` is false. Issued before
-/// the cube's [`cube_layer_norm_shared`], so that their round trip overlaps its
-/// statistics.
+/// [`lane_dot`] against `x` in shared memory (the cube's [`cube_layer_norm_shared`]).
 #[cube]
-#[allow(clippy::type_complexity)] // eight vectors in registers
-fn first_round<F: Float, N: Size>(w: &Array<Vector<F, N>>, w_base: usize, lane: usize, group: usize, width: usize, live: bool) -> (Vector<F, N>, Vector<F, N>, Vector<F, N>, Vector<F, N>, Vector<F, N>, Vector<F, N>, Vector<F, N>, Vector<F, N>) {
-    let r0 = load_or_zero(w, w_base, lane, width, live);
-    let r1 = load_or_zero(w, w_base, lane + group, width, live);
-    let r2 = load_or_zero(w, w_base, lane + 2 * group, width, live);
-    let r3 = load_or_zero(w, w_base, lane + 3 * group, width, live);
-    let r4 = load_or_zero(w, w_base, lane + 4 * group, width, live);
-    let r5 = load_or_zero(w, w_base, lane + 5 * group, width, live);
-    let r6 = load_or_zero(w, w_base, lane + 6 * group, width, live);
-    let r7 = load_or_zero(w, w_base, lane + 7 * group, width, live);
-    (r0, r1, r2, r3, r4, r5, r6, r7)
-}
-
-/// `w[w_base + t]`, or zeros past `width` or where `live` is false (then nothing is read).
-#[cube]
-fn load_or_zero<F: Float, N: Size>(w: &Array<Vector<F, N>>, w_base: usize, t: usize, width: usize, live: bool) -> Vector<F, N> {
-    let mut v = Vector::<F, N>::new(F::new(0.0));
-    if live && t < width {
-        v = w[w_base + t];
-    }
-    v
-}
-
-/// The first round's products with `x` in shared memory ([`first_round`]).
-#[cube]
-#[allow(clippy::type_complexity)] // eight vectors in registers
-fn first_round_dot<F: Float, N: Size>(pre: (Vector<F, N>, Vector<F, N>, Vector<F, N>, Vector<F, N>, Vector<F, N>, Vector<F, N>, Vector<F, N>, Vector<F, N>), x: &SharedMemory<Vector<F, N>>, lane: usize, group: usize, width: usize) -> Vector<f32, N> {
-    let (r0, r1, r2, r3, r4, r5, r6, r7) = pre;
+fn lane_dot_shared<F: Float, N: Size>(w: &Array<Vector<F, N>>, w_base: usize, x: &SharedMemory<Vector<F, N>>, lane: usize, group: usize, width: usize) -> f32 {
     let mut acc = Vector::<f32, N>::new(0.0f32);
-    if lane < width {
-        acc += Vector::<f32, N>::cast_from(r0) * Vector::<f32, N>::cast_from(x[lane]);
-    }
-    if lane + group < width {
-        acc += Vector::<f32, N>::cast_from(r1) * Vector::<f32, N>::cast_from(x[lane + group]);
-    }
-    if lane + 2 * group < width {
-        acc += Vector::<f32, N>::cast_from(r2) * Vector::<f32, N>::cast_from(x[lane + 2 * group]);
-    }
-    if lane + 3 * group < width {
-        acc += Vector::<f32, N>::cast_from(r3) * Vector::<f32, N>::cast_from(x[lane + 3 * group]);
-    }
-    if lane + 4 * group < width {
-        acc += Vector::<f32, N>::cast_from(r4) * Vector::<f32, N>::cast_from(x[lane + 4 * group]);
-    }
-    if lane + 5 * group < width {
-        acc += Vector::<f32, N>::cast_from(r5) * Vector::<f32, N>::cast_from(x[lane + 5 * group]);
-    }
-    if lane + 6 * group < width {
-        acc += Vector::<f32, N>::cast_from(r6) * Vector::<f32, N>::cast_from(x[lane + 6 * group]);
-    }
-    if lane + 7 * group < width {
-        acc += Vector::<f32, N>::cast_from(r7) * Vector::<f32, N>::cast_from(x[lane + 7 * group]);
-    }
-    acc
-}
-
-/// [`lane_dot`] against `x` in shared memory (the cube's [`cube_layer_norm_shared`]), from
-/// vector `start` (a lane's first, or past a [`first_round`]) on, plus `acc`.
-#[cube]
-#[allow(clippy::too_many_arguments)] // the row, where the lane starts and what it has
-fn lane_dot_shared<F: Float, N: Size>(w: &Array<Vector<F, N>>, w_base: usize, x: &SharedMemory<Vector<F, N>>, start: usize, group: usize, width: usize, acc_in: Vector<f32, N>) -> f32 {
-    let mut acc = acc_in;
-    let mut t = start;
+    let mut t = lane;
     while t + 7 * group < width {
         let w0 = w[w_base + t];
         let w1 = w[w_base + t + group];
@@ -365,9 +302,8 @@ fn lane_dot_shared<F: Float, N: Size>(w: &Array<Vector<F, N>>, w_base: usize, x:
 }
 
 /// Row `row` of `W · LayerNorm(x) + bias` for a lane group, the LayerNorm's centred and
-/// scaled input in `xs` ([`cube_layer_norm_shared`]), the lane's first round of loads in
-/// `pre` ([`first_round`]), `inv_std` the `1 / std` and `c` the rows' `W · beta + bias`
-/// (f32). On lane 0 (every lane with plane reductions); 0
+/// scaled input in `xs` ([`cube_layer_norm_shared`]), `inv_std` its `1 / std` and `c`
+/// the rows' `W · beta + bias` (f32). On lane 0 (every lane with plane reductions); 0
 /// where `live` is false.
 #[cube]
 #[allow(clippy::too_many_arguments)] // the row, the normalized input and the layout
@@ -375,7 +311,6 @@ fn normed_row_total<F: Float, N: Size>(
     w: &Array<Vector<F, N>>,
     w_base: usize,
     xs: &SharedMemory<Vector<F, N>>,
-    pre: (Vector<F, N>, Vector<F, N>, Vector<F, N>, Vector<F, N>, Vector<F, N>, Vector<F, N>, Vector<F, N>, Vector<F, N>),
     inv_std: f32,
     c: &Array<f32>,
     row: usize,
@@ -388,8 +323,7 @@ fn normed_row_total<F: Float, N: Size>(
 ) -> f32 {
     let mut p = 0.0f32;
     if live {
-        let first = first_round_dot(pre, xs, lane, group, width);
-        p = lane_dot_shared(w, w_base, xs, lane + 8 * group, group, width, first);
+        p = lane_dot_shared(w, w_base, xs, lane, group, width);
     }
     let dot = group_sum(p, scratch, group, use_plane);
     let mut y = 0.0f32;
@@ -2222,26 +2156,7 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int, P: Float>(
     }
     let mut xs = SharedMemory::<Vector<F, N>>::new(norm_vectors);
     let mut inv_std = 0.0f32;
-    // With `norm_in`: the unit's row (a query's, gathered, or a key's or value's) and its
-    // first round of loads, issued before the cube's LayerNorm.
-    let mut q_row = query.rows;
-    let zero = Vector::<F, N>::new(F::new(0.0));
-    let mut pre = (zero, zero, zero, zero, zero, zero, zero, zero);
     if norm_in {
-        let mut is_query = false;
-        if has_query {
-            is_query = cube < query.cubes;
-        }
-        if is_query {
-            let jq = cube * rows_per_cube + UNIT_POS_Y as usize;
-            if jq < query.outputs {
-                q_row = row_of(q_idx, jq, query.block, query.rows, q_gathered);
-            }
-            pre = first_round(q_w, q_row * query.w_stride, lane, group, shape.width, q_row < query.rows);
-        } else {
-            let jk = (cube - query.cubes) * rows_per_cube + UNIT_POS_Y as usize;
-            pre = first_round(kv, jk * shape.w_stride, lane, group, shape.width, jk < shape.rows);
-        }
         inv_std = cube_layer_norm_shared(xf, gamma, shape.width, norm, &mut xs, &mut scratch, group * rows_per_cube, plane);
     }
     if has_query {
@@ -2254,7 +2169,7 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int, P: Float>(
             }
             let live = row < query.rows;
             if norm_in {
-                let total = normed_row_total(q_w, row * query.w_stride, &xs, pre, inv_std, q_fold, row, live, lane, shape.width, &mut scratch, group, use_plane);
+                let total = normed_row_total(q_w, row * query.w_stride, &xs, inv_std, q_fold, row, live, lane, shape.width, &mut scratch, group, use_plane);
                 if lane == 0 && in_range {
                     q_out[j] = F::cast_from(total);
                 }
@@ -2337,7 +2252,7 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int, P: Float>(
             }
         }
     } else if norm_in {
-        let total = normed_row_total(kv, w_base, &xs, pre, inv_std, kv_fold, j, in_range, lane, shape.width, &mut scratch, group, use_plane);
+        let total = normed_row_total(kv, w_base, &xs, inv_std, kv_fold, j, in_range, lane, shape.width, &mut scratch, group, use_plane);
         if lane == 0 && in_range {
             let offset = h * shape.cache_head_stride + pos * shape.cache_pos_stride + c;
             write_kv(total, bias, j, half, offset, k_cache, v_cache, false);

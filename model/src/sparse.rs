@@ -147,13 +147,13 @@ pub struct SparseModel<B: Backend> {
     /// finish ([`SparseOptions::fused_norms`]).
     norms: Vec<[(Tensor<B, 1>, Tensor<B, 1>); 2]>,
     final_norm: Option<(Tensor<B, 1>, Tensor<B, 1>)>,
-    /// Per layer, its weight rows folded with the LayerNorms before them
-    /// ([`SparseOptions::deferred_norms`]); `None` for layers dense in the plan.
+    /// Per layer, its query, key and value rows folded with its attention LayerNorm
+    /// ([`SparseOptions::deferred_norms`]); `None` where the layer's heads are dense.
     folds: Vec<Option<LayerFolds<B>>>,
 }
 
-/// A layer's LayerNorms and the weight rows that read them, folded for launches that
-/// apply the LayerNorm themselves ([`SparseOptions::deferred_norms`]).
+/// A layer's attention LayerNorm and its query, key and value rows folded with it, for a
+/// `qkv_append` that applies the LayerNorm itself ([`SparseOptions::deferred_norms`]).
 #[derive(Debug)]
 struct LayerFolds<B: Backend> {
     attention: dejavu_kernels::NormIn<B>,
@@ -628,15 +628,12 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
         }
     }
 
-    /// The LayerNorm of the residual `x` entering `site` that its block could not apply in
-    /// its own launch after all ([`SparseHooks::norm_in`]), in the weights' dtype.
-    fn normalize_here(&self, site: NormSite, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    /// The attention LayerNorm of layer `layer`'s input `x` where its block could not
+    /// apply it in its own launch after all ([`SparseHooks::norm_in`]), in the weights'
+    /// dtype.
+    fn normalize_here(&self, layer: usize, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [batch, n, d] = x.dims();
-        let (gamma, beta) = match site {
-            NormSite::AttentionInput(l) => self.model.norms[l][0].clone(),
-            NormSite::MlpInput(l) => self.model.norms[l][1].clone(),
-            _ => unreachable!("only a layer's two LayerNorms are left to their blocks"),
-        };
+        let (gamma, beta) = self.model.norms[layer][0].clone();
         dejavu_kernels::layer_norm_to(x.reshape([batch * n, d]), gamma, beta, LAYER_NORM_EPS as f32, self.weights_dtype()).expect(KERNEL_SHAPES).reshape([batch, n, d])
     }
 
@@ -795,7 +792,7 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
                 self.norms_in_launch += 1;
                 (x, self.model.folds[layer].as_ref().map(|f| (f.attention.clone(), f.q.clone(), f.kv.clone())))
             }
-            true => (self.normalize_here(site, x), None),
+            true => (self.normalize_here(layer, x), None),
             false => (x, None),
         };
         let due = match self.first_due.take() {

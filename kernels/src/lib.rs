@@ -1633,7 +1633,9 @@ fn check_qkv_inputs<B: Backend>(
     Ok(block)
 }
 
-/// The inputs of [`kv_append`] agree.
+/// The inputs of [`kv_append`] agree. With `x_f32`, `x` is the f32 residual whose
+/// LayerNorm the op applies itself ([`NormIn`]).
+#[allow(clippy::too_many_arguments)] // the GEMV's inputs, the caches, the position and x's kind
 fn check_kv_inputs<B: Backend>(
     op: &'static str,
     kv: &Tensor<B, 2>,

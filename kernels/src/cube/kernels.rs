@@ -163,12 +163,27 @@ fn group_sum_all(
 
 /// One lane's share of `W[w_base ..] · x[x_base ..]` over `width` vectors (every `group`-th
 /// vector from `lane`), in f32. `x` may have another float type than `W` (an f16
-/// residual into an f32 predictor).
+/// residual into an f32 predictor). [`lane_dot_list`] with `x` in global memory.
 #[cube]
 fn lane_dot<F: Float, X: Float, N: Size>(
     w: &Array<Vector<F, N>>,
     w_base: usize,
     x: &Array<Vector<X, N>>,
+    x_base: usize,
+    lane: usize,
+    group: usize,
+    width: usize,
+) -> f32 {
+    lane_dot_list::<F, X, N, Array<Vector<X, N>>>(w, w_base, x, x_base, lane, group, width)
+}
+
+/// [`lane_dot`] for `x` in any list: global memory, or shared memory (a cube's
+/// [`cube_layer_norm_shared`]).
+#[cube]
+fn lane_dot_list<F: Float, X: Float, N: Size, L: List<Vector<X, N>>>(
+    w: &Array<Vector<F, N>>,
+    w_base: usize,
+    x: &L,
     x_base: usize,
     lane: usize,
     group: usize,
@@ -186,14 +201,14 @@ fn lane_dot<F: Float, X: Float, N: Size>(
         let w5 = w[w_base + t + 5 * step];
         let w6 = w[w_base + t + 6 * step];
         let w7 = w[w_base + t + 7 * step];
-        acc += Vector::<f32, N>::cast_from(w0) * Vector::<f32, N>::cast_from(x[x_base + t]);
-        acc += Vector::<f32, N>::cast_from(w1) * Vector::<f32, N>::cast_from(x[x_base + t + step]);
-        acc += Vector::<f32, N>::cast_from(w2) * Vector::<f32, N>::cast_from(x[x_base + t + 2 * step]);
-        acc += Vector::<f32, N>::cast_from(w3) * Vector::<f32, N>::cast_from(x[x_base + t + 3 * step]);
-        acc += Vector::<f32, N>::cast_from(w4) * Vector::<f32, N>::cast_from(x[x_base + t + 4 * step]);
-        acc += Vector::<f32, N>::cast_from(w5) * Vector::<f32, N>::cast_from(x[x_base + t + 5 * step]);
-        acc += Vector::<f32, N>::cast_from(w6) * Vector::<f32, N>::cast_from(x[x_base + t + 6 * step]);
-        acc += Vector::<f32, N>::cast_from(w7) * Vector::<f32, N>::cast_from(x[x_base + t + 7 * step]);
+        acc += Vector::<f32, N>::cast_from(w0) * Vector::<f32, N>::cast_from(x.read(x_base + t));
+        acc += Vector::<f32, N>::cast_from(w1) * Vector::<f32, N>::cast_from(x.read(x_base + t + step));
+        acc += Vector::<f32, N>::cast_from(w2) * Vector::<f32, N>::cast_from(x.read(x_base + t + 2 * step));
+        acc += Vector::<f32, N>::cast_from(w3) * Vector::<f32, N>::cast_from(x.read(x_base + t + 3 * step));
+        acc += Vector::<f32, N>::cast_from(w4) * Vector::<f32, N>::cast_from(x.read(x_base + t + 4 * step));
+        acc += Vector::<f32, N>::cast_from(w5) * Vector::<f32, N>::cast_from(x.read(x_base + t + 5 * step));
+        acc += Vector::<f32, N>::cast_from(w6) * Vector::<f32, N>::cast_from(x.read(x_base + t + 6 * step));
+        acc += Vector::<f32, N>::cast_from(w7) * Vector::<f32, N>::cast_from(x.read(x_base + t + 7 * step));
         t += 8 * step;
     }
     // Four more in flight before the last ones one by one: a lane with few vectors (a
@@ -203,14 +218,14 @@ fn lane_dot<F: Float, X: Float, N: Size>(
         let w1 = w[w_base + t + step];
         let w2 = w[w_base + t + 2 * step];
         let w3 = w[w_base + t + 3 * step];
-        acc += Vector::<f32, N>::cast_from(w0) * Vector::<f32, N>::cast_from(x[x_base + t]);
-        acc += Vector::<f32, N>::cast_from(w1) * Vector::<f32, N>::cast_from(x[x_base + t + step]);
-        acc += Vector::<f32, N>::cast_from(w2) * Vector::<f32, N>::cast_from(x[x_base + t + 2 * step]);
-        acc += Vector::<f32, N>::cast_from(w3) * Vector::<f32, N>::cast_from(x[x_base + t + 3 * step]);
+        acc += Vector::<f32, N>::cast_from(w0) * Vector::<f32, N>::cast_from(x.read(x_base + t));
+        acc += Vector::<f32, N>::cast_from(w1) * Vector::<f32, N>::cast_from(x.read(x_base + t + step));
+        acc += Vector::<f32, N>::cast_from(w2) * Vector::<f32, N>::cast_from(x.read(x_base + t + 2 * step));
+        acc += Vector::<f32, N>::cast_from(w3) * Vector::<f32, N>::cast_from(x.read(x_base + t + 3 * step));
         t += 4 * step;
     }
     while t < width {
-        acc += Vector::<f32, N>::cast_from(w[w_base + t]) * Vector::<f32, N>::cast_from(x[x_base + t]);
+        acc += Vector::<f32, N>::cast_from(w[w_base + t]) * Vector::<f32, N>::cast_from(x.read(x_base + t));
         t += step;
     }
     let mut partial = 0.0f32;
@@ -226,7 +241,7 @@ fn lane_dot<F: Float, X: Float, N: Size>(
 /// every unit of the cube, one pass and two cube reductions), then `gamma ⊙ (x − mean)`
 /// in the weights' dtype into `xs` (the cube synced after). Returns `1 / std`: a row's
 /// `W[row] · LayerNorm(x) + bias[row]` is then `(W[row] · xs) / std + c[row]` with `c =
-/// W · beta + bias` ([`lane_dot_shared`]). `xs` rounds as a written LayerNorm would, before
+/// W · beta + bias` ([`normed_row_total`]). `xs` rounds as a written LayerNorm would, before
 /// the division by `std`.
 #[cube]
 #[allow(clippy::too_many_arguments)] // the residual, the LayerNorm and the scratch
@@ -265,42 +280,6 @@ fn cube_layer_norm_shared<F: Float, N: Size>(
     1.0f32 / f32::sqrt(var + norm.eps)
 }
 
-/// [`lane_dot`] against `x` in shared memory (the cube's [`cube_layer_norm_shared`]).
-#[cube]
-fn lane_dot_shared<F: Float, N: Size>(w: &Array<Vector<F, N>>, w_base: usize, x: &SharedMemory<Vector<F, N>>, lane: usize, group: usize, width: usize) -> f32 {
-    let mut acc = Vector::<f32, N>::new(0.0f32);
-    let mut t = lane;
-    while t + 7 * group < width {
-        let w0 = w[w_base + t];
-        let w1 = w[w_base + t + group];
-        let w2 = w[w_base + t + 2 * group];
-        let w3 = w[w_base + t + 3 * group];
-        let w4 = w[w_base + t + 4 * group];
-        let w5 = w[w_base + t + 5 * group];
-        let w6 = w[w_base + t + 6 * group];
-        let w7 = w[w_base + t + 7 * group];
-        acc += Vector::<f32, N>::cast_from(w0) * Vector::<f32, N>::cast_from(x[t]);
-        acc += Vector::<f32, N>::cast_from(w1) * Vector::<f32, N>::cast_from(x[t + group]);
-        acc += Vector::<f32, N>::cast_from(w2) * Vector::<f32, N>::cast_from(x[t + 2 * group]);
-        acc += Vector::<f32, N>::cast_from(w3) * Vector::<f32, N>::cast_from(x[t + 3 * group]);
-        acc += Vector::<f32, N>::cast_from(w4) * Vector::<f32, N>::cast_from(x[t + 4 * group]);
-        acc += Vector::<f32, N>::cast_from(w5) * Vector::<f32, N>::cast_from(x[t + 5 * group]);
-        acc += Vector::<f32, N>::cast_from(w6) * Vector::<f32, N>::cast_from(x[t + 6 * group]);
-        acc += Vector::<f32, N>::cast_from(w7) * Vector::<f32, N>::cast_from(x[t + 7 * group]);
-        t += 8 * group;
-    }
-    while t < width {
-        acc += Vector::<f32, N>::cast_from(w[w_base + t]) * Vector::<f32, N>::cast_from(x[t]);
-        t += group;
-    }
-    let mut partial = 0.0f32;
-    #[unroll]
-    for v in 0..N::value() {
-        partial += acc[v];
-    }
-    partial
-}
-
 /// Row `row` of `W · LayerNorm(x) + bias` for a lane group, the LayerNorm's centred and
 /// scaled input in `xs` ([`cube_layer_norm_shared`]), `inv_std` its `1 / std` and `c`
 /// the rows' `W · beta + bias` (f32). On lane 0 (every lane with plane reductions); 0
@@ -323,7 +302,7 @@ fn normed_row_total<F: Float, N: Size>(
 ) -> f32 {
     let mut p = 0.0f32;
     if live {
-        p = lane_dot_shared(w, w_base, xs, lane, group, width);
+        p = lane_dot_list::<F, F, N, SharedMemory<Vector<F, N>>>(w, w_base, xs, 0, lane, group, width);
     }
     let dot = group_sum(p, scratch, group, use_plane);
     let mut y = 0.0f32;

@@ -88,17 +88,6 @@ fn vector_width<R: CubeRuntime>(tensors: &[&CubeTensor<R>]) -> usize {
         .max(1)
 }
 
-/// [`vector_width`] of the weights `w` alone, for a launch that reads an f32 `x` of the
-/// same width in vectors of as many elements (twice the bytes of the weights' f16 ones).
-fn weights_vector_width<R: CubeRuntime>(w: &CubeTensor<R>, x: &CubeTensor<R>) -> usize {
-    let width = dims(x)[dims(x).len() - 1];
-    let mut vs = vector_width(&[w]);
-    while vs > 1 && !width.is_multiple_of(vs) {
-        vs /= 2;
-    }
-    vs
-}
-
 /// [`vector_width`] of a contiguous row of `width` elements of `dtype` (an output not
 /// allocated yet).
 fn row_vector_width<R: CubeRuntime>(client: &ComputeClient<R>, dtype: DType, width: usize) -> usize {
@@ -1183,9 +1172,10 @@ fn qkv_append_launch<R: CubeRuntime>(
     let has_bias = bias.is_some();
     let bias = bias.map(into_contiguous).unwrap_or_else(|| x.clone());
     // An f32 residual read with the LayerNorm in the launch takes the weights' vector width
-    // (its own would be half that, and would halve the weights' loads).
+    // (its own would be half that, and would halve the weights' loads); it divides the
+    // residual's width, which is the weights' (checked by the caller).
     let vs = match norm_in {
-        Some(_) => weights_vector_width(&kv, &x),
+        Some(_) => vector_width(&[&kv]),
         None => vector_width(&[&kv, &x]),
     };
     let (group, use_plane) = reduction_group(&kv.client);

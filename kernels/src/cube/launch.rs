@@ -62,11 +62,16 @@ pub struct LaunchConfig {
     /// finished row with plain loads through a second binding of the accumulator, on CUDA
     /// only (elsewhere, and with `false`, with atomic adds of 0).
     pub norm_plain_reads: bool,
+    /// Whether each cube of the fused attention and `out_proj` starts its rows of
+    /// `out_proj` on their way into shared memory (`cp.async`) before it computes the
+    /// head's attention, where the device has asynchronous copies (CUDA, sm_80 on); the
+    /// rows then arrive while the attention runs instead of after it.
+    pub attention_out_prefetch: bool,
 }
 
 impl Default for LaunchConfig {
     fn default() -> Self {
-        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 1024, attention_out_rows: 256, norm_plain_reads: true }
+        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 1024, attention_out_rows: 256, norm_plain_reads: true, attention_out_prefetch: true }
     }
 }
 
@@ -851,6 +856,11 @@ fn plain_reads<R: CubeRuntime>(client: &ComputeClient<R>, config: &LaunchConfig)
 /// fit beside the kernel's own.
 const SHARED_BYTES: usize = 48 * 1024;
 
+/// Shared memory a cube of the fused attention and `out_proj` may take for its prefetched
+/// rows: 64 KiB holds 256 rows of a 128-wide head in f16, and leaves two cubes an SM
+/// room on the H100 (228 KiB an SM, the opt-in that CubeCL's CUDA launch sets).
+const PREFETCH_BYTES: usize = 64 * 1024;
+
 /// The LayerNorm epilogue's launch arguments ([`NormArgs`]): its bindings (the accumulator
 /// itself in each slot where there is no epilogue, never read then), its shape, comptime
 /// plane and row length, and the normalized row when there is one.
@@ -957,6 +967,15 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
     let used = 4 * (cap.max(1) + threads + threads * vs + 2 * hd + config.attention_out_rows);
     let e = norm_epilogue(norm, &acc, w.dtype, threads, used);
     let plain = e.has_norm && plain_reads(&acc.client, config);
+    // The prefetch copies whole vectors of 4, 8 or 16 bytes (what `cp.async` moves), one
+    // per unit and row: the rows must split evenly over the units' groups.
+    let vector_bytes = vs * w.dtype.size();
+    let groups = threads / hd_vectors;
+    let prefetch = config.attention_out_prefetch
+        && acc.client.properties().features.copy_async
+        && matches!(vector_bytes, 4 | 8 | 16)
+        && config.attention_out_rows.is_multiple_of(groups)
+        && config.attention_out_rows * hd_vectors * vector_bytes <= PREFETCH_BYTES;
     // Shuffles within a run of `hd_vectors` units stay inside one plane.
     let use_plane = use_plane && plane.is_multiple_of(hd_vectors);
     let has_bias = bias.is_some();
@@ -1000,6 +1019,8 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
             e.plane,
             e.row,
             plain,
+            prefetch,
+            vs as u32,
             [dtype.into(), idx_dtype.into()],
         );
     }

@@ -67,11 +67,16 @@ pub struct LaunchConfig {
     /// head's attention, where the device has asynchronous copies (CUDA, sm_80 on); the
     /// rows then arrive while the attention runs instead of after it.
     pub attention_out_prefetch: bool,
+    /// Rows per cube (one 32-lane group each) of `qkv_append` when it applies the
+    /// LayerNorm itself (`NormInArgs`): every cube normalizes the residual once into shared
+    /// memory, so more rows a cube means fewer of those prologues (each reads the f32
+    /// residual and gamma, 32 KiB at 6.7B, from L2).
+    pub qkv_norm_rows_per_cube: usize,
 }
 
 impl Default for LaunchConfig {
     fn default() -> Self {
-        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 1024, attention_out_rows: 256, norm_plain_reads: true, attention_out_prefetch: true }
+        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 1024, attention_out_rows: 256, norm_plain_reads: true, attention_out_prefetch: false, qkv_norm_rows_per_cube: 16 }
     }
 }
 
@@ -1201,8 +1206,10 @@ fn qkv_append_launch<R: CubeRuntime>(
     };
     let (group, use_plane) = reduction_group(&kv.client);
     // Lazily, a cube's rows must be one head's (they loop over that head's positions).
-    let rows_per_cube = match LaunchConfig::default().rows_per_cube {
+    let config = LaunchConfig::default();
+    let rows_per_cube = match config.rows_per_cube {
         r if lazy.is_some() && !dims(&k_cache)[3].is_multiple_of(r) => 1,
+        _ if norm_in.is_some() => config.qkv_norm_rows_per_cube.clamp(1, client_units(&kv) / group),
         r => r,
     };
     let dtype = kv.dtype;

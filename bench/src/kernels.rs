@@ -528,18 +528,19 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
     // Attention with out_proj into an f32 residual, by rows of out_proj per cube (0: the
     // attention kernel, then block_cols_gemv).
     for attention_out_rows in [0, 64, 128, 256, 512] {
-        variants.push(("attnout", LaunchConfig { attention_out_rows, attention_out_prefetch: false, ..base }));
+        variants.push(("attnout", LaunchConfig { attention_out_rows, attention_out_prefetch_rows: 0, ..base }));
     }
-    // … and with each cube's rows of out_proj prefetched into shared memory (`cp.async`)
-    // while it computes the attention (where the device copies asynchronously).
-    for attention_out_rows in [64, 128, 256] {
-        variants.push(("attnout", LaunchConfig { attention_out_rows, attention_out_prefetch: true, ..base }));
+    // … and with each unit's first rows of out_proj prefetched into shared memory
+    // (`cp.async`) while its cube computes the attention (where the device copies
+    // asynchronously): 16 is all of a 256-row cube's.
+    for (attention_out_rows, attention_out_prefetch_rows) in [(256, 2), (256, 4), (256, 8), (256, 16), (128, 4), (128, 8)] {
+        variants.push(("attnout", LaunchConfig { attention_out_rows, attention_out_prefetch_rows, ..base }));
     }
     // The same two accumulating launches writing the LayerNorm of the finished residual
     // from their last cube (`--fused-norms`), against the plain ones above.
     for norm_plain_reads in [false, true] {
-        for attention_out_prefetch in [false, true] {
-            variants.push(("attnoutnorm", LaunchConfig { norm_plain_reads, attention_out_prefetch, ..base }));
+        for attention_out_prefetch_rows in [0, 4] {
+            variants.push(("attnoutnorm", LaunchConfig { norm_plain_reads, attention_out_prefetch_rows, ..base }));
         }
         for accumulate_compact_rows in [1024, 2048] {
             variants.push(("fc2skipaccnorm", LaunchConfig { accumulate_compact_rows, norm_plain_reads, ..base }));
@@ -773,8 +774,8 @@ fn run_checks<R: CubeRuntime>(args: &KernelArgs, device: &R::Device) -> anyhow::
         outcomes.extend(check_block_cols_gemv::<Cube<R>>(device, d, config.num_attention_heads, hd, 1, args.dtype.dtype(), seed));
         // Attention with out_proj into an f32 residual: one launch (200 positions), and
         // the two kernels past 256.
-        for (attention_out_rows, attention_out_prefetch) in [(0, false), (256, false), (256, true), (128, true)] {
-            let launcher = Poisoned(LaunchConfig { attention_out_rows, attention_out_prefetch, ..LaunchConfig::default() });
+        for (attention_out_rows, attention_out_prefetch_rows) in [(0, 0), (256, 0), (256, 4), (256, 16), (128, 8)] {
+            let launcher = Poisoned(LaunchConfig { attention_out_rows, attention_out_prefetch_rows, ..LaunchConfig::default() });
             outcomes.extend(check_attention_out_proj::<Cube<R>, _>(&launcher, device, [1, config.num_attention_heads, 256, hd], 200, d, args.dtype.dtype(), seed));
             outcomes.extend(check_attention_out_proj::<Cube<R>, _>(&launcher, device, [1, config.num_attention_heads, 512, hd], 300, d, args.dtype.dtype(), seed));
         }
@@ -785,8 +786,11 @@ fn run_checks<R: CubeRuntime>(args: &KernelArgs, device: &R::Device) -> anyhow::
 
 /// The tune name's mark of the fused attention's prefetched rows (where asked for; a
 /// device without asynchronous copies runs the plain loads under either name).
-fn prefetched(cfg: &LaunchConfig) -> &'static str {
-    if cfg.attention_out_prefetch { "_prefetch" } else { "" }
+fn prefetched(cfg: &LaunchConfig) -> String {
+    match cfg.attention_out_prefetch_rows {
+        0 => String::new(),
+        n => format!("_prefetch{n}"),
+    }
 }
 
 fn print_outcomes(outcomes: &[Outcome]) {

@@ -62,11 +62,11 @@ pub struct LaunchConfig {
     /// finished row with plain loads through a second binding of the accumulator, on CUDA
     /// only (elsewhere, and with `false`, with atomic adds of 0).
     pub norm_plain_reads: bool,
-    /// Whether each cube of the fused attention and `out_proj` starts its rows of
-    /// `out_proj` on their way into shared memory (`cp.async`) before it computes the
-    /// head's attention, where the device has asynchronous copies (CUDA, sm_80 on); the
-    /// rows then arrive while the attention runs instead of after it.
-    pub attention_out_prefetch: bool,
+    /// How many of each unit's rows of `out_proj` a cube of the fused attention and
+    /// `out_proj` starts on their way into shared memory (`cp.async`) before it computes
+    /// the head's attention, where the device has asynchronous copies (CUDA, sm_80 on);
+    /// those rows then arrive while the attention runs instead of after it. 0: none.
+    pub attention_out_prefetch_rows: usize,
     /// Rows per cube (one 32-lane group each) of `qkv_append` when it applies the
     /// LayerNorm itself (`NormInArgs`): every cube normalizes the residual once into shared
     /// memory, so more rows a cube means fewer of those prologues (each reads the f32
@@ -76,7 +76,7 @@ pub struct LaunchConfig {
 
 impl Default for LaunchConfig {
     fn default() -> Self {
-        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 1024, attention_out_rows: 256, norm_plain_reads: true, attention_out_prefetch: false, qkv_norm_rows_per_cube: 16 }
+        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 1024, attention_out_rows: 256, norm_plain_reads: true, attention_out_prefetch_rows: 4, qkv_norm_rows_per_cube: 16 }
     }
 }
 
@@ -976,11 +976,11 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
     // per unit and row: the rows must split evenly over the units' groups.
     let vector_bytes = vs * w.dtype.size();
     let groups = threads / hd_vectors;
-    let prefetch = config.attention_out_prefetch
+    let prefetch_rows = config.attention_out_prefetch_rows.min(config.attention_out_rows.div_ceil(groups));
+    let prefetch = prefetch_rows > 0
         && acc.client.properties().features.copy_async
         && matches!(vector_bytes, 4 | 8 | 16)
-        && config.attention_out_rows.is_multiple_of(groups)
-        && config.attention_out_rows * hd_vectors * vector_bytes <= PREFETCH_BYTES;
+        && prefetch_rows * threads * vector_bytes <= PREFETCH_BYTES;
     // Shuffles within a run of `hd_vectors` units stay inside one plane.
     let use_plane = use_plane && plane.is_multiple_of(hd_vectors);
     let has_bias = bias.is_some();
@@ -1024,7 +1024,7 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
             e.plane,
             e.row,
             plain,
-            prefetch,
+            if prefetch { prefetch_rows } else { 0 },
             vs as u32,
             [dtype.into(), idx_dtype.into()],
         );

@@ -528,20 +528,12 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
     // Attention with out_proj into an f32 residual, by rows of out_proj per cube (0: the
     // attention kernel, then block_cols_gemv).
     for attention_out_rows in [0, 64, 128, 256, 512] {
-        variants.push(("attnout", LaunchConfig { attention_out_rows, attention_out_prefetch_rows: 0, ..base }));
-    }
-    // … and with each unit's first rows of out_proj prefetched into shared memory
-    // (`cp.async`) while its cube computes the attention (where the device copies
-    // asynchronously): 16 is all of a 256-row cube's.
-    for (attention_out_rows, attention_out_prefetch_rows) in [(256, 2), (256, 4), (256, 8), (256, 16), (128, 4), (128, 8)] {
-        variants.push(("attnout", LaunchConfig { attention_out_rows, attention_out_prefetch_rows, ..base }));
+        variants.push(("attnout", LaunchConfig { attention_out_rows, ..base }));
     }
     // The same two accumulating launches writing the LayerNorm of the finished residual
     // from their last cube (`--fused-norms`), against the plain ones above.
     for norm_plain_reads in [false, true] {
-        for attention_out_prefetch_rows in [0, 4] {
-            variants.push(("attnoutnorm", LaunchConfig { norm_plain_reads, attention_out_prefetch_rows, ..base }));
-        }
+        variants.push(("attnoutnorm", LaunchConfig { norm_plain_reads, ..base }));
         for accumulate_compact_rows in [1024, 2048] {
             variants.push(("fc2skipaccnorm", LaunchConfig { accumulate_compact_rows, norm_plain_reads, ..base }));
         }
@@ -621,13 +613,8 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
         };
         let op = match kernel {
             "fc1" => format!("tune_fc1_rows{}", cfg.rows_per_cube),
-            "attnout" => format!("tune_attention_out_proj_rows{}{}", cfg.attention_out_rows, prefetched(&cfg)),
-            "attnoutnorm" => format!(
-                "tune_attention_out_proj_rows{}{}_norm{}",
-                cfg.attention_out_rows,
-                prefetched(&cfg),
-                if cfg.norm_plain_reads { "_plain" } else { "_atomic" }
-            ),
+            "attnout" => format!("tune_attention_out_proj_rows{}", cfg.attention_out_rows),
+            "attnoutnorm" => format!("tune_attention_out_proj_rows{}_norm{}", cfg.attention_out_rows, if cfg.norm_plain_reads { "_plain" } else { "_atomic" }),
             "fc2skipacc" => format!("tune_fc2t_skip_accumulate_cols{}_lanes{}_compact{}", cfg.cols_per_cube, cfg.lanes_k, cfg.accumulate_compact_rows),
             "fc2skipaccnorm" => format!(
                 "tune_fc2t_skip_accumulate_cols{}_lanes{}_compact{}_norm{}",
@@ -774,23 +761,14 @@ fn run_checks<R: CubeRuntime>(args: &KernelArgs, device: &R::Device) -> anyhow::
         outcomes.extend(check_block_cols_gemv::<Cube<R>>(device, d, config.num_attention_heads, hd, 1, args.dtype.dtype(), seed));
         // Attention with out_proj into an f32 residual: one launch (200 positions), and
         // the two kernels past 256.
-        for (attention_out_rows, attention_out_prefetch_rows) in [(0, 0), (256, 0), (256, 4), (256, 16), (128, 8)] {
-            let launcher = Poisoned(LaunchConfig { attention_out_rows, attention_out_prefetch_rows, ..LaunchConfig::default() });
+        for attention_out_rows in [0, 256] {
+            let launcher = Poisoned(LaunchConfig { attention_out_rows, ..LaunchConfig::default() });
             outcomes.extend(check_attention_out_proj::<Cube<R>, _>(&launcher, device, [1, config.num_attention_heads, 256, hd], 200, d, args.dtype.dtype(), seed));
             outcomes.extend(check_attention_out_proj::<Cube<R>, _>(&launcher, device, [1, config.num_attention_heads, 512, hd], 300, d, args.dtype.dtype(), seed));
         }
     }
     print_outcomes(&outcomes);
     Ok(outcomes)
-}
-
-/// The tune name's mark of the fused attention's prefetched rows (where asked for; a
-/// device without asynchronous copies runs the plain loads under either name).
-fn prefetched(cfg: &LaunchConfig) -> String {
-    match cfg.attention_out_prefetch_rows {
-        0 => String::new(),
-        n => format!("_prefetch{n}"),
-    }
 }
 
 fn print_outcomes(outcomes: &[Outcome]) {

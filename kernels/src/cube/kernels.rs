@@ -15,7 +15,6 @@
 //!   travel as kernel parameters. At batch 1 a decode step is hundreds of launches, each
 //!   bound by host cost.
 
-use cubecl::prelude::barrier::{copy_async, Barrier};
 use cubecl::prelude::*;
 
 /// A row GEMV's sizes: weights `[rows, width]` (in vectors), `x [batch, ..]`, outputs
@@ -1683,8 +1682,6 @@ pub(crate) fn attention_out_proj_atomic_kernel<F: Float, N: Size, I: Int>(
     #[comptime] norm_plane: usize,
     #[comptime] norm_row: usize,
     #[comptime] plain_reads: bool,
-    #[comptime] prefetch_rows: usize,
-    #[comptime] copy_scalars: u32,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let mut scores = SharedMemory::<f32>::new(max_chunk);
@@ -1699,44 +1696,7 @@ pub(crate) fn attention_out_proj_atomic_kernel<F: Float, N: Size, I: Int>(
     let q_base = b * shape.q_stride + j * hd_vectors;
     let kv_base = b * shape.cache_batch_stride + head * shape.cache_head_stride;
     let mut q_smem = SharedMemory::<Vector<f32, N>>::new(hd_vectors);
-
-    // out_proj's layout: group `g` of `hd_vectors` units takes rows first + g, + groups, ...
-    let groups = comptime!(threads / hd_vectors);
-    let per_group = comptime!(rows_per_cube.div_ceil(threads / hd_vectors));
-    let lane = tid % hd_vectors;
-    let g = tid / hd_vectors;
-    let first = CUBE_POS_X as usize * rows_per_cube + g;
-    let col = head * hd_vectors + lane;
-    // With `prefetch_rows`, the unit's first that many rows (its vector of each) are
-    // copied into shared memory by `cp.async` before the attention, slot `i · threads +
-    // tid` for its i-th row: they stream in while the attention's chain of loads and
-    // reductions runs, where without it every cube's rows were requested only after its
-    // attention (all cubes fit the GPU at once, so the two phases did not overlap across
-    // cubes either). All of a cube's rows (64 KiB) left three cubes an SM and took 27.5
-    // µs against 22.2 (run 77).
-    let prefetch = comptime!(prefetch_rows > 0);
-    let mut w_smem = SharedMemory::<Vector<F, N>>::new(comptime!(if prefetch_rows > 0 { prefetch_rows * threads } else { 1 }));
-    let total = if comptime!(prefetch) {
-        let barrier = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
-        sync_cube();
-        if live {
-            for i in 0..prefetch_rows {
-                let row = first + i * groups;
-                if row < rows {
-                    let at = row * w_stride + col;
-                    let slot = i * threads + tid;
-                    copy_async(&w.slice(at, at + 1), &mut w_smem.slice_mut(slot, slot + 1), copy_scalars);
-                }
-            }
-        }
-        barrier.commit_copy_async();
-        let (_max, sum) = attention_partials(q, q_base, k_cache, v_cache, kv_base, shape.cache_pos_stride, 0, len, scale, live, &mut scores, &mut red, &mut acc_smem, &mut q_smem, threads, hd_vectors);
-        barrier.arrive_and_wait();
-        sum
-    } else {
-        let (_max, sum) = attention_partials(q, q_base, k_cache, v_cache, kv_base, shape.cache_pos_stride, 0, len, scale, live, &mut scores, &mut red, &mut acc_smem, &mut q_smem, threads, hd_vectors);
-        sum
-    };
+    let (_max, total) = attention_partials(q, q_base, k_cache, v_cache, kv_base, shape.cache_pos_stride, 0, len, scale, live, &mut scores, &mut red, &mut acc_smem, &mut q_smem, threads, hd_vectors);
     if tid < hd_vectors {
         let mut sum = Vector::<f32, N>::new(0.0f32);
         if live {
@@ -1749,6 +1709,13 @@ pub(crate) fn attention_out_proj_atomic_kernel<F: Float, N: Size, I: Int>(
     }
     sync_cube();
 
+    // out_proj: group `g` of `hd_vectors` units takes rows first + g, + groups, ...
+    let groups = comptime!(threads / hd_vectors);
+    let per_group = comptime!(rows_per_cube.div_ceil(threads / hd_vectors));
+    let lane = tid % hd_vectors;
+    let g = tid / hd_vectors;
+    let first = CUBE_POS_X as usize * rows_per_cube + g;
+    let col = head * hd_vectors + lane;
     let ov = o[lane];
     let add_bias = has_bias && j == 0;
     let mut pending = 0.0f32;
@@ -1764,10 +1731,10 @@ pub(crate) fn attention_out_proj_atomic_kernel<F: Float, N: Size, I: Int>(
         let r1 = r0 + groups;
         let r2 = r0 + 2 * groups;
         let r3 = r0 + 3 * groups;
-        let w0 = load_head_cols(w, &w_smem, r0, w_stride, col, rows, live, i * threads + tid, i < prefetch_rows, prefetch);
-        let w1 = load_head_cols(w, &w_smem, r1, w_stride, col, rows, live && i + 1 < per_group, (i + 1) * threads + tid, (i + 1) < prefetch_rows, prefetch);
-        let w2 = load_head_cols(w, &w_smem, r2, w_stride, col, rows, live && i + 2 < per_group, (i + 2) * threads + tid, (i + 2) < prefetch_rows, prefetch);
-        let w3 = load_head_cols(w, &w_smem, r3, w_stride, col, rows, live && i + 3 < per_group, (i + 3) * threads + tid, (i + 3) < prefetch_rows, prefetch);
+        let w0 = load_head_cols(w, r0, w_stride, col, rows, live);
+        let w1 = load_head_cols(w, r1, w_stride, col, rows, live && i + 1 < per_group);
+        let w2 = load_head_cols(w, r2, w_stride, col, rows, live && i + 2 < per_group);
+        let w3 = load_head_cols(w, r3, w_stride, col, rows, live && i + 3 < per_group);
         let s0 = segment_sum(vector_dot(w0, ov), &mut red, lane, hd_vectors, use_plane);
         let s1 = segment_sum(vector_dot(w1, ov), &mut red, lane, hd_vectors, use_plane);
         let s2 = segment_sum(vector_dot(w2, ov), &mut red, lane, hd_vectors, use_plane);
@@ -1801,34 +1768,20 @@ pub(crate) fn attention_out_proj_atomic_kernel<F: Float, N: Size, I: Int>(
     }
 }
 
-/// Row `row` of `out_proj` at the head's column vector `col` (f32) — from global memory,
-/// or where `prefetched` and `in_smem` from the unit's shared-memory `slot` —, or zeros for a row past
-/// the end or when `read` is false: then nothing is read.
+/// Row `row` of `out_proj` at the head's column vector `col` (f32), or zeros for a row
+/// past the end or when `read` is false — then nothing is read.
 #[cube]
-#[allow(clippy::too_many_arguments)] // the row, where it lies, and whether it was prefetched
 fn load_head_cols<F: Float, N: Size>(
     w: &Array<Vector<F, N>>,
-    w_smem: &SharedMemory<Vector<F, N>>,
     row: usize,
     w_stride: usize,
     col: usize,
     rows: usize,
     read: bool,
-    slot: usize,
-    in_smem: bool,
-    #[comptime] prefetched: bool,
 ) -> Vector<f32, N> {
     let mut value = Vector::<f32, N>::new(0.0f32);
     if read && row < rows {
-        if comptime!(prefetched) {
-            if in_smem {
-                value = Vector::<f32, N>::cast_from(w_smem[slot]);
-            } else {
-                value = Vector::<f32, N>::cast_from(w[row * w_stride + col]);
-            }
-        } else {
-            value = Vector::<f32, N>::cast_from(w[row * w_stride + col]);
-        }
+        value = Vector::<f32, N>::cast_from(w[row * w_stride + col]);
     }
     value
 }

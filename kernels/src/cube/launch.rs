@@ -62,21 +62,18 @@ pub struct LaunchConfig {
     /// finished row with plain loads through a second binding of the accumulator, on CUDA
     /// only (elsewhere, and with `false`, with atomic adds of 0).
     pub norm_plain_reads: bool,
-    /// How many of each unit's rows of `out_proj` a cube of the fused attention and
-    /// `out_proj` starts on their way into shared memory (`cp.async`) before it computes
-    /// the head's attention, where the device has asynchronous copies (CUDA, sm_80 on);
-    /// those rows then arrive while the attention runs instead of after it. 0: none.
-    pub attention_out_prefetch_rows: usize,
     /// Rows per cube (one 32-lane group each) of `qkv_append` when it applies the
     /// LayerNorm itself (`NormInArgs`): every cube normalizes the residual once into shared
     /// memory, so more rows a cube means fewer of those prologues (each reads the f32
-    /// residual and gamma, 32 KiB at 6.7B, from L2).
+    /// residual and gamma, 32 KiB at 6.7B, from L2). On the H100 (6.7B step, Nsight
+    /// Compute, runs 78–79) 16 took 36.0–36.3 µs a layer, 8 36.7 and 32 36.8: within
+    /// what a kernel moves between processes.
     pub qkv_norm_rows_per_cube: usize,
 }
 
 impl Default for LaunchConfig {
     fn default() -> Self {
-        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 1024, attention_out_rows: 256, norm_plain_reads: true, attention_out_prefetch_rows: 4, qkv_norm_rows_per_cube: 16 }
+        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 1024, attention_out_rows: 256, norm_plain_reads: true, qkv_norm_rows_per_cube: 16 }
     }
 }
 
@@ -861,11 +858,6 @@ fn plain_reads<R: CubeRuntime>(client: &ComputeClient<R>, config: &LaunchConfig)
 /// fit beside the kernel's own.
 const SHARED_BYTES: usize = 48 * 1024;
 
-/// Shared memory a cube of the fused attention and `out_proj` may take for its prefetched
-/// rows: 64 KiB holds 256 rows of a 128-wide head in f16, and leaves two cubes an SM
-/// room on the H100 (228 KiB an SM, the opt-in that CubeCL's CUDA launch sets).
-const PREFETCH_BYTES: usize = 64 * 1024;
-
 /// The LayerNorm epilogue's launch arguments ([`NormArgs`]): its bindings (the accumulator
 /// itself in each slot where there is no epilogue, never read then), its shape, comptime
 /// plane and row length, and the normalized row when there is one.
@@ -972,15 +964,6 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
     let used = 4 * (cap.max(1) + threads + threads * vs + 2 * hd + config.attention_out_rows);
     let e = norm_epilogue(norm, &acc, w.dtype, threads, used);
     let plain = e.has_norm && plain_reads(&acc.client, config);
-    // The prefetch copies whole vectors of 4, 8 or 16 bytes (what `cp.async` moves), one
-    // per unit and row: the rows must split evenly over the units' groups.
-    let vector_bytes = vs * w.dtype.size();
-    let groups = threads / hd_vectors;
-    let prefetch_rows = config.attention_out_prefetch_rows.min(config.attention_out_rows.div_ceil(groups));
-    let prefetch = prefetch_rows > 0
-        && acc.client.properties().features.copy_async
-        && matches!(vector_bytes, 4 | 8 | 16)
-        && prefetch_rows * threads * vector_bytes <= PREFETCH_BYTES;
     // Shuffles within a run of `hd_vectors` units stay inside one plane.
     let use_plane = use_plane && plane.is_multiple_of(hd_vectors);
     let has_bias = bias.is_some();
@@ -1024,8 +1007,6 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
             e.plane,
             e.row,
             plain,
-            if prefetch { prefetch_rows } else { 0 },
-            vs as u32,
             [dtype.into(), idx_dtype.into()],
         );
     }

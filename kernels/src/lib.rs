@@ -830,6 +830,18 @@ fn check_mixed_rows_gemv<B: Backend>(
     check_bias(op, bias, rows, "rows", w.dtype())
 }
 
+/// [`check_rows_gemv`], or with `x_f32` — `x` the f32 residual whose LayerNorm the op
+/// applies itself ([`NormIn`]) — [`check_mixed_rows_gemv`].
+fn check_input_rows_gemv<B: Backend>(
+    op: &'static str,
+    w: &Tensor<B, 2>,
+    x: &Tensor<B, 2>,
+    bias: Option<&Tensor<B, 1>>,
+    x_f32: bool,
+) -> Result<(), KernelError> {
+    if x_f32 { check_mixed_rows_gemv(op, w, x, bias) } else { check_rows_gemv(op, w, x, bias) }
+}
+
 /// A bias, if any, has one entry per output (`len` of them, `what` they are) and the
 /// weights' dtype.
 fn check_bias<B: Backend>(
@@ -1624,10 +1636,7 @@ fn check_qkv_inputs<B: Backend>(
     x_f32: bool,
 ) -> Result<usize, KernelError> {
     check_kv_inputs(op, kv, x, kv_bias, k_cache, v_cache, pos, x_f32)?;
-    match x_f32 {
-        true => check_mixed_rows_gemv(op, &query.w, x, query.bias.as_ref())?,
-        false => check_rows_gemv(op, &query.w, x, query.bias.as_ref())?,
-    }
+    check_input_rows_gemv(op, &query.w, x, query.bias.as_ref(), x_f32)?;
     let block = if query.heads.is_some() { query.head_dim.max(1) } else { 1 };
     check_block(op, query.w.dims()[0], block)?;
     Ok(block)
@@ -1659,10 +1668,7 @@ fn check_kv_inputs<B: Backend>(
     if pos >= cap {
         return Err(shape_err(op, format!("position {pos} outside the cache's {cap}")));
     }
-    match x_f32 {
-        true => check_mixed_rows_gemv(op, kv, x, bias)?,
-        false => check_rows_gemv(op, kv, x, bias)?,
-    }
+    check_input_rows_gemv(op, kv, x, bias, x_f32)?;
     check_float(op, "the key cache", k_cache, kv.dtype())?;
     check_float(op, "the value cache", v_cache, kv.dtype())
 }
@@ -1932,13 +1938,10 @@ pub fn qkv_append_first<B: SparseKernels>(
     norm_in: Option<(NormIn<B>, RowFold<B>, RowFold<B>)>,
 ) -> Result<(Tensor<B, 2>, Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 2>), KernelError> {
     let op = "qkv_append_first";
-    let block = match &norm_in {
-        Some((norm, q_fold, kv_fold)) => {
-            check_norm_in(op, norm, &[(q_fold, query.w.dims()[0]), (kv_fold, kv.dims()[0])], &x)?;
-            check_qkv_inputs(op, &query, &kv, &x, kv_bias.as_ref(), &k_cache, &v_cache, pos, true)?
-        }
-        None => check_qkv_inputs(op, &query, &kv, &x, kv_bias.as_ref(), &k_cache, &v_cache, pos, false)?,
-    };
+    if let Some((norm, q_fold, kv_fold)) = &norm_in {
+        check_norm_in(op, norm, &[(q_fold, query.w.dims()[0]), (kv_fold, kv.dims()[0])], &x)?;
+    }
+    let block = check_qkv_inputs(op, &query, &kv, &x, kv_bias.as_ref(), &k_cache, &v_cache, pos, norm_in.is_some())?;
     check_first_factor(op, &first)?;
     if x.dims()[0] != 1 || first.down.dims()[1] != x.dims()[1] {
         return Err(shape_err(op, format!("x {:?} and a first factor {:?}: one sequence, one width", x.dims(), first.down.dims())));

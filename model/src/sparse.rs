@@ -389,12 +389,11 @@ impl<B: SparseKernels> SparseModel<B> {
     /// ([`SparseOptions::deferred_norms`]): layer `l`'s `qkv_append` on its sparse path,
     /// carrying the next layer's attention first factor (lookahead 1).
     /// `attention_pending`: whether the hooks hold a prediction for layer `l`'s heads.
+    /// (Layer `l` has folds only with `deferred_norms` and sparse heads.)
     fn defers_attention_norm(&self, l: usize, attention_pending: bool) -> bool {
         let options = &self.options;
-        options.deferred_norms
-            && options.fused_norms
+        options.fused_norms
             && self.folds.get(l).is_some_and(Option::is_some)
-            && !self.plan.layers[l].attention.is_dense()
             && options.lazy_kv_window == 0
             && !options.oracle_attention
             && attention_pending
@@ -787,13 +786,13 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
         // `x` may be the residual whose LayerNorm `qkv_append` is to apply
         // ([`SparseOptions::deferred_norms`]); any other path normalizes it first.
         let site = NormSite::AttentionInput(layer);
-        let (x, norm_in) = match self.norm_in.take_if(|s| *s == site).is_some() {
-            true if kernel_path && self.model.folds[layer].is_some() => {
-                self.norms_in_launch += 1;
-                (x, self.model.folds[layer].as_ref().map(|f| (f.attention.clone(), f.q.clone(), f.kv.clone())))
-            }
-            true => (self.normalize_here(layer, x), None),
-            false => (x, None),
+        let (x, norm_in) = if self.norm_in.take_if(|s| *s == site).is_none() {
+            (x, None)
+        } else if let Some(f) = self.model.folds[layer].as_ref().filter(|_| kernel_path) {
+            self.norms_in_launch += 1;
+            (x, Some((f.attention.clone(), f.q.clone(), f.kv.clone())))
+        } else {
+            (self.normalize_here(layer, x), None)
         };
         let due = match self.first_due.take() {
             Some(due) if kernel_path && due.is_attention && due.target != layer => Some(due),

@@ -525,10 +525,19 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
             variants.push(("fc2skipacc", LaunchConfig { cols_per_cube, lanes_k, accumulate_compact_rows, ..base }));
         }
     }
+    // The same over an input with half its rows live (a dense fc1's ReLU on random
+    // weights: the dense layers of the e2e step's sparse model), by rows per split.
+    for accumulate_compact_rows in [128, 256, 512, 1024] {
+        variants.push(("fc2halfacc", LaunchConfig { accumulate_compact_rows, ..base }));
+    }
     // Attention with out_proj into an f32 residual, by rows of out_proj per cube (0: the
     // attention kernel, then block_cols_gemv).
     for attention_out_rows in [0, 64, 128, 256, 512] {
-        variants.push(("attnout", LaunchConfig { attention_out_rows, ..base }));
+        variants.push(("attnout", LaunchConfig { attention_out_rows, attention_round_positions: 0, ..base }));
+    }
+    // Its attention by the online softmax, by positions a round.
+    for (attention_out_rows, attention_round_positions) in [(256, 2), (256, 4), (256, 8), (128, 4), (128, 8)] {
+        variants.push(("attnout", LaunchConfig { attention_out_rows, attention_round_positions, ..base }));
     }
     // The same two accumulating launches writing the LayerNorm of the finished residual
     // from their last cube (`--fused-norms`), against the plain ones above.
@@ -577,9 +586,13 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
                     prim(w.clone()), Some(bias2.clone().into_primitive().tensor()), a, norm(), &cfg,
                 ).0);
             })?
-        } else if kernel == "fc2acc" || kernel == "fc2skipacc" || kernel == "fc2skipaccnorm" {
-            // The gathered rows, or every row of the gated fc1's output.
-            let (rows_idx, h_in) = if kernel == "fc2acc" { (Some(&idx), &h) } else { (None, &h_all) };
+        } else if kernel == "fc2acc" || kernel == "fc2skipacc" || kernel == "fc2skipaccnorm" || kernel == "fc2halfacc" {
+            // The gathered rows, or every row of the gated fc1's output (or of the half-live one).
+            let (rows_idx, h_in) = match kernel {
+                "fc2acc" => (Some(&idx), &h),
+                "fc2halfacc" => (None, &h_half),
+                _ => (None, &h_all),
+            };
             let mut acc = Some(prim(Tensor::<Cube<R>, 2>::zeros([1, d], device).cast(DType::F32)));
             timer.time(|i| {
                 let a = acc.take().expect("the accumulator is put back after each call");
@@ -613,9 +626,13 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
         };
         let op = match kernel {
             "fc1" => format!("tune_fc1_rows{}", cfg.rows_per_cube),
+            "attnout" if cfg.attention_round_positions > 0 && cfg.attention_out_rows > 0 => {
+                format!("tune_attention_out_proj_rows{}_online{}", cfg.attention_out_rows, cfg.attention_round_positions)
+            }
             "attnout" => format!("tune_attention_out_proj_rows{}", cfg.attention_out_rows),
             "attnoutnorm" => format!("tune_attention_out_proj_rows{}_norm{}", cfg.attention_out_rows, if cfg.norm_plain_reads { "_plain" } else { "_atomic" }),
             "fc2skipacc" => format!("tune_fc2t_skip_accumulate_cols{}_lanes{}_compact{}", cfg.cols_per_cube, cfg.lanes_k, cfg.accumulate_compact_rows),
+            "fc2halfacc" => format!("tune_fc2t_half_accumulate_cols{}_lanes{}_compact{}", cfg.cols_per_cube, cfg.lanes_k, cfg.accumulate_compact_rows),
             "fc2skipaccnorm" => format!(
                 "tune_fc2t_skip_accumulate_cols{}_lanes{}_compact{}_norm{}",
                 cfg.cols_per_cube,
@@ -638,7 +655,7 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
         };
         // Weight bytes read: the selected rows (half of them for the half-zero input); for
         // the attention, its heads' columns of out_proj.
-        let rows_read = if kernel == "fc2half" { ffn / 2 } else { k };
+        let rows_read = if kernel == "fc2half" || kernel == "fc2halfacc" { ffn / 2 } else { k };
         let bytes = if kernel.starts_with("attnout") { (d * slots * hd) as f64 } else { rows_read as f64 * d as f64 } * bytes_per_value(dtype);
         push_timed(out, name, &op, Some(density), Some(k), bytes, t);
     }

@@ -1682,9 +1682,9 @@ pub(crate) fn attention_out_proj_atomic_kernel<F: Float, N: Size, I: Int>(
     #[comptime] norm_plane: usize,
     #[comptime] norm_row: usize,
     #[comptime] plain_reads: bool,
+    #[comptime] round_positions: usize,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
-    let mut scores = SharedMemory::<f32>::new(max_chunk);
     let mut red = SharedMemory::<f32>::new(threads);
     let mut acc_smem = SharedMemory::<Vector<f32, N>>::new(threads);
     let mut o = SharedMemory::<Vector<f32, N>>::new(hd_vectors);
@@ -1695,19 +1695,24 @@ pub(crate) fn attention_out_proj_atomic_kernel<F: Float, N: Size, I: Int>(
     let live = head < shape.heads;
     let q_base = b * shape.q_stride + j * hd_vectors;
     let kv_base = b * shape.cache_batch_stride + head * shape.cache_head_stride;
-    let mut q_smem = SharedMemory::<Vector<f32, N>>::new(hd_vectors);
-    let (_max, total) = attention_partials(q, q_base, k_cache, v_cache, kv_base, shape.cache_pos_stride, 0, len, scale, live, &mut scores, &mut red, &mut acc_smem, &mut q_smem, threads, hd_vectors);
-    if tid < hd_vectors {
-        let mut sum = Vector::<f32, N>::new(0.0f32);
-        if live {
-            for l in 0..comptime!(threads / hd_vectors) {
-                sum += acc_smem[l * hd_vectors + tid];
+    if comptime!(round_positions > 0) {
+        head_attention_online(q, q_base, k_cache, v_cache, kv_base, shape.cache_pos_stride, len, scale, live, &mut red, &mut acc_smem, &mut o, threads, hd_vectors, round_positions, use_plane);
+    } else {
+        let mut scores = SharedMemory::<f32>::new(max_chunk);
+        let mut q_smem = SharedMemory::<Vector<f32, N>>::new(hd_vectors);
+        let (_max, total) = attention_partials(q, q_base, k_cache, v_cache, kv_base, shape.cache_pos_stride, 0, len, scale, live, &mut scores, &mut red, &mut acc_smem, &mut q_smem, threads, hd_vectors);
+        if tid < hd_vectors {
+            let mut sum = Vector::<f32, N>::new(0.0f32);
+            if live {
+                for l in 0..comptime!(threads / hd_vectors) {
+                    sum += acc_smem[l * hd_vectors + tid];
+                }
+                sum /= Vector::<f32, N>::new(total);
             }
-            sum /= Vector::<f32, N>::new(total);
+            o[tid] = sum;
         }
-        o[tid] = sum;
+        sync_cube();
     }
-    sync_cube();
 
     // out_proj: group `g` of `hd_vectors` units takes rows first + g, + groups, ...
     let groups = comptime!(threads / hd_vectors);
@@ -1839,6 +1844,149 @@ fn segment_sum(
         sync_cube();
     }
     v
+}
+
+/// [`segment_sum`] returned to every unit of the run (the shared-memory path gives each
+/// unit the run's sum from one barrier pair; plane shuffles by xor give it to all).
+#[cube]
+#[allow(unused_assignments)] // `v` is set in the one branch that expands
+fn segment_sum_all(
+    value: f32,
+    scratch: &mut SharedMemory<f32>,
+    lane: usize,
+    #[comptime] width: usize,
+    #[comptime] use_plane: bool,
+) -> f32 {
+    let mut v = value;
+    if use_plane {
+        v = segment_sum(value, scratch, lane, width, use_plane);
+    } else {
+        let tid = UNIT_POS_X as usize;
+        scratch[tid] = value;
+        sync_cube();
+        let base = tid - lane;
+        v = 0.0f32;
+        for l in 0..width {
+            v += scratch[base + l];
+        }
+        sync_cube();
+    }
+    v
+}
+
+/// One head's decode attention into `o` (shared memory, f32, `hd_vectors` vectors,
+/// normalised; zeros for a dead head), every key's and value's load issued together:
+/// unit `(cv, g)` — `cv = tid mod hd_vectors`, `g = tid / hd_vectors`, `groups` of them —
+/// takes column vector `cv` of positions `g, g + groups, …`, `positions` of them a round
+/// with their keys' and values' loads in flight together. A position's score is the sum of
+/// its run of `hd_vectors` units ([`segment_sum_all`]); each run keeps its own running max,
+/// sum of exponentials and `Σ p·V` (the online softmax of flash decoding), and the runs
+/// are merged once at the end. Where [`attention_partials`] takes a round trip for the
+/// keys, a cube-wide max (a barrier a level), and then the values' rounds, this takes one
+/// round trip a round and two barriers in all. The number of rounds is the same for every
+/// unit (positions past `len` are masked, their loads clamped to the last one), so the
+/// shuffles and barriers inside are uniform. `threads` is a multiple of `hd_vectors`, and
+/// `hd_vectors` at least 2 (`red` holds the runs' maxima and sums, `2·groups` values).
+#[cube]
+#[allow(clippy::too_many_arguments)] // the query, the head's cache, its positions and the scratch
+fn head_attention_online<F: Float, N: Size>(
+    q: &Array<Vector<F, N>>,
+    q_base: usize,
+    k_cache: &Array<Vector<F, N>>,
+    v_cache: &Array<Vector<F, N>>,
+    kv_base: usize,
+    pos_stride: usize,
+    len: usize,
+    scale: f32,
+    live: bool,
+    red: &mut SharedMemory<f32>,
+    acc_smem: &mut SharedMemory<Vector<f32, N>>,
+    o: &mut SharedMemory<Vector<f32, N>>,
+    #[comptime] threads: usize,
+    #[comptime] hd_vectors: usize,
+    #[comptime] positions: usize,
+    #[comptime] use_plane: bool,
+) {
+    let tid = UNIT_POS_X as usize;
+    let groups = comptime!(threads / hd_vectors);
+    let per_round = comptime!(threads / hd_vectors * positions);
+    let cv = tid % hd_vectors;
+    let g = tid / hd_vectors;
+    let mut qv = Vector::<f32, N>::new(0.0f32);
+    if live {
+        qv = Vector::<f32, N>::cast_from(q[q_base + cv]) * Vector::<f32, N>::new(scale);
+    }
+    let mut m = f32::new(-3.0e38);
+    let mut l = 0.0f32;
+    let mut acc = Vector::<f32, N>::new(0.0f32);
+    let mut rounds = 0usize;
+    if live && len > 0 {
+        rounds = (len + per_round - 1) / per_round;
+    }
+    let last = usize::max(len, 1) - 1;
+    let mut ks = Array::<Vector<F, N>>::new(positions);
+    let mut vs = Array::<Vector<F, N>>::new(positions);
+    let mut s = Array::<f32>::new(positions);
+    for r in 0..rounds {
+        let first = r * per_round + g;
+        #[unroll]
+        for p in 0..positions {
+            let t = usize::min(first + p * groups, last);
+            let at = kv_base + t * pos_stride + cv;
+            ks[p] = k_cache[at];
+            vs[p] = v_cache[at];
+        }
+        let mut mr = m;
+        #[unroll]
+        for p in 0..positions {
+            let score = segment_sum_all(vector_dot(qv, Vector::<f32, N>::cast_from(ks[p])), red, cv, hd_vectors, use_plane);
+            s[p] = score;
+            if first + p * groups < len {
+                mr = f32::max(mr, score);
+            }
+        }
+        let c = f32::exp(m - mr);
+        acc *= Vector::<f32, N>::new(c);
+        l *= c;
+        #[unroll]
+        for p in 0..positions {
+            let mut w = 0.0f32;
+            if first + p * groups < len {
+                w = f32::exp(s[p] - mr);
+            }
+            acc += Vector::<f32, N>::cast_from(vs[p]) * Vector::<f32, N>::new(w);
+            l += w;
+        }
+        m = mr;
+    }
+    // Merge the runs: M = max of their maxima, o = Σ e^(m_g − M)·acc_g / Σ e^(m_g − M)·l_g.
+    // (`red` is free: a shared-memory segment sum ends with a barrier.)
+    acc_smem[tid] = acc;
+    if cv == 0 {
+        red[g] = m;
+        red[groups + g] = l;
+    }
+    sync_cube();
+    if tid < hd_vectors {
+        let mut top = f32::new(-3.0e38);
+        for gi in 0..groups {
+            top = f32::max(top, red[gi]);
+        }
+        let mut total = 0.0f32;
+        let mut sum = Vector::<f32, N>::new(0.0f32);
+        for gi in 0..groups {
+            let w = f32::exp(red[gi] - top);
+            total += w * red[groups + gi];
+            sum += acc_smem[gi * hd_vectors + tid] * Vector::<f32, N>::new(w);
+        }
+        if live && total > 0.0f32 {
+            sum /= Vector::<f32, N>::new(total);
+        } else {
+            sum = Vector::<f32, N>::new(0.0f32);
+        }
+        o[tid] = sum;
+    }
+    sync_cube();
 }
 
 /// One row's sum of the one-launch attention's `out_proj`: added into `acc_out` now

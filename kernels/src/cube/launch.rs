@@ -69,11 +69,16 @@ pub struct LaunchConfig {
     /// Compute, runs 78–79) 16 took 36.0–36.3 µs a layer, 8 36.7 and 32 36.8: within
     /// what a kernel moves between processes.
     pub qkv_norm_rows_per_cube: usize,
+    /// Positions a round of the fused attention's online softmax
+    /// (`head_attention_online`: each run of units loads its positions' keys and values
+    /// together, a round at a time); 0 takes the two-phase softmax (`attention_partials`:
+    /// the keys, a cube-wide max, then the values).
+    pub attention_round_positions: usize,
 }
 
 impl Default for LaunchConfig {
     fn default() -> Self {
-        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 1024, attention_out_rows: 256, norm_plain_reads: true, qkv_norm_rows_per_cube: 16 }
+        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 1024, attention_out_rows: 256, norm_plain_reads: true, qkv_norm_rows_per_cube: 16, attention_round_positions: 4 }
     }
 }
 
@@ -969,6 +974,9 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
     let has_bias = bias.is_some();
     let bias = bias.map(into_contiguous).unwrap_or_else(|| unread(&w));
     let rows_per_cube = config.attention_out_rows;
+    // The online softmax keeps each run's max and sum in `red` (2 values a run of
+    // `hd_vectors` units): runs of one unit take the two-phase form.
+    let round_positions = if hd_vectors >= 2 { config.attention_round_positions } else { 0 };
     let shape = attention_shape(&q, &k_cache, &v_cache, slots, 0, vs);
     let (dtype, idx_dtype) = (q.dtype, heads.dtype);
     let (w_stride, acc_stride) = (stride(&w, 0) / vs, stride(&acc, 0));
@@ -1007,6 +1015,7 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
             e.plane,
             e.row,
             plain,
+            round_positions,
             [dtype.into(), idx_dtype.into()],
         );
     }

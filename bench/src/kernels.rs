@@ -539,6 +539,11 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
     for (attention_out_rows, attention_round_positions) in [(256, 2), (256, 4), (256, 8), (128, 4), (128, 8)] {
         variants.push(("attnout", LaunchConfig { attention_out_rows, attention_round_positions, ..base }));
     }
+    // With 512 units a cube: 512 rows (half the cubes recomputing a head's attention, the
+    // same loads in flight a unit) or 256.
+    for (attention_out_rows, attention_round_positions) in [(512, 0), (512, 4), (512, 8), (256, 4), (256, 8)] {
+        variants.push(("attnout", LaunchConfig { attention_out_rows, attention_round_positions, attention_out_threads: 512, ..base }));
+    }
     // The same two accumulating launches writing the LayerNorm of the finished residual
     // from their last cube (`--fused-norms`), against the plain ones above.
     for norm_plain_reads in [false, true] {
@@ -626,9 +631,10 @@ fn tune<R: CubeRuntime>(args: &KernelArgs, timer: &Timer<Cube<R>>, out: &mut Vec
         };
         let op = match kernel {
             "fc1" => format!("tune_fc1_rows{}", cfg.rows_per_cube),
-            "attnout" if cfg.attention_round_positions > 0 && cfg.attention_out_rows > 0 => {
-                format!("tune_attention_out_proj_rows{}_online{}", cfg.attention_out_rows, cfg.attention_round_positions)
-            }
+            "attnout" if cfg.attention_out_rows > 0 && (cfg.attention_round_positions > 0 || cfg.attention_out_threads != 256) => format!(
+                "tune_attention_out_proj_rows{}_online{}_units{}",
+                cfg.attention_out_rows, cfg.attention_round_positions, cfg.attention_out_threads
+            ),
             "attnout" => format!("tune_attention_out_proj_rows{}", cfg.attention_out_rows),
             "attnoutnorm" => format!("tune_attention_out_proj_rows{}_norm{}", cfg.attention_out_rows, if cfg.norm_plain_reads { "_plain" } else { "_atomic" }),
             "fc2skipacc" => format!("tune_fc2t_skip_accumulate_cols{}_lanes{}_compact{}", cfg.cols_per_cube, cfg.lanes_k, cfg.accumulate_compact_rows),

@@ -46,8 +46,8 @@ fn cube_kernels_on_wgpu_match_host_loops() {
             // loop and its tail), one K lane; the accumulating GEMV's two passes (an f32
             // output from f16 weights).
             for config in [
-                LaunchConfig { rows_per_cube: 3, cols_per_cube: 16, lanes_k: 4, rows_per_lane: 2, max_splits: 256, compact_rows: 0, fused_mlp_rows: 128, fused_mlp_threads: 1024, atomic_accumulate: true, accumulate_compact_rows: 64, attention_out_rows: 256, norm_plain_reads: true, qkv_norm_rows_per_cube: 16, attention_round_positions: 4 },
-                LaunchConfig { rows_per_cube: 1, cols_per_cube: 8, lanes_k: 1, rows_per_lane: 5, max_splits: 3, compact_rows: 0, fused_mlp_rows: 128, fused_mlp_threads: 1024, atomic_accumulate: false, accumulate_compact_rows: 0, attention_out_rows: 0, norm_plain_reads: true, qkv_norm_rows_per_cube: 16, attention_round_positions: 4 },
+                LaunchConfig { rows_per_cube: 3, cols_per_cube: 16, lanes_k: 4, rows_per_lane: 2, max_splits: 256, compact_rows: 0, fused_mlp_rows: 128, fused_mlp_threads: 1024, atomic_accumulate: true, accumulate_compact_rows: 64, attention_out_rows: 256, norm_plain_reads: true, qkv_norm_rows_per_cube: 16, attention_round_positions: 4, attention_out_threads: 256 },
+                LaunchConfig { rows_per_cube: 1, cols_per_cube: 8, lanes_k: 1, rows_per_lane: 5, max_splits: 3, compact_rows: 0, fused_mlp_rows: 128, fused_mlp_threads: 1024, atomic_accumulate: false, accumulate_compact_rows: 0, attention_out_rows: 0, norm_plain_reads: true, qkv_norm_rows_per_cube: 16, attention_round_positions: 4, attention_out_threads: 256 },
                 // The compacting transposed GEMV: several splits of 64 rows (two rows per
                 // unit), splits of 8 units × 32 rows (the most a unit scans), and 8 rows per unit with 4 lanes
                 // along K (several live rows per lane: the unrolled loop and its tail).
@@ -79,8 +79,8 @@ fn cube_kernels_on_wgpu_match_host_loops() {
         // head dims of 16 and 32), its attention by the two-phase softmax (0) or the online
         // one with 1, 4 or 8 positions a round (33 positions: fewer than a round's; 256: whole
         // rounds); past 256 positions always the two kernels.
-        for (attention_out_rows, attention_round_positions) in [(0, 0), (256, 0), (64, 0), (256, 4), (64, 8), (256, 1)] {
-            let launcher = Poisoned(LaunchConfig { attention_out_rows, attention_round_positions, ..LaunchConfig::default() });
+        for (attention_out_rows, attention_round_positions, attention_out_threads) in [(0, 0, 256), (256, 0, 256), (64, 0, 256), (256, 4, 256), (64, 8, 256), (256, 1, 256), (512, 8, 512), (64, 4, 128)] {
+            let launcher = Poisoned(LaunchConfig { attention_out_rows, attention_round_positions, attention_out_threads, ..LaunchConfig::default() });
             outcomes.extend(check_attention_out_proj::<Cube<WgpuRuntime>, _>(&launcher, &device, [2, 6, 40, 16], 33, 300, dtype, seed));
             outcomes.extend(check_attention_out_proj::<Cube<WgpuRuntime>, _>(&launcher, &device, [1, 4, 256, 32], 256, 70, dtype, seed));
             outcomes.extend(check_attention_out_proj::<Cube<WgpuRuntime>, _>(&launcher, &device, [1, 5, 300, 16], 300, 40, dtype, seed));

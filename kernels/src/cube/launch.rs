@@ -74,11 +74,15 @@ pub struct LaunchConfig {
     /// together, a round at a time); 0 takes the two-phase softmax (`attention_partials`:
     /// the keys, a cube-wide max, then the values).
     pub attention_round_positions: usize,
+    /// Units of each cube of the fused attention and `out_proj` (a power of two, capped at
+    /// the device's cube): with `attention_out_rows` it sets how many cubes recompute a
+    /// head's attention and how many loads of `out_proj` each unit keeps in flight.
+    pub attention_out_threads: usize,
 }
 
 impl Default for LaunchConfig {
     fn default() -> Self {
-        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 1024, attention_out_rows: 256, norm_plain_reads: true, qkv_norm_rows_per_cube: 16, attention_round_positions: 4 }
+        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 512, attention_out_rows: 256, norm_plain_reads: true, qkv_norm_rows_per_cube: 16, attention_round_positions: 8, attention_out_threads: 256 }
     }
 }
 
@@ -836,8 +840,6 @@ fn attention_shape<R: CubeRuntime>(
     )
 }
 
-/// Units of each cube of the fused attention and `out_proj`.
-const ATTENTION_OUT_THREADS: usize = 256;
 
 /// The LayerNorm an accumulating launch applies to its finished row in its last cube
 /// (batch 1): f32 `gamma`, `beta` `[d]`, epsilon, and `done`, a zeroed `u32` (or `i32`)
@@ -943,7 +945,7 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
     let vs = vector_width(&[&q, &k_cache, &v_cache, &w]);
     let hd_vectors = hd / vs.max(1);
     let (plane, use_plane) = reduction_group(&q.client);
-    let threads = ATTENTION_OUT_THREADS.min(client_units(&q));
+    let threads = config.attention_out_threads.min(client_units(&q));
     let fused = config.attention_out_rows > 0
         && len <= ONE_CUBE_MAX_LEN
         && supports_atomic_f32_add(&acc.client)

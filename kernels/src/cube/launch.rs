@@ -82,7 +82,7 @@ pub struct LaunchConfig {
 
 impl Default for LaunchConfig {
     fn default() -> Self {
-        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 512, attention_out_rows: 256, norm_plain_reads: true, qkv_norm_rows_per_cube: 16, attention_round_positions: 8, attention_out_threads: 256 }
+        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 512, attention_out_rows: 512, norm_plain_reads: true, qkv_norm_rows_per_cube: 16, attention_round_positions: 8, attention_out_threads: 512 }
     }
 }
 

@@ -51,7 +51,11 @@ pub struct LaunchConfig {
     /// `compact_rows` of the one-launch accumulating form (atomic adds, no second pass:
     /// fewer, longer splits mean fewer atomic adds per output). `kernels --tune` on the
     /// H100, 6.7B shape, 10% of fc2's rows live: 13.3 µs at 1024, 14.8 at 512, 19.5 at
-    /// 128 (the two-pass form's first pass alone: 13.6 at 128).
+    /// 128 (the two-pass form's first pass alone: 13.6 at 128). Over half-live rows (the
+    /// dense layers of a model with random weights) 512 took 31.8 µs against 37.3 at 1024
+    /// (run 81), but in the 6.7B step (Nsight Compute with warm caches, run 85) what 512
+    /// saved in the four dense layers (5.5 µs each) it lost in the 28 sparse ones (0.8 µs
+    /// each): 1024 stays.
     pub accumulate_compact_rows: usize,
     /// Rows of `out_proj` per cube of the fused attention and `out_proj`
     /// (`attention_out_proj_accumulate`); each cube computes its head's attention once.
@@ -72,17 +76,24 @@ pub struct LaunchConfig {
     /// Positions a round of the fused attention's online softmax
     /// (`head_attention_online`: each run of units loads its positions' keys and values
     /// together, a round at a time); 0 takes the two-phase softmax (`attention_partials`:
-    /// the keys, a cube-wide max, then the values).
+    /// the keys, a cube-wide max, then the values). In the 6.7B step on the H100 (Nsight
+    /// Compute with warm caches, run 85) 8 took the fused launch from 21.96 to 19.86 µs a
+    /// layer at 256 rows and 256 units; in isolation (`kernels --tune`, runs 81–82) 8 was
+    /// ahead of 0, 2 and 4 at 256 rows.
     pub attention_round_positions: usize,
     /// Units of each cube of the fused attention and `out_proj` (a power of two, capped at
     /// the device's cube): with `attention_out_rows` it sets how many cubes recompute a
-    /// head's attention and how many loads of `out_proj` each unit keeps in flight.
+    /// head's attention and how many loads of `out_proj` each unit keeps in flight. 512
+    /// units with 512 rows led in isolation (15.8 µs against 18.8 for 256 with 256, run 82)
+    /// but not in the step, with the LayerNorm epilogue and the caches the step leaves
+    /// (22.84 against 19.86 µs a layer, 87 registers a unit and 25% of warps active against
+    /// 80 and 36%, run 85): 256 stays.
     pub attention_out_threads: usize,
 }
 
 impl Default for LaunchConfig {
     fn default() -> Self {
-        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 512, attention_out_rows: 512, norm_plain_reads: true, qkv_norm_rows_per_cube: 16, attention_round_positions: 8, attention_out_threads: 512 }
+        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 1024, attention_out_rows: 256, norm_plain_reads: true, qkv_norm_rows_per_cube: 16, attention_round_positions: 8, attention_out_threads: 256 }
     }
 }
 

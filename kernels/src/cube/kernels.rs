@@ -1892,6 +1892,7 @@ fn segment_sum_all(
 /// `hd_vectors` at least 2 (`red` holds the runs' maxima and sums, `2·groups` values).
 #[cube]
 #[allow(clippy::too_many_arguments)] // the query, the head's cache, its positions and the scratch
+#[allow(clippy::manual_div_ceil)] // a runtime value in a cube function: the kernels use plain arithmetic there
 fn head_attention_online<F: Float, N: Size>(
     q: &Array<Vector<F, N>>,
     q_base: usize,

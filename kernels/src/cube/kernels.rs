@@ -1963,26 +1963,16 @@ fn head_attention_online<F: Float, N: Size>(
         }
         m = mr;
     }
-    // Merge the runs: M = max of their maxima, o = Σ e^(m_g − M)·acc_g / Σ e^(m_g − M)·l_g.
+    // Merge the runs as the splits of a long context are merged ([`merge_softmax_parts`]).
     // (`red` is free: a shared-memory segment sum ends with a barrier.)
     acc_smem[tid] = acc;
     if cv == 0 {
-        red[g] = m;
-        red[groups + g] = l;
+        red[2 * g] = m;
+        red[2 * g + 1] = l;
     }
     sync_cube();
     if tid < hd_vectors {
-        let mut top = f32::new(-3.0e38);
-        for gi in 0..groups {
-            top = f32::max(top, red[gi]);
-        }
-        let mut total = 0.0f32;
-        let mut sum = Vector::<f32, N>::new(0.0f32);
-        for gi in 0..groups {
-            let w = f32::exp(red[gi] - top);
-            total += w * red[groups + gi];
-            sum += acc_smem[gi * hd_vectors + tid] * Vector::<f32, N>::new(w);
-        }
+        let (mut sum, total) = merge_softmax_parts::<N, SharedMemory<f32>, SharedMemory<Vector<f32, N>>>(red, acc_smem, 0, groups, tid, hd_vectors);
         if live && total > 0.0f32 {
             sum /= Vector::<f32, N>::new(total);
         } else {
@@ -2049,6 +2039,34 @@ fn add_row<F: Float>(
     found
 }
 
+/// Merges `parts` partial softmax states of one head (flash decoding's combine), part `s`
+/// at `first + s`: its max at `ml[2·(first + s)]` and its sum of exponentials after it, its
+/// unnormalised `Σ p·V` for column vector `cv` at `o[(first + s)·hd_vectors + cv]`. With `M`
+/// the largest max, returns `(Σ_s e^(m_s − M)·o_s, Σ_s e^(m_s − M)·l_s)`, summed in part
+/// order; a part with nothing in it (max −3e38, sums 0) adds nothing.
+#[cube]
+fn merge_softmax_parts<N: Size, LM: List<f32>, LO: List<Vector<f32, N>>>(
+    ml: &LM,
+    o: &LO,
+    first: usize,
+    parts: usize,
+    cv: usize,
+    #[comptime] hd_vectors: usize,
+) -> (Vector<f32, N>, f32) {
+    let mut m = f32::new(-3.0e38);
+    for s in 0..parts {
+        m = f32::max(m, ml.read((first + s) * 2));
+    }
+    let mut l = 0.0f32;
+    let mut sum = Vector::<f32, N>::new(0.0f32);
+    for s in 0..parts {
+        let w = f32::exp(ml.read((first + s) * 2) - m);
+        l += w * ml.read((first + s) * 2 + 1);
+        sum += o.read((first + s) * hd_vectors + cv) * Vector::<f32, N>::new(w);
+    }
+    (sum, l)
+}
+
 /// Merges the splits of [`selected_heads_attention_kernel`]: with `M` the largest split
 /// max, `out = Σ_s e^(m_s − M)·o_s / Σ_s e^(m_s − M)·l_s`, in split order. Cube `(j, b)`,
 /// one unit per column vector. Empty slots (no live split: every sum 0) write zeros.
@@ -2067,17 +2085,7 @@ pub(crate) fn combine_attention_splits_kernel<F: Float, N: Size>(
     let b = CUBE_POS_Y as usize;
     let slots = CUBE_COUNT_X as usize;
     let first = (b * slots + j) * splits;
-    let mut m = f32::new(-3.0e38);
-    for s in 0..splits {
-        m = f32::max(m, ws_ml[(first + s) * 2]);
-    }
-    let mut l = 0.0f32;
-    let mut o = Vector::<f32, N>::new(0.0f32);
-    for s in 0..splits {
-        let w = f32::exp(ws_ml[(first + s) * 2] - m);
-        l += w * ws_ml[(first + s) * 2 + 1];
-        o += ws_o[(first + s) * hd_vectors + cv] * Vector::<f32, N>::new(w);
-    }
+    let (mut o, l) = merge_softmax_parts::<N, Array<f32>, Array<Vector<f32, N>>>(ws_ml, ws_o, first, splits, cv, hd_vectors);
     if l > 0.0f32 {
         o /= Vector::<f32, N>::new(l);
     }

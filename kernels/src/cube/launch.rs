@@ -851,7 +851,6 @@ fn attention_shape<R: CubeRuntime>(
     )
 }
 
-
 /// The LayerNorm an accumulating launch applies to its finished row in its last cube
 /// (batch 1): f32 `gamma`, `beta` `[d]`, epsilon, and `done`, a zeroed `u32` (or `i32`)
 /// counter of at least one element that the launch leaves zeroed — one per sequence, as
@@ -957,7 +956,9 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
     let hd_vectors = hd / vs.max(1);
     let (plane, use_plane) = reduction_group(&q.client);
     let threads = config.attention_out_threads.min(client_units(&q));
+    // The two-phase softmax's cube-wide reduction halves its units level by level.
     let fused = config.attention_out_rows > 0
+        && threads.is_power_of_two()
         && len <= ONE_CUBE_MAX_LEN
         && supports_atomic_f32_add(&acc.client)
         && hd.is_multiple_of(vs)

@@ -782,10 +782,10 @@ fn run_checks<R: CubeRuntime>(args: &KernelArgs, device: &R::Device) -> anyhow::
         outcomes.extend(check_kv_append::<Cube<R>>(device, [1, config.num_attention_heads, 64, hd], d, 17, args.dtype.dtype(), seed));
         outcomes.extend(check_qkv_lazy::<Cube<R>>(device, config.num_attention_heads, hd, d, 16, 40, args.dtype.dtype(), seed));
         outcomes.extend(check_block_cols_gemv::<Cube<R>>(device, d, config.num_attention_heads, hd, 1, args.dtype.dtype(), seed));
-        // Attention with out_proj into an f32 residual: one launch (200 positions), and
-        // the two kernels past 256.
-        for attention_out_rows in [0, 256] {
-            let launcher = Poisoned(LaunchConfig { attention_out_rows, ..LaunchConfig::default() });
+        // Attention with out_proj into an f32 residual: one launch (200 positions) with
+        // the online softmax and with the two-phase one, and the two kernels past 256.
+        for (attention_out_rows, attention_round_positions) in [(0, 8), (256, 8), (256, 0)] {
+            let launcher = Poisoned(LaunchConfig { attention_out_rows, attention_round_positions, ..LaunchConfig::default() });
             outcomes.extend(check_attention_out_proj::<Cube<R>, _>(&launcher, device, [1, config.num_attention_heads, 256, hd], 200, d, args.dtype.dtype(), seed));
             outcomes.extend(check_attention_out_proj::<Cube<R>, _>(&launcher, device, [1, config.num_attention_heads, 512, hd], 300, d, args.dtype.dtype(), seed));
         }

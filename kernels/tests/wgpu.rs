@@ -156,3 +156,43 @@ fn check_topk_mask(device: &WgpuDevice, seed: u64) {
         }
     }
 }
+
+/// Inside an `OutputReuse` scope a launch's output takes a buffer that an earlier
+/// launch's output left only when nobody holds that output any more: a held output keeps
+/// its values, a dropped one's buffer is written again, and the scope's end returns them.
+#[test]
+fn launch_outputs_reuse_only_buffers_nobody_holds() {
+    use burn::prelude::*;
+    use dejavu_kernels::cube::OutputReuse;
+    use dejavu_kernels::{gemv, Activation};
+    type Wb = burn_cubecl::CubeBackend<WgpuRuntime, f32, i32, u32>;
+    if std::env::var_os("DEJAVU_SKIP_WGPU_TESTS").is_some() {
+        eprintln!("skipped: DEJAVU_SKIP_WGPU_TESTS is set");
+        return;
+    }
+    let device = WgpuDevice::default();
+    let w = Tensor::<Wb, 2>::from_data([[1.0f32, 2.0], [3.0, 4.0], [5.0, 6.0]], &device);
+    let times = |x: [f32; 2]| gemv(w.clone(), Tensor::<Wb, 2>::from_data([x], &device), None, Activation::Identity).unwrap();
+    let values = |t: &Tensor<Wb, 2>| t.to_data().to_vec::<f32>().unwrap();
+
+    let scope = OutputReuse::begin();
+    let a = times([1.0, 0.0]);
+    let b = times([0.0, 1.0]);
+    assert_eq!(OutputReuse::kept_buffers(), 2, "a held output's buffer is not handed out again");
+    assert_eq!(values(&a), [1.0, 3.0, 5.0]);
+    drop(a);
+    let c = times([1.0, 1.0]);
+    assert_eq!(OutputReuse::kept_buffers(), 2, "a dropped output's buffer is taken again");
+    let d = times([2.0, 0.0]);
+    assert_eq!(OutputReuse::kept_buffers(), 3);
+    assert_eq!(values(&b), [2.0, 4.0, 6.0], "held across later launches");
+    assert_eq!(values(&c), [3.0, 7.0, 11.0]);
+    assert_eq!(values(&d), [2.0, 6.0, 10.0]);
+    drop(scope);
+    assert_eq!(OutputReuse::kept_buffers(), 0, "the scope's end returns the buffers");
+    // Outside a scope nothing is kept, and outputs still live past the scope.
+    let e = times([0.0, 2.0]);
+    assert_eq!(OutputReuse::kept_buffers(), 0);
+    assert_eq!(values(&e), [4.0, 8.0, 12.0]);
+    assert_eq!(values(&c), [3.0, 7.0, 11.0]);
+}

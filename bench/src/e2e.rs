@@ -120,11 +120,15 @@ pub struct E2eArgs {
     /// gaps (the step enqueued behind a long primer)
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     profile: bool,
-    /// Sample where the host's time goes during three more timed runs of each row at the
-    /// first prompt length, appending per-function summaries to this file (needs the
-    /// `host-profile` feature)
+    /// Sample where the host's time goes during `--host-profile-runs` more runs of each
+    /// row at the first prompt length, appending per-function summaries to this file and
+    /// the sampled stacks, folded, to FILE.folded (needs the `host-profile` feature)
     #[arg(long, value_name = "FILE")]
     host_profile: Option<PathBuf>,
+    /// Decode runs sampled per row by `--host-profile` (the sampler's clock ticks at about
+    /// 250 Hz of CPU time per thread here, so a 6.7B run of 128 tokens gives ~100 samples)
+    #[arg(long, default_value_t = 3)]
+    host_profile_runs: usize,
     /// Read the transformers peer's results from this JSON instead of running it
     #[arg(long, value_name = "FILE")]
     peer_json: Option<PathBuf>,
@@ -440,9 +444,10 @@ fn time_decode<'h, B: SparseKernels>(
         runs_ms.push(ms);
     }
     if let Some(out) = args.host_profile.as_ref().filter(|_| args.prompt_lens.first() == Some(&prompt.len())) {
-        let label = format!("{label}, prompt {}, {:?} readback, 3 runs of {} tokens", prompt.len(), args.readback, args.new_tokens);
+        let runs = args.host_profile_runs;
+        let label = format!("{label}, prompt {}, {:?} readback, {runs} runs of {} tokens", prompt.len(), args.readback, args.new_tokens);
         crate::hostprof::profile(out, &label, || {
-            for _ in 0..3 {
+            for _ in 0..runs {
                 decode_run(model, cache, hooks(false).as_hooks(), prompt, args.new_tokens, args.readback)?;
             }
             Ok(())

@@ -33,6 +33,7 @@ pub fn profile<T>(out: &Path, label: &str, work: impl FnOnce() -> anyhow::Result
         })
         .collect();
     write_summary(out, label, &stacks)?;
+    write_folded(out, label, &stacks)?;
     Ok(value)
 }
 
@@ -78,6 +79,23 @@ fn short_name(name: &str) -> String {
         }
     }
     out.chars().take(200).collect()
+}
+
+/// Appends the stacks to `out` with `.folded` added to its name, one line each — `label`,
+/// thread, then the frames from the root, separated by `;`, and the sample count — the
+/// input of flame-graph tools, for any grouping the summary does not show.
+#[cfg(feature = "host-profile")]
+fn write_folded(out: &Path, label: &str, stacks: &[(String, Vec<String>, usize)]) -> anyhow::Result<()> {
+    let mut path = out.as_os_str().to_owned();
+    path.push(".folded");
+    let mut f = std::io::BufWriter::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?);
+    let label = label.replace([';', ' '], "_");
+    for (thread, names, count) in stacks {
+        let frames: Vec<&str> = names.iter().rev().map(String::as_str).collect();
+        writeln!(f, "{label};{thread};{} {count}", frames.join(";").replace(' ', ""))?;
+    }
+    f.flush()?;
+    Ok(())
 }
 
 /// Per thread, then the 60 functions with the most inclusive samples and the 40 with the

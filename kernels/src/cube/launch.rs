@@ -2,6 +2,7 @@
 
 use burn::tensor::{DType, Shape};
 use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
 use cubecl::features::Plane;
@@ -11,7 +12,6 @@ use cubecl::prelude::*;
 use cubecl::tensor_vector_size_parallel;
 
 use super::kernels::*;
-use super::reuse::{self, LayoutKey};
 
 /// Most threads of the single selection cube.
 const SELECT_MAX_THREADS: usize = 1024;
@@ -167,22 +167,16 @@ fn arg<R: CubeRuntime>(t: CubeTensor<R>) -> ArrayArg<R> {
 }
 
 fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Vec<usize>, dtype: DType) -> CubeTensor<R> {
-    let [out] = empties(like, [(shape, dtype)]);
-    out
+    empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), Shape::from(shape), dtype)
 }
 
 /// Several contiguous tensors in one storage buffer: one allocation, one message to the
 /// device's server, where each [`empty`] costs its own (~2 µs of host time a launch at
 /// batch 1). For the outputs and workspaces of one launch, which live about as long as
-/// each other (the buffer is freed when the last of them is dropped). Inside an
-/// [`super::OutputReuse`] scope the buffer may be one that an earlier launch of the scope
-/// used and nobody references any more, with no message to the server at all.
+/// each other (the buffer is freed when the last of them is dropped).
 fn empties<R: CubeRuntime, const K: usize>(like: &CubeTensor<R>, tensors: [(Vec<usize>, DType); K]) -> [CubeTensor<R>; K] {
-    let key = LayoutKey::new(std::any::TypeId::of::<R>(), cubecl::device::Device::to_id(&like.device), tensors.iter().map(|(shape, dtype)| (shape.clone(), dtype.size())).collect());
-    let layouts = reuse::layouts(key, || {
-        let descriptors = tensors.iter().map(|(shape, dtype)| MemoryLayoutDescriptor::contiguous(Shape::from(shape.clone()), dtype.size())).collect();
-        like.client.empty_tensors(descriptors)
-    });
+    let descriptors = tensors.iter().map(|(shape, dtype)| MemoryLayoutDescriptor::contiguous(Shape::from(shape.clone()), dtype.size())).collect();
+    let layouts = like.client.empty_tensors(descriptors);
     let mut made = layouts.into_iter().zip(tensors).map(|(MemoryLayout { memory, strides }, (shape, dtype))| {
         CubeTensor::new(like.client.clone(), memory, Metadata::new(Shape::from(shape), strides), like.device.clone(), dtype)
     });

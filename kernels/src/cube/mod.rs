@@ -2,9 +2,6 @@
 
 mod kernels;
 mod launch;
-mod reuse;
-
-pub use reuse::OutputReuse;
 
 pub use launch::{
     LaunchConfig, LazyArgs, NormArgs, NormInArgs, FirstArgs, argmax_rows, QueryArgs, SelectArgs, attention_out_proj_accumulate, block_cols_gemv, gated_rows_gemv, kv_append, qkv_append, qkv_append_lazy, layer_norm, norm_predict, predict_select, predicted_mlp, predicted_rows_gemv,

@@ -66,14 +66,10 @@ pub struct NormShape {
 }
 
 /// `kv_append`'s sizes: `kv [rows, width]` (vectors), `x [batch, ..]` (vectors), caches
-/// `[batch, heads, capacity, head_dim]` with strides in elements (the last one 1). With the
-/// LayerNorm applied in the launch, `kv_cubes` cubes take the key and value rows, each
-/// `kv_loops` blocks of rows (`c`, `c + kv_cubes`, …); otherwise one block each.
+/// `[batch, heads, capacity, head_dim]` with strides in elements (the last one 1).
 #[derive(CubeType, CubeLaunch, Clone, Copy)]
 pub struct KvShape {
     pub rows: usize,
-    pub kv_cubes: usize,
-    pub kv_loops: usize,
     pub width: usize,
     pub w_stride: usize,
     pub batch: usize,
@@ -2395,17 +2391,10 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int, P: Float>(
             }
         }
     } else if norm_in {
-        // Several blocks of rows a cube: its LayerNorm prologue serves them all, and the
-        // launch's last wave of cubes is a smaller share of it.
-        for t in 0..shape.kv_loops {
-            let j = (cube + t * shape.kv_cubes) * rows_per_cube + UNIT_POS_Y as usize;
-            let in_range = j < rows;
-            let jj = j % half;
-            let total = normed_row_total(kv, j * shape.w_stride, &xs, inv_std, kv_fold, j, in_range, lane, shape.width, &mut scratch, group, use_plane);
-            if lane == 0 && in_range {
-                let offset = (jj / hd) * shape.cache_head_stride + pos * shape.cache_pos_stride + jj % hd;
-                write_kv(total, bias, j, half, offset, k_cache, v_cache, false);
-            }
+        let total = normed_row_total(kv, w_base, &xs, inv_std, kv_fold, j, in_range, lane, shape.width, &mut scratch, group, use_plane);
+        if lane == 0 && in_range {
+            let offset = h * shape.cache_head_stride + pos * shape.cache_pos_stride + c;
+            write_kv(total, bias, j, half, offset, k_cache, v_cache, false);
         }
     } else {
         for b in 0..shape.batch {

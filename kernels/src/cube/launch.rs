@@ -73,13 +73,6 @@ pub struct LaunchConfig {
     /// Compute, runs 78–79) 16 took 36.0–36.3 µs a layer, 8 36.7 and 32 36.8: within
     /// what a kernel moves between processes.
     pub qkv_norm_rows_per_cube: usize,
-    /// Blocks of `qkv_norm_rows_per_cube` key and value rows each cube of `qkv_append`
-    /// takes when it applies the LayerNorm itself (`c`, `c + cubes`, …): its prologue then
-    /// serves more rows, and fewer, longer cubes leave a smaller last wave. On the H100
-    /// (6.7B step, Nsight Compute, run 92) one block a cube left the launch at 70% of DRAM
-    /// bandwidth and 45% of warps active (50 registers a unit: two 512-unit cubes an SM,
-    /// 3.39 waves).
-    pub qkv_norm_blocks_per_cube: usize,
     /// Positions a round of the fused attention's online softmax
     /// (`head_attention_online`: each run of units loads its positions' keys and values
     /// together, a round at a time); 0 takes the two-phase softmax (`attention_partials`:
@@ -100,7 +93,7 @@ pub struct LaunchConfig {
 
 impl Default for LaunchConfig {
     fn default() -> Self {
-        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 1024, attention_out_rows: 256, norm_plain_reads: true, qkv_norm_rows_per_cube: 16, qkv_norm_blocks_per_cube: 2, attention_round_positions: 8, attention_out_threads: 256 }
+        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 1024, attention_out_rows: 256, norm_plain_reads: true, qkv_norm_rows_per_cube: 16, attention_round_positions: 8, attention_out_threads: 256 }
     }
 }
 
@@ -1258,13 +1251,8 @@ fn qkv_append_launch<R: CubeRuntime>(
     debug_assert!(!has_query || (dims(&q_w)[1] == dims(&kv)[1] && stride(&q_w, 0) % vs == 0));
     assert_eq!(k_cache.meta.strides(), v_cache.meta.strides(), "kv_append: keys and values laid out alike");
     assert_eq!(stride(&k_cache, 3), 1, "kv_append: cache rows contiguous");
-    // With the LayerNorm in the launch each key/value cube takes `kv_loops` blocks of rows.
-    let kv_loops = if norm_in.is_some() { config.qkv_norm_blocks_per_cube.max(1) } else { 1 };
-    let kv_only_cubes = rows.div_ceil(rows_per_cube).div_ceil(kv_loops);
     let shape = KvShapeLaunch::new(
         rows,
-        kv_only_cubes,
-        kv_loops,
         dims(&kv)[1] / vs,
         stride(&kv, 0) / vs,
         batch,
@@ -1274,7 +1262,7 @@ fn qkv_append_launch<R: CubeRuntime>(
         stride(&k_cache, 1),
         stride(&k_cache, 2),
     );
-    let kv_cubes = query_cubes + kv_only_cubes;
+    let kv_cubes = query_cubes + rows.div_ceil(rows_per_cube);
     let ([down, residual, first_out], first_shape, first) = first_factor(first, kv_cubes, &x);
     let (has_first, first_dtype) = (first.is_some(), down.dtype);
     let first_cubes = first.as_ref().map_or(0, |f| dims(f)[1]);

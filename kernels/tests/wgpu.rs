@@ -118,6 +118,9 @@ fn cube_kernels_on_wgpu_match_host_loops() {
         // fc1 with a partial cube, 41 ranks).
         outcomes.extend(check_norms_ahead::<Cube<WgpuRuntime>>(&device, 4, 16, 100, 9, 40, 33, dtype, seed));
         outcomes.extend(check_norms_ahead::<Cube<WgpuRuntime>>(&device, 65, 16, 130, 41, 32, 20, dtype, seed));
+        // 72 key and value rows (head dim 12): qkv_append with the LayerNorm in the launch
+        // ends in a partial block of rows.
+        outcomes.extend(check_norms_ahead::<Cube<WgpuRuntime>>(&device, 3, 12, 100, 9, 40, 33, dtype, seed));
         // out_proj over selected heads: head dims of 16 (whole vectors) and 12, empty slots
         // (10 heads), a row of more than 8 × 32 vectors (the unrolled loop), batch 2.
         outcomes.extend(check_block_cols_gemv::<Cube<WgpuRuntime>>(&device, 37, 10, 16, 1, dtype, seed));

@@ -2617,7 +2617,6 @@ pub(crate) fn predicted_rows_gemv_kernel<F: Float, P: Float, N: Size, I: Int>(
     #[comptime] has_first: bool,
     #[comptime] has_select: bool,
     #[comptime] sel_max_rows: usize,
-    #[comptime] listed_rows: usize,
     #[define(F, P, I)] _dtypes: [StorageType; 3],
 ) {
     let mut scratch = SharedMemory::<f32>::new(group * rows_per_cube);
@@ -2634,98 +2633,10 @@ pub(crate) fn predicted_rows_gemv_kernel<F: Float, P: Float, N: Size, I: Int>(
         terminate!();
     }
     let lane = UNIT_POS_X as usize;
-    if comptime!(listed_rows > 0) {
-        predicted_rows_listed(w, up, h, x, bias, out, shape, predictor, threshold, cube, lane, &mut scratch, has_bias, relu, group, rows_per_cube, use_plane, listed_rows);
-    } else {
-        let j = cube * rows_per_cube + UNIT_POS_Y as usize;
-        let logit = predicted_logit(up, h, predictor, j, shape.rows, lane, &mut scratch, group, use_plane);
-        // Every lane of the group holds the same logit, so `live` is uniform.
-        gated_row(w, x, bias, out, shape, j, logit > threshold, lane, &mut scratch, has_bias, relu, group, use_plane);
-    }
-}
-
-/// [`predicted_rows_gemv_kernel`]'s fc1 with `listed_rows` consecutive neurons a cube: its
-/// units first take those neurons' predictor logits (`threads / listed_rows` units a
-/// neuron, one round of loads) and list the neurons above `threshold` in shared memory,
-/// writing 0 for the others; then its lane groups share the listed rows. With one neuron a
-/// lane group, at 10% density nine groups in ten end after their logit while their cube
-/// holds its registers until the tenth has read its row: few rows stream per SM at a time
-/// (40% of warps active, half the DRAM bandwidth at the 6.7B shape, Nsight Compute run 92).
-#[cube]
-#[allow(clippy::too_many_arguments)] // fc1's and the predictor's inputs, the cube's layout
-fn predicted_rows_listed<F: Float, P: Float, N: Size>(
-    w: &Array<Vector<F, N>>,
-    up: &Array<P>,
-    h: &Array<f32>,
-    x: &Array<Vector<F, N>>,
-    bias: &Array<F>,
-    out: &mut Array<F>,
-    shape: GemvShape,
-    predictor: PredictorShape,
-    threshold: f32,
-    cube: usize,
-    lane: usize,
-    scratch: &mut SharedMemory<f32>,
-    #[comptime] has_bias: bool,
-    #[comptime] relu: bool,
-    #[comptime] group: usize,
-    #[comptime] groups: usize,
-    #[comptime] use_plane: bool,
-    #[comptime] listed_rows: usize,
-) {
-    let threads = comptime!(group * groups);
-    let per_row = comptime!(threads / listed_rows);
-    let mut counts = SharedMemory::<u32>::new(threads);
-    let mut totals = SharedMemory::<u32>::new(comptime!(threads.div_ceil(32)));
-    let mut listed = SharedMemory::<u32>::new(listed_rows);
-    let g = UNIT_POS_Y as usize;
-    let t = g * group + lane;
-    let rows = shape.rows;
-    let first = cube * listed_rows;
-    // 1. Logits: unit `t` sums every `per_row`-th rank element of neuron `t / per_row`.
-    let j = first + t / per_row;
-    let mut part = 0.0f32;
-    if j < rows {
-        part = strided_dot(up, j * predictor.up_stride, h, t % per_row, per_row, predictor.rank);
-    }
-    scratch[t] = part;
-    sync_cube();
-    let mut selected = 0u32;
-    if t < listed_rows && first + t < rows {
-        let mut logit = 0.0f32;
-        for i in 0..per_row {
-            logit += scratch[t * per_row + i];
-        }
-        if logit > threshold {
-            selected = 1u32;
-        } else {
-            out[first + t] = F::cast_from(finish_row(0.0f32, bias, first + t, false, has_bias, relu));
-        }
-    }
-    let at = exclusive_count(selected, t, &mut counts, &mut totals, threads);
-    let n = usize::cast_from(total_count(&totals, threads));
-    if selected == 1u32 {
-        listed[usize::cast_from(at)] = u32::cast_from(t);
-    }
-    sync_cube();
-    // 2. The listed rows, a lane group each; every group runs the same rounds (`group_sum`
-    // may sync the cube).
-    #[allow(clippy::manual_div_ceil)] // div_ceil is not a cube operation
-    let rounds = (n + groups - 1) / groups;
-    for round in 0..rounds {
-        let i = round * groups + g;
-        let live = i < n;
-        let mut row = rows;
-        let mut dot = 0.0f32;
-        if live {
-            row = first + usize::cast_from(listed[i]);
-            dot = lane_dot(w, row * shape.w_stride, x, 0, lane, group, shape.width);
-        }
-        let total = group_sum(dot, scratch, group, use_plane);
-        if lane == 0 && live {
-            out[row] = F::cast_from(finish_row(total, bias, row, true, has_bias, relu));
-        }
-    }
+    let j = cube * rows_per_cube + UNIT_POS_Y as usize;
+    let logit = predicted_logit(up, h, predictor, j, shape.rows, lane, &mut scratch, group, use_plane);
+    // Every lane of the group holds the same logit, so `live` is uniform.
+    gated_row(w, x, bias, out, shape, j, logit > threshold, lane, &mut scratch, has_bias, relu, group, use_plane);
 }
 
 /// The decode step's sparse MLP up to fc2's split sums in one launch (batch 1): cube `s`

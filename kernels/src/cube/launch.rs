@@ -89,15 +89,11 @@ pub struct LaunchConfig {
     /// (22.84 against 19.86 µs a layer, 87 registers a unit and 25% of warps active against
     /// 80 and 36%, run 85): 256 stays.
     pub attention_out_threads: usize,
-    /// Neurons each cube of the predicted fc1 (`predicted_rows_gemv`, batch 1) scores and
-    /// lists before its lane groups share the listed rows; 0 gives each lane group one
-    /// neuron, its logit and then its row.
-    pub predicted_listed_rows: usize,
 }
 
 impl Default for LaunchConfig {
     fn default() -> Self {
-        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 1024, attention_out_rows: 256, norm_plain_reads: true, qkv_norm_rows_per_cube: 16, attention_round_positions: 8, attention_out_threads: 256, predicted_listed_rows: 32 }
+        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 1024, attention_out_rows: 256, norm_plain_reads: true, qkv_norm_rows_per_cube: 16, attention_round_positions: 8, attention_out_threads: 256 }
     }
 }
 
@@ -1445,19 +1441,9 @@ pub fn predicted_rows_gemv<R: CubeRuntime>(
     let l = GatedRows::new(&w, &x, bias);
     let (dtype, up_dtype, client) = (w.dtype, up.dtype, w.client.clone());
     let predictor = predictor_shape(&up);
-    // Neurons a cube listed before their rows are read (`predicted_rows_listed`), where the
-    // cube's units divide evenly among them; else one neuron a lane group.
-    let threads = l.group * l.rows_per_cube;
-    let listed_rows = match LaunchConfig::default().predicted_listed_rows {
-        n if n > 0 && n <= threads && threads.is_multiple_of(n) => n,
-        _ => 0,
-    };
-    let fc1_cubes = match listed_rows {
-        0 => dims(&w)[0].div_ceil(l.rows_per_cube),
-        n => dims(&w)[0].div_ceil(n),
-    };
+    let CubeCount::Static(fc1_cubes, _, _) = l.count else { unreachable!("GatedRows makes a static grid") };
     let has_select = select.is_some();
-    let ([down, residual, first_out], first_shape, first) = first_factor(first, fc1_cubes, &x);
+    let ([down, residual, first_out], first_shape, first) = first_factor(first, fc1_cubes as usize, &x);
     let has_first = first.is_some();
     let first_cubes = first.as_ref().map_or(0, |f| dims(f)[1]);
     let (sel_up, sel_h, idx, count, sel_predictor, sel_rows, sel_capacity, sel_threshold) = match select {
@@ -1471,7 +1457,7 @@ pub fn predicted_rows_gemv<R: CubeRuntime>(
         None => (unread(&up), unread(&h), None, None, PredictorShapeLaunch::new(0, 0), 0, 1, 0.0),
     };
     let selection = idx.clone().zip(count.clone());
-    let cubes = fc1_cubes + first_cubes + usize::from(has_select);
+    let cubes = fc1_cubes as usize + first_cubes + usize::from(has_select);
     unsafe {
         predicted_rows_gemv_kernel::launch_unchecked::<R>(
             &client,
@@ -1507,7 +1493,6 @@ pub fn predicted_rows_gemv<R: CubeRuntime>(
             has_first,
             has_select,
             sel_rows.max(1).next_power_of_two(),
-            listed_rows,
             [dtype.into(), up_dtype.into(), int_dtype.into()],
         );
     }

@@ -93,7 +93,7 @@ pub struct LaunchConfig {
 
 impl Default for LaunchConfig {
     fn default() -> Self {
-        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 1024, attention_out_rows: 256, norm_plain_reads: true, qkv_norm_rows_per_cube: 12, attention_round_positions: 8, attention_out_threads: 256 }
+        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 1024, attention_out_rows: 256, norm_plain_reads: true, qkv_norm_rows_per_cube: 16, attention_round_positions: 8, attention_out_threads: 256 }
     }
 }
 
@@ -1213,12 +1213,7 @@ fn qkv_append_launch<R: CubeRuntime>(
     let config = LaunchConfig::default();
     let rows_per_cube = match config.rows_per_cube {
         r if lazy.is_some() && !dims(&k_cache)[3].is_multiple_of(r) => 1,
-        _ if norm_in.is_some() => {
-            let r = config.qkv_norm_rows_per_cube.clamp(1, client_units(&kv) / group);
-            // Without plane reductions the LayerNorm prologue's cube-wide sum halves its
-            // units, so it needs a power of two of them.
-            if use_plane { r } else { 1 << r.ilog2() }
-        }
+        _ if norm_in.is_some() => config.qkv_norm_rows_per_cube.clamp(1, client_units(&kv) / group),
         r => r,
     };
     let dtype = kv.dtype;

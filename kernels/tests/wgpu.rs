@@ -118,8 +118,8 @@ fn cube_kernels_on_wgpu_match_host_loops() {
         // fc1 with a partial cube, 41 ranks).
         outcomes.extend(check_norms_ahead::<Cube<WgpuRuntime>>(&device, 4, 16, 100, 9, 40, 33, dtype, seed));
         outcomes.extend(check_norms_ahead::<Cube<WgpuRuntime>>(&device, 65, 16, 130, 41, 32, 20, dtype, seed));
-        // 72 key and value rows (head dim 12): qkv_append with the LayerNorm in the launch
-        // ends in a partial block of rows.
+        // 72 key and value rows (head dim 12), not a whole number of qkv_append's 16-row
+        // cubes: with the LayerNorm in the launch its last cube is partial.
         outcomes.extend(check_norms_ahead::<Cube<WgpuRuntime>>(&device, 3, 12, 100, 9, 40, 33, dtype, seed));
         // out_proj over selected heads: head dims of 16 (whole vectors) and 12, empty slots
         // (10 heads), a row of more than 8 × 32 vectors (the unrolled loop), batch 2.

@@ -46,8 +46,8 @@ fn cube_kernels_on_wgpu_match_host_loops() {
             // loop and its tail), one K lane; the accumulating GEMV's two passes (an f32
             // output from f16 weights).
             for config in [
-                LaunchConfig { rows_per_cube: 3, cols_per_cube: 16, lanes_k: 4, rows_per_lane: 2, max_splits: 256, compact_rows: 0, fused_mlp_rows: 128, fused_mlp_threads: 1024, atomic_accumulate: true, accumulate_compact_rows: 64, attention_out_rows: 256, norm_plain_reads: true, qkv_norm_rows_per_cube: 16, qkv_norm_prefetch: 8, attention_round_positions: 4, attention_out_threads: 256 },
-                LaunchConfig { rows_per_cube: 1, cols_per_cube: 8, lanes_k: 1, rows_per_lane: 5, max_splits: 3, compact_rows: 0, fused_mlp_rows: 128, fused_mlp_threads: 1024, atomic_accumulate: false, accumulate_compact_rows: 0, attention_out_rows: 0, norm_plain_reads: true, qkv_norm_rows_per_cube: 16, qkv_norm_prefetch: 8, attention_round_positions: 4, attention_out_threads: 256 },
+                LaunchConfig { rows_per_cube: 3, cols_per_cube: 16, lanes_k: 4, rows_per_lane: 2, max_splits: 256, compact_rows: 0, fused_mlp_rows: 128, fused_mlp_threads: 1024, atomic_accumulate: true, accumulate_compact_rows: 64, attention_out_rows: 256, norm_plain_reads: true, qkv_norm_rows_per_cube: 16, attention_round_positions: 4, attention_out_threads: 256 },
+                LaunchConfig { rows_per_cube: 1, cols_per_cube: 8, lanes_k: 1, rows_per_lane: 5, max_splits: 3, compact_rows: 0, fused_mlp_rows: 128, fused_mlp_threads: 1024, atomic_accumulate: false, accumulate_compact_rows: 0, attention_out_rows: 0, norm_plain_reads: true, qkv_norm_rows_per_cube: 16, attention_round_positions: 4, attention_out_threads: 256 },
                 // The compacting transposed GEMV: several splits of 64 rows (two rows per
                 // unit), splits of 8 units × 32 rows (the most a unit scans), and 8 rows per unit with 4 lanes
                 // along K (several live rows per lane: the unrolled loop and its tail).

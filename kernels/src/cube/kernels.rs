@@ -178,21 +178,20 @@ fn lane_dot<F: Float, X: Float, N: Size>(
 }
 
 /// [`lane_dot`] for `x` in any list: global memory, or shared memory (a cube's
-/// [`cube_layer_norm_shared`]), from the lane's vector `first` on (its lane, or past the
-/// vectors [`load_row_head`] took).
+/// [`cube_layer_norm_shared`]).
 #[cube]
 fn lane_dot_list<F: Float, X: Float, N: Size, L: List<Vector<X, N>>>(
     w: &Array<Vector<F, N>>,
     w_base: usize,
     x: &L,
     x_base: usize,
-    first: usize,
+    lane: usize,
     group: usize,
     width: usize,
 ) -> f32 {
     let mut acc = Vector::<f32, N>::new(0.0f32);
     let step = group;
-    let mut t = first;
+    let mut t = lane;
     while t + 7 * step < width {
         let w0 = w[w_base + t];
         let w1 = w[w_base + t + step];
@@ -281,44 +280,15 @@ fn cube_layer_norm_shared<F: Float, N: Size>(
     1.0f32 / f32::sqrt(var + norm.eps)
 }
 
-/// A lane's first `count` vectors of its row (`lane`, `lane + group`, …; zeros past
-/// `width` or where `live` is false, which read nothing) into `head`, loaded before the
-/// cube's LayerNorm prologue ([`cube_layer_norm_shared`]) so that they come from memory
-/// while the prologue runs: the weights do not depend on it.
-#[cube]
-#[allow(clippy::too_many_arguments)] // the row, the lane's place and the registers
-fn load_row_head<F: Float, N: Size>(
-    w: &Array<Vector<F, N>>,
-    w_base: usize,
-    live: bool,
-    lane: usize,
-    width: usize,
-    head: &mut Array<Vector<F, N>>,
-    #[comptime] group: usize,
-    #[comptime] count: usize,
-) {
-    #[unroll]
-    for k in 0..count {
-        let t = lane + k * group;
-        let mut value = Vector::<F, N>::new(F::new(0.0));
-        if live && t < width {
-            value = w[w_base + t];
-        }
-        head[k] = value;
-    }
-}
-
 /// Row `row` of `W · LayerNorm(x) + bias` for a lane group, the LayerNorm's centred and
 /// scaled input in `xs` ([`cube_layer_norm_shared`]), `inv_std` its `1 / std` and `c`
-/// the rows' `W · beta + bias` (f32). The lane's first `prefetched` vectors of the row are
-/// already in `head` ([`load_row_head`]). On lane 0 (every lane with plane reductions); 0
+/// the rows' `W · beta + bias` (f32). On lane 0 (every lane with plane reductions); 0
 /// where `live` is false.
 #[cube]
 #[allow(clippy::too_many_arguments)] // the row, the normalized input and the layout
 fn normed_row_total<F: Float, N: Size>(
     w: &Array<Vector<F, N>>,
     w_base: usize,
-    head: &Array<Vector<F, N>>,
     xs: &SharedMemory<Vector<F, N>>,
     inv_std: f32,
     c: &Array<f32>,
@@ -329,23 +299,10 @@ fn normed_row_total<F: Float, N: Size>(
     scratch: &mut SharedMemory<f32>,
     #[comptime] group: usize,
     #[comptime] use_plane: bool,
-    #[comptime] prefetched: usize,
 ) -> f32 {
     let mut p = 0.0f32;
     if live {
-        let mut acc = Vector::<f32, N>::new(0.0f32);
-        #[unroll]
-        for k in 0..prefetched {
-            let t = lane + k * group;
-            if t < width {
-                acc += Vector::<f32, N>::cast_from(head[k]) * Vector::<f32, N>::cast_from(xs[t]);
-            }
-        }
-        #[unroll]
-        for v in 0..N::value() {
-            p += acc[v];
-        }
-        p += lane_dot_list::<F, F, N, SharedMemory<Vector<F, N>>>(w, w_base, xs, 0, lane + prefetched * group, group, width);
+        p = lane_dot_list::<F, F, N, SharedMemory<Vector<F, N>>>(w, w_base, xs, 0, lane, group, width);
     }
     let dot = group_sum(p, scratch, group, use_plane);
     let mut y = 0.0f32;
@@ -2302,8 +2259,7 @@ fn write_kv<F: Float>(
 /// not lazy) the input is the f32 residual `xf` itself: each cube applies its LayerNorm
 /// for its own rows ([`cube_layer_norm_shared`] with `gamma`, then [`normed_row_total`]
 /// with the rows' `W · beta + bias` in `q_fold`, `kv_fold`), so no launch before had to
-/// write it; each lane's first `prefetch` vectors of its row are loaded before that
-/// prologue ([`load_row_head`]).
+/// write it.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)] // the keys', values' and queries' inputs
 pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int, P: Float>(
@@ -2343,7 +2299,6 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int, P: Float>(
     #[comptime] has_first: bool,
     #[comptime] norm_in: bool,
     #[comptime] norm_vectors: usize,
-    #[comptime] prefetch: usize,
     #[define(F, I, P)] _dtypes: [StorageType; 3],
 ) {
     let mut scratch = SharedMemory::<f32>::new(group * rows_per_cube);
@@ -2356,22 +2311,7 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int, P: Float>(
     }
     let mut xs = SharedMemory::<Vector<F, N>>::new(norm_vectors);
     let mut inv_std = 0.0f32;
-    let mut head = Array::<Vector<F, N>>::new(comptime!(usize::max(prefetch, 1)));
     if norm_in {
-        // The lane's first vectors of its row (a query's, or a key's or value's; `query.cubes`
-        // is 0 without queries) start from memory before the prologue, which they do not need.
-        let y = UNIT_POS_Y as usize;
-        if cube < query.cubes {
-            let j = cube * rows_per_cube + y;
-            let mut row = query.rows;
-            if j < query.outputs {
-                row = row_of(q_idx, j, query.block, query.rows, q_gathered);
-            }
-            load_row_head(q_w, row * query.w_stride, row < query.rows, lane, shape.width, &mut head, group, prefetch);
-        } else {
-            let j = (cube - query.cubes) * rows_per_cube + y;
-            load_row_head(kv, j * shape.w_stride, j < shape.rows, lane, shape.width, &mut head, group, prefetch);
-        }
         inv_std = cube_layer_norm_shared(xf, gamma, shape.width, norm, &mut xs, &mut scratch, group * rows_per_cube, plane);
     }
     if has_query {
@@ -2384,7 +2324,7 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int, P: Float>(
             }
             let live = row < query.rows;
             if norm_in {
-                let total = normed_row_total(q_w, row * query.w_stride, &head, &xs, inv_std, q_fold, row, live, lane, shape.width, &mut scratch, group, use_plane, prefetch);
+                let total = normed_row_total(q_w, row * query.w_stride, &xs, inv_std, q_fold, row, live, lane, shape.width, &mut scratch, group, use_plane);
                 if lane == 0 && in_range {
                     q_out[j] = F::cast_from(total);
                 }
@@ -2467,7 +2407,7 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int, P: Float>(
             }
         }
     } else if norm_in {
-        let total = normed_row_total(kv, w_base, &head, &xs, inv_std, kv_fold, j, in_range, lane, shape.width, &mut scratch, group, use_plane, prefetch);
+        let total = normed_row_total(kv, w_base, &xs, inv_std, kv_fold, j, in_range, lane, shape.width, &mut scratch, group, use_plane);
         if lane == 0 && in_range {
             let offset = h * shape.cache_head_stride + pos * shape.cache_pos_stride + c;
             write_kv(total, bias, j, half, offset, k_cache, v_cache, false);

@@ -73,12 +73,6 @@ pub struct LaunchConfig {
     /// Compute, runs 78–79) 16 took 36.0–36.3 µs a layer, 8 36.7 and 32 36.8: within
     /// what a kernel moves between processes.
     pub qkv_norm_rows_per_cube: usize,
-    /// Vectors of its row each lane of `qkv_append` loads before the cube's LayerNorm
-    /// prologue when the launch applies the LayerNorm itself (`NormInArgs`): the weights do
-    /// not depend on the residual, so their first loads can be in flight while the cube
-    /// reduces it. 0 loads nothing early. Each vector held costs registers through the
-    /// prologue (four 32-bit registers a vector of eight halves).
-    pub qkv_norm_prefetch: usize,
     /// Positions a round of the fused attention's online softmax
     /// (`head_attention_online`: each run of units loads its positions' keys and values
     /// together, a round at a time); 0 takes the two-phase softmax (`attention_partials`:
@@ -99,7 +93,7 @@ pub struct LaunchConfig {
 
 impl Default for LaunchConfig {
     fn default() -> Self {
-        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 1024, attention_out_rows: 256, norm_plain_reads: true, qkv_norm_rows_per_cube: 16, qkv_norm_prefetch: 8, attention_round_positions: 8, attention_out_threads: 256 }
+        Self { rows_per_cube: 8, cols_per_cube: 32, lanes_k: 8, rows_per_lane: 8, max_splits: 256, compact_rows: 128, fused_mlp_rows: 64, fused_mlp_threads: 512, atomic_accumulate: true, accumulate_compact_rows: 1024, attention_out_rows: 256, norm_plain_reads: true, qkv_norm_rows_per_cube: 16, attention_round_positions: 8, attention_out_threads: 256 }
     }
 }
 
@@ -1320,7 +1314,6 @@ fn qkv_append_launch<R: CubeRuntime>(
             has_first,
             has_norm_in,
             norm_vectors,
-            if has_norm_in { config.qkv_norm_prefetch } else { 0 },
             [dtype.into(), idx_dtype.into(), first_dtype.into()],
         );
     }

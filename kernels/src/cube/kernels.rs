@@ -960,9 +960,11 @@ fn compact_live_rows<F: Float>(
 
 /// One lane's share of a compacted split for column vector `c`: `Σ h[h_base + r] ·
 /// Wt[r, c]` over the live rows `live_rows[UNIT_POS_Y], … + lanes_k, … < n`, eight rows'
-/// loads in flight at a time, and the last (fewer than eight) in flight together too: one
-/// by one, each would wait a round trip to memory (at 10% density a lane of the 6.7B fc2
-/// has about 13 rows, 8 and then 5).
+/// loads in flight at a time, and the last (fewer than eight) in flight together too, as
+/// one masked round, where one by one each could wait for the one before. On the H100
+/// (6.7B decode step, Nsight Compute, runs 96–98) that took the step's fc2 calls from
+/// 378–381 to 340–343 µs in all, mostly in the dense layers (half their rows live: 36–42
+/// against 28–35 µs each); a sparse layer's moved less than its spread.
 #[cube]
 #[allow(clippy::too_many_arguments)] // the weights, the input and the compacted rows
 fn live_rows_dot<F: Float, N: Size>(

@@ -2,22 +2,17 @@
 µs a call, the registers a unit and the µs of every call together, for each side of bench/device/ncu-sides.sh.
 
 Usage: python3 ncu_sides.py OUT SIDE [SIDE ...] (reads OUT/ncu-<side>/ncu.csv.xz)."""
-import csv
-import lzma
 import statistics
 import sys
 
+from ncu_summary import steps
+
 
 def step_one(path):
-    rows = list(csv.reader(lzma.open(path, "rt")))
-    header, data = rows[0], rows[2:]
-    col = {name: header.index(name) for name in ("Kernel Name", "Grid Size", "gpu__time_duration.sum", "launch__registers_per_thread")}
-    # The capture holds the dense first step, then the sparse second one; the second
-    # step begins after the LM head's matmul of the first.
-    heads = [i for i, r in enumerate(data) if r[col["Kernel Name"]].startswith("matmul_entry")]
-    first = heads[0] + 1 if heads else 0
-    end = heads[1] + 1 if len(heads) > 1 else len(data)
-    return [(r[col["Kernel Name"]], r[col["Grid Size"]], float(r[col["gpu__time_duration.sum"]]), r[col["launch__registers_per_thread"]]) for r in data[first:end]]
+    """Step 1 of the capture (the dense first step is step 0), split as ncu_summary.py
+    splits it: (kernel, grid, µs, registers) a launch."""
+    col, captured = steps(path)
+    return [(r[col["Kernel Name"]], r[col["Grid Size"]], float(r[col["gpu__time_duration.sum"]]), r[col["launch__registers_per_thread"]]) for r in captured[1]]
 
 
 def main():

@@ -15,7 +15,7 @@ use anyhow::{bail, Context};
 use burn::prelude::*;
 use burn::tensor::DType;
 use dejavu_runtime::{dispatch, BackendKind, BackendTask, Precision, SparseKernels};
-use dejavu_model::generate::token_tensor;
+use dejavu_model::generate::{greedy_tokens, token_tensor};
 use dejavu_model::{
     content_hash, generate, load_model, use_row_major_weights, Activation, DecodeWeights, Dense, ForwardHooks, GenerateOptions,
     KernelDecode, KvCache, LayerKvCache, NormSite, Opt, OptConfig, Sampling, SparseModel, SparseOptions, SparsityStats, Step, Tapped,
@@ -389,11 +389,10 @@ fn decode_run<B: SparseKernels>(
 }
 
 /// The greedy next token `[1, 1]` on the device for one position's hidden state `[1, 1,
-/// d]`: the library's argmax (two launches on CubeBackend), as `generate` does.
+/// d]`, as `generate` takes it ([`greedy_tokens`]: the argmax of the LM head's output in
+/// the weights' dtype, two launches after the matmul on CubeBackend).
 fn greedy_token<B: SparseKernels>(model: &Opt<B>, h: Tensor<B, 3>) -> anyhow::Result<Tensor<B, 2, Int>> {
-    let logits = model.logits(h);
-    let vocab = logits.dims()[2];
-    Ok(dejavu_kernels::argmax_rows(logits.reshape([1, vocab]))?.reshape([1, 1]))
+    Ok(greedy_tokens(model, h)?.reshape([1, 1]))
 }
 
 /// A sparse row's hooks for [`time_decode`], counting what steps keep or not.

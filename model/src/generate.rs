@@ -160,6 +160,14 @@ impl Sampler {
     }
 }
 
+/// The greedy next token of each position of `hidden` (`[batch, n, d]`), `[batch·n]` on
+/// the device: the argmax of the logits in the weights' dtype, read where the LM head's
+/// matmul left them ([`Opt::logits_rows`]). The same tokens as the argmax of
+/// [`Opt::logits`] (a cast to f32 is exact), without its cast and copy launches.
+pub fn greedy_tokens<B: SparseKernels>(model: &Opt<B>, hidden: Tensor<B, 3>) -> Result<Tensor<B, 1, Int>, ModelError> {
+    dejavu_kernels::argmax_rows(model.logits_rows(hidden)).map_err(|e| ModelError::InvalidInput(format!("greedy decoding: {e}")))
+}
+
 /// `[1, n]` token tensor from ids.
 pub fn token_tensor<B: Backend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2, Int> {
     let data: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
@@ -196,7 +204,13 @@ pub fn generate<B: SparseKernels, H: ForwardHooks<B> + ?Sized>(
         let hidden = model.forward_with(token_tensor::<B>(&input, &device), &mut cache, hooks)?;
         let [_, n, width] = hidden.dims();
         let last = hidden.slice([0..1, n - 1..n, 0..width]);
-        let next = sampler.next(model.logits(last));
+        let next = if options.sampling == Sampling::Greedy {
+            let id = greedy_tokens(model, last)?.into_data();
+            let id = id.iter::<i64>().next().expect("one position's token");
+            id as u32
+        } else {
+            sampler.next(model.logits(last))
+        };
         if tokens.is_empty() {
             prefill = started.elapsed();
         }

@@ -24,7 +24,7 @@ pub use cache::{KvCache, LayerKvCache, Step};
 pub use config::OptConfig;
 pub use decode::{use_row_major_weights, DecodeWeights, KernelDecode};
 pub use error::ModelError;
-pub use generate::{generate, GenerateOptions, Generation, Sampler, Sampling};
+pub use generate::{generate, greedy_tokens, GenerateOptions, Generation, Sampler, Sampling};
 pub use hooks::{Activation, Dense, ForwardHooks, NormSite, Tapped};
 pub use opt::Opt;
 pub use sparse::{SparseHooks, SparseModel, SparseOptions, SparsityStats};

@@ -154,16 +154,24 @@ impl<B: Backend> Opt<B> {
 
     /// The tied LM head: `hidden · embed_tokensᵀ`, `[batch, n, vocab]`, in f32.
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [batch, n, e] = hidden.dims();
-        let weight = self.decoder.embed_tokens.weight.val();
-        let vocab = weight.dims()[0];
-        let logits = hidden.reshape([batch * n, e]).matmul(weight.transpose());
+        let [batch, n, _] = hidden.dims();
+        let logits = self.logits_rows(hidden);
+        let vocab = logits.dims()[1];
         let logits = if logits.dtype() == DType::F32 {
             logits
         } else {
             logits.cast(DType::F32)
         };
         logits.reshape([batch, n, vocab])
+    }
+
+    /// Logits `[batch·n, vocab]` in the weights' dtype, as the LM head's matmul leaves them
+    /// (on CUDA its rows may be pitched): what greedy decoding reads
+    /// ([`crate::generate::greedy_tokens`]), with no cast and no copy launch.
+    pub fn logits_rows(&self, hidden: Tensor<B, 3>) -> Tensor<B, 2> {
+        let [batch, n, e] = hidden.dims();
+        let weight = self.decoder.embed_tokens.weight.val();
+        hidden.reshape([batch * n, e]).matmul(weight.transpose())
     }
 
     /// A KV cache for `batch` sequences of up to `capacity` positions, in the weights' dtype.

@@ -647,7 +647,9 @@ const ARGMAX_PER_UNIT: usize = 4;
 /// `int_dtype` `[rows]`; see [`crate::SparseKernels::argmax_rows`]. Two launches: cubes
 /// over each row's parts, then one cube a row over its parts.
 pub fn argmax_rows<R: CubeRuntime>(x: CubeTensor<R>, int_dtype: DType) -> CubeTensor<R> {
-    let x = into_contiguous(x);
+    // Rows apart by more than their width are read in place (on CUDA a matmul's output
+    // rows are pitched, and making them contiguous took a copy launch of the logits).
+    let x = if stride(&x, 1) == 1 { x } else { into_contiguous(x) };
     let [rows, width] = [dims(&x)[0], dims(&x)[1]];
     if rows == 0 || width == 0 {
         return empty(&x, vec![rows], int_dtype);

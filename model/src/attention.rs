@@ -52,7 +52,7 @@ impl<B: Backend> OptAttention<B> {
         let k = self.split_heads(self.k_proj.forward(x.clone()));
         let v = self.split_heads(self.v_proj.forward(x));
         let (keys, values) = cache.append(step.start, k, v);
-        attend(q, keys, values, step.mask.clone())
+        attend(q, keys, values, step.mask())
     }
 
     /// `[batch, heads, n, head_dim]` → `out_proj` output `[batch, n, hidden]`.

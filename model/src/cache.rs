@@ -48,9 +48,32 @@ impl<B: Backend> LayerKvCache<B> {
 pub struct Step<B: Backend> {
     /// Position of the first new token (the number already cached).
     pub start: usize,
-    /// Additive f32 mask `[1, 1, n, capacity]` for the `n` new tokens: 0 where new token `i` may attend to
-    /// cache position `j` (`j <= start + i`), −∞ elsewhere (the future and unused slots).
-    pub mask: Tensor<B, 4>,
+    n: usize,
+    capacity: usize,
+    device: B::Device,
+    /// Made on first use: the kernels' decode paths never read it, and making it is an
+    /// upload to the device every step.
+    mask: std::cell::OnceCell<Tensor<B, 4>>,
+}
+
+impl<B: Backend> Step<B> {
+    /// Additive f32 mask `[1, 1, n, capacity]` for the `n` new tokens: 0 where new token
+    /// `i` may attend to cache position `j` (`j <= start + i`), −∞ elsewhere (the future
+    /// and unused slots).
+    pub fn mask(&self) -> Tensor<B, 4> {
+        self.mask
+            .get_or_init(|| {
+                let (start, n, capacity) = (self.start, self.n, self.capacity);
+                let mut mask = vec![0f32; n * capacity];
+                for i in 0..n {
+                    for j in (start + i + 1)..capacity {
+                        mask[i * capacity + j] = f32::NEG_INFINITY;
+                    }
+                }
+                Tensor::from_data(TensorData::new(mask, [1, 1, n, capacity]), (&self.device, DType::F32))
+            })
+            .clone()
+    }
 }
 
 /// The cache of every layer plus how many positions are filled.
@@ -142,15 +165,7 @@ impl<B: Backend> KvCache<B> {
 
     /// The [`Step`] for `n` new tokens after the cached ones.
     pub fn step(&self, n: usize, device: &B::Device) -> Step<B> {
-        let (start, capacity) = (self.len, self.capacity);
-        let mut mask = vec![0f32; n * capacity];
-        for i in 0..n {
-            for j in (start + i + 1)..capacity {
-                mask[i * capacity + j] = f32::NEG_INFINITY;
-            }
-        }
-        let mask = Tensor::from_data(TensorData::new(mask, [1, 1, n, capacity]), (device, DType::F32));
-        Step { start, mask }
+        Step { start: self.len, n, capacity: self.capacity, device: device.clone(), mask: std::cell::OnceCell::new() }
     }
 
     pub(crate) fn advance(&mut self, n: usize) {

@@ -2311,29 +2311,6 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int, P: Float>(
         first_factor_row(down, residual, first, cube - first_shape.after, first_shape, &mut scratch, group * rows_per_cube, plane);
         terminate!();
     }
-    if norm_in && has_query && q_gathered && cube < query.cubes {
-        // A cube whose query rows are all empty slots (unselected heads: half the query
-        // cubes of a sparse layer at half the heads) writes their zeros and ends before the
-        // LayerNorm prologue, which would read the residual and gamma for nothing. The
-        // slots a cube covers are the same for all its units, so the branch is uniform.
-        let first_j = cube * rows_per_cube;
-        let last_block = (usize::min(first_j + rows_per_cube, query.outputs) - 1) / query.block;
-        let mut live_slot = false;
-        let mut s = first_j / query.block;
-        while s <= last_block {
-            if usize::cast_from(q_idx[s]) < query.rows / query.block {
-                live_slot = true;
-            }
-            s += 1;
-        }
-        if !live_slot {
-            let j = first_j + UNIT_POS_Y as usize;
-            if lane == 0 && j < query.outputs {
-                q_out[j] = F::cast_from(0.0f32);
-            }
-            terminate!();
-        }
-    }
     let mut xs = SharedMemory::<Vector<F, N>>::new(norm_vectors);
     let mut inv_std = 0.0f32;
     if norm_in {

@@ -3,7 +3,7 @@
 use burn::module::{ModuleMapper, Param};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::{DType, TensorData};
+use burn::tensor::DType;
 
 use crate::cache::KvCache;
 use crate::config::{OptConfig, POSITION_OFFSET};
@@ -116,15 +116,15 @@ impl<B: Backend> Opt<B> {
         let device = tokens.device();
         let decoder = &self.decoder;
 
-        let positions: Vec<i32> = (start..start + n)
-            .map(|p| (p + POSITION_OFFSET) as i32)
-            .collect();
-        let positions = Tensor::<B, 2, Int>::from_data(TensorData::new(positions, [1, n]), &device);
         let mut x = decoder.embed_tokens.forward(tokens);
         if let Some(project_in) = &decoder.project_in {
             x = project_in.forward(x);
         }
-        x = x + decoder.embed_positions.forward(positions);
+        // The new positions are consecutive rows of the position table: a view of those
+        // rows (no upload of position ids, no lookup launch), broadcast over the batch.
+        let first = start + POSITION_OFFSET;
+        let positions = decoder.embed_positions.weight.val().slice([first..first + n]);
+        x = x + positions.unsqueeze::<3>();
         hooks.observe(Activation::Hidden { index: 0, value: &x });
 
         let num_layers = decoder.layers.len();

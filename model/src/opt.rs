@@ -123,7 +123,7 @@ impl<B: Backend> Opt<B> {
         // The new positions are consecutive rows of the position table: a view of those
         // rows (no upload of position ids, no lookup launch), broadcast over the batch.
         let first = start + POSITION_OFFSET;
-        let positions = decoder.embed_positions.weight.val().slice([first..first + n]);
+        let positions = decoder.embed_positions.weight.val().narrow(0, first, n);
         x = x + positions.unsqueeze::<3>();
         hooks.observe(Activation::Hidden { index: 0, value: &x });
 

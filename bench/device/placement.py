@@ -64,8 +64,8 @@ def watch(pid, out, mode, a, b):
 
 
 def core_of(d):
-    """CPU → (package, core) of the machine that ran the processes: its cpus.txt in `d`
-    (placement-e2e.sh writes it there), else this machine's."""
+    """CPU → (package, core) of the machine that ran the processes, from the cpus.txt that
+    placement-e2e.sh writes in `d` (empty without it: no core is then said to be shared)."""
     cores = {}
     listing = os.path.join(d, "cpus.txt")
     if os.path.exists(listing):
@@ -73,11 +73,6 @@ def core_of(d):
             m = re.match(r"cpu(\d+) core (\S+) siblings \S+ package (\S+)", line)
             if m:
                 cores[int(m.group(1))] = (m.group(3), m.group(2))
-        return cores
-    for path in glob.glob("/sys/devices/system/cpu/cpu[0-9]*/topology/core_id"):
-        cpu = int(re.search(r"cpu(\d+)/", path).group(1))
-        pkg = open(path.replace("core_id", "physical_package_id")).read().strip()
-        cores[cpu] = (pkg, open(path).read().strip())
     return cores
 
 
@@ -97,12 +92,17 @@ def opener(path):
     return lzma.open if path.endswith(".xz") else open
 
 
+def threads_file(log_path):
+    """The thread samples of an e2e log (`.threads`, or compressed `.threads.xz`), or None."""
+    return next((p for p in (log_path[:-4] + ".threads", log_path[:-4] + ".threads.xz") if os.path.exists(p)), None)
+
+
 def summary(d):
     cores = core_of(d)
     print("| process | sparse ms/token | × floor | host step µs | GPU step µs | dense ms/token | dense × floor | steal % | samples: same CPU / same core | CPUs of the model thread / DSD |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     def first_pid(log_path):
-        threads = next((p for p in (log_path[:-4] + ".threads", log_path[:-4] + ".threads.xz") if os.path.exists(p)), None)
+        threads = threads_file(log_path)
         return int(opener(threads)(threads, "rt").readline().split()[2]) if threads else 0
 
     # In the order the processes ran (their pids grow).
@@ -118,14 +118,14 @@ def summary(d):
         steal = "—"
         stat = log_path[:-4] + ".stat"
         if os.path.exists(stat):
-            before, after, wall = open(stat).read().split("\n")[:3]
+            before, after = open(stat).read().split("\n")[:2]
             vals = lambda s: [int(x) for x in s.split()[1:]]
             b, a = vals(before), vals(after)
             total = sum(a) - sum(b)
             steal = f"{100.0 * (a[7] - b[7]) / max(total, 1):.2f}"
         same_cpu = same_core = n = 0
         cpus_main, cpus_dsd = set(), set()
-        threads = next((p for p in (log_path[:-4] + ".threads", log_path[:-4] + ".threads.xz") if os.path.exists(p)), None)
+        threads = threads_file(log_path)
         if threads:
             # CubeCL starts two `DSD-0-0` threads; the first (lowest id) takes the launches,
             # the second sat idle in every process of run 102.
@@ -148,7 +148,7 @@ def summary(d):
                 cpus_main.add(m)
                 cpus_dsd.add(dsd)
                 same_cpu += m == dsd
-                same_core += cores.get(m) == cores.get(dsd)
+                same_core += m in cores and cores.get(m) == cores.get(dsd)
         share = f"{same_cpu}/{n} · {same_core}/{n}" if n else "—"
         fmt = lambda v, p: "—" if v is None else f"{v:.{p}f}"
         print(f"| {name} | {fmt(ms, 3)} | {fmt(floor, 2)} | {fmt(host, 0)} | {fmt(gpu, 0)} | {fmt(dms, 3)} | {fmt(dfloor, 2)} | {steal} | {share} | {len(cpus_main)} / {len(cpus_dsd)} |")

@@ -100,16 +100,18 @@ impl Sampler {
         })
     }
 
-    /// The next token for the last position of `logits` (`[1, n, vocab]`). Greedy
-    /// selection runs on the device ([`dejavu_kernels::argmax_rows`]) and reads back one id.
-    pub fn next<B: SparseKernels>(&mut self, logits: Tensor<B, 3>) -> u32 {
-        let [_, n, vocab] = logits.dims();
-        let last = logits.slice([0..1, n - 1..n, 0..vocab]).reshape([1, vocab]);
+    /// The next token for the last position of `hidden` (`[1, n, d]`, the decoder's
+    /// output). Greedy selection runs on the device ([`greedy_tokens`]: the LM head's
+    /// output as the matmul left it) and reads back one id; a random draw reads back the
+    /// f32 logits and samples on the host.
+    pub fn next<B: SparseKernels>(&mut self, model: &Opt<B>, hidden: Tensor<B, 3>) -> Result<u32, ModelError> {
+        let [_, n, width] = hidden.dims();
+        let last = hidden.slice([0..1, n - 1..n, 0..width]);
         match self.sampling.clone() {
             Sampling::Greedy => {
-                let id = dejavu_kernels::argmax_rows(last).expect("a model's vocabulary is not empty").into_data();
-                let id = id.iter::<i64>().next().expect("argmax of a non-empty row");
-                id as u32
+                let id = greedy_tokens(model, last)?.into_data();
+                let id = id.iter::<i64>().next().expect("one position's token");
+                Ok(id as u32)
             }
             Sampling::Random {
                 temperature,
@@ -117,8 +119,8 @@ impl Sampler {
                 top_p,
                 ..
             } => {
-                let row: Vec<f32> = last.into_data().iter::<f32>().collect();
-                self.sample(&row, temperature, top_k, top_p)
+                let row: Vec<f32> = model.logits(last).into_data().iter::<f32>().collect();
+                Ok(self.sample(&row, temperature, top_k, top_p))
             }
         }
     }
@@ -202,15 +204,7 @@ pub fn generate<B: SparseKernels, H: ForwardHooks<B> + ?Sized>(
     let mut input = prompt.to_vec();
     while tokens.len() < options.max_new_tokens {
         let hidden = model.forward_with(token_tensor::<B>(&input, &device), &mut cache, hooks)?;
-        let [_, n, width] = hidden.dims();
-        let last = hidden.slice([0..1, n - 1..n, 0..width]);
-        let next = if options.sampling == Sampling::Greedy {
-            let id = greedy_tokens(model, last)?.into_data();
-            let id = id.iter::<i64>().next().expect("one position's token");
-            id as u32
-        } else {
-            sampler.next(model.logits(last))
-        };
+        let next = sampler.next(model, hidden)?;
         if tokens.is_empty() {
             prefill = started.elapsed();
         }

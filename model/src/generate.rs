@@ -162,12 +162,29 @@ impl Sampler {
     }
 }
 
+/// Up to this many rows (`batch·n`) a backend with the kernels computes the greedy LM head
+/// with our GEMV ([`dejavu_kernels::gemv`]); more rows take Burn's matmul, which reads the
+/// weights once for all of them.
+const GEMV_LM_HEAD_ROWS: usize = 4;
+
 /// The greedy next token of each position of `hidden` (`[batch, n, d]`), `[batch·n]` on
-/// the device: the argmax of the logits in the weights' dtype, read where the LM head's
-/// matmul left them ([`Opt::logits_rows`]). The same tokens as the argmax of
-/// [`Opt::logits`] (a cast to f32 is exact), without its cast and copy launches.
+/// the device: the argmax of the logits in the weights' dtype, read where the LM head left
+/// them. With the kernels and a decode step's few rows the LM head is our GEMV: one launch
+/// with `Array` arguments, where Burn's matmul also runs its autotuner's bookkeeping and
+/// uploads its tensors' shapes at every call — host work a decode step repeats — and
+/// sums in f32. Otherwise it is [`Opt::logits_rows`], whose argmax is that of
+/// [`Opt::logits`] (a cast to f32 is exact) without its cast and copy launches.
 pub fn greedy_tokens<B: SparseKernels>(model: &Opt<B>, hidden: Tensor<B, 3>) -> Result<Tensor<B, 1, Int>, ModelError> {
-    dejavu_kernels::argmax_rows(model.logits_rows(hidden)).map_err(|e| ModelError::InvalidInput(format!("greedy decoding: {e}")))
+    let err = |e: dejavu_kernels::KernelError| ModelError::InvalidInput(format!("greedy decoding: {e}"));
+    let [batch, n, e] = hidden.dims();
+    let logits = match B::has_kernels() && batch * n <= GEMV_LM_HEAD_ROWS {
+        true => {
+            let weight = model.decoder.embed_tokens.weight.val();
+            dejavu_kernels::gemv(weight, hidden.reshape([batch * n, e]), None, dejavu_kernels::Activation::Identity).map_err(err)?
+        }
+        false => model.logits_rows(hidden),
+    };
+    dejavu_kernels::argmax_rows(logits).map_err(err)
 }
 
 /// `[1, n]` token tensor from ids.

@@ -496,6 +496,12 @@ impl<B: SparseKernels> ForwardHooks<B> for ProfiledHooks<'_, B> {
         self.timed(0, decode, |h| h.observe(activation))
     }
 
+    // Not timed: the decoder's input counts in the step's time outside the hooks, as
+    // Burn's lookup and add do where the hooks leave it to them.
+    fn embed(&mut self, tokens: &Tensor<B, 2, Int>, table: &Tensor<B, 2>, positions: &Tensor<B, 2>) -> Option<Tensor<B, 3>> {
+        self.inner.as_hooks().embed(tokens, table, positions)
+    }
+
     fn attention(
         &mut self,
         layer: usize,

@@ -22,7 +22,7 @@ use burn::prelude::*;
 use burn::tensor::{DType, Distribution, TensorData};
 use burn_cubecl::CubeRuntime;
 use dejavu_kernels::checks::{
-    check_attention, check_attention_out_proj, check_block_cols_gemv, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_qkv_lazy, check_norm_predict, check_norms_ahead, check_predicted_mlp, check_predictor_kernels, check_selection, check_argmax, fresh_seed, Case,
+    check_attention, check_attention_out_proj, check_block_cols_gemv, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_qkv_lazy, check_norm_predict, check_norms_ahead, check_predicted_mlp, check_predictor_kernels, check_selection, check_argmax, check_embed_rows, fresh_seed, Case,
     Cube, Outcome, Poisoned,
 };
 use dejavu_kernels::cube::LaunchConfig;
@@ -769,6 +769,7 @@ fn run_checks<R: CubeRuntime>(args: &KernelArgs, device: &R::Device) -> anyhow::
         }
         outcomes.extend(check_selection::<Cube<R>>(device, ffn, 1, args.dtype.dtype(), seed));
         outcomes.extend(check_argmax::<Cube<R>>(device, 1, config.vocab_size, args.dtype.dtype(), seed));
+        outcomes.extend(check_embed_rows::<Cube<R>>(device, config.vocab_size, d, 3, args.dtype.dtype(), seed));
         let hd = d / config.num_attention_heads;
         // Split over chunks (1000 positions), and one cube per head (200).
         outcomes.extend(check_attention::<Cube<R>>(device, [1, config.num_attention_heads, 1024, hd], 1000, args.dtype.dtype(), seed));

@@ -549,6 +549,49 @@ pub fn check_argmax<B: SparseKernels>(device: &B::Device, rows: usize, width: us
     vec![outcome(got, ""), outcome(got_pitched, ", rows pitched")]
 }
 
+/// The decoder's input rows (`embed_rows`) for `n` random ids into a `[vocab, d]` table,
+/// with the position rows read as a view of consecutive rows of their own table (as the
+/// model reads them), into f32 and into the tables' dtype, against the host's sum rounded
+/// to the tables' dtype: exact, so the ratio is the number of elements that differ. With
+/// several ids, the last is past the table (a zero row) and the first is the last row.
+pub fn check_embed_rows<B: SparseKernels>(device: &B::Device, vocab: usize, d: usize, n: usize, dtype: DType, seed: u64) -> Vec<Outcome> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (first, position_rows) = (3, n + 5);
+    let table = stored(uniform(&mut rng, vocab * d, 0.0), dtype);
+    let position_table = stored(uniform(&mut rng, position_rows * d, 0.0), dtype);
+    let mut ids: Vec<i64> = (0..n).map(|_| rng.random_range(0..vocab as i64)).collect();
+    if n > 1 {
+        ids[0] = vocab as i64 - 1;
+        ids[n - 1] = vocab as i64;
+    }
+    let sums: Vec<f32> = (0..n * d)
+        .map(|i| {
+            let (r, c) = (i / d, i % d);
+            match ids[r] < vocab as i64 {
+                true => table[ids[r] as usize * d + c] + position_table[(first + r) * d + c],
+                false => 0.0,
+            }
+        })
+        .collect();
+    let want = stored(sums, dtype);
+    let table_dev = to_device::<B, 2>(&table, [vocab, d], dtype, device);
+    let positions = to_device::<B, 2>(&position_table, [position_rows, d], dtype, device).narrow(0, first, n);
+    [DType::F32, dtype]
+        .into_iter()
+        .map(|out_dtype| {
+            let got = read(crate::embed_rows(ints::<B>(&ids, device), table_dev.clone(), positions.clone(), out_dtype).expect("shapes were made consistent"));
+            let mismatches = got.iter().zip(&want).filter(|(a, b)| a != b).count() + usize::from(got.len() != want.len());
+            Outcome {
+                op: "embed_rows",
+                case: format!("vocab {vocab} d {d} n {n} {dtype:?} into {out_dtype:?} seed {seed}"),
+                worst_ratio: mismatches as f32,
+                worst_index: got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0),
+                passed: mismatches == 0,
+            }
+        })
+        .collect()
+}
+
 /// A selection against the host's: every index and the count must be equal (the ratio is
 /// the number of mismatches).
 fn selection_outcome<B: Backend>(op: &'static str, case: String, got: crate::Selection<B>, want_idx: &[i64], want_count: usize) -> Outcome {

@@ -159,6 +159,20 @@ pub trait SparseKernels: Backend {
         x.argmax(1).reshape([rows]).into_primitive()
     }
 
+    /// The decoder's input rows `[n, d]`: `table[tokens[r]] + positions[r]` (`tokens [n]`,
+    /// `table [vocab, d]`, `positions [n, d]`), added in the tables' dtype and returned as
+    /// `out_dtype`. An id outside the table gives a zero row. The reference is Burn's
+    /// lookup, add and cast.
+    fn embed_rows(tokens: IntTensor<Self>, table: FloatTensor<Self>, positions: FloatTensor<Self>, out_dtype: burn::tensor::DType) -> FloatTensor<Self> {
+        let (tokens, table, positions): (Tensor<Self, 1, Int>, Tensor<Self, 2>, Tensor<Self, 2>) = (Tensor::from_primitive(tokens), wrap(table), wrap(positions));
+        let vocab = table.dims()[0] as i64;
+        // Outside the table: a zero row (the lookup reads row 0, the mask clears it).
+        let inside = tokens.clone().greater_equal_elem(0).bool_and(tokens.clone().lower_elem(vocab));
+        let rows = table.select(0, tokens.mask_fill(inside.clone().bool_not(), 0)) + positions;
+        let rows = rows.mask_fill(inside.unsqueeze_dim::<2>(1).bool_not(), 0.0);
+        prim(if rows.dtype() == out_dtype { rows } else { rows.cast(out_dtype) })
+    }
+
     /// `[rows, width]` 0/1: each row's `k` largest logits. The reference sorts (on the host
     /// for backends without a device sort); `CubeBackend` counts instead
     /// ([`topk::topk_mask_multisection`]).
@@ -580,6 +594,10 @@ where
 
     fn argmax_rows(x: FloatTensor<Self>) -> IntTensor<Self> {
         cube::argmax_rows(x, I::dtype())
+    }
+
+    fn embed_rows(tokens: IntTensor<Self>, table: FloatTensor<Self>, positions: FloatTensor<Self>, out_dtype: burn::tensor::DType) -> FloatTensor<Self> {
+        cube::embed_rows(tokens, table, positions, out_dtype)
     }
 
     fn topk_mask(logits: FloatTensor<Self>, k: usize) -> FloatTensor<Self> {
@@ -1093,6 +1111,25 @@ pub fn argmax_rows<B: SparseKernels>(x: Tensor<B, 2>) -> Result<Tensor<B, 1, Int
         return Err(shape_err("argmax_rows", "the rows are empty".into()));
     }
     Ok(Tensor::from_primitive(B::argmax_rows(prim(x))))
+}
+
+/// The decoder's input rows `[n, d]` for `tokens [n]`: rows of the token table `table
+/// [vocab, d]` plus `positions [n, d]` (the position table's rows of these positions, a
+/// view of them is read in place), added in the tables' dtype — as a model adds them —
+/// and returned as `out_dtype` (f32 for a residual stream kept in f32). One launch on
+/// `CubeBackend`. An id outside the table gives a zero row (the ids live on the device
+/// and are not read back to be checked).
+pub fn embed_rows<B: SparseKernels>(tokens: Tensor<B, 1, Int>, table: Tensor<B, 2>, positions: Tensor<B, 2>, out_dtype: burn::tensor::DType) -> Result<Tensor<B, 2>, KernelError> {
+    let op = "embed_rows";
+    let ([n], [_, d], [pn, pd]) = (tokens.dims(), table.dims(), positions.dims());
+    if pn != n || pd != d {
+        return Err(shape_err(op, format!("positions are [{pn}, {pd}] for {n} tokens of width {d}")));
+    }
+    check_float(op, "positions", &positions, table.dtype())?;
+    if !out_dtype.is_float() {
+        return Err(KernelError::Dtype { op, what: format!("the output dtype {out_dtype:?} is not a float") });
+    }
+    Ok(wrap(B::embed_rows(tokens.into_primitive(), prim(table), prim(positions), out_dtype)))
 }
 
 /// `[rows, width]` 0/1 mask of each row's `k` largest logits (`1 ≤ k < width`), made on

@@ -5,7 +5,7 @@ use burn::backend::Flex;
 use burn::prelude::*;
 use burn::tensor::DType;
 use dejavu_kernels::checks::{
-    check_attention, check_attention_out_proj, check_block_cols_gemv, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_qkv_lazy, check_norm_predict, check_norms_ahead, check_predicted_mlp, check_predictor_kernels, check_selection, check_argmax, fresh_seed, Case,
+    check_attention, check_attention_out_proj, check_block_cols_gemv, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_qkv_lazy, check_norm_predict, check_norms_ahead, check_predicted_mlp, check_predictor_kernels, check_selection, check_argmax, check_embed_rows, fresh_seed, Case,
     PublicApi,
 };
 use dejavu_kernels::{accumulate_transposed_gemv, gather_rows_gemv, predict_select, predicted_mlp, predicted_rows_gemv, select_above_threshold, Activation, KernelError, MlpWeights};
@@ -40,6 +40,8 @@ fn reference_selection_matches_host() {
     for (rows, width) in [(1, 50272), (3, 1037)] {
         assert_all_passed(check_argmax::<Flex>(&device, rows, width, DType::F32, seed));
     }
+    // Burn's lookup, add and cast, the reference decoder input (an id past the table: zeros).
+    assert_all_passed(check_embed_rows::<Flex>(&device, 20, 24, 4, DType::F32, seed));
 }
 
 #[test]

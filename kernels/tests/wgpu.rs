@@ -9,7 +9,7 @@
 use burn::tensor::DType;
 use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
 use dejavu_kernels::checks::{
-    check_attention, check_attention_out_proj, check_block_cols_gemv, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_qkv_lazy, check_norm_predict, check_norms_ahead, check_predicted_mlp, check_predictor_kernels, check_selection, check_argmax, cube_supports, fresh_seed, Case, Cube, Poisoned,
+    check_attention, check_attention_out_proj, check_block_cols_gemv, check_gemvs, check_gated_rows_gemv, check_kv_append, check_layer_norm, check_qkv_lazy, check_norm_predict, check_norms_ahead, check_predicted_mlp, check_predictor_kernels, check_selection, check_argmax, check_embed_rows, cube_supports, fresh_seed, Case, Cube, Poisoned,
 };
 use dejavu_kernels::cube::LaunchConfig;
 
@@ -66,6 +66,12 @@ fn cube_kernels_on_wgpu_match_host_loops() {
         // vectors), a row shorter than one part.
         for (rows, width) in [(1, 50272), (3, 5000), (2, 1037), (1, 40)] {
             outcomes.extend(check_argmax::<Cube<WgpuRuntime>>(&device, rows, width, dtype, seed));
+        }
+        // A decode step's row (width 256: vectors of 4, one per unit), a prompt's rows of a
+        // width longer than the cube (several vectors a unit), an odd width (width-1
+        // vectors); an id past the table in the last two.
+        for (vocab, d, n) in [(50, 256, 1), (64, 2056, 5), (7, 37, 3)] {
+            outcomes.extend(check_embed_rows::<Cube<WgpuRuntime>>(&device, vocab, d, n, dtype, seed));
         }
         // Head dims of 16 (vectors of 4 or 8) and 12; lengths below and at the capacity; one
         // cube per head up to 256 positions, split beyond.

@@ -55,6 +55,15 @@ pub trait ForwardHooks<B: Backend> {
     /// Sees an activation. The default ignores it.
     fn observe(&mut self, _activation: Activation<'_, B>) {}
 
+    /// The decoder's input `[batch, n, d]` for `tokens` (`[batch, n]`): rows of the token
+    /// table `table` plus `positions` (`[n, d]`, the position table's rows of these
+    /// positions), or `None` for the default — Burn's lookup and add, in the weights'
+    /// dtype. The sparse kernel path returns it from one launch, in f32 where it keeps
+    /// its residual stream in f32. Not called for models that project the embeddings in.
+    fn embed(&mut self, _tokens: &Tensor<B, 2, Int>, _table: &Tensor<B, 2>, _positions: &Tensor<B, 2>) -> Option<Tensor<B, 3>> {
+        None
+    }
+
     /// Runs layer `layer`'s attention on its normalized input `x` (`[batch, n, hidden]`),
     /// reading and extending `cache` at the positions of `step`. Returns the output of
     /// `out_proj`.
@@ -123,6 +132,10 @@ impl<B: Backend, H: ForwardHooks<B> + ?Sized> ForwardHooks<B> for &mut H {
         (**self).observe(activation);
     }
 
+    fn embed(&mut self, tokens: &Tensor<B, 2, Int>, table: &Tensor<B, 2>, positions: &Tensor<B, 2>) -> Option<Tensor<B, 3>> {
+        (**self).embed(tokens, table, positions)
+    }
+
     fn attention(
         &mut self,
         layer: usize,
@@ -173,6 +186,10 @@ impl<B: Backend, H: ForwardHooks<B>, F: FnMut(&Activation<'_, B>)> ForwardHooks<
         self.inner.observe(activation);
     }
 
+    fn embed(&mut self, tokens: &Tensor<B, 2, Int>, table: &Tensor<B, 2>, positions: &Tensor<B, 2>) -> Option<Tensor<B, 3>> {
+        self.inner.embed(tokens, table, positions)
+    }
+
     fn attention(
         &mut self,
         layer: usize,
@@ -216,6 +233,10 @@ impl<B: Backend, H: ForwardHooks<B>> ForwardHooks<B> for Option<H> {
         if let Some(h) = self {
             h.observe(activation);
         }
+    }
+
+    fn embed(&mut self, tokens: &Tensor<B, 2, Int>, table: &Tensor<B, 2>, positions: &Tensor<B, 2>) -> Option<Tensor<B, 3>> {
+        self.as_mut().and_then(|h| h.embed(tokens, table, positions))
     }
 
     fn attention(

@@ -116,15 +116,24 @@ impl<B: Backend> Opt<B> {
         let device = tokens.device();
         let decoder = &self.decoder;
 
-        let mut x = decoder.embed_tokens.forward(tokens);
-        if let Some(project_in) = &decoder.project_in {
-            x = project_in.forward(x);
-        }
         // The new positions are consecutive rows of the position table: a view of those
         // rows (no upload of position ids, no lookup launch), broadcast over the batch.
         let first = start + POSITION_OFFSET;
         let positions = decoder.embed_positions.weight.val().narrow(0, first, n);
-        x = x + positions.unsqueeze::<3>();
+        let embedded = match &decoder.project_in {
+            None => hooks.embed(&tokens, &decoder.embed_tokens.weight.val(), &positions),
+            Some(_) => None,
+        };
+        let mut x = match embedded {
+            Some(x) => x,
+            None => {
+                let mut x = decoder.embed_tokens.forward(tokens);
+                if let Some(project_in) = &decoder.project_in {
+                    x = project_in.forward(x);
+                }
+                x + positions.unsqueeze::<3>()
+            }
+        };
         hooks.observe(Activation::Hidden { index: 0, value: &x });
 
         let num_layers = decoder.layers.len();

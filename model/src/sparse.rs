@@ -597,6 +597,11 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
     /// residual).
     fn fused_with_norm(&self, x: &Tensor<B, 3>) -> bool {
         let [batch, n, _] = x.dims();
+        self.fused_with_norm_step(batch, n)
+    }
+
+    /// [`Self::fused_with_norm`] for a step of `n` tokens of `batch` sequences.
+    fn fused_with_norm_step(&self, batch: usize, n: usize) -> bool {
         self.model.pre_ln && batch == 1 && n == 1
     }
 
@@ -604,8 +609,14 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
     /// ([`SparseOptions::f32_residual`]); `x` is a block's normalized input or the
     /// residual, `[1, 1, d]`.
     fn f32_residual(&self, x: &Tensor<B, 3>) -> bool {
+        let [batch, n, _] = x.dims();
+        self.f32_residual_step(batch, n)
+    }
+
+    /// [`Self::f32_residual`] for a step of `n` tokens of `batch` sequences.
+    fn f32_residual_step(&self, batch: usize, n: usize) -> bool {
         let options = &self.model.options;
-        options.f32_residual && !options.fused_mlp && self.fused_with_norm(x)
+        options.f32_residual && !options.fused_mlp && self.fused_with_norm_step(batch, n)
     }
 
     /// The weights' float dtype, which a LayerNorm of an f32 residual writes.
@@ -1033,6 +1044,20 @@ impl<B: SparseKernels> ForwardHooks<B> for SparseHooks<'_, B> {
                 self.mlp_pending[target] = prediction;
             }
         }
+    }
+
+    /// A decode step whose residual stream is f32 starts it in f32 from one launch
+    /// (`embed_rows`: the token's row plus its position's, rounded to the weights' dtype
+    /// as Burn's add rounds it), where Burn's lookup, add and the first attention's cast
+    /// were three launches, each uploading its tensors' shapes.
+    fn embed(&mut self, tokens: &Tensor<B, 2, Int>, table: &Tensor<B, 2>, positions: &Tensor<B, 2>) -> Option<Tensor<B, 3>> {
+        let [batch, n] = tokens.dims();
+        let d = table.dims()[1];
+        if !B::has_kernels() || !self.f32_residual_step(batch, n) {
+            return None;
+        }
+        let x = dejavu_kernels::embed_rows(tokens.clone().reshape([n]), table.clone(), positions.clone(), DType::F32).expect(KERNEL_SHAPES);
+        Some(x.reshape([1, 1, d]))
     }
 
     blocks_with_residual!();

@@ -8,7 +8,7 @@ mod common;
 
 use burn::tensor::DType;
 use common::{fixtures, max_abs_diff, stepped_logits, Golden};
-use dejavu_model::generate::token_tensor;
+use dejavu_model::generate::{greedy_tokens, token_tensor};
 use dejavu_model::{load_model, Dense};
 
 type W = burn::backend::Wgpu;
@@ -64,6 +64,18 @@ fn wgpu_kernel_decode_matches_hugging_face() {
             .collect()
     };
     assert_eq!(argmax(&logits), argmax(&want), "greedy tokens differ");
+    // Greedy decoding as `generate` runs it on the kernels (the LM head through our GEMV,
+    // then the argmax kernels): each step's token is Hugging Face's argmax.
+    let mut cache = model.new_cache(1, ids.len()).unwrap();
+    let mut hooks = dejavu_model::KernelDecode::new(&weights);
+    let greedy: Vec<usize> = ids
+        .iter()
+        .map(|&id| {
+            let hidden = model.forward_with(token_tensor::<C>(&[id], &device), &mut cache, &mut hooks).unwrap();
+            greedy_tokens(&model, hidden).unwrap().into_data().convert::<i64>().into_vec::<i64>().unwrap()[0] as usize
+        })
+        .collect();
+    assert_eq!(greedy, argmax(&want), "greedy tokens through the kernels' LM head differ");
 }
 
 /// Sparse decode through the CubeCL kernels on wgpu — the decode-step predictor kernels

@@ -1205,6 +1205,39 @@ pub(crate) fn argmax_finish_kernel<I: Int>(
     }
 }
 
+/// The decoder's input rows: `out[r] = table[tokens[r]] + positions[r]`, the sum rounded to
+/// the tables' dtype `F` (as an addition in `F` rounds it) and stored as `O` — an f32
+/// residual stream needs no cast launch after. One cube a row, `width` vectors a row;
+/// `positions` may be a view of consecutive rows of the position table (`pos_stride`
+/// apart). An id outside the table gives a zero row.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)] // the two tables, the ids, the output and their strides
+pub(crate) fn embed_rows_kernel<F: Float, O: Float, N: Size, I: Int>(
+    tokens: &Array<I>,
+    table: &Array<Vector<F, N>>,
+    positions: &Array<Vector<F, N>>,
+    out: &mut Array<Vector<O, N>>,
+    width: usize,
+    vocab: usize,
+    table_stride: usize,
+    pos_stride: usize,
+    #[define(F, O, I)] _dtypes: [StorageType; 3],
+) {
+    let r = CUBE_POS_X as usize;
+    let token = usize::cast_from(tokens[r]);
+    let live = token < vocab;
+    let mut t = UNIT_POS_X as usize;
+    while t < width {
+        let mut value = Vector::<f32, N>::new(0.0f32);
+        if live {
+            let sum = Vector::<f32, N>::cast_from(table[token * table_stride + t]) + Vector::<f32, N>::cast_from(positions[r * pos_stride + t]);
+            value = Vector::<f32, N>::cast_from(Vector::<F, N>::cast_from(sum));
+        }
+        out[r * width + t] = Vector::<O, N>::cast_from(value);
+        t += CUBE_DIM_X as usize;
+    }
+}
+
 /// Selection without a sort: one cube scans `logits [batch, n]` and writes, in ascending
 /// order, every index `i` with `logits[b, i] > threshold` for some `b` (the union a batch
 /// needs), then pads `idx` to its capacity with `n` (an empty slot for the gather

@@ -694,6 +694,42 @@ pub fn argmax_rows<R: CubeRuntime>(x: CubeTensor<R>, int_dtype: DType) -> CubeTe
     out
 }
 
+/// The decoder's input rows `table[tokens] + positions` as `out_dtype` `[n, d]`; see
+/// [`crate::SparseKernels::embed_rows`]. One launch with `Array` arguments, where Burn's
+/// lookup, add and cast were three, each uploading its tensors' shapes.
+pub fn embed_rows<R: CubeRuntime>(tokens: CubeTensor<R>, table: CubeTensor<R>, positions: CubeTensor<R>, out_dtype: DType) -> CubeTensor<R> {
+    let (tokens, table, positions) = (into_contiguous(tokens), into_contiguous(table), into_contiguous(positions));
+    let [n, d] = [dims(&positions)[0], dims(&positions)[1]];
+    let out = empty(&table, vec![n, d], out_dtype);
+    if n == 0 || d == 0 {
+        return out;
+    }
+    let vs = vector_width(&[&table, &positions, &out]);
+    let width = d / vs;
+    let threads = width.next_power_of_two().clamp(32, 256).min(client_units(&table));
+    let (dtype, int_dtype, vocab) = (table.dtype, tokens.dtype, dims(&table)[0]);
+    let (table_stride, pos_stride) = (stride(&table, 0) / vs, stride(&positions, 0) / vs);
+    let client = table.client.clone();
+    unsafe {
+        embed_rows_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(n as u32, 1, 1),
+            CubeDim::new_1d(threads as u32),
+            vs,
+            arg(tokens),
+            arg(table),
+            arg(positions),
+            arg(out.clone()),
+            width,
+            vocab,
+            table_stride,
+            pos_stride,
+            [dtype.into(), out_dtype.into(), int_dtype.into()],
+        );
+    }
+    out
+}
+
 /// Indices (ascending) of the logits above `threshold` in any batch row, padded with `n`
 /// to `capacity`, and the number selected; see [`crate::SparseKernels::select_above_threshold`].
 pub fn select_above_threshold<R: CubeRuntime>(

@@ -15,7 +15,10 @@ def steps(path):
     header, data = rows[0], rows[2:]
     col = {h: i for i, h in enumerate(header)}
     name = lambda r: r[col["Kernel Name"]]
-    starts = [i for i, r in enumerate(data) if name(r).startswith("select_kernel") and (i == 0 or not name(data[i - 1]).startswith("select_kernel"))]
+    # A step starts with the decoder's input: Burn's lookup (`select_kernel`, twice in a row
+    # in older binaries) or, in a sparse step with an f32 residual, `embed_rows`.
+    first = lambda n: n.startswith("select_kernel") or n.startswith("embed_rows_kernel")
+    starts = [i for i, r in enumerate(data) if first(name(r)) and (i == 0 or not first(name(data[i - 1])))]
     return col, [data[a:b] for a, b in zip(starts, starts[1:] + [len(data)])]
 
 

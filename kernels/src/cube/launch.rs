@@ -707,13 +707,15 @@ pub fn embed_rows<R: CubeRuntime>(tokens: CubeTensor<R>, table: CubeTensor<R>, p
     let vs = vector_width(&[&table, &positions, &out]);
     let width = d / vs;
     let threads = width.next_power_of_two().clamp(32, 256).min(client_units(&table));
+    // Enough cubes a row for one vector a unit.
+    let cubes_per_row = width.div_ceil(threads);
     let (dtype, int_dtype, vocab) = (table.dtype, tokens.dtype, dims(&table)[0]);
     let (table_stride, pos_stride) = (stride(&table, 0) / vs, stride(&positions, 0) / vs);
     let client = table.client.clone();
     unsafe {
         embed_rows_kernel::launch_unchecked::<R>(
             &client,
-            CubeCount::Static(n as u32, 1, 1),
+            CubeCount::Static(n as u32, cubes_per_row as u32, 1),
             CubeDim::new_1d(threads as u32),
             vs,
             arg(tokens),

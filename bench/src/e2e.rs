@@ -162,6 +162,9 @@ struct Row {
     prompt_len: usize,
     ms_per_token: f64,
     runs_ms: Vec<f64>,
+    /// Per timed run: when it started and how often the process's threads were switched
+    /// out during it ([`RunContext`]), to tell a slow run's cause.
+    runs_context: Vec<RunContext>,
     /// Mean fraction kept over all layers, dense layers counting 1 (sparse rows).
     kept_mlp: Option<f64>,
     kept_attention: Option<f64>,
@@ -328,9 +331,50 @@ fn synthetic_sparse<B: SparseKernels>(
 
 struct Timing {
     runs_ms: Vec<f64>,
+    runs_context: Vec<RunContext>,
     stats: Option<SparsityStats>,
     profile: Option<Value>,
     tokens_first_difference: Option<usize>,
+}
+
+/// What else happened during a timed run: its start (Unix ms, to line it up with a log of
+/// the GPU's clocks taken beside it) and the context switches of every thread of this
+/// process over the run (Linux `/proc/self/task/*/status`; zero elsewhere). Both the
+/// model's thread and CubeCL's device thread spin while they wait, so a run whose threads
+/// were switched out involuntarily far more than others' shared its CPUs with other work.
+#[derive(Debug, Serialize, Clone, Copy)]
+struct RunContext {
+    start_unix_ms: u128,
+    voluntary_switches: u64,
+    involuntary_switches: u64,
+}
+
+impl RunContext {
+    fn now() -> Self {
+        let start_unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        let (voluntary_switches, involuntary_switches) = context_switches();
+        Self { start_unix_ms, voluntary_switches, involuntary_switches }
+    }
+
+    /// The switches since `self` was taken.
+    fn until_now(self) -> Self {
+        let (voluntary, involuntary) = context_switches();
+        Self {
+            start_unix_ms: self.start_unix_ms,
+            voluntary_switches: voluntary.saturating_sub(self.voluntary_switches),
+            involuntary_switches: involuntary.saturating_sub(self.involuntary_switches),
+        }
+    }
+}
+
+/// Voluntary and involuntary context switches summed over this process's threads.
+fn context_switches() -> (u64, u64) {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return (0, 0) };
+    let field = |status: &str, key: &str| status.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0);
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
+        .fold((0, 0), |(v, i), s| (v + field(&s, "voluntary_ctxt_switches:"), i + field(&s, "nonvoluntary_ctxt_switches:")))
 }
 
 /// Prompt positions per prefill call: every prompt length then runs the same shapes, so
@@ -423,10 +467,13 @@ fn time_decode<'h, B: SparseKernels>(
     let (_, warm_tokens) = decode_run(model, cache, hooks(false).as_hooks(), prompt, args.new_tokens, Readback::Step)?;
     eprintln!("  warm-up runs {:.1} s", warm.elapsed().as_secs_f64());
     let mut runs_ms = Vec::new();
+    let mut runs_context = Vec::new();
     let mut tokens_first_difference = None;
     for _ in 0..args.runs {
         let mut h = hooks(false);
+        let before = RunContext::now();
         let (ms, tokens) = decode_run(model, cache, h.as_hooks(), prompt, args.new_tokens, args.readback)?;
+        runs_context.push(before.until_now());
         // The same greedy tokens, or the timed runs did other work than the warm-up's.
         if tokens != warm_tokens {
             let at = tokens.iter().zip(&warm_tokens).position(|(a, b)| a != b).unwrap_or(tokens.len().min(warm_tokens.len()));
@@ -454,7 +501,7 @@ fn time_decode<'h, B: SparseKernels>(
         })?;
     }
     let profile = if args.profile { Some(profile_decode(model, cache, hooks, prompt, args.readback)?) } else { None };
-    Ok(Timing { runs_ms, stats, profile, tokens_first_difference })
+    Ok(Timing { runs_ms, runs_context, stats, profile, tokens_first_difference })
 }
 
 /// Where a decode step's time goes, hook by hook (decode steps only: calls with one new
@@ -835,6 +882,7 @@ impl BackendTask for E2eTask {
                         prompt_len,
                         ms_per_token: ms,
                         runs_ms: t.runs_ms,
+                        runs_context: t.runs_context,
                         kept_mlp: t.stats.as_ref().map(|s| s.mean_mlp_density()),
                         kept_attention: t.stats.as_ref().map(|s| s.mean_attention_density()),
                         bytes_per_token: bytes,

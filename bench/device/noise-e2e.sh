@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Device call: what makes some timed runs of the 6.7B sparse decode slower than others.
 # nvidia-smi logs the GPU's clocks, power, temperature and throttle reasons every 50 ms
-# while PROCS (default 3) dejavu-bench e2e processes run RUNS (default 9) timed runs each,
-# every run recording its start and the process's context switches (runs_context).
-# bench/device/noise.py lines each run up with the log. Writes under $OUT: smi.csv,
-# clock.txt (the host's Unix ms and time zone when the log started), e2e-<k>.json/.log.
+# while one dejavu-bench e2e process per entry of ORDER (default "new new new"; "base" runs
+# the carried dist/dejavu-bench-base.xz) runs RUNS (default 9) timed runs, every run
+# recording its start and the process's context switches (runs_context; binaries before
+# 7d2cb12 record no context). bench/device/noise.py lines each run up with the log.
+# Writes under $OUT: smi.csv, clock.txt (the host's Unix ms and time zone when the log
+# started), e2e-<k>-<side>.json/.log.
 set -uo pipefail
 source bench/device/setup.sh
+if [ -f dist/dejavu-bench-base.xz ] && [ ! -x /tmp/bin/dejavu-bench-base ]; then
+    xz -dc dist/dejavu-bench-base.xz > /tmp/bin/dejavu-bench-base && chmod +x /tmp/bin/dejavu-bench-base
+fi
 export CUBECL_AUTOTUNE_LEVEL=minimal
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 { date +%s%3N; date +%Z; } > "$OUT/clock.txt"
@@ -15,11 +20,13 @@ fields=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu
 nvidia-smi --query-gpu=$fields --format=csv > /dev/null 2>&1 || fields=${fields/clocks_event_reasons/clocks_throttle_reasons}
 nvidia-smi --query-gpu=$fields --format=csv,nounits -lms 50 > "$OUT/smi.csv" 2>&1 &
 smi=$!
-for k in $(seq 1 "${PROCS:-3}"); do
-    timeout "${E2E_LIMIT:-150}" dejavu-bench e2e --models opt-6.7b --prompt-lens 128 --runs "${RUNS:-9}" --backend cuda --dtype f16 \
+k=0
+for side in ${ORDER:-new new new}; do
+    k=$((k + 1)); bin=dejavu-bench; [ "$side" = base ] && bin=dejavu-bench-base
+    timeout "${E2E_LIMIT:-150}" "$bin" e2e --models opt-6.7b --prompt-lens 128 --runs "${RUNS:-9}" --backend cuda --dtype f16 \
         --readback end --breakdown "" --peer-python= --f32-residual --fused-attention --fused-norms --deferred-norms \
-        --out "$OUT/e2e-$k.json" > "$OUT/e2e-$k.log" 2>&1
-    echo "--- e2e-$k (exit $?)"; grep -E "^\| opt-6.7b \| 128 \| sparse" "$OUT/e2e-$k.log" | head -1
+        --out "$OUT/e2e-$k-$side.json" > "$OUT/e2e-$k-$side.log" 2>&1
+    echo "--- e2e-$k-$side (exit $?)"; grep -E "^\| opt-6.7b \| 128 \| sparse" "$OUT/e2e-$k-$side.log" | head -1
 done
 kill "$smi"
 python3 bench/device/noise.py "$OUT" | tee "$OUT/noise.md"

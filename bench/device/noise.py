@@ -4,18 +4,23 @@ the nvidia-smi log taken beside it: per run, ms/token, the GPU's SM and memory c
 (mean and lowest sample), power, the throttle reasons seen, and the context switches of
 the process's threads.
 
-Usage: python3 noise.py OUT (reads OUT/clock.txt, OUT/smi.csv, OUT/e2e-*.json)."""
+Usage: python3 noise.py OUT (reads OUT/clock.txt, OUT/smi.csv or smi.csv.xz, OUT/e2e-*.json;
+runs without runs_context, from older binaries, are left out)."""
 import csv
 import datetime
 import glob
 import json
+import lzma
+import os
 import sys
 
 
 def samples(out):
     """[(unix ms, {column: value})] of the nvidia-smi log."""
     unix_ms, zone = open(f"{out}/clock.txt").read().split()
-    rows = [r for r in csv.reader(open(f"{out}/smi.csv")) if r]
+    path = f"{out}/smi.csv"
+    log = open(path) if os.path.exists(path) else lzma.open(path + ".xz", "rt")
+    rows = [r for r in csv.reader(log) if r]
     header = [h.strip() for h in rows[0]]
     parsed = []
     for r in rows[1:]:

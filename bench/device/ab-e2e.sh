@@ -16,9 +16,6 @@
 # SAME_BIN=1 runs both sides with the binary under test (a flag against its absence).
 set -uo pipefail
 source bench/device/setup.sh
-if [ -f dist/dejavu-bench-base.xz ] && [ ! -x /tmp/bin/dejavu-bench-base ]; then
-    xz -dc dist/dejavu-bench-base.xz > /tmp/bin/dejavu-bench-base && chmod +x /tmp/bin/dejavu-bench-base
-fi
 export CUBECL_AUTOTUNE_LEVEL=minimal
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 for part in ${PART:-e2e}; do

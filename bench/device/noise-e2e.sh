@@ -9,9 +9,6 @@
 # started), e2e-<k>-<side>.json/.log.
 set -uo pipefail
 source bench/device/setup.sh
-if [ -f dist/dejavu-bench-base.xz ] && [ ! -x /tmp/bin/dejavu-bench-base ]; then
-    xz -dc dist/dejavu-bench-base.xz > /tmp/bin/dejavu-bench-base && chmod +x /tmp/bin/dejavu-bench-base
-fi
 export CUBECL_AUTOTUNE_LEVEL=minimal
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 { date +%s%3N; date +%Z; } > "$OUT/clock.txt"

@@ -1,8 +1,9 @@
 # Sourced by the device scripts: unpacks the carried binaries (dist/dejavu.xz,
-# dist/dejavu-bench.xz, dist/dejavu-train.xz, whichever are there) once per machine into
-# /tmp/bin, puts them on PATH, and points at the CUDA libraries.
+# dist/dejavu-bench.xz, dist/dejavu-train.xz, and the baseline of an A/B call,
+# dist/dejavu-bench-base.xz, whichever are there) once per machine into /tmp/bin, puts them
+# on PATH, and points at the CUDA libraries.
 mkdir -p /tmp/bin
-for bin in dejavu dejavu-bench dejavu-train; do
+for bin in dejavu dejavu-bench dejavu-bench-base dejavu-train; do
     if [ -f "dist/$bin.xz" ] && { [ ! -x "/tmp/bin/$bin" ] || [ "dist/$bin.xz" -nt "/tmp/bin/$bin" ]; }; then
         xz -dc "dist/$bin.xz" > "/tmp/bin/$bin" && chmod +x "/tmp/bin/$bin"
     fi

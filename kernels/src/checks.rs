@@ -526,16 +526,7 @@ pub fn check_argmax<B: SparseKernels>(device: &B::Device, rows: usize, width: us
         .chunks(width)
         .map(|row| row.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0 as i64)
         .collect();
-    let outcome = |got: Vec<i64>, layout: &str| {
-        let mismatches = got.iter().zip(&want).filter(|(a, b)| a != b).count() + usize::from(got.len() != want.len());
-        Outcome {
-            op: "argmax_rows",
-            case: format!("rows {rows} width {width} {dtype:?}{layout} seed {seed}"),
-            worst_ratio: mismatches as f32,
-            worst_index: got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0),
-            passed: mismatches == 0,
-        }
-    };
+    let outcome = |got: Vec<i64>, layout: &str| exact_outcome("argmax_rows", format!("rows {rows} width {width} {dtype:?}{layout} seed {seed}"), &got, &want);
     let got = read_ints(crate::argmax_rows(to_device::<B, 2>(&values, [rows, width], dtype, device)).expect("a non-empty row"));
     // Rows further apart than their width (as CUDA pitches a matmul's output rows), read in
     // place: the padding holds larger values, which a read past a row's end would pick.
@@ -580,16 +571,22 @@ pub fn check_embed_rows<B: SparseKernels>(device: &B::Device, vocab: usize, d: u
         .into_iter()
         .map(|out_dtype| {
             let got = read(crate::embed_rows(ints::<B>(&ids, device), table_dev.clone(), positions.clone(), out_dtype).expect("shapes were made consistent"));
-            let mismatches = got.iter().zip(&want).filter(|(a, b)| a != b).count() + usize::from(got.len() != want.len());
-            Outcome {
-                op: "embed_rows",
-                case: format!("vocab {vocab} d {d} n {n} {dtype:?} into {out_dtype:?} seed {seed}"),
-                worst_ratio: mismatches as f32,
-                worst_index: got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0),
-                passed: mismatches == 0,
-            }
+            exact_outcome("embed_rows", format!("vocab {vocab} d {d} n {n} {dtype:?} into {out_dtype:?} seed {seed}"), &got, &want)
         })
         .collect()
+}
+
+/// An output that must equal the host's exactly: the ratio is the number of elements that
+/// differ (a length mismatch counts one more).
+fn exact_outcome<T: PartialEq>(op: &'static str, case: String, got: &[T], want: &[T]) -> Outcome {
+    let mismatches = got.iter().zip(want).filter(|(a, b)| a != b).count() + usize::from(got.len() != want.len());
+    Outcome {
+        op,
+        case,
+        worst_ratio: mismatches as f32,
+        worst_index: got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(0),
+        passed: mismatches == 0,
+    }
 }
 
 /// A selection against the host's: every index and the count must be equal (the ratio is

@@ -859,7 +859,9 @@ impl BackendTask for E2eTask {
             };
             let weights = use_row_major_weights(&mut model);
             let longest = args.prompt_lens.iter().copied().filter(|l| l + args.new_tokens <= config.max_position_embeddings).max().unwrap_or(1);
-            let mut cache = model.new_cache(1, longest + args.new_tokens)?;
+            // The profiling run decodes PROFILE_TOKENS whatever --new-tokens says.
+            let positions = (longest + args.new_tokens.max(PROFILE_TOKENS)).min(config.max_position_embeddings);
+            let mut cache = model.new_cache(1, positions)?;
             eprintln!("{name}: model ready after {:.1} s", started.elapsed().as_secs_f64());
             for &prompt_len in &args.prompt_lens {
                 if prompt_len + args.new_tokens > config.max_position_embeddings {

@@ -101,9 +101,9 @@ impl Sampler {
     }
 
     /// The next token for the last position of `hidden` (`[1, n, d]`, the decoder's
-    /// output). Greedy selection runs on the device ([`greedy_tokens`]: the LM head's
-    /// output as the matmul left it) and reads back one id; a random draw reads back the
-    /// f32 logits and samples on the host.
+    /// output). Greedy selection runs on the device ([`greedy_tokens`]: the argmax of the LM
+    /// head's output in the weights' dtype) and reads back one id; a random draw reads back
+    /// the f32 logits and samples on the host.
     pub fn next<B: SparseKernels>(&mut self, model: &Opt<B>, hidden: Tensor<B, 3>) -> Result<u32, ModelError> {
         let [_, n, width] = hidden.dims();
         let last = hidden.slice([0..1, n - 1..n, 0..width]);

@@ -178,10 +178,7 @@ pub fn greedy_tokens<B: SparseKernels>(model: &Opt<B>, hidden: Tensor<B, 3>) -> 
     let err = |e: dejavu_kernels::KernelError| ModelError::InvalidInput(format!("greedy decoding: {e}"));
     let [batch, n, e] = hidden.dims();
     let logits = match B::has_kernels() && batch * n <= GEMV_LM_HEAD_ROWS {
-        true => {
-            let weight = model.decoder.embed_tokens.weight.val();
-            dejavu_kernels::gemv(weight, hidden.reshape([batch * n, e]), None, dejavu_kernels::Activation::Identity).map_err(err)?
-        }
+        true => dejavu_kernels::gemv(model.lm_head(), hidden.reshape([batch * n, e]), None, dejavu_kernels::Activation::Identity).map_err(err)?,
         false => model.logits_rows(hidden),
     };
     dejavu_kernels::argmax_rows(logits).map_err(err)

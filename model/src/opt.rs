@@ -174,13 +174,17 @@ impl<B: Backend> Opt<B> {
         logits.reshape([batch, n, vocab])
     }
 
+    /// The LM head's weights `[vocab, e]`: OPT ties them to the token embeddings.
+    pub fn lm_head(&self) -> Tensor<B, 2> {
+        self.decoder.embed_tokens.weight.val()
+    }
+
     /// Logits `[batch·n, vocab]` in the weights' dtype, as the LM head's matmul leaves them
     /// (on CUDA its rows may be pitched): what greedy decoding reads
     /// ([`crate::generate::greedy_tokens`]), with no cast and no copy launch.
     pub fn logits_rows(&self, hidden: Tensor<B, 3>) -> Tensor<B, 2> {
         let [batch, n, e] = hidden.dims();
-        let weight = self.decoder.embed_tokens.weight.val();
-        hidden.reshape([batch * n, e]).matmul(weight.transpose())
+        hidden.reshape([batch * n, e]).matmul(self.lm_head().transpose())
     }
 
     /// A KV cache for `batch` sequences of up to `capacity` positions, in the weights' dtype.

@@ -629,7 +629,9 @@ fn profile_decode<'h, B: SparseKernels>(
         );
     }
     let mut h = hooks(false);
-    modes.insert("device_step_us".into(), json!(device_step_us(model, cache, h.as_hooks(), prompt, host_step_us)?));
+    let (device_us, enqueue_us) = device_step_us(model, cache, h.as_hooks(), prompt, host_step_us)?;
+    modes.insert("device_step_us".into(), json!(device_us));
+    modes.insert("host_enqueue_us".into(), json!(enqueue_us));
     Ok(Value::Object(modes))
 }
 
@@ -638,13 +640,20 @@ fn profile_decode<'h, B: SparseKernels>(
 /// over a 256 MB primer, enough of them to outlast the host's enqueueing of a step three
 /// times over); the step (forward, LM head and argmax, nothing read back) is enqueued
 /// behind it; `t(primer + step) − t(primer)`, median of 5 after a warm-up.
+///
+/// Also the host's own work per step, µs: the wall time to enqueue [`ENQUEUE_STEPS`] steps
+/// back to back while the GPU is still busy with a primer that outlasts them, so that the
+/// host never waits on the GPU; median of 5 after a warm-up. This is the step's cost on
+/// the host alone (our launchers, Burn's and CubeCL's bookkeeping, the hand-over to
+/// CubeCL's device thread); where it exceeds the GPU step the host bounds decoding. It
+/// leaves out the device thread's last batch of at most 64 tasks, spread over the steps.
 fn device_step_us<B: SparseKernels>(
     model: &Opt<B>,
     cache: &mut KvCache<B>,
     hooks: &mut dyn ForwardHooks<B>,
     prompt: &[u32],
     host_step_us: f64,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(f64, f64)> {
     let device = model.device();
     prefill(model, cache, hooks, prompt)?;
     let primer = Primer::new(Tensor::<B, 1>::ones([64 << 20], (&device, DType::F32)));
@@ -664,6 +673,23 @@ fn device_step_us<B: SparseKernels>(
             diffs.push((both - primer_only) * 1e6);
         }
     }
+    // The host's enqueueing alone, behind a primer of twice the time it should take.
+    let long = ((2.0 * ENQUEUE_STEPS as f64 * host_step_us / pass_us).ceil() as usize).max(4);
+    let mut enqueue = Vec::new();
+    for rep in 0..6 {
+        primer.sync()?;
+        primer.prime(long);
+        let t = Instant::now();
+        for _ in 0..ENQUEUE_STEPS {
+            let h = model.forward_with(token_tensor::<B>(&[token], &device), cache, hooks)?;
+            let _next = greedy_token(model, h)?;
+        }
+        let us = t.elapsed().as_secs_f64() * 1e6 / ENQUEUE_STEPS as f64;
+        primer.sync()?;
+        if rep > 0 {
+            enqueue.push(us);
+        }
+    }
     // When profiling (bench/device/ncu-step.sh): one more step, synced, inside Nsight
     // Compute's window.
     crate::capture::ncu_window(|| {
@@ -671,8 +697,11 @@ fn device_step_us<B: SparseKernels>(
         let _next = greedy_token(model, h)?;
         primer.sync()
     })?;
-    Ok(median(&mut diffs))
+    Ok((median(&mut diffs), median(&mut enqueue)))
 }
+
+/// Steps enqueued back to back for the host's own work per step ([`device_step_us`]).
+const ENQUEUE_STEPS: usize = 3;
 
 /// Hooks whose kept fractions can be read after a run.
 trait ForwardHooksWithStats<B: Backend> {
@@ -1116,6 +1145,9 @@ fn write_report(
             }
             if let Some(us) = p["device_step_us"].as_f64() {
                 println!("| {} | {} | {} | device (no launch gaps) | | | | | | {us:.0} |", r.model, r.prompt_len, r.config);
+            }
+            if let Some(us) = p["host_enqueue_us"].as_f64() {
+                println!("| {} | {} | {} | host alone (GPU busy) | | | | | | {us:.0} |", r.model, r.prompt_len, r.config);
             }
         }
     }

@@ -146,8 +146,9 @@ fn client_units<R: CubeRuntime>(t: &CubeTensor<R>) -> usize {
     t.client.properties().hardware.max_units_per_cube as usize
 }
 
-fn dims<R: CubeRuntime>(t: &CubeTensor<R>) -> Vec<usize> {
-    t.meta.shape().iter().copied().collect()
+/// The tensor's shape, borrowed (launchers read it several times a launch).
+fn dims<R: CubeRuntime>(t: &CubeTensor<R>) -> &[usize] {
+    t.meta.shape()
 }
 
 /// The shape a kernel reads a predictor's second factor `up [rows, r]` by.
@@ -162,8 +163,14 @@ fn stride<R: CubeRuntime>(t: &CubeTensor<R>, dim: usize) -> usize {
 
 /// A kernel's buffer argument: the kernels take `Array`s, with shapes and strides as scalar
 /// arguments (see the module comment of `kernels.rs`).
-fn arg<R: CubeRuntime>(t: CubeTensor<R>) -> ArrayArg<R> {
-    t.into_array_arg()
+///
+/// Bound from a reference: the buffer's handle and its element count (what
+/// `into_array_arg` binds), with no clone of the tensor — its client, boxed metadata and
+/// device — which the host paid for each of a launch's up to 18 bindings.
+fn arg<R: CubeRuntime>(t: &CubeTensor<R>) -> ArrayArg<R> {
+    let len = t.meta.shape().iter().product();
+    // SAFETY: the length is the tensor's own element count, as `into_array_arg` has it.
+    unsafe { ArrayArg::from_raw_parts(t.handle.clone(), len) }
 }
 
 fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Vec<usize>, dtype: DType) -> CubeTensor<R> {
@@ -188,6 +195,16 @@ fn empties<R: CubeRuntime, const K: usize>(like: &CubeTensor<R>, tensors: [(Vec<
 /// A kernel never reads it, whatever element type it declares.
 fn unread<R: CubeRuntime>(bound: &CubeTensor<R>) -> CubeTensor<R> {
     bound.clone()
+}
+
+/// The bindings of an optional group of a launch's arguments: the tensors when the launch
+/// reads them, else `K` borrows of `placeholder`, a buffer already bound that the launch's
+/// comptime flag leaves unread (see [`unread`]; borrowed, nothing cloned).
+fn bound<'a, R: CubeRuntime, const K: usize>(tensors: &'a Option<[CubeTensor<R>; K]>, placeholder: &'a CubeTensor<R>) -> [&'a CubeTensor<R>; K] {
+    match tensors {
+        Some(t) => t.each_ref(),
+        None => [placeholder; K],
+    }
 }
 
 /// `out [B, K] = act(W[rows] · x + bias[rows])` with the given grid shapes; see
@@ -250,11 +267,11 @@ pub fn rows_gemv_into<R: CubeRuntime>(
             CubeCount::Static(cubes, 1, 1),
             CubeDim::new_2d(group as u32, config.rows_per_cube as u32),
             vs,
-            arg(w),
-            arg(idx),
-            arg(x),
-            arg(bias),
-            arg(out.clone()),
+            arg(&w),
+            arg(&idx),
+            arg(&x),
+            arg(&bias),
+            arg(&out),
             shape,
             block,
             gathered,
@@ -310,12 +327,12 @@ pub fn block_cols_gemv<R: CubeRuntime>(
             CubeCount::Static(cubes, 1, 1),
             CubeDim::new_2d(group as u32, rows_per_cube as u32),
             vs,
-            arg(w),
-            arg(idx),
-            arg(x),
-            arg(bias),
-            arg(residual),
-            arg(out.clone()),
+            arg(&w),
+            arg(&idx),
+            arg(&x),
+            arg(&bias),
+            arg(&residual),
+            arg(&out),
             shape,
             block / vs,
             cols / vs,
@@ -439,9 +456,9 @@ fn transposed_gemv_launch<R: CubeRuntime>(
                 cubes,
                 cube_dim,
                 vs,
-                arg(w_t),
-                arg(h),
-                arg(partial.clone()),
+                arg(&w_t),
+                arg(&h),
+                arg(&partial),
                 shape,
                 config.cols_per_cube,
                 config.lanes_k,
@@ -454,10 +471,10 @@ fn transposed_gemv_launch<R: CubeRuntime>(
                 cubes,
                 cube_dim,
                 vs,
-                arg(w_t),
-                arg(idx),
-                arg(h),
-                arg(partial.clone()),
+                arg(&w_t),
+                arg(&idx),
+                arg(&h),
+                arg(&partial),
                 shape,
                 chunk,
                 block.max(1),
@@ -536,6 +553,7 @@ pub fn rows_transposed_gemv_accumulate<R: CubeRuntime>(
         // with the epilogue its reduction's.
         let used = 4 * (threads * vs + threads * per_unit + threads);
         let e = norm_epilogue(norm, &acc, w_t.dtype, threads, used);
+        let [e_done, e_gamma, e_beta, e_normed] = bound(&e.tensors, &acc);
         let plain = e.has_norm && plain_reads(&acc.client, config);
         unsafe {
             rows_transposed_gemv_compact_atomic_kernel::launch_unchecked::<R>(
@@ -543,15 +561,15 @@ pub fn rows_transposed_gemv_accumulate<R: CubeRuntime>(
                 cubes,
                 cube_dim,
                 vs,
-                arg(w_t.clone()),
-                arg(h),
-                arg(bias.unwrap_or_else(|| unread(&w_t))),
-                arg(acc.clone()),
-                arg(acc.clone()),
-                arg(e.done),
-                arg(e.gamma),
-                arg(e.beta),
-                arg(e.normed),
+                arg(&w_t),
+                arg(&h),
+                arg(bias.as_ref().unwrap_or(&w_t)),
+                arg(&acc),
+                arg(&acc),
+                arg(e_done),
+                arg(e_gamma),
+                arg(e_beta),
+                arg(e_normed),
                 shape,
                 e.shape,
                 acc_stride,
@@ -574,11 +592,11 @@ pub fn rows_transposed_gemv_accumulate<R: CubeRuntime>(
             cubes,
             cube_dim,
             vs,
-            arg(w_t.clone()),
-            arg(idx),
-            arg(h),
-            arg(bias.unwrap_or_else(|| unread(&w_t))),
-            arg(acc.clone()),
+            arg(&w_t),
+            arg(&idx),
+            arg(&h),
+            arg(bias.as_ref().unwrap_or(&w_t)),
+            arg(&acc),
             shape,
             chunk,
             block.max(1),
@@ -620,10 +638,10 @@ fn sum_partials<R: CubeRuntime>(
             CubeCount::Static((cols / vs).div_ceil(sum_cols) as u32, batch as u32, 1),
             CubeDim::new_2d(sum_cols as u32, lanes_s as u32),
             vs,
-            arg(partial),
-            arg(bias.unwrap_or_else(|| unread(&out))),
-            arg(residual.unwrap_or_else(|| unread(&out))),
-            arg(out.clone()),
+            arg(&partial),
+            arg(bias.as_ref().unwrap_or(&out)),
+            arg(residual.as_ref().unwrap_or(&out)),
+            arg(&out),
             cols / vs,
             batch,
             splits,
@@ -668,9 +686,9 @@ pub fn argmax_rows<R: CubeRuntime>(x: CubeTensor<R>, int_dtype: DType) -> CubeTe
             CubeCount::Static(parts as u32, rows as u32, 1),
             CubeDim::new_1d(threads as u32),
             vs,
-            arg(x),
-            arg(part_vals.clone()),
-            arg(part_idxs.clone()),
+            arg(&x),
+            arg(&part_vals),
+            arg(&part_idxs),
             width_vectors,
             x_stride,
             threads,
@@ -683,9 +701,9 @@ pub fn argmax_rows<R: CubeRuntime>(x: CubeTensor<R>, int_dtype: DType) -> CubeTe
             &client,
             CubeCount::Static(rows as u32, 1, 1),
             CubeDim::new_1d(finish_threads as u32),
-            arg(part_vals),
-            arg(part_idxs),
-            arg(out.clone()),
+            arg(&part_vals),
+            arg(&part_idxs),
+            arg(&out),
             parts,
             finish_threads,
             int_dtype.into(),
@@ -718,10 +736,10 @@ pub fn embed_rows<R: CubeRuntime>(tokens: CubeTensor<R>, table: CubeTensor<R>, p
             CubeCount::Static(n as u32, cubes_per_row as u32, 1),
             CubeDim::new_1d(threads as u32),
             vs,
-            arg(tokens),
-            arg(table),
-            arg(positions),
-            arg(out.clone()),
+            arg(&tokens),
+            arg(&table),
+            arg(&positions),
+            arg(&out),
             width,
             vocab,
             table_stride,
@@ -758,10 +776,10 @@ pub fn select_above_threshold<R: CubeRuntime>(
             CubeCount::Static(1, 1, 1),
             CubeDim::new_1d(threads as u32),
             vs,
-            arg(logits),
+            arg(&logits),
             threshold,
-            arg(idx.clone()),
-            arg(count.clone()),
+            arg(&idx),
+            arg(&count),
             n,
             batch,
             logits_stride,
@@ -833,13 +851,13 @@ pub fn selected_heads_attention<R: CubeRuntime>(
             CubeCount::Static(slots as u32, splits as u32, batch as u32),
             CubeDim::new_1d(threads as u32),
             vs,
-            arg(q),
-            arg(heads),
-            arg(k_cache),
-            arg(v_cache),
-            arg(out.clone()),
-            arg(ws_o.clone()),
-            arg(ws_ml.clone()),
+            arg(&q),
+            arg(&heads),
+            arg(&k_cache),
+            arg(&v_cache),
+            arg(&out),
+            arg(&ws_o),
+            arg(&ws_ml),
             shape,
             len,
             chunk,
@@ -856,9 +874,9 @@ pub fn selected_heads_attention<R: CubeRuntime>(
                 CubeCount::Static(slots as u32, batch as u32, 1),
                 CubeDim::new_1d(hd_vectors as u32),
                 vs,
-                arg(ws_o),
-                arg(ws_ml),
-                arg(out.clone()),
+                arg(&ws_o),
+                arg(&ws_ml),
+                arg(&out),
                 out_stride,
                 splits,
                 hd_vectors,
@@ -920,10 +938,8 @@ const SHARED_BYTES: usize = 48 * 1024;
 /// plane and row length, and the normalized row when there is one.
 struct NormEpilogue<R: CubeRuntime> {
     has_norm: bool,
-    done: CubeTensor<R>,
-    gamma: CubeTensor<R>,
-    beta: CubeTensor<R>,
-    normed: CubeTensor<R>,
+    /// `done`, `gamma`, `beta` and `normed`, when there is an epilogue.
+    tensors: Option<[CubeTensor<R>; 4]>,
     shape: NormShapeLaunch<R>,
     plane: usize,
     row: usize,
@@ -942,10 +958,7 @@ fn norm_epilogue<R: CubeRuntime>(norm: Option<NormArgs<R>>, acc: &CubeTensor<R>,
             let normed = empty(acc, vec![1, width], normed_dtype);
             NormEpilogue {
                 has_norm: true,
-                done: into_contiguous(done),
-                gamma: into_contiguous(gamma),
-                beta: into_contiguous(beta),
-                normed: normed.clone(),
+                tensors: Some([into_contiguous(done), into_contiguous(gamma), into_contiguous(beta), normed.clone()]),
                 shape: NormShapeLaunch::new(width, 1.0 / width as f32, eps),
                 plane: reduce_plane(&acc.client, threads),
                 row: width,
@@ -954,10 +967,7 @@ fn norm_epilogue<R: CubeRuntime>(norm: Option<NormArgs<R>>, acc: &CubeTensor<R>,
         }
         _ => NormEpilogue {
             has_norm: false,
-            done: unread(acc),
-            gamma: unread(acc),
-            beta: unread(acc),
-            normed: unread(acc),
+            tensors: None,
             shape: NormShapeLaunch::new(0, 0.0, 0.0),
             plane: 0,
             row: 1,
@@ -1022,6 +1032,7 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
     // with the epilogue the rows' sums.
     let used = 4 * (cap.max(1) + threads + threads * vs + 2 * hd + config.attention_out_rows);
     let e = norm_epilogue(norm, &acc, w.dtype, threads, used);
+    let [e_done, e_gamma, e_beta, e_normed] = bound(&e.tensors, &acc);
     let plain = e.has_norm && plain_reads(&acc.client, config);
     // Shuffles within a run of `hd_vectors` units stay inside one plane.
     let use_plane = use_plane && plane.is_multiple_of(hd_vectors);
@@ -1040,18 +1051,18 @@ pub fn attention_out_proj_accumulate<R: CubeRuntime>(
             CubeCount::Static(rows.div_ceil(rows_per_cube) as u32, slots as u32, batch as u32),
             CubeDim::new_1d(threads as u32),
             vs,
-            arg(q),
-            arg(heads),
-            arg(k_cache),
-            arg(v_cache),
-            arg(w),
-            arg(bias),
-            arg(acc.clone()),
-            arg(acc.clone()),
-            arg(e.done),
-            arg(e.gamma),
-            arg(e.beta),
-            arg(e.normed),
+            arg(&q),
+            arg(&heads),
+            arg(&k_cache),
+            arg(&v_cache),
+            arg(&w),
+            arg(&bias),
+            arg(&acc),
+            arg(&acc),
+            arg(e_done),
+            arg(e_gamma),
+            arg(e_beta),
+            arg(e_normed),
             shape,
             e.shape,
             rows,
@@ -1104,10 +1115,10 @@ pub fn layer_norm<R: CubeRuntime>(
             CubeCount::Static(rows as u32, 1, 1),
             CubeDim::new_1d(threads as u32),
             vs,
-            arg(x),
-            arg(gamma),
-            arg(beta),
-            arg(out.clone()),
+            arg(&x),
+            arg(&gamma),
+            arg(&beta),
+            arg(&out),
             d / vs,
             x_stride,
             out_stride,
@@ -1148,16 +1159,17 @@ pub struct NormInArgs<R: CubeRuntime> {
 }
 
 /// The bindings of an optional [`NormInArgs`]: `xf` (the residual as read), `gamma`, the
-/// keys' and values' fold, the queries' fold and the shape, or unread bindings.
-fn norm_in_bindings<R: CubeRuntime>(norm_in: Option<NormInArgs<R>>, x: &CubeTensor<R>) -> ([CubeTensor<R>; 4], NormShapeLaunch<R>, bool) {
+/// keys' and values' fold, the queries' fold (bind them with [`bound`]) and the shape, or
+/// none.
+fn norm_in_bindings<R: CubeRuntime>(norm_in: Option<NormInArgs<R>>, x: &CubeTensor<R>) -> (Option<[CubeTensor<R>; 4]>, NormShapeLaunch<R>, bool) {
     match norm_in {
         Some(NormInArgs { gamma, eps, q_fold, kv_fold }) => {
             let d = dims(x)[1];
             assert_eq!(dims(x)[0], 1, "a LayerNorm applied in the launch: one sequence");
             assert_eq!(x.dtype, DType::F32, "a LayerNorm applied in the launch: the residual in f32");
-            ([x.clone(), into_contiguous(gamma), into_contiguous(kv_fold), into_contiguous(q_fold)], NormShapeLaunch::new(d, 1.0 / d as f32, eps), true)
+            (Some([x.clone(), into_contiguous(gamma), into_contiguous(kv_fold), into_contiguous(q_fold)]), NormShapeLaunch::new(d, 1.0 / d as f32, eps), true)
         }
-        None => ([unread(x), unread(x), unread(x), unread(x)], NormShapeLaunch::new(0, 0.0, 0.0), false),
+        None => (None, NormShapeLaunch::new(0, 0.0, 0.0), false),
     }
 }
 
@@ -1240,7 +1252,7 @@ fn qkv_append_launch<R: CubeRuntime>(
     let rows = dims(&kv)[0];
     let batch = dims(&x)[0];
     let has_bias = bias.is_some();
-    let bias = bias.map(into_contiguous).unwrap_or_else(|| x.clone());
+    let bias = bias.map(into_contiguous);
     // An f32 residual read with the LayerNorm in the launch takes the weights' vector width
     // (its own would be half that, and would halve the weights' loads); it divides the
     // residual's width, which is the weights' (checked by the caller).
@@ -1278,16 +1290,17 @@ fn qkv_append_launch<R: CubeRuntime>(
     let has_query = q_out.is_some();
     let is_lazy = lazy.is_some();
     let heads = dims(&k_cache)[1];
-    let (pending_in, pending_out, ring, lazy_shape) = match lazy {
+    let (lazy_bound, pending_out, lazy_shape) = match lazy {
         Some(LazyArgs { pending, ring }) => {
             assert_eq!(batch, 1, "qkv_append_lazy: batch 1");
             let window = dims(&ring)[0];
             let sel_len = dims(&q_idx)[0];
             let pending_out = empty(&pending, vec![heads], pending.dtype);
-            (into_contiguous(pending), Some(pending_out), into_contiguous(ring), LazyShapeLaunch::new(sel_len, window))
+            (Some([into_contiguous(pending), into_contiguous(ring)]), Some(pending_out), LazyShapeLaunch::new(sel_len, window))
         }
-        None => (unread(&x), None, unread(&x), LazyShapeLaunch::new(0, 1)),
+        None => (None, None, LazyShapeLaunch::new(0, 1)),
     };
+    let [pending_in, ring] = bound(&lazy_bound, &x);
     debug_assert!(!has_query || (dims(&q_w)[1] == dims(&kv)[1] && stride(&q_w, 0) % vs == 0));
     assert_eq!(k_cache.meta.strides(), v_cache.meta.strides(), "kv_append: keys and values laid out alike");
     assert_eq!(stride(&k_cache, 3), 1, "kv_append: cache rows contiguous");
@@ -1303,32 +1316,34 @@ fn qkv_append_launch<R: CubeRuntime>(
         stride(&k_cache, 2),
     );
     let kv_cubes = query_cubes + rows.div_ceil(rows_per_cube);
-    let ([down, residual, first_out], first_shape, first) = first_factor(first, kv_cubes, &x);
+    let (first_bound, first_shape, first) = first_factor(first, kv_cubes);
+    let [down, residual, first_out] = bound(&first_bound, &x);
     let (has_first, first_dtype) = (first.is_some(), down.dtype);
     let first_cubes = first.as_ref().map_or(0, |f| dims(f)[1]);
     assert!(norm_in.is_none() || !is_lazy, "qkv_append: a LayerNorm applied in the launch is not lazy");
-    let ([xf, gamma, kv_fold, q_fold], norm_shape, has_norm_in) = norm_in_bindings(norm_in, &x);
+    let (norm_in_bound, norm_shape, has_norm_in) = norm_in_bindings(norm_in, &x);
+    let [xf, gamma, kv_fold, q_fold] = bound(&norm_in_bound, &x);
     // The cubes' LayerNorm in shared memory: the row in vectors.
     let norm_vectors = if has_norm_in { dims(&kv)[1] / vs } else { 1 };
     // With the LayerNorm applied in the launch, `x` (the weights' dtype) is not read.
-    let x = if has_norm_in { unread(&kv) } else { x };
+    let x_read = if has_norm_in { &kv } else { &x };
     unsafe {
         kv_append_kernel::launch_unchecked::<R>(
             &client,
             CubeCount::Static((kv_cubes + first_cubes) as u32, 1, 1),
             CubeDim::new_2d(group as u32, rows_per_cube as u32),
             vs,
-            arg(kv),
-            arg(x),
-            arg(bias),
-            arg(k_cache.clone()),
-            arg(v_cache.clone()),
-            arg(q_w),
-            arg(q_idx),
-            arg(q_bias),
-            arg(q_out.clone().unwrap_or_else(|| unread(&k_cache))),
+            arg(&kv),
+            arg(x_read),
+            arg(bias.as_ref().unwrap_or(&x)),
+            arg(&k_cache),
+            arg(&v_cache),
+            arg(&q_w),
+            arg(&q_idx),
+            arg(&q_bias),
+            arg(q_out.as_ref().unwrap_or(&k_cache)),
             arg(pending_in),
-            arg(pending_out.clone().unwrap_or_else(|| unread(&k_cache))),
+            arg(pending_out.as_ref().unwrap_or(&k_cache)),
             arg(ring),
             arg(down),
             arg(residual),
@@ -1416,11 +1431,11 @@ pub fn gated_rows_gemv<R: CubeRuntime>(
             l.count,
             l.dim,
             l.vs,
-            arg(w),
-            arg(gate),
-            arg(x),
-            arg(l.bias),
-            arg(l.out.clone()),
+            arg(&w),
+            arg(&gate),
+            arg(&x),
+            arg(&l.bias),
+            arg(&l.out),
             l.shape,
             threshold,
             l.has_bias,
@@ -1442,9 +1457,9 @@ pub struct FirstArgs<R: CubeRuntime> {
     pub residual: CubeTensor<R>,
 }
 
-/// The first factor's bindings (down, residual, output `[1, r]`) and shape after `after`
-/// cubes, or unread bindings and no cubes.
-fn first_factor<R: CubeRuntime>(first: Option<FirstArgs<R>>, after: usize, bound: &CubeTensor<R>) -> ([CubeTensor<R>; 3], FirstFactorShapeLaunch<R>, Option<CubeTensor<R>>) {
+/// The first factor's bindings (down, residual, output `[1, r]`; bind them with
+/// [`bound`]) and shape after `after` cubes, or none and no cubes.
+fn first_factor<R: CubeRuntime>(first: Option<FirstArgs<R>>, after: usize) -> (Option<[CubeTensor<R>; 3]>, FirstFactorShapeLaunch<R>, Option<CubeTensor<R>>) {
     match first {
         Some(FirstArgs { down, residual }) => {
             let (down, residual) = (into_contiguous(down), into_contiguous(residual));
@@ -1452,9 +1467,9 @@ fn first_factor<R: CubeRuntime>(first: Option<FirstArgs<R>>, after: usize, bound
             assert_eq!(dims(&residual), vec![1, d], "first factor: a residual [1, d] for down [r, d]");
             assert_eq!(residual.dtype, DType::F32, "first factor: the residual in f32");
             let out = empty(&residual, vec![1, r], DType::F32);
-            ([down, residual, out.clone()], FirstFactorShapeLaunch::new(r, d, after), Some(out))
+            (Some([down, residual, out.clone()]), FirstFactorShapeLaunch::new(r, d, after), Some(out))
         }
-        None => ([unread(bound), unread(bound), unread(bound)], FirstFactorShapeLaunch::new(0, 0, after), None),
+        None => (None, FirstFactorShapeLaunch::new(0, 0, after), None),
     }
 }
 
@@ -1483,19 +1498,21 @@ pub fn predicted_rows_gemv<R: CubeRuntime>(
     let predictor = predictor_shape(&up);
     let CubeCount::Static(fc1_cubes, _, _) = l.count else { unreachable!("GatedRows makes a static grid") };
     let has_select = select.is_some();
-    let ([down, residual, first_out], first_shape, first) = first_factor(first, fc1_cubes as usize, &x);
+    let (first_bound, first_shape, first) = first_factor(first, fc1_cubes as usize);
+    let [down, residual, first_out] = bound(&first_bound, &x);
     let has_first = first.is_some();
     let first_cubes = first.as_ref().map_or(0, |f| dims(f)[1]);
-    let (sel_up, sel_h, idx, count, sel_predictor, sel_rows, sel_capacity, sel_threshold) = match select {
+    let (sel_bound, idx, count, sel_predictor, sel_rows, sel_capacity, sel_threshold) = match select {
         Some(SelectArgs { up: sel_up, h: sel_h, threshold, capacity }) => {
             let (sel_up, sel_h) = (into_contiguous(sel_up), into_contiguous(sel_h));
             let [idx, count] = empties(&x, [(vec![capacity.max(1)], int_dtype), (vec![1], int_dtype)]);
             let shape = predictor_shape(&sel_up);
             let rows = dims(&sel_up)[0];
-            (sel_up, sel_h, Some(idx), Some(count), shape, rows, capacity.max(1), threshold)
+            (Some([sel_up, sel_h]), Some(idx), Some(count), shape, rows, capacity.max(1), threshold)
         }
-        None => (unread(&up), unread(&h), None, None, PredictorShapeLaunch::new(0, 0), 0, 1, 0.0),
+        None => (None, None, None, PredictorShapeLaunch::new(0, 0), 0, 1, 0.0),
     };
+    let [sel_up, sel_h] = bound(&sel_bound, &up);
     let selection = idx.clone().zip(count.clone());
     let cubes = fc1_cubes as usize + first_cubes + usize::from(has_select);
     unsafe {
@@ -1504,19 +1521,19 @@ pub fn predicted_rows_gemv<R: CubeRuntime>(
             CubeCount::Static(cubes as u32, 1, 1),
             l.dim,
             l.vs,
-            arg(w),
-            arg(up),
-            arg(h),
-            arg(x.clone()),
-            arg(l.bias),
-            arg(l.out.clone()),
+            arg(&w),
+            arg(&up),
+            arg(&h),
+            arg(&x),
+            arg(&l.bias),
+            arg(&l.out),
             arg(down),
             arg(residual),
             arg(first_out),
             arg(sel_up),
             arg(sel_h),
-            arg(idx.unwrap_or_else(|| unread(&x))),
-            arg(count.unwrap_or_else(|| unread(&x))),
+            arg(idx.as_ref().unwrap_or(&x)),
+            arg(count.as_ref().unwrap_or(&x)),
             l.shape,
             predictor,
             first_shape,
@@ -1587,13 +1604,13 @@ pub fn predicted_mlp<R: CubeRuntime>(
             CubeCount::Static(splits as u32, 1, 1),
             CubeDim::new_2d(group as u32, groups as u32),
             vs,
-            arg(w1),
-            arg(up),
-            arg(h),
-            arg(x),
-            arg(b1),
-            arg(w2_t),
-            arg(partial.clone()),
+            arg(&w1),
+            arg(&up),
+            arg(&h),
+            arg(&x),
+            arg(&b1),
+            arg(&w2_t),
+            arg(&partial),
             shape,
             w2_stride,
             predictor,
@@ -1634,10 +1651,10 @@ pub fn predict_select<R: CubeRuntime>(
             &client,
             CubeCount::Static(1, 1, 1),
             CubeDim::new_2d(group as u32, groups as u32),
-            arg(up),
-            arg(h),
-            arg(idx.clone()),
-            arg(count.clone()),
+            arg(&up),
+            arg(&h),
+            arg(&idx),
+            arg(&count),
             predictor,
             rows,
             capacity.max(1),
@@ -1724,16 +1741,16 @@ pub fn norm_predict<R: CubeRuntime>(
             CubeCount::Static(cubes as u32, 1, 1),
             CubeDim::new_2d(group as u32, rows_per_cube as u32),
             vs,
-            arg(x),
-            arg(gamma),
-            arg(beta),
-            arg(normed.clone()),
-            arg(down.clone()),
-            arg(first.clone()),
-            arg(up),
-            arg(h),
-            arg(idx),
-            arg(count),
+            arg(&x),
+            arg(&gamma),
+            arg(&beta),
+            arg(&normed),
+            arg(&down),
+            arg(&first),
+            arg(&up),
+            arg(&h),
+            arg(&idx),
+            arg(&count),
             d / vs,
             r,
             stride(&down, 0) / vs,

@@ -62,6 +62,11 @@ pub struct E2eArgs {
     /// model's dtype (f16: half the predictor bytes) instead of f32
     #[arg(long)]
     predictors_in_model_dtype: bool,
+    /// Decode steps take their buffers from the allocator's default pool, without the pool
+    /// of fixed sizes the decode hooks turn on for a run's first step (the allocator is the
+    /// process's: compare the two in separate processes)
+    #[arg(long)]
+    no_step_buffer_pool: bool,
     /// Sparse rows: the decode step's MLP as the fused `predicted_mlp` kernel (predictor,
     /// selection, fc1 and fc2's split sums in one launch, then the residual add) instead of
     /// the separate kernels (gated fc1, then fc2's two passes)
@@ -439,9 +444,17 @@ fn greedy_token<B: SparseKernels>(model: &Opt<B>, h: Tensor<B, 3>) -> anyhow::Re
     Ok(greedy_tokens(model, h)?.reshape([1, 1]))
 }
 
-/// A sparse row's hooks for [`time_decode`], counting what steps keep or not.
-fn sparse_hooks<B: SparseKernels>(sparse: &SparseModel<B>, count: bool) -> Box<dyn ForwardHooksWithStats<B> + '_> {
-    Box::new(if count { sparse.hooks() } else { sparse.hooks().without_counts() })
+/// A sparse row's hooks for [`time_decode`]: counting what steps keep or not, with the
+/// step buffer pool or without (`--no-step-buffer-pool`).
+fn sparse_hooks<B: SparseKernels>(sparse: &SparseModel<B>, count: bool, pool: bool) -> Box<dyn ForwardHooksWithStats<B> + '_> {
+    let hooks = if count { sparse.hooks() } else { sparse.hooks().without_counts() };
+    Box::new(if pool { hooks } else { hooks.without_step_buffer_pool() })
+}
+
+/// The dense row's hooks, with the step buffer pool or without.
+fn dense_hooks<B: SparseKernels>(weights: &DecodeWeights<B>, pool: bool) -> Box<dyn ForwardHooksWithStats<B> + '_> {
+    let hooks = KernelDecode::new(weights);
+    Box::new(if pool { hooks } else { hooks.without_step_buffer_pool() })
 }
 
 /// Warm-up run, then `runs` timed runs: ms per decode step.
@@ -940,7 +953,8 @@ impl BackendTask for E2eTask {
                         "kernels": kernels,
                     }));
                 }
-                let dense = time_decode(&model, &mut cache, &mut |_| Box::new(KernelDecode::new(&weights)), &prompt, args, &format!("{name} dense"), trained)?;
+                let pool = !args.no_step_buffer_pool;
+                let dense = time_decode(&model, &mut cache, &mut |_| dense_hooks(&weights, pool), &prompt, args, &format!("{name} dense"), trained)?;
                 push(&mut rows, "dense".into(), dense, 0.0);
                 if trained {
                     let hash = content_hash(&args.opt_mini)?;
@@ -950,7 +964,7 @@ impl BackendTask for E2eTask {
                         let plan = SparsityPlan::new(&set.manifest, point, &DenseLayers::default())?;
                         let sparse = SparseModel::with_weights(&model, &hash, plan, set.modules.clone(), sparse_options(args), weights.clone())?;
                         let label = format!("sparse {point}");
-                        let t = time_decode(&model, &mut cache, &mut |count| sparse_hooks(&sparse, count), &prompt, args, &format!("{name} {label}"), trained)?;
+                        let t = time_decode(&model, &mut cache, &mut |count| sparse_hooks(&sparse, count, pool), &prompt, args, &format!("{name} {label}"), trained)?;
                         push(&mut rows, label, t, predictor_bytes);
                     }
                 } else {
@@ -959,7 +973,7 @@ impl BackendTask for E2eTask {
                     let (sparse, predictor_bytes) = synthetic_sparse(&model, &config, &weights, &mut cache, &prompt, args)?;
                     eprintln!("  synthetic predictors and thresholds {:.1} s", setup.elapsed().as_secs_f64());
                     let label = format!("sparse paper (mlp {}, attention {})", args.mlp_density, args.attention_density);
-                    let t = time_decode(&model, &mut cache, &mut |count| sparse_hooks(&sparse, count), &prompt, args, &format!("{name} {label}"), trained)?;
+                    let t = time_decode(&model, &mut cache, &mut |count| sparse_hooks(&sparse, count, pool), &prompt, args, &format!("{name} {label}"), trained)?;
                     push(&mut rows, label, t, predictor_bytes);
                 }
                 report(&rows, &checks, None, false)?;
@@ -1064,6 +1078,7 @@ fn write_report(
         "fused_attention": args.fused_attention,
         "fused_norms": args.fused_norms,
         "deferred_norms": args.deferred_norms,
+        "step_buffer_pool": !args.no_step_buffer_pool,
         "seed": args.seed,
         "note": "per-token latency = decode time of the last new_tokens-1 steps / (new_tokens-1), median over runs \
                  after one warm-up run; prompts prefilled in 128-token chunks into one cache per model. kept_* come \

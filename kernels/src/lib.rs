@@ -80,6 +80,17 @@ pub trait SparseKernels: Backend {
         false
     }
 
+    /// Turns the device allocator's pool of fixed sizes on (`true`) or off for the buffers
+    /// this thread reserves from now on. While it is on, every buffer goes to that pool and
+    /// stays there when freed, kept for the next reservation of its size; a size the pool
+    /// holds is served from it afterwards whatever the mode, by a hash lookup, instead of
+    /// the default pool's search of its pages (on `CubeBackend`, CubeCL's persistent
+    /// memory; the default pool's page search, `MemoryPage::coalesce` and `try_reserve`,
+    /// was 60% of CubeCL's device-thread samples while 6.7B-shape sparse steps were
+    /// enqueued, run 117). The pool never frees, so it is for buffers whose sizes repeat:
+    /// one decode step's. A no-op on backends without such a pool.
+    fn hold_buffer_sizes(_device: &burn::tensor::Device<Self>, _on: bool) {}
+
     /// `out [B, K] = act(W[row_j, :] · x[b, :] + bias[row_j])`, `row_j = idx[j]` (or `j`
     /// when `idx` is `None`, `K = rows`). `w [rows, d]`, `x [B, d]`, `bias [rows]`.
     ///
@@ -524,6 +535,14 @@ where
 {
     fn has_kernels() -> bool {
         true
+    }
+
+    fn hold_buffer_sizes(device: &burn::tensor::Device<Self>, on: bool) {
+        let mode = if on { cubecl::MemoryAllocationMode::Persistent } else { cubecl::MemoryAllocationMode::Auto };
+        // SAFETY: the mode is set for this thread's stream only (as a task in order with its
+        // launches), and the "leak" the API warns of is the pool's purpose: its buffers are
+        // kept for reuse, never freed.
+        unsafe { R::client(device).allocation_mode(mode) };
     }
 
     fn rows_gemv(

@@ -388,11 +388,68 @@ pub(crate) fn fc2<B: SparseKernels>(mlp: &OptMlp<B>, h: Tensor<B, 2>, residual: 
 /// Equal in value to [`Dense`] up to rounding: same operations, other summation orders.
 pub struct KernelDecode<'a, B: Backend> {
     weights: &'a DecodeWeights<B>,
+    step_buffers: StepBufferPool<B>,
 }
 
 impl<'a, B: Backend> KernelDecode<'a, B> {
     pub fn new(weights: &'a DecodeWeights<B>) -> Self {
-        Self { weights }
+        Self { weights, step_buffers: StepBufferPool::new(true) }
+    }
+
+    /// Steps whose buffers come from the allocator's default pool, without the pool of
+    /// fixed sizes that [`KernelDecode::new`] turns on for the first step (see
+    /// [`StepBufferPool`]).
+    pub fn without_step_buffer_pool(mut self) -> Self {
+        self.step_buffers = StepBufferPool::new(false);
+        self
+    }
+}
+
+/// Holds a decode's step buffers in the allocator's pool of fixed sizes
+/// ([`SparseKernels::hold_buffer_sizes`]): on from the first one-token step's first layer
+/// to the second step's, so that the pool learns every size a step reserves (the
+/// embedding, the kernels' outputs, the logits, the token) and serves each to every later
+/// step by a hash lookup on CubeCL's device thread, where the default pool searched its
+/// pages. Only one step's worth: sizes that change with the context (attention's split
+/// workspaces past one cube per head) would pile up in a pool that never frees.
+pub(crate) struct StepBufferPool<B: Backend> {
+    enabled: bool,
+    /// The device and the switch while the first step runs in the pool.
+    recording: Option<(B::Device, fn(&B::Device, bool))>,
+    done: bool,
+}
+
+impl<B: Backend> StepBufferPool<B> {
+    pub(crate) fn new(enabled: bool) -> Self {
+        Self { enabled, recording: None, done: false }
+    }
+}
+
+impl<B: SparseKernels> StepBufferPool<B> {
+    /// Called at layer 0 of every one-token step.
+    pub(crate) fn at_step(&mut self, device: &B::Device) {
+        if !self.enabled || self.done {
+            return;
+        }
+        match self.recording.take() {
+            None => {
+                B::hold_buffer_sizes(device, true);
+                self.recording = Some((device.clone(), B::hold_buffer_sizes));
+            }
+            Some((device, hold)) => {
+                hold(&device, false);
+                self.done = true;
+            }
+        }
+    }
+}
+
+impl<B: Backend> Drop for StepBufferPool<B> {
+    fn drop(&mut self) {
+        // Hooks dropped after a single step: back to the default pool.
+        if let Some((device, hold)) = self.recording.take() {
+            hold(&device, false);
+        }
     }
 }
 
@@ -447,6 +504,9 @@ impl<B: SparseKernels> KernelDecode<'_, B> {
     ) -> Tensor<B, 3> {
         if x.dims()[1] != 1 {
             return plus_residual(Dense.attention(layer, attention, x, cache, step), residual);
+        }
+        if layer == 0 {
+            self.step_buffers.at_step(&x.device());
         }
         dense_attention(attention, &self.weights.layers[layer], &self.weights.all_heads, x, residual, cache, step)
     }

@@ -42,7 +42,7 @@ use burn::nn::LayerNorm;
 use crate::attention::OptAttention;
 use crate::cache::{KvCache, LayerKvCache, Step};
 use crate::decode::{
-    attention_output, blocks_with_residual, bias, dense_attention, dense_fc1, dense_mlp, fc2, kernel_norm_to, norm_params, output_projection, plus_residual, project_qkv, project_qkv_lazy, rows_of, settle_lazy_kv, DecodeWeights,
+    attention_output, blocks_with_residual, bias, dense_attention, dense_fc1, dense_mlp, fc2, kernel_norm_to, norm_params, output_projection, plus_residual, project_qkv, project_qkv_lazy, rows_of, settle_lazy_kv, DecodeWeights, StepBufferPool,
 };
 use crate::hooks::NormSite;
 use crate::layer::LAYER_NORM_EPS;
@@ -381,6 +381,7 @@ impl<B: SparseKernels> SparseModel<B> {
             norms_in_launch: 0,
             first_due: None,
             done: None,
+            step_buffers: StepBufferPool::new(true),
         }
     }
 
@@ -541,6 +542,8 @@ pub struct SparseHooks<'a, B: Backend> {
     first_due: Option<FirstDue<B>>,
     /// The counter of the launches that write a LayerNorm from their last cube.
     done: Option<Tensor<B, 1, Int>>,
+    /// The first decode step's buffers held for the later ones (see `StepBufferPool`).
+    step_buffers: StepBufferPool<B>,
 }
 
 /// 0/1 mask `[rows, width]` of what `selection` keeps for each row of `logits`: top-K
@@ -569,6 +572,14 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
     /// benchmark's timed runs leave out.
     pub fn without_counts(mut self) -> Self {
         self.count_kept = false;
+        self
+    }
+
+    /// Steps whose buffers come from the allocator's default pool, without the pool of
+    /// fixed sizes the hooks otherwise turn on for the first decode step (see
+    /// `StepBufferPool` in `decode.rs`).
+    pub fn without_step_buffer_pool(mut self) -> Self {
+        self.step_buffers = StepBufferPool::new(false);
         self
     }
 
@@ -773,6 +784,9 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
     ) -> Tensor<B, 3> {
         let selection = self.model.plan.layers[layer].attention;
         let [batch, n, d] = x.dims();
+        if layer == 0 && n == 1 {
+            self.step_buffers.at_step(&x.device());
+        }
         // A residual stream kept in f32 starts at the first layer's attention.
         let accumulate = residual.is_some() && self.f32_residual(&x);
         let residual = residual.map(|r| if accumulate && r.dtype() != DType::F32 { r.cast(DType::F32) } else { r });

@@ -659,7 +659,10 @@ fn profile_decode<'h, B: SparseKernels>(
 /// host never waits on the GPU; median of 5 after a warm-up. This is the step's cost on
 /// the host alone (our launchers, Burn's and CubeCL's bookkeeping, the hand-over to
 /// CubeCL's device thread); where it exceeds the GPU step the host bounds decoding. It
-/// leaves out the device thread's last batch of at most 64 tasks, spread over the steps.
+/// leaves out the device thread's last batch of at most 64 tasks, spread over the steps,
+/// and it can include waits for room in the GPU's launch queue behind the primer: on the
+/// H100 it read more than the decoding step itself in some processes (runs 118–119), so
+/// it is an indication, not a clean measure.
 fn device_step_us<B: SparseKernels>(
     model: &Opt<B>,
     cache: &mut KvCache<B>,

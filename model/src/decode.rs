@@ -398,7 +398,7 @@ impl<'a, B: Backend> KernelDecode<'a, B> {
 
     /// Steps whose buffers come from the allocator's default pool, without the pool of
     /// fixed sizes that [`KernelDecode::new`] turns on for the first step (see
-    /// [`StepBufferPool`]).
+    /// `StepBufferPool`).
     pub fn without_step_buffer_pool(mut self) -> Self {
         self.step_buffers = StepBufferPool::new(false);
         self
@@ -415,9 +415,13 @@ impl<'a, B: Backend> KernelDecode<'a, B> {
 pub(crate) struct StepBufferPool<B: Backend> {
     enabled: bool,
     /// The device and the switch while the first step runs in the pool.
-    recording: Option<(B::Device, fn(&B::Device, bool))>,
+    recording: Option<(B::Device, PoolSwitch<B>)>,
     done: bool,
 }
+
+/// [`SparseKernels::hold_buffer_sizes`] of the backend, kept so that `Drop` (which knows
+/// the backend only as a `Backend`) can turn the pool off.
+type PoolSwitch<B> = fn(&burn::tensor::Device<B>, bool);
 
 impl<B: Backend> StepBufferPool<B> {
     pub(crate) fn new(enabled: bool) -> Self {

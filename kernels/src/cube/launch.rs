@@ -1459,6 +1459,7 @@ pub struct FirstArgs<R: CubeRuntime> {
 
 /// The first factor's bindings (down, residual, output `[1, r]`; bind them with
 /// [`bound`]) and shape after `after` cubes, or none and no cubes.
+#[allow(clippy::type_complexity)] // the bindings, the shape, the output
 fn first_factor<R: CubeRuntime>(first: Option<FirstArgs<R>>, after: usize) -> (Option<[CubeTensor<R>; 3]>, FirstFactorShapeLaunch<R>, Option<CubeTensor<R>>) {
     match first {
         Some(FirstArgs { down, residual }) => {

@@ -41,6 +41,9 @@ fn wgpu_forward_matches_hugging_face() {
 /// Dense decode through the CubeCL kernels (`KernelDecode` on `CubeBackend`, which runs
 /// them; the fused `Wgpu` backend would run the tensor-op reference): every position of the
 /// short prompt as a one-token step, within 1e-3 of Hugging Face's logits, same argmax.
+/// The steps' buffers come from CubeCL's pool of fixed sizes after the first step (the
+/// default); the same steps with the default pool give the same logits to the bit, as
+/// they must if no buffer of the pool is handed out while still in use.
 #[test]
 fn wgpu_kernel_decode_matches_hugging_face() {
     if std::env::var_os("DEJAVU_SKIP_WGPU_TESTS").is_some() {
@@ -54,7 +57,10 @@ fn wgpu_kernel_decode_matches_hugging_face() {
     let weights = dejavu_model::use_row_major_weights(&mut model);
     let golden = Golden::of(name);
     let ids = golden.ids("short.input_ids");
+    // Without the pool first: a size the pool holds is served from it in any mode.
+    let plain = stepped_logits(&model, &mut dejavu_model::KernelDecode::new(&weights).without_step_buffer_pool(), &ids);
     let logits = stepped_logits(&model, &mut dejavu_model::KernelDecode::new(&weights), &ids);
+    assert!(logits == plain, "decode with the step buffer pool differs from decode without it");
     let (_, want) = golden.f32("short.logits");
     let err = max_abs_diff(&logits, &want);
     assert!(err < 1e-3, "wgpu kernel decode logits: max abs err {err}");

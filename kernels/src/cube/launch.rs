@@ -1158,16 +1158,16 @@ pub struct NormInArgs<R: CubeRuntime> {
     pub kv_fold: CubeTensor<R>,
 }
 
-/// The bindings of an optional [`NormInArgs`]: `xf` (the residual as read), `gamma`, the
-/// keys' and values' fold, the queries' fold (bind them with [`bound`]) and the shape, or
-/// none.
-fn norm_in_bindings<R: CubeRuntime>(norm_in: Option<NormInArgs<R>>, x: &CubeTensor<R>) -> (Option<[CubeTensor<R>; 4]>, NormShapeLaunch<R>, bool) {
+/// The bindings of an optional [`NormInArgs`]: `gamma`, the keys' and values' fold and the
+/// queries' fold (bind them with [`bound`]) and the shape, or none. The residual it
+/// normalizes is the launch's `x` (f32), bound as `xf` whatever the flag.
+fn norm_in_bindings<R: CubeRuntime>(norm_in: Option<NormInArgs<R>>, x: &CubeTensor<R>) -> (Option<[CubeTensor<R>; 3]>, NormShapeLaunch<R>, bool) {
     match norm_in {
         Some(NormInArgs { gamma, eps, q_fold, kv_fold }) => {
             let d = dims(x)[1];
             assert_eq!(dims(x)[0], 1, "a LayerNorm applied in the launch: one sequence");
             assert_eq!(x.dtype, DType::F32, "a LayerNorm applied in the launch: the residual in f32");
-            (Some([x.clone(), into_contiguous(gamma), into_contiguous(kv_fold), into_contiguous(q_fold)]), NormShapeLaunch::new(d, 1.0 / d as f32, eps), true)
+            (Some([into_contiguous(gamma), into_contiguous(kv_fold), into_contiguous(q_fold)]), NormShapeLaunch::new(d, 1.0 / d as f32, eps), true)
         }
         None => (None, NormShapeLaunch::new(0, 0.0, 0.0), false),
     }
@@ -1322,7 +1322,7 @@ fn qkv_append_launch<R: CubeRuntime>(
     let first_cubes = first.as_ref().map_or(0, |f| dims(f)[1]);
     assert!(norm_in.is_none() || !is_lazy, "qkv_append: a LayerNorm applied in the launch is not lazy");
     let (norm_in_bound, norm_shape, has_norm_in) = norm_in_bindings(norm_in, &x);
-    let [xf, gamma, kv_fold, q_fold] = bound(&norm_in_bound, &x);
+    let [gamma, kv_fold, q_fold] = bound(&norm_in_bound, &x);
     // The cubes' LayerNorm in shared memory: the row in vectors.
     let norm_vectors = if has_norm_in { dims(&kv)[1] / vs } else { 1 };
     // With the LayerNorm applied in the launch, `x` (the weights' dtype) is not read.
@@ -1348,7 +1348,7 @@ fn qkv_append_launch<R: CubeRuntime>(
             arg(down),
             arg(residual),
             arg(first_out),
-            arg(xf),
+            arg(&x),
             arg(gamma),
             arg(q_fold),
             arg(kv_fold),

@@ -412,11 +412,13 @@ impl<'a, B: Backend> KernelDecode<'a, B> {
 /// step by a hash lookup on CubeCL's device thread, where the default pool searched its
 /// pages. Only one step's worth: sizes that change with the context (attention's split
 /// workspaces past one cube per head) would pile up in a pool that never frees.
-pub(crate) struct StepBufferPool<B: Backend> {
-    enabled: bool,
-    /// The device and the switch while the first step runs in the pool.
-    recording: Option<(B::Device, PoolSwitch<B>)>,
-    done: bool,
+pub(crate) enum StepBufferPool<B: Backend> {
+    /// No one-token step yet.
+    Waiting,
+    /// The first step runs in the pool: its device and the switch to turn the pool off.
+    Recording(B::Device, PoolSwitch<B>),
+    /// The pool is off for good (after the first step, or never used).
+    Done,
 }
 
 /// [`SparseKernels::hold_buffer_sizes`] of the backend, kept so that `Drop` (which knows
@@ -425,34 +427,31 @@ type PoolSwitch<B> = fn(&burn::tensor::Device<B>, bool);
 
 impl<B: Backend> StepBufferPool<B> {
     pub(crate) fn new(enabled: bool) -> Self {
-        Self { enabled, recording: None, done: false }
+        if enabled { Self::Waiting } else { Self::Done }
     }
 }
 
 impl<B: SparseKernels> StepBufferPool<B> {
     /// Called at layer 0 of every one-token step.
     pub(crate) fn at_step(&mut self, device: &B::Device) {
-        if !self.enabled || self.done {
-            return;
-        }
-        match self.recording.take() {
-            None => {
+        match self {
+            Self::Waiting => {
                 B::hold_buffer_sizes(device, true);
-                self.recording = Some((device.clone(), B::hold_buffer_sizes));
+                *self = Self::Recording(device.clone(), B::hold_buffer_sizes);
             }
-            Some((device, hold)) => {
-                hold(&device, false);
-                self.done = true;
-            }
+            // Dropping the recording state turns the pool off (see `Drop`).
+            Self::Recording(..) => *self = Self::Done,
+            Self::Done => {}
         }
     }
 }
 
 impl<B: Backend> Drop for StepBufferPool<B> {
     fn drop(&mut self) {
-        // Hooks dropped after a single step: back to the default pool.
-        if let Some((device, hold)) = self.recording.take() {
-            hold(&device, false);
+        // The second step started, or the hooks were dropped after a single step: back to
+        // the default pool.
+        if let Self::Recording(device, hold) = self {
+            hold(device, false);
         }
     }
 }

@@ -676,13 +676,17 @@ fn device_step_us<B: SparseKernels>(
     let pass_us = primer.seconds(10)? * 1e6 / 10.0;
     let n = ((3.0 * host_step_us / pass_us).ceil() as usize).max(4);
     let token = prompt[prompt.len() - 1];
+    // One step enqueued: forward, LM head and argmax, nothing read back.
+    let step = |cache: &mut KvCache<B>, hooks: &mut dyn ForwardHooks<B>| -> anyhow::Result<()> {
+        let h = model.forward_with(token_tensor::<B>(&[token], &device), cache, hooks)?;
+        greedy_token(model, h).map(drop)
+    };
     let mut diffs = Vec::new();
     for rep in 0..6 {
         let primer_only = primer.seconds(n)?;
         let t = Instant::now();
         primer.prime(n);
-        let h = model.forward_with(token_tensor::<B>(&[token], &device), cache, hooks)?;
-        let _next = greedy_token(model, h)?;
+        step(cache, hooks)?;
         primer.sync()?;
         let both = t.elapsed().as_secs_f64();
         if rep > 0 {
@@ -697,8 +701,7 @@ fn device_step_us<B: SparseKernels>(
         primer.prime(long);
         let t = Instant::now();
         for _ in 0..ENQUEUE_STEPS {
-            let h = model.forward_with(token_tensor::<B>(&[token], &device), cache, hooks)?;
-            let _next = greedy_token(model, h)?;
+            step(cache, hooks)?;
         }
         let us = t.elapsed().as_secs_f64() * 1e6 / ENQUEUE_STEPS as f64;
         primer.sync()?;
@@ -709,8 +712,7 @@ fn device_step_us<B: SparseKernels>(
     // When profiling (bench/device/ncu-step.sh): one more step, synced, inside Nsight
     // Compute's window.
     crate::capture::ncu_window(|| {
-        let h = model.forward_with(token_tensor::<B>(&[token], &device), cache, hooks)?;
-        let _next = greedy_token(model, h)?;
+        step(cache, hooks)?;
         primer.sync()
     })?;
     Ok((median(&mut diffs), median(&mut enqueue)))

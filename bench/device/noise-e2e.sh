@@ -5,7 +5,8 @@
 # the carried dist/dejavu-bench-base.xz) runs RUNS (default 9) timed runs, every run
 # recording its start and the process's context switches (runs_context; binaries before
 # 7d2cb12 record no context). bench/device/noise.py lines each run up with the log.
-# EXTRA: more e2e arguments for every process; NEW_ARGS and BASE_ARGS for each side's;
+# MODELS: the shapes each process runs (default opt-6.7b). EXTRA: more e2e arguments for
+# every process; NEW_ARGS and BASE_ARGS for each side's;
 # SAME_BIN=1 runs both sides with the binary under test (a flag against its absence); any
 # other side name S runs the binary under test with the arguments in ARGS_S (ORDER="new f16p
 # ARGS_f16p=--predictors-in-model-dtype": a flag beside the default in one call);

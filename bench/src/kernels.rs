@@ -781,7 +781,8 @@ fn run_checks<R: CubeRuntime>(args: &KernelArgs, device: &R::Device) -> anyhow::
         outcomes.extend(check_norm_predict::<Cube<R>>(device, d, 128, config.num_attention_heads, args.dtype.dtype(), seed));
         outcomes.extend(check_norms_ahead::<Cube<R>>(device, config.num_attention_heads, hd, ffn, 128, 256, 200, args.dtype.dtype(), seed));
         outcomes.extend(check_kv_append::<Cube<R>>(device, [1, config.num_attention_heads, 64, hd], d, 17, args.dtype.dtype(), seed));
-        outcomes.extend(check_qkv_lazy::<Cube<R>>(device, config.num_attention_heads, hd, d, 16, 40, args.dtype.dtype(), seed));
+        outcomes.extend(check_qkv_lazy::<Cube<R>>(device, config.num_attention_heads, hd, d, 16, 40, false, args.dtype.dtype(), seed));
+        outcomes.extend(check_qkv_lazy::<Cube<R>>(device, config.num_attention_heads, hd, d, 4, 40, true, args.dtype.dtype(), seed));
         outcomes.extend(check_block_cols_gemv::<Cube<R>>(device, d, config.num_attention_heads, hd, 1, args.dtype.dtype(), seed));
         // Attention with out_proj into an f32 residual: one launch (200 positions) with
         // the online softmax and with the two-phase one, and the two kernels past 256.

@@ -750,6 +750,12 @@ pub fn check_kv_append<B: SparseKernels>(device: &B::Device, dims: [usize; 4], d
 /// `pending` — all of them up to the step for a selected head — hold exactly the keys and
 /// values an every-head write gives, the selected heads' `pending` is the next position,
 /// no head's oldest unwritten position has left the ring, and the queries match.
+///
+/// With `norm_in` each step's input is an f32 residual (mean about 3) that the op
+/// normalizes itself ([`crate::NormIn`]), with the next layer's first factor riding along:
+/// the keys, values and queries are then checked against the host's f32 LayerNorm and
+/// GEMVs, with a slack of the rounding of the LayerNorm's output to the weights' dtype
+/// (the ring keeps it rounded; this step's rows fold `beta` in instead).
 #[allow(clippy::too_many_arguments)] // the shape, the run and the case
 pub fn check_qkv_lazy<B: SparseKernels>(
     device: &B::Device,
@@ -758,6 +764,7 @@ pub fn check_qkv_lazy<B: SparseKernels>(
     d: usize,
     window: usize,
     steps: usize,
+    norm_in: bool,
     dtype: DType,
     seed: u64,
 ) -> Vec<Outcome> {
@@ -768,41 +775,70 @@ pub fn check_qkv_lazy<B: SparseKernels>(
     let bias = stored(uniform(&mut rng, rows, 0.0), dtype);
     let wq = stored(uniform(&mut rng, q_rows * d, 0.0), dtype);
     let bq = stored(uniform(&mut rng, q_rows, 0.0), dtype);
+    let (gamma, beta, eps) = (uniform(&mut rng, d, 0.0), uniform(&mut rng, d, 0.0), 1e-5f32);
+    let r = 5;
+    let down = uniform(&mut rng, r * d, 0.0);
     let dims = [1, heads, steps, hd];
     let poison = -777.0f32;
     let mut k_cache = Tensor::<B, 4>::full(dims, poison, (device, dtype));
     let mut v_cache = Tensor::<B, 4>::full(dims, poison, (device, dtype));
     let mut state = crate::LazyKv::<B>::new(heads, d, window, 0, dtype, device);
-    let case = format!("heads {heads} hd {hd} d {d} window {window} steps {steps} {dtype:?} seed {seed}");
+    let form = if norm_in { ", LayerNorm in the launch" } else { "" };
+    let case = format!("heads {heads} hd {hd} d {d} window {window} steps {steps}{form} {dtype:?} seed {seed}");
+    let slack_of = |w: &[f32], n: usize, x: &[f32], idx: Option<&[i64]>| -> Vec<f32> {
+        match norm_in {
+            true => host::rows_gemv(&abs(w), n, d, idx, &abs(x), 1, None, false).iter().map(|s| storage_ulp(dtype) * s).collect(),
+            false => vec![0.0; idx.map_or(n, <[i64]>::len)],
+        }
+    };
     // Every head's keys and values at every step, as an every-head write gives them.
-    let mut want_kv: Vec<Vec<f32>> = Vec::new();
-    let (mut got_all, mut want_all) = (Vec::new(), Vec::new());
-    let (mut got_q, mut want_q) = (Vec::new(), Vec::new());
+    let (mut want_kv, mut slack_kv): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (Vec::new(), Vec::new());
+    let (mut got_all, mut want_all, mut slack_all) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut got_q, mut want_q, mut slack_q) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut got_first, mut want_first) = (Vec::new(), Vec::new());
     let mut state_ok = true;
     for pos in 0..steps {
-        let x = stored(uniform(&mut rng, d, 0.0), dtype);
+        // The op's input, and the layer input it stands for (its LayerNorm, with `norm_in`).
+        let (input, x) = match norm_in {
+            true => {
+                let residual: Vec<f32> = uniform(&mut rng, d, 0.0).into_iter().map(|v| 3.0 + 2.0 * v).collect();
+                let x = host::layer_norm(&residual, 1, d, &gamma, &beta, eps);
+                (residual, x)
+            }
+            false => {
+                let x = stored(uniform(&mut rng, d, 0.0), dtype);
+                (x.clone(), x)
+            }
+        };
         want_kv.push(host::rows_gemv(&w, rows, d, None, &x, 1, Some(&bias), false));
+        slack_kv.push(slack_of(&w, rows, &x, None));
         let mut ids = random_indices(&mut rng, heads - 1, (heads / 2).max(1));
         ids.push(heads as i64);
-        let query = crate::QueryRows {
-            w: to_device::<B, 2>(&wq, [q_rows, d], dtype, device),
-            heads: Some(ints::<B>(&ids, device)),
-            head_dim: hd,
-            bias: Some(to_device::<B, 1>(&bq, [q_rows], dtype, device)),
+        let (wq_dev, bq_dev) = (to_device::<B, 2>(&wq, [q_rows, d], dtype, device), to_device::<B, 1>(&bq, [q_rows], dtype, device));
+        let (w_dev, bias_dev) = (to_device::<B, 2>(&w, [rows, d], dtype, device), to_device::<B, 1>(&bias, [rows], dtype, device));
+        let (riders, input_dev) = match norm_in {
+            true => {
+                let norm = crate::NormIn { gamma: to_device::<B, 1>(&gamma, [d], DType::F32, device), beta: to_device::<B, 1>(&beta, [d], DType::F32, device), eps };
+                let (q_fold, kv_fold) = (crate::RowFold::new(&wq_dev, &norm, Some(&bq_dev)), crate::RowFold::new(&w_dev, &norm, Some(&bias_dev)));
+                let residual = to_device::<B, 2>(&input, [1, d], DType::F32, device);
+                let first = crate::FirstFactor { down: to_device::<B, 2>(&down, [r, d], DType::F32, device), residual: residual.clone() };
+                want_first.extend(host::rows_gemv(&down, r, d, None, &input, 1, None, false));
+                ((Some(first), Some((norm, q_fold, kv_fold))), residual)
+            }
+            false => ((None, None), to_device::<B, 2>(&input, [1, d], dtype, device)),
         };
-        let (q, k, v, next) = crate::qkv_append_lazy(
-            query,
-            to_device::<B, 2>(&w, [rows, d], dtype, device),
-            to_device::<B, 2>(&x, [1, d], dtype, device),
-            Some(to_device::<B, 1>(&bias, [rows], dtype, device)),
-            k_cache,
-            v_cache,
-            pos,
-            state,
-        )
-        .expect("consistent shapes");
+        let query = crate::QueryRows { w: wq_dev, heads: Some(ints::<B>(&ids, device)), head_dim: hd, bias: Some(bq_dev) };
+        let (q, k, v, next, first) = crate::qkv_append_lazy(query, w_dev, input_dev, Some(bias_dev), k_cache, v_cache, pos, state, riders.0, riders.1)
+            .expect("consistent shapes");
+        match (norm_in, first) {
+            (true, Some(first)) => got_first.extend(read(first)),
+            (false, None) => {}
+            _ => state_ok = false,
+        }
         got_q.extend(read(q));
-        want_q.extend(host::rows_gemv(&wq, q_rows, d, Some(&host::block_rows(&ids, hd, q_rows)), &x, 1, Some(&bq), false));
+        let q_idx = host::block_rows(&ids, hd, q_rows);
+        want_q.extend(host::rows_gemv(&wq, q_rows, d, Some(&q_idx), &x, 1, Some(&bq), false));
+        slack_q.extend(slack_of(&wq, q_rows, &x, Some(&q_idx)));
         let pending = read_ints(next.pending.clone());
         let (k_now, v_now) = (read(k.clone()), read(v.clone()));
         for h in 0..heads {
@@ -816,14 +852,19 @@ pub fn check_qkv_lazy<B: SparseKernels>(
                     let at = (h * steps + p) * hd + c;
                     got_all.extend([k_now[at], v_now[at]]);
                     want_all.extend([want_kv[p][h * hd + c], want_kv[p][q_rows + h * hd + c]]);
+                    slack_all.extend([slack_kv[p][h * hd + c], slack_kv[p][q_rows + h * hd + c]]);
                 }
             }
         }
         (k_cache, v_cache, state) = (k, v, next);
     }
-    let mut kv = outcome("qkv_append_lazy (keys and values below pending)", case.clone(), dtype, &got_all, &want_all, &[]);
+    let mut kv = outcome("qkv_append_lazy (keys and values below pending)", case.clone(), dtype, &got_all, &want_all, &slack_all);
     kv.passed &= state_ok;
-    vec![kv, outcome("qkv_append_lazy (queries)", case, dtype, &got_q, &want_q, &[])]
+    let mut out = vec![kv, outcome("qkv_append_lazy (queries)", case.clone(), dtype, &got_q, &want_q, &slack_q)];
+    if norm_in {
+        out.push(outcome("qkv_append_lazy (first factor)", case, DType::F32, &got_first, &want_first, &[]));
+    }
+    out
 }
 
 /// The caches `kv_append` wrote against the host GEMV: the new position holds the keys

@@ -320,10 +320,13 @@ pub trait SparseKernels: Backend {
     /// (`pending [heads]`) would leave the ring of inputs next step (`pending + window <=
     /// pos + 1`) — each written for every position from its first unwritten one to `pos`,
     /// from the inputs kept in `ring [window, d]`. This step's `x` goes into ring slot
-    /// `pos % window`. Returns `q`, the caches, the next `pending` (`pos + 1` for the heads
-    /// written) and the ring.
-    #[allow(clippy::too_many_arguments)] // the queries', keys' and values' inputs and the lazy state
-    #[allow(clippy::type_complexity)] // the queries, the caches, the next lazy state
+    /// `pos % window`. With `first` the next layer's attention first factor rides along,
+    /// and with `norm_in` `x` is the f32 residual, normalized by the op itself (the ring
+    /// then keeps its LayerNorm's output), as in [`SparseKernels::qkv_append_first`].
+    /// Returns `q`, the caches, the next `pending` (`pos + 1` for the heads written), the
+    /// ring and the first factor when asked for.
+    #[allow(clippy::too_many_arguments)] // the queries', keys' and values' inputs, the lazy state and the riders
+    #[allow(clippy::type_complexity)] // the queries, the caches, the next lazy state, the first factor
     fn qkv_append_lazy(
         q_w: FloatTensor<Self>,
         heads: IntTensor<Self>,
@@ -337,8 +340,12 @@ pub trait SparseKernels: Backend {
         pos: usize,
         pending: IntTensor<Self>,
         ring: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>, FloatTensor<Self>) {
-        reference::qkv_append_lazy::<Self>(q_w, heads, block, q_bias, kv, x, kv_bias, k_cache, v_cache, pos, pending, ring)
+        first: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        norm_in: Option<NormInParams<Self>>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>, FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        let x = normed_input::<Self>(x, norm_in, burn::tensor::TensorMetadata::dtype(&kv));
+        let (q, k, v, pending, ring) = reference::qkv_append_lazy::<Self>(q_w, heads, block, q_bias, kv, x, kv_bias, k_cache, v_cache, pos, pending, ring);
+        (q, k, v, pending, ring, first.map(|(down, residual)| first_factor::<Self>(down, residual)))
     }
 
     /// A decode step's LayerNorm of `x [1, d]` (f32 `gamma`, `beta`), the first factor
@@ -776,7 +783,7 @@ where
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let query = cube::QueryArgs { w: q_w, idx: q_idx, block, bias: q_bias };
         let first = cube::FirstArgs { down: first.0, residual: first.1 };
-        let norm_in = norm_in.map(|n| cube::NormInArgs { gamma: n.gamma, eps: n.eps, q_fold: n.q_fold, kv_fold: n.kv_fold });
+        let norm_in = norm_in.map(|n| cube::NormInArgs { gamma: n.gamma, beta: n.beta, eps: n.eps, q_fold: n.q_fold, kv_fold: n.kv_fold });
         let (q, k, v, first) = cube::qkv_append(Some(query), kv, x, kv_bias, k_cache, v_cache, pos, I::dtype(), Some(first), norm_in);
         (q.expect("a query was asked for"), k, v, first.expect("a first factor was asked for"))
     }
@@ -794,11 +801,15 @@ where
         pos: usize,
         pending: IntTensor<Self>,
         ring: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>, FloatTensor<Self>) {
+        first: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        norm_in: Option<NormInParams<Self>>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>, FloatTensor<Self>, Option<FloatTensor<Self>>) {
         let query = cube::QueryArgs { w: q_w, idx: Some(heads), block, bias: q_bias };
         let lazy = cube::LazyArgs { pending, ring: ring.clone() };
-        let (q, k, v, pending) = cube::qkv_append_lazy(query, kv, x, kv_bias, k_cache, v_cache, pos, lazy);
-        (q, k, v, pending, ring)
+        let first = first.map(|(down, residual)| cube::FirstArgs { down, residual });
+        let norm_in = norm_in.map(|n| cube::NormInArgs { gamma: n.gamma, beta: n.beta, eps: n.eps, q_fold: n.q_fold, kv_fold: n.kv_fold });
+        let (q, k, v, pending, first) = cube::qkv_append_lazy(query, kv, x, kv_bias, k_cache, v_cache, pos, lazy, first, norm_in);
+        (q, k, v, pending, ring, first)
     }
 
     fn norm_predict(
@@ -1609,7 +1620,8 @@ pub fn qkv_append<B: SparseKernels>(
 
 /// The lazy K/V state of one layer at batch 1 ([`qkv_append_lazy`]): each head's first
 /// position whose key and value are not yet in the cache (`pending [heads]`), and the
-/// layer inputs of the last `window` steps (`ring [window, d]`, slot `pos % window`).
+/// layer inputs of the last `window` steps (`ring [window, d]`, slot `pos % window`; the
+/// LayerNorm's output in the weights' dtype).
 #[derive(Debug, Clone)]
 pub struct LazyKv<B: Backend> {
     pub pending: Tensor<B, 1, Int>,
@@ -1631,8 +1643,14 @@ impl<B: Backend> LazyKv<B> {
 /// unwritten position would otherwise leave `state`'s ring next step — each for every
 /// position it has not written yet, recomputed from the ring's inputs, so a head reads
 /// exactly the keys and values an every-head write would have given it. The queries are
-/// those of the selected heads. Returns `q`, the caches and the next state.
-#[allow(clippy::type_complexity)] // the queries, the caches, the next lazy state
+/// those of the selected heads. The riders of [`qkv_append_first`] may come along: `first`,
+/// the next layer's attention first factor, and `norm_in`, the LayerNorm applied by the op
+/// to the f32 residual `x` (the ring then keeps the LayerNorm's output in the weights'
+/// dtype, and a head's owed positions, recomputed from it, match an every-head write to
+/// its rounding). Returns `q`, the caches, the next state and the first factor when asked
+/// for.
+#[allow(clippy::type_complexity)] // the queries, the caches, the next lazy state, the first factor
+#[allow(clippy::too_many_arguments)] // the queries', keys' and values' inputs, the lazy state and the riders
 pub fn qkv_append_lazy<B: SparseKernels>(
     query: QueryRows<B>,
     kv: Tensor<B, 2>,
@@ -1642,9 +1660,20 @@ pub fn qkv_append_lazy<B: SparseKernels>(
     v_cache: Tensor<B, 4>,
     pos: usize,
     state: LazyKv<B>,
-) -> Result<(Tensor<B, 2>, Tensor<B, 4>, Tensor<B, 4>, LazyKv<B>), KernelError> {
+    first: Option<FirstFactor<B>>,
+    norm_in: Option<(NormIn<B>, RowFold<B>, RowFold<B>)>,
+) -> Result<(Tensor<B, 2>, Tensor<B, 4>, Tensor<B, 4>, LazyKv<B>, Option<Tensor<B, 2>>), KernelError> {
     let op = "qkv_append_lazy";
-    let block = check_qkv_inputs(op, &query, &kv, &x, kv_bias.as_ref(), &k_cache, &v_cache, pos, false)?;
+    if let Some((norm, q_fold, kv_fold)) = &norm_in {
+        check_norm_in(op, norm, &[(q_fold, query.w.dims()[0]), (kv_fold, kv.dims()[0])], &x)?;
+    }
+    let block = check_qkv_inputs(op, &query, &kv, &x, kv_bias.as_ref(), &k_cache, &v_cache, pos, norm_in.is_some())?;
+    if let Some(first) = &first {
+        check_first_factor(op, first)?;
+        if first.down.dims()[1] != x.dims()[1] {
+            return Err(shape_err(op, format!("x {:?} and a first factor {:?}: one width", x.dims(), first.down.dims())));
+        }
+    }
     let Some(heads) = query.heads else {
         return Err(shape_err(op, "needs the selected heads' index list".into()));
     };
@@ -1656,10 +1685,10 @@ pub fn qkv_append_lazy<B: SparseKernels>(
         return Err(shape_err(op, format!("pending {:?}, expected [{n_heads}]", state.pending.dims())));
     }
     let [_, d] = x.dims();
-    if state.ring.dims()[1] != d || state.ring.dtype() != x.dtype() {
-        return Err(shape_err(op, format!("ring {:?} {:?}, expected [window, {d}] {:?}", state.ring.dims(), state.ring.dtype(), x.dtype())));
+    if state.ring.dims()[1] != d || state.ring.dtype() != kv.dtype() {
+        return Err(shape_err(op, format!("ring {:?} {:?}, expected [window, {d}] {:?}", state.ring.dims(), state.ring.dtype(), kv.dtype())));
     }
-    let (q, k, v, pending, ring) = B::qkv_append_lazy(
+    let (q, k, v, pending, ring, first) = B::qkv_append_lazy(
         prim(query.w),
         heads.into_primitive(),
         block,
@@ -1672,8 +1701,10 @@ pub fn qkv_append_lazy<B: SparseKernels>(
         pos,
         state.pending.into_primitive(),
         prim(state.ring),
+        first.map(|f| (prim(f.down), prim(f.residual))),
+        norm_in.map(|(n, q_fold, kv_fold)| NormInParams { gamma: prim(n.gamma), beta: prim(n.beta), eps: n.eps, q_fold: prim(q_fold.0), kv_fold: prim(kv_fold.0) }),
     );
-    Ok((wrap(q), wrap(k), wrap(v), LazyKv { pending: Tensor::from_primitive(pending), ring: wrap(ring) }))
+    Ok((wrap(q), wrap(k), wrap(v), LazyKv { pending: Tensor::from_primitive(pending), ring: wrap(ring) }, first.map(wrap)))
 }
 
 /// The inputs of [`qkv_append`] (and its lazy twin) agree: the keys' and values' as

@@ -61,7 +61,8 @@ fn reference_layer_norm_matches_host() {
     for dtype in [DType::F32, DType::F16] {
         assert_all_passed(check_layer_norm::<Flex>(&device, 3, 100, dtype, seed));
         assert_all_passed(check_kv_append::<Flex>(&device, [2, 3, 5, 8], 40, 3, dtype, seed));
-        assert_all_passed(check_qkv_lazy::<Flex>(&device, 5, 8, 40, 4, 11, dtype, seed));
+        assert_all_passed(check_qkv_lazy::<Flex>(&device, 5, 8, 40, 4, 11, false, dtype, seed));
+        assert_all_passed(check_qkv_lazy::<Flex>(&device, 4, 16, 64, 4, 11, true, dtype, seed));
         assert_all_passed(check_gated_rows_gemv::<Flex>(&device, 50, 40, dtype, seed));
         assert_all_passed(check_predictor_kernels::<Flex>(&device, 50, 40, 12, 7, dtype, seed));
         assert_all_passed(check_predicted_mlp::<Flex>(&device, 50, 40, 12, dtype, seed));

@@ -204,7 +204,11 @@ pub(crate) fn project_qkv<B: SparseKernels>(
 /// written lazily ([`dejavu_kernels::qkv_append_lazy`]): only the heads this step reads,
 /// each brought up to date, plus any head about to lose an input from the ring of the last
 /// `window` steps' inputs. The cache's lazy state starts here (every head written before
-/// `step.start`) and is [`settle_lazy_kv`]'d before any other use.
+/// `step.start`) and is [`settle_lazy_kv`]'d before any other use. The riders `first` and
+/// `norm_in` as in [`project_qkv`]. Returns the queries, the whole caches and the first
+/// factor when asked for.
+#[allow(clippy::type_complexity)] // the queries, the caches, the first factor
+#[allow(clippy::too_many_arguments)] // the layer, its input, cache and step, the window and the two riders
 pub(crate) fn project_qkv_lazy<B: SparseKernels>(
     attention: &OptAttention<B>,
     weights: &DecodeLayer<B>,
@@ -213,20 +217,24 @@ pub(crate) fn project_qkv_lazy<B: SparseKernels>(
     cache: &mut LayerKvCache<B>,
     step: &Step<B>,
     window: usize,
-) -> (Tensor<B, 2>, Tensor<B, 4>, Tensor<B, 4>) {
+    first: Option<dejavu_kernels::FirstFactor<B>>,
+    norm_in: Option<(dejavu_kernels::NormIn<B>, dejavu_kernels::RowFold<B>, dejavu_kernels::RowFold<B>)>,
+) -> (Tensor<B, 2>, Tensor<B, 4>, Tensor<B, 4>, Option<Tensor<B, 2>>) {
     let [_, d] = x.dims();
     let state = cache
         .lazy
         .take()
-        .unwrap_or_else(|| dejavu_kernels::LazyKv::new(attention.num_heads, d, window, step.start, x.dtype(), &x.device()));
-    let (q, state) = append_lazy(attention, weights, heads, bias(&attention.q_proj), x, cache, step.start, state);
+        .unwrap_or_else(|| dejavu_kernels::LazyKv::new(attention.num_heads, d, window, step.start, weights.kv_rows.dtype(), &x.device()));
+    let (q, state, first) = append_lazy(attention, weights, heads, bias(&attention.q_proj), x, cache, step.start, state, first, norm_in);
     cache.lazy = Some(state);
-    (q, cache.key.clone(), cache.value.clone())
+    (q, cache.key.clone(), cache.value.clone(), first)
 }
 
 /// One `qkv_append_lazy` launch at position `pos` for the selected `heads`, the caches it
-/// writes stored back into `cache`; returns the queries and the next lazy state.
-#[allow(clippy::too_many_arguments)] // the layer, the step's selection and input, the cache and its state
+/// writes stored back into `cache`; returns the queries, the next lazy state and the first
+/// factor when asked for.
+#[allow(clippy::too_many_arguments)] // the layer, the step's selection and input, the cache and its state, the riders
+#[allow(clippy::type_complexity)] // the queries, the next lazy state, the first factor
 fn append_lazy<B: SparseKernels>(
     attention: &OptAttention<B>,
     weights: &DecodeLayer<B>,
@@ -236,9 +244,11 @@ fn append_lazy<B: SparseKernels>(
     cache: &mut LayerKvCache<B>,
     pos: usize,
     state: dejavu_kernels::LazyKv<B>,
-) -> (Tensor<B, 2>, dejavu_kernels::LazyKv<B>) {
+    first: Option<dejavu_kernels::FirstFactor<B>>,
+    norm_in: Option<(dejavu_kernels::NormIn<B>, dejavu_kernels::RowFold<B>, dejavu_kernels::RowFold<B>)>,
+) -> (Tensor<B, 2>, dejavu_kernels::LazyKv<B>, Option<Tensor<B, 2>>) {
     let query = dejavu_kernels::QueryRows { w: weights.q_rows.clone(), heads: Some(heads), head_dim: attention.head_dim, bias: q_bias };
-    let (q, keys, values, state) = dejavu_kernels::qkv_append_lazy(
+    let (q, keys, values, state, first) = dejavu_kernels::qkv_append_lazy(
         query,
         weights.kv_rows.clone(),
         x,
@@ -247,11 +257,13 @@ fn append_lazy<B: SparseKernels>(
         cache.value.clone(),
         pos,
         state,
+        first,
+        norm_in,
     )
     .expect(SHAPES);
     cache.key = keys;
     cache.value = values;
-    (q, state)
+    (q, state, first)
 }
 
 /// Writes every key and value a lazily written layer still owes (each head, each position
@@ -270,7 +282,7 @@ pub(crate) fn settle_lazy_kv<B: SparseKernels>(
     let slot = last % window;
     let x = state.ring.clone().slice([slot..slot + 1, 0..d]);
     // The queries are not used: no bias for them.
-    append_lazy(attention, weights, all_heads.clone(), None, x, cache, last, state);
+    append_lazy(attention, weights, all_heads.clone(), None, x, cache, last, state, None, None);
 }
 
 /// fc2 (`w_t`, transposed) of `h [batch, K]` over the rows `idx` picks (all

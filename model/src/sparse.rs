@@ -395,7 +395,6 @@ impl<B: SparseKernels> SparseModel<B> {
         let options = &self.options;
         options.fused_norms
             && self.folds.get(l).is_some_and(Option::is_some)
-            && options.lazy_kv_window == 0
             && !options.oracle_attention
             && attention_pending
             && self.plan.lookahead == 1
@@ -805,9 +804,9 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
         if !lazy {
             settle_lazy_kv(attention, &weights.layers[layer], &weights.all_heads, cache, step.start);
         }
-        // A first factor still owed rides in `qkv_append` on the kernel path below, else
-        // gets its own launch now.
-        let kernel_path = !lazy && !oracle && batch == 1 && n == 1 && self.sparse_call(n) && !selection.is_dense() && self.attention_pending[layer].is_some();
+        // A first factor still owed rides in `qkv_append` (or its lazy twin) on the kernel
+        // path below, else gets its own launch now.
+        let kernel_path = !oracle && batch == 1 && n == 1 && self.sparse_call(n) && !selection.is_dense() && self.attention_pending[layer].is_some();
         // `x` may be the residual whose LayerNorm `qkv_append` is to apply
         // ([`SparseOptions::deferred_norms`]); any other path normalizes it first.
         let site = NormSite::AttentionInput(layer);
@@ -882,19 +881,17 @@ impl<B: SparseKernels> SparseHooks<'_, B> {
         let hd = attention.head_dim;
         // The selected heads' queries, and every head's key and value (see the module
         // comment) or, lazily, those of the heads read, in one launch.
-        let (q, keys, values) = match lazy {
-            true => project_qkv_lazy(attention, &weights.layers[layer], heads.clone(), x, cache, step, window),
-            false => {
-                // A first factor owed rides along (see above).
-                let first = due.map(|due| due.rider(self.model));
-                let target = first.as_ref().map(|(t, _)| *t);
-                let (q, keys, values, first) = project_qkv(attention, &weights.layers[layer], Some(heads.clone()), x, cache, step, first.map(|(_, f)| f), norm_in);
-                if let (Some(target), Some(first)) = (target, first) {
-                    self.attention_pending[target] = Some(Prediction::FirstFactor(first));
-                }
-                (q, keys, values)
-            }
+        // A first factor owed rides along (see above).
+        let first = due.map(|due| due.rider(self.model));
+        let target = first.as_ref().map(|(t, _)| *t);
+        let first = first.map(|(_, f)| f);
+        let (q, keys, values, first) = match lazy {
+            true => project_qkv_lazy(attention, &weights.layers[layer], heads.clone(), x, cache, step, window, first, norm_in),
+            false => project_qkv(attention, &weights.layers[layer], Some(heads.clone()), x, cache, step, first, norm_in),
         };
+        if let (Some(target), Some(first)) = (target, first) {
+            self.attention_pending[target] = Some(Prediction::FirstFactor(first));
+        }
         let scale = (hd as f32).powf(-0.5);
         let residual = match (accumulate, residual) {
             // Attention and out_proj in one launch, added into the f32 residual (its

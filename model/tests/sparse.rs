@@ -382,11 +382,19 @@ fn layer_norms_written_ahead_give_the_same_decode() {
         let plan = plan(&manifest, threshold, threshold);
         let plain = SparseModel::new(&model, hash, plan.clone(), modules.clone(), base).unwrap();
         let ahead = SparseModel::new(&model, hash, plan.clone(), modules.clone(), SparseOptions { fused_norms: true, ..base }).unwrap();
-        let deferred = SparseModel::new(&model, hash, plan, modules, SparseOptions { fused_norms: true, deferred_norms: true, ..base }).unwrap();
+        let deferred = SparseModel::new(&model, hash, plan.clone(), modules.clone(), SparseOptions { fused_norms: true, deferred_norms: true, ..base }).unwrap();
+        // The same with keys and values written lazily (window 3): the LayerNorm and the
+        // next layer's first factor ride in qkv_append_lazy.
+        let deferred_lazy = SparseModel::new(&model, hash, plan, modules, SparseOptions { fused_norms: true, deferred_norms: true, lazy_kv_window: 3, ..base }).unwrap();
         let mut plain_hooks = plain.hooks();
         let want = stepped_logits(&model, &mut plain_hooks, &ids);
         let a = plain_hooks.stats();
-        for (name, sparse, deferring) in [("written ahead", &ahead, false), ("applied by the launches that read them", &deferred, true)] {
+        let runs = [
+            ("written ahead", &ahead, false),
+            ("applied by the launches that read them", &deferred, true),
+            ("applied by the launches that read them, keys and values written lazily", &deferred_lazy, true),
+        ];
+        for (name, sparse, deferring) in runs {
             let mut hooks = sparse.hooks();
             let got = stepped_logits(&model, &mut hooks, &ids);
             let err = max_abs_diff(&want, &got);

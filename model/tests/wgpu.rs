@@ -129,11 +129,12 @@ fn wgpu_sparse_decode_matches_the_cpu_reference() {
     // the residual stream kept in f32 (out_proj and fc2 adding into it, fc2 with f32
     // atomics: lavapipe has them), with attention and out_proj as two launches and as one;
     // and with the LayerNorms written by the launches that finish the residual (every head
-    // written each step, so the next layer's attention first factor rides in qkv_append).
+    // written each step, so the next layer's attention first factor rides in qkv_append;
+    // and written lazily).
     // (The LayerNorms applied by qkv_append, `deferred_norms`, need a layer with a next
     // layer's predictor after it: the fixture's two layers have none; the kernel is checked
     // on lavapipe in kernels/tests/wgpu.rs and the path on the CPU in tests/sparse.rs.)
-    let variants = [(4, false, false, false, false), (4, true, false, false, false), (4, false, true, false, false), (4, false, true, true, false), (0, false, true, true, true), (0, false, true, false, true)];
+    let variants = [(4, false, false, false, false), (4, true, false, false, false), (4, false, true, false, false), (4, false, true, true, false), (0, false, true, true, true), (0, false, true, false, true), (4, false, true, true, true)];
     for (window, fused_mlp, f32_residual, fused_attention, fused_norms) in variants {
         let options = SparseOptions { lazy_kv_window: window, fused_mlp, f32_residual, fused_attention, fused_norms, ..Default::default() };
         let gpu_sparse = SparseModel::with_weights(&gpu, &hash, plan.clone(), gpu_set.modules.clone(), options, weights.clone()).unwrap();

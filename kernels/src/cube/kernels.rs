@@ -2292,11 +2292,12 @@ fn write_kv<F: Float>(
 /// ones): q, k and v of a decode step in one launch. Each cube does one job, so the
 /// reductions never diverge inside a cube. With `has_first` (batch 1), cubes after those
 /// write the first factor of the next layer's attention predictor from the layer's
-/// residual (`down`, `residual`, `first`; [`first_factor_row`]). With `norm_in` (batch 1,
-/// not lazy) the input is the f32 residual `xf` itself: each cube applies its LayerNorm
-/// for its own rows ([`cube_layer_norm_shared`] with `gamma`, then [`normed_row_total`]
-/// with the rows' `W · beta + bias` in `q_fold`, `kv_fold`), so no launch before had to
-/// write it.
+/// residual (`down`, `residual`, `first`; [`first_factor_row`]). With `norm_in` (batch 1)
+/// the input is the f32 residual `xf` itself: each cube applies its LayerNorm for its own
+/// rows ([`cube_layer_norm_shared`] with `gamma`, then [`normed_row_total`] with the rows'
+/// `W · beta + bias` in `q_fold`, `kv_fold`), so no launch before had to write it; lazily,
+/// the ring then gets the LayerNorm's output (`beta` added), from which the positions a
+/// head still owes are recomputed with `bias`.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)] // the keys', values' and queries' inputs
 pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int, P: Float>(
@@ -2317,6 +2318,7 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int, P: Float>(
     first: &mut Array<f32>,
     xf: &Array<Vector<f32, N>>,
     gamma: &Array<Vector<f32, N>>,
+    beta: &Array<Vector<f32, N>>,
     q_fold: &Array<f32>,
     kv_fold: &Array<f32>,
     shape: KvShape,
@@ -2346,10 +2348,63 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int, P: Float>(
         first_factor_row(down, residual, first, cube - first_shape.after, first_shape, &mut scratch, group * rows_per_cube, plane);
         terminate!();
     }
+    let rows = shape.rows;
+    let half = rows / 2;
+    let hd = shape.head_dim;
+    let window = lazy_shape.window;
+    // Lazily (batch 1), a key-and-value cube decides first, before any LayerNorm, which
+    // positions its head writes: head `h` is written when selected, or when its oldest
+    // unwritten position would otherwise leave the ring next step; then every position
+    // from its first unwritten one to `pos`. A cube's rows are all in one head (the
+    // launcher takes one row a cube where its rows per cube do not divide the head dim),
+    // so the decision is the cube's, and a cube with nothing to write ends here.
+    let mut lazy_first = pos + 1;
+    if lazy && cube >= query.cubes {
+        let base = (cube - query.cubes) * rows_per_cube;
+        if base < rows {
+            let h = (base % half) / hd;
+            let pending = usize::cast_from(pending_in[h]);
+            let mut selected = false;
+            for i in 0..lazy_shape.sel_len {
+                if usize::cast_from(q_idx[i]) == h {
+                    selected = true;
+                }
+            }
+            if selected || pending + window <= pos + 1 {
+                lazy_first = pending;
+            }
+            // The head's first key row writes its next pending.
+            if base % hd == 0 && base < half && UNIT_POS_Y == 0 && lane == 0 {
+                let mut next = pending;
+                if lazy_first <= pos {
+                    next = pos + 1;
+                }
+                pending_out[h] = I::cast_from(next);
+            }
+        }
+        if lazy_first > pos {
+            terminate!();
+        }
+    }
     let mut xs = SharedMemory::<Vector<F, N>>::new(norm_vectors);
     let mut inv_std = 0.0f32;
     if norm_in {
         inv_std = cube_layer_norm_shared(xf, gamma, shape.width, norm, &mut xs, &mut scratch, group * rows_per_cube, plane);
+    }
+    // The ring keeps this step's layer input (the LayerNorm's output) for the steps that
+    // recompute it; its slot held position `pos - window`, which no head still needs.
+    // Cube 0 computes queries, which a lazy launch always has.
+    if lazy && cube == 0 && UNIT_POS_Y == 0 {
+        let slot = (pos % window) * shape.width;
+        let mut t = lane;
+        while t < shape.width {
+            if norm_in {
+                ring[slot + t] = Vector::<F, N>::cast_from(Vector::<f32, N>::cast_from(xs[t]) * Vector::<f32, N>::new(inv_std) + beta[t]);
+            } else {
+                ring[slot + t] = x[t];
+            }
+            t += group;
+        }
     }
     if has_query {
         if cube < query.cubes {
@@ -2382,63 +2437,37 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int, P: Float>(
         cube -= query.cubes;
     }
     let j = cube * rows_per_cube + UNIT_POS_Y as usize;
-    let rows = shape.rows;
-    let half = rows / 2;
-    let hd = shape.head_dim;
     let in_range = j < rows;
     let w_base = j * shape.w_stride;
     let jj = j % half;
     let h = jj / hd;
     let c = jj % hd;
     if lazy {
-        // Batch 1. Head `h` is written when selected, or when its oldest unwritten
-        // position would otherwise leave the ring next step; then every position from its
-        // first unwritten one to `pos`, each from its own layer input. A cube's rows are
-        // all in one head (the launcher takes one row a cube where its rows per cube do
-        // not divide the head dim), so its groups loop alike.
-        let window = lazy_shape.window;
-        let mut first = pos + 1;
-        if in_range {
-            let pending = usize::cast_from(pending_in[h]);
-            let mut selected = false;
-            for i in 0..lazy_shape.sel_len {
-                if usize::cast_from(q_idx[i]) == h {
-                    selected = true;
-                }
+        // This position first (the row comes from memory), then the positions the head
+        // still owes, each from its input in the ring (the row again, from the caches).
+        // Holding the row in registers for all positions instead, four positions' inputs
+        // at a time, was slower on the H100 (6.7B shape, sparse decode: 5.11 ms/token
+        // against 4.66 re-reading it, and 3.47 writing every head's keys and values).
+        let total = if norm_in {
+            normed_row_total(kv, w_base, &xs, inv_std, kv_fold, j, in_range, lane, shape.width, &mut scratch, group, use_plane)
+        } else {
+            let mut partial = 0.0f32;
+            if in_range {
+                partial = lane_dot(kv, w_base, x, 0, lane, group, shape.width);
             }
-            if selected || pending + window <= pos + 1 {
-                first = pending;
-            }
-            if c == 0 && j < half && lane == 0 {
-                let mut next = pending;
-                if first <= pos {
-                    next = pos + 1;
-                }
-                pending_out[h] = I::cast_from(next);
-            }
+            group_sum(partial, &mut scratch, group, use_plane)
+        };
+        if lane == 0 && in_range {
+            let offset = h * shape.cache_head_stride + pos * shape.cache_pos_stride + c;
+            write_kv(total, bias, j, half, offset, k_cache, v_cache, comptime!(has_bias && !norm_in));
         }
-        // The ring keeps this step's input for the steps that recompute it; its slot held
-        // position `pos - window`, which no head still needs.
-        if cube == 0 && UNIT_POS_Y == 0 {
-            let slot = (pos % window) * shape.width;
-            let mut t = lane;
-            while t < shape.width {
-                ring[slot + t] = x[t];
-                t += group;
+        for p in lazy_first..pos {
+            let mut partial = 0.0f32;
+            if in_range {
+                partial = lane_dot(kv, w_base, ring, (p % window) * shape.width, lane, group, shape.width);
             }
-        }
-        // Each position re-reads the row (from L2 after the first). Holding the row in
-        // registers for all positions instead, four positions' inputs at a time, was
-        // slower still on the H100 (6.7B shape, sparse decode: 5.11 ms/token against 4.66
-        // this way, and 3.47 writing every head's keys and values).
-        for p in first..pos + 1 {
-            let partial = if p == pos {
-                lane_dot(kv, w_base, x, 0, lane, group, shape.width)
-            } else {
-                lane_dot(kv, w_base, ring, (p % window) * shape.width, lane, group, shape.width)
-            };
             let total = group_sum(partial, &mut scratch, group, use_plane);
-            if lane == 0 {
+            if lane == 0 && in_range {
                 let offset = h * shape.cache_head_stride + p * shape.cache_pos_stride + c;
                 write_kv(total, bias, j, half, offset, k_cache, v_cache, has_bias);
             }

@@ -1150,24 +1150,26 @@ pub fn kv_append<R: CubeRuntime>(
 /// A LayerNorm that `qkv_append` applies to its input itself (batch 1), so that no launch
 /// before has to write it: `x` is then the f32 residual `[1, d]`, `gamma` `[d]` f32, and
 /// `q_fold`, `kv_fold` hold `W[row] · beta + bias[row]` per row of the queries' and the
-/// keys' and values' weights, f32 ([`crate::RowFold`]), which replace the biases.
+/// keys' and values' weights, f32 ([`crate::RowFold`]), which replace the biases. A lazy
+/// launch also reads `beta` `[d]` f32: its ring keeps the LayerNorm's output.
 pub struct NormInArgs<R: CubeRuntime> {
     pub gamma: CubeTensor<R>,
+    pub beta: CubeTensor<R>,
     pub eps: f32,
     pub q_fold: CubeTensor<R>,
     pub kv_fold: CubeTensor<R>,
 }
 
-/// The bindings of an optional [`NormInArgs`]: `gamma`, the keys' and values' fold and the
-/// queries' fold (bind them with [`bound`]) and the shape, or none. The residual it
-/// normalizes is the launch's `x` (f32), bound as `xf` whatever the flag.
-fn norm_in_bindings<R: CubeRuntime>(norm_in: Option<NormInArgs<R>>, x: &CubeTensor<R>) -> (Option<[CubeTensor<R>; 3]>, NormShapeLaunch<R>, bool) {
+/// The bindings of an optional [`NormInArgs`]: `gamma`, `beta`, the keys' and values' fold
+/// and the queries' fold (bind them with [`bound`]) and the shape, or none. The residual
+/// it normalizes is the launch's `x` (f32), bound as `xf` whatever the flag.
+fn norm_in_bindings<R: CubeRuntime>(norm_in: Option<NormInArgs<R>>, x: &CubeTensor<R>) -> (Option<[CubeTensor<R>; 4]>, NormShapeLaunch<R>, bool) {
     match norm_in {
-        Some(NormInArgs { gamma, eps, q_fold, kv_fold }) => {
+        Some(NormInArgs { gamma, beta, eps, q_fold, kv_fold }) => {
             let d = dims(x)[1];
             assert_eq!(dims(x)[0], 1, "a LayerNorm applied in the launch: one sequence");
             assert_eq!(x.dtype, DType::F32, "a LayerNorm applied in the launch: the residual in f32");
-            (Some([into_contiguous(gamma), into_contiguous(kv_fold), into_contiguous(q_fold)]), NormShapeLaunch::new(d, 1.0 / d as f32, eps), true)
+            (Some([into_contiguous(gamma), into_contiguous(beta), into_contiguous(kv_fold), into_contiguous(q_fold)]), NormShapeLaunch::new(d, 1.0 / d as f32, eps), true)
         }
         None => (None, NormShapeLaunch::new(0, 0.0, 0.0), false),
     }
@@ -1214,9 +1216,11 @@ pub struct LazyArgs<R: CubeRuntime> {
 /// [`qkv_append`] at batch 1 writing keys and values only for the selected heads (the
 /// query's index list) and for heads whose oldest unwritten position is about to leave
 /// the ring — each of those for every position it has not written yet, from the ring's
-/// inputs; see [`crate::SparseKernels::qkv_append_lazy`]. Returns the queries, the
-/// caches and the next `pending` (the ring is updated in place).
-#[allow(clippy::too_many_arguments)] // the queries', keys' and values' inputs and the lazy state
+/// inputs; see [`crate::SparseKernels::qkv_append_lazy`]. The riders of [`qkv_append`]
+/// (`first`, `norm_in`) as there. Returns the queries, the caches, the next `pending`
+/// (the ring is updated in place) and the first factor.
+#[allow(clippy::too_many_arguments)] // the queries', keys' and values' inputs, the lazy state and the riders
+#[allow(clippy::type_complexity)] // the queries, the caches, the next lazy state, the first factor
 pub fn qkv_append_lazy<R: CubeRuntime>(
     query: QueryArgs<R>,
     kv: CubeTensor<R>,
@@ -1226,11 +1230,13 @@ pub fn qkv_append_lazy<R: CubeRuntime>(
     v_cache: CubeTensor<R>,
     pos: usize,
     lazy: LazyArgs<R>,
-) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
+    first: Option<FirstArgs<R>>,
+    norm_in: Option<NormInArgs<R>>,
+) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>, CubeTensor<R>, Option<CubeTensor<R>>) {
     assert!(query.idx.is_some(), "qkv_append_lazy: the selected heads' index list");
     let int_dtype = lazy.pending.dtype;
-    let (q, k, v, pending, _) = qkv_append_launch(Some(query), kv, x, bias, k_cache, v_cache, pos, int_dtype, Some(lazy), None, None);
-    (q.expect("a query was asked for"), k, v, pending.expect("the lazy launch's next pending"))
+    let (q, k, v, pending, first) = qkv_append_launch(Some(query), kv, x, bias, k_cache, v_cache, pos, int_dtype, Some(lazy), first, norm_in);
+    (q.expect("a query was asked for"), k, v, pending.expect("the lazy launch's next pending"), first)
 }
 
 #[allow(clippy::too_many_arguments)] // the queries', keys' and values' inputs and the lazy state
@@ -1263,9 +1269,12 @@ fn qkv_append_launch<R: CubeRuntime>(
     let (group, use_plane) = reduction_group(&kv.client);
     // Lazily, a cube's rows must be one head's (they loop over that head's positions).
     let config = LaunchConfig::default();
-    let rows_per_cube = match config.rows_per_cube {
+    let rows_per_cube = match norm_in {
+        Some(_) => config.qkv_norm_rows_per_cube.clamp(1, client_units(&kv) / group),
+        None => config.rows_per_cube,
+    };
+    let rows_per_cube = match rows_per_cube {
         r if lazy.is_some() && !dims(&k_cache)[3].is_multiple_of(r) => 1,
-        _ if norm_in.is_some() => config.qkv_norm_rows_per_cube.clamp(1, client_units(&kv) / group),
         r => r,
     };
     let dtype = kv.dtype;
@@ -1320,9 +1329,8 @@ fn qkv_append_launch<R: CubeRuntime>(
     let [down, residual, first_out] = bound(&first_bound, &x);
     let (has_first, first_dtype) = (first.is_some(), down.dtype);
     let first_cubes = first.as_ref().map_or(0, |f| dims(f)[1]);
-    assert!(norm_in.is_none() || !is_lazy, "qkv_append: a LayerNorm applied in the launch is not lazy");
     let (norm_in_bound, norm_shape, has_norm_in) = norm_in_bindings(norm_in, &x);
-    let [gamma, kv_fold, q_fold] = bound(&norm_in_bound, &x);
+    let [gamma, beta, kv_fold, q_fold] = bound(&norm_in_bound, &x);
     // The cubes' LayerNorm in shared memory: the row in vectors.
     let norm_vectors = if has_norm_in { dims(&kv)[1] / vs } else { 1 };
     // With the LayerNorm applied in the launch, `x` (the weights' dtype) is not read.
@@ -1350,6 +1358,7 @@ fn qkv_append_launch<R: CubeRuntime>(
             arg(first_out),
             arg(&x),
             arg(gamma),
+            arg(beta),
             arg(q_fold),
             arg(kv_fold),
             shape,
@@ -1358,7 +1367,9 @@ fn qkv_append_launch<R: CubeRuntime>(
             first_shape,
             norm_shape,
             pos,
-            has_bias && !has_norm_in,
+            // With the LayerNorm in the launch the folds hold the bias, except for a lazy
+            // head's owed positions (from the ring's LayerNorm outputs).
+            has_bias,
             has_query,
             q_gathered,
             has_q_bias && !has_norm_in,

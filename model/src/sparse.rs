@@ -73,10 +73,13 @@ pub struct SparseOptions {
     /// which the cache keeps; the reference uses 16) and any head about to lose one of
     /// those inputs — at 50% of the heads about half the key and value weight reads
     /// (`dejavu_kernels::qkv_append_lazy`). Every head reads exactly the keys and values
-    /// an every-head write gives it either way. Measured on the H100 (6.7B shape, 50% of
-    /// the heads, window 16), the lazy write made a sparse decode step slower, 4.66 against
-    /// 3.47 ms/token: its recomputations are chains of dependent launches' worth of work
-    /// inside one kernel, longer than the reads they save.
+    /// an every-head write gives it either way (with `deferred_norms`, to the rounding of
+    /// the LayerNorm's output that the cache keeps). Measured on the H100 (6.7B shape, 50%
+    /// of the heads, the step of `f32_residual`, `fused_attention`, `fused_norms` and
+    /// `deferred_norms`), window 4 runs level with the every-head write (3.04 and 2.92
+    /// against 2.92 and 2.91 ms/token) and window 16 slower (3.30): each missed position
+    /// re-reads the head's rows inside the launch, one after another, which costs what
+    /// the skipped reads save.
     pub lazy_kv_window: usize,
     /// Hold a second copy of the predictors in the model's float dtype for the decode
     /// step's fused kernels (`norm_predict`, `predicted_rows_gemv`, `predict_select`),

@@ -101,11 +101,14 @@ fn cube_kernels_on_wgpu_match_host_loops() {
         outcomes.extend(check_kv_append::<Cube<WgpuRuntime>>(&device, [1, 4, 7, 12], 37, 0, dtype, seed));
         // Lazy keys and values: whole heads per cube (hd 8), and a cube per row (hd 12);
         // with the LayerNorm in the launch and the first factor riding along, whole heads
-        // per cube (hd 16) and a cube per row (hd 12).
+        // per cube (hd 16) and a cube per row (hd 12). Rows of 512 take the owed positions'
+        // four-vector rounds (rows of 40 and 64 have too few vectors a lane for one).
         outcomes.extend(check_qkv_lazy::<Cube<WgpuRuntime>>(&device, 5, 8, 40, 4, 11, false, dtype, seed));
         outcomes.extend(check_qkv_lazy::<Cube<WgpuRuntime>>(&device, 3, 12, 37, 3, 8, false, dtype, seed));
         outcomes.extend(check_qkv_lazy::<Cube<WgpuRuntime>>(&device, 4, 16, 64, 4, 11, true, dtype, seed));
         outcomes.extend(check_qkv_lazy::<Cube<WgpuRuntime>>(&device, 3, 12, 37, 3, 8, true, dtype, seed));
+        outcomes.extend(check_qkv_lazy::<Cube<WgpuRuntime>>(&device, 4, 16, 512, 4, 11, true, dtype, seed));
+        outcomes.extend(check_qkv_lazy::<Cube<WgpuRuntime>>(&device, 4, 16, 512, 3, 9, false, dtype, seed));
         outcomes.extend(check_gated_rows_gemv::<Cube<WgpuRuntime>>(&device, 77, 1036, dtype, seed));
         // Ranks below and above one lane group, head counts below and above the cube's groups.
         outcomes.extend(check_predictor_kernels::<Cube<WgpuRuntime>>(&device, 77, 1036, 24, 5, dtype, seed));

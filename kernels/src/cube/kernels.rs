@@ -2257,6 +2257,81 @@ fn layer_norm_row<F: Float, O: Float, N: Size>(
     }
 }
 
+/// One lane's share of `W[w_base ..] · cur` (returned) and of `W[w_base ..] · ring[slots[q]
+/// ..]` for the first `owed_count` of `owed_max` ring inputs (into `sums[q]`), over
+/// `width` vectors: each weight vector is loaded once for all the inputs (four in flight),
+/// the ring's vectors come from L1 (every row of the cube reads the same ones). A lazily
+/// written head's positions in one pass over its rows. Zeros where `live` is false.
+#[cube]
+#[allow(clippy::too_many_arguments)] // the row, the inputs and the layout
+fn lane_dots_owed<F: Float, N: Size, L: List<Vector<F, N>>>(
+    w: &Array<Vector<F, N>>,
+    w_base: usize,
+    cur: &L,
+    ring: &Array<Vector<F, N>>,
+    slots: &Array<usize>,
+    owed_count: usize,
+    sums: &mut Array<f32>,
+    live: bool,
+    lane: usize,
+    group: usize,
+    width: usize,
+    #[comptime] owed_max: usize,
+) -> f32 {
+    let mut acc = Vector::<f32, N>::new(0.0f32);
+    #[unroll]
+    for q in 0..owed_max {
+        sums[q] = 0.0f32;
+    }
+    if live {
+        let mut t = lane;
+        while t + 3 * group < width {
+            let w0 = Vector::<f32, N>::cast_from(w[w_base + t]);
+            let w1 = Vector::<f32, N>::cast_from(w[w_base + t + group]);
+            let w2 = Vector::<f32, N>::cast_from(w[w_base + t + 2 * group]);
+            let w3 = Vector::<f32, N>::cast_from(w[w_base + t + 3 * group]);
+            acc += w0 * Vector::<f32, N>::cast_from(cur.read(t));
+            acc += w1 * Vector::<f32, N>::cast_from(cur.read(t + group));
+            acc += w2 * Vector::<f32, N>::cast_from(cur.read(t + 2 * group));
+            acc += w3 * Vector::<f32, N>::cast_from(cur.read(t + 3 * group));
+            #[unroll]
+            for q in 0..owed_max {
+                if q < owed_count {
+                    let s = slots[q] + t;
+                    let mut v = w0 * Vector::<f32, N>::cast_from(ring[s]);
+                    v += w1 * Vector::<f32, N>::cast_from(ring[s + group]);
+                    v += w2 * Vector::<f32, N>::cast_from(ring[s + 2 * group]);
+                    v += w3 * Vector::<f32, N>::cast_from(ring[s + 3 * group]);
+                    let mut total = sums[q];
+                    #[unroll]
+                    for l in 0..N::value() {
+                        total += v[l];
+                    }
+                    sums[q] = total;
+                }
+            }
+            t += 4 * group;
+        }
+        while t < width {
+            let wv = Vector::<f32, N>::cast_from(w[w_base + t]);
+            acc += wv * Vector::<f32, N>::cast_from(cur.read(t));
+            #[unroll]
+            for q in 0..owed_max {
+                if q < owed_count {
+                    sums[q] += vector_dot(wv, Vector::<f32, N>::cast_from(ring[slots[q] + t]));
+                }
+            }
+            t += group;
+        }
+    }
+    let mut partial = 0.0f32;
+    #[unroll]
+    for v in 0..N::value() {
+        partial += acc[v];
+    }
+    partial
+}
+
 /// Row `j` of `[k_proj; v_proj]` (the first `half` rows are keys) with its bias, stored
 /// at `offset` of the key or the value cache: the write every path of
 /// [`kv_append_kernel`] ends with.
@@ -2338,6 +2413,7 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int, P: Float>(
     #[comptime] has_first: bool,
     #[comptime] norm_in: bool,
     #[comptime] norm_vectors: usize,
+    #[comptime] owed_max: usize,
     #[define(F, I, P)] _dtypes: [StorageType; 3],
 ) {
     let mut scratch = SharedMemory::<f32>::new(group * rows_per_cube);
@@ -2443,33 +2519,52 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int, P: Float>(
     let h = jj / hd;
     let c = jj % hd;
     if lazy {
-        // This position first (the row comes from memory), then the positions the head
-        // still owes, each from its input in the ring (the row again, from the caches).
-        // Holding the row in registers for all positions instead, four positions' inputs
-        // at a time, was slower on the H100 (6.7B shape, sparse decode: 5.11 ms/token
-        // against 4.66 re-reading it, and 3.47 writing every head's keys and values).
-        let total = if norm_in {
-            normed_row_total(kv, w_base, &xs, inv_std, kv_fold, j, in_range, lane, shape.width, &mut scratch, group, use_plane)
+        // This position, then the positions the head still owes, each from its input in
+        // the ring. Where it owes none, the plain row dot of the every-head write; where
+        // it does, one pass over the row for all of them ([`lane_dots_owed`]): re-reading
+        // the row for each owed position (from L2, one after another) cost what the
+        // skipped heads saved (the launch 36.35 µs a layer against 36.00 writing every
+        // head, at 30–88 MB of DRAM reads against 79–98; 6.7B shape, window 4, run 130).
+        let owed_count = pos - lazy_first;
+        let mut sums = Array::<f32>::new(owed_max);
+        let mut partial = 0.0f32;
+        if owed_count == 0 {
+            if in_range {
+                partial = if norm_in {
+                    lane_dot_list::<F, F, N, SharedMemory<Vector<F, N>>>(kv, w_base, &xs, 0, lane, group, shape.width)
+                } else {
+                    lane_dot(kv, w_base, x, 0, lane, group, shape.width)
+                };
+            }
         } else {
-            let mut partial = 0.0f32;
-            if in_range {
-                partial = lane_dot(kv, w_base, x, 0, lane, group, shape.width);
+            let mut slots = Array::<usize>::new(owed_max);
+            #[unroll]
+            for q in 0..owed_max {
+                slots[q] = ((lazy_first + q) % window) * shape.width;
             }
-            group_sum(partial, &mut scratch, group, use_plane)
-        };
-        if lane == 0 && in_range {
-            let offset = h * shape.cache_head_stride + pos * shape.cache_pos_stride + c;
-            write_kv(total, bias, j, half, offset, k_cache, v_cache, comptime!(has_bias && !norm_in));
+            partial = if norm_in {
+                lane_dots_owed::<F, N, SharedMemory<Vector<F, N>>>(kv, w_base, &xs, ring, &slots, owed_count, &mut sums, in_range, lane, group, shape.width, owed_max)
+            } else {
+                lane_dots_owed::<F, N, Array<Vector<F, N>>>(kv, w_base, x, ring, &slots, owed_count, &mut sums, in_range, lane, group, shape.width, owed_max)
+            };
         }
-        for p in lazy_first..pos {
-            let mut partial = 0.0f32;
-            if in_range {
-                partial = lane_dot(kv, w_base, ring, (p % window) * shape.width, lane, group, shape.width);
+        let total = group_sum(partial, &mut scratch, group, use_plane);
+        if lane == 0 && in_range {
+            let mut y = total;
+            if norm_in {
+                y = total * inv_std + kv_fold[j];
             }
-            let total = group_sum(partial, &mut scratch, group, use_plane);
-            if lane == 0 && in_range {
-                let offset = h * shape.cache_head_stride + p * shape.cache_pos_stride + c;
-                write_kv(total, bias, j, half, offset, k_cache, v_cache, has_bias);
+            let offset = h * shape.cache_head_stride + pos * shape.cache_pos_stride + c;
+            write_kv(y, bias, j, half, offset, k_cache, v_cache, comptime!(has_bias && !norm_in));
+        }
+        #[unroll]
+        for q in 0..owed_max {
+            if q < owed_count {
+                let total = group_sum(sums[q], &mut scratch, group, use_plane);
+                if lane == 0 && in_range {
+                    let offset = h * shape.cache_head_stride + (lazy_first + q) * shape.cache_pos_stride + c;
+                    write_kv(total, bias, j, half, offset, k_cache, v_cache, has_bias);
+                }
             }
         }
     } else if norm_in {

@@ -1299,15 +1299,15 @@ fn qkv_append_launch<R: CubeRuntime>(
     let has_query = q_out.is_some();
     let is_lazy = lazy.is_some();
     let heads = dims(&k_cache)[1];
-    let (lazy_bound, pending_out, lazy_shape) = match lazy {
+    let (lazy_bound, pending_out, lazy_shape, window) = match lazy {
         Some(LazyArgs { pending, ring }) => {
             assert_eq!(batch, 1, "qkv_append_lazy: batch 1");
             let window = dims(&ring)[0];
             let sel_len = dims(&q_idx)[0];
             let pending_out = empty(&pending, vec![heads], pending.dtype);
-            (Some([into_contiguous(pending), into_contiguous(ring)]), Some(pending_out), LazyShapeLaunch::new(sel_len, window))
+            (Some([into_contiguous(pending), into_contiguous(ring)]), Some(pending_out), LazyShapeLaunch::new(sel_len, window), window)
         }
-        None => (None, None, LazyShapeLaunch::new(0, 1)),
+        None => (None, None, LazyShapeLaunch::new(0, 1), 1),
     };
     let [pending_in, ring] = bound(&lazy_bound, &x);
     debug_assert!(!has_query || (dims(&q_w)[1] == dims(&kv)[1] && stride(&q_w, 0) % vs == 0));
@@ -1335,6 +1335,10 @@ fn qkv_append_launch<R: CubeRuntime>(
     let norm_vectors = if has_norm_in { dims(&kv)[1] / vs } else { 1 };
     // With the LayerNorm applied in the launch, `x` (the weights' dtype) is not read.
     let x_read = if has_norm_in { &kv } else { &x };
+    // Lazily, the most positions a head can owe besides this one (a window's worth, less
+    // one): the kernel's accumulators for them are unrolled (at least one, unused
+    // elsewhere).
+    let owed_max = window.saturating_sub(1).max(1);
     unsafe {
         kv_append_kernel::launch_unchecked::<R>(
             &client,
@@ -1380,6 +1384,7 @@ fn qkv_append_launch<R: CubeRuntime>(
             has_first,
             has_norm_in,
             norm_vectors,
+            owed_max,
             [dtype.into(), idx_dtype.into(), first_dtype.into()],
         );
     }

@@ -74,12 +74,12 @@ pub struct SparseOptions {
     /// those inputs — at 50% of the heads about half the key and value weight reads
     /// (`dejavu_kernels::qkv_append_lazy`). Every head reads exactly the keys and values
     /// an every-head write gives it either way (with `deferred_norms`, to the rounding of
-    /// the LayerNorm's output that the cache keeps). Measured on the H100 (6.7B shape, 50%
-    /// of the heads, the step of `f32_residual`, `fused_attention`, `fused_norms` and
-    /// `deferred_norms`), window 4 runs level with the every-head write (3.04 and 2.92
-    /// against 2.92 and 2.91 ms/token) and window 16 slower (3.30): each missed position
-    /// re-reads the head's rows inside the launch, one after another, which costs what
-    /// the skipped reads save.
+    /// the LayerNorm's output that the cache keeps). Measured on the H100 (50% of the heads,
+    /// the step of `f32_residual`, `fused_attention`, `fused_norms` and `deferred_norms`,
+    /// run 132): window 2 is 3–5% faster than the every-head write (6.7B shape 2.826 and
+    /// 2.783 against 2.925 and 2.908 ms/token; 13B 4.746 and 4.766 against 5.012 and
+    /// 5.023), window 4 about 2% (6.7B 2.852, 13B 4.786). Longer windows let more heads owe
+    /// more positions, each an accumulator in the launch; 16 was slower than every head.
     pub lazy_kv_window: usize,
     /// Hold a second copy of the predictors in the model's float dtype for the decode
     /// step's fused kernels (`norm_predict`, `predicted_rows_gemv`, `predict_select`),

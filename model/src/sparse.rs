@@ -78,8 +78,9 @@ pub struct SparseOptions {
     /// the step of `f32_residual`, `fused_attention`, `fused_norms` and `deferred_norms`,
     /// run 132): window 2 is 3–5% faster than the every-head write (6.7B shape 2.826 and
     /// 2.783 against 2.925 and 2.908 ms/token; 13B 4.746 and 4.766 against 5.012 and
-    /// 5.023), window 4 about 2% (6.7B 2.852, 13B 4.786). Longer windows let more heads owe
-    /// more positions, each an accumulator in the launch; 16 was slower than every head.
+    /// 5.023), window 4 about 2% (6.7B 2.852, 13B 4.786). Longer windows let a head owe
+    /// more positions, each an accumulator in the launch (8 was 3% slower than every head
+    /// in run 131, with four weight vectors in flight).
     pub lazy_kv_window: usize,
     /// Hold a second copy of the predictors in the model's float dtype for the decode
     /// step's fused kernels (`norm_predict`, `predicted_rows_gemv`, `predict_select`),

@@ -2432,8 +2432,9 @@ pub(crate) fn kv_append_kernel<F: Float, N: Size, I: Int, P: Float>(
             if selected || pending + window <= pos + 1 {
                 lazy_first = pending;
             }
-            // The head's first key row writes its next pending.
-            if base % hd == 0 && base < half && UNIT_POS_Y == 0 && lane == 0 {
+            // The head's first key row (column 0 of a key block) writes its next pending.
+            let column = base % hd;
+            if column == 0 && base < half && UNIT_POS_Y == 0 && lane == 0 {
                 let mut next = pending;
                 if lazy_first <= pos {
                     next = pos + 1;

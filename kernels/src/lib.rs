@@ -522,6 +522,17 @@ where
     (acc, normed)
 }
 
+/// [`NormInParams`] as `CubeBackend`'s launcher takes them.
+fn cube_norm_in<R, F, I, BT>(n: NormInParams<burn_cubecl::CubeBackend<R, F, I, BT>>) -> cube::NormInArgs<R>
+where
+    R: burn_cubecl::CubeRuntime,
+    F: burn_cubecl::FloatElement,
+    I: burn_cubecl::IntElement,
+    BT: burn_cubecl::BoolElement,
+{
+    cube::NormInArgs { gamma: n.gamma, beta: n.beta, eps: n.eps, q_fold: n.q_fold, kv_fold: n.kv_fold }
+}
+
 /// A predictor's first factor `down [r, d] · residual [1, d]`, summed and stored in f32
 /// whatever `down`'s dtype (as the kernels do it).
 fn first_factor<B: SparseKernels>(down: FloatTensor<B>, residual: FloatTensor<B>) -> FloatTensor<B> {
@@ -783,7 +794,7 @@ where
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let query = cube::QueryArgs { w: q_w, idx: q_idx, block, bias: q_bias };
         let first = cube::FirstArgs { down: first.0, residual: first.1 };
-        let norm_in = norm_in.map(|n| cube::NormInArgs { gamma: n.gamma, beta: n.beta, eps: n.eps, q_fold: n.q_fold, kv_fold: n.kv_fold });
+        let norm_in = norm_in.map(cube_norm_in);
         let (q, k, v, first) = cube::qkv_append(Some(query), kv, x, kv_bias, k_cache, v_cache, pos, I::dtype(), Some(first), norm_in);
         (q.expect("a query was asked for"), k, v, first.expect("a first factor was asked for"))
     }
@@ -807,7 +818,7 @@ where
         let query = cube::QueryArgs { w: q_w, idx: Some(heads), block, bias: q_bias };
         let lazy = cube::LazyArgs { pending, ring: ring.clone() };
         let first = first.map(|(down, residual)| cube::FirstArgs { down, residual });
-        let norm_in = norm_in.map(|n| cube::NormInArgs { gamma: n.gamma, beta: n.beta, eps: n.eps, q_fold: n.q_fold, kv_fold: n.kv_fold });
+        let norm_in = norm_in.map(cube_norm_in);
         let (q, k, v, pending, first) = cube::qkv_append_lazy(query, kv, x, kv_bias, k_cache, v_cache, pos, lazy, first, norm_in);
         (q, k, v, pending, ring, first)
     }
@@ -1661,19 +1672,10 @@ pub fn qkv_append_lazy<B: SparseKernels>(
     pos: usize,
     state: LazyKv<B>,
     first: Option<FirstFactor<B>>,
-    norm_in: Option<(NormIn<B>, RowFold<B>, RowFold<B>)>,
+    norm_in: Option<NormInRiders<B>>,
 ) -> Result<(Tensor<B, 2>, Tensor<B, 4>, Tensor<B, 4>, LazyKv<B>, Option<Tensor<B, 2>>), KernelError> {
     let op = "qkv_append_lazy";
-    if let Some((norm, q_fold, kv_fold)) = &norm_in {
-        check_norm_in(op, norm, &[(q_fold, query.w.dims()[0]), (kv_fold, kv.dims()[0])], &x)?;
-    }
-    let block = check_qkv_inputs(op, &query, &kv, &x, kv_bias.as_ref(), &k_cache, &v_cache, pos, norm_in.is_some())?;
-    if let Some(first) = &first {
-        check_first_factor(op, first)?;
-        if first.down.dims()[1] != x.dims()[1] {
-            return Err(shape_err(op, format!("x {:?} and a first factor {:?}: one width", x.dims(), first.down.dims())));
-        }
-    }
+    let block = check_qkv_riders(op, &query, &kv, &x, kv_bias.as_ref(), &k_cache, &v_cache, pos, first.as_ref(), norm_in.as_ref())?;
     let Some(heads) = query.heads else {
         return Err(shape_err(op, "needs the selected heads' index list".into()));
     };
@@ -1702,9 +1704,48 @@ pub fn qkv_append_lazy<B: SparseKernels>(
         state.pending.into_primitive(),
         prim(state.ring),
         first.map(|f| (prim(f.down), prim(f.residual))),
-        norm_in.map(|(n, q_fold, kv_fold)| NormInParams { gamma: prim(n.gamma), beta: prim(n.beta), eps: n.eps, q_fold: prim(q_fold.0), kv_fold: prim(kv_fold.0) }),
+        norm_in.map(norm_in_params),
     );
     Ok((wrap(q), wrap(k), wrap(v), LazyKv { pending: Tensor::from_primitive(pending), ring: wrap(ring) }, first.map(wrap)))
+}
+
+/// A LayerNorm an op applies itself with the folds of its queries' and its keys' and
+/// values' rows ([`qkv_append_first`], [`qkv_append_lazy`]).
+type NormInRiders<B> = (NormIn<B>, RowFold<B>, RowFold<B>);
+
+/// [`NormInRiders`] as the backends take them.
+fn norm_in_params<B: Backend>((n, q_fold, kv_fold): NormInRiders<B>) -> NormInParams<B> {
+    NormInParams { gamma: prim(n.gamma), beta: prim(n.beta), eps: n.eps, q_fold: prim(q_fold.0), kv_fold: prim(kv_fold.0) }
+}
+
+/// [`check_qkv_inputs`] for an op with riders ([`qkv_append_first`], [`qkv_append_lazy`]):
+/// with `norm_in`, `x` is the f32 residual and the folds have a value per query row and
+/// per key-and-value row; a first factor needs one sequence of `x`'s width. Returns the
+/// query rows' block.
+#[allow(clippy::too_many_arguments)] // the queries', keys' and values' inputs and the riders
+fn check_qkv_riders<B: Backend>(
+    op: &'static str,
+    query: &QueryRows<B>,
+    kv: &Tensor<B, 2>,
+    x: &Tensor<B, 2>,
+    kv_bias: Option<&Tensor<B, 1>>,
+    k_cache: &Tensor<B, 4>,
+    v_cache: &Tensor<B, 4>,
+    pos: usize,
+    first: Option<&FirstFactor<B>>,
+    norm_in: Option<&NormInRiders<B>>,
+) -> Result<usize, KernelError> {
+    if let Some((norm, q_fold, kv_fold)) = norm_in {
+        check_norm_in(op, norm, &[(q_fold, query.w.dims()[0]), (kv_fold, kv.dims()[0])], x)?;
+    }
+    let block = check_qkv_inputs(op, query, kv, x, kv_bias, k_cache, v_cache, pos, norm_in.is_some())?;
+    if let Some(first) = first {
+        check_first_factor(op, first)?;
+        if x.dims()[0] != 1 || first.down.dims()[1] != x.dims()[1] {
+            return Err(shape_err(op, format!("x {:?} and a first factor {:?}: one sequence, one width", x.dims(), first.down.dims())));
+        }
+    }
+    Ok(block)
 }
 
 /// The inputs of [`qkv_append`] (and its lazy twin) agree: the keys' and values' as
@@ -2022,17 +2063,10 @@ pub fn qkv_append_first<B: SparseKernels>(
     v_cache: Tensor<B, 4>,
     pos: usize,
     first: FirstFactor<B>,
-    norm_in: Option<(NormIn<B>, RowFold<B>, RowFold<B>)>,
+    norm_in: Option<NormInRiders<B>>,
 ) -> Result<(Tensor<B, 2>, Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 2>), KernelError> {
     let op = "qkv_append_first";
-    if let Some((norm, q_fold, kv_fold)) = &norm_in {
-        check_norm_in(op, norm, &[(q_fold, query.w.dims()[0]), (kv_fold, kv.dims()[0])], &x)?;
-    }
-    let block = check_qkv_inputs(op, &query, &kv, &x, kv_bias.as_ref(), &k_cache, &v_cache, pos, norm_in.is_some())?;
-    check_first_factor(op, &first)?;
-    if x.dims()[0] != 1 || first.down.dims()[1] != x.dims()[1] {
-        return Err(shape_err(op, format!("x {:?} and a first factor {:?}: one sequence, one width", x.dims(), first.down.dims())));
-    }
+    let block = check_qkv_riders(op, &query, &kv, &x, kv_bias.as_ref(), &k_cache, &v_cache, pos, Some(&first), norm_in.as_ref())?;
     let (q, k, v, f) = B::qkv_append_first(
         prim(query.w),
         query.heads.map(|h| h.into_primitive()),
@@ -2045,7 +2079,7 @@ pub fn qkv_append_first<B: SparseKernels>(
         prim(v_cache),
         pos,
         (prim(first.down), prim(first.residual)),
-        norm_in.map(|(n, q_fold, kv_fold)| NormInParams { gamma: prim(n.gamma), beta: prim(n.beta), eps: n.eps, q_fold: prim(q_fold.0), kv_fold: prim(kv_fold.0) }),
+        norm_in.map(norm_in_params),
     );
     Ok((wrap(q), wrap(k), wrap(v), wrap(f)))
 }

@@ -1267,7 +1267,8 @@ fn qkv_append_launch<R: CubeRuntime>(
         None => vector_width(&[&kv, &x]),
     };
     let (group, use_plane) = reduction_group(&kv.client);
-    // Lazily, a cube's rows must be one head's (they loop over that head's positions).
+    // Lazily, a cube's rows must be one head's (the cube decides for its head which
+    // positions to write, and its row groups share them).
     let config = LaunchConfig::default();
     let rows_per_cube = match norm_in {
         Some(_) => config.qkv_norm_rows_per_cube.clamp(1, client_units(&kv) / group),

@@ -1613,7 +1613,7 @@ pub fn qkv_append<B: SparseKernels>(
     pos: usize,
 ) -> Result<(Tensor<B, 2>, Tensor<B, 4>, Tensor<B, 4>), KernelError> {
     let op = "qkv_append";
-    let block = check_qkv_inputs(op, &query, &kv, &x, kv_bias.as_ref(), &k_cache, &v_cache, pos, false)?;
+    let block = check_qkv_inputs(op, &query, &kv, &x, kv_bias.as_ref(), &k_cache, &v_cache, pos, None, None)?;
     let (q, k, v) = B::qkv_append(
         prim(query.w),
         query.heads.map(|h| h.into_primitive()),
@@ -1675,7 +1675,7 @@ pub fn qkv_append_lazy<B: SparseKernels>(
     norm_in: Option<NormInRiders<B>>,
 ) -> Result<(Tensor<B, 2>, Tensor<B, 4>, Tensor<B, 4>, LazyKv<B>, Option<Tensor<B, 2>>), KernelError> {
     let op = "qkv_append_lazy";
-    let block = check_qkv_riders(op, &query, &kv, &x, kv_bias.as_ref(), &k_cache, &v_cache, pos, first.as_ref(), norm_in.as_ref())?;
+    let block = check_qkv_inputs(op, &query, &kv, &x, kv_bias.as_ref(), &k_cache, &v_cache, pos, first.as_ref(), norm_in.as_ref())?;
     let Some(heads) = query.heads else {
         return Err(shape_err(op, "needs the selected heads' index list".into()));
     };
@@ -1718,12 +1718,13 @@ fn norm_in_params<B: Backend>((n, q_fold, kv_fold): NormInRiders<B>) -> NormInPa
     NormInParams { gamma: prim(n.gamma), beta: prim(n.beta), eps: n.eps, q_fold: prim(q_fold.0), kv_fold: prim(kv_fold.0) }
 }
 
-/// [`check_qkv_inputs`] for an op with riders ([`qkv_append_first`], [`qkv_append_lazy`]):
-/// with `norm_in`, `x` is the f32 residual and the folds have a value per query row and
-/// per key-and-value row; a first factor needs one sequence of `x`'s width. Returns the
-/// query rows' block.
+/// The inputs of [`qkv_append`] (and its twins with riders, [`qkv_append_first`] and
+/// [`qkv_append_lazy`]) agree: the keys' and values' as [`kv_append`] checks them, and the
+/// queries' rows; with `norm_in`, `x` is the f32 residual and the folds have a value per
+/// query row and per key-and-value row; a first factor needs one sequence of `x`'s width.
+/// Returns the query rows' block (the head dim when heads are selected, else 1).
 #[allow(clippy::too_many_arguments)] // the queries', keys' and values' inputs and the riders
-fn check_qkv_riders<B: Backend>(
+fn check_qkv_inputs<B: Backend>(
     op: &'static str,
     query: &QueryRows<B>,
     kv: &Tensor<B, 2>,
@@ -1738,35 +1739,17 @@ fn check_qkv_riders<B: Backend>(
     if let Some((norm, q_fold, kv_fold)) = norm_in {
         check_norm_in(op, norm, &[(q_fold, query.w.dims()[0]), (kv_fold, kv.dims()[0])], x)?;
     }
-    let block = check_qkv_inputs(op, query, kv, x, kv_bias, k_cache, v_cache, pos, norm_in.is_some())?;
+    let x_f32 = norm_in.is_some();
+    check_kv_inputs(op, kv, x, kv_bias, k_cache, v_cache, pos, x_f32)?;
+    check_input_rows_gemv(op, &query.w, x, query.bias.as_ref(), x_f32)?;
+    let block = if query.heads.is_some() { query.head_dim.max(1) } else { 1 };
+    check_block(op, query.w.dims()[0], block)?;
     if let Some(first) = first {
         check_first_factor(op, first)?;
         if x.dims()[0] != 1 || first.down.dims()[1] != x.dims()[1] {
             return Err(shape_err(op, format!("x {:?} and a first factor {:?}: one sequence, one width", x.dims(), first.down.dims())));
         }
     }
-    Ok(block)
-}
-
-/// The inputs of [`qkv_append`] (and its lazy twin) agree: the keys' and values' as
-/// [`kv_append`] checks them, and the queries' rows. Returns the query rows' block (the
-/// head dim when heads are selected, else 1).
-#[allow(clippy::too_many_arguments)] // the queries', keys' and values' inputs
-fn check_qkv_inputs<B: Backend>(
-    op: &'static str,
-    query: &QueryRows<B>,
-    kv: &Tensor<B, 2>,
-    x: &Tensor<B, 2>,
-    kv_bias: Option<&Tensor<B, 1>>,
-    k_cache: &Tensor<B, 4>,
-    v_cache: &Tensor<B, 4>,
-    pos: usize,
-    x_f32: bool,
-) -> Result<usize, KernelError> {
-    check_kv_inputs(op, kv, x, kv_bias, k_cache, v_cache, pos, x_f32)?;
-    check_input_rows_gemv(op, &query.w, x, query.bias.as_ref(), x_f32)?;
-    let block = if query.heads.is_some() { query.head_dim.max(1) } else { 1 };
-    check_block(op, query.w.dims()[0], block)?;
     Ok(block)
 }
 
@@ -2066,7 +2049,7 @@ pub fn qkv_append_first<B: SparseKernels>(
     norm_in: Option<NormInRiders<B>>,
 ) -> Result<(Tensor<B, 2>, Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 2>), KernelError> {
     let op = "qkv_append_first";
-    let block = check_qkv_riders(op, &query, &kv, &x, kv_bias.as_ref(), &k_cache, &v_cache, pos, Some(&first), norm_in.as_ref())?;
+    let block = check_qkv_inputs(op, &query, &kv, &x, kv_bias.as_ref(), &k_cache, &v_cache, pos, Some(&first), norm_in.as_ref())?;
     let (q, k, v, f) = B::qkv_append_first(
         prim(query.w),
         query.heads.map(|h| h.into_primitive()),
